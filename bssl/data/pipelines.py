@@ -1,0 +1,199 @@
+"""grain pipelines: training (shuffle, augment, batch, one shard per process),
+evaluation (every example exactly once: the last batch is padded and masked) and
+scoring (every image of U once, carrying its id; resumable from a batch offset).
+
+Records leave the pipelines as numpy batches ``{'image': uint8 [b,H,W,C],
+'label': int32 [b], 'id': int64 [b], 'mask': bool [b]}`` where ``b`` is this
+process's share of the global batch; normalisation happens on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+from PIL import Image
+
+from bssl.data.sources import BadImageError
+
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
+EVAL_TRANSFORMS = ("none", "resize_center_crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+  """What the model eats: ``size`` x ``size`` x ``channels`` uint8 images."""
+  size: int
+  channels: int
+  augment: str = "pad_crop_flip"
+  eval_transform: str = "none"
+  pad: int = 2  # for pad_crop_flip
+  crop_fraction: float = 0.875  # for resize_center_crop
+
+
+def _fix_channels(img: np.ndarray, channels: int) -> np.ndarray:
+  if img.ndim == 2:
+    img = img[..., None]
+  if img.shape[-1] == channels:
+    return img
+  if img.shape[-1] == 1 and channels == 3:
+    return np.repeat(img, 3, axis=-1)
+  if img.shape[-1] == 3 and channels == 1:
+    return np.round(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])
+                    ).astype(np.uint8)[..., None]
+  raise ValueError(f"cannot convert an image with {img.shape[-1]} channels to {channels}")
+
+
+def _pil(img: np.ndarray) -> Image.Image:
+  return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
+def _from_pil(im: Image.Image, channels: int) -> np.ndarray:
+  a = np.asarray(im, np.uint8)
+  return a[..., None] if a.ndim == 2 else a
+
+
+def resize_center_crop(img: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
+  h, w = img.shape[:2]
+  if (h, w) == (size, size):
+    return img
+  short = int(round(size / crop_fraction))
+  scale = short / min(h, w)
+  nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+  im = _pil(img).resize((nw, nh), Image.BILINEAR)
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return _from_pil(im.crop((left, top, left + size, top + size)), img.shape[-1])
+
+
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop: random area fraction and aspect ratio, resized to ``size``."""
+  h, w = img.shape[:2]
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw = int(round(np.sqrt(target * aspect)))
+    ch = int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      top = rng.integers(0, h - ch + 1)
+      left = rng.integers(0, w - cw + 1)
+      break
+  else:  # fall back to a central crop
+    ch = cw = min(h, w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+  im = _pil(img).crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+  return _from_pil(im, img.shape[-1])
+
+
+def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
+  """The evaluation/scoring view of an image, or None if it cannot be made one."""
+  try:
+    img = _fix_channels(np.asarray(img, np.uint8), spec.channels)
+  except ValueError:
+    return None
+  if spec.eval_transform == "resize_center_crop":
+    img = resize_center_crop(img, spec.size, spec.crop_fraction)
+  if img.shape != (spec.size, spec.size, spec.channels):
+    return None
+  return img
+
+
+def train_image(img: np.ndarray, spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
+  img = _fix_channels(np.asarray(img, np.uint8), spec.channels)
+  if spec.augment == "random_resized_crop_flip":
+    img = random_resized_crop(img, spec.size, rng)
+  else:
+    if spec.eval_transform == "resize_center_crop" or img.shape[0] != spec.size:
+      img = resize_center_crop(img, spec.size, spec.crop_fraction)
+    if spec.augment == "pad_crop_flip" and spec.pad > 0:
+      p = spec.pad
+      padded = np.pad(img, ((p, p), (p, p), (0, 0)))
+      dy, dx = rng.integers(0, 2 * p + 1, size=2)
+      img = padded[dy:dy + spec.size, dx:dx + spec.size]
+  if spec.augment != "none" and rng.random() < 0.5:
+    img = img[:, ::-1]
+  if img.shape != (spec.size, spec.size, spec.channels):
+    raise BadImageError(f"training image has shape {img.shape}, expected "
+                        f"{(spec.size, spec.size, spec.channels)}")
+  return np.ascontiguousarray(img)
+
+
+class _TrainTransform(grain.transforms.RandomMap):
+
+  def __init__(self, spec: ImageSpec):
+    self.spec = spec
+
+  def random_map(self, rec, rng: np.random.Generator):
+    if not rec.get("valid", True):
+      raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
+    return {"image": train_image(rec["image"], self.spec, rng),
+            "label": np.int32(rec["label"]), "id": np.int64(rec["id"])}
+
+
+def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+
+
+def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, num_threads: int = 1,
+                  prefetch: int = 4) -> grain.IterDataset:
+  """Infinite shuffled, augmented batches of this process's shard.
+
+  The permutation is global (same seed on every process) and process ``i`` takes
+  positions ``i, i+n, ...``, so the union of the processes' batches is one global
+  batch of the single-process stream. The returned dataset's iterators support
+  ``get_state``/``set_state`` for exact resumption.
+  """
+  if len(source) == 0:
+    raise ValueError("cannot train on an empty data set")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  ds = ds.random_map(_TrainTransform(spec), seed=seed + 1)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.to_iter_dataset(_read_options(num_threads, prefetch))
+
+
+class _EvalRecord(grain.transforms.Map):
+  """Index -> eval record; indices past the end are padding (mask False)."""
+
+  def __init__(self, source, spec: ImageSpec):
+    self.source, self.spec = source, spec
+
+  def map(self, i):
+    i = int(i)
+    blank = np.zeros((self.spec.size, self.spec.size, self.spec.channels), np.uint8)
+    if i >= len(self.source):
+      return {"image": blank, "label": np.int32(-1), "id": np.int64(-1),
+              "mask": False, "valid": False}
+    rec = self.source[i]
+    valid = bool(rec.get("valid", True))
+    img = eval_image(rec["image"], self.spec) if valid else None
+    if img is None:
+      valid, img = False, blank
+    return {"image": img, "label": np.int32(rec["label"]), "id": np.int64(rec["id"]),
+            "mask": valid, "valid": valid}
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+  return max(1, -(-num_examples // global_batch_size))
+
+
+def eval_dataset(source, spec: ImageSpec, *, local_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, start_batch: int = 0, num_threads: int = 1,
+                 prefetch: int = 4) -> grain.IterDataset:
+  """Every record exactly once, in order, padded to whole global batches.
+
+  Global batch ``b`` holds records ``[b*G, (b+1)*G)`` with ``G = local_batch_size *
+  process_count``; process ``i`` holds the ``i``-th contiguous slice of it. Padding and
+  undecodable images have ``mask == False`` (and ``valid == False``). ``start_batch``
+  skips batches already consumed (resumption of scoring).
+  """
+  g = local_batch_size * process_count
+  nb = num_eval_batches(len(source), g)
+  idx = np.arange(nb * g, dtype=np.int64).reshape(nb, process_count, local_batch_size)
+  idx = idx[start_batch:, process_index].reshape(-1)
+  ds = grain.MapDataset.source(idx).map(_EvalRecord(source, spec))
+  ds = ds.batch(local_batch_size, drop_remainder=False)
+  return ds.to_iter_dataset(_read_options(num_threads, prefetch))

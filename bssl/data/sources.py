@@ -1,0 +1,314 @@
+"""Random-access data sources. Every record is a dict ``{'image': uint8 [H,W,C],
+'label': int32 (−1 when unknown), 'id': int64}``; ``id`` is the record's index
+in its underlying source, so selections (D̂) can point back into U.
+
+Sources: the offline default Fashion-MNIST (idx files), TFDS datasets through
+``tfds.data_source`` (ArrayRecord), an image folder / file list (the form of
+YFCC-like unlabelled collections), a deterministic fake source for tests, and
+views (subsets, pseudo-labelled rows of D̂).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+
+FASHION_MNIST_DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class DataError(ValueError):
+  """Missing or malformed data, with a message that says how to fix it."""
+
+
+class BadImageError(DataError):
+  """An image of a labelled set that cannot be decoded."""
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class ArraySource:
+  """In-memory arrays: images uint8 [N,H,W,C], labels int32 [N], ids int64 [N]."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
+               ids: np.ndarray | None = None, class_names: Sequence[str] | None = None):
+    images = np.asarray(images)
+    if images.ndim == 3:
+      images = images[..., None]
+    self.images = images
+    n = len(images)
+    self.labels = (np.full(n, -1, np.int32) if labels is None
+                   else np.asarray(labels, np.int32))
+    self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    self.class_names = tuple(class_names) if class_names else None
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, i: int) -> dict:
+    return {"image": self.images[i], "label": self.labels[i], "id": self.ids[i]}
+
+  def subset(self, indices: np.ndarray, hide_labels: bool = False) -> "ArraySource":
+    indices = np.asarray(indices, np.int64)
+    labels = None if hide_labels else self.labels[indices]
+    return ArraySource(self.images[indices], labels, self.ids[indices], self.class_names)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: str) -> np.ndarray:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4:
+    raise DataError(f"{path} is not an idx file (too short)")
+  zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise DataError(f"{path} is not an unsigned-byte idx file")
+  dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if arr.size != int(np.prod(dims)):
+    raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
+  return arr.reshape(dims)
+
+
+def find_fashion_mnist(folder: str | None) -> dict[str, str]:
+  """Paths of the four idx files (plain or .gz) in ``folder`` or the default locations."""
+  candidates = [folder] if folder else list(FASHION_MNIST_DEFAULT_DIRS)
+  for d in candidates:
+    paths = {}
+    for key, stem in FASHION_MNIST_FILES.items():
+      for name in (stem + ".gz", stem):
+        if d and os.path.exists(os.path.join(d, name)):
+          paths[key] = os.path.join(d, name)
+          break
+    if len(paths) == 4:
+      return paths
+  where = folder or ", ".join(FASHION_MNIST_DEFAULT_DIRS)
+  raise DataError(
+      f"data.folder: Fashion-MNIST idx files not found in {where!r}. Accepted: a folder "
+      f"holding {', '.join(FASHION_MNIST_FILES.values())} (optionally .gz). Install them with "
+      f"'apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DEFAULT_DIRS[0]}) "
+      f"or set --config.data.folder=<dir>.")
+
+
+def load_fashion_mnist(folder: str | None = None) -> tuple[ArraySource, ArraySource]:
+  """(train 60k, test 10k) Fashion-MNIST as ArraySources, images [N,28,28,1]."""
+  p = find_fashion_mnist(folder)
+  train = ArraySource(_read_idx(p["train_images"]), _read_idx(p["train_labels"]),
+                      class_names=FASHION_MNIST_CLASSES)
+  test = ArraySource(_read_idx(p["test_images"]), _read_idx(p["test_labels"]),
+                     class_names=FASHION_MNIST_CLASSES)
+  return train, test
+
+
+def fake_source(num: int, image_shape: Sequence[int], num_classes: int, seed: int,
+                learnable: bool = True) -> ArraySource:
+  """Deterministic fake images; with ``learnable`` each class has its own mean colour
+  pattern so tiny runs can learn something."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=num).astype(np.int32)
+  noise = rng.integers(0, 96, size=(num, *image_shape), dtype=np.int64)
+  if learnable:
+    protos = np.random.default_rng(12345).integers(0, 160, size=(num_classes, *image_shape))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+  else:
+    images = noise.astype(np.uint8)
+  return ArraySource(images, labels, class_names=[f"class_{c}" for c in range(num_classes)])
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
+  """Decodes an encoded image (bytes or path) into uint8 [H,W,channels]."""
+  import io
+  from PIL import Image
+  src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+  with Image.open(src) as im:
+    im = im.convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(im, np.uint8)
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  return arr
+
+
+class ImageFileSource:
+  """Unlabelled images from a folder (recursively, sorted) or a file list (one path per
+  line, relative paths resolved against the list's folder). Ids are positions in the
+  sorted list, so they are stable across runs and hosts.
+
+  Records carry ``valid``: False when the file cannot be decoded, so the scoring stage
+  skips, counts and lists it instead of dying on one bad file.
+  """
+
+  def __init__(self, path: str, channels: int = 3):
+    if not path or not os.path.exists(path):
+      raise DataError(
+          f"unlabelled.path: {path!r} does not exist. Accepted: a folder of image files "
+          f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively, or a text file listing one "
+          f"image path per line.")
+    if os.path.isdir(path):
+      files = []
+      for root, _, names in os.walk(path):
+        files.extend(os.path.join(root, n) for n in names
+                     if n.lower().endswith(IMAGE_EXTENSIONS))
+      files.sort()
+    else:
+      base = os.path.dirname(os.path.abspath(path))
+      with open(path) as f:
+        files = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+      files = [p if os.path.isabs(p) else os.path.join(base, p) for p in files]
+    if not files:
+      raise DataError(f"unlabelled.path: no image files found in {path!r} "
+                      f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    self.files = files
+    self.channels = channels
+    self.class_names = None
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> dict:
+    try:
+      img = decode_image(self.files[i], self.channels)
+      valid = True
+    except Exception:  # noqa: BLE001 - any decode failure marks the record invalid
+      img = np.zeros((1, 1, self.channels), np.uint8)
+      valid = False
+    return {"image": img, "label": np.int32(-1), "id": np.int64(i), "valid": valid}
+
+  def name_of(self, i: int) -> str:
+    return self.files[i]
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+class TFDSSource:
+  """A TFDS dataset read through ``tfds.data_source`` (ArrayRecord, no TensorFlow)."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               image_key: str = "image", label_key: str = "label"):
+    import tensorflow_datasets as tfds
+    try:
+      self._src = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001
+      hint = ""
+      if name.startswith("imagenet2012"):
+        hint = (" ImageNet cannot be downloaded automatically: download ILSVRC2012_img_train.tar "
+                "and ILSVRC2012_img_val.tar from image-net.org, put them in "
+                "<data_dir>/downloads/manual/, then run once (needs tensorflow) "
+                "'tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record'"
+                " and set --config.data.tfds_data_dir=<data_dir>.")
+      raise DataError(f"data: TFDS dataset {name!r} split {split!r} is not available in "
+                      f"data_dir={data_dir or '~/tensorflow_datasets'}: {type(e).__name__}: "
+                      f"{str(e)[:300]}.{hint}") from e
+    self.name, self.split = name, split
+    self.image_key, self.label_key = image_key, label_key
+    try:
+      self.class_names = tuple(self._src.dataset_info.features[label_key].names)
+    except Exception:  # noqa: BLE001
+      self.class_names = None
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> dict:
+    rec = self._src[i]
+    img = rec[self.image_key]
+    if isinstance(img, (bytes, bytearray)):
+      try:
+        img = decode_image(img)
+      except Exception as e:  # noqa: BLE001
+        raise BadImageError(f"{self.name}[{self.split}] record {i} cannot be decoded: {e}") from e
+    img = np.asarray(img, np.uint8)
+    if img.ndim == 2:
+      img = img[..., None]
+    return {"image": img, "label": np.int32(rec.get(self.label_key, -1)), "id": np.int64(i)}
+
+
+# ----------------------------------------------------------------------------- views
+
+
+class SubsetView:
+  """Rows ``indices`` of a source, optionally with labels hidden (−1) and ids
+  renumbered to positions in the view."""
+
+  def __init__(self, source, indices: np.ndarray, hide_labels: bool = False,
+               reindex: bool = False):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.hide_labels = hide_labels
+    self.reindex = reindex  # ids become positions in this view (U's image ids)
+    self.class_names = getattr(source, "class_names", None)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    rec = dict(self.source[int(self.indices[i])])
+    if self.hide_labels:
+      rec["label"] = np.int32(-1)
+    if self.reindex:
+      rec["id"] = np.int64(i)
+    return rec
+
+  def name_of(self, i: int) -> str:
+    inner = getattr(self.source, "name_of", None)
+    return inner(int(self.indices[i])) if inner else f"record {int(self.indices[i])}"
+
+  def true_labels(self) -> np.ndarray | None:
+    labels = getattr(self.source, "labels", None)
+    return None if labels is None else np.asarray(labels)[self.indices]
+
+
+class PseudoLabelSource:
+  """D̂ as a training set: row r is image ``ids[r]`` of U (ids are U's record ids,
+  i.e. positions in U) with label ``classes[r]``."""
+
+  def __init__(self, unlabelled, ids: np.ndarray, classes: np.ndarray):
+    self.unlabelled = unlabelled
+    self.ids = np.asarray(ids, np.int64)
+    self.classes = np.asarray(classes, np.int32)
+    self.class_names = getattr(unlabelled, "class_names", None)
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def __getitem__(self, r: int) -> dict:
+    rec = dict(self.unlabelled[int(self.ids[r])])
+    if not rec.get("valid", True):
+      raise BadImageError(f"selected image id {int(self.ids[r])} cannot be decoded")
+    rec["label"] = self.classes[r]
+    return rec
+
+
+def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int,
+                           rng: np.random.Generator, exclude: np.ndarray | None = None
+                           ) -> np.ndarray:
+  """``per_class`` random indices of each class (sorted), skipping ``exclude``."""
+  labels = np.asarray(labels)
+  mask = np.ones(len(labels), bool)
+  if exclude is not None and len(exclude):
+    mask[exclude] = False
+  out = []
+  for c in range(num_classes):
+    idx = np.flatnonzero((labels == c) & mask)
+    if len(idx) < per_class:
+      raise DataError(f"class {c} has only {len(idx)} examples, fewer than {per_class} requested")
+    out.append(rng.choice(idx, per_class, replace=False))
+  return np.sort(np.concatenate(out))

@@ -1,0 +1,134 @@
+"""Meshes, shardings and multi-host helpers: the one place that knows about hosts.
+
+Multi-host protocol (set by the launchers in ``launch/``): ``BSSL_DISTRIBUTED=1``
+makes :func:`maybe_initialize_distributed` call ``jax.distributed.initialize()``
+before anything touches devices. ``BSSL_COORDINATOR_ADDRESS``,
+``BSSL_NUM_PROCESSES``, ``BSSL_PROCESS_ID`` and ``BSSL_LOCAL_DEVICE_IDS`` are
+passed through when set; otherwise JAX auto-detects the cluster (Cloud TPU
+metadata, SLURM environment).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+_initialized = False
+
+
+def maybe_initialize_distributed(force: bool = False) -> bool:
+  """Initialises jax.distributed when the launcher asks for it. Idempotent."""
+  global _initialized
+  if _initialized:
+    return True
+  if not (force or os.environ.get("BSSL_DISTRIBUTED", "") in ("1", "true", "True")):
+    return False
+  kwargs: dict[str, Any] = {}
+  if os.environ.get("BSSL_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = os.environ["BSSL_COORDINATOR_ADDRESS"]
+  if os.environ.get("BSSL_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["BSSL_NUM_PROCESSES"])
+  if os.environ.get("BSSL_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["BSSL_PROCESS_ID"])
+  if os.environ.get("BSSL_LOCAL_DEVICE_IDS"):
+    kwargs["local_device_ids"] = [
+        int(x) for x in os.environ["BSSL_LOCAL_DEVICE_IDS"].split(",")]
+  jax.distributed.initialize(**kwargs)
+  _initialized = True
+  return True
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def make_mesh(mesh_shape: Sequence[int] | None = None,
+              axis_names: Sequence[str] = (DATA_AXIS,)) -> Mesh:
+  """A mesh over all devices of all hosts; by default one data axis.
+
+  ``mesh_shape`` may contain one -1, which takes the remaining devices.
+  """
+  devices = jax.devices()
+  n = len(devices)
+  if not mesh_shape:
+    mesh_shape = (n,)
+  shape = list(mesh_shape)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh_shape {tuple(mesh_shape)} must have one entry per axis "
+                     f"{tuple(axis_names)}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh_shape {tuple(mesh_shape)} may contain at most one -1")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = n // max(rest, 1)
+  if int(np.prod(shape)) != n:
+    raise ValueError(f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
+                     f"but {n} are present")
+  arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, tuple(axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
+
+
+def global_batch_from_local(mesh: Mesh, local: Any) -> Any:
+  """Builds global arrays (batch dim sharded) from this process's slice of the batch."""
+  sharding = batch_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(put, local)
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
+  """The per-process share of a global batch; errors name the offending sizes."""
+  pc = jax.process_count()
+  if global_batch_size % pc:
+    raise ValueError(f"batch_size {global_batch_size} must be divisible by the number of "
+                     f"processes ({pc})")
+  if mesh is not None and global_batch_size % num_batch_shards(mesh):
+    raise ValueError(f"batch_size {global_batch_size} must be divisible by the number of "
+                     f"devices on the data axis ({num_batch_shards(mesh)})")
+  return global_batch_size // pc
+
+
+def to_host(x: Any) -> Any:
+  """Fetches (fully replicated or addressable) arrays to numpy on every process."""
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(get, x)
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,389 @@
+"""The recipe's stages in order; each is skipped when its artifact is complete.
+
+Work directory layout (each stage reads the artifacts of the stages before it)::
+
+  config.json                 the resolved config
+  splits.json                 which training images are D, validation and U (demo)
+  baseline/ teacher/ pretrain/ finetune/
+      checkpoints/ tb/ final/ (params + batch_stats) done.json (val metrics, timing)
+  score/    process_<i>.state.npz (resumable), process_<i>.final.npz, done.json
+  select/   dhat/ (ids.npy classes.npy scores.npy ranks.npy, stats), done.json
+  evaluate/ done.json (test top-1/top-5 of every model)
+  report/   results.json results.md selected_images.png class_histogram.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bssl import config_lib, models, parallel, scoring, selection, train
+from bssl.data import pipelines, sources
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+  labelled: Any          # D
+  val: Any | None        # carved from the training data, for choosing hyperparameters
+  test: Any              # never used to choose anything
+  unlabelled: Any        # U (record ids = positions in U)
+  unlabelled_true_labels: np.ndarray | None
+  spec: pipelines.ImageSpec
+  class_names: tuple
+  splits: dict
+
+
+def build_data(cfg) -> Data:
+  """Opens the sources (cheap: no training) and fails clearly when data is missing."""
+  d = cfg.data
+  spec = pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
+                             eval_transform=d.eval_transform, pad=d.get("pad", 4))
+  rng = np.random.default_rng(cfg.seed)
+  splits: dict = {}
+  val = None
+  if d.kind in ("fashion_mnist", "fake"):
+    if d.kind == "fashion_mnist":
+      train_all, test = sources.load_fashion_mnist(d.folder)
+    else:
+      shape = (d.image_size, d.image_size, d.channels)
+      train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
+      test = sources.fake_source(d.fake_test_size, shape, d.num_classes, seed=2)
+    if d.get("subset"):
+      train_all = train_all.subset(np.arange(min(d.subset, len(train_all))))
+      test = test.subset(np.arange(min(max(d.subset // 4, 1), len(test))))
+    if d.labelled_per_class:
+      lab_idx = sources.class_balanced_indices(train_all.labels, d.labelled_per_class,
+                                               d.num_classes, rng)
+    else:
+      lab_idx = np.arange(len(train_all))
+    val_idx = np.zeros(0, np.int64)
+    if d.val_per_class:
+      val_idx = sources.class_balanced_indices(train_all.labels, d.val_per_class,
+                                               d.num_classes, rng, exclude=lab_idx)
+      val = train_all.subset(val_idx)
+    labelled = train_all.subset(lab_idx)
+    rest = np.setdiff1d(np.arange(len(train_all)), np.concatenate([lab_idx, val_idx]))
+    splits = {"labelled": lab_idx.tolist(), "val": val_idx.tolist(),
+              "unlabelled": "the other training images, in index order"}
+    class_names = train_all.class_names
+  else:  # tfds
+    labelled = sources.TFDSSource(d.tfds_name, d.train_split, d.tfds_data_dir)
+    test = sources.TFDSSource(d.tfds_name, d.test_split, d.tfds_data_dir)
+    if d.get("val_split"):
+      val = sources.TFDSSource(d.tfds_name, d.val_split, d.tfds_data_dir)
+    class_names = labelled.class_names or tuple(str(c) for c in range(d.num_classes))
+    rest = None
+
+  u = cfg.unlabelled
+  true_u = None
+  if u.kind == "rest_of_train":
+    unl = sources.SubsetView(train_all, rest, hide_labels=True, reindex=True)
+    true_u = train_all.labels[rest]
+  elif u.kind == "image_folder":
+    unl = sources.ImageFileSource(u.path, channels=d.channels)
+  elif u.kind == "tfds":
+    base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
+    unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
+  else:  # fake
+    shape = (d.image_size, d.image_size, d.channels)
+    base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
+    unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
+    true_u = base.labels
+  if u.get("limit"):
+    n = min(int(u.limit), len(unl))
+    unl = sources.SubsetView(unl, np.arange(n), reindex=True)
+    true_u = None if true_u is None else true_u[:n]
+  return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def make_model(scfg, num_classes: int):
+  return models.create_model(scfg.model, num_classes, dtype=_dtype(scfg.dtype),
+                             **dict(scfg.get("model_kwargs") or {}))
+
+
+def _write_json(path: str, obj) -> None:
+  if not parallel.is_main_process():
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def _done_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "done.json")
+
+
+def _stage_fingerprint(cfg, stage: str) -> dict:
+  """The config that determines a stage's artifact (itself and what it depends on)."""
+  deps = {"baseline": ["baseline"], "teacher": ["teacher"],
+          "score": ["teacher", "score", "unlabelled"],
+          "select": ["teacher", "unlabelled", "select"],
+          "pretrain": ["teacher", "unlabelled", "select", "pretrain"],
+          "finetune": ["teacher", "unlabelled", "select", "pretrain", "finetune"]}
+  fp = {"seed": cfg.seed, "data": cfg.data.to_dict()}
+  for k in deps.get(stage, []):
+    fp[k] = cfg[k].to_dict()
+  return json.loads(json.dumps(fp, default=str))
+
+
+def _is_done(cfg, workdir: str, stage: str) -> bool:
+  path = _done_path(workdir, stage)
+  if not os.path.exists(path):
+    return False
+  done = _read_json(path)
+  old = done.get("fingerprint")
+  if old is not None and stage in ("baseline", "teacher", "score", "select", "pretrain",
+                                   "finetune") and old != _stage_fingerprint(cfg, stage):
+    changed = sorted(k for k in set(old) | set(_stage_fingerprint(cfg, stage))
+                     if old.get(k) != _stage_fingerprint(cfg, stage).get(k))
+    raise config_lib.ConfigError(
+        f"stage {stage!r} in {workdir} was produced with a different config (changed: "
+        f"{', '.join(changed)}). Use a new --workdir, or delete {_stage_dir(workdir, stage)} "
+        f"and the stages after it to recompute.")
+  return True
+
+
+def _require(workdir: str, stage: str, needed_by: str) -> None:
+  if not os.path.exists(_done_path(workdir, stage)):
+    raise FileNotFoundError(
+        f"stage {needed_by!r} needs the output of stage {stage!r}, which is not complete in "
+        f"{workdir}; include {stage!r} in --config.stages")
+
+
+def _finish(cfg, workdir: str, stage: str, info: dict) -> None:
+  parallel.sync(f"bssl_{stage}_before_done")
+  info = dict(info, fingerprint=_stage_fingerprint(cfg, stage), finished=time.time())
+  _write_json(_done_path(workdir, stage), info)
+  parallel.sync(f"bssl_{stage}_done")
+
+
+def _log(msg: str) -> None:
+  if parallel.is_main_process():
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+_STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4}
+
+
+def _load_stage_variables(workdir: str, stage: str, model, spec, mesh):
+  shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, *train.spec_shape(spec))),
+                                               train=False), jax.random.key(0))
+  return train.load_variables(os.path.join(workdir, stage, "final"), mesh, dict(shapes))
+
+
+def _train_stage(stage: str, cfg, data: Data, mesh, workdir: str, source,
+                 init_variables=None, stop_after_steps=None) -> dict:
+  scfg = cfg[stage]
+  num_classes = cfg.data.num_classes
+  model = make_model(scfg, num_classes)
+  sdir = _stage_dir(workdir, stage)
+  scfg = scfg.copy_and_resolve_references()
+  scfg.steps = config_lib.resolve_steps(scfg, len(source))
+  if init_variables is None and scfg.get("init_from"):
+    init_variables = train.load_variables(scfg.init_from)
+  mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+  if scfg.steps == 0:  # a converted model used as is
+    variables = init_variables
+    out = {"steps": 0, "train_seconds": 0.0}
+  else:
+    out = train.fit(name=stage, model=model, cfg=scfg, source=source, spec=data.spec, mesh=mesh,
+                    workdir=sdir, num_classes=num_classes, mean=mean, std=std,
+                    init_variables=init_variables, seed=cfg.seed * 100 + _STAGE_SEED[stage],
+                    num_threads=cfg.num_threads, stop_after_steps=stop_after_steps)
+    if "interrupted_at" in out:
+      return out
+    variables = out.pop("variables")
+  train.save_variables(os.path.join(sdir, "final"), variables)
+  info = {k: v for k, v in out.items()}
+  info["num_params"] = models.count_params(variables["params"])
+  info["num_train_examples"] = len(source)
+  if data.val is not None:
+    ev = train.make_eval_step(model, mesh, num_classes=num_classes, mean=mean, std=std)
+    info["val"] = train.evaluate(ev, variables, data.val, data.spec, mesh,
+                                 global_batch_size=cfg.data.eval_batch_size,
+                                 num_threads=cfg.num_threads)
+    _log(f"[{stage}] validation top-1 {info['val']['top1']:.4f} top-5 {info['val']['top5']:.4f}")
+  _finish(cfg, workdir, stage, info)
+  return info
+
+
+def stage_score(cfg, data: Data, mesh, workdir: str, stop_after_batches=None) -> dict:
+  _require(workdir, "teacher", "score")
+  tcfg = cfg.teacher
+  model = make_model(tcfg, cfg.data.num_classes)
+  variables = _load_stage_variables(workdir, "teacher", model, data.spec, mesh)
+  sdir = _stage_dir(workdir, "score")
+  out = scoring.score_shard(
+      model=model, variables=variables, source=data.unlabelled, spec=data.spec, mesh=mesh,
+      num_classes=cfg.data.num_classes, top_p=cfg.select.p, k=cfg.select.k,
+      mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+      global_batch_size=cfg.score.batch_size, score_dir=sdir,
+      checkpoint_every=cfg.score.checkpoint_every, num_threads=cfg.num_threads,
+      stop_after_batches=stop_after_batches)
+  if "interrupted_at_batch" in out:
+    return out
+  parallel.sync("bssl_score_shards")
+  info = {"num_processes": jax.process_count()}
+  if parallel.is_main_process():
+    _, merged = scoring.merge_processes(sdir, jax.process_count())
+    bad = merged["bad_ids"]
+    names = [data.unlabelled.name_of(i) for i in bad] if hasattr(data.unlabelled, "name_of") \
+        else [str(i) for i in bad]
+    _write_json(os.path.join(sdir, "bad_images.json"), {"ids": bad, "files": names})
+    info.update(num_scored=merged["num_scored"], num_bad_images=len(bad),
+                num_unlabelled=len(data.unlabelled))
+    if bad:
+      _log(f"[score] skipped {len(bad)} undecodable or wrongly shaped images; listed in "
+           f"{os.path.join(sdir, 'bad_images.json')}")
+  _finish(cfg, workdir, "score", info)
+  return info
+
+
+def stage_select(cfg, data: Data, mesh, workdir: str) -> dict:
+  _require(workdir, "score", "select")
+  sdir = _stage_dir(workdir, "select")
+  info: dict = {}
+  if parallel.is_main_process():
+    acc, merged = scoring.merge_processes(_stage_dir(workdir, "score"),
+                                          _read_json(_done_path(workdir, "score"))["num_processes"])
+    sel = acc.result()
+    counts = sel.counts()
+    short = [int(c) for c in np.flatnonzero(counts < cfg.select.k)]
+    info = {"k": int(cfg.select.k), "p": int(cfg.select.p), "num_selected": int(len(sel.ids)),
+            "num_unique_images": int(len(np.unique(sel.ids))),
+            "num_scored": merged["num_scored"], "classes_short_of_k": short,
+            "min_per_class": int(counts.min()), "max_per_class": int(counts.max())}
+    if data.unlabelled_true_labels is not None and len(sel.ids):
+      correct = data.unlabelled_true_labels[sel.ids] == sel.classes
+      info["label_precision"] = float(correct.mean())
+      # precision by rank bucket: how trustworthy the K-th image of a class is
+      edges = np.unique(np.linspace(0, cfg.select.k, 9).astype(int))
+      by_rank = []
+      for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (sel.ranks >= lo) & (sel.ranks < hi)
+        if m.any():
+          by_rank.append({"ranks": [int(lo), int(hi)], "precision": float(correct[m].mean()),
+                          "count": int(m.sum())})
+      info["label_precision_by_rank"] = by_rank
+    selection.write_selection(os.path.join(sdir, "dhat"), sel, extra_summary=info)
+    _log(f"[select] D^ has {info['num_selected']} rows ({info['num_unique_images']} images), "
+         f"{len(short)} classes short of K={cfg.select.k}"
+         + (f", label precision {info['label_precision']:.4f}" if "label_precision" in info
+            else ""))
+  _finish(cfg, workdir, "select", info)
+  return info
+
+
+def pseudo_labelled_source(cfg, data: Data, workdir: str):
+  _require(workdir, "select", "pretrain")
+  sel = selection.read_selection(os.path.join(workdir, "select", "dhat"))
+  return sources.PseudoLabelSource(data.unlabelled, np.asarray(sel.ids), np.asarray(sel.classes))
+
+
+def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
+  results = {}
+  pairs = (("baseline", "baseline"), ("teacher", "teacher"),
+           ("student_pretrained", "pretrain"), ("student", "finetune"))
+  for key, stage in pairs:
+    if not os.path.exists(_done_path(workdir, stage)):
+      _log(f"[evaluate] {stage} not trained in this work directory; skipping {key}")
+      continue
+    model = make_model(cfg[stage], cfg.data.num_classes)
+    variables = _load_stage_variables(workdir, stage, model, data.spec, mesh)
+    ev = train.make_eval_step(model, mesh, num_classes=cfg.data.num_classes,
+                              mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    m = train.evaluate(ev, variables, data.test, data.spec, mesh,
+                       global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
+    done = _read_json(_done_path(workdir, stage))
+    m.update(model=cfg[stage].model, num_params=done.get("num_params"),
+             train_steps=done.get("steps"), train_seconds=done.get("train_seconds"))
+    if "val" in done:
+      m["val_top1"] = done["val"]["top1"]
+    results[key] = m
+    _log(f"[evaluate] {key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
+  _finish(cfg, workdir, "evaluate", results)
+  return results
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(cfg, workdir: str) -> dict:
+  """Runs the configured stages; returns the report (or the last stage's info)."""
+  from bssl import report
+  config_lib.validate(cfg)
+  stages = config_lib.parse_stages(cfg.stages)
+  data = build_data(cfg)
+  if "baseline" in stages or "pretrain" in stages:
+    pass
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    _write_json(os.path.join(workdir, "splits.json"), data.splits)
+  mesh = parallel.make_mesh(tuple(cfg.mesh_shape) or None)
+  _log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
+       f"{len(data.test)} test images; {mesh.devices.size} devices on "
+       f"{jax.process_count()} process(es); stages {', '.join(stages)}; workdir {workdir}")
+  timings = {}
+  last: Any = None
+  for stage in stages:
+    if stage != "report" and stage != "evaluate" and _is_done(cfg, workdir, stage):
+      _log(f"[{stage}] complete in {workdir}; skipping")
+      continue
+    t0 = time.time()
+    _log(f"[{stage}] starting")
+    if stage in ("baseline", "teacher"):
+      last = _train_stage(stage, cfg, data, mesh, workdir, data.labelled)
+    elif stage == "score":
+      last = stage_score(cfg, data, mesh, workdir)
+    elif stage == "select":
+      last = stage_select(cfg, data, mesh, workdir)
+    elif stage == "pretrain":
+      last = _train_stage("pretrain", cfg, data, mesh, workdir,
+                          pseudo_labelled_source(cfg, data, workdir))
+    elif stage == "finetune":
+      _require(workdir, "pretrain", "finetune")
+      model = make_model(cfg.finetune, cfg.data.num_classes)
+      init = _load_stage_variables(workdir, "pretrain", model, data.spec, mesh)
+      last = _train_stage("finetune", cfg, data, mesh, workdir, data.labelled,
+                          init_variables=init)
+    elif stage == "evaluate":
+      last = stage_evaluate(cfg, data, mesh, workdir)
+    elif stage == "report":
+      last = report.write_report(cfg, data, workdir) if parallel.is_main_process() else None
+      parallel.sync("bssl_report")
+    timings[stage] = time.time() - t0
+    _log(f"[{stage}] done in {timings[stage]:.1f}s")
+  return last

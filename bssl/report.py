@@ -1,0 +1,169 @@
+"""The report: results.json, results.md, a figure of selected images at several
+ranks for a few classes (as the paper's "tiger shark" figure) and a histogram of
+images per class in D̂."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from bssl import selection
+
+MODEL_KEYS = ("baseline", "teacher", "student_pretrained", "student")
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def results_table(results: dict) -> str:
+  lines = ["| model | architecture | params | train steps | val top-1 | test top-1 | test top-5 |",
+           "|---|---|---|---|---|---|---|"]
+  for key in MODEL_KEYS:
+    m = results.get(key)
+    if not m:
+      continue
+    val = f"{100 * m['val_top1']:.2f}" if m.get("val_top1") is not None else "—"
+    lines.append(f"| {key} | {m.get('model', '')} | {m.get('num_params') or 0:,} | "
+                 f"{m.get('train_steps', '')} | {val} | {100 * m['top1']:.2f} | "
+                 f"{100 * m['top5']:.2f} |")
+  return "\n".join(lines)
+
+
+def selection_table(sel: dict) -> str:
+  rows = [f"- K = {sel['k']}, P = {sel['p']}: {sel['num_selected']:,} rows in D̂ "
+          f"({sel.get('num_unique_images', 0):,} distinct images) from "
+          f"{sel.get('num_scored', 0):,} scored images"]
+  if "label_precision" in sel:
+    rows.append(f"- label precision of D̂ (pseudo-label = hidden true label): "
+                f"{100 * sel['label_precision']:.2f}%")
+    by = sel.get("label_precision_by_rank") or []
+    if by:
+      rows.append("- precision by rank: " + ", ".join(
+          f"{b['ranks'][0]}–{b['ranks'][1]}: {100 * b['precision']:.1f}%" for b in by))
+  short = sel.get("classes_short_of_k") or []
+  rows.append(f"- classes with fewer than K candidates (kept all they had): "
+              f"{short if short else 'none'}")
+  return "\n".join(rows)
+
+
+def _class_figure(path: str, sel: selection.Selection, unlabelled, class_names, spec,
+                  num_classes_shown: int, num_images: int) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from bssl.data.pipelines import eval_image
+  counts = sel.counts()
+  shown = [int(c) for c in np.argsort(-counts, kind="stable")[:num_classes_shown] if counts[c]]
+  if not shown:
+    return
+  fig, axes = plt.subplots(len(shown), num_images,
+                           figsize=(1.3 * num_images, 1.5 * len(shown)), squeeze=False)
+  for row, c in enumerate(shown):
+    rows = np.flatnonzero(sel.classes == c)
+    n = len(rows)
+    # ranks spread from the top to the last selected image of the class
+    picks = np.unique(np.linspace(0, n - 1, num_images).round().astype(int))
+    for col in range(num_images):
+      ax = axes[row, col]
+      ax.axis("off")
+      if col >= len(picks):
+        continue
+      r = rows[picks[col]]
+      img = eval_image(unlabelled[int(sel.ids[r])]["image"], spec)
+      if img is None:
+        continue
+      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
+      ax.set_title(f"rank {int(sel.ranks[r])}\n{float(sel.scores[r]):.3f}", fontsize=7)
+    name = class_names[c] if c < len(class_names) else str(c)
+    axes[row, 0].text(-0.15, 0.5, name, transform=axes[row, 0].transAxes, ha="right",
+                      va="center", fontsize=8)
+  fig.suptitle("Selected images by rank (score under each)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _histogram(path: str, sel: selection.Selection, k: int, class_names) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  counts = sel.counts()
+  fig, ax = plt.subplots(figsize=(max(4, min(12, 0.4 * len(counts))), 3))
+  if len(counts) <= 40:
+    ax.bar(np.arange(len(counts)), counts, color="tab:blue")
+    ax.set_xticks(np.arange(len(counts)))
+    ax.set_xticklabels([class_names[c] if c < len(class_names) else str(c)
+                        for c in range(len(counts))], rotation=60, ha="right", fontsize=7)
+    ax.axhline(k, color="tab:red", ls="--", lw=1, label=f"K = {k}")
+    ax.set_ylabel("images in D̂")
+    ax.legend(fontsize=7)
+  else:
+    ax.hist(counts, bins=50)
+    ax.axvline(k, color="tab:red", ls="--", lw=1, label=f"K = {k}")
+    ax.set_xlabel("images per class in D̂")
+    ax.set_ylabel("classes")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(cfg, data, workdir: str) -> dict:
+  out_dir = os.path.join(workdir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  results: dict = {"name": cfg.get("name", ""), "seed": int(cfg.seed)}
+  ev_path = os.path.join(workdir, "evaluate", "done.json")
+  if os.path.exists(ev_path):
+    ev = _read(ev_path)
+    for key in MODEL_KEYS:
+      if key in ev:
+        results[key] = {k: v for k, v in ev[key].items()}
+  sel_done = os.path.join(workdir, "select", "done.json")
+  sel = None
+  if os.path.exists(sel_done):
+    results["selection"] = {k: v for k, v in _read(sel_done).items()
+                            if k not in ("fingerprint", "finished")}
+    sel = selection.read_selection(os.path.join(workdir, "select", "dhat"))
+  score_done = os.path.join(workdir, "score", "done.json")
+  if os.path.exists(score_done):
+    s = _read(score_done)
+    results["scoring"] = {k: s[k] for k in ("num_scored", "num_bad_images", "num_unlabelled")
+                          if k in s}
+  if "student" in results and "baseline" in results:
+    results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
+  timings = {}
+  for stage in ("baseline", "teacher", "pretrain", "finetune"):
+    p = os.path.join(workdir, stage, "done.json")
+    if os.path.exists(p):
+      timings[stage] = _read(p).get("train_seconds")
+  results["train_seconds"] = timings
+
+  figures = {}
+  if sel is not None and len(sel.ids):
+    names = data.class_names or tuple(str(c) for c in range(cfg.data.num_classes))
+    fig1 = os.path.join(out_dir, "selected_images.png")
+    _class_figure(fig1, sel, data.unlabelled, names, data.spec,
+                  cfg.report.figure_classes, cfg.report.figure_images)
+    fig2 = os.path.join(out_dir, "class_histogram.png")
+    _histogram(fig2, sel, int(cfg.select.k), names)
+    figures = {"selected_images": fig1, "class_histogram": fig2}
+  results["figures"] = figures
+
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  md = [f"# bssl results: {results['name']} (seed {results['seed']})", "",
+        "Top-1/top-5 on the test split (fractions shown as %).", "", results_table(results), ""]
+  if "gain_top1" in results:
+    md += [f"Student − baseline, test top-1: {100 * results['gain_top1']:+.2f} points", ""]
+  if "selection" in results:
+    md += ["## Selection (D̂)", "", selection_table(results["selection"]), ""]
+  if figures:
+    md += ["![selected images](selected_images.png)", "",
+           "![images per class](class_histogram.png)", ""]
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(md))
+  print("\n".join(md), flush=True)
+  return results

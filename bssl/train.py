@@ -1,0 +1,454 @@
+"""Training: optimizer and schedule, the train state, jitted train/eval steps over a
+device mesh, and the fit loop (progress lines, TensorBoard, checkpoints with the data
+iterator, NaN stop, SIGTERM save, exact resume).
+
+Sections follow the order things happen in :func:`fit`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
+
+from bssl import models, parallel
+from bssl.data import pipelines
+
+BN_MODES = ("sync", "per_device")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM received; a checkpoint was saved, rerun the same command to resume."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate(cfg, global_batch_size: int) -> float:
+  """The configured base LR, or the linear scaling rule 0.1 x batch / 256."""
+  return float(cfg.lr) if cfg.get("lr") is not None else 0.1 * global_batch_size / 256
+
+
+def make_schedule(cfg, total_steps: int, base_lr: float) -> optax.Schedule:
+  warmup = int(cfg.get("warmup_steps") or round(cfg.get("warmup_fraction", 0.0) * total_steps))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  rest = max(total_steps - warmup, 1)
+  kind = cfg.get("schedule", "cosine")
+  if kind == "cosine":
+    main = optax.cosine_decay_schedule(base_lr, rest)
+  elif kind == "step":
+    bounds = {int(round(f * rest)): cfg.get("step_decay", 0.1)
+              for f in cfg.get("step_boundaries", (0.3, 0.6, 0.9))}
+    main = optax.piecewise_constant_schedule(base_lr, bounds)
+  elif kind == "constant":
+    main = optax.constant_schedule(base_lr)
+  else:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(base_lr / max(warmup, 1), base_lr, warmup), main], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on kernels only: not on BatchNorm scales/biases nor on biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum; decay added to the gradient before momentum, as in PyTorch."""
+  return optax.chain(
+      optax.add_decayed_weights(cfg.get("weight_decay", 1e-4), mask=_decay_mask),
+      optax.sgd(schedule, momentum=cfg.get("momentum", 0.9),
+                nesterov=cfg.get("nesterov", False)))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 [B,H,W,C] -> float32 normalised images."""
+  x = images.astype(jnp.float32)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def init_state(model, tx, rng, image_shape, mesh, variables=None) -> TrainState:
+  """Initialises (or adopts ``variables``) and places a replicated train state."""
+  repl = parallel.replicated(mesh)
+
+  def _init(rng):
+    v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return v["params"], v["batch_stats"]
+
+  if variables is None:
+    params, batch_stats = jax.jit(_init, out_shardings=repl)(rng)
+  else:
+    params = jax.device_put(variables["params"], repl)
+    batch_stats = jax.device_put(variables["batch_stats"], repl)
+  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
+                    batch_stats=batch_stats, opt_state=opt_state)
+
+
+def abstract_state(model, tx, image_shape, mesh) -> TrainState:
+  """Shapes and shardings of a train state, for restoring without allocating twice."""
+  repl = parallel.replicated(mesh)
+
+  def _make(rng):
+    v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+
+  shapes = jax.eval_shape(_make, jax.random.key(0))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _xent(logits, labels, num_classes, smoothing):
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if smoothing:
+    onehot = optax.smooth_labels(onehot, smoothing)
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
+                    bn_mode: str = "sync", label_smoothing: float = 0.0) -> Callable:
+  """``step(state, batch) -> (state, metrics)``, jitted over ``mesh``.
+
+  ``batch``: ``image`` uint8 [B,H,W,C] and ``label`` int32 [B], sharded on the batch dim.
+  bn_mode ``sync``: BatchNorm statistics over the global batch (plain jit).
+  bn_mode ``per_device``: statistics over each device's shard (``jax.shard_map``), as
+  in the paper; running statistics are averaged over devices after each step.
+  """
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+  axes = tuple(mesh.axis_names)
+
+  def forward(params, batch_stats, images, labels):
+    x = normalize(images, mean, std)
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                   train=True, mutable=["batch_stats"])
+    loss = _xent(logits, labels, num_classes, label_smoothing).mean()
+    top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (top1, new_vars["batch_stats"])
+
+  if bn_mode == "sync":
+    def loss_grads(params, batch_stats, images, labels):
+      (loss, (top1, bs)), grads = jax.value_and_grad(forward, has_aux=True)(
+          params, batch_stats, images, labels)
+      return loss, top1, bs, grads
+  else:
+    def local(params, batch_stats, images, labels):
+      def f(p):
+        loss, (top1, bs) = forward(p, batch_stats, images, labels)
+        return jax.lax.pmean(loss, axes), (top1, bs)
+      # With check_vma, the gradient w.r.t. the replicated params is already summed over
+      # the data axis: differentiating the pmean-ed loss gives the global-mean gradient.
+      (loss, (top1, bs)), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return loss, jax.lax.pmean(top1, axes), jax.lax.pmean(bs, axes), grads
+    loss_grads = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)),
+                               out_specs=(P(), P(), P(), P()))
+
+  def step(state: TrainState, batch):
+    loss, top1, bs, grads = loss_grads(state.params, state.batch_stats, batch["image"],
+                                       batch["label"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "top1": top1, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, batch_stats=bs,
+                      opt_state=opt_state), metrics
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+
+
+def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
+  """``eval(variables, batch) -> sums`` of correct top-1/top-5, loss and count over
+  the masked batch."""
+  k5 = min(5, num_classes)
+
+  def step(variables, batch):
+    x = normalize(batch["image"], mean, std)
+    logits = model.apply(variables, x, train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    top5 = jax.lax.top_k(logits, k5)[1]
+    correct5 = jnp.any(top5 == labels[:, None], axis=-1)
+    correct1 = top5[:, 0] == labels
+    loss = _xent(logits, jnp.maximum(labels, 0), num_classes, 0.0)
+    return {"top1": jnp.sum(correct1 * mask), "top5": jnp.sum(correct5 * mask),
+            "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+
+  return jax.jit(step, out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(eval_step, variables, source, spec: pipelines.ImageSpec, mesh, *,
+             global_batch_size: int, num_threads: int = 1) -> dict:
+  """top1/top5/loss over every example of ``source`` exactly once."""
+  lbs = parallel.local_batch_size(global_batch_size, mesh)
+  ds = pipelines.eval_dataset(source, spec, local_batch_size=lbs,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), num_threads=num_threads)
+  totals = None
+  for batch in ds:
+    batch = {k: batch[k] for k in ("image", "label", "mask")}
+    out = eval_step(variables, parallel.global_batch_from_local(mesh, batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  t = parallel.to_host(totals)
+  n = float(t["count"])
+  if int(round(n)) != len(source):
+    raise AssertionError(f"evaluation counted {n} examples, expected {len(source)}")
+  return {"top1": float(t["top1"]) / n, "top5": float(t["top5"]) / n,
+          "loss": float(t["loss"]) / n, "num_examples": int(round(n))}
+
+
+# ----------------------------------------------------------------------------- variables on disk
+
+
+def save_variables(directory: str, variables) -> None:
+  """Writes {'params','batch_stats'} as an orbax checkpoint (the format bssl.convert writes)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory),
+             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+             force=True)
+  ckptr.wait_until_finished()
+
+
+def load_variables(directory: str, mesh=None, target=None) -> dict:
+  """Reads {'params','batch_stats'} written by :func:`save_variables` or bssl.convert."""
+  directory = os.path.abspath(directory)
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f"no variables checkpoint at {directory}")
+  ckptr = ocp.StandardCheckpointer()
+  if target is not None and mesh is not None:
+    repl = parallel.replicated(mesh)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          target)
+    return ckptr.restore(directory, target)
+  return ckptr.restore(directory)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _fmt_time(s: float) -> str:
+  if not math.isfinite(s):
+    return "?"
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Writer:
+  """Progress lines on stdout and TensorBoard events (process 0 only)."""
+
+  def __init__(self, name: str, logdir: str | None):
+    self.name = name
+    self.main = parallel.is_main_process()
+    self.tb = None
+    if self.main and logdir:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(logdir)
+      except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+        print(f"[{name}] TensorBoard disabled: {e}", flush=True)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(k, float(v), step)
+
+  def print(self, msg: str) -> None:
+    if self.main:
+      print(f"[{self.name}] {msg}", flush=True)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.flush()
+      self.tb.close()
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (the preemption notice) into a flag the loop polls."""
+
+  def __init__(self):
+    self.set = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workdir: str,
+        num_classes: int, mean, std, init_variables=None, seed: int = 0,
+        num_threads: int = 1, stop_after_steps: int | None = None) -> dict:
+  """Trains ``model`` on ``source`` for ``cfg.steps`` steps and returns its variables.
+
+  Checkpoints (train state + data iterator) go to ``workdir/checkpoints`` every
+  ``cfg.checkpoint_every`` steps and at the end; an existing checkpoint is resumed at
+  the same step and data position. ``stop_after_steps`` (tests) simulates a crash
+  after that many steps of this call, without a final save.
+  """
+  total = int(cfg.steps)
+  gbs = int(cfg.batch_size)
+  lbs = parallel.local_batch_size(gbs, mesh)
+  base_lr = learning_rate(cfg, gbs)
+  schedule = make_schedule(cfg, total, base_lr)
+  tx = make_optimizer(cfg, schedule)
+  writer = _Writer(name, os.path.join(workdir, "tb"))
+
+  # Input.
+  ds = pipelines.train_dataset(source, spec, local_batch_size=lbs, seed=seed,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(), num_threads=num_threads)
+  it = iter(ds)
+
+  # State: restore the latest checkpoint or initialise.
+  options = ocp.CheckpointManagerOptions(max_to_keep=int(cfg.get("keep_checkpoints", 2)),
+                                         enable_async_checkpointing=True, create=True)
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("state", "data_iter"), options=options)
+  latest = mngr.latest_step()
+  if latest is not None:
+    target = abstract_state(model, tx, spec_shape(spec), mesh)
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data_iter=grain.checkpoint.CheckpointRestore(it)))
+    state = restored["state"]
+    writer.print(f"resumed from checkpoint at step {latest}")
+  else:
+    rng = jax.random.key(seed)
+    state = init_state(model, tx, rng, spec_shape(spec), mesh, init_variables)
+  start = int(jax.device_get(state.step))
+
+  train_step = make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
+                               schedule=schedule, bn_mode=cfg.get("bn_mode", "sync"),
+                               label_smoothing=cfg.get("label_smoothing", 0.0))
+  writer.print(f"{total} steps, global batch {gbs}, base lr {base_lr:g}, "
+               f"{len(source)} examples, {mesh.devices.size} devices, starting at step {start}")
+
+  def save(step: int):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data_iter=grain.checkpoint.CheckpointSave(it)),
+              force=True)
+
+  log_every = max(1, int(cfg.get("log_every", 50)))
+  ckpt_every = int(cfg.get("checkpoint_every", 0) or 0)
+  pending: list[dict] = []
+  t_last, step_last = time.time(), start
+  t_start = time.time()
+  last_metrics: dict = {}
+
+  def flush(step: int):
+    """Fetches pending metrics; raises on NaN/inf before anything is saved."""
+    nonlocal pending, t_last, step_last, last_metrics
+    if not pending:
+      return
+    vals = jax.device_get(pending)
+    pending = []
+    losses = np.array([v["loss"] for v in vals])
+    if not np.all(np.isfinite(losses)):
+      bad = step - len(vals) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+      raise NonFiniteLossError(
+          f"[{name}] loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. "
+          f"The last good checkpoint (step {mngr.latest_step()}) is kept in "
+          f"{os.path.join(workdir, 'checkpoints')}.")
+    mean_vals = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    now = time.time()
+    rate = (step - step_last) * gbs / max(now - t_last, 1e-9)
+    mean_vals["images_per_s"] = rate
+    eta = (total - step) * gbs / rate if rate > 0 else float("inf")
+    writer.scalars(step, {f"train/{k}": v for k, v in mean_vals.items()})
+    writer.print(f"step {step}/{total} ({100 * step / total:.0f}%) loss {mean_vals['loss']:.4f} "
+                 f"top1 {mean_vals['top1']:.3f} lr {mean_vals['lr']:.4g} "
+                 f"|g| {mean_vals['grad_norm']:.3g} {rate:.0f} img/s eta {_fmt_time(eta)}")
+    last_metrics = mean_vals
+    t_last, step_last = now, step
+
+  with _SigtermFlag() as sigterm:
+    step = start
+    try:
+      while step < total:
+        batch = next(it)
+        batch = parallel.global_batch_from_local(
+            mesh, {"image": batch["image"], "label": batch["label"]})
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        step += 1
+        if stop_after_steps is not None and step - start >= stop_after_steps:
+          flush(step)
+          mngr.wait_until_finished()
+          return {"interrupted_at": step}
+        if step % log_every == 0 or step == total:
+          flush(step)
+        if ckpt_every and step % ckpt_every == 0 and step < total:
+          flush(step)
+          save(step)
+        poll = jax.process_count() == 1 or step % log_every == 0
+        if poll and _any_process(sigterm.set):
+          flush(step)
+          save(step)
+          mngr.wait_until_finished()
+          writer.print(f"SIGTERM: saved checkpoint at step {step}; rerun the same command "
+                       f"to resume")
+          raise Preempted(f"{name} preempted at step {step}")
+      flush(step)
+      if latest is None or latest < total:
+        save(total)
+      mngr.wait_until_finished()
+    finally:
+      writer.close()
+  elapsed = time.time() - t_start
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return {"variables": variables, "steps": total, "train_seconds": elapsed,
+          "last_train_metrics": last_metrics}
+
+
+def spec_shape(spec: pipelines.ImageSpec) -> tuple[int, int, int]:
+  return (spec.size, spec.size, spec.channels)

@@ -1,0 +1,129 @@
+"""Model registry: torchvision parameter counts, dtypes, BatchNorm updates, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bssl import models
+
+# torchvision's counts (1000 classes); resnet_small is the FINDINGS.md Fashion-MNIST net.
+TORCHVISION_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x4d": 44_177_704,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_32x16d": 194_026_792,
+    "resnext101_32x48d": 828_411_176,
+}
+
+
+def shapes(model, x_shape):
+    """Variable shapes without allocating anything."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x_shape), train=False))
+
+
+def test_registry_lists_all_models():
+    assert set(models.MODEL_NAMES) == set(TORCHVISION_COUNTS) | {"resnet_small"}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_COUNTS))
+def test_param_count_matches_torchvision(name):
+    v = shapes(models.create_model(name, 1000), (1, 32, 32, 3))
+    assert models.count_params(v["params"]) == TORCHVISION_COUNTS[name]
+    assert set(v) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("depths,expected", [((1, 1, 1), 77_754), ((2, 2, 2), 174_970)])
+def test_resnet_small_param_count(depths, expected):
+    # Fashion-MNIST: 1 input channel, 10 classes (FINDINGS.md: 77.8k and 175k).
+    v = shapes(models.create_model("resnet_small", 10, depths=depths), (1, 28, 28, 1))
+    assert models.count_params(v["params"]) == expected
+
+
+def test_resnet_small_bottleneck_grouped_builds():
+    m = models.create_model("resnet_small", 10, widths=(8, 16), depths=(1, 2),
+                            block="bottleneck", groups=4, width_per_group=8)
+    v = shapes(m, (1, 16, 16, 3))
+    assert v["params"]["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 2, 8)  # width 16*8/64*4 = 8, 4 groups
+    assert v["params"]["fc"]["kernel"].shape == (64, 10)
+
+
+@pytest.mark.parametrize("name,c", [("resnet_small", 1), ("resnet18", 3)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_dtypes(name, c, dtype):
+    m = models.create_model(name, 10, dtype=dtype)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, c))
+
+    @jax.jit  # one compilation for init + eval + train keeps the test fast on CPU
+    def run(x):
+        v = m.init(jax.random.key(0), x, train=False)
+        return v, m.apply(v, x, train=False), m.apply(v, x, train=True, mutable=["batch_stats"])
+
+    v, logits, (logits_t, state) = run(x)
+    for leaf in jax.tree_util.tree_leaves(v):
+        assert leaf.dtype == jnp.float32
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(logits)))
+    assert logits_t.dtype == jnp.float32 and set(state) == {"batch_stats"}
+    for leaf in jax.tree_util.tree_leaves(state):
+        assert leaf.dtype == jnp.float32
+
+
+def test_train_mode_updates_batch_stats_with_momentum_0_9():
+    m = models.create_model("resnet_small", 10)
+    x = 3.0 + jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+
+    @jax.jit
+    def run(x):
+        v = m.init(jax.random.key(0), x, train=False)
+        _, state = m.apply(v, x, train=True, mutable=["batch_stats"])
+        return v, state, m.apply(v, x, train=False), m.apply(v, x[:1], train=False)
+
+    v, state, full, one = run(x)
+    old, new = v["batch_stats"], state["batch_stats"]
+    for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)):
+        assert not np.allclose(a, b)
+    # Stem BN: running mean = 0.9 * 0 + 0.1 * batch mean of the stem conv output.
+    conv = jax.lax.conv_general_dilated(
+        x, v["params"]["conv1"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(new["bn1"]["mean"], 0.1 * conv.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-6)
+    # Eval mode is deterministic and does not depend on the rest of the batch.
+    np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_init_residual():
+    for block, last in [("basic", "bn2"), ("bottleneck", "bn3")]:
+        m = models.create_model("resnet_small", 10, zero_init_residual=True, block=block,
+                                widths=(8,), depths=(1,))
+        init = jax.jit(m.init, static_argnames="train")
+        v = init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+        assert not np.any(v["params"]["layer1_0"][last]["scale"])
+        assert np.all(v["params"]["layer1_0"]["bn1"]["scale"] == 1)
+
+
+def test_conv_init_is_he_fan_out():
+    m = models.create_model("resnet_small", 10, widths=(64, 64, 64))
+    v = jax.jit(m.init, static_argnames="train")(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                                 train=False)
+    k = v["params"]["layer1_0"]["conv1"]["kernel"]  # fan_out = 3*3*64
+    np.testing.assert_allclose(np.std(k), np.sqrt(2.0 / (9 * 64)), rtol=0.05)
+
+
+def test_unknown_model_and_kwargs_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown model 'foo'; accepted: resnet18, .*resnet_small"):
+        models.create_model("foo", 10)
+    with pytest.raises(ValueError, match="widths"):
+        models.create_model("resnet50", 10, widths=(1, 2))
+    with pytest.raises(ValueError, match="bogus"):
+        models.create_model("resnet_small", 10, bogus=1)
+    with pytest.raises(ValueError, match="equal length"):
+        models.create_model("resnet_small", 10, widths=(8, 16), depths=(1,))
+    with pytest.raises(ValueError, match="block"):
+        models.create_model("resnet_small", 10, block="dense")
