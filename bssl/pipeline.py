@@ -147,9 +147,11 @@ def _stage_fingerprint(cfg, stage: str) -> dict:
           "select": ["teacher", "unlabelled", "select"],
           "pretrain": ["teacher", "unlabelled", "select", "pretrain"],
           "finetune": ["teacher", "unlabelled", "select", "pretrain", "finetune"]}
-  fp = {"seed": cfg.seed, "data": cfg.data.to_dict()}
+  cosmetic = {"log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
+  strip = lambda d: {k: v for k, v in d.items() if k not in cosmetic}
+  fp = {"seed": cfg.seed, "data": strip(cfg.data.to_dict())}
   for k in deps.get(stage, []):
-    fp[k] = cfg[k].to_dict()
+    fp[k] = strip(cfg[k].to_dict())
   return json.loads(json.dumps(fp, default=str))
 
 

@@ -44,7 +44,7 @@ SIGTERM); a second Ctrl-C kills them.
 
 Example:
   launch/local.sh --num_processes 2 --devices_per_process 4 -- \
-      --config=configs/fashion_mnist.py:tiny --workdir=/tmp/bssl_run
+      --config=configs/demo.py:tiny --workdir=/tmp/bssl_run
 EOF
 }
 
@@ -95,7 +95,7 @@ while (($#)); do
     --num_processes | --devices_per_process | --port | --log_dir | --module | \
       --python_script | --python | --grace_period)
       if ((inline == 0)); then
-        (($#)) || die "option $name needs a value"
+        if (($# == 0)) || [[ $1 == --* ]]; then die "option $name needs a value"; fi
         value=$1
         shift
       fi

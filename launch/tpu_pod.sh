@@ -35,8 +35,9 @@ Required:
   --accelerator_type TYPE  slice type, e.g. v4-8, v4-64, v5litepod-16, v5p-128, v6e-64
 
 Options:
-  --version VERSION        TPU software version / runtime image
-                           (default tpu-ubuntu2204-base)
+  --version VERSION        TPU software version / runtime image (default
+                           tpu-ubuntu2204-base; Google suggests v2-alpha-tpuv5-lite for
+                           v5e and v2-alpha-tpuv6e for v6e)
   --project PROJECT        GCP project (default: gcloud's configured project)
   --spot                   create a Spot slice (mutually exclusive with --preemptible)
   --preemptible            create a preemptible slice
@@ -125,7 +126,7 @@ while (($#)); do
       ;;
     --name | --zone | --accelerator_type | --version | --project | --repo_dir | --remote_python)
       if ((inline == 0)); then
-        (($#)) || die "option $name_ needs a value"
+        if (($# == 0)) || [[ $1 == --* ]]; then die "option $name_ needs a value"; fi
         value=$1
         shift
       fi
@@ -262,7 +263,7 @@ ln -sfn \"\$log\" \"\$HOME/$REMOTE_LOGS/latest.log\"
 BSSL_DISTRIBUTED=1 PYTHONUNBUFFERED=1 setsid nohup \"\$HOME/$REMOTE_VENV/bin/python\" -m bssl.main$quoted_args >\"\$log\" 2>&1 </dev/null &
 pid=\$!
 echo \"\$pid\" >$pidfile
-tail -n +1 -F --pid=\"\$pid\" \"\$log\" 2>/dev/null | sed -u \"s/^/[\$(hostname)] /\"
+tail -n +1 -F -s 0.5 --pid=\"\$pid\" \"\$log\" 2>/dev/null | sed -u \"s/^/[\$(hostname)] /\"
 wait \"\$pid\""
 
 reattach_hint() {

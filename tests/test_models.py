@@ -98,22 +98,16 @@ def test_train_mode_updates_batch_stats_with_momentum_0_9():
     np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_init_residual():
+def test_init_he_fan_out_and_zero_init_residual():
     for block, last in [("basic", "bn2"), ("bottleneck", "bn3")]:
-        m = models.create_model("resnet_small", 10, zero_init_residual=True, block=block,
-                                widths=(8,), depths=(1,))
+        m = models.create_model("resnet_small", 10, zero_init_residual=block == "basic",
+                                block=block, widths=(64,), depths=(1,))
         init = jax.jit(m.init, static_argnames="train")
-        v = init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
-        assert not np.any(v["params"]["layer1_0"][last]["scale"])
-        assert np.all(v["params"]["layer1_0"]["bn1"]["scale"] == 1)
-
-
-def test_conv_init_is_he_fan_out():
-    m = models.create_model("resnet_small", 10, widths=(64, 64, 64))
-    v = jax.jit(m.init, static_argnames="train")(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                                                 train=False)
-    k = v["params"]["layer1_0"]["conv1"]["kernel"]  # fan_out = 3*3*64
-    np.testing.assert_allclose(np.std(k), np.sqrt(2.0 / (9 * 64)), rtol=0.05)
+        v = init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), train=False)["params"]["layer1_0"]
+        assert np.all(v["bn1"]["scale"] == 1) and not np.any(v["bn1"]["bias"])
+        assert np.any(v[last]["scale"]) == (block != "basic")
+        k = v["conv2"]["kernel"]  # torchvision: std sqrt(2 / fan_out), fan_out = 3*3*out
+        np.testing.assert_allclose(np.std(k), np.sqrt(2.0 / (9 * k.shape[-1])), rtol=0.05)
 
 
 def test_unknown_model_and_kwargs_are_rejected():
