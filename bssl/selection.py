@@ -187,7 +187,7 @@ class Selection:
 
   def __post_init__(self):
     for name, dt in _DTYPES.items():
-      a = np.asarray(getattr(self, name))
+      a = np.asanyarray(getattr(self, name))
       if a.dtype != dt:
         a = a.astype(dt)
       if a.ndim != 1:

@@ -180,8 +180,8 @@ def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
                                        batch["label"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "top1": top1, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "top1": top1, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, batch_stats=bs,
                       opt_state=opt_state), metrics
 

@@ -57,13 +57,13 @@ def get_config(arg: str | None = None):
     c.data.subset = 2000          # take the first 2000 training / 500 test images
     c.data.labelled_per_class = 10
     c.data.val_per_class = 10
-    c.data.eval_batch_size = 100
+    c.data.eval_batch_size = 80
     for s in ("baseline", "teacher", "pretrain", "finetune"):
       c[s].steps = 6
       c[s].batch_size = 32
       c[s].log_every = 2
       c[s].checkpoint_every = 3
-    c.score.batch_size = 100
+    c.score.batch_size = 80
     c.score.checkpoint_every = 4
     c.select.k = 50
     c.select.p = 2

@@ -1,0 +1,122 @@
+"""The whole recipe on a tiny Fashion-MNIST subset, and config errors raised before
+any training starts."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import demo
+from bssl import config_lib, pipeline, selection
+from bssl.data import sources
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/usr/share/datasets/fashion-mnist"),
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo_tiny"))
+  cfg = demo.get_config("tiny")
+  pipeline.run(cfg, workdir)
+  return cfg, workdir
+
+
+def test_results_json_has_the_promised_fields(tiny_run):
+  cfg, workdir = tiny_run
+  with open(os.path.join(workdir, "report", "results.json")) as f:
+    res = json.load(f)
+  for key in ("baseline", "teacher", "student_pretrained", "student"):
+    assert 0.0 <= res[key]["top1"] <= res[key]["top5"] <= 1.0
+    assert res[key]["num_examples"] == 500  # the tiny preset's test subset, each counted once
+  sel = res["selection"]
+  assert sel["k"] == cfg.select.k and sel["p"] == cfg.select.p
+  assert 0 < sel["num_selected"] <= cfg.select.k * cfg.data.num_classes
+  assert 0.0 <= sel["label_precision"] <= 1.0
+  for name in ("results.md", "selected_images.png", "class_histogram.png"):
+    assert os.path.getsize(os.path.join(workdir, "report", name)) > 0
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_selection_artifact_matches_report_and_hidden_labels(tiny_run):
+  cfg, workdir = tiny_run
+  dhat = selection.read_selection(os.path.join(workdir, "select", "dhat"))
+  with open(os.path.join(workdir, "report", "results.json")) as f:
+    res = json.load(f)
+  assert len(dhat.ids) == res["selection"]["num_selected"]
+  # Label precision recomputed from the D̂ file and the hidden labels of U.
+  data = pipeline.build_data(cfg)
+  prec = float(np.mean(data.unlabelled_true_labels[dhat.ids] == dhat.classes))
+  assert prec == pytest.approx(res["selection"]["label_precision"])
+  # At most K per class, ranks 0..n-1 within each class, scores non-increasing.
+  for c in range(cfg.data.num_classes):
+    rows = dhat.classes == c
+    n = int(rows.sum())
+    assert n <= cfg.select.k
+    assert np.array_equal(np.sort(dhat.ranks[rows]), np.arange(n))
+    order = np.argsort(dhat.ranks[rows])
+    assert np.all(np.diff(dhat.scores[rows][order]) <= 0)
+  # D and U are disjoint, and U holds neither D nor the validation images.
+  with open(os.path.join(workdir, "splits.json")) as f:
+    splits = json.load(f)
+  assert not set(splits["labelled"]) & set(splits["val"])
+  assert len(data.unlabelled) == 2000 - len(splits["labelled"]) - len(splits["val"])
+
+
+def test_rerun_skips_completed_stages(tiny_run, capsys):
+  cfg, workdir = tiny_run
+  before = os.path.getmtime(os.path.join(workdir, "teacher", "done.json"))
+  cfg2 = demo.get_config("tiny")
+  cfg2.stages = "baseline,teacher,score,select,pretrain,finetune"
+  pipeline.run(cfg2, workdir)
+  out = capsys.readouterr().out
+  for stage in ("baseline", "teacher", "score", "select", "pretrain", "finetune"):
+    assert f"[{stage}] complete" in out
+  assert os.path.getmtime(os.path.join(workdir, "teacher", "done.json")) == before
+
+
+def test_changed_config_is_refused_not_silently_reused(tiny_run):
+  _, workdir = tiny_run
+  cfg = demo.get_config("tiny")
+  cfg.select.k = 7
+  cfg.stages = "select"
+  with pytest.raises(config_lib.ConfigError, match="select"):
+    pipeline.run(cfg, workdir)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("select.k", 0, r"select.k must be a positive integer, got 0"),
+    ("select.k", -3, r"select.k must be a positive integer, got -3"),
+    ("select.p", 11, r"select.p must be an integer between 1 and data.num_classes \(10\), got 11"),
+    ("teacher.model", "resnet_huge", r"teacher.model: unknown model 'resnet_huge'; accepted: .*resnet50"),
+    ("stages", "teacher,distill", r"stages: unknown stage\(s\) \['distill'\]"),
+    ("baseline.bn_mode", "global", r"baseline.bn_mode must be 'sync' or 'per_device', got 'global'"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
+  cfg = demo.get_config("tiny")
+  section, _, name = field.rpartition(".")
+  (cfg[section] if section else cfg)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    pipeline.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # nothing written, nothing trained
+
+
+def test_missing_data_folder_names_the_field(tmp_path):
+  cfg = demo.get_config("tiny")
+  cfg.data.folder = str(tmp_path / "nowhere")
+  with pytest.raises(sources.DataError, match=r"data.folder: .*nowhere.*dataset-fashion-mnist"):
+    pipeline.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
+  import resnext
+  cfg = resnext.get_config()
+  with pytest.raises(config_lib.ConfigError, match="unlabelled.path"):
+    pipeline.run(cfg, str(tmp_path / "w"))
+  cfg.unlabelled.path = str(tmp_path)
+  (tmp_path / "a.png").write_bytes(b"not really")
+  cfg.data.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(sources.DataError, match=r"imagenet2012.*manual"):
+    pipeline.run(cfg, str(tmp_path / "w"))

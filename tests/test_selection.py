@@ -1,0 +1,476 @@
+"""Tests of bssl.selection: exact streaming per-class top-K and the D̂ file format."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bssl import selection
+from bssl.selection import MAX_ID, Selection, TopKPerClass
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- helpers
+def brute_force(ids, classes, scores, num_classes, k):
+  """Reference: per class, sort all candidates by (-score, id) and keep the first k."""
+  ids, classes, scores = (np.asarray(ids, np.int64), np.asarray(classes, np.int64),
+                          np.asarray(scores, np.float32))
+  out = {"ids": [], "classes": [], "scores": [], "ranks": []}
+  for c in range(num_classes):
+    m = classes == c
+    rows = sorted(zip((-scores[m].astype(np.float64)).tolist(), ids[m].tolist()))[:k]
+    out["ids"] += [i for _, i in rows]
+    out["scores"] += [-s for s, _ in rows]
+    out["classes"] += [c] * len(rows)
+    out["ranks"] += list(range(len(rows)))
+  return out
+
+
+def assert_matches(sel: Selection, ref: dict):
+  assert sel.ids.dtype == np.int64 and sel.classes.dtype == np.int32
+  assert sel.scores.dtype == np.float32 and sel.ranks.dtype == np.int32
+  np.testing.assert_array_equal(sel.classes, ref["classes"])
+  np.testing.assert_array_equal(sel.ids, ref["ids"])
+  np.testing.assert_array_equal(sel.scores, np.asarray(ref["scores"], np.float32))
+  np.testing.assert_array_equal(sel.ranks, ref["ranks"])
+
+
+def assert_same(a: Selection, b: Selection):
+  for name in ("ids", "classes", "scores", "ranks"):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+  assert (a.num_classes, a.k) == (b.num_classes, b.k)
+
+
+def make_stream(rng, n_images, num_classes, p, num_distinct_scores=None, negative=False):
+  """Each image gets p distinct classes; scores from few distinct values -> many ties."""
+  p = min(p, num_classes)
+  ids = rng.choice(10 * n_images + 10, size=n_images, replace=False).astype(np.int64)
+  classes = np.argsort(rng.random((n_images, num_classes)), axis=1)[:, :p]
+  if num_distinct_scores:
+    scores = rng.integers(0, num_distinct_scores, (n_images, p)).astype(np.float32)
+    scores /= num_distinct_scores
+  else:
+    scores = rng.random((n_images, p), dtype=np.float32)
+  if negative:
+    scores -= np.float32(0.5)
+  return np.repeat(ids, p), classes.reshape(-1).astype(np.int32), scores.reshape(-1)
+
+
+def feed(acc, ids, classes, scores, rng, max_batches=8):
+  """Feeds the stream in a random order, split into random batches (some empty)."""
+  perm = rng.permutation(len(ids))
+  cuts = np.sort(rng.integers(0, len(ids) + 1, rng.integers(0, max_batches)))
+  for part in np.split(perm, cuts):
+    acc.update(ids[part], classes[part], scores[part])
+  return acc
+
+
+# ----------------------------------------------------------------------------- key encoding
+def test_score_keys_are_strictly_decreasing_and_invertible():
+  v = np.array([-np.inf, -3e38, -2.5, -1e-30, -1e-45, 0.0, 1e-45, 1e-38, 1e-30, 0.25, 0.5,
+                0.5000001, 1.0, 3e38, np.inf], np.float32)
+  d = selection._desc_bits(v)
+  assert np.all(np.diff(d.astype(np.int64)) < 0)
+  np.testing.assert_array_equal(selection._scores_from_desc(d), v)
+  # -0.0 and +0.0 are the same score
+  assert selection._desc_bits(np.float32([-0.0]))[0] == selection._desc_bits(np.float32([0.0]))[0]
+  # the non-negative fast path agrees with the general formula
+  ids = np.arange(v.size, dtype=np.int64)
+  nn = np.float32([0.0, -0.0, 1e-45, 0.3, 1.0, np.inf])
+  np.testing.assert_array_equal(selection._make_keys(ids[:6], nn, nonneg=True),
+                                selection._make_keys(ids[:6], nn, nonneg=False))
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_brute_force_with_ties_random_batches_and_orders(seed):
+  rng = np.random.default_rng(seed)
+  num_classes = int(rng.integers(1, 9))
+  k = int(rng.integers(1, 40))
+  n = int(rng.integers(0, 300))
+  p = int(rng.integers(1, 4))
+  distinct = [2, 3, 7, None][seed % 4]
+  ids, classes, scores = make_stream(rng, n, num_classes, p, distinct, negative=seed % 3 == 0)
+  slots = [None, 1, 2, 5][seed % 4]          # tiny pending areas force many compactions
+  acc = feed(TopKPerClass(num_classes, k, pending_slots=slots), ids, classes, scores, rng)
+  assert_matches(acc.result(), brute_force(ids, classes, scores, num_classes, k))
+  assert acc.num_candidates_seen == len(ids)
+
+
+def test_all_equal_scores_ranked_by_id():
+  rng = np.random.default_rng(0)
+  ids = rng.permutation(1000).astype(np.int64)
+  acc = TopKPerClass(2, 10, pending_slots=7)
+  for part in np.array_split(np.arange(1000), 13):
+    acc.update(ids[part], ids[part] % 2, np.full(part.size, 0.5, np.float32))
+  sel = acc.result()
+  np.testing.assert_array_equal(sel.ids[sel.classes == 0], np.arange(0, 20, 2))
+  np.testing.assert_array_equal(sel.ids[sel.classes == 1], np.arange(1, 21, 2))
+
+
+def test_negative_zero_ties_with_zero_and_infinities():
+  ids = np.array([5, 3, 4, 1, 2, 0], np.int64)
+  scores = np.array([0.0, -0.0, np.inf, -np.inf, 0.0, -np.inf], np.float32)
+  acc = TopKPerClass(1, 4)
+  acc.update(ids, np.zeros(6, np.int32), scores)
+  sel = acc.result()
+  np.testing.assert_array_equal(sel.ids, [4, 2, 3, 5])     # inf, then 0.0/-0.0 by id
+  np.testing.assert_array_equal(sel.scores, [np.inf, 0, 0, 0])
+
+
+def test_classes_short_of_k_and_k_larger_than_stream():
+  rng = np.random.default_rng(1)
+  ids, classes, scores = make_stream(rng, 50, 6, 2, 4)
+  classes[classes == 5] = 4                  # class 5 gets nothing
+  acc = feed(TopKPerClass(6, 1000), ids, classes, scores, rng)
+  sel = acc.result()
+  assert_matches(sel, brute_force(ids, classes, scores, 6, 1000))
+  assert len(sel) == len(ids)                # K larger than the stream: everything kept
+  assert sel.counts()[5] == 0
+  np.testing.assert_array_equal(sel.counts(), np.bincount(classes, minlength=6))
+
+
+def test_large_batch_many_candidates_per_class_exact():
+  # one batch brings far more candidates per class than the pending area holds
+  rng = np.random.default_rng(2)
+  n = 20000
+  ids = rng.permutation(n).astype(np.int64)
+  classes = rng.integers(0, 3, n).astype(np.int32)
+  scores = (rng.integers(0, 50, n) / 50).astype(np.float32)
+  acc = TopKPerClass(3, 100, pending_slots=64)
+  acc.update(ids, classes, scores)
+  assert_matches(acc.result(), brute_force(ids, classes, scores, 3, 100))
+
+
+def test_threshold_filter_rejects_without_storing():
+  # once a class is full, candidates that cannot enter (lower score, or equal score and larger
+  # id than the K-th) are dropped by the filter and never take a pending slot
+  acc = TopKPerClass(1, 3, pending_slots=100)
+  acc.update(np.arange(10), np.zeros(10), np.full(10, 0.5))
+  acc._compact(np.ones(1, bool))
+  assert int(acc._fill[0]) == 3 and acc._thresh_score[0] == 0.5 and acc._thresh_id[0] == 2
+  acc.update([20, 30, 40], [0, 0, 0], [0.5, 0.5, 0.4])
+  assert int(acc._fill[0]) == 3
+  acc.update([25, 1000, 11], [0, 0, 0], [0.6, 0.5, -1.0])
+  assert int(acc._fill[0]) == 4
+  np.testing.assert_array_equal(acc.result().ids, [25, 0, 1])
+
+
+def test_empty_accumulator_and_empty_updates():
+  acc = TopKPerClass(3, 5)
+  acc.update([], [], [])
+  acc.update(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+  sel = acc.result()
+  assert len(sel) == 0 and sel.ids.dtype == np.int64
+  np.testing.assert_array_equal(sel.counts(), [0, 0, 0])
+  assert acc.num_candidates_seen == 0
+
+
+def test_array_likes_and_dtypes_are_cast():
+  acc = TopKPerClass(3, 2)
+  acc.update([4, 1, 2], np.array([0, 0, 2], np.uint8), [0.5, 0.5, 1.0])  # lists, float64
+  acc.update(np.array([3], np.int32), [1], np.array([2], np.int16))
+  sel = acc.result()
+  np.testing.assert_array_equal(sel.ids, [1, 4, 3, 2])
+  np.testing.assert_array_equal(sel.classes, [0, 0, 1, 2])
+  np.testing.assert_array_equal(sel.scores, [0.5, 0.5, 2.0, 1.0])
+
+
+def test_same_image_under_several_classes():
+  acc = TopKPerClass(3, 1)
+  acc.update([7, 7, 7, 8], [0, 1, 2, 2], [0.9, 0.05, 0.05, 0.01])
+  sel = acc.result()
+  np.testing.assert_array_equal(sel.ids, [7, 7, 7])
+  np.testing.assert_array_equal(sel.classes, [0, 1, 2])
+
+
+def test_largest_id_is_accepted():
+  acc = TopKPerClass(1, 2)
+  acc.update([MAX_ID, 0], [0, 0], [1.0, 1.0])
+  np.testing.assert_array_equal(acc.result().ids, [0, MAX_ID])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_merge_of_partitions_equals_single_accumulator(seed):
+  rng = np.random.default_rng(100 + seed)
+  num_classes, k = int(rng.integers(1, 7)), int(rng.integers(1, 30))
+  ids, classes, scores = make_stream(rng, int(rng.integers(0, 250)), num_classes, 3,
+                                     [2, 5, None][seed % 3])
+  single = feed(TopKPerClass(num_classes, k), ids, classes, scores, rng).result()
+  parts = int(rng.integers(2, 6))
+  owner = rng.integers(0, parts, len(ids))
+  accs = [feed(TopKPerClass(num_classes, k, pending_slots=[None, 3][seed % 2]),
+               ids[owner == i], classes[owner == i], scores[owner == i], rng)
+          for i in range(parts)]
+  before = [a.result() for a in accs]
+  merged = accs[0]
+  for other in rng.permutation(accs[1:]) if parts > 2 else accs[1:]:
+    assert merged.merge(other) is merged
+  assert_same(merged.result(), single)
+  assert_matches(single, brute_force(ids, classes, scores, num_classes, k))
+  assert merged.num_candidates_seen == len(ids)
+  for a, b in zip(accs[1:], before[1:]):     # the merged-in accumulators are unchanged
+    assert_same(a.result(), b)
+  # merging keeps working: more data after a merge still gives the exact answer
+  more = make_stream(rng, 40, num_classes, 2, 3)
+  more = (more[0] + 10 ** 6, more[1], more[2])
+  merged.update(*more)
+  allc = [np.concatenate([a, b]) for a, b in zip((ids, classes, scores), more)]
+  assert_matches(merged.result(), brute_force(*allc, num_classes, k))
+
+
+def test_merge_tree_order_does_not_matter():
+  rng = np.random.default_rng(7)
+  ids, classes, scores = make_stream(rng, 400, 4, 2, 3)
+  quarters = np.array_split(rng.permutation(len(ids)), 4)
+  accs = [TopKPerClass(4, 25) for _ in range(4)]
+  for a, q in zip(accs, quarters):
+    a.update(ids[q], classes[q], scores[q])
+  left = accs[0].merge(accs[1])
+  right = accs[3].merge(accs[2])
+  assert_matches(left.merge(right).result(), brute_force(ids, classes, scores, 4, 25))
+
+
+def test_merge_rejects_mismatch_and_self():
+  a = TopKPerClass(3, 5)
+  with pytest.raises(ValueError, match="different shapes"):
+    a.merge(TopKPerClass(4, 5))
+  with pytest.raises(ValueError, match="different shapes"):
+    a.merge(TopKPerClass(3, 6))
+  with pytest.raises(ValueError, match="itself"):
+    a.merge(a)
+
+
+@pytest.mark.parametrize("through_npz", [False, True])
+def test_state_dict_round_trip_mid_stream(tmp_path, through_npz):
+  rng = np.random.default_rng(3)
+  ids, classes, scores = make_stream(rng, 600, 5, 3, 6)
+  cut = 900
+  full = TopKPerClass(5, 40)
+  half = TopKPerClass(5, 40)
+  for lo in range(0, len(ids), 97):
+    sl = slice(lo, lo + 97)
+    full.update(ids[sl], classes[sl], scores[sl])
+    if lo < cut:
+      half.update(ids[sl], classes[sl], scores[sl])
+  done = (len(range(0, cut, 97))) * 97
+  sd = half.state_dict()
+  assert all(isinstance(v, np.ndarray) for v in sd.values())
+  assert sd["ids"].size <= 5 * 40
+  if through_npz:
+    np.savez(tmp_path / "s.npz", **sd)
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+      sd = {key: z[key] for key in z.files}
+  restored = TopKPerClass.from_state_dict(sd)
+  assert (restored.num_classes, restored.k) == (5, 40)
+  assert restored.num_candidates_seen == done
+  assert_same(restored.result(), half.result())
+  for lo in range(done, len(ids), 97):
+    restored.update(ids[lo:lo + 97], classes[lo:lo + 97], scores[lo:lo + 97])
+  assert_same(restored.result(), full.result())
+  assert restored.num_candidates_seen == full.num_candidates_seen == len(ids)
+  assert_matches(full.result(), brute_force(ids, classes, scores, 5, 40))
+
+
+def test_state_dict_rejects_bad_input():
+  sd = TopKPerClass(2, 3).state_dict()
+  with pytest.raises(ValueError, match="missing"):
+    TopKPerClass.from_state_dict({k: v for k, v in sd.items() if k != "ids"})
+  bad = dict(sd, ids=np.arange(4), classes=np.zeros(4, np.int32), scores=np.ones(4, np.float32))
+  with pytest.raises(ValueError, match="more than k=3"):
+    TopKPerClass.from_state_dict(bad)
+
+
+def test_result_mid_stream_does_not_change_the_answer():
+  rng = np.random.default_rng(4)
+  ids, classes, scores = make_stream(rng, 500, 4, 2, 5)
+  a, b = TopKPerClass(4, 30, pending_slots=8), TopKPerClass(4, 30, pending_slots=8)
+  for part in np.array_split(np.arange(len(ids)), 9):
+    a.update(ids[part], classes[part], scores[part])
+    b.update(ids[part], classes[part], scores[part])
+    first, second = a.result(), a.result()
+    assert_same(first, second)
+  assert_same(a.result(), b.result())
+  assert_matches(a.result(), brute_force(ids, classes, scores, 4, 30))
+
+
+# ----------------------------------------------------------------------------- validation
+def test_constructor_validation():
+  with pytest.raises(ValueError, match="k must be positive, got 0"):
+    TopKPerClass(10, 0)
+  with pytest.raises(ValueError, match="num_classes must be positive, got 0"):
+    TopKPerClass(0, 5)
+  with pytest.raises(ValueError, match="num_classes must be positive, got -2"):
+    TopKPerClass(-2, 5)
+
+
+def test_update_validation_messages():
+  acc = TopKPerClass(10, 5)
+  with pytest.raises(ValueError, match=r"equal lengths, got 3, 2 and 3"):
+    acc.update([1, 2, 3], [0, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match=r"class 10 out of range.*0\.\.9"):
+    acc.update([1, 2], [3, 10], [0.1, 0.2])
+  with pytest.raises(ValueError, match=r"class -1 out of range.*0\.\.9"):
+    acc.update([1, 2], [-1, 0], [0.1, 0.2])
+  with pytest.raises(ValueError, match=r"NaN score for id\(s\) \[7, 9\]"):
+    acc.update([5, 7, 8, 9], [0, 1, 2, 3], [0.1, np.nan, 0.3, np.nan])
+  with pytest.raises(ValueError, match=r"ids must be a 1-D array, got shape \(2, 2\)"):
+    acc.update([[1, 2], [3, 4]], [0, 1, 2, 3], [0.1] * 4)
+  with pytest.raises(ValueError, match=r"scores must be a 1-D array, got shape \(\)"):
+    acc.update([1], [0], 0.5)
+  with pytest.raises(ValueError, match=r"classes must be a 1-D array"):
+    acc.update([1], [[0]], [0.5])
+  with pytest.raises(ValueError, match=r"id -1 out of range"):
+    acc.update([-1], [0], [0.5])
+  with pytest.raises(ValueError, match=r"id 4294967296 out of range"):
+    acc.update([MAX_ID + 1], [0], [0.5])
+  with pytest.raises(ValueError, match=r"classes must be integers"):
+    acc.update([1], [0.5], [0.5])
+  # nothing was added by the failed updates
+  assert acc.num_candidates_seen == 0 and len(acc.result()) == 0
+
+
+# ----------------------------------------------------------------------------- D̂ on disk
+def _some_selection(num_classes=5, k=20, seed=5):
+  rng = np.random.default_rng(seed)
+  ids, classes, scores = make_stream(rng, 60, num_classes, 2, 8)
+  acc = TopKPerClass(num_classes, k)
+  acc.update(ids, classes, scores)
+  return acc.result()
+
+
+def test_write_read_round_trip(tmp_path):
+  sel = _some_selection()
+  d = tmp_path / "select" / "dhat"
+  selection.write_selection(d, sel, extra_summary={"p": 2, "k": 20, "note": "x"})
+  assert sorted(os.listdir(d)) == ["class_stats.json", "classes.npy", "ids.npy", "ranks.npy",
+                                   "scores.npy", "summary.json"]
+  back = selection.read_selection(d)
+  assert isinstance(back.ids, np.memmap)
+  assert_same(back, sel)
+  np.testing.assert_array_equal(back.counts(), sel.counts())
+  eager = selection.read_selection(d, mmap=False)
+  assert not isinstance(eager.ids, np.memmap)
+  assert_same(eager, sel)
+  summary = json.loads((d / "summary.json").read_text())
+  assert summary["num_classes"] == 5 and summary["k"] == 20
+  assert summary["num_selected"] == len(sel) and summary["p"] == 2 and summary["note"] == "x"
+  short = [int(c) for c in np.flatnonzero(sel.counts() < 20)]
+  assert summary["classes_short_of_k"] == short
+  stats = json.loads((d / "class_stats.json").read_text())
+  assert stats == json.loads(json.dumps(selection.class_statistics(sel)))
+  # the arrays are plain .npy files, memory-mappable by anyone
+  np.testing.assert_array_equal(np.load(d / "ids.npy", mmap_mode="r"), sel.ids)
+  # writing again replaces the old D̂
+  sel2 = _some_selection(seed=6)
+  selection.write_selection(d, sel2)
+  assert_same(selection.read_selection(d), sel2)
+  assert [n for n in os.listdir(d.parent)] == ["dhat"]   # no temporary or old dirs left
+
+
+def test_extra_summary_conflict_is_refused(tmp_path):
+  sel = _some_selection()
+  with pytest.raises(ValueError, match="conflicts"):
+    selection.write_selection(tmp_path / "d", sel, extra_summary={"num_selected": 1})
+  assert not (tmp_path / "d").exists()
+
+
+def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+  sel = _some_selection()
+  d = tmp_path / "dhat"
+  calls = []
+  real_save = np.save
+
+  def failing_save(f, arr, *a, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise OSError("disk full")
+    return real_save(f, arr, *a, **kw)
+
+  monkeypatch.setattr(np, "save", failing_save)
+  with pytest.raises(OSError, match="disk full"):
+    selection.write_selection(d, sel)
+  assert not d.exists()
+  assert os.listdir(tmp_path) == []                  # the temporary directory was removed
+  with pytest.raises(FileNotFoundError, match="summary.json"):
+    selection.read_selection(d)
+  # an interrupted rewrite keeps the previous complete D̂
+  monkeypatch.setattr(np, "save", real_save)
+  selection.write_selection(d, sel)
+  calls.clear()
+  monkeypatch.setattr(np, "save", failing_save)
+  with pytest.raises(OSError):
+    selection.write_selection(d, _some_selection(seed=9))
+  assert_same(selection.read_selection(d), sel)
+
+
+def test_summary_is_written_last(tmp_path, monkeypatch):
+  # while the arrays and stats are being written, no summary.json exists anywhere
+  sel = _some_selection()
+  seen = []
+  real_write_json = selection._write_json
+
+  def spy(path, obj):
+    seen.append((os.path.basename(path), [os.path.basename(p) for p in
+                                           os.listdir(os.path.dirname(path))]))
+    return real_write_json(path, obj)
+
+  monkeypatch.setattr(selection, "_write_json", spy)
+  selection.write_selection(tmp_path / "dhat", sel)
+  assert [name for name, _ in seen] == ["class_stats.json", "summary.json"]
+  assert "summary.json" not in seen[-1][1]
+  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy"} <= set(seen[-1][1])
+  assert not (tmp_path / "dhat").exists() or (tmp_path / "dhat" / "summary.json").exists()
+
+
+def test_read_rejects_truncated_column(tmp_path):
+  sel = _some_selection()
+  d = tmp_path / "dhat"
+  selection.write_selection(d, sel)
+  np.save(d / "scores.npy", sel.scores[:-1])
+  with pytest.raises(ValueError, match="scores.npy"):
+    selection.read_selection(d)
+
+
+def test_class_statistics():
+  sel = _some_selection(num_classes=6, k=12)
+  st = selection.class_statistics(sel)
+  counts = sel.counts()
+  assert st["count"] == counts.tolist()
+  assert st["classes_short_of_k"] == [int(c) for c in np.flatnonzero(counts < 12)]
+  for c in range(6):
+    s = sel.scores[sel.classes == c].astype(np.float64)
+    if s.size:
+      assert st["min_score"][c] == pytest.approx(s.min())
+      assert st["max_score"][c] == pytest.approx(s.max())
+      assert st["median_score"][c] == pytest.approx(np.median(s))
+    else:
+      assert st["min_score"][c] is None and st["median_score"][c] is None
+  # rows in any order give the same statistics
+  perm = np.random.default_rng(0).permutation(len(sel))
+  shuffled = Selection(sel.ids[perm], sel.classes[perm], sel.scores[perm], sel.ranks[perm],
+                       sel.num_classes, sel.k)
+  assert selection.class_statistics(shuffled) == st
+  empty = selection.class_statistics(TopKPerClass(3, 2).result())
+  assert empty["count"] == [0, 0, 0] and empty["classes_short_of_k"] == [0, 1, 2]
+
+
+def test_selection_validates_columns():
+  with pytest.raises(ValueError, match="equal lengths"):
+    Selection(np.arange(3), np.zeros(2), np.zeros(3), np.zeros(3), 2, 1)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_benchmark_quick_runs(capsys):
+  spec = importlib.util.spec_from_file_location(
+      "bench_selection", os.path.join(_ROOT, "benchmarks", "selection.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = bench.main(["--quick", "--classes", "100", "--k", "500", "--batch", "20000"])
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  printed = json.loads(last)
+  for key in ("images_per_s", "naive_images_per_s", "peak_rss_mb_10m", "peak_rss_mb_30m"):
+    assert isinstance(printed[key], float) and printed[key] > 0, key
+  assert printed["images_per_s"] == out["images_per_s"]
