@@ -208,7 +208,7 @@ def flax_to_torch_state_dict(variables, model_name: str, num_classes=None, **kwa
             v = v.transpose(3, 2, 0, 1)
         elif kind == "dense":
             v = v.T
-        out[key] = np.ascontiguousarray(v)
+        out[key] = np.array(v, np.float32, order="C")  # a writable copy (torch.from_numpy)
         if key.endswith(".running_var"):
             out[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     return out

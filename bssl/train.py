@@ -96,9 +96,14 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def init_state(model, tx, rng, image_shape, mesh, variables=None) -> TrainState:
-  """Initialises (or adopts ``variables``) and places a replicated train state."""
+def init_state(model, tx, seed: int, image_shape, mesh, variables=None) -> TrainState:
+  """Initialises (or adopts ``variables``) and places a replicated train state.
+
+  Initialisation uses the ``rbg`` PRNG: on CPU, XLA compiles threefry-based
+  initialisers of a ResNet 3-4x slower (13 s vs 4 s for a tiny model on 8 devices).
+  """
   repl = parallel.replicated(mesh)
+  rng = jax.random.key(seed, impl="rbg")
 
   def _init(rng):
     v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -363,8 +368,7 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
     state = restored["state"]
     writer.print(f"resumed from checkpoint at step {latest}")
   else:
-    rng = jax.random.key(seed)
-    state = init_state(model, tx, rng, spec_shape(spec), mesh, init_variables)
+    state = init_state(model, tx, seed, spec_shape(spec), mesh, init_variables)
   start = int(jax.device_get(state.step))
 
   train_step = make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
@@ -395,6 +399,7 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
     losses = np.array([v["loss"] for v in vals])
     if not np.all(np.isfinite(losses)):
       bad = step - len(vals) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+      mngr.wait_until_finished()  # the last good checkpoint must be complete on disk
       raise NonFiniteLossError(
           f"[{name}] loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. "
           f"The last good checkpoint (step {mngr.latest_step()}) is kept in "

@@ -54,58 +54,77 @@ def test_resnet_small_bottleneck_grouped_builds():
 
 
 @pytest.mark.parametrize("name,c", [("resnet_small", 1), ("resnet18", 3)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_dtypes(name, c, dtype):
-    m = models.create_model(name, 10, dtype=dtype)
-    x = jax.random.normal(jax.random.key(1), (2, 32, 32, c))
+def test_forward_float32_and_bfloat16(name, c):
+    x = np.random.RandomState(1).randn(2, 32, 32, c).astype(np.float32)
+    # Random variables from the shapes: compiling `init` costs more than the forward pass.
+    shapes = jax.eval_shape(lambda: models.create_model(name, 10).init(
+        jax.random.key(0), jnp.zeros(x.shape), train=False))
+    rng = np.random.RandomState(0)
+    v = jax.tree_util.tree_map(
+        lambda s: (rng.uniform(0.5, 1.5, s.shape) * (0.1 if len(s.shape) < 4 else
+                                                      np.sqrt(2 / np.prod(s.shape[:-1]))))
+        .astype(np.float32), shapes)
+    logits = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        m = models.create_model(name, 10, dtype=dtype)
+        for leaf in jax.tree_util.tree_leaves(
+                jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))):
+            assert leaf.dtype == jnp.float32  # params and BN statistics stay float32
 
-    @jax.jit  # one compilation for init + eval + train keeps the test fast on CPU
-    def run(x):
-        v = m.init(jax.random.key(0), x, train=False)
-        return v, m.apply(v, x, train=False), m.apply(v, x, train=True, mutable=["batch_stats"])
+        @jax.jit  # one compilation for eval + train keeps the test fast on CPU
+        def run(v, x):
+            return m.apply(v, x, train=False), m.apply(v, x, train=True, mutable=["batch_stats"])
 
-    v, logits, (logits_t, state) = run(x)
-    for leaf in jax.tree_util.tree_leaves(v):
-        assert leaf.dtype == jnp.float32
-    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    assert np.all(np.isfinite(np.asarray(logits)))
-    assert logits_t.dtype == jnp.float32 and set(state) == {"batch_stats"}
-    for leaf in jax.tree_util.tree_leaves(state):
-        assert leaf.dtype == jnp.float32
+        logits[dtype], (logits_t, state) = run(v, x)
+        assert logits[dtype].shape == (2, 10) and logits[dtype].dtype == jnp.float32
+        assert np.all(np.isfinite(np.asarray(logits[dtype])))
+        assert logits_t.dtype == jnp.float32 and set(state) == {"batch_stats"}
+        for leaf in jax.tree_util.tree_leaves(state):
+            assert leaf.dtype == jnp.float32
+    # bfloat16 computes the same function to bfloat16 precision.
+    f32, bf16 = np.asarray(logits[jnp.float32]), np.asarray(logits[jnp.bfloat16])
+    assert np.abs(f32 - bf16).max() <= 0.1 * np.abs(f32).max() + 1e-3
 
 
 def test_train_mode_updates_batch_stats_with_momentum_0_9():
     m = models.create_model("resnet_small", 10)
-    x = 3.0 + jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+    x = 3.0 + np.random.RandomState(1).randn(4, 16, 16, 1).astype(np.float32)
+    rng = np.random.RandomState(0)
+    v = jax.tree_util.tree_map(
+        lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32),
+        jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False)))
 
     @jax.jit
-    def run(x):
-        v = m.init(jax.random.key(0), x, train=False)
+    def run(v, x):
         _, state = m.apply(v, x, train=True, mutable=["batch_stats"])
-        return v, state, m.apply(v, x, train=False), m.apply(v, x[:1], train=False)
+        return state, m.apply(v, x, train=False), m.apply(v, x[:1], train=False)
 
-    v, state, full, one = run(x)
+    state, full, one = run(v, x)
     old, new = v["batch_stats"], state["batch_stats"]
     for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)):
         assert not np.allclose(a, b)
-    # Stem BN: running mean = 0.9 * 0 + 0.1 * batch mean of the stem conv output.
+    # Stem BN: running mean = 0.9 * old + 0.1 * batch mean of the stem conv output.
     conv = jax.lax.conv_general_dilated(
         x, v["params"]["conv1"]["kernel"], (1, 1), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(new["bn1"]["mean"], 0.1 * conv.mean(axis=(0, 1, 2)),
-                               rtol=1e-4, atol=1e-6)
+    expected = 0.9 * old["bn1"]["mean"] + 0.1 * conv.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(new["bn1"]["mean"], expected, rtol=1e-4, atol=1e-6)
     # Eval mode is deterministic and does not depend on the rest of the batch.
     np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-5)
 
 
 def test_init_he_fan_out_and_zero_init_residual():
-    for block, last in [("basic", "bn2"), ("bottleneck", "bn3")]:
-        m = models.create_model("resnet_small", 10, zero_init_residual=block == "basic",
-                                block=block, widths=(64,), depths=(1,))
-        init = jax.jit(m.init, static_argnames="train")
-        v = init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), train=False)["params"]["layer1_0"]
+    basic = models.create_model("resnet_small", 10, zero_init_residual=True,
+                                widths=(64,), depths=(1,))
+    bottleneck = models.create_model("resnet_small", 10, block="bottleneck",
+                                     widths=(64,), depths=(1,))
+    x = jnp.zeros((1, 4, 4, 3))
+    key = jax.random.key(0, impl="rbg")  # threefry makes XLA:CPU compile init ~5x slower
+    both = jax.jit(lambda: [m.init(key, x, train=False)["params"]["layer1_0"]
+                            for m in (basic, bottleneck)])()  # one compilation
+    for v, last, zeroed in zip(both, ("bn2", "bn3"), (True, False)):
         assert np.all(v["bn1"]["scale"] == 1) and not np.any(v["bn1"]["bias"])
-        assert np.any(v[last]["scale"]) == (block != "basic")
+        assert np.any(v[last]["scale"]) != zeroed
         k = v["conv2"]["kernel"]  # torchvision: std sqrt(2 / fan_out), fan_out = 3*3*out
         np.testing.assert_allclose(np.std(k), np.sqrt(2.0 / (9 * k.shape[-1])), rtol=0.05)
 

@@ -76,11 +76,22 @@ def test_score_keys_are_strictly_decreasing_and_invertible():
   np.testing.assert_array_equal(selection._scores_from_desc(d), v)
   # -0.0 and +0.0 are the same score
   assert selection._desc_bits(np.float32([-0.0]))[0] == selection._desc_bits(np.float32([0.0]))[0]
-  # the non-negative fast path agrees with the general formula
-  ids = np.arange(v.size, dtype=np.int64)
+  # keys: desc(score) in the high half, id in the low half; the in-place writer used by
+  # update() and its non-negative fast path agree with the general formula
+  ids = np.array([0, 5, MAX_ID, 7, 1, 2], np.int64)
   nn = np.float32([0.0, -0.0, 1e-45, 0.3, 1.0, np.inf])
-  np.testing.assert_array_equal(selection._make_keys(ids[:6], nn, nonneg=True),
-                                selection._make_keys(ids[:6], nn, nonneg=False))
+  ref = selection._make_keys(ids, nn)
+  np.testing.assert_array_equal(ref >> np.uint64(32), selection._desc_bits(nn))
+  np.testing.assert_array_equal(ref & np.uint64(MAX_ID), ids.astype(np.uint64))
+  np.testing.assert_array_equal(selection._make_keys(ids, nn, nonneg=True), ref)
+  for nonneg, sc in ((True, nn), (False, nn), (False, v[:6])):
+    keys = ids.astype(np.uint64)
+    selection._set_score_halves(keys, sc, nonneg)
+    np.testing.assert_array_equal(keys, selection._make_keys(ids, sc))
+  out_ids, out_scores = np.empty(6, np.int64), np.empty(6, np.float32)
+  selection._decode_keys(selection._make_keys(ids, v[:6]), out_ids, out_scores)
+  np.testing.assert_array_equal(out_ids, ids)
+  np.testing.assert_array_equal(out_scores, v[:6])
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -272,6 +283,20 @@ def test_state_dict_round_trip_mid_stream(tmp_path, through_npz):
   assert_same(restored.result(), full.result())
   assert restored.num_candidates_seen == full.num_candidates_seen == len(ids)
   assert_matches(full.result(), brute_force(ids, classes, scores, 5, 40))
+
+
+def test_state_dict_and_merge_with_uncompacted_and_short_classes():
+  # class 0 has pending keys beyond K (not yet compacted), class 1 fewer than K, class 2 none
+  acc = TopKPerClass(3, 5, pending_slots=10)
+  ids = np.arange(14)
+  classes = np.array([0] * 12 + [1] * 2)
+  scores = np.linspace(0, 1, 14).astype(np.float32)
+  acc.update(ids, classes, scores)
+  assert int(acc._fill[0]) == 12
+  ref = brute_force(ids, classes, scores, 3, 5)
+  assert_matches(acc.result(), ref)
+  assert_matches(TopKPerClass.from_state_dict(acc.state_dict()).result(), ref)
+  assert_matches(TopKPerClass(3, 5).merge(acc).result(), ref)
 
 
 def test_state_dict_rejects_bad_input():

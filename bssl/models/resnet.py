@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') -> std sqrt(2 / (out*kh*kw)).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
 
 BLOCKS = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}
