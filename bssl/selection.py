@@ -610,6 +610,7 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
                        f"from the selection ({summary[key]!r})")
     summary[key] = v
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  old = None
   try:
     for col in _DTYPES:
       with open(os.path.join(tmp, f"{col}.npy"), "wb") as f:
@@ -619,13 +620,16 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
     _write_json(os.path.join(tmp, "class_stats.json"), stats)
     _write_json(os.path.join(tmp, "summary.json"), summary)      # last: marks completeness
     os.chmod(tmp, 0o755)
-    old = None
     if os.path.lexists(directory):
+      # a non-empty directory cannot be renamed over: move the old D̂ aside first (readers
+      # briefly see no D̂, never a partial one)
       old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
       os.replace(directory, old)
     os.replace(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not os.path.lexists(directory):
+      os.replace(old, directory)                          # put the previous D̂ back
     raise
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)

@@ -431,6 +431,25 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, monkeypa
   assert_same(selection.read_selection(d), sel)
 
 
+def test_failed_final_rename_restores_previous(tmp_path, monkeypatch):
+  sel = _some_selection()
+  d = tmp_path / "dhat"
+  selection.write_selection(d, sel)
+  real_replace = os.replace
+
+  def replace(src, dst):
+    if ".tmp-" in os.path.basename(str(src)):
+      raise OSError("rename failed")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(OSError, match="rename failed"):
+    selection.write_selection(d, _some_selection(seed=8))
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert_same(selection.read_selection(d), sel)
+  assert os.listdir(tmp_path) == ["dhat"]
+
+
 def test_summary_is_written_last(tmp_path, monkeypatch):
   # while the arrays and stats are being written, no summary.json exists anywhere
   sel = _some_selection()

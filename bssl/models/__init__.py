@@ -76,8 +76,11 @@ def arch_config(name: str, **kwargs) -> dict[str, Any]:
     return cfg
 
 
+CONV_IMPLS = ("auto", "xla", "im2col_grad")
+
+
 def create_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axis_name=None,
-                 bn_momentum: float = 0.9, **kwargs) -> ResNet:
+                 bn_momentum: float = 0.9, conv_impl: str = "auto", **kwargs) -> ResNet:
     """Builds a registered model. `dtype` is the compute dtype (float32 or bfloat16);
     params and BatchNorm statistics stay float32. `bn_axis_name=None` computes batch
     statistics over the batch each call sees (per device under shard_map); a mesh axis
@@ -86,8 +89,12 @@ def create_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axis_name
     cfg = arch_config(name, **kwargs)
     if int(num_classes) <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    if conv_impl == "auto":  # XLA:CPU's own kernel gradient is slow; see models/conv.py
+        conv_impl = "im2col_grad" if jax.default_backend() == "cpu" else "xla"
     return ResNet(num_classes=int(num_classes), dtype=dtype, bn_axis_name=bn_axis_name,
-                  bn_momentum=bn_momentum, **cfg)
+                  bn_momentum=bn_momentum, conv_impl=conv_impl, **cfg)
 
 
 def count_params(params) -> int:

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bssl.models.conv import flax_conv_fn
+
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') -> std sqrt(2 / (out*kh*kw)).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
 
@@ -42,6 +44,7 @@ class _Common(nn.Module):
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    conv_impl: str = "xla"  # "xla" or "im2col_grad" (see bssl/models/conv.py)
 
     def conv(self, features, kernel, stride=1, groups=1, name=None):
         pad = (kernel - 1) // 2
@@ -55,6 +58,7 @@ class _Common(nn.Module):
             kernel_init=conv_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=flax_conv_fn if self.conv_impl == "im2col_grad" else None,
             name=name,
         )
 
@@ -162,6 +166,7 @@ class ResNet(_Common):
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
                     bn_momentum=self.bn_momentum,
+                    conv_impl=self.conv_impl,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
         # Global average pool in float32: a long bf16 sum loses precision.
