@@ -141,16 +141,18 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   """Infinite shuffled, augmented batches of this process's shard.
 
   The permutation is global (same seed on every process) and process ``i`` takes
-  positions ``i, i+n, ...``, so the union of the processes' batches is one global
-  batch of the single-process stream. The returned dataset's iterators support
+  positions ``i, i+n, ...``, so the union of the processes' local batches is exactly
+  the global batch of a single-process run (same images, same augmentation). The returned dataset's iterators support
   ``get_state``/``set_state`` for exact resumption.
   """
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  # Augment before sharding: each element's random stream is keyed by its position in
+  # the global stream, so the global batch is the same whatever the number of hosts.
+  ds = ds.random_map(_TrainTransform(spec), seed=seed + 1)
   if process_count > 1:
     ds = ds[process_index::process_count]
-  ds = ds.random_map(_TrainTransform(spec), seed=seed + 1)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.to_iter_dataset(_read_options(num_threads, prefetch))
 

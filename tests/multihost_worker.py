@@ -1,0 +1,55 @@
+"""One process of the multi-host test: a few training steps, then scoring + selection.
+
+Launched as 2 processes x 2 fake devices by launch/local.sh, or as 1 process x 4
+devices for the reference. Writes OUT/params.npz and OUT/dhat (process 0).
+usage: multihost_worker.py OUT
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bssl import parallel  # noqa: E402
+
+parallel.maybe_initialize_distributed()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import train_worker as tw  # noqa: E402
+from bssl import scoring, selection  # noqa: E402
+from bssl.data import pipelines, sources  # noqa: E402
+from bssl.models import create_model  # noqa: E402
+
+
+def main(out):
+  assert jax.device_count() == 4, jax.device_count()
+  os.makedirs(out, exist_ok=True)
+  # Training: 4 steps of the tiny model, global batch 16, synchronised BN.
+  res = tw.run(os.path.join(out, "train"), tw.tiny_cfg(steps=4, checkpoint_every=2))
+  flat = tw.flat(res["variables"])
+  # Scoring + selection of 90 fake images with a fixed model.
+  model = create_model("resnet_small", 4, widths=(4,), depths=(1,))
+  mesh = parallel.make_mesh()
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
+                      out_shardings=parallel.replicated(mesh))(jax.random.key(1, impl="rbg"))
+  src = sources.fake_source(90, (8, 8, 1), 4, seed=5)
+  unl = sources.SubsetView(src, np.arange(90), hide_labels=True, reindex=True)
+  score_dir = os.path.join(out, "score")
+  scoring.score_shard(model=model, variables=variables, source=unl,
+                      spec=pipelines.ImageSpec(size=8, channels=1, augment="none"), mesh=mesh,
+                      num_classes=4, top_p=2, k=6, mean=(100.0,), std=(60.0,),
+                      global_batch_size=16, score_dir=score_dir, checkpoint_every=2)
+  parallel.sync("scored")
+  if parallel.is_main_process():
+    np.savez(os.path.join(out, "params.npz"), **flat)
+    acc, info = scoring.merge_processes(score_dir, jax.process_count())
+    selection.write_selection(os.path.join(out, "dhat"), acc.result())
+    print("MULTIHOST_DONE", jax.process_count(), info["num_scored"], flush=True)
+  parallel.sync("written")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
