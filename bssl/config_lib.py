@@ -42,7 +42,9 @@ def _positive_int(value, field: str) -> None:
 
 
 def resolve_steps(scfg, num_examples: int) -> int:
-  """Training length in steps from ``steps`` or ``epochs`` (over ``num_examples``)."""
+  """Training length in steps: ``steps`` when set, else ``epochs`` over ``num_examples``."""
+  if scfg.get("steps") is not None:
+    return int(scfg.steps)
   if scfg.get("epochs"):
     return max(1, math.ceil(float(scfg.epochs) * num_examples / int(scfg.batch_size)))
   return int(scfg.steps)
@@ -86,13 +88,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       models.arch_config(s.model, **dict(s.get("model_kwargs") or {}))
     except ValueError as e:
       raise ConfigError(f"{name}.model: {e}") from None
-    if s.get("epochs") is None or s.get("epochs") == 0:
-      if name == "teacher" and s.steps == 0 and s.get("init_from"):
-        pass  # a converted teacher, evaluated but not trained
+    if s.get("steps") is not None:
+      if s.steps == 0 and s.get("init_from"):
+        pass  # e.g. a converted teacher, evaluated but not trained
       else:
         _positive_int(s.steps, f"{name}.steps")
-    elif not s.epochs > 0:
-      raise ConfigError(f"{name}.epochs must be positive, got {s.epochs!r}")
+    elif s.get("epochs") is None or not s.epochs > 0:
+      raise ConfigError(f"{name}: set steps (a positive integer) or epochs (positive), got "
+                        f"steps={s.get('steps')!r} epochs={s.get('epochs')!r}")
     _positive_int(s.batch_size, f"{name}.batch_size")
     if s.get("lr") is not None and not s.lr > 0:
       raise ConfigError(f"{name}.lr must be positive or None (linear scaling rule), got {s.lr!r}")
