@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
   c.stages = "baseline,teacher,score,select,pretrain,finetune,evaluate,report"
   c.mesh_shape = ()
   c.num_threads = 1  # grain read threads per process
+  c.side_baseline = True  # train the baseline in a second process beside the teacher
 
   c.data = ml_collections.ConfigDict(dict(
       kind="fashion_mnist", folder=None, num_classes=10, image_size=28, channels=1,
@@ -54,6 +55,7 @@ def get_config(arg: str | None = None):
   if "seed1" in presets:
     c.seed = 1
   if "tiny" in presets:
+    c.side_baseline = False
     c.data.subset = 2000          # take the first 2000 training / 500 test images
     c.data.labelled_per_class = 10
     c.data.val_per_class = 10

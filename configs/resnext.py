@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
   c.stages = "baseline,teacher,score,select,pretrain,finetune,evaluate,report"
   c.mesh_shape = ()
   c.num_threads = 16
+  c.side_baseline = False
 
   c.data = ml_collections.ConfigDict(dict(
       kind="tfds", tfds_name="imagenet2012", tfds_data_dir=None, train_split="train",

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
   cfg = demo.get_config("tiny")
+  cfg.side_baseline = True  # exercise the baseline's side process too
   pipeline.run(cfg, workdir)
   return cfg, workdir
 

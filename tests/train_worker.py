@@ -37,9 +37,9 @@ def tiny_source():
   return sources.fake_source(64, (8, 8, 1), NUM_CLASSES, seed=7)
 
 
-def run(workdir, cfg, **kw):
+def run(workdir, cfg, mesh=None, **kw):
   return train.fit(name="tiny", model=tiny_model(), cfg=cfg, source=tiny_source(), spec=SPEC,
-                   mesh=parallel.make_mesh(), workdir=workdir, num_classes=NUM_CLASSES,
+                   mesh=mesh or parallel.make_mesh(), workdir=workdir, num_classes=NUM_CLASSES,
                    mean=(100.0,), std=(60.0,), seed=3, **kw)
 
 

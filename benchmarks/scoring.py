@@ -1,0 +1,107 @@
+"""Throughput of the scoring stage and the share of its time spent outside the model.
+
+For each model: (1) the forward pass alone — the jitted ``model.apply`` on a batch
+already on the device, repeated; (2) the whole stage as the pipeline runs it —
+``bssl.scoring.score_shard`` over an in-memory U of random uint8 images: grain input,
+host->device transfer, forward, softmax + top-P on device, device->host, streaming
+top-K selection, periodic checkpoints. The share outside the forward pass is
+``1 - forward_time / stage_time``.
+
+    python benchmarks/scoring.py                       # demo model and resnet50 @ 224
+    python benchmarks/scoring.py --models demo --images 20000
+
+The last line printed is one JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bssl import parallel, scoring  # noqa: E402
+from bssl.data import pipelines, sources  # noqa: E402
+from bssl.models import create_model  # noqa: E402
+from bssl.train import normalize  # noqa: E402
+
+MODELS = {
+    # name: (registry name, kwargs, image size, channels, classes, batch, images, top_p, k)
+    "demo": ("resnet_small", dict(depths=(2, 2, 2)), 28, 1, 10, 1000, 20000, 1, 4000),
+    "resnet50": ("resnet50", {}, 224, 3, 1000, 32, 256, 10, 16000),
+}
+
+
+def bench(name, num_images=None, batch=None, dtype="float32"):
+  arch, kwargs, size, ch, classes, gbs, n, top_p, k = MODELS[name]
+  n = num_images or n
+  gbs = batch or gbs
+  model = create_model(arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                       **kwargs)
+  mesh = parallel.make_mesh()
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, ch)), train=False),
+                      out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(n, size, size, ch), dtype=np.uint8)
+  unl = sources.ArraySource(images)
+  spec = pipelines.ImageSpec(size=size, channels=ch, augment="none")
+  mean, std = (120.0,) * ch, (60.0,) * ch
+
+  # (1) forward pass alone, on a device-resident batch.
+  fwd = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), train=False))
+  x = parallel.global_batch_from_local(mesh, images[:gbs])
+  jax.block_until_ready(fwd(variables, x))
+  reps = max(2, n // gbs)
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = fwd(variables, x)
+  jax.block_until_ready(out)
+  fwd_per_image = (time.perf_counter() - t0) / (reps * gbs)
+
+  # (2) the scoring stage end to end (compile excluded by a warm-up on one batch).
+  with tempfile.TemporaryDirectory() as d:
+    warm = sources.ArraySource(images[:gbs])
+    scoring.score_shard(model=model, variables=variables, source=warm, spec=spec, mesh=mesh,
+                        num_classes=classes, top_p=top_p, k=k, mean=mean, std=std,
+                        global_batch_size=gbs, score_dir=os.path.join(d, "warm"),
+                        checkpoint_every=0, log_every=10**9)
+    t0 = time.perf_counter()
+    out = scoring.score_shard(model=model, variables=variables, source=unl, spec=spec,
+                              mesh=mesh, num_classes=classes, top_p=top_p, k=k, mean=mean,
+                              std=std, global_batch_size=gbs, score_dir=os.path.join(d, "run"),
+                              checkpoint_every=50, log_every=10**9)
+    stage = time.perf_counter() - t0
+  assert out["num_scored"] == n
+  ips = n / stage
+  share = max(0.0, 1.0 - fwd_per_image * n / stage)
+  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}: forward alone {1 / fwd_per_image:,.0f} "
+        f"img/s; scoring stage {ips:,.0f} img/s over {n:,} images; time outside the forward "
+        f"pass {100 * share:.1f}%", flush=True)
+  return {"model": arch, "image_size": size, "dtype": dtype, "batch": gbs, "images": n,
+          "forward_images_per_s": 1 / fwd_per_image, "stage_images_per_s": ips,
+          "share_outside_forward": share}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--models", default="demo,resnet50")
+  ap.add_argument("--images", type=int, default=None)
+  ap.add_argument("--batch", type=int, default=None)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  args = ap.parse_args(argv)
+  print(f"devices: {jax.devices()}", flush=True)
+  res = {m: bench(m, args.images, args.batch, args.dtype) for m in args.models.split(",")}
+  res["device"] = str(jax.devices()[0].device_kind)
+  print(json.dumps(res))
+  return res
+
+
+if __name__ == "__main__":
+  main()
