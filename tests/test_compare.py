@@ -1,0 +1,189 @@
+"""The PyTorch twin of the recipe (bssl.torch_train) against the JAX one (bssl.train), and
+the side-by-side comparison (bssl.compare) end to end on a tiny run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import demo  # noqa: E402
+from bssl import compare, convert, parallel, pipeline, torch_train, train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_FASHION_MNIST = os.path.exists("/usr/share/datasets/fashion-mnist")
+
+
+def _stage_cfg(**extra):
+  s = demo.get_config("tiny").baseline.copy_and_resolve_references()
+  s.label_smoothing = 0.1  # every term of the recipe in play: smoothing, decay, Nesterov
+  s.steps = 8
+  s.update(extra)
+  return s
+
+
+def _batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+          rng.integers(0, 10, n).astype(np.int32))
+
+
+MEAN, STD = (72.94,), (90.02,)
+
+
+def test_torch_train_step_lowers_the_loss_on_a_fixed_batch():
+  torch.set_num_threads(1)
+  s = _stage_cfg(lr=0.05)
+  model = torch_train.make_model(s, 10, 1, seed=0)
+  opt = torch_train.make_optimizer(model, s)
+  images, labels = _batch(32)
+  x = torch_train.to_input(images, MEAN, STD)
+  y = torch.from_numpy(labels.astype(np.int64))
+  losses = [torch_train.train_step(model, opt, x, y, 0.05, 0.1)["loss"] for _ in range(12)]
+  assert losses[-1] < 0.7 * losses[0]
+
+
+def test_optimizer_groups_and_schedule_follow_the_jax_recipe():
+  s = _stage_cfg()
+  model = torch_train.make_model(s, 10, 1, seed=0)
+  decay, no_decay = torch_train.make_optimizer(model, s).param_groups
+  assert decay["weight_decay"] == s.weight_decay and no_decay["weight_decay"] == 0.0
+  assert all(p.ndim > 1 for p in decay["params"])       # conv kernels and the fc matrix
+  assert all(p.ndim == 1 for p in no_decay["params"])   # BatchNorm scales/biases, fc bias
+  assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+  bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  assert all(m.momentum == pytest.approx(0.1) and m.eps == pytest.approx(1e-5) for m in bn)
+  sched = train.make_schedule(s, 8, 0.1)
+  np.testing.assert_allclose(torch_train.lr_values(s, 8, s.batch_size),
+                             [float(sched(i)) for i in range(8)], rtol=1e-7)
+
+
+def test_same_loss_gradients_and_update_as_jax_from_the_same_weights():
+  """From converted identical weights, on the same batch: same loss and gradient norm, and
+  the same parameters after each of three SGD steps (smoothing, decay, Nesterov)."""
+  torch.set_num_threads(1)
+  s = _stage_cfg()
+  kw = dict(s.model_kwargs)
+  model = pipeline.make_model(s, 10)
+  mesh = parallel.make_mesh()
+  schedule = train.make_schedule(s, s.steps, s.lr)
+  tx = train.make_optimizer(s, schedule)
+  state = train.init_state(model, tx, 0, (28, 28, 1), mesh)
+  step = train.make_train_step(model, tx, mesh, num_classes=10, mean=MEAN, std=STD,
+                               schedule=schedule, label_smoothing=s.label_smoothing)
+
+  def to_torch_sd(st):
+    v = jax.device_get({"params": st.params, "batch_stats": st.batch_stats})
+    return convert.flax_to_torch_state_dict(v, s.model, 10, in_channels=1, **kw)
+
+  tmodel = torch_train.make_model(s, 10, 1)
+  tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_sd(state).items()})
+  opt = torch_train.make_optimizer(tmodel, s)
+  lrs = torch_train.lr_values(s, s.steps, s.batch_size)
+  images, labels = _batch(16)
+  gbatch = parallel.global_batch_from_local(mesh, {"image": images, "label": labels})
+  x = torch_train.to_input(images, MEAN, STD)
+  y = torch.from_numpy(labels.astype(np.int64))
+  before = to_torch_sd(state)
+  for i in range(3):
+    state, m = step(state, gbatch)
+    t = torch_train.train_step(tmodel, opt, x, y, lrs[i], s.label_smoothing)
+    tol = 1e-4 if i == 0 else 1e-3  # later steps start from (slightly) different weights
+    assert t["loss"] == pytest.approx(float(m["loss"]), rel=tol)
+    assert t["grad_norm"] == pytest.approx(float(m["grad_norm"]), rel=tol)
+    assert t["lr"] == pytest.approx(float(m["lr"]), rel=1e-6)
+    ref, got = to_torch_sd(state), tmodel.state_dict()
+    for k, v in ref.items():
+      if k.endswith("num_batches_tracked"):
+        continue
+      diff = float(np.abs(got[k].numpy() - v).max())
+      err = diff / max(float(np.abs(v).max()), 1e-6)
+      if k.endswith("running_var"):
+        # PyTorch's running variance uses the unbiased batch variance (x n/(n-1)).
+        assert err < 5e-3, (i, k, err)
+      elif i == 0:
+        # One step: the parameters agree to 1e-5 of their scale, and the update
+        # (-lr (1 + momentum) (gradient + decay), Nesterov's first step) to 1e-4 of its own.
+        update = float(np.abs(v - before[k]).max())
+        assert err < 1e-5 or diff < 1e-4 * update, (k, err, diff / update)
+      else:
+        assert err < 1e-3, (i, k, err)
+
+
+def test_agreement_rule():
+  a = compare.summarize([0.80, 0.82, 0.81])
+  assert a["mean"] == pytest.approx(0.81) and a["std"] == pytest.approx(0.01) and a["n"] == 3
+  close = compare.agreement(a, compare.summarize([0.815, 0.805, 0.825]))
+  far = compare.agreement(a, compare.summarize([0.90, 0.91, 0.92]))
+  assert close["agree"] is True and far["agree"] is False
+  assert far["se"] == pytest.approx(np.sqrt(0.01 ** 2 / 3 * 2))
+  assert compare.agreement(compare.summarize([0.8]), a)["agree"] is None  # n < 2
+  j = compare.jaccard(np.array([1, 2, 3, 4]), np.array([3, 4, 5]))
+  assert j["jaccard"] == pytest.approx(2 / 5) and j["intersection"] == 2
+
+
+@pytest.mark.skipif(not HAVE_FASHION_MNIST,
+                    reason="needs Debian's dataset-fashion-mnist (the README's commands "
+                           "install it)")
+def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
+  # The tiny preset, lighter still: a teacher of the student's architecture (so the XLA
+  # compilation cache serves the teacher, pre-training and the second seed) and no
+  # intermediate checkpoints.
+  wd = tmp_path / "cmp"
+  overrides = ["--config.teacher.model_kwargs.depths=(1,1,1)"] + [
+      f"--config.{s}.checkpoint_every=0" for s in ("baseline", "teacher", "pretrain",
+                                                    "finetune")]
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device, quick compiles
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, "-m", "bssl.compare", "--config=configs/demo.py:tiny",
+         f"--workdir={wd}", "--seeds=0,1", "--speed_threads=all", "--speed_batch=32",
+         "--speed_steps=2", "--speed_warmup=1", "--speed_repeats=1", *overrides]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rep = json.loads((wd / "compare.json").read_text())
+  assert rep["seeds"] == [0, 1] and rep["frameworks"] == ["jax", "torch"]
+  for stage in ("baseline", "teacher", "student_pretrained", "student"):
+    for metric in ("top1", "top5"):
+      e = rep["metrics"][f"{stage}_{metric}"]
+      for fw in ("jax", "torch"):
+        assert e[fw]["n"] == 2 and 0.0 <= e[fw]["mean"] <= 1.0 and e[fw]["std"] >= 0.0
+        assert len(e[fw]["values"]) == 2
+      assert e["diff"] == pytest.approx(e["torch"]["mean"] - e["jax"]["mean"])
+      assert isinstance(e["agree"], bool) and e["se"] >= 0.0
+  assert set(rep["metrics"]["dhat_label_precision"]) >= {"jax", "torch", "diff", "agree"}
+  for s in ("0", "1"):
+    ov = rep["dhat_overlap"]["per_seed"][s]
+    assert 0.0 <= ov["jaccard"] <= 1.0 and ov["rows_a"] > 0 and ov["rows_b"] > 0
+  assert set(rep["dhat_overlap"]["between_seeds_same_framework"]) == {"jax", "torch"}
+  for fw in ("jax", "torch"):
+    sp = rep["speed"]["all"][fw]
+    assert sp["train"]["images_per_s"] > 0 and sp["score"]["images_per_s"] > 0
+    assert sp["train_batch"] == 32
+    # Both frameworks saw the same labelled set and scored the same U.
+    for s in ("0", "1"):
+      res = rep["per_seed"][fw][s]
+      assert res["baseline"]["num_examples"] == 500
+      assert res["selection"]["num_scored"] == 1800
+  md = (wd / "compare.md").read_text()
+  assert "| baseline | top-1 |" in md and "Jaccard" in md and "img/s" in md
+  # Same D for a seed in both frameworks: the PyTorch lane used the pipeline's splits.
+  splits = json.loads((wd / "jax" / "seed_1" / "splits.json").read_text())
+  cfg1 = demo.get_config("tiny")
+  cfg1.seed = 1
+  assert splits["labelled"] == pipeline.build_data(cfg1).splits["labelled"]
+
+
+def test_compare_preset_is_a_lighter_demo():
+  from bssl import config_lib
+  full, light = demo.get_config(""), demo.get_config("compare")
+  config_lib.validate(light)
+  for s in ("baseline", "teacher", "pretrain", "finetune"):
+    assert light[s].steps * light[s].batch_size < full[s].steps * full[s].batch_size
+    assert light[s].model_kwargs == full[s].model_kwargs and light[s].lr == full[s].lr
+  assert light.select.k <= light.unlabelled.limit // light.data.num_classes
+  assert demo.get_config("compare,seed1").seed == 1
