@@ -19,15 +19,17 @@ Cases (``--models``, comma-separated):
 Model FLOPs utilisation = 3 x XLA's forward-pass FLOPs per step / step time / peak;
 pass ``--peak_tflops`` for the device (on CPU it prints n/a: no agreed peak).
 
-XLA:CPU allocates every executable's temporary buffer afresh for each call; with glibc's
-defaults each allocation is a new mmap whose pages fault in on first touch (~0.2 s of
-kernel time per demo step). ``--malloc tuned`` (the default) keeps freed memory in one
-malloc heap (``mallopt``: one arena, no mmap, no trimming) before JAX starts;
-``--malloc default`` measures glibc's behaviour.
+XLA:CPU allocates every executable's temporary buffer afresh for each call. With glibc's
+defaults (what bssl runs with today) each large allocation is a new mmap whose pages
+fault in on first touch: ~80-220 ms of kernel time per demo step, reported as
+"kernel" below. ``--malloc tuned`` calls :func:`tune_malloc` before JAX starts (one
+malloc arena, no mmap, no trimming), so freed pages are reused; the default measures
+glibc's behaviour.
 
     python benchmarks/train_step.py                                   # everything
     python benchmarks/train_step.py --models small --steps 20         # the demo model
-    python benchmarks/train_step.py --models resnet50 --steps 2 --repeats 3
+    python benchmarks/train_step.py --models small --malloc tuned     # page reuse
+    python benchmarks/train_step.py --models resnet50 --steps 1 --repeats 3
 
 The last line printed is one JSON object with every figure.
 """
@@ -58,6 +60,10 @@ def tune_malloc() -> bool:
     return False
 
 
+def _fmt(x: float) -> str:
+  return f"{x:.0f}" if x >= 100 else f"{x:.2g}" if x < 1 else f"{x:.1f}"
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="small,small_deep,resnet50,data",
@@ -71,7 +77,7 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", default="float32,bfloat16", help="resnet50 compute dtypes")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="device peak TFLOP/s for model FLOPs utilisation")
-  p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+  p.add_argument("--malloc", choices=("tuned", "default"), default="default")
   a = p.parse_args(argv)
   if a.steps <= 0 or a.repeats <= 0:
     p.error(f"--steps and --repeats must be positive, got {a.steps} and {a.repeats}")
@@ -150,8 +156,8 @@ def main(argv=None):
            "sys_ms_per_step": 1e3 * (ru1.ru_stime - ru0.ru_stime) / n_steps,
            "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps}
     results["cases"][key] = rec
-    print(f"[train_step] {key:36s} {ips:8.1f} img/s  ({rec['step_ms']:.1f} ms/step; runs "
-          f"{', '.join(f'{r:.0f}' for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "
+    print(f"[train_step] {key:36s} {_fmt(ips):>8s} img/s  ({rec['step_ms']:.1f} ms/step; runs "
+          f"{', '.join(_fmt(r) for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "
           f"which kernel {rec['sys_ms_per_step']:.0f}; MFU "
           f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}; compile {compile_s:.1f} s)",
           flush=True)
@@ -211,8 +217,8 @@ def bench_data(batch: int, repeats: int, n_batches: int = 50) -> dict:
       next(it)
     runs.append(n_batches * batch / (time.perf_counter() - t0))
   ips = float(np.median(runs))
-  print(f"[train_step] {'data (grain input pipeline)':36s} {ips:8.1f} img/s  (runs "
-        f"{', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+  print(f"[train_step] {'data (grain input pipeline)':36s} {_fmt(ips):>8s} img/s  (runs "
+        f"{', '.join(_fmt(r) for r in runs)})", flush=True)
   return {"images_per_s": ips, "runs_images_per_s": runs, "batch": batch}
 
 

@@ -343,6 +343,12 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
 def _side_stage_main(cfg_dict: dict, workdir: str) -> None:
   """Entry of the side process that trains the baseline beside the teacher."""
   import ml_collections
+  try:  # Linux: get SIGTERM (checkpoint, exit) if the parent dies, instead of lingering
+    import ctypes
+    import signal
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
   cfg = ml_collections.ConfigDict(cfg_dict)
   run(cfg, workdir, side_process=True)
 
@@ -354,7 +360,7 @@ def _start_side_baseline(cfg, workdir: str):
   c = cfg.to_dict()
   c["stages"] = "baseline"
   proc = multiprocessing.get_context("spawn").Process(
-      target=_side_stage_main, args=(c, workdir), name="bssl-baseline")
+      target=_side_stage_main, args=(c, workdir), name="bssl-baseline", daemon=True)
   proc.start()
   _log(f"[baseline] training in a side process (pid {proc.pid}) beside the teacher")
   return proc

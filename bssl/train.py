@@ -154,6 +154,9 @@ def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
   if bn_mode not in BN_MODES:
     raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
   axes = tuple(mesh.axis_names)
+  if bn_mode == "per_device" and getattr(model, "conv_impl", "xla") != "xla":
+    # The CPU conv's custom VJP does not carry shard_map's varying-axis types yet.
+    model = model.clone(conv_impl="xla")
 
   def forward(params, batch_stats, images, labels):
     x = normalize(images, mean, std)
