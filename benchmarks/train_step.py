@@ -154,7 +154,8 @@ def main(argv=None):
            "cpu_ms_per_step": 1e3 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
                               / n_steps,
            "sys_ms_per_step": 1e3 * (ru1.ru_stime - ru0.ru_stime) / n_steps,
-           "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps}
+           "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps,
+           "max_rss_mb": ru1.ru_maxrss / 1024}
     results["cases"][key] = rec
     print(f"[train_step] {key:36s} {_fmt(ips):>8s} img/s  ({rec['step_ms']:.1f} ms/step; runs "
           f"{', '.join(_fmt(r) for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "

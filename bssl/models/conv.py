@@ -1,32 +1,36 @@
-"""A 2-D convolution with CPU-friendly gradients (``conv_impl='im2col_grad'``).
+"""A 2-D convolution with CPU-friendly gradients (``conv_impl='im2col_grad'``; the name
+is historical: nothing here builds an im2col matrix any more).
 
 Same values as ``lax.conv_general_dilated`` (NHWC inputs, HWIO kernels, explicit
-padding, no dilation, any stride and ``feature_group_count``: what
-``flax.linen.Conv`` passes for the ResNet family); only how XLA:CPU is asked to
-compute them differs. Measured on the 2-core AMD EPYC this project runs on, jax 0.10.2,
-``resnet_small`` (28x28x1, batch 128) shapes, ``benchmarks/train_step.py``:
+padding, no dilation, any stride and ``feature_group_count``: what ``flax.linen.Conv``
+passes for the ResNet family); only how XLA:CPU is asked to compute them differs.
+Per-op times below: jax 0.10.2 on the project's 2-core AMD EPYC, ``resnet_small``
+shapes (batch 128), medians of interleaved runs on a shared machine (see
+``benchmarks/train_step.py`` for the whole train step).
 
-* Kernel gradient. XLA writes it as one convolution whose contraction runs over the
-  whole batch (K = N*H*W ~ 100k) into a tiny 3x3 output. By default XLA:CPU hands such
-  convolutions (more than 16 features) to YNNPACK, which is 5-10x slower on this shape
-  than XLA's own Eigen kernel (l1: ~120 ms vs ~23 ms). We issue the same convolution
-  per chunk of ``DW_CHUNK`` images (in-features = 16, which YNNPACK declines, and
-  independent chunks that XLA's thunk executor can run on both cores) and sum the
-  chunks in float32. An explicit im2col + matmul (this file's previous version) pays
-  for materialising 9x the activations (~60 MB per layer at 12 GB/s) and was no faster.
-  1x1 kernels: one matmul over the (strided) input.
+* Kernel gradient. XLA writes it as one convolution with batch and feature swapped:
+  the contraction runs over N*H*W (~100k) into a 3x3 output, with the batch (128) as
+  the input-feature dimension. XLA:CPU hands convolutions with more than 16 features
+  to YNNPACK, which is very slow on this shape (layer1's 16->16 3x3: 120-180 ms vs
+  ~23 ms with XLA's Eigen kernel). We issue the same convolution per ``DW_CHUNK`` = 16
+  images and add the chunks in float32: for 16-channel layers YNNPACK declines it and
+  Eigen takes 17-19 ms; wider layers stay on YNNPACK but gain too (32->32 at 14x14:
+  30 -> 19 ms). The previous version (im2col + one matmul) spent ~20 ms just
+  materialising the 9 shifted copies (58 MB for layer1) with XLA's slice + concatenate.
+  Chunking costs compile time (~+6 s for resnet_small's train step).
+  1x1 kernels: one matmul over the (strided) input (11 -> 1.9 ms for 16->32).
 * Input gradient of a strided convolution. XLA convolves the zero-dilated output
-  gradient (4x the work for stride 2). We split the input into its stride x stride
-  phases instead: one stride-1 convolution whose output channels are the phases,
-  then a depth-to-space reshape (2.2x faster for the 3x3 stride-2 layer). 1x1
-  kernels: a matmul and an interior pad.
-* One input channel (the 3x3 stem on grey images): XLA's convolution runs at 3 GFLOP/s;
-  the same sum written as 9 broadcast multiply-adds is one fused loop (~7x faster), and
-  its kernel gradient is a [9, N*H*W] x [N*H*W, C] matmul.
+  gradient (4x the work for stride 2). We compute every stride x stride phase of the
+  input at once: one stride-1 convolution of the output gradient whose output channels
+  are (phase, channel), then a depth-to-space reshape (3x3 stride 2, 16->32 at 28x28:
+  19 -> 8.5 ms). 1x1 kernels: a matmul and an interior pad (3.8 -> 2.2 ms).
+* One input channel (the 3x3 stem on grey images): XLA's convolution runs at ~3 GFLOP/s;
+  the same sum written as 9 broadcast multiply-adds is one fused loop (7.4 -> 1.0 ms),
+  and its kernel gradient is a [9, N*H*W] x [N*H*W, C] matmul (8.2 -> 2.9 ms).
 
-Everything else (forward convolutions, stride-1 input gradients) stays XLA's. Results
-match XLA's up to float32 summation order (``tests/test_conv.py``). GPU and TPU keep
-XLA's own gradients (``create_model(conv_impl='auto')``).
+Forward convolutions and stride-1 input gradients stay XLA's. Results equal XLA's up
+to float32 summation order (``tests/test_conv.py``). GPU and TPU keep XLA's own
+gradients (``create_model(conv_impl='auto')``).
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
-# Images per kernel-gradient convolution: 16 keeps the contraction's feature dimension
-# at 16, which XLA:CPU runs with Eigen rather than YNNPACK (see the module docstring).
+# Images per kernel-gradient convolution: with 16, the convolutions of 16-channel layers
+# have at most 16 features and XLA:CPU runs them with Eigen, not YNNPACK (module docstring).
 DW_CHUNK = 16
 
 
