@@ -22,9 +22,9 @@ pass ``--peak_tflops`` for the device (on CPU it prints n/a: no agreed peak).
 XLA:CPU allocates every executable's temporary buffer afresh for each call. With glibc's
 defaults (what bssl runs with today) each large allocation is a new mmap whose pages
 fault in on first touch: ~80-220 ms of kernel time per demo step, reported as
-"kernel" below. ``--malloc tuned`` calls :func:`tune_malloc` before JAX starts (one
-malloc arena, no mmap, no trimming), so freed pages are reused; the default measures
-glibc's behaviour.
+"kernel" below. ``--malloc tuned`` calls :func:`bssl.hostmem.tune_malloc` before JAX
+starts (one malloc arena, no mmap, no trimming), so freed pages are reused, as
+``bssl.main`` does; the default measures glibc's behaviour.
 
     python benchmarks/train_step.py                                   # everything
     python benchmarks/train_step.py --models small --steps 20         # the demo model
@@ -36,7 +36,6 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -47,17 +46,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-
-def tune_malloc() -> bool:
-  """glibc: one arena, never mmap, never trim, so XLA's per-call buffers reuse pages.
-  Must run before JAX (or numpy) starts its threads. Returns False off glibc."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return bool(libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
-                and libc.mallopt(m_trim_threshold, 2**31 - 1))
-  except (OSError, AttributeError):
-    return False
+from bssl.hostmem import tune_malloc  # noqa: E402  (imports nothing heavy)
 
 
 def _fmt(x: float) -> str:

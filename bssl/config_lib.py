@@ -20,6 +20,28 @@ UNLABELLED_KINDS = ("rest_of_train", "image_folder", "tfds", "fake")
 DTYPES = ("float32", "bfloat16")
 
 
+def train_stage(model: str, **fields) -> ml_collections.ConfigDict:
+  """The config of one training stage (baseline, teacher, pretrain, finetune): every
+  field a training stage reads, with these defaults unless ``fields`` sets it.
+
+  ``steps`` wins over ``epochs``; ``lr=None`` follows the linear scaling rule
+  (0.1 x batch / 256); ``warmup_steps`` (when set) wins over ``warmup_fraction``;
+  ``step_boundaries`` are fractions of the run, used by ``schedule='step'``.
+  """
+  c = ml_collections.ConfigDict(dict(
+      model=model, model_kwargs={}, steps=None, epochs=None, batch_size=256, lr=None,
+      schedule="cosine", step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1,
+      warmup_fraction=0.0, warmup_steps=None, momentum=0.9, nesterov=False,
+      weight_decay=1e-4, label_smoothing=0.0, bn_mode="sync", log_every=100,
+      checkpoint_every=1000, keep_checkpoints=2, dtype="float32", init_from=None))
+  unknown = set(fields) - set(c.keys())
+  if unknown:
+    raise TypeError(f"train_stage: unknown field(s) {sorted(unknown)}; accepted: "
+                    f"{sorted(c.keys())}")
+  c.update(fields)
+  return c
+
+
 class ConfigError(ValueError):
   """A config field has a value bssl cannot use."""
 

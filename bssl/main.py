@@ -7,10 +7,14 @@ crash or preemption continues where the work directory left off.
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from bssl import hostmem
 
-from bssl import parallel
+hostmem.tune_malloc()  # before JAX starts its threads (see bssl/hostmem.py)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bssl import parallel  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
                                           lock_config=True)
@@ -22,6 +26,10 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Libraries (orbax above all) log every checkpoint step at INFO; bssl prints its own
+  # progress lines. `--verbosity=0` (absl's flag) brings their logs back.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   # Multi-host init happens before anything touches devices.
   parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
   from bssl import config_lib, pipeline, train

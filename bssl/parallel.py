@@ -20,6 +20,23 @@ DATA_AXIS = "data"
 _initialized = False
 
 
+def distributed_kwargs_from_env() -> dict[str, Any]:
+  """``jax.distributed.initialize`` arguments from the launchers' environment
+  (BSSL_COORDINATOR_ADDRESS, BSSL_NUM_PROCESSES, BSSL_PROCESS_ID, BSSL_LOCAL_DEVICE_IDS);
+  those not set are left to JAX's own cluster detection (TPU metadata, SLURM)."""
+  env = os.environ
+  kwargs: dict[str, Any] = {}
+  if env.get("BSSL_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = env["BSSL_COORDINATOR_ADDRESS"]
+  if env.get("BSSL_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(env["BSSL_NUM_PROCESSES"])
+  if env.get("BSSL_PROCESS_ID"):
+    kwargs["process_id"] = int(env["BSSL_PROCESS_ID"])
+  if env.get("BSSL_LOCAL_DEVICE_IDS"):
+    kwargs["local_device_ids"] = [int(x) for x in env["BSSL_LOCAL_DEVICE_IDS"].split(",")]
+  return kwargs
+
+
 def maybe_initialize_distributed(force: bool = False) -> bool:
   """Initialises jax.distributed when the launcher asks for it. Idempotent."""
   global _initialized
@@ -27,17 +44,7 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     return True
   if not (force or os.environ.get("BSSL_DISTRIBUTED", "") in ("1", "true", "True")):
     return False
-  kwargs: dict[str, Any] = {}
-  if os.environ.get("BSSL_COORDINATOR_ADDRESS"):
-    kwargs["coordinator_address"] = os.environ["BSSL_COORDINATOR_ADDRESS"]
-  if os.environ.get("BSSL_NUM_PROCESSES"):
-    kwargs["num_processes"] = int(os.environ["BSSL_NUM_PROCESSES"])
-  if os.environ.get("BSSL_PROCESS_ID"):
-    kwargs["process_id"] = int(os.environ["BSSL_PROCESS_ID"])
-  if os.environ.get("BSSL_LOCAL_DEVICE_IDS"):
-    kwargs["local_device_ids"] = [
-        int(x) for x in os.environ["BSSL_LOCAL_DEVICE_IDS"].split(",")]
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**distributed_kwargs_from_env())
   _initialized = True
   return True
 

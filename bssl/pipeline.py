@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bssl import config_lib, models, parallel, scoring, selection, train
+from bssl import config_lib, jsonio, models, parallel, scoring, selection, train
 from bssl.data import pipelines, sources
 
 
@@ -118,18 +118,11 @@ def make_model(scfg, num_classes: int):
 
 
 def _write_json(path: str, obj) -> None:
-  if not parallel.is_main_process():
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  if parallel.is_main_process():
+    jsonio.write_json(path, obj)
 
 
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+_read_json = jsonio.read_json
 
 
 def _stage_dir(workdir: str, stage: str) -> str:
@@ -162,14 +155,34 @@ def _is_done(cfg, workdir: str, stage: str) -> bool:
   done = _read_json(path)
   old = done.get("fingerprint")
   if old is not None and stage in ("baseline", "teacher", "score", "select", "pretrain",
-                                   "finetune") and old != _stage_fingerprint(cfg, stage):
-    changed = sorted(k for k in set(old) | set(_stage_fingerprint(cfg, stage))
-                     if old.get(k) != _stage_fingerprint(cfg, stage).get(k))
-    raise config_lib.ConfigError(
-        f"stage {stage!r} in {workdir} was produced with a different config (changed: "
-        f"{', '.join(changed)}). Use a new --workdir, or delete {_stage_dir(workdir, stage)} "
-        f"and the stages after it to recompute.")
+                                   "finetune"):
+    changed = _fingerprint_changes(old, _stage_fingerprint(cfg, stage))
+    if changed:
+      raise config_lib.ConfigError(
+          f"stage {stage!r} in {workdir} was produced with a different config (changed: "
+          f"{'; '.join(changed)}). Use a new --workdir, or delete "
+          f"{_stage_dir(workdir, stage)} and the stages after it to recompute.")
   return True
+
+
+_TRAIN_DEFAULTS = json.loads(json.dumps(config_lib.train_stage("").to_dict(), default=str))
+
+
+def _fingerprint_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """``field: old -> new`` for every leaf that differs. A field missing from ``old`` (a
+  run made before bssl had that field) counts as unchanged when ``new`` holds the
+  default that such a run used."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    name = f"{prefix}{k}"
+    if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+      out += _fingerprint_changes(old[k], new[k], name + ".")
+    elif k not in old:
+      if not (prefix and k in _TRAIN_DEFAULTS and new[k] == _TRAIN_DEFAULTS[k]):
+        out.append(f"{name}: (absent) -> {new[k]!r}")
+    elif old[k] != new.get(k, "(absent)"):
+      out.append(f"{name}: {old[k]!r} -> {new.get(k, '(absent)')!r}")
+  return out
 
 
 def _require(workdir: str, stage: str, needed_by: str) -> None:
@@ -343,6 +356,9 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
 def _side_stage_main(cfg_dict: dict, workdir: str) -> None:
   """Entry of the side process that trains the baseline beside the teacher."""
   import ml_collections
+
+  from bssl import hostmem
+  hostmem.tune_malloc()
   try:  # Linux: get SIGTERM (checkpoint, exit) if the parent dies, instead of lingering
     import ctypes
     import signal

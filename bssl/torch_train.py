@@ -40,7 +40,6 @@ student, selection).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bssl import config_lib, selection
+from bssl import config_lib, jsonio, selection
 from bssl import train as jax_train
 from bssl.data import pipelines, sources
 from bssl.torch_models import create_torch_model
@@ -273,17 +272,7 @@ def score(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes: i
 # ----------------------------------------------------------------------------- the recipe
 
 
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+_write_json, _read_json = jsonio.write_json, jsonio.read_json
 
 
 def _done(cfg, workdir: str, stage: str) -> dict | None:
@@ -294,10 +283,13 @@ def _done(cfg, workdir: str, stage: str) -> dict | None:
   if not os.path.exists(path):
     return None
   done = _read_json(path)
-  if done.get("fingerprint") != pipeline._stage_fingerprint(cfg, stage):  # noqa: SLF001
+  changed = pipeline._fingerprint_changes(  # noqa: SLF001
+      done.get("fingerprint") or {}, pipeline._stage_fingerprint(cfg, stage))  # noqa: SLF001
+  if changed:
     raise config_lib.ConfigError(
-        f"torch stage {stage!r} in {workdir} was produced with a different config; use a "
-        f"new --workdir or delete {os.path.join(workdir, stage)} and the stages after it")
+        f"torch stage {stage!r} in {workdir} was produced with a different config "
+        f"(changed: {'; '.join(changed)}); use a new --workdir or delete "
+        f"{os.path.join(workdir, stage)} and the stages after it")
   return done
 
 

@@ -54,7 +54,7 @@ def make_schedule(cfg, total_steps: int, base_lr: float) -> optax.Schedule:
     main = optax.cosine_decay_schedule(base_lr, rest)
   elif kind == "step":
     bounds = {int(round(f * rest)): cfg.get("step_decay", 0.1)
-              for f in cfg.get("step_boundaries", (0.3, 0.6, 0.9))}
+              for f in cfg.get("step_boundaries", (1 / 3, 2 / 3, 8 / 9))}
     main = optax.piecewise_constant_schedule(base_lr, bounds)
   elif kind == "constant":
     main = optax.constant_schedule(base_lr)

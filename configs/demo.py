@@ -16,16 +16,14 @@ Presets (``--config=configs/demo.py:<preset>``; combine with commas):
 """
 import ml_collections
 
+from bssl import config_lib
+
 
 def train_stage(model_kwargs, steps, lr, **extra):
-  c = ml_collections.ConfigDict(dict(
-      model="resnet_small", model_kwargs=model_kwargs, steps=steps, epochs=None,
-      batch_size=128, lr=lr, schedule="cosine", warmup_fraction=0.05, momentum=0.9,
-      nesterov=True, weight_decay=5e-4, label_smoothing=0.0, bn_mode="sync",
-      log_every=100, checkpoint_every=500, keep_checkpoints=2, dtype="float32",
-      init_from=None))
-  c.update(extra)
-  return c
+  fields = dict(model_kwargs=model_kwargs, steps=steps, batch_size=128, lr=lr,
+                schedule="cosine", warmup_fraction=0.05, nesterov=True, weight_decay=5e-4,
+                checkpoint_every=500)
+  return config_lib.train_stage("resnet_small", **{**fields, **extra})
 
 
 def get_config(arg: str | None = None):

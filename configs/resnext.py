@@ -17,20 +17,19 @@ bottleneck blocks, random-resized crops, per-device BatchNorm) in seconds, for t
 """
 import ml_collections
 
+from bssl import config_lib
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def train_stage(model, *, steps=None, epochs=None, batch_size=1536, lr=None, **extra):
-  c = ml_collections.ConfigDict(dict(
-      model=model, model_kwargs={}, steps=steps, epochs=epochs, batch_size=batch_size,
-      lr=lr,  # None: linear scaling rule 0.1 x batch / 256
-      schedule="step", step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1,
-      warmup_fraction=0.0, warmup_steps=None, momentum=0.9, nesterov=False,
-      weight_decay=1e-4, label_smoothing=0.0, bn_mode="per_device", log_every=100,
-      checkpoint_every=2000, keep_checkpoints=3, dtype="bfloat16", init_from=None))
-  c.update(extra)
-  return c
+def train_stage(model, **extra):
+  # lr None: the linear scaling rule 0.1 x batch / 256.
+  fields = dict(batch_size=1536, lr=None, schedule="step",
+                step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1, momentum=0.9,
+                nesterov=False, weight_decay=1e-4, bn_mode="per_device",
+                checkpoint_every=2000, keep_checkpoints=3, dtype="bfloat16")
+  return config_lib.train_stage(model, **{**fields, **extra})
 
 
 def get_config(arg: str | None = None):

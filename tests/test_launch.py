@@ -171,18 +171,11 @@ def test_local_invalid_arguments(args, needle):
 
 ALLGATHER = """
 import os, sys
+sys.path.insert(0, REPO)
 import jax
-kwargs = {}
-if os.environ.get("BSSL_COORDINATOR_ADDRESS"):
-  kwargs["coordinator_address"] = os.environ["BSSL_COORDINATOR_ADDRESS"]
-if os.environ.get("BSSL_NUM_PROCESSES"):
-  kwargs["num_processes"] = int(os.environ["BSSL_NUM_PROCESSES"])
-if os.environ.get("BSSL_PROCESS_ID"):
-  kwargs["process_id"] = int(os.environ["BSSL_PROCESS_ID"])
-if os.environ.get("BSSL_LOCAL_DEVICE_IDS"):
-  kwargs["local_device_ids"] = [int(x) for x in os.environ["BSSL_LOCAL_DEVICE_IDS"].split(",")]
+from bssl import parallel
 assert os.environ.get("BSSL_DISTRIBUTED") == "1"
-jax.distributed.initialize(**kwargs, initialization_timeout=60)
+jax.distributed.initialize(**parallel.distributed_kwargs_from_env(), initialization_timeout=60)
 import numpy as np
 from jax.experimental import multihost_utils
 me = jax.process_index()
@@ -194,7 +187,7 @@ print(f"RESULT process={me} of={jax.process_count()} local_devices={jax.local_de
 
 def test_local_real_run_cross_process_sum(tmp_path):
   script = tmp_path / "allgather.py"
-  script.write_text(ALLGATHER)
+  script.write_text(ALLGATHER.replace("REPO", repr(str(REPO))))
   logs = tmp_path / "logs"
   r = run(LOCAL, "--num_processes", 2, "--devices_per_process", 2, "--log_dir", logs,
           "--python", sys.executable, "--python_script", script, "--", "hello", "a b",

@@ -82,8 +82,21 @@ def test_changed_config_is_refused_not_silently_reused(tiny_run):
   cfg = demo.get_config("tiny")
   cfg.select.k = 7
   cfg.stages = "select"
-  with pytest.raises(config_lib.ConfigError, match="select"):
+  with pytest.raises(config_lib.ConfigError, match=r"select\.k: 50 -> 7"):
     pipeline.run(cfg, workdir)
+
+
+def test_fingerprint_changes_name_leaves_and_accept_new_default_fields():
+  old = {"seed": 0, "pretrain": {"lr": 0.05, "steps": 10}}
+  assert pipeline._fingerprint_changes(old, old) == []
+  new = {"seed": 0, "pretrain": {"lr": 0.1, "steps": 10, "warmup_steps": None}}
+  # a field added later with its default is not a change; a changed value is
+  assert pipeline._fingerprint_changes(old, new) == ["pretrain.lr: 0.05 -> 0.1"]
+  new["pretrain"]["warmup_steps"] = 5
+  assert pipeline._fingerprint_changes(old, new) == [
+      "pretrain.lr: 0.05 -> 0.1", "pretrain.warmup_steps: (absent) -> 5"]
+  assert pipeline._fingerprint_changes(old, {"seed": 1, "pretrain": old["pretrain"]}) == [
+      "seed: 0 -> 1"]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -75,14 +75,18 @@ class _Common(nn.Module):
         )
 
 
-class BasicBlock(_Common):
-    """Two 3x3 convs; `planes` output channels (expansion 1)."""
+class _Block(_Common):
+    """A residual block: `planes` base channels, the stride on the first 3x3 conv."""
 
     planes: int = 64
     stride: int = 1
     groups: int = 1
     width_per_group: int = 64
     zero_init_residual: bool = False
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs; `planes` output channels (expansion 1)."""
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -97,14 +101,8 @@ class BasicBlock(_Common):
         return nn.relu(y + residual)
 
 
-class Bottleneck(_Common):
+class Bottleneck(_Block):
     """1x1 -> grouped 3x3 (carries the stride, as torchvision "v1.5") -> 1x1 x4."""
-
-    planes: int = 64
-    stride: int = 1
-    groups: int = 1
-    width_per_group: int = 64
-    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):

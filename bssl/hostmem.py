@@ -1,0 +1,30 @@
+"""Host memory allocator settings for XLA:CPU.
+
+XLA:CPU allocates each executable's temporary buffers afresh on every call. With glibc's
+defaults every large allocation is a new ``mmap`` whose pages fault in on first touch and
+are returned on ``free``: for the demo's small ResNet that is 40-150 ms of kernel time
+per train step. One malloc arena that never ``mmap``s and never trims lets freed pages be
+reused. ``benchmarks/train_step.py --malloc tuned|default`` measures it (resnet_small,
+batch 128, 2-core CPU: 547 -> 700 images/s; the deeper teacher 279 -> 338).
+
+This module imports nothing heavy, so it can run before JAX starts its threads.
+``BSSL_MALLOC=default`` in the environment keeps glibc's defaults.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def tune_malloc() -> bool:
+  """Applies the settings above; True when they took effect (glibc, not opted out)."""
+  if os.environ.get("BSSL_MALLOC", "tuned") == "default":
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0)
+                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+  except (OSError, AttributeError):  # not glibc
+    return False
