@@ -71,52 +71,28 @@ grace_period=30
 dry_run=0
 
 # ---------------------------------------------------------------- arguments
-while (($#)); do
-  arg=$1
-  shift
-  [[ $arg == "--" ]] && break
-  name=$arg
-  value=""
-  inline=0
-  if [[ $arg == --*=* ]]; then
-    name=${arg%%=*}
-    value=${arg#*=}
-    inline=1
-  fi
-  case $name in
-    -h | --help)
-      usage
-      exit 0
+# shellcheck source=_options.sh
+source "$script_dir/_options.sh"
+set_option() {
+  case $1 in
+    --dry_run | --dry-run) dry_run=1 ;;
+    --num_processes) num_processes=$2 ;;
+    --devices_per_process) devices_per_process=$2 ;;
+    --port) port=$2 ;;
+    --log_dir) log_dir=$2 ;;
+    --module)
+      module=$2
+      module_given=1
       ;;
-    --dry_run | --dry-run)
-      ((inline == 0)) || die "option $name takes no value (got '$arg')"
-      dry_run=1
-      ;;
-    --num_processes | --devices_per_process | --port | --log_dir | --module | \
-      --python_script | --python | --grace_period)
-      if ((inline == 0)); then
-        if (($# == 0)) || [[ $1 == --* ]]; then die "option $name needs a value"; fi
-        value=$1
-        shift
-      fi
-      case $name in
-        --num_processes) num_processes=$value ;;
-        --devices_per_process) devices_per_process=$value ;;
-        --port) port=$value ;;
-        --log_dir) log_dir=$value ;;
-        --module)
-          module=$value
-          module_given=1
-          ;;
-        --python_script) python_script=$value ;;
-        --python) python_bin=$value ;;
-        --grace_period) grace_period=$value ;;
-      esac
-      ;;
-    *) die "unknown option '$arg' (program arguments go after '--')" ;;
+    --python_script) python_script=$2 ;;
+    --python) python_bin=$2 ;;
+    --grace_period) grace_period=$2 ;;
   esac
-done
-prog_args=("$@")
+}
+parse_options "--dry_run --dry-run" \
+  "--num_processes --devices_per_process --port --log_dir --module --python_script --python --grace_period" \
+  "program arguments go after '--'" "$@"
+prog_args=("${PROGRAM_ARGS[@]}")
 
 # --------------------------------------------------------------- validation
 [[ $num_processes =~ ^[1-9][0-9]*$ ]] ||

@@ -96,54 +96,29 @@ teardown=0
 dry_run=0
 
 # ---------------------------------------------------------------- arguments
-while (($#)); do
-  arg=$1
-  shift
-  [[ $arg == "--" ]] && break
-  name_=$arg
-  value=""
-  inline=0
-  if [[ $arg == --*=* ]]; then
-    name_=${arg%%=*}
-    value=${arg#*=}
-    inline=1
-  fi
-  case $name_ in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --spot | --preemptible | --reuse | --teardown | --dry_run | --dry-run | --skip_install)
-      ((inline == 0)) || die "option $name_ takes no value (got '$arg')"
-      case $name_ in
-        --spot) spot=1 ;;
-        --preemptible) preemptible=1 ;;
-        --reuse) reuse=1 ;;
-        --teardown) teardown=1 ;;
-        --skip_install) skip_install=1 ;;
-        *) dry_run=1 ;;
-      esac
-      ;;
-    --name | --zone | --accelerator_type | --version | --project | --repo_dir | --remote_python)
-      if ((inline == 0)); then
-        if (($# == 0)) || [[ $1 == --* ]]; then die "option $name_ needs a value"; fi
-        value=$1
-        shift
-      fi
-      case $name_ in
-        --name) name=$value ;;
-        --zone) zone=$value ;;
-        --accelerator_type) accelerator_type=$value ;;
-        --version) version=$value ;;
-        --project) project=$value ;;
-        --repo_dir) repo_dir=$value ;;
-        --remote_python) remote_python=$value ;;
-      esac
-      ;;
-    *) die "unknown option '$arg' (bssl.main arguments go after '--')" ;;
+# shellcheck source=_options.sh
+source "$script_dir/_options.sh"
+set_option() {
+  case $1 in
+    --spot) spot=1 ;;
+    --preemptible) preemptible=1 ;;
+    --reuse) reuse=1 ;;
+    --teardown) teardown=1 ;;
+    --skip_install) skip_install=1 ;;
+    --dry_run | --dry-run) dry_run=1 ;;
+    --name) name=$2 ;;
+    --zone) zone=$2 ;;
+    --accelerator_type) accelerator_type=$2 ;;
+    --version) version=$2 ;;
+    --project) project=$2 ;;
+    --repo_dir) repo_dir=$2 ;;
+    --remote_python) remote_python=$2 ;;
   esac
-done
-prog_args=("$@")
+}
+parse_options "--spot --preemptible --reuse --teardown --dry_run --dry-run --skip_install" \
+  "--name --zone --accelerator_type --version --project --repo_dir --remote_python" \
+  "bssl.main arguments go after '--'" "$@"
+prog_args=("${PROGRAM_ARGS[@]}")
 
 # --------------------------------------------------------------- validation
 [[ -n $name ]] || die "--name is required: the TPU name (e.g. --name bssl-v4)"

@@ -92,7 +92,8 @@ def test_scripts_are_strict_bash():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
-  r = subprocess.run(["shellcheck", str(LOCAL), str(TPU), str(SLURM)], capture_output=True,
+  r = subprocess.run(["shellcheck", "-x", "-P", str(LAUNCH), str(LOCAL), str(TPU), str(SLURM),
+                      str(LAUNCH / "_options.sh")], capture_output=True,
                      text=True, timeout=60)
   assert r.returncode == 0, r.stdout + r.stderr
 
@@ -209,6 +210,14 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 print(f"process {me}: started", flush=True)
 if me == int(os.environ.get("FAIL_ID", "-1")):
+  # fail only once the others have installed their SIGTERM handler (slow starts under load)
+  logs, n = os.environ["LOG_DIR"], int(os.environ["BSSL_NUM_PROCESSES"])
+  deadline = time.monotonic() + 20
+  others = [os.path.join(logs, f"process_{i}.log") for i in range(n) if i != me]
+  while time.monotonic() < deadline and not all(
+      os.path.exists(p) and "started" in open(p).read() for p in others):
+    time.sleep(0.05)
+  time.sleep(0.2)
   print(f"process {me}: something broke", flush=True)
   sys.exit(3)
 time.sleep(60)
@@ -221,7 +230,7 @@ def test_local_failing_process_stops_the_others(tmp_path):
   logs = tmp_path / "logs"
   t0 = time.monotonic()
   r = run(LOCAL, "--num_processes", 3, "--log_dir", logs, "--python", sys.executable,
-          "--python_script", script, env=_env(FAIL_ID="1"), timeout=60)
+          "--python_script", script, env=_env(FAIL_ID="1", LOG_DIR=str(logs)), timeout=60)
   assert time.monotonic() - t0 < 30
   assert r.returncode == 3, r.stdout + r.stderr
   assert f"process 1 failed with exit code 3; log: {logs}/process_1.log" in r.stderr
