@@ -4,7 +4,6 @@
 ``--config.stages=teacher,score`` runs a subset. Rerunning the same command after a
 crash or preemption continues where the work directory left off.
 """
-import os
 import sys
 
 from bssl import hostmem

@@ -325,6 +325,15 @@ def pseudo_labelled_source(cfg, data: Data, workdir: str):
   return sources.PseudoLabelSource(data.unlabelled, np.asarray(sel.ids), np.asarray(sel.classes))
 
 
+def with_training_facts(metrics: dict, cfg, stage: str, done: dict) -> dict:
+  """A model's test metrics plus what its stage's ``done.json`` says of its training."""
+  m = dict(metrics, model=cfg[stage].model, num_params=done.get("num_params"),
+           train_steps=done.get("steps"), train_seconds=done.get("train_seconds"))
+  if "val" in done:
+    m["val_top1"] = done["val"]["top1"]
+  return m
+
+
 def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
   results = {}
   pairs = (("baseline", "baseline"), ("teacher", "teacher"),
@@ -339,12 +348,8 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
                               mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
     m = train.evaluate(ev, variables, data.test, data.spec, mesh,
                        global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
-    done = _read_json(_done_path(workdir, stage))
-    m.update(model=cfg[stage].model, num_params=done.get("num_params"),
-             train_steps=done.get("steps"), train_seconds=done.get("train_seconds"))
-    if "val" in done:
-      m["val_top1"] = done["val"]["top1"]
-    results[key] = m
+    results[key] = with_training_facts(m, cfg, stage, _read_json(_done_path(workdir, stage)))
+    m = results[key]
     _log(f"[evaluate] {key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
   _finish(cfg, workdir, "evaluate", results)
   return results

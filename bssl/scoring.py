@@ -8,7 +8,6 @@ without scoring an image twice into the result or skipping one.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 

@@ -409,11 +409,8 @@ def run(cfg, workdir: str, *, threads: int | None = None,
     model = _load_stage_model(cfg, workdir, stage)
     m = evaluate(model, data.test, data.spec, num_classes=nc, mean=mean, std=std,
                  batch_size=cfg.data.eval_batch_size, num_threads=nt)
-    done = _read_json(os.path.join(workdir, stage, "done.json"))
-    m.update(model=cfg[stage].model, num_params=done.get("num_params"),
-             train_steps=done.get("steps"), train_seconds=done.get("train_seconds"))
-    if "val" in done:
-      m["val_top1"] = done["val"]["top1"]
+    m = pipeline.with_training_facts(m, cfg, stage,
+                                     _read_json(os.path.join(workdir, stage, "done.json")))
     results[key] = m
     log(f"[torch evaluate] {key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
   sel_done = _read_json(os.path.join(workdir, "select", "done.json"))

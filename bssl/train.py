@@ -6,7 +6,6 @@ Sections follow the order things happen in :func:`fit`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -22,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
-from bssl import models, parallel
+from bssl import parallel
 from bssl.data import pipelines
 
 BN_MODES = ("sync", "per_device")

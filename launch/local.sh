@@ -71,8 +71,8 @@ grace_period=30
 dry_run=0
 
 # ---------------------------------------------------------------- arguments
-# shellcheck source=_options.sh
-source "$script_dir/_options.sh"
+# shellcheck source=_lib.sh
+source "$script_dir/_lib.sh"
 set_option() {
   case $1 in
     --dry_run | --dry-run) dry_run=1 ;;
@@ -169,19 +169,6 @@ build_cmd() {
   fi
   # ${a[@]+...} keeps `set -u` happy on old bash when there are no program args.
   cmd+=(${prog_args[@]+"${prog_args[@]}"})
-}
-
-# Shell-quote each word (single quotes where needed, readable for multi-line scripts).
-quote_cmd() {
-  local out="" word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    else
-      out+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s\n' "${out% }"
 }
 
 log_file() { printf '%s/process_%d.log' "$log_dir" "$1"; }

@@ -96,8 +96,8 @@ teardown=0
 dry_run=0
 
 # ---------------------------------------------------------------- arguments
-# shellcheck source=_options.sh
-source "$script_dir/_options.sh"
+# shellcheck source=_lib.sh
+source "$script_dir/_lib.sh"
 set_option() {
   case $1 in
     --spot) spot=1 ;;
@@ -177,19 +177,6 @@ fi
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 common_flags=("--zone=$zone")
 [[ -n $project ]] && common_flags+=("--project=$project")
-
-# Shell-quote each word (single quotes where needed, readable for multi-line scripts).
-quote_cmd() {
-  local out="" word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    else
-      out+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s\n' "${out% }"
-}
 
 # run CMD...: print it, then run it (only print it in --dry_run mode).
 run() {

@@ -9,10 +9,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -93,7 +91,7 @@ def test_scripts_are_strict_bash():
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
   r = subprocess.run(["shellcheck", "-x", "-P", str(LAUNCH), str(LOCAL), str(TPU), str(SLURM),
-                      str(LAUNCH / "_options.sh")], capture_output=True,
+                      str(LAUNCH / "_lib.sh")], capture_output=True,
                      text=True, timeout=60)
   assert r.returncode == 0, r.stdout + r.stderr
 

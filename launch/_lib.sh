@@ -1,5 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # PROGRAM_ARGS is read by the sourcing script
-# Option parsing shared by launch/local.sh and launch/tpu_pod.sh (sourced, not run).
+# Shell functions shared by launch/local.sh and launch/tpu_pod.sh (sourced, not run):
+# option parsing and command quoting.
 # launch/gpu_slurm.sbatch keeps its own: sbatch copies the script to a spool directory,
 # away from this file.
 #
@@ -48,4 +49,17 @@ parse_options() {
       die "unknown option '$_po_arg' ($_po_hint)"
     fi
   done
+}
+
+# Shell-quote each word (single quotes where needed, readable for multi-line scripts).
+quote_cmd() {
+  local out="" word
+  for word in "$@"; do
+    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//\'/\'\\\'\'}' "
+    fi
+  done
+  printf '%s\n' "${out% }"
 }
