@@ -23,6 +23,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bssl.hostmem import tune_malloc  # noqa: E402  (imports nothing heavy)
+
+# As bssl.main does, before JAX starts its threads; BSSL_MALLOC=default measures glibc's.
+MALLOC_TUNED = tune_malloc()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -96,7 +101,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = ap.parse_args(argv)
-  print(f"devices: {jax.devices()}", flush=True)
+  print(f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}",
+        flush=True)
   res = {m: bench(m, args.images, args.batch, args.dtype) for m in args.models.split(",")}
   res["device"] = str(jax.devices()[0].device_kind)
   print(json.dumps(res))

@@ -178,6 +178,8 @@ def run_torch_seed(cfg, workdir: str, seed: int, threads: int | None) -> dict:
 
 def _torch_lane(cfg_dict: dict, workdir: str, seeds: list[int], threads: int | None) -> None:
   """Entry of the process that runs the PyTorch seeds beside the JAX ones."""
+  from bssl import hostmem
+  hostmem.tune_malloc()  # what bssl.main does, in every process of the comparison
   import ml_collections
   logging.set_verbosity(logging.WARNING)
   cfg = ml_collections.ConfigDict(cfg_dict)
@@ -195,6 +197,8 @@ def _speed_worker(framework: str, threads: str, cfg_dict: dict, opts: dict,
   """Runs in a fresh process (so that the thread settings take effect before the
   framework starts): the train step of the student and the scoring step of the teacher
   on fixed random uint8 batches, timed after warm-up."""
+  from bssl import hostmem
+  hostmem.tune_malloc()  # what bssl.main does, in every process of the comparison
   import ml_collections
   import numpy as np
   logging.set_verbosity(logging.WARNING)
@@ -657,5 +661,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bssl import hostmem
+  hostmem.tune_malloc()  # before JAX starts its threads, as bssl.main does
   define_flags()
   app.run(main)

@@ -20,11 +20,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 def tune_malloc() -> bool:
   """Applies the settings above; True when they took effect (glibc, not opted out)."""
-  if os.environ.get("BSSL_MALLOC", "tuned") == "default":
+  mode = os.environ.get("BSSL_MALLOC", "tuned")
+  if mode == "default":
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0)
-                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    ok = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if mode == "one_arena":
+      ok = ok and bool(libc.mallopt(_M_ARENA_MAX, 1))
+    return ok
   except (OSError, AttributeError):  # not glibc
     return False
