@@ -3,12 +3,13 @@
 XLA:CPU allocates each executable's temporary buffers afresh on every call. With glibc's
 defaults every large allocation is a new ``mmap`` whose pages fault in on first touch and
 are returned on ``free``: for the demo's small ResNet that is 40-150 ms of kernel time
-per train step. One malloc arena that never ``mmap``s and never trims lets freed pages be
-reused. ``benchmarks/train_step.py --malloc tuned|default`` measures it (resnet_small,
-batch 128, 2-core CPU: 547 -> 700 images/s; the deeper teacher 279 -> 338).
+per train step. Never ``mmap``-ing and never trimming lets freed pages be reused.
+``benchmarks/train_step.py --malloc tuned|default`` measures it (resnet_small, batch 64,
+2-core CPU: 552 -> 764 images/s; see README, "Speed").
 
+``BSSL_MALLOC`` in the environment: ``tuned`` (default: no mmap, no trimming),
+``one_arena`` (also a single malloc arena for all threads) or ``default`` (glibc's own).
 This module imports nothing heavy, so it can run before JAX starts its threads.
-``BSSL_MALLOC=default`` in the environment keeps glibc's defaults.
 """
 from __future__ import annotations
 
