@@ -134,3 +134,47 @@ def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
   cfg.data.tfds_data_dir = str(tmp_path / "tfds")
   with pytest.raises(sources.DataError, match=r"imagenet2012.*manual"):
     pipeline.run(cfg, str(tmp_path / "w"))
+
+
+def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path):
+  """A real SIGKILL at an arbitrary moment of the score stage (after its first checkpoint);
+  rerunning the same command must give exactly the D̂ of the uninterrupted run (same
+  batch size: a different one changes the forward pass's float rounding, hence scores in
+  their last bit)."""
+  import shutil
+  import subprocess
+  import sys
+  import time
+  cfg, ref_dir = tiny_run
+  wd = tmp_path / "killed"
+  wd.mkdir()
+  for name in ("config.json", "splits.json"):
+    shutil.copy(os.path.join(ref_dir, name), wd / name)
+  shutil.copytree(os.path.join(ref_dir, "teacher"), wd / "teacher")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny", f"--workdir={wd}",
+         "--config.stages=score,select", "--config.score.checkpoint_every=1",
+         "--config.side_baseline=False"]
+  state = wd / "score" / "process_0.state.npz"
+  p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 180
+    while not state.exists() and p.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.02)
+    time.sleep(float(np.random.default_rng().uniform(0, 0.1)))
+  finally:
+    p.kill()
+  out = p.communicate()[0]
+  assert p.returncode == -9, out          # it was killed, not finished
+  assert not (wd / "score" / "done.json").exists(), "killed too late to test a resume"
+  r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  import re
+  start = re.search(r"starting at batch (\d+)", r.stdout)
+  assert start and int(start.group(1)) >= 1, r.stdout  # resumed, not restarted
+  with open(wd / "score" / "done.json") as f:
+    assert json.load(f)["num_scored"] == len(pipeline.build_data(cfg).unlabelled)
+  got = selection.read_selection(str(wd / "select" / "dhat"))
+  want = selection.read_selection(os.path.join(ref_dir, "select", "dhat"))
+  for field in ("ids", "classes", "scores", "ranks"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
