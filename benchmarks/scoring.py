@@ -5,7 +5,8 @@ already on the device, repeated; (2) the whole stage as the pipeline runs it —
 ``bssl.scoring.score_shard`` over an in-memory U of random uint8 images: grain input,
 host->device transfer, forward, softmax + top-P on device, device->host, streaming
 top-K selection, periodic checkpoints. The share outside the forward pass is
-``1 - forward_time / stage_time``.
+``1 - forward_time / stage_time``, per round of (forward, stage) measured back to back;
+the medians over ``--rounds`` are reported (this VM's speed drifts between runs).
 
     python benchmarks/scoring.py                       # demo model and resnet50 @ 224
     python benchmarks/scoring.py --models demo --images 20000
@@ -44,7 +45,7 @@ MODELS = {
 }
 
 
-def bench(name, num_images=None, batch=None, dtype="float32"):
+def bench(name, num_images=None, batch=None, dtype="float32", rounds=3):
   arch, kwargs, size, ch, classes, gbs, n, top_p, k = MODELS[name]
   n = num_images or n
   gbs = batch or gbs
@@ -59,39 +60,52 @@ def bench(name, num_images=None, batch=None, dtype="float32"):
   spec = pipelines.ImageSpec(size=size, channels=ch, augment="none")
   mean, std = (120.0,) * ch, (60.0,) * ch
 
-  # (1) forward pass alone, on a device-resident batch.
+  # (1) forward pass alone, on a device-resident batch; (2) the scoring stage end to end.
+  # This VM's speed drifts by tens of percent within minutes, so the two are interleaved
+  # over ``rounds`` and each round's share compares measurements taken a minute apart.
   fwd = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), train=False))
   x = parallel.global_batch_from_local(mesh, images[:gbs])
   jax.block_until_ready(fwd(variables, x))
   reps = max(2, n // gbs)
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    out = fwd(variables, x)
-  jax.block_until_ready(out)
-  fwd_per_image = (time.perf_counter() - t0) / (reps * gbs)
 
-  # (2) the scoring stage end to end (compile excluded by a warm-up on one batch).
-  with tempfile.TemporaryDirectory() as d:
-    warm = sources.ArraySource(images[:gbs])
-    scoring.score_shard(model=model, variables=variables, source=warm, spec=spec, mesh=mesh,
-                        num_classes=classes, top_p=top_p, k=k, mean=mean, std=std,
-                        global_batch_size=gbs, score_dir=os.path.join(d, "warm"),
-                        checkpoint_every=0, log_every=10**9)
+  def forward_seconds_per_image():
     t0 = time.perf_counter()
-    out = scoring.score_shard(model=model, variables=variables, source=unl, spec=spec,
+    for _ in range(reps):
+      out = fwd(variables, x)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / (reps * gbs)
+
+  def stage_seconds(src, score_dir, checkpoint_every):
+    t0 = time.perf_counter()
+    out = scoring.score_shard(model=model, variables=variables, source=src, spec=spec,
                               mesh=mesh, num_classes=classes, top_p=top_p, k=k, mean=mean,
-                              std=std, global_batch_size=gbs, score_dir=os.path.join(d, "run"),
-                              checkpoint_every=50, log_every=10**9)
-    stage = time.perf_counter() - t0
-  assert out["num_scored"] == n
-  ips = n / stage
-  share = max(0.0, 1.0 - fwd_per_image * n / stage)
-  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}: forward alone {1 / fwd_per_image:,.0f} "
-        f"img/s; scoring stage {ips:,.0f} img/s over {n:,} images; time outside the forward "
-        f"pass {100 * share:.1f}%", flush=True)
+                              std=std, global_batch_size=gbs, score_dir=score_dir,
+                              checkpoint_every=checkpoint_every, log_every=10**9)
+    assert out["num_scored"] == len(src)
+    return time.perf_counter() - t0
+
+  fwd_ips, stage_ips, shares = [], [], []
+  with tempfile.TemporaryDirectory() as d:
+    stage_seconds(sources.ArraySource(images[:gbs]), os.path.join(d, "warm"), 0)  # compile
+    for r in range(rounds):
+      f = forward_seconds_per_image()
+      st = stage_seconds(unl, os.path.join(d, f"run{r}"), 50)
+      fwd_ips.append(1 / f)
+      stage_ips.append(n / st)
+      shares.append(max(0.0, 1.0 - f * n / st))
+      print(f"[{name}] round {r + 1}/{rounds}: forward alone {fwd_ips[-1]:,.1f} img/s, "
+            f"stage {stage_ips[-1]:,.1f} img/s, outside the forward pass "
+            f"{100 * shares[-1]:.1f}%", flush=True)
+  share = float(np.median(shares))
+  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}: forward alone "
+        f"{np.median(fwd_ips):,.1f} img/s; scoring stage {np.median(stage_ips):,.1f} img/s over "
+        f"{n:,} images; time outside the forward pass {100 * share:.1f}% (median of {rounds} "
+        f"rounds)", flush=True)
   return {"model": arch, "image_size": size, "dtype": dtype, "batch": gbs, "images": n,
-          "forward_images_per_s": 1 / fwd_per_image, "stage_images_per_s": ips,
-          "share_outside_forward": share}
+          "forward_images_per_s": float(np.median(fwd_ips)),
+          "stage_images_per_s": float(np.median(stage_ips)), "share_outside_forward": share,
+          "rounds": {"forward_images_per_s": fwd_ips, "stage_images_per_s": stage_ips,
+                     "share_outside_forward": shares}}
 
 
 def main(argv=None):
@@ -100,10 +114,13 @@ def main(argv=None):
   ap.add_argument("--images", type=int, default=None)
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="interleaved (forward alone, whole stage) rounds; medians reported")
   args = ap.parse_args(argv)
   print(f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}",
         flush=True)
-  res = {m: bench(m, args.images, args.batch, args.dtype) for m in args.models.split(",")}
+  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds)
+         for m in args.models.split(",")}
   res["device"] = str(jax.devices()[0].device_kind)
   print(json.dumps(res))
   return res
