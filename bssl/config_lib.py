@@ -8,6 +8,7 @@ import json
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from bssl import models
 from bssl.data import pipelines
@@ -20,6 +21,13 @@ UNLABELLED_KINDS = ("rest_of_train", "image_folder", "tfds", "fake")
 DTYPES = ("float32", "bfloat16")
 
 
+def optional(type_: type):
+  """A config field that is None by default but can be set from the command line
+  (``--config.unlabelled.path=/data/u``): ml_collections refuses to override a plain
+  ``None`` field, since it cannot tell which type the value should have."""
+  return config_dict.placeholder(type_)
+
+
 def train_stage(model: str, **fields) -> ml_collections.ConfigDict:
   """The config of one training stage (baseline, teacher, pretrain, finetune): every
   field a training stage reads, with these defaults unless ``fields`` sets it.
@@ -29,11 +37,12 @@ def train_stage(model: str, **fields) -> ml_collections.ConfigDict:
   ``step_boundaries`` are fractions of the run, used by ``schedule='step'``.
   """
   c = ml_collections.ConfigDict(dict(
-      model=model, model_kwargs={}, steps=None, epochs=None, batch_size=256, lr=None,
-      schedule="cosine", step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1,
-      warmup_fraction=0.0, warmup_steps=None, momentum=0.9, nesterov=False,
-      weight_decay=1e-4, label_smoothing=0.0, bn_mode="sync", log_every=100,
-      checkpoint_every=1000, keep_checkpoints=2, dtype="float32", init_from=None))
+      model=model, model_kwargs={}, steps=optional(int), epochs=optional(float),
+      batch_size=256, lr=optional(float), schedule="cosine",
+      step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1, warmup_fraction=0.0,
+      warmup_steps=optional(int), momentum=0.9, nesterov=False, weight_decay=1e-4,
+      label_smoothing=0.0, bn_mode="sync", log_every=100, checkpoint_every=1000,
+      keep_checkpoints=2, dtype="float32", init_from=optional(str)))
   unknown = set(fields) - set(c.keys())
   if unknown:
     raise TypeError(f"train_stage: unknown field(s) {sorted(unknown)}; accepted: "

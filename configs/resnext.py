@@ -43,13 +43,16 @@ def get_config(arg: str | None = None):
   c.side_baseline = False
 
   c.data = ml_collections.ConfigDict(dict(
-      kind="tfds", tfds_name="imagenet2012", tfds_data_dir=None, train_split="train",
-      test_split="validation", val_split=None, num_classes=1000, image_size=224, channels=3,
-      augment="random_resized_crop_flip", eval_transform="resize_center_crop", pad=0,
-      mean=IMAGENET_MEAN, std=IMAGENET_STD, labelled_per_class=None, val_per_class=None,
-      subset=None, eval_batch_size=1536, fake_train_size=0, fake_test_size=0))
+      kind="tfds", tfds_name="imagenet2012", tfds_data_dir=config_lib.optional(str),
+      train_split="train", test_split="validation", val_split=config_lib.optional(str),
+      num_classes=1000, image_size=224, channels=3, augment="random_resized_crop_flip",
+      eval_transform="resize_center_crop", pad=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+      labelled_per_class=config_lib.optional(int), val_per_class=config_lib.optional(int),
+      subset=config_lib.optional(int), eval_batch_size=1536, fake_train_size=0,
+      fake_test_size=0))
   c.unlabelled = ml_collections.ConfigDict(dict(
-      kind="image_folder", path=None, limit=None, size=0, tfds_name=None, split=None))
+      kind="image_folder", path=config_lib.optional(str), limit=config_lib.optional(int), size=0,
+      tfds_name=config_lib.optional(str), split=config_lib.optional(str)))
 
   c.baseline = train_stage("resnet50", epochs=90, warmup_steps=5 * 834)
   c.teacher = train_stage("resnext101_32x48d", epochs=90, warmup_steps=5 * 834)

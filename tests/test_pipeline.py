@@ -136,6 +136,47 @@ def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
     pipeline.run(cfg, str(tmp_path / "w"))
 
 
+@pytest.mark.parametrize("config_name", ["demo", "resnext"])
+@pytest.mark.parametrize("preset", ["", "tiny"])
+def test_every_field_that_defaults_to_none_can_be_set_from_the_command_line(config_name, preset):
+  """ml_collections refuses ``--config.x=...`` for a plain None field (no type to parse
+  into), which made e.g. --config.unlabelled.path unusable: such fields must be typed
+  placeholders (config_lib.optional)."""
+  import importlib
+  import ml_collections
+  cfg = importlib.import_module(config_name).get_config(preset)
+
+  def none_leaves(c, prefix=""):
+    for k in c.keys():
+      v = c[k]
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from none_leaves(v, f"{prefix}{k}.")
+      elif v is None:
+        yield f"{prefix}{k}", c.get_ref(k).get_type()
+
+  leaves = dict(none_leaves(cfg))
+  assert leaves, "expected some optional fields"
+  untyped = sorted(name for name, t in leaves.items() if t is type(None))
+  assert not untyped, f"fields not settable from the command line: {untyped}"
+
+
+def test_command_line_sets_optional_fields_and_resnext_says_what_is_missing(tmp_path):
+  import subprocess
+  import sys
+  (tmp_path / "u").mkdir()
+  (tmp_path / "u" / "a.png").write_bytes(b"not really")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.main", "--config=configs/resnext.py",
+       f"--workdir={tmp_path / 'w'}", f"--config.unlabelled.path={tmp_path / 'u'}",
+       f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.pretrain.steps=10",
+       "--config.teacher.init_from=/nowhere"],
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "imagenet2012" in r.stderr and "manual" in r.stderr, r.stderr
+  assert "Flags parsing error" not in r.stderr
+
+
 def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path):
   """A real SIGKILL at an arbitrary moment of the score stage (after its first checkpoint);
   rerunning the same command must give exactly the D̂ of the uninterrupted run (same
