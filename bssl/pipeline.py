@@ -348,8 +348,8 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
                               mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
     m = train.evaluate(ev, variables, data.test, data.spec, mesh,
                        global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
-    results[key] = with_training_facts(m, cfg, stage, _read_json(_done_path(workdir, stage)))
-    m = results[key]
+    m = with_training_facts(m, cfg, stage, _read_json(_done_path(workdir, stage)))
+    results[key] = m
     _log(f"[evaluate] {key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
   _finish(cfg, workdir, "evaluate", results)
   return results

@@ -37,8 +37,8 @@ def get_config(arg: str | None = None):
   c.side_baseline = True  # train the baseline in a second process beside the teacher
 
   c.data = ml_collections.ConfigDict(dict(
-      kind="fashion_mnist", folder=config_lib.optional(str), num_classes=10, image_size=28, channels=1,
-      augment="pad_crop_flip", eval_transform="none", pad=2,
+      kind="fashion_mnist", folder=config_lib.optional(str), num_classes=10, image_size=28,
+      channels=1, augment="pad_crop_flip", eval_transform="none", pad=2,
       mean=(72.94,), std=(90.02,),
       labelled_per_class=100, val_per_class=500, subset=config_lib.optional(int),
       eval_batch_size=1000))

@@ -24,10 +24,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def train_stage(model, **extra):
-  # lr None: the linear scaling rule 0.1 x batch / 256.
-  fields = dict(batch_size=1536, lr=None, schedule="step",
-                step_boundaries=(1 / 3, 2 / 3, 8 / 9), step_decay=0.1, momentum=0.9,
-                nesterov=False, weight_decay=1e-4, bn_mode="per_device",
+  # config_lib.train_stage's defaults are the paper's where it has one: lr None (the
+  # linear scaling rule 0.1 x batch / 256), momentum 0.9 without Nesterov, weight decay
+  # 1e-4, step decay 0.1 at 1/3, 2/3 and 8/9 of the run (epochs 30, 60, 80 of 90).
+  fields = dict(batch_size=1536, schedule="step", bn_mode="per_device",
                 checkpoint_every=2000, keep_checkpoints=3, dtype="bfloat16")
   return config_lib.train_stage(model, **{**fields, **extra})
 
