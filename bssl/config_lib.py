@@ -34,7 +34,10 @@ def train_stage(model: str, **fields) -> ml_collections.ConfigDict:
 
   ``steps`` wins over ``epochs``; ``lr=None`` follows the linear scaling rule
   (0.1 x batch / 256); ``warmup_steps`` (when set) wins over ``warmup_fraction``;
-  ``step_boundaries`` are fractions of the run, used by ``schedule='step'``.
+  ``step_boundaries`` are fractions of the run, used by ``schedule='step'``;
+  ``init_from`` is a folder of variables (``bssl.convert``'s output, a stage's ``final/``)
+  or, for the teacher only, ``"baseline"``: this work directory's baseline (with
+  ``steps=0``, the teacher *is* the baseline -- self-training at no extra cost).
   """
   c = ml_collections.ConfigDict(dict(
       model=model, model_kwargs={}, steps=optional(int), epochs=optional(float),
@@ -119,6 +122,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       models.arch_config(s.model, **dict(s.get("model_kwargs") or {}))
     except ValueError as e:
       raise ConfigError(f"{name}.model: {e}") from None
+    if s.get("init_from") in TRAIN_STAGES:
+      if not (name == "teacher" and s.init_from == "baseline"):
+        raise ConfigError(f"{name}.init_from={s.init_from!r}: only the teacher may start from "
+                          f"another stage, and only from 'baseline'; otherwise give a folder "
+                          f"of variables")
+      if (s.model != cfg.baseline.model
+          or dict(s.model_kwargs or {}) != dict(cfg.baseline.model_kwargs or {})):
+        raise ConfigError(f"teacher.init_from='baseline' needs the teacher's architecture to "
+                          f"be the baseline's ({cfg.baseline.model!r} "
+                          f"{dict(cfg.baseline.model_kwargs or {})}), got {s.model!r} "
+                          f"{dict(s.model_kwargs or {})}")
     if s.get("steps") is not None:
       if s.steps == 0 and s.get("init_from"):
         pass  # e.g. a converted teacher, evaluated but not trained

@@ -135,11 +135,12 @@ def _done_path(workdir: str, stage: str) -> str:
 
 def _stage_fingerprint(cfg, stage: str) -> dict:
   """The config that determines a stage's artifact (itself and what it depends on)."""
-  deps = {"baseline": ["baseline"], "teacher": ["teacher"],
-          "score": ["teacher", "score", "unlabelled"],
-          "select": ["teacher", "unlabelled", "select"],
-          "pretrain": ["teacher", "unlabelled", "select", "pretrain"],
-          "finetune": ["teacher", "unlabelled", "select", "pretrain", "finetune"]}
+  teacher = (["baseline"] if cfg.teacher.get("init_from") == "baseline" else []) + ["teacher"]
+  deps = {"baseline": ["baseline"], "teacher": teacher,
+          "score": teacher + ["score", "unlabelled"],
+          "select": teacher + ["unlabelled", "select"],
+          "pretrain": teacher + ["unlabelled", "select", "pretrain"],
+          "finetune": teacher + ["unlabelled", "select", "pretrain", "finetune"]}
   cosmetic = {"log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
   strip = lambda d: {k: v for k, v in d.items() if k not in cosmetic}
   fp = {"seed": cfg.seed, "data": strip(cfg.data.to_dict())}
@@ -224,7 +225,10 @@ def _train_stage(stage: str, cfg, data: Data, mesh, workdir: str, source,
   sdir = _stage_dir(workdir, stage)
   scfg = scfg.copy_and_resolve_references()
   scfg.steps = config_lib.resolve_steps(scfg, len(source))
-  if init_variables is None and scfg.get("init_from"):
+  if init_variables is None and scfg.get("init_from") in config_lib.TRAIN_STAGES:
+    _require(workdir, scfg.init_from, stage)
+    init_variables = _load_stage_variables(workdir, scfg.init_from, model, data.spec, mesh)
+  elif init_variables is None and scfg.get("init_from"):
     init_variables = train.load_variables(scfg.init_from)
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
   if scfg.steps == 0:  # a converted model used as is
@@ -423,7 +427,8 @@ def run(cfg, workdir: str, side_process: bool = False) -> dict:
       _log(f"[{stage}] complete in {workdir}; skipping")
       continue
     if (stage == "baseline" and cfg.get("side_baseline") and jax.process_count() == 1
-        and "teacher" in stages and not _is_done(cfg, workdir, "teacher")):
+        and "teacher" in stages and not _is_done(cfg, workdir, "teacher")
+        and cfg.teacher.get("init_from") != "baseline"):
       side = _start_side_baseline(cfg, workdir)
       continue
     if stage in ("evaluate", "report"):

@@ -3,6 +3,7 @@ any training starts."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -97,6 +98,44 @@ def test_fingerprint_changes_name_leaves_and_accept_new_default_fields():
       "pretrain.lr: 0.05 -> 0.1", "pretrain.warmup_steps: (absent) -> 5"]
   assert pipeline._fingerprint_changes(old, {"seed": 1, "pretrain": old["pretrain"]}) == [
       "seed: 0 -> 1"]
+
+
+def test_self_training_teacher_is_the_baseline_and_depends_on_it(tmp_path, capsys):
+  cfg = demo.get_config("tiny")
+  cfg.stages = "baseline,teacher"
+  cfg.teacher.model_kwargs = dict(cfg.baseline.model_kwargs)
+  cfg.teacher.init_from = "baseline"
+  cfg.teacher.steps = 0
+  workdir = str(tmp_path / "w")
+  pipeline.run(cfg, workdir)
+  assert "side process" not in capsys.readouterr().out  # the teacher needs it first
+  from bssl import train
+  base = train.load_variables(os.path.join(workdir, "baseline", "final"))
+  teach = train.load_variables(os.path.join(workdir, "teacher", "final"))
+  for a, b in zip(*map(lambda t: jax.tree.leaves(t), (base, teach))):
+    np.testing.assert_array_equal(a, b)
+  done = lambda s: json.load(open(os.path.join(workdir, s, "done.json")))
+  assert done("teacher")["val"] == done("baseline")["val"]
+  # A teacher (and so D̂, the student) made from one baseline is not reused for another.
+  cfg.baseline.lr = 0.123
+  cfg.stages = "teacher"
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'teacher'.*baseline\.lr"):
+    pipeline.run(cfg, workdir)
+
+
+@pytest.mark.parametrize("stage,kwargs,message", [
+    ("teacher", dict(depths=(2, 2, 2)), r"teacher.init_from='baseline' needs the teacher's "
+     r"architecture to be the baseline's"),
+    ("pretrain", None, r"pretrain.init_from='baseline': only the teacher may start from"),
+])
+def test_init_from_a_stage_is_checked(tmp_path, stage, kwargs, message):
+  cfg = demo.get_config("tiny")
+  cfg[stage].init_from = "baseline"
+  if kwargs:
+    cfg[stage].model_kwargs = dict(cfg.baseline.model_kwargs, **kwargs)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    pipeline.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.parametrize("field,value,message", [
