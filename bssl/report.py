@@ -132,6 +132,9 @@ def write_report(cfg, data, workdir: str) -> dict:
     s = _read(score_done)
     results["scoring"] = {k: s[k] for k in ("num_scored", "num_bad_images", "num_unlabelled")
                           if k in s}
+  if cfg.teacher.get("init_from") == "baseline" and not cfg.teacher.get("steps") \
+      and "teacher" in results:
+    results["teacher"]["same_as"] = "baseline"  # self-training: the baseline is the teacher
   if "student" in results and "baseline" in results:
     results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
   timings = {}
@@ -156,6 +159,9 @@ def write_report(cfg, data, workdir: str) -> dict:
     json.dump(results, f, indent=2, sort_keys=True)
   md = [f"# bssl results: {results['name']} (seed {results['seed']})", "",
         "Top-1/top-5 on the test split (fractions shown as %).", "", results_table(results), ""]
+  if results.get("teacher", {}).get("same_as") == "baseline":
+    md += ["Self-training: the teacher is the baseline itself (`teacher.init_from='baseline'`).",
+           ""]
   if "gain_top1" in results:
     md += [f"Student − baseline, test top-1: {100 * results['gain_top1']:+.2f} points", ""]
   if "selection" in results:

@@ -344,9 +344,12 @@ def run(cfg, workdir: str, *, threads: int | None = None,
     if init_from is not None:
       model.load_state_dict(torch.load(_model_path(workdir, init_from), map_location="cpu",
                                        weights_only=True))
-    out = fit(name=stage, model=model, scfg=scfg, source=source, spec=data.spec,
-              num_classes=nc, mean=mean, std=std, seed=cfg.seed * 100 + STAGE_SEED[stage],
-              num_threads=nt, log=_print(stage))
+    if scfg.steps == 0:  # e.g. the teacher is the baseline itself (self-training)
+      out = {"steps": 0, "train_seconds": 0.0}
+    else:
+      out = fit(name=stage, model=model, scfg=scfg, source=source, spec=data.spec,
+                num_classes=nc, mean=mean, std=std, seed=cfg.seed * 100 + STAGE_SEED[stage],
+                num_threads=nt, log=_print(stage))
     os.makedirs(os.path.join(workdir, stage), exist_ok=True)
     torch.save(model.state_dict(), _model_path(workdir, stage))
     info = dict(out, num_params=sum(p.numel() for p in model.parameters()),
@@ -360,7 +363,12 @@ def run(cfg, workdir: str, *, threads: int | None = None,
     timings[stage] = time.time() - t0
 
   train_stage("baseline", data.labelled)
-  train_stage("teacher", data.labelled)
+  t_init = cfg.teacher.get("init_from")
+  if t_init not in (None, "baseline"):
+    raise config_lib.ConfigError(
+        f"teacher.init_from={t_init!r}: the PyTorch lane starts a teacher only from scratch or "
+        f"from its own baseline ('baseline'), not from a folder of JAX variables")
+  train_stage("teacher", data.labelled, init_from=t_init)
 
   # score + select
   if _done(cfg, workdir, "select") is None:

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
-  cfg = demo.get_config("tiny")
-  cfg.side_baseline = True  # exercise the baseline's side process too
+  cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline
   pipeline.run(cfg, workdir)
   return cfg, workdir
 
@@ -121,6 +120,22 @@ def test_self_training_teacher_is_the_baseline_and_depends_on_it(tmp_path, capsy
   cfg.stages = "teacher"
   with pytest.raises(config_lib.ConfigError, match=r"stage 'teacher'.*baseline\.lr"):
     pipeline.run(cfg, workdir)
+
+
+def test_a_separate_teacher_trains_while_the_baseline_trains_in_a_side_process(tmp_path,
+                                                                              capfd):
+  cfg = demo.get_config("tiny")
+  cfg.teacher.init_from = None  # a deeper teacher of its own, as in the paper's main setting
+  cfg.teacher.model_kwargs.depths = (2, 2, 2)
+  cfg.teacher.steps = 6
+  cfg.stages = "baseline,teacher"
+  cfg.side_baseline = True
+  workdir = str(tmp_path / "w")
+  pipeline.run(cfg, workdir)
+  assert "[baseline] training in a side process" in capfd.readouterr().out
+  for s in ("baseline", "teacher"):
+    done = json.load(open(os.path.join(workdir, s, "done.json")))
+    assert done["steps"] == cfg[s].steps and "val" in done
 
 
 @pytest.mark.parametrize("stage,kwargs,message", [
