@@ -8,7 +8,7 @@ top-K selection, periodic checkpoints. The share outside the forward pass is
 ``1 - forward_time / stage_time``, per round of (forward, stage) measured back to back;
 the medians over ``--rounds`` are reported (this VM's speed drifts between runs).
 
-    python benchmarks/scoring.py                       # demo model and resnet50 @ 224
+    python benchmarks/scoring.py                       # 2-block small ResNet and resnet50 @ 224
     python benchmarks/scoring.py --models demo --images 20000
 
 The last line printed is one JSON object with the figures.

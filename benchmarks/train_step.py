@@ -11,7 +11,7 @@ separately.
 Cases (``--models``, comma-separated):
   small       resnet_small (16/32/64, one basic block per stage), 28x28x1, the demo's
               student and baseline; conv_impl 'xla' and 'im2col_grad' (``--impls``)
-  small_deep  the same with depths (2, 2, 2), the demo's teacher
+  small_deep  the same with depths (2, 2, 2), the teacher of the :compare preset
   resnet50    224x224x3, 1000 classes, float32 and bfloat16, ``--impls`` too
   data        the demo's grain input pipeline alone (pad-crop-flip of 28x28x1 uint8,
               batches of ``--batch``): is input a bottleneck?

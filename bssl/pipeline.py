@@ -346,6 +346,13 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
     if not os.path.exists(_done_path(workdir, stage)):
       _log(f"[evaluate] {stage} not trained in this work directory; skipping {key}")
       continue
+    if (key == "teacher" and "baseline" in results and not cfg.teacher.get("steps")
+        and cfg.teacher.get("init_from") == "baseline"):
+      m = with_training_facts(dict(results["baseline"]), cfg, stage,
+                              _read_json(_done_path(workdir, stage)))
+      results[key] = m  # the same variables: no need to evaluate them twice
+      _log(f"[evaluate] teacher = baseline: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
+      continue
     model = make_model(cfg[stage], cfg.data.num_classes)
     variables = _load_stage_variables(workdir, stage, model, data.spec, mesh)
     ev = train.make_eval_step(model, mesh, num_classes=cfg.data.num_classes,

@@ -31,6 +31,9 @@ def test_results_json_has_the_promised_fields(tiny_run):
   for key in ("baseline", "teacher", "student_pretrained", "student"):
     assert 0.0 <= res[key]["top1"] <= res[key]["top5"] <= 1.0
     assert res[key]["num_examples"] == 500  # the tiny preset's test subset, each counted once
+  # Self-training: the teacher is the baseline, reported as such, with its test metrics.
+  assert res["teacher"]["same_as"] == "baseline"
+  assert res["teacher"]["top1"] == res["baseline"]["top1"]
   sel = res["selection"]
   assert sel["k"] == cfg.select.k and sel["p"] == cfg.select.p
   assert 0 < sel["num_selected"] <= cfg.select.k * cfg.data.num_classes
