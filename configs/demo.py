@@ -38,7 +38,8 @@ def get_config(arg: str | None = None):
   c.stages = "baseline,teacher,score,select,pretrain,finetune,evaluate,report"
   c.mesh_shape = ()
   c.num_threads = 1  # grain read threads per process
-  c.side_baseline = True  # train the baseline in a second process beside the teacher
+  c.side_baseline = True  # with a teacher of its own: train the baseline beside it, in a
+  #                         second process (unused while the teacher is the baseline)
 
   c.data = ml_collections.ConfigDict(dict(
       kind="fashion_mnist", folder=config_lib.optional(str), num_classes=10, image_size=28,
