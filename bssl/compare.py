@@ -566,6 +566,9 @@ def compare(cfg, workdir: str, *, seeds: list[int], frameworks: list[str], paral
   if bad or not frameworks:
     raise config_lib.ConfigError(f"--frameworks: unknown {bad or frameworks}; accepted: jax, torch")
   config_lib.validate(cfg)
+  if "torch" in frameworks:
+    from bssl import torch_train
+    torch_train.check_config(cfg)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax_cache:

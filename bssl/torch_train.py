@@ -312,6 +312,17 @@ def _load_stage_model(cfg, workdir: str, stage: str) -> nn.Module:
   return model
 
 
+def check_config(cfg) -> None:
+  """What the PyTorch lane cannot do, refused before any work."""
+  for stage in config_lib.TRAIN_STAGES:
+    init = cfg[stage].get("init_from")
+    if init is not None and not (stage == "teacher" and init == "baseline"):
+      raise config_lib.ConfigError(
+          f"{stage}.init_from={init!r}: the PyTorch lane trains every stage itself; only the "
+          f"teacher may start from its own baseline ('baseline'), not from a folder of JAX "
+          f"variables")
+
+
 def run(cfg, workdir: str, *, threads: int | None = None,
         log: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict:
   """baseline, teacher, score + select, pretrain, finetune, evaluate: the whole recipe in
@@ -320,6 +331,7 @@ def run(cfg, workdir: str, *, threads: int | None = None,
   statistics, in the layout of the JAX report."""
   from bssl import pipeline
   config_lib.validate(cfg)
+  check_config(cfg)
   if threads:
     torch.set_num_threads(int(threads))
   workdir = os.path.abspath(workdir)
@@ -363,12 +375,7 @@ def run(cfg, workdir: str, *, threads: int | None = None,
     timings[stage] = time.time() - t0
 
   train_stage("baseline", data.labelled)
-  t_init = cfg.teacher.get("init_from")
-  if t_init not in (None, "baseline"):
-    raise config_lib.ConfigError(
-        f"teacher.init_from={t_init!r}: the PyTorch lane starts a teacher only from scratch or "
-        f"from its own baseline ('baseline'), not from a folder of JAX variables")
-  train_stage("teacher", data.labelled, init_from=t_init)
+  train_stage("teacher", data.labelled, init_from=cfg.teacher.get("init_from"))
 
   # score + select
   if _done(cfg, workdir, "select") is None:

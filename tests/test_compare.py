@@ -193,3 +193,12 @@ def test_compare_preset_is_the_measured_lighter_recipe():
   assert tuple(light.teacher.model_kwargs.depths) == (2, 2, 2)
   assert light.select.k <= light.unlabelled.limit // light.data.num_classes
   assert demo.get_config("compare,seed1").seed == 1
+
+
+def test_torch_lane_takes_a_teacher_that_is_its_baseline_and_refuses_jax_folders():
+  from bssl import config_lib
+  cfg = demo.get_config("tiny")
+  torch_train.check_config(cfg)  # the demo's teacher: the baseline itself
+  cfg.teacher.init_from = "/some/jax/variables"
+  with pytest.raises(config_lib.ConfigError, match=r"teacher.init_from='/some/jax/variables'"):
+    torch_train.check_config(cfg)
