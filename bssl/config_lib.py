@@ -54,6 +54,12 @@ def train_stage(model: str, **fields) -> ml_collections.ConfigDict:
   return c
 
 
+def teacher_is_baseline(cfg: ml_collections.ConfigDict) -> bool:
+  """Self-training at no extra cost: the teacher's variables are the baseline's, as they
+  are (``teacher.init_from='baseline'`` and no teacher steps)."""
+  return cfg.teacher.get("init_from") == "baseline" and not cfg.teacher.get("steps")
+
+
 class ConfigError(ValueError):
   """A config field has a value bssl cannot use."""
 

@@ -346,10 +346,10 @@ def stage_evaluate(cfg, data: Data, mesh, workdir: str) -> dict:
     if not os.path.exists(_done_path(workdir, stage)):
       _log(f"[evaluate] {stage} not trained in this work directory; skipping {key}")
       continue
-    if (key == "teacher" and "baseline" in results and not cfg.teacher.get("steps")
-        and cfg.teacher.get("init_from") == "baseline"):
+    if key == "teacher" and "baseline" in results and config_lib.teacher_is_baseline(cfg):
       m = with_training_facts(dict(results["baseline"]), cfg, stage,
                               _read_json(_done_path(workdir, stage)))
+      m["same_as"] = "baseline"
       results[key] = m  # the same variables: no need to evaluate them twice
       _log(f"[evaluate] teacher = baseline: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
       continue

@@ -132,9 +132,6 @@ def write_report(cfg, data, workdir: str) -> dict:
     s = _read(score_done)
     results["scoring"] = {k: s[k] for k in ("num_scored", "num_bad_images", "num_unlabelled")
                           if k in s}
-  if cfg.teacher.get("init_from") == "baseline" and not cfg.teacher.get("steps") \
-      and "teacher" in results:
-    results["teacher"]["same_as"] = "baseline"  # self-training: the baseline is the teacher
   if "student" in results and "baseline" in results:
     results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
   timings = {}

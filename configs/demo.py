@@ -54,10 +54,11 @@ def get_config(arg: str | None = None):
   deep = dict(widths=(16, 32, 64), depths=(2, 2, 2), block="basic")
   # Chosen on the validation split (README, "The demo", has every run). Baseline: lr 0.4
   # beat 0.2 and 0.8 (800 steps, seed 0); 3,200 steps had the best mean over seeds 0 and 1
-  # of 400 / 800 / 1,600 / 3,200 / 6,400 (6,400 is lower on both seeds: longer does not help). K: more, noisier pseudo-labels beat fewer, cleaner
-  # ones (K = 2,000 / 4,000 / 5,000 with P = 2: D̂ precision 90 / 84 / 79%, pre-trained
-  # student 75.9 / 77.7 / 78.2); P = 2 lets every class reach 5,000. A gentle fine-tune
-  # (lr 0.001, 100 steps) keeps what pre-training learnt; stronger ones overfit 200 labels.
+  # of 400 / 800 / 1,600 / 3,200 / 6,400 (6,400 is lower on both seeds: longer does not
+  # help). K: more, noisier pseudo-labels beat fewer, cleaner ones (K = 2,000 / 4,000 /
+  # 5,000 with P = 2: D̂ precision 90 / 84 / 79%, pre-trained student 75.9 / 77.7 / 78.2);
+  # P = 2 lets every class reach 5,000. A gentle fine-tune (lr 0.001, 100 steps) keeps
+  # what pre-training learnt; stronger ones overfit 200 labels.
   # Pre-training 1,000 steps: 1,600 gave the same validation top-1 (79.28 vs 79.18 after
   # fine-tuning, seed 0) and would take the demo past 10 minutes.
   c.baseline = train_stage(small, steps=3200, lr=0.4, batch_size=64)

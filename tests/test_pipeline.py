@@ -114,7 +114,7 @@ def test_self_training_teacher_is_the_baseline_and_depends_on_it(tmp_path, capsy
   from bssl import train
   base = train.load_variables(os.path.join(workdir, "baseline", "final"))
   teach = train.load_variables(os.path.join(workdir, "teacher", "final"))
-  for a, b in zip(*map(lambda t: jax.tree.leaves(t), (base, teach))):
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(teach)):
     np.testing.assert_array_equal(a, b)
   done = lambda s: json.load(open(os.path.join(workdir, s, "done.json")))
   assert done("teacher")["val"] == done("baseline")["val"]
