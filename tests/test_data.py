@@ -1,0 +1,95 @@
+"""The training input pipeline: epochs are permutations, every image is a pad-crop-flip
+of its source, processes split global batches exactly, the iterator resumes at the same
+position, and an undecodable labelled image stops training with its id."""
+import numpy as np
+import pytest
+
+from bssl.data import pipelines
+from bssl.data.sources import BadImageError
+
+N, S = 37, 6  # an odd source size: batches straddle epochs
+
+
+class _Source:
+
+  def __init__(self, n=N, bad=()):
+    self.x = np.random.default_rng(0).integers(0, 256, (n, S, S, 1), dtype=np.uint8)
+    self.bad = set(bad)
+
+  def __len__(self):
+    return len(self.x)
+
+  def __getitem__(self, i):
+    return {"image": self.x[i], "label": np.int32(i % 3), "id": np.int64(1000 + i),
+            "valid": i not in self.bad}
+
+
+def _batches(n_batches, *, lbs=8, pi=0, pc=1, seed=3, spec=None, src=None):
+  spec = spec or pipelines.ImageSpec(size=S, channels=1, pad=2)
+  it = iter(pipelines.train_dataset(src or _Source(), spec, local_batch_size=lbs, seed=seed,
+                                    process_index=pi, process_count=pc))
+  return [next(it) for _ in range(n_batches)]
+
+
+def _variants(img, pad):
+  padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+  for dy in range(2 * pad + 1):
+    for dx in range(2 * pad + 1):
+      crop = padded[dy:dy + S, dx:dx + S]
+      yield crop
+      yield crop[:, ::-1]
+
+
+def test_each_epoch_is_a_permutation_and_seeds_differ():
+  ids = np.concatenate([b["id"] for b in _batches(4 * N // 8 + 1)])
+  for e in range(4):
+    assert sorted(ids[e * N:(e + 1) * N] - 1000) == list(range(N))
+  other = np.concatenate([b["id"] for b in _batches(5, seed=4)])
+  assert not np.array_equal(other, ids[:len(other)])
+
+
+def test_every_image_is_a_pad_crop_flip_of_its_source_with_varied_draws():
+  src = _Source()
+  seen = set()
+  for b in _batches(12, src=src):
+    assert b["image"].dtype == np.uint8 and b["image"].shape == (8, S, S, 1)
+    for img, i, lab in zip(b["image"], b["id"], b["label"]):
+      variants = list(_variants(src.x[i - 1000], 2))
+      hits = [k for k, v in enumerate(variants) if np.array_equal(v, img)]
+      assert hits, f"image {i} is not a pad-crop-flip of its source"
+      seen.add(hits[0])
+      assert lab == (i - 1000) % 3
+  assert len(seen) > 20  # offsets and flips really vary (50 possible)
+  plain = _batches(3, spec=pipelines.ImageSpec(size=S, channels=1, augment="none"), src=src)
+  for b in plain:
+    np.testing.assert_array_equal(b["image"], src.x[b["id"] - 1000])
+
+
+@pytest.mark.parametrize("pc", [2, 4])
+def test_processes_split_the_global_batch_exactly(pc):
+  whole = _batches(10, lbs=8)
+  parts = [_batches(10, lbs=8 // pc, pi=i, pc=pc) for i in range(pc)]
+  for k, g in enumerate(whole):
+    for key in ("image", "label", "id"):
+      local = np.stack([parts[i][k][key] for i in range(pc)], axis=1)
+      np.testing.assert_array_equal(local.reshape(g[key].shape), g[key])
+
+
+def test_iterator_state_resumes_at_the_same_position():
+  spec = pipelines.ImageSpec(size=S, channels=1, pad=2)
+  ds = pipelines.train_dataset(_Source(), spec, local_batch_size=8, seed=3)
+  it = iter(ds)
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(5)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  for e, got in zip(expected, (next(it2) for _ in range(5))):
+    for key in e:
+      np.testing.assert_array_equal(e[key], got[key])
+
+
+def test_an_undecodable_labelled_image_stops_training_with_its_id():
+  with pytest.raises(BadImageError, match="1005"):
+    _batches(20, src=_Source(bad={5}))
