@@ -45,7 +45,7 @@ MODELS = {
 }
 
 
-def bench(name, num_images=None, batch=None, dtype="float32", rounds=3):
+def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=1):
   arch, kwargs, size, ch, classes, gbs, n, top_p, k = MODELS[name]
   n = num_images or n
   gbs = batch or gbs
@@ -80,7 +80,8 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3):
     out = scoring.score_shard(model=model, variables=variables, source=src, spec=spec,
                               mesh=mesh, num_classes=classes, top_p=top_p, k=k, mean=mean,
                               std=std, global_batch_size=gbs, score_dir=score_dir,
-                              checkpoint_every=checkpoint_every, log_every=10**9)
+                              checkpoint_every=checkpoint_every, log_every=10**9,
+                              num_threads=threads)
     assert out["num_scored"] == len(src)
     return time.perf_counter() - t0
 
@@ -97,7 +98,7 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3):
             f"stage {stage_ips[-1]:,.1f} img/s, outside the forward pass "
             f"{100 * shares[-1]:.1f}%", flush=True)
   share = float(np.median(shares))
-  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}: forward alone "
+  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}, {threads} read thread(s): forward alone "
         f"{np.median(fwd_ips):,.1f} img/s; scoring stage {np.median(stage_ips):,.1f} img/s over "
         f"{n:,} images; time outside the forward pass {100 * share:.1f}% (median of {rounds} "
         f"rounds)", flush=True)
@@ -116,10 +117,12 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--rounds", type=int, default=3,
                   help="interleaved (forward alone, whole stage) rounds; medians reported")
+  ap.add_argument("--threads", type=int, default=1,
+                  help="grain read threads of the scoring pipeline (config num_threads)")
   args = ap.parse_args(argv)
   print(f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}",
         flush=True)
-  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds)
+  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds, args.threads)
          for m in args.models.split(",")}
   res["device"] = str(jax.devices()[0].device_kind)
   print(json.dumps(res))

@@ -93,3 +93,31 @@ def test_iterator_state_resumes_at_the_same_position():
 def test_an_undecodable_labelled_image_stops_training_with_its_id():
   with pytest.raises(BadImageError, match="1005"):
     _batches(20, src=_Source(bad={5}))
+
+
+@pytest.mark.parametrize("pc", [1, 2, 3])
+def test_evaluation_sees_every_record_once_in_order_with_masked_padding(pc):
+  src = _Source(bad={4})
+  spec = pipelines.ImageSpec(size=S, channels=1, augment="none")
+  per_process = [list(pipelines.eval_dataset(src, spec, local_batch_size=4, process_index=i,
+                                             process_count=pc)) for i in range(pc)]
+  nb = pipelines.num_eval_batches(N, 4 * pc)
+  assert all(len(p) == nb for p in per_process)
+  # Global batch b = the processes' slices side by side.
+  ids = np.concatenate([np.concatenate([p[b]["id"] for p in per_process]) for b in range(nb)])
+  mask = np.concatenate([np.concatenate([p[b]["mask"] for p in per_process])
+                         for b in range(nb)])
+  images = np.concatenate([np.concatenate([p[b]["image"] for p in per_process])
+                           for b in range(nb)])
+  assert len(ids) == nb * 4 * pc >= N
+  np.testing.assert_array_equal(ids[:N], 1000 + np.arange(N))  # in order, each once
+  assert np.all(ids[N:] == -1) and not mask[N:].any()          # padding
+  assert not mask[4] and mask[:N].sum() == N - 1                # the undecodable one
+  np.testing.assert_array_equal(images[:N][mask[:N]], src.x[mask[:N]])
+  # Resuming at a batch gives the same later batches.
+  later = list(pipelines.eval_dataset(src, spec, local_batch_size=4, process_index=pc - 1,
+                                      process_count=pc, start_batch=nb - 2))
+  assert len(later) == 2
+  for got, want in zip(later, per_process[pc - 1][nb - 2:]):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])

@@ -253,25 +253,31 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   return ds.to_iter_dataset(_read_options(num_threads, prefetch))
 
 
-class _EvalRecord(grain.transforms.Map):
-  """Index -> eval record; indices past the end are padding (mask False)."""
+class _EvalBatch(grain.transforms.Map):
+  """Global batch number -> this process's slice of it: records
+  ``b*G + i*lbs + [0, lbs)``, written straight into one batch array (one grain element
+  and no second copy per batch). Indices past the end and undecodable images are
+  blanks with ``mask == False`` (and ``valid == False``)."""
 
-  def __init__(self, source, spec: ImageSpec):
+  def __init__(self, source, spec: ImageSpec, *, local_batch_size: int, process_index: int,
+               process_count: int):
     self.source, self.spec = source, spec
+    self.lbs, self.pi, self.pc = local_batch_size, process_index, process_count
 
-  def map(self, i):
-    i = int(i)
-    blank = np.zeros((self.spec.size, self.spec.size, self.spec.channels), np.uint8)
-    if i >= len(self.source):
-      return {"image": blank, "label": np.int32(-1), "id": np.int64(-1),
-              "mask": False, "valid": False}
-    rec = self.source[i]
-    valid = bool(rec.get("valid", True))
-    img = eval_image(rec["image"], self.spec) if valid else None
-    if img is None:
-      valid, img = False, blank
-    return {"image": img, "label": np.int32(rec["label"]), "id": np.int64(rec["id"]),
-            "mask": valid, "valid": valid}
+  def map(self, b):
+    spec, n, lbs = self.spec, len(self.source), self.lbs
+    first = int(b) * lbs * self.pc + self.pi * lbs
+    out = {"image": np.zeros((lbs, spec.size, spec.size, spec.channels), np.uint8),
+           "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
+           "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
+    for j, i in enumerate(range(first, min(first + lbs, n))):
+      rec = self.source[i]
+      out["label"][j], out["id"][j] = rec["label"], rec["id"]
+      img = eval_image(rec["image"], spec) if rec.get("valid", True) else None
+      if img is not None:
+        out["image"][j] = img
+        out["mask"][j] = out["valid"][j] = True
+    return out
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -288,10 +294,8 @@ def eval_dataset(source, spec: ImageSpec, *, local_batch_size: int, process_inde
   undecodable images have ``mask == False`` (and ``valid == False``). ``start_batch``
   skips batches already consumed (resumption of scoring).
   """
-  g = local_batch_size * process_count
-  nb = num_eval_batches(len(source), g)
-  idx = np.arange(nb * g, dtype=np.int64).reshape(nb, process_count, local_batch_size)
-  idx = idx[start_batch:, process_index].reshape(-1)
-  ds = grain.MapDataset.source(idx).map(_EvalRecord(source, spec))
-  ds = ds.batch(local_batch_size, drop_remainder=False)
+  nb = num_eval_batches(len(source), local_batch_size * process_count)
+  ds = grain.MapDataset.range(min(start_batch, nb), nb).map(_EvalBatch(
+      source, spec, local_batch_size=local_batch_size, process_index=process_index,
+      process_count=process_count))
   return ds.to_iter_dataset(_read_options(num_threads, prefetch))

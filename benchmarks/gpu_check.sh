@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run from the repository root on a CUDA machine with JAX):
+# the demo end to end on the GPU, then train-step and scoring throughput of resnet50.
+# Writes logs and results.json to $OUT (default ./gpu_out). Each part has its own
+# time limit and a failure in one does not stop the others.
+#   bash benchmarks/gpu_check.sh            # FMNIST_DIR=<idx folder> if not installed
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+folder=${FMNIST_DIR:+--config.data.folder=$FMNIST_DIR}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, grain, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+
+echo "== demo, end to end on the GPU"
+s=$(date +%s)
+timeout ${DEMO_LIMIT:-240} python3 -m bssl.main --config=configs/demo.py --workdir=/tmp/gpu_demo \
+  $folder > "$OUT/demo.log" 2>&1
+echo "demo rc $? wall $(( $(date +%s) - s )) s"
+grep -E "^bssl:|done in|step (3200|1000|100)/" "$OUT/demo.log"; tail -3 "$OUT/demo.log"
+cp /tmp/gpu_demo/report/results.json "$OUT/demo_results.json" 2>/dev/null
+
+echo "== train step (resnet50 fp32/bf16, demo model)"
+timeout ${TRAIN_LIMIT:-180} python3 benchmarks/train_step.py --models resnet50,small \
+  --impls xla --batch ${BATCH:-128} --steps 20 --peak_tflops ${PEAK:-989} > "$OUT/train_step.log" 2>&1
+echo "train_step rc $?"; grep -v '^{' "$OUT/train_step.log" | tail -8
+
+echo "== scoring (resnet50 bf16, whole stage vs forward alone)"
+timeout ${SCORE_LIMIT:-120} python3 benchmarks/scoring.py --models resnet50 --images 16384 \
+  --batch 512 --dtype bfloat16 --rounds 2 > "$OUT/scoring.log" 2>&1
+echo "scoring rc $?"; grep -v '^{' "$OUT/scoring.log" | tail -6
