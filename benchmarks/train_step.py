@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -60,7 +61,7 @@ def _forward_flops(fn, *args) -> float:
   import jax
   cost = jax.jit(fn).lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if cost and cost.get("flops"):
+  if cost and math.isfinite(float(cost.get("flops", "nan"))) and cost["flops"] > 0:
     return float(cost["flops"])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
   cost = jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",)).cost_analysis()

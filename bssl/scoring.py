@@ -121,10 +121,10 @@ def score_shard(*, model, variables, source, spec: pipelines.ImageSpec, mesh, nu
     save_accumulator(state_path, acc, next_batch=b, bad_ids=np.asarray(bad, np.int64),
                      num_scored=scored)
 
-  for batch in ds:
-    images = parallel.global_batch_from_local(mesh, batch["image"])
-    classes, scores, finite = step(variables, images)
-    classes, scores, finite = local_rows(classes), local_rows(scores), local_rows(finite)
+  def consume(batch, out) -> bool:
+    """Folds one scored batch into the accumulator; True when the test stop is reached."""
+    nonlocal b, scored, done_here
+    classes, scores, finite = (local_rows(x) for x in out)
     ids, mask = batch["id"], batch["mask"]
     invalid = (~batch["valid"]) & (ids >= 0)
     bad.extend(int(i) for i in ids[invalid])
@@ -146,9 +146,20 @@ def score_shard(*, model, variables, source, spec: pipelines.ImageSpec, mesh, nu
       eta = (nb - b) * global_batch_size / max(rate, 1e-9)
       print(f"[score] batch {b}/{nb} ({100 * b / nb:.0f}%) {rate:.0f} img/s "
             f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
-    if stop_after_batches is not None and done_here >= stop_after_batches:
+    return stop_after_batches is not None and done_here >= stop_after_batches
+
+  # One batch in flight: batch b+1 is sent and dispatched before batch b's results are
+  # fetched, so the device works while the host folds results and reads images.
+  in_flight = None
+  for batch in ds:
+    out = step(variables, parallel.global_batch_from_local(mesh, batch["image"]))
+    if in_flight is not None and consume(*in_flight):
       checkpoint()
       return {"interrupted_at_batch": b}
+    in_flight = (batch, out)
+  if in_flight is not None and consume(*in_flight):
+    checkpoint()
+    return {"interrupted_at_batch": b}
   checkpoint()
   save_accumulator(final_path(score_dir, pi), acc, bad_ids=np.asarray(bad, np.int64),
                    num_scored=scored)
