@@ -121,3 +121,37 @@ def test_evaluation_sees_every_record_once_in_order_with_masked_padding(pc):
   for got, want in zip(later, per_process[pc - 1][nb - 2:]):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+class _VariableSizeSource:
+  """Images of different sizes and channel counts, as an image folder gives them."""
+
+  def __init__(self, n=13):
+    rng = np.random.default_rng(1)
+    self.x = [rng.integers(0, 256, (10 + 3 * i, 16 + i, 3 if i % 2 else 1), dtype=np.uint8)
+              for i in range(n)]
+
+  def __len__(self):
+    return len(self.x)
+
+  def __getitem__(self, i):
+    return {"image": self.x[i], "label": np.int32(i % 2), "id": np.int64(i)}
+
+
+def test_random_resized_crop_path_gives_fixed_size_batches_split_exactly():
+  spec = pipelines.ImageSpec(size=8, channels=3, augment="random_resized_crop_flip")
+  src = _VariableSizeSource()
+
+  def batches(lbs, pi, pc):
+    it = iter(pipelines.train_dataset(src, spec, local_batch_size=lbs, seed=0,
+                                      process_index=pi, process_count=pc))
+    return [next(it) for _ in range(4)]
+
+  whole = batches(4, 0, 1)
+  halves = [batches(2, i, 2) for i in range(2)]
+  for k, g in enumerate(whole):
+    assert g["image"].shape == (4, 8, 8, 3) and g["image"].dtype == np.uint8
+    local = np.stack([halves[0][k]["image"], halves[1][k]["image"]], axis=1)
+    np.testing.assert_array_equal(local.reshape(g["image"].shape), g["image"])
+  ids = np.concatenate([b["id"] for b in whole])
+  assert sorted(ids[:13]) == list(range(13))

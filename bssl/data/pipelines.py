@@ -100,19 +100,13 @@ def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
   return img
 
 
-def train_image(img: np.ndarray, spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
-  img = _fix_channels(np.asarray(img, np.uint8), spec.channels)
-  if spec.augment == "random_resized_crop_flip":
-    img = random_resized_crop(img, spec.size, rng)
-  else:
-    if spec.eval_transform == "resize_center_crop" or img.shape[0] != spec.size:
-      img = resize_center_crop(img, spec.size, spec.crop_fraction)
-    if spec.augment == "pad_crop_flip" and spec.pad > 0:
-      p = spec.pad
-      padded = np.pad(img, ((p, p), (p, p), (0, 0)))
-      dy, dx = rng.integers(0, 2 * p + 1, size=2)
-      img = padded[dy:dy + spec.size, dx:dx + spec.size]
-  if spec.augment != "none" and rng.random() < 0.5:
+def random_resized_crop_flip(img: np.ndarray, spec: ImageSpec,
+                             rng: np.random.Generator) -> np.ndarray:
+  """The ImageNet-scale training view of one image of any size (fixed-size images take
+  the batched pad-crop-flip of :class:`_TrainBatch` instead)."""
+  img = random_resized_crop(_fix_channels(np.asarray(img, np.uint8), spec.channels),
+                            spec.size, rng)
+  if rng.random() < 0.5:
     img = img[:, ::-1]
   if img.shape != (spec.size, spec.size, spec.channels):
     raise BadImageError(f"training image has shape {img.shape}, expected "
@@ -129,7 +123,7 @@ class _TrainTransform(grain.transforms.RandomMap):
   def random_map(self, rec, rng: np.random.Generator):
     if not rec.get("valid", True):
       raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
-    return {"image": train_image(rec["image"], self.spec, rng),
+    return {"image": random_resized_crop_flip(rec["image"], self.spec, rng),
             "label": np.int32(rec["label"]), "id": np.int64(rec["id"])}
 
 
