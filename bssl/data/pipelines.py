@@ -227,8 +227,10 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
 
   The permutation is global (same seed on every process) and process ``i`` takes
   positions ``i, i+n, ...``, so the union of the processes' local batches is exactly
-  the global batch of a single-process run (same images, same augmentation). The returned dataset's iterators support
-  ``get_state``/``set_state`` for exact resumption.
+  the global batch of a single-process run (same images, same augmentation). Fixed-size
+  images (pad-crop-flip, none) go through :class:`_TrainBatch`, one grain element per
+  batch; random-resized crops (images of any size) through a per-record map. The
+  returned dataset's iterators support ``get_state``/``set_state`` for exact resumption.
   """
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
