@@ -63,11 +63,9 @@ def test_optimizer_groups_and_schedule_follow_the_jax_recipe():
                              [float(sched(i)) for i in range(8)], rtol=1e-7)
 
 
-def test_same_loss_gradients_and_update_as_jax_from_the_same_weights():
-  """From converted identical weights, on the same batch: same loss and gradient norm, and
-  the same parameters after each of three SGD steps (smoothing, decay, Nesterov)."""
-  torch.set_num_threads(1)
-  s = _stage_cfg()
+def _jax_side(s):
+  """The JAX train state and step for stage config ``s``, and a converter of a state's
+  variables to a PyTorch state dict."""
   kw = dict(s.model_kwargs)
   model = pipeline.make_model(s, 10)
   mesh = parallel.make_mesh()
@@ -80,6 +78,16 @@ def test_same_loss_gradients_and_update_as_jax_from_the_same_weights():
   def to_torch_sd(st):
     v = jax.device_get({"params": st.params, "batch_stats": st.batch_stats})
     return convert.flax_to_torch_state_dict(v, s.model, 10, in_channels=1, **kw)
+
+  return mesh, state, step, to_torch_sd
+
+
+def test_same_loss_gradients_and_update_as_jax_from_the_same_weights():
+  """From converted identical weights, on the same batch: same loss and gradient norm, and
+  the same parameters after each of three SGD steps (smoothing, decay, Nesterov)."""
+  torch.set_num_threads(1)
+  s = _stage_cfg()
+  mesh, state, step, to_torch_sd = _jax_side(s)
 
   tmodel = torch_train.make_model(s, 10, 1)
   tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_sd(state).items()})
@@ -212,18 +220,7 @@ def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
   torch.set_num_threads(1)
   s = _stage_cfg()
   s.model_kwargs.depths = (2, 2, 2)
-  kw = dict(s.model_kwargs)
-  model = pipeline.make_model(s, 10)
-  mesh = parallel.make_mesh()
-  schedule = train.make_schedule(s, s.steps, s.lr)
-  tx = train.make_optimizer(s, schedule)
-  state = train.init_state(model, tx, 0, (28, 28, 1), mesh)
-  step = train.make_train_step(model, tx, mesh, num_classes=10, mean=MEAN, std=STD,
-                               schedule=schedule, label_smoothing=s.label_smoothing)
-
-  def to_torch_sd(st):
-    v = jax.device_get({"params": st.params, "batch_stats": st.batch_stats})
-    return convert.flax_to_torch_state_dict(v, s.model, 10, in_channels=1, **kw)
+  mesh, state, step, to_torch_sd = _jax_side(s)
 
   before = to_torch_sd(state)
   ref = torch_train.make_model(s, 10, 1).double()
