@@ -59,14 +59,18 @@ def _forward_flops(fn, *args) -> float:
   else (jax 0.11 on GPU gives none) the same program lowered for the CPU, which counts
   the same convolutions and matmuls."""
   import jax
-  cost = jax.jit(fn).lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if cost and math.isfinite(float(cost.get("flops", "nan"))) and cost["flops"] > 0:
-    return float(cost["flops"])
+
+  def flops(lowered) -> float:
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    f = float(cost.get("flops", "nan")) if cost else float("nan")
+    return f if math.isfinite(f) and f > 0 else float("nan")
+
+  f = flops(jax.jit(fn).lower(*args))
+  if math.isfinite(f):
+    return f
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-  cost = jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",)).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return flops(jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",)))
 
 
 def parse_args(argv=None):
