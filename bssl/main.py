@@ -2,7 +2,10 @@
 
 ``--config.<field>=<value>`` overrides a field (e.g. ``--config.select.k=2000``);
 ``--config.stages=teacher,score`` runs a subset. Rerunning the same command after a
-crash or preemption continues where the work directory left off.
+crash or preemption continues where the work directory (local or ``gs://``) left off.
+
+Exit codes: 0 done; 2 a user error (bad flag, config, data or work directory: one line on
+stderr, nothing written); 143 preempted by SIGTERM (a checkpoint was saved; rerun).
 """
 import sys
 
@@ -17,37 +20,64 @@ from bssl import parallel  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory for all artifacts.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory for all artifacts "
+                               "(a local folder or gs://bucket/prefix).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1).")
 
 
+def fail(msg: str, code: int = 2):
+  print(f"bssl: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def user_errors() -> tuple[type, ...]:
+  """The exceptions that are the user's to fix: printed as one line, exit code 2."""
+  from bssl import config, train, workdir
+  from bssl.data.sources import DataError
+  from bssl.scoring import IncompleteScoringError
+  return (config.ConfigError, DataError, FileNotFoundError, NotADirectoryError,
+          workdir.CorruptArtifactError, train.VariablesMismatchError, IncompleteScoringError)
+
+
+def parse_flags(argv):
+  """absl's parser, with flag and config-file errors as one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}".splitlines()[0][:600])
+  except (FileNotFoundError, OSError) as e:
+    fail(f"--config: {e}")
+  except Exception as e:  # noqa: BLE001 - a config file that raises (bad preset, ...)
+    fail(f"--config: {type(e).__name__}: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments: {argv[1:]}")
   # Libraries (orbax above all) log every checkpoint step at INFO; bssl prints its own
   # progress lines. `--verbosity=0` (absl's flag) brings their logs back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  try:
+    cfg = _CONFIG.value
+  except Exception as e:  # noqa: BLE001 - the config file itself failed
+    fail(f"--config: {type(e).__name__}: {e}")
+  if cfg is None:
+    fail("--config is required, e.g. --config=configs/demo.py")
+  if not _WORKDIR.value:
+    fail("--workdir is required, e.g. --workdir=/tmp/bssl_demo or gs://bucket/run")
   # Multi-host init happens before anything touches devices.
   parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
-  from bssl import config_lib, pipeline, train
-  from bssl.data.sources import DataError
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/bssl_demo")
+  from bssl import engine, train
   try:
-    pipeline.run(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
-    print(f"bssl: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    engine.run_recipe(cfg, _WORKDIR.value)
+  except user_errors() as e:
+    fail(str(e))
   except train.Preempted as e:
     print(f"bssl: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
     sys.exit(143)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -139,3 +139,9 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def log(msg: str) -> None:
+  """Prints on process 0 only."""
+  if is_main_process():
+    print(msg, flush=True)

@@ -1,180 +1,222 @@
-"""Scoring U with the teacher: a jitted step over the mesh turns images into the top-P
-(class, score) pairs of each image on the device, and the host streams them into a
-per-class top-K accumulator (:class:`bssl.selection.TopKPerClass`).
+"""Scoring U with the teacher into per-class top-K accumulators, resumable on any process
+count and batch size.
 
-Each process scores its own disjoint shard of U and checkpoints (accumulator state,
-next batch, bad-image list) every N batches, atomically, so a killed run resumes
-without scoring an image twice into the result or skipping one.
+Work is kept in **images, not batches**: U's ids ``[0, N)`` not yet covered are cut into
+chunks of ``chunk_images``; process ``i`` of ``n`` scores chunks ``i, i+n, ...`` on its own
+devices (scoring needs no collective) and, after each chunk, checkpoints its accumulator
+together with the exact id ranges it covers. A rerun -- after ``kill -9``, with another
+batch size or another number of processes -- is a new *generation*: it reads the ranges
+every earlier part covers and scores only the rest. Merging every part gives exactly the
+single-pass answer, since parts cover disjoint ids and selection is exact
+(:class:`bssl.selection.TopKPerClass`).
+
+Files, under the score stage's folder::
+
+  parts/g<gen>_p<process>.json          {"seq", "ranges", "num_scored", "num_bad", ...}
+  parts/g<gen>_p<process>.s<seq>.npz    the accumulator and bad ids after chunk ``seq``
+
+The JSON is written after its npz and names it, so a part is always self-consistent
+(a kill between the two leaves the previous, still present, npz in force).
 """
 from __future__ import annotations
 
-import os
+import re
 import time
+from typing import Any, Callable, Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bssl import parallel
+from bssl import workdir as workdir_lib
 from bssl.data import pipelines
 from bssl.selection import TopKPerClass
-from bssl.train import normalize
+
+_PART = re.compile(r"^g(\d+)_p(\d+)\.json$")
 
 
 class NonFiniteLogitsError(FloatingPointError):
   """The teacher produced NaN/inf logits."""
 
 
-def make_score_step(model, mesh, *, top_p: int, mean, std):
-  """``score(variables, images uint8 [B,H,W,C]) -> (classes int32 [B,P], scores f32 [B,P],
-  finite bool [B])``: softmax probabilities of the P best classes, computed on device."""
-
-  def step(variables, images):
-    logits = model.apply(variables, normalize(images, mean, std), train=False)
-    logits = logits.astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    scores, classes = jax.lax.top_k(probs, top_p)
-    return classes.astype(jnp.int32), scores, finite
-
-  out = parallel.batch_sharding(mesh)
-  return jax.jit(step, out_shardings=(out, out, out))
+class IncompleteScoringError(RuntimeError):
+  """The parts do not cover every image of U exactly once."""
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in local batch order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, parts = set(), []
-  for s in shards:
-    start = s.index[0].start or 0
-    if start in seen:  # replicated over another mesh axis
-      continue
-    seen.add(start)
-    parts.append(np.asarray(s.data))
-  return np.concatenate(parts, axis=0)
+class Scorer(Protocol):
+  """A backend's scoring step on this process's devices: ``dispatch`` starts a batch (uint8
+  [B,H,W,C]) and returns a handle; ``fetch`` returns (classes int32 [B,P], scores f32
+  [B,P], finite bool [B]) as numpy."""
+
+  def dispatch(self, images: np.ndarray) -> Any: ...
+
+  def fetch(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+def _parts(parts_dir) -> list[tuple[int, int, dict]]:
+  out = []
+  for name in workdir_lib.listdir(parts_dir):
+    m = _PART.match(name)
+    if m:
+      out.append((int(m.group(1)), int(m.group(2)),
+                  workdir_lib.read_json(workdir_lib.path(parts_dir) / name)))
+  return out
 
 
-def _state_path(score_dir: str, process: int) -> str:
-  return os.path.join(score_dir, f"process_{process}.state.npz")
+def _npz_name(gen: int, proc: int, seq: int) -> str:
+  return f"g{gen:04d}_p{proc:05d}.s{seq:06d}.npz"
 
 
-def final_path(score_dir: str, process: int) -> str:
-  return os.path.join(score_dir, f"process_{process}.final.npz")
+def _covered(parts) -> np.ndarray:
+  r = [np.asarray(meta["ranges"], np.int64).reshape(-1, 2) for _, _, meta in parts]
+  return np.concatenate(r) if r else np.zeros((0, 2), np.int64)
 
 
-def save_accumulator(path: str, acc: TopKPerClass, **extra) -> None:
-  sd = {f"acc__{k}": v for k, v in acc.state_dict().items()}
-  sd.update({k: np.asarray(v) for k, v in extra.items()})
-  _atomic_savez(path, **sd)
+def _gaps(covered: np.ndarray, n: int) -> list[tuple[int, int]]:
+  """The sub-ranges of [0, n) that ``covered`` [m, 2] misses."""
+  gaps, pos = [], 0
+  for a, b in covered[np.argsort(covered[:, 0], kind="stable")]:
+    if a > pos:
+      gaps.append((pos, int(a)))
+    pos = max(pos, int(b))
+  if pos < n:
+    gaps.append((pos, n))
+  return gaps
 
 
-def load_accumulator(path: str) -> tuple[TopKPerClass, dict]:
-  with np.load(path, allow_pickle=False) as z:
-    d = {k: z[k] for k in z.files}
-  acc = TopKPerClass.from_state_dict({k[5:]: v for k, v in d.items() if k.startswith("acc__")})
-  extra = {k: v for k, v in d.items() if not k.startswith("acc__")}
-  return acc, extra
+def plan_chunks(parts_dir, num_images: int, chunk_images: int) -> tuple[int, list]:
+  """(next generation, chunks [(start, stop)] still to score, in id order)."""
+  parts = _parts(parts_dir)
+  gen = 1 + max((g for g, _, _ in parts), default=0)
+  chunks = []
+  for a, b in _gaps(_covered(parts), num_images):
+    chunks += [(s, min(s + chunk_images, b)) for s in range(a, b, chunk_images)]
+  return gen, chunks
 
 
-def score_shard(*, model, variables, source, spec: pipelines.ImageSpec, mesh, num_classes: int,
-                top_p: int, k: int, mean, std, global_batch_size: int, score_dir: str,
-                checkpoint_every: int = 50, num_threads: int = 1, log_every: int = 20,
-                stop_after_batches: int | None = None) -> dict:
-  """Scores this process's shard of ``source`` into a TopKPerClass; resumable.
+def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int) -> None:
+  """Every part was made for this U, K and P (the engine's fingerprint guards the same;
+  this catches files copied in by hand)."""
+  for g, i, meta in _parts(parts_dir):
+    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p)
+    got = {key: meta.get(key) for key in want}
+    if got != want:
+      raise IncompleteScoringError(
+          f"scoring part g{g}_p{i} in {parts_dir} was made for {got}, this run is {want}; "
+          f"delete {parts_dir} to rescore")
 
-  Returns stats (images scored, bad image ids). Writes ``process_<i>.final.npz``.
-  ``stop_after_batches`` (tests) simulates a crash after that many batches.
-  """
-  os.makedirs(score_dir, exist_ok=True)
-  pi, pc = jax.process_index(), jax.process_count()
-  lbs = parallel.local_batch_size(global_batch_size, mesh)
-  nb = pipelines.num_eval_batches(len(source), global_batch_size)
-  state_path = _state_path(score_dir, pi)
-  if os.path.exists(state_path):
-    acc, extra = load_accumulator(state_path)
-    start = int(extra["next_batch"])
-    bad = [int(x) for x in extra["bad_ids"]]
-    scored = int(extra["num_scored"])
-    if acc.num_classes != num_classes or acc.k != k:
-      raise ValueError(f"{state_path} was written with num_classes={acc.num_classes}, "
-                       f"k={acc.k}; this run has num_classes={num_classes}, k={k}. Delete "
-                       f"{score_dir} to rescore.")
-  else:
-    acc, start, bad, scored = TopKPerClass(num_classes, k), 0, [], 0
-  step = make_score_step(model, mesh, top_p=top_p, mean=mean, std=std)
-  ds = pipelines.eval_dataset(source, spec, local_batch_size=lbs, process_index=pi,
-                              process_count=pc, start_batch=start, num_threads=num_threads)
-  main = pi == 0
-  if main:
-    print(f"[score] {len(source)} images, {nb} batches of {global_batch_size}, "
-          f"top-{top_p} classes, starting at batch {start}", flush=True)
-  t0, b = time.time(), start
-  done_here = 0
 
-  def checkpoint():
-    save_accumulator(state_path, acc, next_batch=b, bad_ids=np.asarray(bad, np.int64),
-                     num_scored=scored)
+def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_dir,
+                  gen: int, chunks: list, process_index: int, process_count: int,
+                  num_classes: int, k: int, p: int, local_batch_size: int,
+                  num_threads: int = 1, log: Callable[[str], None] = print,
+                  log_every: int = 20) -> dict:
+  """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
+  checkpointing after each chunk into part ``g<gen>_p<process_index>``."""
+  parts_dir = workdir_lib.path(parts_dir)
+  mine = chunks[process_index::process_count]
+  acc, ranges, bad, scored, seq = TopKPerClass(num_classes, k), [], [], 0, 0
+  stem = f"g{gen:04d}_p{process_index:05d}"
+  bounds, chunk_of = [], []
+  for c, (a, b) in enumerate(mine):
+    bb = pipelines.range_batches(a, b, local_batch_size)
+    bounds.append(bb)
+    chunk_of += [c] * len(bb)
+  if not mine:
+    return {"num_scored": 0, "seconds": 0.0}
+  bounds = np.concatenate(bounds)
+  left = [int(np.sum(np.asarray(chunk_of) == c)) for c in range(len(mine))]
+  total_images = sum(b - a for a, b in mine)
+  ds = pipelines.ranges_dataset(source, spec, batch_size=local_batch_size, bounds=bounds,
+                                num_threads=num_threads)
+  t0, done_images = time.time(), 0
 
-  def consume(batch, out) -> bool:
-    """Folds one scored batch into the accumulator; True when the test stop is reached."""
-    nonlocal b, scored, done_here
-    classes, scores, finite = (local_rows(x) for x in out)
-    ids, mask = batch["id"], batch["mask"]
-    invalid = (~batch["valid"]) & (ids >= 0)
-    bad.extend(int(i) for i in ids[invalid])
+  def checkpoint(chunk: int):
+    nonlocal seq
+    seq += 1
+    ranges.append(list(mine[chunk]))
+    workdir_lib.write_npz(parts_dir / _npz_name(gen, process_index, seq),
+                          bad_ids=np.asarray(bad, np.int64),
+                          **{f"acc__{key}": v for key, v in acc.state_dict().items()})
+    workdir_lib.write_json(parts_dir / f"{stem}.json", {
+        "seq": seq, "npz": _npz_name(gen, process_index, seq), "ranges": ranges,
+        "num_scored": scored, "num_bad": len(bad), "num_images": len(source),
+        "num_classes": num_classes, "k": k, "p": p})
+    if seq > 1:
+      old = parts_dir / _npz_name(gen, process_index, seq - 1)
+      if old.exists():
+        old.unlink()
+
+  def consume(j: int, batch, out):
+    nonlocal scored, done_images
+    classes, scores, finite = scorer.fetch(out)
+    ids, mask = batch["id"], batch["mask"].astype(bool)
+    bad.extend(int(i) for i in ids[(~batch["valid"]) & (ids >= 0)])
     if np.any(mask & ~finite):
-      bad_ids = ids[mask & ~finite][:20].tolist()
       raise NonFiniteLogitsError(f"[score] the teacher's logits are NaN/inf for image ids "
-                                 f"{bad_ids}; the teacher checkpoint is likely diverged.")
-    keep = mask.astype(bool)
-    n = int(keep.sum())
-    acc.update(np.repeat(ids[keep], top_p), classes[keep].reshape(-1),
-               scores[keep].reshape(-1))
-    scored += n
-    b += 1
-    done_here += 1
-    if checkpoint_every and b % checkpoint_every == 0:
-      checkpoint()
-    if main and (b % log_every == 0 or b == nb):
-      rate = done_here * global_batch_size / max(time.time() - t0, 1e-9)
-      eta = (nb - b) * global_batch_size / max(rate, 1e-9)
-      print(f"[score] batch {b}/{nb} ({100 * b / nb:.0f}%) {rate:.0f} img/s "
-            f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
-    return stop_after_batches is not None and done_here >= stop_after_batches
+                                 f"{ids[mask & ~finite][:20].tolist()}; the teacher "
+                                 f"checkpoint is likely diverged.")
+    acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
+    scored += int(mask.sum())
+    done_images += int(bounds[j, 1] - bounds[j, 0])
+    c = chunk_of[j]
+    left[c] -= 1
+    if left[c] == 0:
+      checkpoint(c)
+    if (j + 1) % log_every == 0 or j + 1 == len(bounds):
+      rate = done_images / max(time.time() - t0, 1e-9)
+      eta = (total_images - done_images) / max(rate, 1e-9)
+      log(f"{done_images}/{total_images} images of this process "
+          f"({100 * done_images / total_images:.0f}%) {rate * process_count:.0f} img/s "
+          f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s")
 
-  # One batch in flight: batch b+1 is sent and dispatched before batch b's results are
-  # fetched, so the device works while the host folds results and reads images.
+  # One batch in flight: batch j+1 is dispatched before batch j's results are fetched, so
+  # the device works while the host folds results and reads images.
   in_flight = None
-  for batch in ds:
-    out = step(variables, parallel.global_batch_from_local(mesh, batch["image"]))
-    if in_flight is not None and consume(*in_flight):
-      checkpoint()
-      return {"interrupted_at_batch": b}
-    in_flight = (batch, out)
-  if in_flight is not None and consume(*in_flight):
-    checkpoint()
-    return {"interrupted_at_batch": b}
-  checkpoint()
-  save_accumulator(final_path(score_dir, pi), acc, bad_ids=np.asarray(bad, np.int64),
-                   num_scored=scored)
-  return {"num_scored": scored, "bad_ids": bad, "seconds": time.time() - t0}
+  for j, batch in enumerate(ds):
+    out = scorer.dispatch(batch["image"])
+    if in_flight is not None:
+      consume(*in_flight)
+    in_flight = (j, batch, out)
+  if in_flight is not None:
+    consume(*in_flight)
+  return {"num_scored": scored, "seconds": time.time() - t0}
 
 
-def merge_processes(score_dir: str, num_processes: int) -> tuple[TopKPerClass, dict]:
-  """Exact merge of the per-process accumulators, one at a time (memory 2 x C x K)."""
-  acc, bad, scored = None, [], 0
-  for i in range(num_processes):
-    path = final_path(score_dir, i)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"scoring output of process {i} is missing: {path}")
-    a, extra = load_accumulator(path)
-    bad.extend(int(x) for x in extra["bad_ids"])
-    scored += int(extra["num_scored"])
+def coverage(parts_dir, num_images: int) -> dict:
+  """Counts from the parts' JSON alone (cheap); raises unless they cover ``[0,
+  num_images)`` exactly once, every image either scored or listed as bad."""
+  parts = _parts(parts_dir)
+  if not parts:
+    raise IncompleteScoringError(f"no scoring parts in {parts_dir}")
+  cov = _covered(parts)
+  cov = cov[np.argsort(cov[:, 0], kind="stable")]
+  overlap = np.flatnonzero(cov[1:, 0] < cov[:-1, 1])
+  if len(overlap):
+    a, b = cov[overlap[0]], cov[overlap[0] + 1]
+    raise IncompleteScoringError(f"scoring parts in {parts_dir} overlap: ids {a.tolist()} "
+                                 f"and {b.tolist()}; delete the folder to rescore")
+  gaps = _gaps(cov, num_images)
+  if gaps:
+    raise IncompleteScoringError(f"scoring parts in {parts_dir} miss ids {gaps[:5]} of "
+                                 f"[0, {num_images}); rerun the score stage")
+  scored = sum(int(m["num_scored"]) for _, _, m in parts)
+  bad = sum(int(m["num_bad"]) for _, _, m in parts)
+  if scored + bad != num_images:
+    raise IncompleteScoringError(f"scoring parts in {parts_dir} count {scored} scored + "
+                                 f"{bad} bad images, expected {num_images}")
+  return {"num_scored": scored, "num_bad": bad, "num_parts": len(parts)}
+
+
+def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass, dict]:
+  """Exact merge of every part, after :func:`coverage` has checked them."""
+  info = coverage(parts_dir, num_images)
+  acc, bad = None, []
+  for _, _, meta in _parts(parts_dir):
+    d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
+    a = TopKPerClass.from_state_dict({k[5:]: v for k, v in d.items() if k.startswith("acc__")})
+    bad.extend(int(x) for x in d["bad_ids"])
     acc = a if acc is None else acc.merge(a)
-  return acc, {"num_scored": scored, "bad_ids": sorted(bad)}
+  if len(bad) != info["num_bad"]:
+    raise IncompleteScoringError(f"scoring parts in {parts_dir}: {len(bad)} bad ids stored, "
+                                 f"{info['num_bad']} counted")
+  return acc, {"num_scored": info["num_scored"], "bad_ids": sorted(bad),
+               "num_parts": info["num_parts"]}

@@ -53,13 +53,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 
 import numpy as np
+
+from bssl import workdir as workdir_lib
 
 __all__ = ["Selection", "TopKPerClass", "write_selection", "read_selection",
            "class_statistics", "MAX_ID"]
@@ -577,24 +575,15 @@ def _json_default(o):
   raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def write_selection(directory, sel: Selection, *, extra_summary: dict | None = None) -> None:
-  """Writes D̂ to ``directory`` atomically (temporary directory, then rename).
-
-  ``summary.json`` is written last; a directory without it is not a complete D̂. An existing
-  ``directory`` is replaced. ``extra_summary`` adds keys to summary.json; it may repeat a
-  built-in key (num_classes, k, num_selected, classes_short_of_k, ...) only with the same
-  value.
+  """Writes D̂ to ``directory`` (local or ``gs://``): one ``.npy`` per column, then
+  ``class_stats.json``, then ``summary.json`` last: a directory without it is not a
+  complete D̂ (each file is written atomically, :mod:`bssl.workdir`). An existing D̂ there
+  is replaced (its summary removed first, so a reader never pairs old and new columns).
+  ``extra_summary`` adds keys to summary.json; it may repeat a built-in key (num_classes,
+  k, num_selected, classes_short_of_k, ...) only with the same value.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
+  directory = workdir_lib.path(directory)
   stats = class_statistics(sel)
   summary = {
       "format": "bssl.selection", "format_version": _FORMAT_VERSION,
@@ -609,52 +598,27 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
       raise ValueError(f"extra_summary[{key!r}] = {v!r} conflicts with the value computed "
                        f"from the selection ({summary[key]!r})")
     summary[key] = v
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  old = None
-  try:
-    for col in _DTYPES:
-      with open(os.path.join(tmp, f"{col}.npy"), "wb") as f:
-        np.save(f, np.ascontiguousarray(getattr(sel, col)))
-        f.flush()
-        os.fsync(f.fileno())
-    _write_json(os.path.join(tmp, "class_stats.json"), stats)
-    _write_json(os.path.join(tmp, "summary.json"), summary)      # last: marks completeness
-    os.chmod(tmp, 0o755)
-    if os.path.lexists(directory):
-      # a non-empty directory cannot be renamed over: move the old D̂ aside first (readers
-      # briefly see no D̂, never a partial one)
-      old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-      os.replace(directory, old)
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.lexists(directory):
-      os.replace(old, directory)                          # put the previous D̂ back
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-  try:                                                    # make the rename durable
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-  except OSError:
-    pass
+  if (directory / "summary.json").exists():
+    (directory / "summary.json").unlink()
+  for col in _DTYPES:
+    workdir_lib.write_npy(directory / f"{col}.npy", getattr(sel, col))
+  workdir_lib.write_text(directory / "class_stats.json",
+                         json.dumps(stats, indent=1, sort_keys=True, default=_json_default))
+  workdir_lib.write_text(directory / "summary.json",                  # last: complete
+                         json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
 
 
 def read_selection(directory, mmap: bool = True) -> Selection:
-  """Reads a D̂ written by :func:`write_selection` (memory-mapped, read-only, by default)."""
-  directory = os.fspath(directory)
-  summary_path = os.path.join(directory, "summary.json")
-  if not os.path.exists(summary_path):
+  """Reads a D̂ written by :func:`write_selection` (memory-mapped, read-only, by default on
+  a local disk)."""
+  directory = workdir_lib.path(directory)
+  summary_path = directory / "summary.json"
+  if not summary_path.exists():
     raise FileNotFoundError(f"{directory} is not a complete selection (no summary.json)")
-  with open(summary_path) as f:
-    summary = json.load(f)
+  summary = json.loads(summary_path.read_text())
   cols = {}
   for col, dt in _DTYPES.items():
-    a = np.load(os.path.join(directory, f"{col}.npy"), mmap_mode="r" if mmap else None,
-                allow_pickle=False)
+    a = workdir_lib.read_npy(directory / f"{col}.npy", mmap=mmap)
     if a.dtype != dt or a.ndim != 1 or a.shape[0] != summary["num_selected"]:
       raise ValueError(f"{directory}/{col}.npy: expected {summary['num_selected']} rows of "
                        f"{np.dtype(dt).name}, got shape {a.shape} of {a.dtype}")

@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from bssl import parallel
+from bssl import workdir as workdir_lib
 from bssl.data import pipelines
 
 BN_MODES = ("sync", "per_device")
@@ -239,27 +239,42 @@ def evaluate(eval_step, variables, source, spec: pipelines.ImageSpec, mesh, *,
 # ----------------------------------------------------------------------------- variables on disk
 
 
-def save_variables(directory: str, variables) -> None:
-  """Writes {'params','batch_stats'} as an orbax checkpoint (the format bssl.convert writes)."""
+def save_variables(directory, variables) -> None:
+  """Writes {'params','batch_stats'} as an orbax checkpoint (the format bssl.convert writes);
+  ``directory`` may be local or ``gs://``."""
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory),
+  ckptr.save(workdir_lib.path(directory),
              {"params": variables["params"], "batch_stats": variables["batch_stats"]},
              force=True)
   ckptr.wait_until_finished()
 
 
-def load_variables(directory: str, mesh=None, target=None) -> dict:
-  """Reads {'params','batch_stats'} written by :func:`save_variables` or bssl.convert."""
-  directory = os.path.abspath(directory)
-  if not os.path.exists(directory):
+def load_variables(directory, mesh=None, target=None) -> dict:
+  """Reads {'params','batch_stats'} written by :func:`save_variables` or bssl.convert.
+
+  With ``target`` (shapes, e.g. ``jax.eval_shape`` of the model's init) the arrays are
+  placed replicated on ``mesh`` whatever the device count they were saved from; a shape
+  or structure that does not match the model is a clear error, not a late crash.
+  """
+  directory = workdir_lib.path(directory)
+  if not directory.exists():
     raise FileNotFoundError(f"no variables checkpoint at {directory}")
   ckptr = ocp.StandardCheckpointer()
-  if target is not None and mesh is not None:
-    repl = parallel.replicated(mesh)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          target)
-    return ckptr.restore(directory, target)
-  return ckptr.restore(directory)
+  if target is None:
+    return ckptr.restore(directory)
+  repl = parallel.replicated(mesh) if mesh is not None else None
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          {"params": target["params"], "batch_stats": target["batch_stats"]})
+  try:
+    return ckptr.restore(directory, abstract)
+  except (ValueError, KeyError, TypeError) as e:
+    raise VariablesMismatchError(
+        f"the variables in {directory} do not fit the model ({type(e).__name__}: "
+        f"{str(e)[:400]}); check the stage's model/model_kwargs and data.num_classes") from None
+
+
+class VariablesMismatchError(ValueError):
+  """A folder of variables was saved from another architecture."""
 
 
 # ----------------------------------------------------------------------------- progress
@@ -273,16 +288,26 @@ def _fmt_time(s: float) -> str:
 
 
 class _Writer:
-  """Progress lines on stdout and TensorBoard events (process 0 only)."""
+  """Progress lines on stdout and TensorBoard events (process 0 only).
 
-  def __init__(self, name: str, logdir: str | None):
+  Events are written to a local folder; for a remote work directory (``gs://``) that
+  folder is temporary and its files are uploaded into ``logdir`` on :meth:`close`
+  (each run of a stage adds its own event file, as TensorBoard expects)."""
+
+  def __init__(self, name: str, logdir):
     self.name = name
     self.main = parallel.is_main_process()
     self.tb = None
-    if self.main and logdir:
+    self.remote = None
+    if self.main and logdir is not None:
+      local = os.fspath(logdir)
+      if workdir_lib.is_remote(logdir):
+        import tempfile
+        self.remote, local = logdir, tempfile.mkdtemp(prefix="bssl_tb_")
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(logdir)
+        self.tb = SummaryWriter(local)
+        self.local = local
       except Exception as e:  # noqa: BLE001 - TensorBoard is optional
         print(f"[{name}] TensorBoard disabled: {e}", flush=True)
 
@@ -296,9 +321,16 @@ class _Writer:
       print(f"[{self.name}] {msg}", flush=True)
 
   def close(self):
-    if self.tb is not None:
-      self.tb.flush()
-      self.tb.close()
+    if self.tb is None:
+      return
+    self.tb.flush()
+    self.tb.close()
+    if self.remote is not None:
+      import shutil
+      for fname in os.listdir(self.local):
+        workdir_lib.write_bytes(self.remote / fname,
+                                open(os.path.join(self.local, fname), "rb").read())
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 class _SigtermFlag:
@@ -333,45 +365,47 @@ def _any_process(flag: bool) -> bool:
 # ----------------------------------------------------------------------------- fit
 
 
-def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workdir: str,
+def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workdir,
         num_classes: int, mean, std, init_variables=None, seed: int = 0,
         num_threads: int = 1, stop_after_steps: int | None = None) -> dict:
   """Trains ``model`` on ``source`` for ``cfg.steps`` steps and returns its variables.
 
-  Checkpoints (train state + data iterator) go to ``workdir/checkpoints`` every
-  ``cfg.checkpoint_every`` steps and at the end; an existing checkpoint is resumed at
-  the same step and data position. ``stop_after_steps`` (tests) simulates a crash
+  Checkpoints (the train state) go to ``workdir/checkpoints`` (local or ``gs://``) every
+  ``cfg.checkpoint_every`` steps and at the end; an existing checkpoint is resumed at its
+  step, on any device or process count: the input position is a function of the step
+  (global batch ``k`` is the same images whatever the number of hosts), so the data
+  iterator needs no state of its own. ``stop_after_steps`` (tests) simulates a crash
   after that many steps of this call, without a final save.
   """
+  workdir = workdir_lib.path(workdir)
   total = int(cfg.steps)
   gbs = int(cfg.batch_size)
   lbs = parallel.local_batch_size(gbs, mesh)
   base_lr = learning_rate(cfg, gbs)
   schedule = make_schedule(cfg, total, base_lr)
   tx = make_optimizer(cfg, schedule)
-  writer = _Writer(name, os.path.join(workdir, "tb"))
-
-  # Input.
-  ds = pipelines.train_dataset(source, spec, local_batch_size=lbs, seed=seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_threads=num_threads)
-  it = iter(ds)
+  writer = _Writer(name, workdir / "tb")
 
   # State: restore the latest checkpoint or initialise.
   options = ocp.CheckpointManagerOptions(max_to_keep=int(cfg.get("keep_checkpoints", 2)),
                                          enable_async_checkpointing=True, create=True)
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               item_names=("state", "data_iter"), options=options)
+  ckpt_dir = workdir / "checkpoints"
+  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state",), options=options)
   latest = mngr.latest_step()
   if latest is not None:
     target = abstract_state(model, tx, spec_shape(spec), mesh)
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data_iter=grain.checkpoint.CheckpointRestore(it)))
-    state = restored["state"]
+    state = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
     writer.print(f"resumed from checkpoint at step {latest}")
   else:
     state = init_state(model, tx, seed, spec_shape(spec), mesh, init_variables)
   start = int(jax.device_get(state.step))
+
+  # Input, from the global batch of step `start` on.
+  it = iter(pipelines.train_dataset(source, spec, local_batch_size=lbs, seed=seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    num_threads=num_threads, start_batch=start))
 
   train_step = make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
                                schedule=schedule, bn_mode=cfg.get("bn_mode", "sync"),
@@ -380,9 +414,10 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
                f"{len(source)} examples, {mesh.devices.size} devices, starting at step {start}")
 
   def save(step: int):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data_iter=grain.checkpoint.CheckpointSave(it)),
-              force=True)
+    """Saves ``step`` unless it is saved already (a SIGTERM on a checkpoint step)."""
+    if step in mngr.all_steps():
+      return
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
   log_every = max(1, int(cfg.get("log_every", 50)))
   ckpt_every = int(cfg.get("checkpoint_every", 0) or 0)
@@ -404,8 +439,7 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
       mngr.wait_until_finished()  # the last good checkpoint must be complete on disk
       raise NonFiniteLossError(
           f"[{name}] loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. "
-          f"The last good checkpoint (step {mngr.latest_step()}) is kept in "
-          f"{os.path.join(workdir, 'checkpoints')}.")
+          f"The last good checkpoint (step {mngr.latest_step()}) is kept in {ckpt_dir}.")
     mean_vals = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
     now = time.time()
     rate = (step - step_last) * gbs / max(now - t_last, 1e-9)
@@ -446,8 +480,7 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
                        f"to resume")
           raise Preempted(f"{name} preempted at step {step}")
       flush(step)
-      if latest is None or latest < total:
-        save(total)
+      save(total)
       mngr.wait_until_finished()
     finally:
       writer.close()

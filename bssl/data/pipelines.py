@@ -222,7 +222,7 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 
 def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 1,
-                  prefetch: int = 4) -> grain.IterDataset:
+                  prefetch: int = 4, start_batch: int = 0) -> grain.IterDataset:
   """Infinite shuffled, augmented batches of this process's shard.
 
   The permutation is global (same seed on every process) and process ``i`` takes
@@ -230,7 +230,9 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   the global batch of a single-process run (same images, same augmentation). Fixed-size
   images (pad-crop-flip, none) go through :class:`_TrainBatch`, one grain element per
   batch; random-resized crops (images of any size) through a per-record map. The
-  returned dataset's iterators support ``get_state``/``set_state`` for exact resumption.
+  stream starts at global batch ``start_batch`` (a resumed run at step ``start_batch``
+  sees exactly the batches an uninterrupted one would, whatever the process count); the
+  iterators also support ``get_state``/``set_state``.
   """
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
@@ -241,39 +243,58 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
     ds = ds.random_map(_TrainTransform(spec), seed=seed + 1)
     if process_count > 1:
       ds = ds[process_index::process_count]
-    ds = ds.batch(local_batch_size, drop_remainder=True)
+    ds = ds.batch(local_batch_size, drop_remainder=True)[start_batch:]
   else:
-    ds = grain.MapDataset.range(2**62).map(_TrainBatch(
+    ds = grain.MapDataset.range(start_batch, 2**62).map(_TrainBatch(
         source, spec, local_batch_size=local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count))
   return ds.to_iter_dataset(_read_options(num_threads, prefetch))
 
 
-class _EvalBatch(grain.transforms.Map):
-  """Global batch number -> this process's slice of it: records
-  ``b*G + i*lbs + [0, lbs)``, written straight into one batch array (one grain element
-  and no second copy per batch). Indices past the end and undecodable images are
-  blanks with ``mask == False`` (and ``valid == False``)."""
+class _RecordsBatch(grain.transforms.Map):
+  """Element ``j`` -> records ``[first_j, stop_j)`` of the source, written straight into
+  one batch array of ``batch_size`` rows (one grain element and no second copy per
+  batch). Rows past ``stop_j`` and undecodable images are blanks with ``mask == False``
+  (and ``valid == False``)."""
 
-  def __init__(self, source, spec: ImageSpec, *, local_batch_size: int, process_index: int,
-               process_count: int):
-    self.source, self.spec = source, spec
-    self.lbs, self.pi, self.pc = local_batch_size, process_index, process_count
+  def __init__(self, source, spec: ImageSpec, *, batch_size: int, bounds: np.ndarray):
+    self.source, self.spec, self.lbs = source, spec, batch_size
+    self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
 
-  def map(self, b):
-    spec, n, lbs = self.spec, len(self.source), self.lbs
-    first = int(b) * lbs * self.pc + self.pi * lbs
+  def map(self, j):
+    spec, lbs = self.spec, self.lbs
+    first, stop = (int(x) for x in self.bounds[int(j)])
     out = {"image": np.zeros((lbs, spec.size, spec.size, spec.channels), np.uint8),
            "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
            "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
-    for j, i in enumerate(range(first, min(first + lbs, n))):
+    for r, i in enumerate(range(first, stop)):
       rec = self.source[i]
-      out["label"][j], out["id"][j] = rec["label"], rec["id"]
+      out["label"][r], out["id"][r] = rec["label"], rec["id"]
       img = eval_image(rec["image"], spec) if rec.get("valid", True) else None
       if img is not None:
-        out["image"][j] = img
-        out["mask"][j] = out["valid"][j] = True
+        out["image"][r] = img
+        out["mask"][r] = out["valid"][r] = True
     return out
+
+
+def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch):
+  bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
+  ds = grain.MapDataset.range(len(bounds)).map(
+      _RecordsBatch(source, spec, batch_size=batch_size, bounds=bounds))
+  return ds.to_iter_dataset(_read_options(num_threads, prefetch))
+
+
+def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
+  """``[first, stop)`` bounds [n, 2] of the batches that cover records ``[start, stop)``."""
+  firsts = np.arange(start, stop, batch_size, dtype=np.int64)
+  return np.stack([firsts, np.minimum(firsts + batch_size, stop)], axis=1).reshape(-1, 2)
+
+
+def ranges_dataset(source, spec: ImageSpec, *, batch_size: int, bounds,
+                   num_threads: int = 1, prefetch: int = 4) -> grain.IterDataset:
+  """Batches of explicit record ranges (``bounds`` [n, 2], each at most ``batch_size``
+  long), in order: the scoring input, where each process reads its own chunks of U."""
+  return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -288,10 +309,11 @@ def eval_dataset(source, spec: ImageSpec, *, local_batch_size: int, process_inde
   Global batch ``b`` holds records ``[b*G, (b+1)*G)`` with ``G = local_batch_size *
   process_count``; process ``i`` holds the ``i``-th contiguous slice of it. Padding and
   undecodable images have ``mask == False`` (and ``valid == False``). ``start_batch``
-  skips batches already consumed (resumption of scoring).
+  skips batches already consumed.
   """
-  nb = num_eval_batches(len(source), local_batch_size * process_count)
-  ds = grain.MapDataset.range(min(start_batch, nb), nb).map(_EvalBatch(
-      source, spec, local_batch_size=local_batch_size, process_index=process_index,
-      process_count=process_count))
-  return ds.to_iter_dataset(_read_options(num_threads, prefetch))
+  n = len(source)
+  nb = num_eval_batches(n, local_batch_size * process_count)
+  firsts = (np.arange(min(start_batch, nb), nb, dtype=np.int64) * local_batch_size
+            * process_count + process_index * local_batch_size)
+  bounds = np.stack([np.minimum(firsts, n), np.minimum(firsts + local_batch_size, n)], axis=1)
+  return _records_dataset(source, spec, local_batch_size, bounds, num_threads, prefetch)

@@ -67,6 +67,15 @@ def arch_config(name: str, **kwargs) -> dict[str, Any]:
         if cfg["block"] == "basic" and (cfg["groups"] != 1 or cfg["width_per_group"] != 64):
             raise ValueError("basic blocks support only groups=1 and width_per_group=64, got "
                              f"groups={cfg['groups']} width_per_group={cfg['width_per_group']}")
+        if cfg["block"] == "bottleneck":
+            inner = [int(w * (cfg["width_per_group"] / 64.0)) * cfg["groups"]
+                     for w in cfg["widths"]]
+            if min(inner) < 1:
+                raise ValueError(
+                    f"bottleneck width int(width x width_per_group / 64) x groups is 0 for "
+                    f"widths={cfg['widths']}, width_per_group={cfg['width_per_group']}, "
+                    f"groups={cfg['groups']}; raise width_per_group (each stage needs "
+                    f"width x width_per_group >= 64)")
         cfg["stem"] = "small"
     else:
         block, depths, groups, wpg = _ARCHS[name]

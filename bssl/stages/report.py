@@ -3,19 +3,14 @@ ranks for a few classes (as the paper's "tiger shark" figure) and a histogram of
 images per class in D̂."""
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import numpy as np
 
-from bssl import selection
+from bssl import parallel, selection
+from bssl import workdir as workdir_lib
 
 MODEL_KEYS = ("baseline", "teacher", "student_pretrained", "student")
-
-
-def _read(path):
-  with open(path) as f:
-    return json.load(f)
 
 
 def results_table(results: dict) -> str:
@@ -49,7 +44,15 @@ def selection_table(sel: dict) -> str:
   return "\n".join(rows)
 
 
-def _class_figure(path: str, sel: selection.Selection, unlabelled, class_names, spec,
+def _save(fig, path) -> None:
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format="png")
+  plt.close(fig)
+  workdir_lib.write_bytes(path, buf.getvalue())
+
+
+def _class_figure(path, sel: selection.Selection, unlabelled, class_names, spec,
                   num_classes_shown: int, num_images: int) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -82,11 +85,10 @@ def _class_figure(path: str, sel: selection.Selection, unlabelled, class_names, 
                       va="center", fontsize=8)
   fig.suptitle("Selected images by rank (score under each)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
-def _histogram(path: str, sel: selection.Selection, k: int, class_names) -> None:
+def _histogram(path, sel: selection.Selection, k: int, class_names) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -107,53 +109,54 @@ def _histogram(path: str, sel: selection.Selection, k: int, class_names) -> None
     ax.set_ylabel("classes")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
-def write_report(cfg, data, workdir: str) -> dict:
-  out_dir = os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
+def report(ctx) -> dict:
+  """The report stage: process 0 writes it; every other process waits."""
+  if not parallel.is_main_process():
+    return {}
+  return write_report(ctx.cfg, ctx.data, ctx.wd)
+
+
+def write_report(cfg, data, wd) -> dict:
+  out_dir = wd.stage("report")
   results: dict = {"name": cfg.get("name", ""), "seed": int(cfg.seed)}
-  ev_path = os.path.join(workdir, "evaluate", "done.json")
-  if os.path.exists(ev_path):
-    ev = _read(ev_path)
+  ev = wd.done("evaluate")
+  if ev is not None:
     for key in MODEL_KEYS:
       if key in ev:
-        results[key] = {k: v for k, v in ev[key].items()}
-  sel_done = os.path.join(workdir, "select", "done.json")
+        results[key] = dict(ev[key])
   sel = None
-  if os.path.exists(sel_done):
-    results["selection"] = {k: v for k, v in _read(sel_done).items()
-                            if k not in ("fingerprint", "finished")}
-    sel = selection.read_selection(os.path.join(workdir, "select", "dhat"))
-  score_done = os.path.join(workdir, "score", "done.json")
-  if os.path.exists(score_done):
-    s = _read(score_done)
+  sel_done = wd.done("select")
+  if sel_done is not None:
+    results["selection"] = {k: v for k, v in sel_done.items()
+                            if k not in ("fingerprint", "finished", "artifact_id")}
+    sel = selection.read_selection(wd.stage("select") / "dhat")
+  s = wd.done("score")
+  if s is not None:
     results["scoring"] = {k: s[k] for k in ("num_scored", "num_bad_images", "num_unlabelled")
                           if k in s}
   if "student" in results and "baseline" in results:
     results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
   timings = {}
-  for stage in ("baseline", "teacher", "pretrain", "finetune"):
-    p = os.path.join(workdir, stage, "done.json")
-    if os.path.exists(p):
-      timings[stage] = _read(p).get("train_seconds")
-  results["train_seconds"] = timings
+  for stage in ("baseline", "teacher", "score", "select", "pretrain", "finetune"):
+    d = wd.done(stage)
+    if d is not None:
+      timings[stage] = d.get("stage_seconds")
+  results["stage_seconds"] = timings
 
   figures = {}
   if sel is not None and len(sel.ids):
     names = data.class_names or tuple(str(c) for c in range(cfg.data.num_classes))
-    fig1 = os.path.join(out_dir, "selected_images.png")
-    _class_figure(fig1, sel, data.unlabelled, names, data.spec,
+    _class_figure(out_dir / "selected_images.png", sel, data.unlabelled, names, data.spec,
                   cfg.report.figure_classes, cfg.report.figure_images)
-    fig2 = os.path.join(out_dir, "class_histogram.png")
-    _histogram(fig2, sel, int(cfg.select.k), names)
-    figures = {"selected_images": fig1, "class_histogram": fig2}
+    _histogram(out_dir / "class_histogram.png", sel, int(cfg.select.k), names)
+    figures = {"selected_images": str(out_dir / "selected_images.png"),
+               "class_histogram": str(out_dir / "class_histogram.png")}
   results["figures"] = figures
 
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+  workdir_lib.write_json(out_dir / "results.json", results)
   md = [f"# bssl results: {results['name']} (seed {results['seed']})", "",
         "Top-1/top-5 on the test split (fractions shown as %).", "", results_table(results), ""]
   if results.get("teacher", {}).get("same_as") == "baseline":
@@ -166,7 +169,6 @@ def write_report(cfg, data, workdir: str) -> dict:
   if figures:
     md += ["![selected images](selected_images.png)", "",
            "![images per class](class_histogram.png)", ""]
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write("\n".join(md))
+  workdir_lib.write_text(out_dir / "results.md", "\n".join(md))
   print("\n".join(md), flush=True)
-  return results
+  return {"results": str(out_dir / "results.json")}

@@ -1,0 +1,127 @@
+"""The JAX backend of the engine: how a stage trains, evaluates and scores with Flax
+models over the device mesh. The PyTorch backend (:class:`bssl.torch_train.TorchBackend`)
+offers the same four methods, so :mod:`bssl.stages` is written once for both.
+
+Variables of a stage live in ``<workdir>/<stage>/final`` (orbax: params + batch_stats)
+and are restored onto the current mesh whatever the device count they were saved on.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bssl import models, parallel, train
+from bssl.train import normalize
+
+STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4}
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def make_model(scfg, num_classes: int):
+  return models.create_model(scfg.model, num_classes, dtype=_dtype(scfg.dtype),
+                             **dict(scfg.get("model_kwargs") or {}))
+
+
+def variable_shapes(model, spec) -> dict:
+  return dict(jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, *train.spec_shape(spec))),
+                                                  train=False), jax.random.key(0)))
+
+
+class JaxBackend:
+  name = "jax"
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.mesh = parallel.make_mesh(tuple(cfg.mesh_shape) or None)
+
+  @property
+  def norm(self):
+    return tuple(self.cfg.data.mean), tuple(self.cfg.data.std)
+
+  def load(self, ctx, stage: str, model):
+    """The variables of ``stage`` (following a teacher that is the baseline)."""
+    return train.load_variables(ctx.wd.stage(ctx.variables_stage(stage)) / "final", self.mesh,
+                                variable_shapes(model, ctx.data.spec))
+
+  def load_folder(self, ctx, folder: str, model):
+    return train.load_variables(folder, self.mesh, variable_shapes(model, ctx.data.spec))
+
+  def train(self, ctx, source, init: tuple | None) -> dict:
+    """Trains stage ``ctx.stage`` on ``source``; ``init`` is None, ('stage', name) or
+    ('folder', path). Writes ``final/``; returns the stage's info."""
+    cfg = ctx.cfg
+    scfg = cfg[ctx.stage].copy_and_resolve_references()
+    scfg.steps = _resolve_steps(scfg, len(source))
+    model = make_model(scfg, cfg.data.num_classes)
+    variables = None
+    if init is not None:
+      kind, where = init
+      variables = (self.load(ctx, where, model) if kind == "stage"
+                   else self.load_folder(ctx, where, model))
+    mean, std = self.norm
+    if scfg.steps == 0:  # variables used as they are
+      out = {"steps": 0, "train_seconds": 0.0}
+    else:
+      out = train.fit(name=ctx.stage, model=model, cfg=scfg, source=source, spec=ctx.data.spec,
+                      mesh=self.mesh, workdir=ctx.dir, num_classes=cfg.data.num_classes,
+                      mean=mean, std=std, init_variables=variables,
+                      seed=cfg.seed * 100 + STAGE_SEED[ctx.stage], num_threads=cfg.num_threads)
+      variables = out.pop("variables")
+    train.save_variables(ctx.dir / "final", variables)
+    out["num_params"] = models.count_params(variables["params"])
+    return out
+
+  def evaluate(self, ctx, stage: str, source) -> dict:
+    cfg = ctx.cfg
+    model = make_model(cfg[stage], cfg.data.num_classes)
+    mean, std = self.norm
+    ev = train.make_eval_step(model, self.mesh, num_classes=cfg.data.num_classes, mean=mean,
+                              std=std)
+    return train.evaluate(ev, self.load(ctx, stage, model), source, ctx.data.spec, self.mesh,
+                          global_batch_size=cfg.data.eval_batch_size,
+                          num_threads=cfg.num_threads)
+
+  def scorer(self, ctx, stage: str, top_p: int):
+    model = make_model(ctx.cfg[stage], ctx.cfg.data.num_classes)
+    return _JaxScorer(model, self.load(ctx, stage, model), top_p, *self.norm)
+
+  def local_batch_size(self, global_batch_size: int) -> int:
+    return global_batch_size // jax.process_count()
+
+
+def _resolve_steps(scfg, n: int) -> int:
+  from bssl import config
+  return config.resolve_steps(scfg, n)
+
+
+class _JaxScorer:
+  """Softmax top-P on this process's own devices (a local mesh: scoring needs no
+  collective, so processes never wait for each other)."""
+
+  def __init__(self, model, variables, top_p: int, mean, std):
+    local = Mesh(np.asarray(jax.local_devices()), ("data",))
+    self.in_sharding = NamedSharding(local, P("data"))
+    repl = NamedSharding(local, P())
+    # restored replicated on the global mesh: take this process's copy
+    self.variables = jax.tree.map(
+        lambda x: jax.device_put(np.asarray(x.addressable_data(0)), repl), variables)
+
+    def step(variables, images):
+      logits = model.apply(variables, normalize(images, mean, std), train=False)
+      logits = logits.astype(jnp.float32)
+      finite = jnp.all(jnp.isfinite(logits), axis=-1)
+      scores, classes = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_p)
+      return classes.astype(jnp.int32), scores, finite
+
+    self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)
+
+  def dispatch(self, images):
+    return self.step(self.variables, jax.device_put(images, self.in_sharding))
+
+  def fetch(self, out):
+    return tuple(np.asarray(x) for x in out)

@@ -1,0 +1,394 @@
+"""The base config: every field bssl reads, with its default, type, one-line doc and
+whether it changes a stage's result. Recipe configs (``configs/*.py``) start from
+:func:`base` and override fields; :func:`validate` checks any config against this schema
+before any expensive work, naming the field, the bad value and what is accepted.
+
+Fields marked ``cosmetic`` (log frequency, checkpoint frequency, evaluation batch size,
+threads, figures) do not change what a stage produces, so they are left out of stage
+fingerprints: changing them between reruns resumes instead of refusing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A config field has a value bssl cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  name: str                      # dotted, e.g. "select.k"; "<train>." for every training stage
+  default: Any
+  type: type | tuple
+  doc: str
+  choices: tuple = ()
+  minimum: float | None = None   # inclusive
+  optional: bool = False         # None is accepted (and is the default when default is None)
+  cosmetic: bool = False         # does not change any stage's result
+  check: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+
+TRAIN_SECTIONS = ("baseline", "teacher", "pretrain", "finetune")
+ALL_STAGES = ("baseline", "teacher", "score", "select", "pretrain", "finetune", "evaluate",
+              "report")
+DATA_KINDS = ("fashion_mnist", "tfds", "fake")
+UNLABELLED_KINDS = ("rest_of_train", "image_folder", "tfds", "fake")
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
+EVAL_TRANSFORMS = ("none", "resize_center_crop")
+
+
+def _fractions(v) -> str | None:
+  if not all(0 < float(x) < 1 for x in v) or list(v) != sorted(v):
+    return f"must be increasing fractions in (0, 1), got {tuple(v)}"
+  return None
+
+
+# One training stage (baseline, teacher, pretrain, finetune).
+TRAIN_FIELDS = (
+    Field("model", "resnet50", str, "architecture name in bssl.models (e.g. resnet50, "
+          "resnext101_32x48d, resnet_small)"),
+    Field("model_kwargs", {}, dict, "architecture arguments (resnet_small: widths, depths, "
+          "block, groups, width_per_group)"),
+    Field("steps", None, int, "training length in steps (wins over epochs); 0 = no training "
+          "(needs init_from)", minimum=0, optional=True),
+    Field("epochs", None, float, "training length in epochs of the stage's training set",
+          minimum=0, optional=True),
+    Field("batch_size", 256, int, "global batch size (all devices of all hosts)", minimum=1),
+    Field("lr", None, float, "base learning rate; None = 0.1 x batch_size / 256", minimum=0,
+          optional=True),
+    Field("schedule", "cosine", str, "learning-rate schedule after warm-up",
+          choices=("cosine", "step", "constant")),
+    Field("step_boundaries", (1 / 3, 2 / 3, 8 / 9), tuple, "schedule='step': decay points "
+          "as fractions of the run", check=_fractions),
+    Field("step_decay", 0.1, float, "schedule='step': factor at each boundary", minimum=0),
+    Field("warmup_fraction", 0.0, float, "linear warm-up as a fraction of the run", minimum=0),
+    Field("warmup_steps", None, int, "linear warm-up in steps (wins over warmup_fraction)",
+          minimum=0, optional=True),
+    Field("momentum", 0.9, float, "SGD momentum", minimum=0),
+    Field("nesterov", False, bool, "Nesterov momentum"),
+    Field("weight_decay", 1e-4, float, "L2 decay on kernels (not BN, not biases)", minimum=0),
+    Field("label_smoothing", 0.0, float, "label smoothing in [0, 1)", minimum=0,
+          check=lambda v: None if v < 1 else f"must be below 1, got {v!r}"),
+    Field("bn_mode", "sync", str, "BatchNorm statistics over the global batch (sync) or "
+          "each device's shard (per_device, as the paper)", choices=("sync", "per_device")),
+    Field("dtype", "float32", str, "compute dtype", choices=("float32", "bfloat16")),
+    Field("init_from", None, str, "start from a folder of variables (bssl.convert output, a "
+          "stage's final/), any device count; teacher only: 'baseline'", optional=True),
+    Field("log_every", 100, int, "steps between progress lines", minimum=1, cosmetic=True),
+    Field("checkpoint_every", 1000, int, "steps between checkpoints (0: only at the end)",
+          minimum=0, cosmetic=True),
+    Field("keep_checkpoints", 2, int, "checkpoints kept", minimum=1, cosmetic=True),
+)
+
+FIELDS = (
+    Field("name", "bssl", str, "run name shown in reports", cosmetic=True),
+    Field("seed", 0, int, "seed of splits, initialisation and augmentation", minimum=0),
+    Field("stages", ",".join(ALL_STAGES), str, "comma-separated stages to run (dependencies "
+          "must be complete or included)", cosmetic=True),
+    Field("mesh_shape", (), tuple, "device mesh shape; () = one data axis over all devices",
+          cosmetic=True),
+    Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
+    # data: D, validation, test
+    Field("data.kind", "fashion_mnist", str, "labelled data source", choices=DATA_KINDS),
+    Field("data.folder", None, str, "fashion_mnist: folder of the idx files (default: "
+          "Debian's /usr/share/datasets/fashion-mnist)", optional=True),
+    Field("data.tfds_name", "imagenet2012", str, "tfds: dataset name"),
+    Field("data.tfds_data_dir", None, str, "tfds: data_dir of the ArrayRecord build",
+          optional=True),
+    Field("data.train_split", "train", str, "tfds: split used as D"),
+    Field("data.test_split", "validation", str, "tfds: split used as test"),
+    Field("data.val_split", None, str, "tfds: split used for validation", optional=True),
+    Field("data.num_classes", 10, int, "number of classes", minimum=1),
+    Field("data.image_size", 28, int, "model input size (square)", minimum=1),
+    Field("data.channels", 1, int, "model input channels", choices=(1, 3)),
+    Field("data.augment", "pad_crop_flip", str, "training augmentation", choices=AUGMENTATIONS),
+    Field("data.eval_transform", "none", str, "evaluation/scoring view of an image",
+          choices=EVAL_TRANSFORMS),
+    Field("data.pad", 2, int, "pad_crop_flip: padding in pixels", minimum=0),
+    Field("data.mean", (72.94,), tuple, "per-channel mean of uint8 pixels (1 or channels "
+          "entries)"),
+    Field("data.std", (90.02,), tuple, "per-channel std of uint8 pixels (1 or channels "
+          "entries)"),
+    Field("data.labelled_per_class", None, int, "fashion_mnist/fake: size of D per class "
+          "(None: all training images)", minimum=1, optional=True),
+    Field("data.val_per_class", None, int, "fashion_mnist/fake: validation images per class "
+          "carved from training (None: no validation)", minimum=1, optional=True),
+    Field("data.subset", None, int, "fashion_mnist/fake: use only the first N training images "
+          "(and N/4 test images)", minimum=1, optional=True),
+    Field("data.fake_train_size", 160, int, "fake: training images", minimum=1),
+    Field("data.fake_test_size", 40, int, "fake: test images", minimum=1),
+    Field("data.eval_batch_size", 1000, int, "global batch of evaluation", minimum=1,
+          cosmetic=True),
+    # unlabelled: U
+    Field("unlabelled.kind", "rest_of_train", str, "source of U", choices=UNLABELLED_KINDS),
+    Field("unlabelled.path", None, str, "image_folder: folder (recursive) or file list",
+          optional=True),
+    Field("unlabelled.limit", None, int, "use only the first N images of U", minimum=1,
+          optional=True),
+    Field("unlabelled.size", 200, int, "fake: images in U", minimum=1),
+    Field("unlabelled.tfds_name", None, str, "tfds: dataset used as U", optional=True),
+    Field("unlabelled.split", None, str, "tfds: its split", optional=True),
+    Field("unlabelled.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
+    # score + select
+    Field("score.batch_size", 1000, int, "global scoring batch; a resume may change it "
+          "(positions are kept in images)", minimum=1, cosmetic=True),
+    Field("score.checkpoint_every", 50, int, "batches between scoring checkpoints of a "
+          "process", minimum=1, cosmetic=True),
+    Field("select.k", 16000, int, "images kept per class (K)", minimum=1),
+    Field("select.p", 10, int, "classes kept per image (P), at most data.num_classes",
+          minimum=1),
+    # report
+    Field("report.figure_classes", 3, int, "classes shown in the selected-images figure",
+          minimum=0, cosmetic=True),
+    Field("report.figure_images", 8, int, "images per class in that figure", minimum=1,
+          cosmetic=True),
+)
+
+
+def all_fields() -> list[Field]:
+  """Every field with its full dotted name (training fields once per training stage)."""
+  out = list(FIELDS)
+  for s in TRAIN_SECTIONS:
+    out += [dataclasses.replace(f, name=f"{s}.{f.name}") for f in TRAIN_FIELDS]
+  return out
+
+
+def _value(f: Field):
+  if f.default is None:
+    return config_dict.placeholder(f.type)  # settable from the command line
+  return f.default if not isinstance(f.default, dict) else dict(f.default)
+
+
+def base() -> ml_collections.ConfigDict:
+  """The base config: every field at its default."""
+  root: dict = {}
+  for f in all_fields():
+    *sections, leaf = f.name.split(".")
+    d = root
+    for s in sections:
+      d = d.setdefault(s, {})
+    d[leaf] = _value(f)
+  return ml_collections.ConfigDict(root)
+
+
+def presets(arg: str | None, accepted: Sequence[str]) -> set[str]:
+  """The comma-separated presets of ``--config=file.py:a,b``, checked against ``accepted``."""
+  chosen = set(filter(None, (arg or "").split(",")))
+  unknown = sorted(chosen - set(accepted))
+  if unknown:
+    raise ConfigError(f"unknown preset(s) {unknown}; accepted: {', '.join(accepted)}")
+  return chosen
+
+
+def override(section: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """``section.update(fields)`` that refuses names the section does not have."""
+  unknown = sorted(set(fields) - set(section.keys()))
+  if unknown:
+    raise TypeError(f"unknown field(s) {unknown}; accepted: {sorted(section.keys())}")
+  section.update(fields)
+  return section
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def parse_stages(stages) -> tuple[str, ...]:
+  names = ([s.strip() for s in stages.split(",") if s.strip()] if isinstance(stages, str)
+           else [str(s) for s in stages])
+  bad = [s for s in names if s not in ALL_STAGES]
+  if bad or not names:
+    raise ConfigError(f"stages: unknown stage(s) {bad or names!r}; accepted: "
+                      f"{', '.join(ALL_STAGES)} (comma-separated)")
+  return tuple(s for s in ALL_STAGES if s in names)
+
+
+def get(cfg, name: str):
+  node = cfg
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def _leaf_names(cfg, prefix: str = "") -> list[str]:
+  out = []
+  for k in cfg.keys():
+    v = cfg[k]
+    if isinstance(v, ml_collections.ConfigDict) and not prefix.endswith("model_kwargs."):
+      if k == "model_kwargs":
+        out.append(f"{prefix}{k}")
+      else:
+        out += _leaf_names(v, f"{prefix}{k}.")
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def _check_field(f: Field, v) -> None:
+  if v is None:
+    if f.optional:
+      return
+    raise ConfigError(f"{f.name} must be set ({f.doc}), got None")
+  ok_types = f.type if isinstance(f.type, tuple) else (f.type,)
+  if f.type is float and isinstance(v, int) and not isinstance(v, bool):
+    v = float(v)
+  if f.type in (tuple, dict) and isinstance(v, (list, tuple, dict, ml_collections.ConfigDict)):
+    pass
+  elif isinstance(v, bool) and bool not in ok_types:
+    raise ConfigError(f"{f.name} must be {f.type.__name__}, got {v!r}")
+  elif not isinstance(v, ok_types):
+    raise ConfigError(f"{f.name} must be {getattr(f.type, '__name__', f.type)}, got {v!r}")
+  if f.choices and v not in f.choices:
+    shown = " or ".join(repr(c) for c in f.choices) if len(f.choices) <= 2 else \
+        "one of " + ", ".join(repr(c) for c in f.choices)
+    raise ConfigError(f"{f.name} must be {shown}, got {v!r}")
+  if f.minimum is not None and v < f.minimum:
+    what = "a positive integer" if f.type is int and f.minimum == 1 else f">= {f.minimum}"
+    raise ConfigError(f"{f.name} must be {what}, got {v!r}")
+  if f.check is not None:
+    msg = f.check(v)
+    if msg:
+      raise ConfigError(f"{f.name} {msg}")
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             num_processes: int = 1) -> None:
+  """Raises ConfigError on the first bad field. Cheap: touches no data and no device.
+
+  With ``num_devices`` (all hosts) the batch sizes are checked against the mesh too.
+  """
+  from bssl import models
+  schema = {f.name: f for f in all_fields()}
+  unknown = sorted(n for n in _leaf_names(cfg) if n not in schema)
+  if unknown:
+    raise ConfigError(f"unknown config field(s) {unknown}; every field is listed in "
+                      f"bssl/config.py (e.g. {', '.join(sorted(schema)[:3])}, ...)")
+  missing = sorted(n for n in schema if not _has(cfg, n))
+  if missing:
+    raise ConfigError(f"config lacks field(s) {missing}: build recipe configs from "
+                      f"bssl.config.base()")
+  for name, f in schema.items():
+    _check_field(f, get(cfg, name))
+  parse_stages(cfg.stages)
+
+  d = cfg.data
+  for f in ("mean", "std"):
+    if len(tuple(d[f])) not in (1, d.channels):
+      raise ConfigError(f"data.{f} must have 1 or data.channels={d.channels} entries, "
+                        f"got {tuple(d[f])}")
+  if any(s <= 0 for s in d.std):
+    raise ConfigError(f"data.std must be positive, got {tuple(d.std)}")
+  u = cfg.unlabelled
+  if u.kind == "rest_of_train" and d.kind == "tfds":
+    raise ConfigError("unlabelled.kind='rest_of_train' needs data.kind 'fashion_mnist' or "
+                      "'fake'; with TFDS data use 'image_folder' or 'tfds'")
+  if u.kind == "image_folder" and not u.get("path"):
+    raise ConfigError("unlabelled.path must name a folder of images or a file list when "
+                      "unlabelled.kind='image_folder', got None")
+  if u.kind == "tfds" and not (u.get("tfds_name") and u.get("split")):
+    raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
+                      "unlabelled.split")
+
+  for name in TRAIN_SECTIONS:
+    s = cfg[name]
+    try:
+      models.arch_config(s.model, **dict(s.model_kwargs or {}))
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"{name}.model: {e}") from None
+    if s.init_from in TRAIN_SECTIONS or s.init_from in ALL_STAGES:
+      if not (name == "teacher" and s.init_from == "baseline"):
+        raise ConfigError(f"{name}.init_from={s.init_from!r}: only the teacher may start from "
+                          f"another stage, and only from 'baseline'; otherwise give a folder "
+                          f"of variables")
+      if not same_architecture(s, cfg.baseline):
+        raise ConfigError(f"teacher.init_from='baseline' needs the teacher's architecture to "
+                          f"be the baseline's ({cfg.baseline.model!r} "
+                          f"{dict(cfg.baseline.model_kwargs or {})}), got {s.model!r} "
+                          f"{dict(s.model_kwargs or {})}")
+    if s.steps is None and not s.epochs:
+      raise ConfigError(f"{name}: set steps (a positive integer) or epochs (positive), got "
+                        f"steps={s.steps!r} epochs={s.epochs!r}")
+    if s.steps == 0 and not s.init_from:
+      raise ConfigError(f"{name}.steps=0 trains nothing, so {name}.init_from must name the "
+                        f"variables to use (a folder, or 'baseline' for the teacher)")
+  if cfg.finetune.init_from:
+    raise ConfigError(f"finetune.init_from must be None: fine-tuning starts from the "
+                      f"pre-trained student, got {cfg.finetune.init_from!r}")
+  for name in ("pretrain", "finetune"):
+    if not same_architecture(cfg[name], cfg.baseline):
+      raise ConfigError(f"{name}.model must be the student architecture, which is also the "
+                        f"baseline's ({cfg.baseline.model!r} {dict(cfg.baseline.model_kwargs)}), "
+                        f"got {cfg[name].model!r} {dict(cfg[name].model_kwargs or {})}")
+  if cfg.select.p > d.num_classes:
+    raise ConfigError(f"select.p must be an integer between 1 and data.num_classes "
+                      f"({d.num_classes}), got {cfg.select.p!r}")
+  if num_devices is not None:
+    check_batch_sizes(cfg, num_devices, num_processes)
+
+
+def _has(cfg, name: str) -> bool:
+  node = cfg
+  for part in name.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def check_batch_sizes(cfg, num_devices: int, num_processes: int) -> None:
+  """Every global batch of every stage splits evenly over processes and devices (scoring
+  runs on each process's own devices: a multiple of all devices suffices)."""
+  stages = set(parse_stages(cfg.stages))
+  sizes = [(f"{s}.batch_size", cfg[s].batch_size) for s in TRAIN_SECTIONS
+           if s in stages and cfg[s].steps != 0]
+  sizes += [("score.batch_size", cfg.score.batch_size)] if "score" in stages else []
+  if stages & {"baseline", "teacher", "pretrain", "finetune", "evaluate"}:
+    sizes.append(("data.eval_batch_size", cfg.data.eval_batch_size))
+  for name, b in sizes:
+    if b % num_devices or b % num_processes:
+      raise ConfigError(f"{name}={b} must be a multiple of the number of devices "
+                        f"({num_devices} on {num_processes} process(es)); e.g. "
+                        f"{max(num_devices, b - b % num_devices)}")
+
+
+def same_architecture(a, b) -> bool:
+  return a.model == b.model and dict(a.model_kwargs or {}) == dict(b.model_kwargs or {})
+
+
+def resolve_steps(scfg, num_examples: int) -> int:
+  """Training length in steps: ``steps`` when set, else ``epochs`` over ``num_examples``."""
+  import math
+  if scfg.get("steps") is not None:
+    return int(scfg.steps)
+  return max(1, math.ceil(float(scfg.epochs) * num_examples / int(scfg.batch_size)))
+
+
+def result_fields(cfg, sections: Sequence[str]) -> dict:
+  """The non-cosmetic fields under ``sections`` (dotted names or whole sections), as a flat
+  ``{dotted name: value}`` dict of JSON values: what a stage's fingerprint is made of."""
+  out = {}
+  for f in all_fields():
+    if f.cosmetic:
+      continue
+    if any(f.name == s or f.name.startswith(s + ".") for s in sections):
+      out[f.name] = json.loads(json.dumps(_plain(get(cfg, f.name))))
+  return out
+
+
+def _plain(v):
+  if isinstance(v, ml_collections.ConfigDict):
+    return {k: _plain(v[k]) for k in sorted(v.keys())}
+  if isinstance(v, dict):
+    return {k: _plain(v[k]) for k in sorted(v)}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  return v
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

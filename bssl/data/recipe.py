@@ -1,0 +1,91 @@
+"""The recipe's data: D, validation, test and U, opened from the config (cheap: no image is
+decoded here). Every source is checked to be non-empty before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from bssl.data import pipelines, sources
+
+
+@dataclasses.dataclass
+class Data:
+  labelled: Any          # D
+  val: Any | None        # carved from the training data, for choosing hyperparameters
+  test: Any              # never used to choose anything
+  unlabelled: Any        # U (record ids = positions in U)
+  unlabelled_true_labels: np.ndarray | None
+  spec: pipelines.ImageSpec
+  class_names: tuple
+  splits: dict
+
+
+def build_data(cfg) -> Data:
+  """Opens the sources (cheap: no training) and fails clearly when data is missing."""
+  d = cfg.data
+  spec = pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
+                             eval_transform=d.eval_transform, pad=d.get("pad", 4))
+  rng = np.random.default_rng(cfg.seed)
+  splits: dict = {}
+  val = None
+  if d.kind in ("fashion_mnist", "fake"):
+    if d.kind == "fashion_mnist":
+      train_all, test = sources.load_fashion_mnist(d.folder)
+    else:
+      shape = (d.image_size, d.image_size, d.channels)
+      train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
+      test = sources.fake_source(d.fake_test_size, shape, d.num_classes, seed=2)
+    if d.subset is not None:
+      train_all = train_all.subset(np.arange(min(d.subset, len(train_all))))
+      test = test.subset(np.arange(min(max(d.subset // 4, 1), len(test))))
+    if d.labelled_per_class:
+      lab_idx = sources.class_balanced_indices(train_all.labels, d.labelled_per_class,
+                                               d.num_classes, rng)
+    else:
+      lab_idx = np.arange(len(train_all))
+    val_idx = np.zeros(0, np.int64)
+    if d.val_per_class:
+      val_idx = sources.class_balanced_indices(train_all.labels, d.val_per_class,
+                                               d.num_classes, rng, exclude=lab_idx)
+      val = train_all.subset(val_idx)
+    labelled = train_all.subset(lab_idx)
+    rest = np.setdiff1d(np.arange(len(train_all)), np.concatenate([lab_idx, val_idx]))
+    splits = {"labelled": lab_idx.tolist(), "val": val_idx.tolist(),
+              "unlabelled": "the other training images, in index order"}
+    class_names = train_all.class_names
+  else:  # tfds
+    labelled = sources.TFDSSource(d.tfds_name, d.train_split, d.tfds_data_dir)
+    test = sources.TFDSSource(d.tfds_name, d.test_split, d.tfds_data_dir)
+    if d.get("val_split"):
+      val = sources.TFDSSource(d.tfds_name, d.val_split, d.tfds_data_dir)
+    class_names = labelled.class_names or tuple(str(c) for c in range(d.num_classes))
+    rest = None
+
+  u = cfg.unlabelled
+  true_u = None
+  if u.kind == "rest_of_train":
+    unl = sources.SubsetView(train_all, rest, hide_labels=True, reindex=True)
+    true_u = train_all.labels[rest]
+  elif u.kind == "image_folder":
+    unl = sources.ImageFileSource(u.path, channels=d.channels)
+  elif u.kind == "tfds":
+    base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
+    unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
+  else:  # fake
+    shape = (d.image_size, d.image_size, d.channels)
+    base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
+    unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
+    true_u = base.labels
+  if u.limit is not None:
+    n = min(int(u.limit), len(unl))
+    unl = sources.SubsetView(unl, np.arange(n), reindex=True)
+    true_u = None if true_u is None else true_u[:n]
+  for what, src, field in (("D (the labelled set)", labelled, "data"),
+                           ("the test set", test, "data"),
+                           ("U (the unlabelled set)", unl, "unlabelled")):
+    if len(src) == 0:
+      raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
+                              f"train, score or evaluate (check {field}.* limits and sizes)")
+  return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits)

@@ -1,0 +1,52 @@
+"""What every stage is made of: its entry in the table (:class:`Stage`) and what its
+function receives (:class:`Context`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from bssl import parallel, workdir as workdir_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One entry of the recipe's table."""
+  name: str
+  run: Callable[["Context"], dict]        # makes the artifact; returns info for done.json
+  sections: tuple[str, ...] = ()          # config its artifact depends on (+ seed, data)
+  reads: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # stages it needs, complete
+  optional_reads: tuple[str, ...] = ()    # stages it uses when present (evaluate, report)
+  fingerprinted: bool = True              # False: cheap, rerun every time (evaluate, report)
+
+
+@dataclasses.dataclass
+class Context:
+  """What a stage function gets: the config, the work directory, the data, the backend."""
+  cfg: Any
+  wd: workdir_lib.Workdir
+  data: Any
+  backend: Any
+  stage: str = ""
+
+  @property
+  def dir(self):
+    return self.wd.stage(self.stage)
+
+  def log(self, msg: str) -> None:
+    if parallel.is_main_process():
+      print(f"[{self.stage}] {msg}", flush=True)
+
+  def done(self, stage: str) -> dict:
+    d = self.wd.done(stage)
+    if d is None:
+      raise RuntimeError(f"stage {stage!r} is not complete in {self.wd}")
+    return d
+
+  def variables_stage(self, stage: str) -> str:
+    """The stage whose ``final/`` holds ``stage``'s variables (a teacher that is the
+    baseline points at the baseline's)."""
+    if stage == self.stage:  # the stage being made: its own final/
+      return stage
+    while (src := self.done(stage).get("variables_from")) is not None:
+      stage = src
+    return stage

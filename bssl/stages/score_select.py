@@ -1,0 +1,77 @@
+"""Score U with the teacher (every process its own chunks, resumable in images), then
+select D̂: the exact per-class top-K of the merged parts."""
+from __future__ import annotations
+
+import numpy as np
+
+from bssl import parallel, scoring, selection
+from bssl import workdir as workdir_lib
+from bssl.data import sources
+
+
+def score(ctx) -> dict:
+  cfg, unl = ctx.cfg, ctx.data.unlabelled
+  n, pi, pc = len(unl), parallel.process_index(), parallel.process_count()
+  parts = ctx.dir / "parts"
+  k, p, nc = int(cfg.select.k), int(cfg.select.p), int(cfg.data.num_classes)
+  scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p)
+  chunk = int(cfg.score.checkpoint_every) * int(cfg.score.batch_size)
+  gen, chunks = scoring.plan_chunks(parts, n, chunk)
+  parallel.sync("bssl_score_plan")  # every process has listed the parts before any writes
+  todo = sum(b - a for a, b in chunks)
+  ctx.log(f"{n} images of U, {n - todo} scored by earlier runs; {todo} to score in "
+          f"{len(chunks)} chunk(s) over {pc} process(es), batch {cfg.score.batch_size}, "
+          f"top-{p} classes (generation {gen})")
+  if chunks:
+    scorer = ctx.backend.scorer(ctx, "teacher", p)
+    scoring.score_process(
+        scorer=scorer, source=unl, spec=ctx.data.spec, parts_dir=parts, gen=gen,
+        chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
+        local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
+        num_threads=cfg.num_threads, log=ctx.log)
+  parallel.sync("bssl_score_parts")
+  info = {"num_unlabelled": n, "num_processes": pc}
+  if parallel.is_main_process():
+    cov = scoring.coverage(parts, n)  # every image exactly once, or an error
+    info.update(num_scored=cov["num_scored"], num_bad_images=cov["num_bad"],
+                num_parts=cov["num_parts"])
+  return info
+
+
+def select(ctx) -> dict:
+  if not parallel.is_main_process():
+    return {}
+  cfg, unl = ctx.cfg, ctx.data.unlabelled
+  acc, merged = scoring.merge_parts(ctx.wd.stage("score") / "parts", len(unl))
+  bad = merged["bad_ids"]
+  names = [unl.name_of(i) for i in bad] if hasattr(unl, "name_of") else [str(i) for i in bad]
+  workdir_lib.write_json(ctx.dir / "bad_images.json", {"ids": bad, "files": names})
+  if bad:
+    ctx.log(f"{len(bad)} undecodable or wrongly shaped images were skipped; listed in "
+            f"{ctx.dir / 'bad_images.json'}")
+  sel = acc.result()
+  if len(sel.ids) == 0:
+    raise sources.DataError(f"select: D̂ is empty: none of the {len(unl)} images of U could "
+                            f"be scored (see {ctx.dir / 'bad_images.json'})")
+  counts = sel.counts()
+  short = [int(c) for c in np.flatnonzero(counts < cfg.select.k)]
+  info = {"k": int(cfg.select.k), "p": int(cfg.select.p), "num_selected": int(len(sel.ids)),
+          "num_unique_images": int(len(np.unique(sel.ids))),
+          "num_scored": merged["num_scored"], "classes_short_of_k": short,
+          "min_per_class": int(counts.min()), "max_per_class": int(counts.max())}
+  truth = ctx.data.unlabelled_true_labels
+  if truth is not None:
+    correct = truth[sel.ids] == sel.classes
+    info["label_precision"] = float(correct.mean())
+    edges = np.unique(np.linspace(0, cfg.select.k, 9).astype(int))
+    info["label_precision_by_rank"] = [
+        {"ranks": [int(lo), int(hi)], "precision": float(correct[m].mean()),
+         "count": int(m.sum())}
+        for lo, hi in zip(edges[:-1], edges[1:])
+        if (m := (sel.ranks >= lo) & (sel.ranks < hi)).any()]
+  selection.write_selection(ctx.dir / "dhat", sel, extra_summary=info)
+  ctx.log(f"D^ has {info['num_selected']} rows ({info['num_unique_images']} images), "
+          f"{len(short)} classes short of K={cfg.select.k}"
+          + (f", label precision {info['label_precision']:.4f}" if "label_precision" in info
+             else ""))
+  return info

@@ -1,0 +1,54 @@
+"""The training stages: baseline and teacher on D, the student's pre-training on D̂ and its
+fine-tuning on D. Each trains through the backend, then measures the model on the
+validation split (never the test split) for the record."""
+from __future__ import annotations
+
+import numpy as np
+
+from bssl import selection
+from bssl.data import sources
+
+
+def _init(scfg) -> tuple | None:
+  if not scfg.init_from:
+    return None
+  return ("stage", scfg.init_from) if scfg.init_from == "baseline" else ("folder", scfg.init_from)
+
+
+def _train(ctx, source, init) -> dict:
+  info = ctx.backend.train(ctx, source, init)
+  info["num_train_examples"] = len(source)
+  if ctx.data.val is not None:
+    info["val"] = ctx.backend.evaluate(ctx, ctx.stage, ctx.data.val)
+    ctx.log(f"validation top-1 {info['val']['top1']:.4f} top-5 {info['val']['top5']:.4f}")
+  return info
+
+
+def baseline(ctx) -> dict:
+  return _train(ctx, ctx.data.labelled, _init(ctx.cfg.baseline))
+
+
+def teacher(ctx) -> dict:
+  t = ctx.cfg.teacher
+  if t.init_from == "baseline" and t.steps == 0:
+    # Self-training at no cost: the teacher *is* the baseline; its artifact points there.
+    b = ctx.done("baseline")
+    ctx.log("the teacher is the baseline (teacher.init_from='baseline', steps=0)")
+    return {"variables_from": "baseline", "steps": 0, "train_seconds": 0.0,
+            "num_params": b.get("num_params"), "num_train_examples": len(ctx.data.labelled),
+            **({"val": b["val"]} if "val" in b else {})}
+  return _train(ctx, ctx.data.labelled, _init(t))
+
+
+def pseudo_labelled(ctx) -> sources.PseudoLabelSource:
+  sel = selection.read_selection(ctx.wd.stage("select") / "dhat")
+  return sources.PseudoLabelSource(ctx.data.unlabelled, np.asarray(sel.ids),
+                                   np.asarray(sel.classes))
+
+
+def pretrain(ctx) -> dict:
+  return _train(ctx, pseudo_labelled(ctx), _init(ctx.cfg.pretrain))
+
+
+def finetune(ctx) -> dict:
+  return _train(ctx, ctx.data.labelled, ("stage", "pretrain"))

@@ -1,0 +1,83 @@
+"""In-memory GCS emulator on 127.0.0.1 so tests can use ``gs://bkt/...`` paths.
+
+Clients are pointed at it through environment variables (``gcs.env``), which
+must be set before the client libraries start: etils.epath/gcsfs and
+tensorboardX/google-cloud-storage read ``STORAGE_EMULATOR_HOST``; orbax, through
+tensorstore, reads ``TENSORSTORE_GCS_HTTP_URL`` + ``GOOGLE_AUTH_TOKEN_FOR_TESTING``.
+``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` stops new gcsfs from probing the bucket
+type (a warning on every call).  Pass them to child processes:
+``subprocess.run([...], env={**os.environ, **gcs.env})``.
+
+Usage: ``from gcs_emulator import gcs`` in a test file or conftest, then take
+``gcs`` as a fixture argument.  The pytest process itself is left on local disk
+unless a test calls ``gcs.apply_env(monkeypatch)``.
+"""
+import logging
+
+import pytest
+from gcp_storage_emulator import server as _srv, settings as _settings
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects as _objects
+
+BUCKET = "bkt"
+
+
+def _move(request, response, storage, *args, **kwargs):
+  """``moveTo``, used by gcsfs for rename, is missing in the emulator (a 501 that
+  gcsfs retries for ~30 s before its copy+delete fallback): do copy+delete here."""
+  p = request.params
+  try:
+    obj = _objects._copy(request.base_url, storage, p["bucket_name"], p["object_id"],
+                         p["bucket_name"], p["dest_object_id"])
+  except NotFound:
+    response.status = _objects.HTTPStatus.NOT_FOUND
+    return
+  storage.delete_file(p["bucket_name"], p["object_id"])
+  response.json(obj)
+
+
+if not getattr(_srv, "_bssl_move_patched", False):
+  _srv.HANDLERS = tuple(
+      (rf"^{pre}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+       rf"(?P<dest_object_id>.*[^/]+)$", {_srv.POST: _move})
+      for pre in (_settings.API_ENDPOINT, "")) + tuple(_srv.HANDLERS)
+  _srv._bssl_move_patched = True
+
+
+def start(port=None, quiet=True):
+  """Starts the emulator (bucket ``bkt``; a free port when None) in a daemon thread
+  of this process.  Returns ``(server, env)``; stop with ``server.stop()``."""
+  if quiet:  # it logs every 404 ("Resource not found") and every request
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+  server = _srv.create_server("127.0.0.1", port or 0, in_memory=True, default_bucket=BUCKET)
+  server._api.daemon = True  # never keeps the interpreter alive
+  server.start()
+  if quiet:  # clients that hang up early print BrokenPipe tracebacks otherwise
+    server._api._httpd.handle_error = lambda request, client_address: None
+  url = "http://127.0.0.1:%d" % server._api._httpd.server_address[1]
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GOOGLE_CLOUD_PROJECT": "test",
+         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  return server, env
+
+
+class GCS:
+  """What the ``gcs`` fixture yields."""
+
+  def __init__(self, server, env):
+    self.server, self.env = server, env
+
+  def url(self, path=""):
+    return "gs://%s/%s" % (BUCKET, path.lstrip("/"))
+
+  def apply_env(self, monkeypatch):
+    """Sets ``env`` in this process (only for clients created afterwards)."""
+    for k, v in self.env.items():
+      monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  server, env = start()
+  yield GCS(server, env)
+  server.stop()
