@@ -88,7 +88,7 @@ class JaxBackend:
 
   def scorer(self, ctx, stage: str, top_p: int):
     model = make_model(ctx.cfg[stage], ctx.cfg.data.num_classes)
-    return _JaxScorer(model, self.load(ctx, stage, model), top_p, *self.norm)
+    return JaxScorer(model, self.load(ctx, stage, model), top_p, *self.norm)
 
   def local_batch_size(self, global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
@@ -99,7 +99,7 @@ def _resolve_steps(scfg, n: int) -> int:
   return config.resolve_steps(scfg, n)
 
 
-class _JaxScorer:
+class JaxScorer:
   """Softmax top-P on this process's own devices (a local mesh: scoring needs no
   collective, so processes never wait for each other)."""
 

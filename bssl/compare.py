@@ -141,39 +141,26 @@ def set_jax_cache(workdir: str) -> None:
 # ----------------------------------------------------------------------------- the two lanes
 
 
-def _jax_complete(cfg, wd: str) -> bool:
-  from bssl import pipeline
-  if not os.path.exists(os.path.join(wd, "report", "results.json")):
-    return False
-  return all(pipeline._is_done(cfg, wd, s)  # noqa: SLF001 - the pipeline's own rule
-             for s in ("baseline", "teacher", "score", "select", "pretrain", "finetune",
-                       "evaluate"))
+def _run_seed(cfg, wd: str, seed: int, backend=None, label: str = "JAX") -> dict:
+  """The whole recipe for one seed through the engine (it skips what is complete)."""
+  from bssl import engine
+  c = seed_config(cfg, seed)
+  c.stages = "baseline,teacher,score,select,pretrain,finetune,evaluate,report"
+  t0 = time.time()
+  _log(f"{label} seed {seed}: running the recipe in {wd}")
+  engine.run_recipe(c, wd, backend=backend(c) if backend else None)
+  _log(f"{label} seed {seed}: done in {time.time() - t0:.0f}s")
+  return _read_json(os.path.join(wd, "report", "results.json"))
 
 
 def run_jax_seed(cfg, workdir: str, seed: int) -> dict:
-  from bssl import pipeline
-  c = seed_config(cfg, seed)
-  c.stages = "baseline,teacher,score,select,pretrain,finetune,evaluate,report"
-  wd = jax_dir(workdir, seed)
-  if _jax_complete(c, wd):
-    _log(f"JAX seed {seed}: complete in {wd}; skipping")
-  else:
-    t0 = time.time()
-    _log(f"JAX seed {seed}: running the pipeline in {wd}")
-    pipeline.run(c, wd)
-    _log(f"JAX seed {seed}: done in {time.time() - t0:.0f}s")
-  return _read_json(os.path.join(wd, "report", "results.json"))
+  return _run_seed(cfg, jax_dir(workdir, seed), seed)
 
 
 def run_torch_seed(cfg, workdir: str, seed: int, threads: int | None) -> dict:
   from bssl import torch_train
-  c = seed_config(cfg, seed)
-  wd = torch_dir(workdir, seed)
-  t0 = time.time()
-  _log(f"PyTorch seed {seed}: running the recipe in {wd}")
-  res = torch_train.run(c, wd, threads=threads)
-  _log(f"PyTorch seed {seed}: done in {time.time() - t0:.0f}s")
-  return res
+  return _run_seed(cfg, torch_dir(workdir, seed), seed, label="PyTorch",
+                   backend=lambda c: torch_train.TorchBackend(c, threads))
 
 
 def _torch_lane(cfg_dict: dict, workdir: str, seeds: list[int], threads: int | None) -> None:
@@ -236,11 +223,11 @@ def _speed_worker(framework: str, threads: str, cfg_dict: dict, opts: dict,
 
   if framework == "jax":
     import jax
-    from bssl import parallel, pipeline, scoring, train
+    from bssl import backend, parallel, train
     mesh = parallel.make_mesh(tuple(cfg.mesh_shape) or None)
     schedule = train.make_schedule(scfg, total, train.learning_rate(scfg, b))
     tx = train.make_optimizer(scfg, schedule)
-    model = pipeline.make_model(scfg, nc)
+    model = backend.make_model(scfg, nc)
     state = train.init_state(model, tx, 0, shape, mesh)
     step = train.make_train_step(model, tx, mesh, num_classes=nc, mean=mean, std=std,
                                  schedule=schedule, bn_mode=scfg.get("bn_mode", "sync"),
@@ -253,14 +240,13 @@ def _speed_worker(framework: str, threads: str, cfg_dict: dict, opts: dict,
       jax.block_until_ready(box["state"].params)
 
     out["train"] = timed(train_once, b)
-    tmodel = pipeline.make_model(tcfg, nc)
+    tmodel = backend.make_model(tcfg, nc)
     tvars = jax.jit(lambda r: tmodel.init(r, np.zeros((1, *shape), np.float32), train=False),
                     out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
-    sstep = scoring.make_score_step(tmodel, mesh, top_p=int(cfg.select.p), mean=mean, std=std)
+    scorer = backend.JaxScorer(tmodel, tvars, int(cfg.select.p), mean, std)
 
     def score_once():
-      x = parallel.global_batch_from_local(mesh, simages)
-      jax.device_get(sstep(tvars, x))
+      scorer.fetch(scorer.dispatch(simages))
 
     out["score"] = timed(score_once, sb)
     out["num_threads"] = ("1 (XLA intra-op)" if threads == "1"
@@ -385,10 +371,10 @@ def _u_to_train_index(cfg):
   training images outside D and the validation split, in index order (cut to its first
   ``limit``): its first len(U) members are all below len(D) + len(val) + len(U)."""
   import numpy as np
-  from bssl import pipeline
+  from bssl.data import recipe
   if cfg.unlabelled.kind != "rest_of_train":
     return None
-  data = pipeline.build_data(cfg)
+  data = recipe.build_data(cfg)
   taken = np.concatenate([np.asarray(data.splits["labelled"], np.int64),
                           np.asarray(data.splits["val"], np.int64)])
   n = len(taken) + len(data.unlabelled)
@@ -561,7 +547,7 @@ def compare(cfg, workdir: str, *, seeds: list[int], frameworks: list[str], paral
             torch_threads: int = 1, speed: bool = True, speed_opts: dict | None = None,
             speed_threads: list[str] | None = None, jax_cache: bool = True,
             config_name: str = "") -> dict:
-  from bssl import config_lib
+  from bssl import config as config_lib
   bad = [f for f in frameworks if f not in FRAMEWORK_NAMES]
   if bad or not frameworks:
     raise config_lib.ConfigError(f"--frameworks: unknown {bad or frameworks}; accepted: jax, torch")
@@ -608,7 +594,8 @@ def compare(cfg, workdir: str, *, seeds: list[int], frameworks: list[str], paral
                          f"same command to resume, or use --noparallel to see the error here")
     timings["torch_lane"] = _read_json(os.path.join(workdir, "torch", "lane.json"))["seconds"]
     for s in seeds:
-      results["torch"][s] = _read_json(os.path.join(torch_dir(workdir, s), "results.json"))
+      results["torch"][s] = _read_json(os.path.join(torch_dir(workdir, s), "report",
+                                                    "results.json"))
   elif "torch" in frameworks:
     t0 = time.time()
     for s in seeds:
@@ -636,7 +623,7 @@ def compare(cfg, workdir: str, *, seeds: list[int], frameworks: list[str], paral
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bssl import config_lib
+  from bssl import config as config_lib
   from bssl.data.sources import DataError
   v = {k: f.value for k, f in F.items()}
   if v["config"] is None:
@@ -658,7 +645,7 @@ def main(argv):
             parallel=v["parallel"], torch_threads=v["torch_threads"], speed=v["speed"],
             speed_opts=speed_opts, speed_threads=list(v["speed_threads"]),
             jax_cache=v["jax_cache"], config_name=config_name)
-  except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, DataError, FileNotFoundError) as e:  # one line, exit 2
     print(f"bssl.compare: error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

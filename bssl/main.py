@@ -45,7 +45,11 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}".splitlines()[0][:600])
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # a config file that raised: absl embeds its traceback; its last line is the error
+    text = lines[-1] if "Traceback" in str(e) else " ".join(lines)
+    flag = lines[0].split(":")[0] if lines else "flags"
+    fail(f"{flag}: {text}"[:600])
   except (FileNotFoundError, OSError) as e:
     fail(f"--config: {e}")
   except Exception as e:  # noqa: BLE001 - a config file that raises (bad preset, ...)
@@ -61,8 +65,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     cfg = _CONFIG.value
+    if cfg is not None:
+      cfg.keys()  # a config file that failed to load raises here
   except Exception as e:  # noqa: BLE001 - the config file itself failed
-    fail(f"--config: {type(e).__name__}: {e}")
+    fail("--config: " + " ".join(str(e).split())[:600])
   if cfg is None:
     fail("--config is required, e.g. --config=configs/demo.py")
   if not _WORKDIR.value:

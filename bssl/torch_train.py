@@ -2,9 +2,9 @@
 comparison with the JAX implementation (``python -m bssl.compare``).
 
 Everything that defines the experiment is shared with the JAX code rather than
-re-implemented: the data splits (:func:`bssl.pipeline.build_data`), the grain pipelines
+re-implemented: the data splits (:func:`bssl.data.recipe.build_data`), the grain pipelines
 (:mod:`bssl.data.pipelines`: the same seed gives the same numpy batches, augmentations
-included), the stage seeds (``seed * 100 + stage``, as in :mod:`bssl.pipeline`), the
+included), the stage seeds (``seed * 100 + stage``, :data:`bssl.backend.STAGE_SEED`), the
 learning-rate values (:func:`bssl.train.make_schedule`, evaluated once per step), the
 selection (:class:`bssl.selection.TopKPerClass`) and the model layout
 (:func:`bssl.torch_models.create_torch_model`, torchvision's names). What is PyTorch:
@@ -32,16 +32,14 @@ The recipe, term by term as in :mod:`bssl.train`:
 * Inputs: uint8 NHWC batches from grain, normalised with the config's mean/std, fed as
   NCHW in ``channels_last`` memory format (a free view of NHWC, and faster on CPU).
 
-Each stage of :func:`run` writes ``<workdir>/<stage>/done.json`` (plus ``model.pt`` for
-trained stages, ``select/dhat`` for the selection), so an interrupted comparison
-resumes at the first incomplete stage; ``<workdir>/results.json`` has the shape of the
-JAX pipeline's ``report/results.json`` (keys baseline, teacher, student_pretrained,
-student, selection).
+:class:`TorchBackend` is the engine's backend for this lane: the stages, their
+bookkeeping (done.json, fingerprints, refusal) and the report are the engine's own
+(:mod:`bssl.engine`, :mod:`bssl.stages`); only how a stage trains, evaluates and scores
+is PyTorch. Trained stages write ``<workdir>/<stage>/model.pt``.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable
 
@@ -50,14 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bssl import config_lib, jsonio, selection
+from bssl import config
+from bssl import workdir as workdir_lib
 from bssl import train as jax_train
-from bssl.data import pipelines, sources
+from bssl.data import pipelines
 from bssl.torch_models import create_torch_model
 
-STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4}  # as bssl.pipeline
-EVAL_KEYS = (("baseline", "baseline"), ("teacher", "teacher"),
-             ("student_pretrained", "pretrain"), ("student", "finetune"))
+from bssl.backend import STAGE_SEED  # noqa: E402  (the same stage seeds as JAX)
 
 
 # ----------------------------------------------------------------------------- model
@@ -79,7 +76,7 @@ def init_like_flax(model: nn.Module) -> nn.Module:
 
 def make_model(scfg, num_classes: int, in_channels: int, seed: int | None = None,
                channels_last: bool = True) -> nn.Module:
-  """The PyTorch twin of ``bssl.pipeline.make_model(scfg, num_classes)``."""
+  """The PyTorch twin of ``bssl.backend.make_model(scfg, num_classes)``."""
   if seed is not None:
     torch.manual_seed(seed)
   model = create_torch_model(scfg.model, num_classes, in_channels=in_channels,
@@ -237,203 +234,87 @@ def evaluate(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes
   return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "num_examples": int(n)}
 
 
-@torch.inference_mode()
-def score(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes: int,
-          top_p: int, k: int, mean, std, batch_size: int, num_threads: int = 1,
-          log: Callable[[str], None] | None = None) -> tuple[selection.TopKPerClass, dict]:
-  """Softmax top-P of every image of U into a per-class top-K accumulator (what
-  ``bssl.scoring.score_shard`` does on one process)."""
-  model.eval()
-  log = log or _print("score")
-  acc = selection.TopKPerClass(num_classes, k)
-  scored, bad = 0, []
-  t0 = time.time()
-  for batch in pipelines.eval_dataset(source, spec, local_batch_size=batch_size,
-                                      num_threads=num_threads):
-    ids, mask = np.asarray(batch["id"]), np.asarray(batch["mask"], bool)
-    bad.extend(int(i) for i in ids[(~np.asarray(batch["valid"], bool)) & (ids >= 0)])
-    if not mask.any():
-      continue
-    logits = model(to_input(batch["image"], mean, std)).float()
-    finite = torch.isfinite(logits).all(-1).numpy()
-    if np.any(mask & ~finite):
-      raise FloatingPointError(f"[torch score] NaN/inf logits for image ids "
-                               f"{ids[mask & ~finite][:20].tolist()}")
-    probs = torch.softmax(logits, dim=-1)
-    s, c = probs.topk(top_p, dim=-1)
-    s, c = s.numpy()[mask], c.numpy().astype(np.int32)[mask]
-    acc.update(np.repeat(ids[mask], top_p), c.reshape(-1), s.reshape(-1))
-    scored += int(mask.sum())
-  secs = time.time() - t0
-  log(f"scored {scored} images in {secs:.1f}s ({scored / max(secs, 1e-9):.0f} img/s)")
-  return acc, {"num_scored": scored, "bad_ids": bad, "seconds": secs}
-
-
-# ----------------------------------------------------------------------------- the recipe
-
-
-_write_json, _read_json = jsonio.write_json, jsonio.read_json
-
-
-def _done(cfg, workdir: str, stage: str) -> dict | None:
-  """The stage's done.json if complete with the same config; refuses a changed one (the
-  JAX pipeline's rule: the fingerprint of the stage and of the stages it depends on)."""
-  from bssl import pipeline
-  path = os.path.join(workdir, stage, "done.json")
-  if not os.path.exists(path):
-    return None
-  done = _read_json(path)
-  changed = pipeline._fingerprint_changes(  # noqa: SLF001
-      done.get("fingerprint") or {}, pipeline._stage_fingerprint(cfg, stage))  # noqa: SLF001
-  if changed:
-    raise config_lib.ConfigError(
-        f"torch stage {stage!r} in {workdir} was produced with a different config "
-        f"(changed: {'; '.join(changed)}); use a new --workdir or delete "
-        f"{os.path.join(workdir, stage)} and the stages after it")
-  return done
-
-
-def _finish(cfg, workdir: str, stage: str, info: dict) -> dict:
-  from bssl import pipeline
-  info = dict(info, fingerprint=pipeline._stage_fingerprint(cfg, stage),  # noqa: SLF001
-              finished=time.time())
-  _write_json(os.path.join(workdir, stage, "done.json"), info)
-  return info
-
-
-def _model_path(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, "model.pt")
-
-
-def _load_stage_model(cfg, workdir: str, stage: str) -> nn.Module:
-  model = make_model(cfg[stage], cfg.data.num_classes, cfg.data.channels)
-  model.load_state_dict(torch.load(_model_path(workdir, stage), map_location="cpu",
-                                   weights_only=True))
-  return model
+# ----------------------------------------------------------------------------- the engine's backend
 
 
 def check_config(cfg) -> None:
   """What the PyTorch lane cannot do, refused before any work."""
-  for stage in config_lib.TRAIN_STAGES:
+  for stage in config.TRAIN_SECTIONS:
     init = cfg[stage].get("init_from")
     if init is not None and not (stage == "teacher" and init == "baseline"):
-      raise config_lib.ConfigError(
+      raise config.ConfigError(
           f"{stage}.init_from={init!r}: the PyTorch lane trains every stage itself; only the "
           f"teacher may start from its own baseline ('baseline'), not from a folder of JAX "
           f"variables")
 
 
-def run(cfg, workdir: str, *, threads: int | None = None,
-        log: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict:
-  """baseline, teacher, score + select, pretrain, finetune, evaluate: the whole recipe in
-  PyTorch on the data of ``bssl.pipeline.build_data(cfg)``. Returns (and writes to
-  ``<workdir>/results.json``) the test metrics of every model and the selection's
-  statistics, in the layout of the JAX report."""
-  from bssl import pipeline
-  config_lib.validate(cfg)
-  check_config(cfg)
-  if threads:
-    torch.set_num_threads(int(threads))
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  data = pipeline.build_data(cfg)
-  nc, ch = cfg.data.num_classes, cfg.data.channels
-  mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-  nt = cfg.num_threads
-  log(f"[torch] seed {cfg.seed}: {len(data.labelled)} labelled, {len(data.unlabelled)} "
-      f"unlabelled, {len(data.test)} test images; {torch.get_num_threads()} threads; "
-      f"workdir {workdir}")
-  timings = {}
+class TorchBackend:
+  """The engine's PyTorch backend (one process, CPU): the same stages, data, batches and
+  schedules as :class:`bssl.backend.JaxBackend`; variables in ``<stage>/model.pt``."""
+  name = "torch"
 
-  def train_stage(stage: str, source, init_from: str | None = None) -> None:
-    if _done(cfg, workdir, stage) is not None:
-      log(f"[torch {stage}] complete; skipping")
-      return
-    t0 = time.time()
+  def __init__(self, cfg, threads: int | None = None):
+    check_config(cfg)
+    if threads:
+      torch.set_num_threads(int(threads))
+    self.cfg = cfg
+    self.norm = tuple(cfg.data.mean), tuple(cfg.data.std)
+
+  def _model(self, stage: str, seed: int | None = None) -> nn.Module:
+    return make_model(self.cfg[stage], self.cfg.data.num_classes, self.cfg.data.channels,
+                      seed=seed)
+
+  def load(self, ctx, stage: str) -> nn.Module:
+    model = self._model(stage)
+    path = ctx.wd.stage(ctx.variables_stage(stage)) / "model.pt"
+    with path.open("rb") as f:
+      model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    return model
+
+  def train(self, ctx, source, init: tuple | None) -> dict:
+    cfg, stage = self.cfg, ctx.stage
     scfg = cfg[stage].copy_and_resolve_references()
-    scfg.steps = config_lib.resolve_steps(scfg, len(source))
-    model = make_model(scfg, nc, ch, seed=cfg.seed * 100 + STAGE_SEED[stage])
-    if init_from is not None:
-      model.load_state_dict(torch.load(_model_path(workdir, init_from), map_location="cpu",
-                                       weights_only=True))
-    if scfg.steps == 0:  # e.g. the teacher is the baseline itself (self-training)
-      out = {"steps": 0, "train_seconds": 0.0}
-    else:
-      out = fit(name=stage, model=model, scfg=scfg, source=source, spec=data.spec,
-                num_classes=nc, mean=mean, std=std, seed=cfg.seed * 100 + STAGE_SEED[stage],
-                num_threads=nt, log=_print(stage))
-    os.makedirs(os.path.join(workdir, stage), exist_ok=True)
-    torch.save(model.state_dict(), _model_path(workdir, stage))
-    info = dict(out, num_params=sum(p.numel() for p in model.parameters()),
-                num_train_examples=len(source))
-    if data.val is not None:
-      info["val"] = evaluate(model, data.val, data.spec, num_classes=nc, mean=mean, std=std,
-                             batch_size=cfg.data.eval_batch_size, num_threads=nt)
-      log(f"[torch {stage}] validation top-1 {info['val']['top1']:.4f} "
-          f"top-5 {info['val']['top5']:.4f}")
-    _finish(cfg, workdir, stage, info)
-    timings[stage] = time.time() - t0
+    scfg.steps = config.resolve_steps(scfg, len(source))
+    seed = cfg.seed * 100 + STAGE_SEED[stage]
+    model = self._model(stage, seed=seed)
+    if init is not None:
+      model.load_state_dict(self.load(ctx, init[1]).state_dict())
+    out = {"steps": 0, "train_seconds": 0.0}
+    if scfg.steps:
+      mean, std = self.norm
+      out = fit(name=stage, model=model, scfg=scfg, source=source, spec=ctx.data.spec,
+                num_classes=cfg.data.num_classes, mean=mean, std=std, seed=seed,
+                num_threads=cfg.num_threads, log=_print(stage))
+    import io
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    workdir_lib.write_bytes(ctx.dir / "model.pt", buf.getvalue())
+    out["num_params"] = sum(p.numel() for p in model.parameters())
+    return out
 
-  train_stage("baseline", data.labelled)
-  train_stage("teacher", data.labelled, init_from=cfg.teacher.get("init_from"))
+  def evaluate(self, ctx, stage: str, source) -> dict:
+    mean, std = self.norm
+    return evaluate(self.load(ctx, stage), source, ctx.data.spec,
+                    num_classes=self.cfg.data.num_classes, mean=mean, std=std,
+                    batch_size=self.cfg.data.eval_batch_size, num_threads=self.cfg.num_threads)
 
-  # score + select
-  if _done(cfg, workdir, "select") is None:
-    t0 = time.time()
-    teacher = _load_stage_model(cfg, workdir, "teacher")
-    acc, stats = score(teacher, data.unlabelled, data.spec, num_classes=nc, top_p=cfg.select.p,
-                       k=cfg.select.k, mean=mean, std=std, batch_size=cfg.score.batch_size,
-                       num_threads=nt, log=_print("score"))
-    sel = acc.result()
-    counts = sel.counts()
-    info = {"k": int(cfg.select.k), "p": int(cfg.select.p), "num_selected": int(len(sel.ids)),
-            "num_unique_images": int(len(np.unique(sel.ids))),
-            "num_scored": stats["num_scored"], "num_bad_images": len(stats["bad_ids"]),
-            "classes_short_of_k": [int(c) for c in np.flatnonzero(counts < cfg.select.k)],
-            "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
-            "score_seconds": stats["seconds"]}
-    if data.unlabelled_true_labels is not None and len(sel.ids):
-      info["label_precision"] = float(np.mean(data.unlabelled_true_labels[sel.ids]
-                                              == sel.classes))
-    dhat = os.path.join(workdir, "select", "dhat")
-    if os.path.exists(dhat):  # a half-finished earlier attempt
-      import shutil
-      shutil.rmtree(dhat)
-    selection.write_selection(dhat, sel, extra_summary=info)
-    _finish(cfg, workdir, "select", info)
-    timings["select"] = time.time() - t0
-    log(f"[torch select] D^ has {info['num_selected']} rows"
-        + (f", label precision {info['label_precision']:.4f}" if "label_precision" in info
-           else ""))
-  else:
-    log("[torch select] complete; skipping")
+  def scorer(self, ctx, stage: str, top_p: int):
+    return _TorchScorer(self.load(ctx, stage), top_p, *self.norm)
 
-  sel = selection.read_selection(os.path.join(workdir, "select", "dhat"))
-  dhat_source = sources.PseudoLabelSource(data.unlabelled, np.asarray(sel.ids),
-                                          np.asarray(sel.classes))
-  train_stage("pretrain", dhat_source)
-  train_stage("finetune", data.labelled, init_from="pretrain")
+  def local_batch_size(self, global_batch_size: int) -> int:
+    return global_batch_size
 
-  # evaluate on the test split (kept from an earlier call when nothing was retrained)
-  res_path = os.path.join(workdir, "results.json")
-  if not timings and os.path.exists(res_path):
-    log("[torch evaluate] complete; skipping")
-    return _read_json(res_path)
-  results: dict = {"name": cfg.get("name", ""), "seed": int(cfg.seed), "framework": "torch"}
-  for key, stage in EVAL_KEYS:
-    model = _load_stage_model(cfg, workdir, stage)
-    m = evaluate(model, data.test, data.spec, num_classes=nc, mean=mean, std=std,
-                 batch_size=cfg.data.eval_batch_size, num_threads=nt)
-    m = pipeline.with_training_facts(m, cfg, stage,
-                                     _read_json(os.path.join(workdir, stage, "done.json")))
-    results[key] = m
-    log(f"[torch evaluate] {key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}")
-  sel_done = _read_json(os.path.join(workdir, "select", "done.json"))
-  results["selection"] = {k: v for k, v in sel_done.items()
-                          if k not in ("fingerprint", "finished")}
-  results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
-  results["train_seconds"] = {s: _read_json(os.path.join(workdir, s, "done.json"))
-                              .get("train_seconds") for s in STAGE_SEED}
-  results["stage_seconds_this_call"] = timings
-  _write_json(res_path, results)
-  return results
+
+class _TorchScorer:
+  def __init__(self, model: nn.Module, top_p: int, mean, std):
+    self.model, self.top_p, self.mean, self.std = model.eval(), top_p, mean, std
+
+  @torch.inference_mode()
+  def dispatch(self, images: np.ndarray):
+    logits = self.model(to_input(images, self.mean, self.std)).float()
+    finite = torch.isfinite(logits).all(-1).numpy()
+    s, c = torch.softmax(logits, dim=-1).topk(self.top_p, dim=-1)
+    return c.numpy().astype(np.int32), s.numpy(), finite
+
+  def fetch(self, out):
+    return out

@@ -1,5 +1,5 @@
-"""The whole recipe on a tiny Fashion-MNIST subset, and config errors raised before
-any training starts."""
+"""The whole recipe on a tiny Fashion-MNIST subset through the engine, its bookkeeping
+(skip, refuse, resume) and config errors raised before any training starts."""
 import json
 import os
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import demo
-from bssl import config_lib, pipeline, selection
-from bssl.data import sources
+from bssl import config as config_lib
+from bssl import engine, selection
+from bssl.data import recipe, sources
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
   cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline
-  pipeline.run(cfg, workdir)
+  engine.run_recipe(cfg, workdir)
   return cfg, workdir
 
 
@@ -50,7 +51,7 @@ def test_selection_artifact_matches_report_and_hidden_labels(tiny_run):
     res = json.load(f)
   assert len(dhat.ids) == res["selection"]["num_selected"]
   # Label precision recomputed from the D̂ file and the hidden labels of U.
-  data = pipeline.build_data(cfg)
+  data = recipe.build_data(cfg)
   prec = float(np.mean(data.unlabelled_true_labels[dhat.ids] == dhat.classes))
   assert prec == pytest.approx(res["selection"]["label_precision"])
   # At most K per class, ranks 0..n-1 within each class, scores non-increasing.
@@ -73,7 +74,7 @@ def test_rerun_skips_completed_stages(tiny_run, capsys):
   before = os.path.getmtime(os.path.join(workdir, "teacher", "done.json"))
   cfg2 = demo.get_config("tiny")
   cfg2.stages = "baseline,teacher,score,select,pretrain,finetune"
-  pipeline.run(cfg2, workdir)
+  engine.run_recipe(cfg2, workdir)
   out = capsys.readouterr().out
   for stage in ("baseline", "teacher", "score", "select", "pretrain", "finetune"):
     assert f"[{stage}] complete" in out
@@ -86,59 +87,33 @@ def test_changed_config_is_refused_not_silently_reused(tiny_run):
   cfg.select.k = 7
   cfg.stages = "select"
   with pytest.raises(config_lib.ConfigError, match=r"select\.k: 50 -> 7"):
-    pipeline.run(cfg, workdir)
+    engine.run_recipe(cfg, workdir)
 
 
-def test_fingerprint_changes_name_leaves_and_accept_new_default_fields():
-  old = {"seed": 0, "pretrain": {"lr": 0.05, "steps": 10}}
-  assert pipeline._fingerprint_changes(old, old) == []
-  new = {"seed": 0, "pretrain": {"lr": 0.1, "steps": 10, "warmup_steps": None}}
-  # a field added later with its default is not a change; a changed value is
-  assert pipeline._fingerprint_changes(old, new) == ["pretrain.lr: 0.05 -> 0.1"]
-  new["pretrain"]["warmup_steps"] = 5
-  assert pipeline._fingerprint_changes(old, new) == [
-      "pretrain.lr: 0.05 -> 0.1", "pretrain.warmup_steps: (absent) -> 5"]
-  assert pipeline._fingerprint_changes(old, {"seed": 1, "pretrain": old["pretrain"]}) == [
-      "seed: 0 -> 1"]
+def test_fingerprint_changes_name_fields_inputs_and_backend():
+  old = {"config": {"seed": 0, "pretrain.lr": 0.05}, "inputs": {"select": "a1"},
+         "backend": "jax"}
+  assert engine.changes(old, old) == []
+  new = {"config": {"seed": 0, "pretrain.lr": 0.1}, "inputs": {"select": "b2"},
+         "backend": "torch"}
+  assert engine.changes(old, new) == [
+      "pretrain.lr: 0.05 -> 0.1", "input 'select' was recomputed since (artifact a1 -> b2)",
+      "backend: 'jax' -> 'torch'"]
 
 
-def test_self_training_teacher_is_the_baseline_and_depends_on_it(tmp_path, capsys):
-  cfg = demo.get_config("tiny")
-  cfg.stages = "baseline,teacher"
-  cfg.teacher.model_kwargs = dict(cfg.baseline.model_kwargs)
-  cfg.teacher.init_from = "baseline"
-  cfg.teacher.steps = 0
-  workdir = str(tmp_path / "w")
-  pipeline.run(cfg, workdir)
-  assert "side process" not in capsys.readouterr().out  # the teacher needs it first
-  from bssl import train
-  base = train.load_variables(os.path.join(workdir, "baseline", "final"))
-  teach = train.load_variables(os.path.join(workdir, "teacher", "final"))
-  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(teach)):
-    np.testing.assert_array_equal(a, b)
+def test_self_training_teacher_is_the_baseline_and_depends_on_it(tiny_run):
+  cfg, workdir = tiny_run
   done = lambda s: json.load(open(os.path.join(workdir, s, "done.json")))
-  assert done("teacher")["val"] == done("baseline")["val"]
+  # The teacher's artifact points at the baseline's variables: no copy, one evaluation.
+  assert done("teacher")["variables_from"] == "baseline"
+  assert done("teacher")["fingerprint"]["inputs"] == {"baseline": done("baseline")["artifact_id"]}
+  assert not os.path.exists(os.path.join(workdir, "teacher", "final"))
   # A teacher (and so D̂, the student) made from one baseline is not reused for another.
+  cfg = demo.get_config("tiny")
   cfg.baseline.lr = 0.123
   cfg.stages = "teacher"
-  with pytest.raises(config_lib.ConfigError, match=r"stage 'teacher'.*baseline\.lr"):
-    pipeline.run(cfg, workdir)
-
-
-def test_a_separate_teacher_trains_while_the_baseline_trains_in_a_side_process(tmp_path,
-                                                                              capfd):
-  cfg = demo.get_config("tiny")
-  cfg.teacher.init_from = None  # a deeper teacher of its own, as in the paper's main setting
-  cfg.teacher.model_kwargs.depths = (2, 2, 2)
-  cfg.teacher.steps = 6
-  cfg.stages = "baseline,teacher"
-  cfg.side_baseline = True
-  workdir = str(tmp_path / "w")
-  pipeline.run(cfg, workdir)
-  assert "[baseline] training in a side process" in capfd.readouterr().out
-  for s in ("baseline", "teacher"):
-    done = json.load(open(os.path.join(workdir, s, "done.json")))
-    assert done["steps"] == cfg[s].steps and "val" in done
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'baseline'.*baseline\.lr"):
+    engine.run_recipe(cfg, workdir)
 
 
 @pytest.mark.parametrize("stage,kwargs,message", [
@@ -152,7 +127,7 @@ def test_init_from_a_stage_is_checked(tmp_path, stage, kwargs, message):
   if kwargs:
     cfg[stage].model_kwargs = dict(cfg.baseline.model_kwargs, **kwargs)
   with pytest.raises(config_lib.ConfigError, match=message):
-    pipeline.run(cfg, str(tmp_path / "w"))
+    engine.run_recipe(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -163,13 +138,22 @@ def test_init_from_a_stage_is_checked(tmp_path, stage, kwargs, message):
     ("teacher.model", "resnet_huge", r"teacher.model: unknown model 'resnet_huge'; accepted: .*resnet50"),
     ("stages", "teacher,distill", r"stages: unknown stage\(s\) \['distill'\]"),
     ("baseline.bn_mode", "global", r"baseline.bn_mode must be 'sync' or 'per_device', got 'global'"),
+    ("unlabelled.limit", 0, r"unlabelled.limit must be a positive integer, got 0"),
+    ("data.subset", 0, r"data.subset must be a positive integer, got 0"),
+    ("pretrain.batch_size", 12, r"pretrain.batch_size=12 must be a multiple of the number of "
+     r"devices \(8 on 1 process"),
+    ("score.batch_size", 100, r"score.batch_size=100 must be a multiple of the number of devices"),
+    ("finetune.init_from", "/x", r"finetune.init_from must be None"),
+    ("teacher.steps", 0, r"teacher.steps=0 trains nothing, so teacher.init_from must name"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   cfg = demo.get_config("tiny")
   section, _, name = field.rpartition(".")
+  if field == "teacher.steps":
+    cfg.teacher.init_from = None
   (cfg[section] if section else cfg)[name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    pipeline.run(cfg, str(tmp_path / "w"))
+    engine.run_recipe(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # nothing written, nothing trained
 
 
@@ -177,7 +161,7 @@ def test_missing_data_folder_names_the_field(tmp_path):
   cfg = demo.get_config("tiny")
   cfg.data.folder = str(tmp_path / "nowhere")
   with pytest.raises(sources.DataError, match=r"data.folder: .*nowhere.*dataset-fashion-mnist"):
-    pipeline.run(cfg, str(tmp_path / "w"))
+    engine.run_recipe(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -185,12 +169,12 @@ def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
   import resnext
   cfg = resnext.get_config()
   with pytest.raises(config_lib.ConfigError, match="unlabelled.path"):
-    pipeline.run(cfg, str(tmp_path / "w"))
+    engine.run_recipe(cfg, str(tmp_path / "w"))
   cfg.unlabelled.path = str(tmp_path)
   (tmp_path / "a.png").write_bytes(b"not really")
   cfg.data.tfds_data_dir = str(tmp_path / "tfds")
   with pytest.raises(sources.DataError, match=r"imagenet2012.*manual"):
-    pipeline.run(cfg, str(tmp_path / "w"))
+    engine.run_recipe(cfg, str(tmp_path / "w"))
 
 
 @pytest.mark.parametrize("config_name", ["demo", "resnext"])
@@ -248,12 +232,12 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   wd.mkdir()
   for name in ("config.json", "splits.json"):
     shutil.copy(os.path.join(ref_dir, name), wd / name)
-  shutil.copytree(os.path.join(ref_dir, "teacher"), wd / "teacher")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for stage in ("baseline", "teacher"):
+    shutil.copytree(os.path.join(ref_dir, stage), wd / stage)
   cmd = [sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny", f"--workdir={wd}",
-         "--config.stages=score,select", "--config.score.checkpoint_every=1",
-         "--config.side_baseline=False"]
-  state = wd / "score" / "process_0.state.npz"
+         "--config.stages=score,select", "--config.score.checkpoint_every=1"]
+  state = wd / "score" / "parts" / "g0001_p00000.json"
   p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.monotonic() + 180
@@ -268,11 +252,140 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stdout + r.stderr
   import re
-  start = re.search(r"starting at batch (\d+)", r.stdout)
-  assert start and int(start.group(1)) >= 1, r.stdout  # resumed, not restarted
+  start = re.search(r"(\d+) scored by earlier runs", r.stdout)
+  assert start and int(start.group(1)) >= 80, r.stdout  # resumed, not restarted
   with open(wd / "score" / "done.json") as f:
-    assert json.load(f)["num_scored"] == len(pipeline.build_data(cfg).unlabelled)
+    assert json.load(f)["num_scored"] == len(recipe.build_data(cfg).unlabelled)
   got = selection.read_selection(str(wd / "select" / "dhat"))
   want = selection.read_selection(os.path.join(ref_dir, "select", "dhat"))
   for field in ("ids", "classes", "scores", "ranks"):
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+def _copy_stages(src, dst, stages):
+  import shutil
+  os.makedirs(dst, exist_ok=True)
+  for name in ("config.json", "splits.json"):
+    shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+  for s in stages:
+    shutil.copytree(os.path.join(src, s), os.path.join(dst, s))
+
+
+def test_changing_p_after_scoring_is_refused_then_rescored_correctly(tiny_run, tmp_path):
+  """The score stage's artifact depends on select.k and select.p: changing P must refuse
+  (naming score), and after deleting what the message names, D̂ is rebuilt from a new
+  scoring pass: with P = 1 no image appears twice."""
+  import re
+  import shutil
+  _, ref = tiny_run
+  wd = str(tmp_path / "w")
+  _copy_stages(ref, wd, ("baseline", "teacher", "score", "select"))
+  before = open(os.path.join(wd, "config.json")).read()
+  cfg = demo.get_config("tiny")
+  cfg.select.p = 1
+  cfg.stages = "score,select"
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'score'.*select\.p: 2 -> 1") as e:
+    engine.run_recipe(cfg, wd)
+  assert open(os.path.join(wd, "config.json")).read() == before  # a refusal writes nothing
+  named = re.search(r"delete (.*) to recompute", str(e.value)).group(1).split(", ")
+  assert {os.path.basename(p) for p in named} == {"score", "select"}
+  for p in named:
+    shutil.rmtree(p)
+  engine.run_recipe(cfg, wd)
+  sel = selection.read_selection(os.path.join(wd, "select", "dhat"))
+  assert len(np.unique(sel.ids)) == len(sel.ids)
+  assert json.load(open(os.path.join(wd, "select", "done.json")))["p"] == 1
+
+
+def test_recomputed_input_makes_downstream_stale(tiny_run, tmp_path):
+  """Deleting only the teacher and rerunning it would give the score stage a new teacher:
+  the old scores are refused, not reused."""
+  _, ref = tiny_run
+  wd = str(tmp_path / "w")
+  _copy_stages(ref, wd, ("baseline", "score"))
+  cfg = demo.get_config("tiny")
+  cfg.stages = "teacher,score"
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'score'.*input 'teacher' was "
+                     r"recomputed"):
+    engine.run_recipe(cfg, wd)
+
+
+def test_partial_state_of_another_config_is_refused(tiny_run, tmp_path):
+  """A started (not done) stage keeps partial state; resuming it under another config
+  would mix two runs, so it is refused."""
+  _, ref = tiny_run
+  wd = str(tmp_path / "w")
+  _copy_stages(ref, wd, ("baseline", "teacher"))
+  done = json.load(open(os.path.join(wd, "baseline", "done.json")))
+  os.remove(os.path.join(wd, "baseline", "done.json"))  # as if killed before the end
+  with open(os.path.join(wd, "baseline", "started.json"), "w") as f:
+    json.dump({"fingerprint": done["fingerprint"]}, f)
+  cfg = demo.get_config("tiny")
+  cfg.baseline.steps = 7
+  cfg.stages = "baseline"
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'baseline'.*was started.*"
+                     r"baseline\.steps: 6 -> 7"):
+    engine.run_recipe(cfg, wd)
+
+
+def _cli(args, env=None, timeout=300):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "bssl.main", *args], cwd=repo,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/demo.py:tiny", "--config.nonexistent_field=1"], "nonexistent_field"),
+    (["--config=configs/nowhere.py"], "nowhere.py"),
+    (["--config=configs/demo.py:huge"], "unknown preset"),
+    (["--config=configs/demo.py:tiny", "--config.select.k=zero"], "select.k"),
+    (["--config=configs/demo.py:tiny", "--config.unlabelled.limit=0"],
+     "unlabelled.limit must be a positive integer, got 0"),
+])
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
+  r = _cli([*args, f"--workdir={tmp_path / 'w'}"])
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "f").write_text("x")
+  r = _cli(["--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'f'}"])
+  assert r.returncode == 2 and "is an existing file" in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr
+  assert (tmp_path / "f").read_text() == "x"
+
+
+def test_init_from_variables_saved_on_another_device_count(tiny_run, tmp_path):
+  """The tiny run saved its baseline on 8 devices; a 2-device process uses it as a teacher."""
+  _, ref = tiny_run
+  r = _cli(["--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'w'}",
+            f"--config.teacher.init_from={os.path.join(ref, 'baseline', 'final')}",
+            "--config.stages=teacher,evaluate"],
+           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  ev = json.load(open(tmp_path / "w" / "evaluate" / "done.json"))
+  ref_ev = json.load(open(os.path.join(ref, "evaluate", "done.json")))
+  assert ev["teacher"]["top1"] == pytest.approx(ref_ev["baseline"]["top1"], abs=1e-3)
+
+
+def test_resnext_tiny_runs_every_stage(tmp_path):
+  """The tiny preset of the paper's recipe: grouped bottlenecks, random-resized crops,
+  per-device BatchNorm, a teacher of its own; every stage completes."""
+  import resnext
+  wd = str(tmp_path / "w")
+  engine.run_recipe(resnext.get_config("tiny"), wd)
+  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  for key in ("baseline", "teacher", "student_pretrained", "student"):
+    assert res[key]["num_examples"] == 40
+  assert "same_as" not in res["teacher"]
+  assert res["scoring"]["num_scored"] == 200
+
+
+@pytest.mark.parametrize("preset", ["", "seed1", "compare", "tiny", "tiny,seed1"])
+def test_every_demo_preset_validates(preset):
+  config_lib.validate(demo.get_config(preset), num_devices=8)
