@@ -1,10 +1,12 @@
 """Throughput of the scoring stage and the share of its time spent outside the model.
 
 For each model: (1) the forward pass alone — the jitted ``model.apply`` on a batch
-already on the device, repeated; (2) the whole stage as the pipeline runs it —
-``bssl.scoring.score_shard`` over an in-memory U of random uint8 images: grain input,
-host->device transfer, forward, softmax + top-P on device, device->host, streaming
-top-K selection, periodic checkpoints. The share outside the forward pass is
+already on the device, repeated; (2) the whole stage as the engine's score stage runs it
+on one process — ``bssl.scoring.plan_chunks`` + ``bssl.scoring.score_process`` with the
+JAX backend's scorer (``bssl.backend.JaxScorer``) over an in-memory U of random uint8
+images: grain input, host->device transfer, forward, softmax + top-P on device,
+device->host (one batch in flight), streaming top-K selection, a checkpointed part after
+each chunk of ``50`` batches. The share outside the forward pass is
 ``1 - forward_time / stage_time``, per round of (forward, stage) measured back to back;
 the medians over ``--rounds`` are reported (this VM's speed drifts between runs).
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bssl import parallel, scoring  # noqa: E402
+from bssl.backend import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
 from bssl.models import create_model  # noqa: E402
 from bssl.train import normalize  # noqa: E402
@@ -75,19 +78,22 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / (reps * gbs)
 
+  scorer = JaxScorer(model, variables, top_p, mean, std)
+
   def stage_seconds(src, score_dir, checkpoint_every):
     t0 = time.perf_counter()
-    out = scoring.score_shard(model=model, variables=variables, source=src, spec=spec,
-                              mesh=mesh, num_classes=classes, top_p=top_p, k=k, mean=mean,
-                              std=std, global_batch_size=gbs, score_dir=score_dir,
-                              checkpoint_every=checkpoint_every, log_every=10**9,
-                              num_threads=threads)
+    parts = os.path.join(score_dir, "parts")
+    gen, chunks = scoring.plan_chunks(parts, len(src), checkpoint_every * gbs)
+    out = scoring.score_process(scorer=scorer, source=src, spec=spec, parts_dir=parts,
+                                gen=gen, chunks=chunks, process_index=0, process_count=1,
+                                num_classes=classes, k=k, p=top_p, local_batch_size=gbs,
+                                num_threads=threads, log=lambda m: None, log_every=10**9)
     assert out["num_scored"] == len(src)
     return time.perf_counter() - t0
 
   fwd_ips, stage_ips, shares = [], [], []
   with tempfile.TemporaryDirectory() as d:
-    stage_seconds(sources.ArraySource(images[:gbs]), os.path.join(d, "warm"), 0)  # compile
+    stage_seconds(sources.ArraySource(images[:gbs]), os.path.join(d, "warm"), 1)  # compile
     for r in range(rounds):
       f = forward_seconds_per_image()
       st = stage_seconds(unl, os.path.join(d, f"run{r}"), 50)

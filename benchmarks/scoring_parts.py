@@ -1,11 +1,13 @@
 """Where a scoring batch's time goes, part by part (for the host-bound GPU stage).
 
 Times, per batch of ``--batch`` random uint8 images of ``--size`` px, each part alone:
-  input     the evaluation pipeline producing one batch (``pipelines.eval_dataset``)
-  transfer  ``parallel.global_batch_from_local`` (host -> device), waited for
-  score     the jitted score step (forward + softmax + top-P) on a batch already on the
-            device, waited for
-  fetch     the score step's outputs back to numpy (``scoring.local_rows``)
+  input     the scoring pipeline producing one batch (``pipelines.ranges_dataset`` over
+            ``pipelines.range_batches``, as ``scoring.score_process`` reads U)
+  transfer  host -> this process's devices (``jax.device_put`` with the scorer's input
+            sharding, what ``JaxScorer.dispatch`` does), waited for
+  score     the scorer's jitted step (forward + softmax + top-P) on a batch already on
+            the devices, waited for
+  fetch     the step's outputs back to numpy (``JaxScorer.fetch``)
 
     python benchmarks/scoring_parts.py --model resnet50 --batch 512 --dtype bfloat16
 """
@@ -22,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bssl import parallel, scoring  # noqa: E402
+from bssl import parallel  # noqa: E402
+from bssl.backend import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
 from bssl.models import create_model  # noqa: E402
 
@@ -52,21 +55,23 @@ def main(argv=None):
   images = np.random.default_rng(0).integers(0, 256, (4 * b, size, size, 3), dtype=np.uint8)
   spec = pipelines.ImageSpec(size=size, channels=3, augment="none")
   src = sources.ArraySource(images)
-  step = scoring.make_score_step(model, mesh, top_p=10, mean=(120.0,) * 3, std=(60.0,) * 3)
-  x = parallel.global_batch_from_local(mesh, images[:b])
-  out = step(variables, x)
+  scorer = JaxScorer(model, variables, 10, (120.0,) * 3, (60.0,) * 3)
+  x = jax.device_put(images[:b], scorer.in_sharding)
+  out = scorer.step(scorer.variables, x)
   jax.block_until_ready(out)
+  bounds = pipelines.range_batches(0, len(src), b)
 
   def make_input():
-    return next(iter(pipelines.eval_dataset(src, spec, local_batch_size=b, prefetch=0,
-                                            num_threads=0)))
+    return next(iter(pipelines.ranges_dataset(src, spec, batch_size=b, bounds=bounds[:1],
+                                              prefetch=0, num_threads=0)))
 
   parts = {
       "input": _ms(make_input, max(2, args.reps // 3)),
       "transfer": _ms(lambda: jax.block_until_ready(
-          parallel.global_batch_from_local(mesh, images[:b])), args.reps),
-      "score": _ms(lambda: jax.block_until_ready(step(variables, x)), args.reps),
-      "fetch": _ms(lambda: [scoring.local_rows(o) for o in out], args.reps),
+          jax.device_put(images[:b], scorer.in_sharding)), args.reps),
+      "score": _ms(lambda: jax.block_until_ready(scorer.step(scorer.variables, x)),
+                   args.reps),
+      "fetch": _ms(lambda: scorer.fetch(out), args.reps),
   }
   print(f"[scoring_parts] {jax.devices()[0].device_kind}, {args.model} {size}px "
         f"{args.dtype}, batch {b} ({images[:b].nbytes / 2**20:.0f} MiB of uint8):")

@@ -20,12 +20,28 @@ import io
 import json
 import os
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike | epath.Path
+
+
+def _no_listing_cache() -> None:
+  """Object stores have no directories, and gcsfs caches listings: a process would not
+  see a file (or a "folder", which exists once an object is under it) that another host
+  wrote after it first looked. Every host must see the others' writes, so no cache."""
+  try:
+    import fsspec
+    for proto in ("gcs", "gs"):
+      fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
+  except ImportError:
+    pass
+
+
+_no_listing_cache()
 
 
 def path(p: PathLike) -> epath.Path:
@@ -108,7 +124,7 @@ def read_npz(p: PathLike) -> dict[str, np.ndarray]:
   try:
     with np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     if isinstance(e, FileNotFoundError):
       raise
     raise CorruptArtifactError(f"{p} cannot be read ({type(e).__name__}: {e}); delete it "

@@ -29,6 +29,9 @@ Options:
   --module M               python module to run with `python -m` (default bssl.main)
   --python_script FILE     run this python file instead of a module
   --python PY              python interpreter (default: $PYTHON, else python3)
+  --host_dirs DIR          give process i its own working directory and TMPDIR,
+                           DIR/host_<i> (as separate hosts with their own disks: only
+                           the --workdir is shared); pass absolute --config paths
   --grace_period S         seconds between SIGTERM and SIGKILL when stopping the
                            processes after a failure or a signal (default 30)
   --dry_run                print the command (environment + command line) of each
@@ -69,6 +72,7 @@ python_script=""
 python_bin="${PYTHON:-python3}"
 grace_period=30
 dry_run=0
+host_dirs=""
 
 # ---------------------------------------------------------------- arguments
 # shellcheck source=_lib.sh
@@ -80,6 +84,7 @@ set_option() {
     --devices_per_process) devices_per_process=$2 ;;
     --port) port=$2 ;;
     --log_dir) log_dir=$2 ;;
+    --host_dirs) host_dirs=$2 ;;
     --module)
       module=$2
       module_given=1
@@ -90,7 +95,7 @@ set_option() {
   esac
 }
 parse_options "--dry_run --dry-run" \
-  "--num_processes --devices_per_process --port --log_dir --module --python_script --python --grace_period" \
+  "--num_processes --devices_per_process --port --log_dir --host_dirs --module --python_script --python --grace_period" \
   "program arguments go after '--'" "$@"
 prog_args=("${PROGRAM_ARGS[@]}")
 
@@ -160,8 +165,11 @@ build_cmd() {
     "JAX_PLATFORMS=cpu"
     "XLA_FLAGS=$xla_flags"
     "PYTHONUNBUFFERED=1"
-    "PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}"
-    "$python_bin")
+    "PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}")
+  if [[ -n $host_dirs ]]; then
+    cmd+=("TMPDIR=$host_dirs/host_$i/tmp")
+  fi
+  cmd+=("$python_bin")
   if [[ -n $python_script ]]; then
     cmd+=("$python_script")
   else
@@ -278,10 +286,15 @@ log "starting $num_processes process(es) x $devices_per_process device(s), coord
   "$coordinator; logs in $log_dir/process_<i>.log; streaming process 0"
 for ((i = 0; i < num_processes; i++)); do
   build_cmd "$i"
+  run_dir=$PWD
+  if [[ -n $host_dirs ]]; then
+    run_dir="$host_dirs/host_$i"
+    mkdir -p "$run_dir/tmp"
+  fi
   if ((i == 0)); then
-    "${cmd[@]}" >"$fifo" 2>&1 &
+    (cd "$run_dir" && exec "${cmd[@]}") >"$fifo" 2>&1 &
   else
-    "${cmd[@]}" >"$(log_file "$i")" 2>&1 &
+    (cd "$run_dir" && exec "${cmd[@]}") >"$(log_file "$i")" 2>&1 &
   fi
   pids[i]=$!
   running[i]=1

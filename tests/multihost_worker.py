@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 import train_worker as tw  # noqa: E402
 from bssl import scoring, selection  # noqa: E402
+from bssl.backend import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
 from bssl.models import create_model  # noqa: E402
 
@@ -37,15 +38,22 @@ def main(out):
                       out_shardings=parallel.replicated(mesh))(jax.random.key(1, impl="rbg"))
   src = sources.fake_source(90, (8, 8, 1), 4, seed=5)
   unl = sources.SubsetView(src, np.arange(90), hide_labels=True, reindex=True)
-  score_dir = os.path.join(out, "score")
-  scoring.score_shard(model=model, variables=variables, source=unl,
-                      spec=pipelines.ImageSpec(size=8, channels=1, augment="none"), mesh=mesh,
-                      num_classes=4, top_p=2, k=6, mean=(100.0,), std=(60.0,),
-                      global_batch_size=16, score_dir=score_dir, checkpoint_every=2)
+  # Scoring: each process scores its own chunks of U on its own devices (the score stage's
+  # protocol: every process plans from the same listing, then writes only its own part).
+  parts = os.path.join(out, "score", "parts")
+  spec = pipelines.ImageSpec(size=8, channels=1, augment="none")
+  scorer = JaxScorer(model, variables, 2, (100.0,), (60.0,))
+  gen, chunks = scoring.plan_chunks(parts, len(unl), 32)
+  parallel.sync("planned")
+  res = scoring.score_process(
+      scorer=scorer, source=unl, spec=spec, parts_dir=parts, gen=gen, chunks=chunks,
+      process_index=jax.process_index(), process_count=jax.process_count(), num_classes=4,
+      k=6, p=2, local_batch_size=16 // jax.process_count())
+  print("SCORED", jax.process_index(), res["num_scored"], flush=True)
   parallel.sync("scored")
   if parallel.is_main_process():
     np.savez(os.path.join(out, "params.npz"), **flat)
-    acc, info = scoring.merge_processes(score_dir, jax.process_count())
+    acc, info = scoring.merge_parts(parts, len(unl))
     selection.write_selection(os.path.join(out, "dhat"), acc.result())
     print("MULTIHOST_DONE", jax.process_count(), info["num_scored"], flush=True)
   parallel.sync("written")

@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import demo  # noqa: E402
-from bssl import compare, convert, parallel, pipeline, torch_train, train  # noqa: E402
+from bssl import backend, compare, config, convert, parallel, torch_train, train  # noqa: E402
+from bssl.data import recipe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_FASHION_MNIST = os.path.exists("/usr/share/datasets/fashion-mnist")
@@ -67,7 +68,7 @@ def _jax_side(s):
   """The JAX train state and step for stage config ``s``, and a converter of a state's
   variables to a PyTorch state dict."""
   kw = dict(s.model_kwargs)
-  model = pipeline.make_model(s, 10)
+  model = backend.make_model(s, 10)
   mesh = parallel.make_mesh()
   schedule = train.make_schedule(s, s.steps, s.lr)
   tx = train.make_optimizer(s, schedule)
@@ -182,17 +183,21 @@ def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
       assert res["selection"]["num_scored"] == 1800
   md = (wd / "compare.md").read_text()
   assert "| baseline | top-1 |" in md and "Jaccard" in md and "img/s" in md
-  # Same D for a seed in both frameworks: the PyTorch lane used the pipeline's splits.
+  # Same D for a seed in both frameworks: both lanes ran the engine on the recipe's splits.
   splits = json.loads((wd / "jax" / "seed_1" / "splits.json").read_text())
   cfg1 = demo.get_config("tiny")
   cfg1.seed = 1
-  assert splits["labelled"] == pipeline.build_data(cfg1).splits["labelled"]
+  assert splits["labelled"] == recipe.build_data(cfg1).splits["labelled"]
+  assert json.loads((wd / "torch" / "seed_1" / "splits.json").read_text()) == splits
+  # The PyTorch lane's report is the engine's, in the same place as JAX's.
+  for s in ("0", "1"):
+    assert json.loads((wd / "torch" / f"seed_{s}" / "report" / "results.json").read_text()
+                      ) == rep["per_seed"]["torch"][s]
 
 
 def test_compare_preset_is_the_measured_lighter_recipe():
-  from bssl import config_lib
   full, light = demo.get_config(""), demo.get_config("compare")
-  config_lib.validate(light)
+  config.validate(light)
   for s in ("baseline", "pretrain", "finetune"):
     assert light[s].steps * light[s].batch_size <= full[s].steps * full[s].batch_size
     assert light[s].model_kwargs == full[s].model_kwargs
@@ -204,12 +209,13 @@ def test_compare_preset_is_the_measured_lighter_recipe():
 
 
 def test_torch_lane_takes_a_teacher_that_is_its_baseline_and_refuses_jax_folders():
-  from bssl import config_lib
   cfg = demo.get_config("tiny")
   torch_train.check_config(cfg)  # the demo's teacher: the baseline itself
+  torch_train.TorchBackend(cfg)  # the engine's PyTorch backend checks the same at creation
   cfg.teacher.init_from = "/some/jax/variables"
-  with pytest.raises(config_lib.ConfigError, match=r"teacher.init_from='/some/jax/variables'"):
-    torch_train.check_config(cfg)
+  for refuse in (torch_train.check_config, torch_train.TorchBackend):
+    with pytest.raises(config.ConfigError, match=r"teacher.init_from='/some/jax/variables'"):
+      refuse(cfg)
 
 
 def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
@@ -240,3 +246,23 @@ def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
     if k.endswith(("weight", "bias")):
       update = float(np.abs(want[k] - before[k]).max())
       assert float(np.abs(got[k] - want[k]).max()) < 1e-3 * update, k
+
+
+def test_torch_scorer_matches_the_jax_scorer_from_the_same_weights():
+  """The score stage's PyTorch scorer (softmax top-P, finite flags) against JaxScorer on
+  converted identical weights: same classes, same scores to float32 tolerance."""
+  torch.set_num_threads(1)
+  s = _stage_cfg()
+  mesh, state, _, to_torch_sd = _jax_side(s)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  jscorer = backend.JaxScorer(backend.make_model(s, 10), variables, 3, MEAN, STD)
+  tmodel = torch_train.make_model(s, 10, 1)
+  tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_sd(state).items()})
+  tscorer = torch_train._TorchScorer(tmodel, 3, MEAN, STD)  # noqa: SLF001
+  images, _ = _batch(16)
+  jc, js, jf = jscorer.fetch(jscorer.dispatch(images))
+  tc, ts, tf = tscorer.fetch(tscorer.dispatch(images))
+  assert tc.dtype == np.int32 and ts.dtype == np.float32 and tc.shape == ts.shape == (16, 3)
+  assert jf.all() and tf.all()
+  np.testing.assert_array_equal(tc, jc)
+  np.testing.assert_allclose(ts, js, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,8 @@
-"""The training input pipeline: epochs are permutations, every image is a pad-crop-flip
-of its source, processes split global batches exactly, the iterator resumes at the same
-position, and an undecodable labelled image stops training with its id."""
+"""The input pipelines: epochs are permutations, every image is a pad-crop-flip of its
+source, processes split global batches exactly, the stream restarts at any global batch
+(``start_batch``, what a resumed training run uses) on any process count, the iterator
+resumes at the same position, an undecodable labelled image stops training with its id,
+and evaluation / scoring ranges see every record once."""
 import numpy as np
 import pytest
 
@@ -73,6 +75,26 @@ def test_processes_split_the_global_batch_exactly(pc):
     for key in ("image", "label", "id"):
       local = np.stack([parts[i][k][key] for i in range(pc)], axis=1)
       np.testing.assert_array_equal(local.reshape(g[key].shape), g[key])
+
+
+@pytest.mark.parametrize("pc", [1, 2, 4])
+def test_start_batch_restarts_at_that_global_batch_on_any_process_count(pc):
+  """A run resumed at step k reads global batch k on, whatever the number of processes
+  (no iterator state is checkpointed)."""
+  whole = _batches(10, lbs=8)
+  spec = pipelines.ImageSpec(size=S, channels=1, pad=2)
+  for start in (1, 6):
+    parts = []
+    for i in range(pc):
+      it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=8 // pc, seed=3,
+                                        process_index=i, process_count=pc,
+                                        start_batch=start))
+      parts.append([next(it) for _ in range(10 - start)])
+    for k, g in enumerate(whole[start:]):
+      for key in ("image", "label", "id"):
+        local = np.stack([parts[i][k][key] for i in range(pc)], axis=1)
+        np.testing.assert_array_equal(local.reshape(g[key].shape), g[key],
+                                      err_msg=f"{key} of batch {start + k}")
 
 
 def test_iterator_state_resumes_at_the_same_position():
@@ -149,9 +171,39 @@ def test_random_resized_crop_path_gives_fixed_size_batches_split_exactly():
 
   whole = batches(4, 0, 1)
   halves = [batches(2, i, 2) for i in range(2)]
+  # Restarted at global batch 2 (a resumed run), on one process: the same batches.
+  it = iter(pipelines.train_dataset(src, spec, local_batch_size=4, seed=0, start_batch=2))
+  for g in whole[2:]:
+    np.testing.assert_array_equal(next(it)["image"], g["image"])
   for k, g in enumerate(whole):
     assert g["image"].shape == (4, 8, 8, 3) and g["image"].dtype == np.uint8
     local = np.stack([halves[0][k]["image"], halves[1][k]["image"]], axis=1)
     np.testing.assert_array_equal(local.reshape(g["image"].shape), g["image"])
   ids = np.concatenate([b["id"] for b in whole])
   assert sorted(ids[:13]) == list(range(13))
+
+
+def test_range_batches_cover_a_range_once():
+  np.testing.assert_array_equal(pipelines.range_batches(5, 23, 8),
+                                [[5, 13], [13, 21], [21, 23]])
+  np.testing.assert_array_equal(pipelines.range_batches(0, 16, 8), [[0, 8], [8, 16]])
+  assert pipelines.range_batches(7, 7, 8).shape == (0, 2)
+
+
+def test_ranges_dataset_reads_exactly_the_given_ranges_with_masked_padding():
+  src = _Source(bad={4, 20})
+  spec = pipelines.ImageSpec(size=S, channels=1, augment="none")
+  bounds = np.concatenate([pipelines.range_batches(0, 10, 4),
+                           pipelines.range_batches(18, 25, 4)])
+  got = list(pipelines.ranges_dataset(src, spec, batch_size=4, bounds=bounds))
+  assert len(got) == len(bounds) == 5
+  for b, (first, stop) in zip(got, bounds):
+    n = stop - first
+    assert b["image"].shape == (4, S, S, 1) and b["image"].dtype == np.uint8
+    np.testing.assert_array_equal(b["id"][:n], 1000 + np.arange(first, stop))
+    assert np.all(b["id"][n:] == -1) and not b["mask"][n:].any() and not b["valid"][n:].any()
+    for r, i in enumerate(range(first, stop)):
+      ok = i not in src.bad
+      assert b["mask"][r] == ok and b["valid"][r] == ok
+      if ok:
+        np.testing.assert_array_equal(b["image"][r], src.x[i])

@@ -1,5 +1,6 @@
 """2 processes x 2 fake CPU devices (gloo collectives on loopback) train and score
-exactly like 1 process x 4 devices."""
+exactly like 1 process x 4 devices; each process scores its own chunks of U."""
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,10 @@ def test_two_hosts_equal_one_host(tmp_path):
   s2 = selection.read_selection(os.path.join(two, "dhat"))
   for f in ("ids", "classes", "scores", "ranks"):
     np.testing.assert_array_equal(np.asarray(getattr(s1, f)), np.asarray(getattr(s2, f)))
-  # Each process scored its own half of U.
-  for i in range(2):
-    assert os.path.exists(os.path.join(two, "score", f"process_{i}.final.npz"))
+  # Each process scored its own chunks of U (chunks i::2), and only those.
+  parts = os.path.join(two, "score", "parts")
+  metas = [json.load(open(os.path.join(parts, f"g0001_p{i:05d}.json"))) for i in range(2)]
+  assert [m["ranges"] for m in metas] == [[[0, 32], [64, 90]], [[32, 64]]]
+  assert [m["num_scored"] for m in metas] == [58, 32]
+  assert "SCORED 0 58" in multi.stdout + logs and "SCORED 1 32" in logs
+  assert "SCORED 0 90" in ref_out

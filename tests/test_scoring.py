@@ -1,6 +1,9 @@
 """Scoring U: top-P on device, bad images skipped and listed, NaN logits stop the
-stage, and an interrupted scoring run resumes to exactly the same D̂."""
+stage, and scoring interrupted at any point resumes -- with another batch size and
+another number of processes -- to exactly the selection of one uninterrupted pass.
+Parts that miss or overlap ids, and parts that cannot be read, are clear errors."""
 import os
+import zipfile  # noqa: F401
 
 import jax
 import jax.numpy as jnp
@@ -9,31 +12,102 @@ import pytest
 from PIL import Image
 
 from bssl import parallel, scoring, selection, train
+from bssl import workdir as workdir_lib
+from bssl.backend import JaxScorer
 from bssl.data import pipelines, sources
 from bssl.models import create_model
 
 SPEC = pipelines.ImageSpec(size=8, channels=1, augment="none")
 C, P, K = 4, 2, 6
 MEAN, STD = (100.0,), (60.0,)
+N = 90
+
+
+def _unlabelled(n=N):
+  src = sources.fake_source(n, (8, 8, 1), C, seed=5)
+  return sources.SubsetView(src, np.arange(len(src)), hide_labels=True, reindex=True)
 
 
 @pytest.fixture(scope="module")
 def setup():
   model = create_model("resnet_small", C, widths=(4,), depths=(1,))
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False))(
-      jax.random.key(1, impl="rbg"))
-  # Make BN statistics non-trivial so scores vary a lot between images.
-  src = sources.fake_source(90, (8, 8, 1), C, seed=5)
-  unl = sources.SubsetView(src, np.arange(len(src)), hide_labels=True, reindex=True)
-  return model, variables, unl, parallel.make_mesh()
+  mesh = parallel.make_mesh()
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
+                      out_shardings=parallel.replicated(mesh))(jax.random.key(1, impl="rbg"))
+  return model, variables, _unlabelled(), mesh
 
 
-def _score(setup, score_dir, **kw):
-  model, variables, unl, mesh = setup
-  return scoring.score_shard(model=model, variables=variables, source=kw.pop("source", unl),
-                             spec=SPEC, mesh=mesh, num_classes=C, top_p=P, k=K, mean=MEAN,
-                             std=STD, global_batch_size=16, score_dir=score_dir,
-                             checkpoint_every=kw.pop("checkpoint_every", 1), **kw)
+def _jax_scorer(setup, variables=None):
+  model, v, _, _ = setup
+  return JaxScorer(model, v if variables is None else variables, P, MEAN, STD)
+
+
+def _score(scorer, source, parts, *, lbs=16, chunk=32, pc=1, only=None, **kw):
+  """One generation: plans the chunks left in ``parts`` and runs processes ``only`` (default
+  all ``pc`` of them, one after the other, as separate processes would)."""
+  gen, chunks = scoring.plan_chunks(parts, len(source), chunk)
+  outs = []
+  for pi in (range(pc) if only is None else only):
+    outs.append(scoring.score_process(
+        scorer=scorer, source=source, spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks,
+        process_index=pi, process_count=pc, num_classes=C, k=K, p=P, local_batch_size=lbs,
+        log=lambda m: None, **kw))
+  return gen, chunks, outs
+
+
+def _same_selection(got: selection.Selection, want: selection.Selection):
+  assert len(want.ids) > 0
+  for f in ("ids", "classes", "scores", "ranks"):
+    np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+
+
+def _top_k_by_class(ids, classes, scores):
+  """Brute force: per class, the K best (score descending, then smaller id)."""
+  rows = []
+  for c in range(C):
+    m = classes == c
+    order = np.lexsort((ids[m], -scores[m]))[:K]
+    rows += [(c, int(i), float(s)) for i, s in zip(ids[m][order], scores[m][order])]
+  return rows
+
+
+def _rows(sel):
+  return list(zip(sel.classes.tolist(), sel.ids.tolist(), sel.scores.tolist()))
+
+
+class Killed(Exception):
+  """A simulated kill of the scoring process."""
+
+
+class FakeScorer:
+  """A deterministic numpy 'teacher': each image's top-P classes and scores are a function
+  of its pixels alone (integer arithmetic, no reduction whose order could depend on the
+  batch), so any batch size and any split of U must give bit-identical candidates.
+  ``fail_after`` dispatches, it raises (a crash in the middle of a chunk)."""
+
+  def __init__(self, fail_after=None):
+    self.w = np.random.default_rng(0).integers(0, 1 << 20, (64, C), dtype=np.int64)
+    self.fail_after = fail_after
+    self.batch_sizes = []
+
+  def rows(self, images):
+    x = np.asarray(images, np.int64).reshape(len(images), -1)
+    h = (x @ self.w) % 1_000_003
+    s = (h.astype(np.float64) / 1_000_003).astype(np.float32)
+    classes = np.argsort(-s, axis=1, kind="stable")[:, :P].astype(np.int32)
+    return classes, np.take_along_axis(s, classes, 1), np.ones(len(images), bool)
+
+  def dispatch(self, images):
+    if self.fail_after is not None and len(self.batch_sizes) >= self.fail_after:
+      raise Killed("simulated kill in the middle of scoring")
+    self.batch_sizes.append(len(images))
+    return self.rows(images)
+
+  def fetch(self, out):
+    return out
+
+
+# ----------------------------------------------------------------------------- the real teacher
 
 
 def _brute_force(setup):
@@ -44,41 +118,58 @@ def _brute_force(setup):
   probs = np.asarray(jax.nn.softmax(logits, -1))
   top = np.argsort(-probs, axis=1, kind="stable")[:, :P]
   ids = np.repeat(np.arange(len(unl)), P)
-  classes = top.reshape(-1)
-  scores = np.take_along_axis(probs, top, 1).reshape(-1)
-  rows = []
-  for c in range(C):
-    m = classes == c
-    order = np.lexsort((ids[m], -scores[m]))[:K]
-    rows += [(c, int(i)) for i in ids[m][order]]
-  return rows
+  return [(c, i) for c, i, _ in _top_k_by_class(ids, top.reshape(-1),
+                                                np.take_along_axis(probs, top, 1).reshape(-1))]
 
 
 def test_scoring_then_selection_matches_brute_force(setup, tmp_path):
-  out = _score(setup, str(tmp_path))
-  assert out["num_scored"] == 90 and out["bad_ids"] == []
-  acc, merged = scoring.merge_processes(str(tmp_path), 1)
-  sel = acc.result()
-  got = list(zip(sel.classes.tolist(), sel.ids.tolist()))
-  want = _brute_force(setup)
+  unl = setup[2]
+  parts = tmp_path / "parts"
+  _, chunks, outs = _score(_jax_scorer(setup), unl, parts)
+  assert [o["num_scored"] for o in outs] == [N]
+  assert chunks == [(0, 32), (32, 64), (64, 90)]
+  acc, merged = scoring.merge_parts(parts, N)
+  assert merged["num_scored"] == N and merged["bad_ids"] == [] and merged["num_parts"] == 1
+  got = [(c, i) for c, i, _ in _rows(acc.result())]
   # Same classes and sizes; ids equal except where float32 scores tie differently
   # between the device softmax and numpy (not expected on this data).
-  assert got == want
+  assert got == _brute_force(setup)
+  # One checkpoint per chunk, each replacing the previous: one npz per part remains.
+  names = sorted(os.listdir(parts))
+  assert names == ["g0001_p00000.json", "g0001_p00000.s000003.npz"], names
+  # A complete scoring leaves nothing to do for a rerun.
+  assert scoring.plan_chunks(parts, N, 32) == (2, [])
 
 
 def test_interrupted_scoring_resumes_to_the_same_selection(setup, tmp_path):
-  full = str(tmp_path / "full")
-  _score(setup, full)
-  ref = scoring.merge_processes(full, 1)[0].result()
-  part = str(tmp_path / "part")
-  out = _score(setup, part, stop_after_batches=3)
-  assert out == {"interrupted_at_batch": 3}
-  assert not os.path.exists(scoring.final_path(part, 0))
-  res = _score(setup, part)
-  assert res["num_scored"] == 90  # no image scored twice, none skipped
-  got = scoring.merge_processes(part, 1)[0].result()
-  for f in ("ids", "classes", "scores", "ranks"):
-    np.testing.assert_array_equal(getattr(got, f), getattr(ref, f))
+  unl = setup[2]
+  _score(_jax_scorer(setup), unl, tmp_path / "full")
+  ref = scoring.merge_parts(tmp_path / "full", N)[0].result()
+
+  part = tmp_path / "part"
+  scorer = _jax_scorer(setup)
+  real_dispatch, calls = scorer.dispatch, []
+
+  def dispatch_then_die(images):
+    if len(calls) == 3:  # batches 0, 1 done (chunk 0 saved), batch 2 in flight
+      raise Killed("simulated kill")
+    calls.append(1)
+    return real_dispatch(images)
+
+  scorer.dispatch = dispatch_then_die
+  with pytest.raises(Killed):
+    _score(scorer, unl, part)
+  # Only the chunk whose every batch was folded in counts; nothing claims the rest.
+  with pytest.raises(scoring.IncompleteScoringError, match=r"miss ids \[\(32, 90\)\]"):
+    scoring.coverage(part, N)
+  gen, chunks = scoring.plan_chunks(part, N, 32)
+  assert (gen, chunks) == (2, [(32, 64), (64, 90)])
+
+  _, _, outs = _score(_jax_scorer(setup), unl, part)
+  assert outs[0]["num_scored"] == N - 32  # no image scored twice, none skipped
+  acc, info = scoring.merge_parts(part, N)
+  assert info["num_scored"] == N and info["num_parts"] == 2
+  _same_selection(acc.result(), ref)
 
 
 def test_bad_images_are_skipped_counted_and_listed(setup, tmp_path):
@@ -90,28 +181,168 @@ def test_bad_images_are_skipped_counted_and_listed(setup, tmp_path):
   (folder / "img05.png").write_bytes(b"\x89PNG broken")          # undecodable
   Image.fromarray(rng.integers(0, 255, (5, 9), dtype=np.uint8)).save(folder / "img11.png")
   unl = sources.ImageFileSource(str(folder), channels=1)
-  out = _score(setup, str(tmp_path / "s"), source=unl)
-  assert sorted(out["bad_ids"]) == [5, 11]
-  assert out["num_scored"] == 18
-  sel = scoring.merge_processes(str(tmp_path / "s"), 1)[0].result()
-  assert not set(sel.ids.tolist()) & {5, 11}
+  parts = tmp_path / "s"
+  _, _, outs = _score(_jax_scorer(setup), unl, parts, chunk=16)
+  assert outs[0]["num_scored"] == 18
+  cov = scoring.coverage(parts, 20)
+  assert cov["num_scored"] == 18 and cov["num_bad"] == 2
+  acc, info = scoring.merge_parts(parts, 20)
+  assert info["bad_ids"] == [5, 11] and info["num_scored"] == 18
+  sel = acc.result()
+  assert len(sel.ids) and not set(sel.ids.tolist()) & {5, 11}
   assert unl.name_of(5).endswith("img05.png")
 
 
 def test_nan_logits_stop_with_the_image_ids(setup, tmp_path):
   model, variables, unl, mesh = setup
-  bad = jax.tree.map(lambda x: x, jax.device_get(variables))
+  bad = jax.device_get(variables)
   bad["params"]["fc"]["bias"] = np.full_like(bad["params"]["fc"]["bias"], np.nan)
+  bad = jax.device_put(bad, parallel.replicated(mesh))
+  parts = tmp_path / "parts"
   with pytest.raises(scoring.NonFiniteLogitsError, match=r"image ids \[0, 1, 2"):
-    _score((model, bad, unl, mesh), str(tmp_path))
+    _score(_jax_scorer(setup, bad), unl, parts)
+  # Nothing was recorded as scored.
+  with pytest.raises(scoring.IncompleteScoringError, match="no scoring parts"):
+    scoring.coverage(parts, N)
 
 
 def test_accumulator_checkpoint_round_trip(tmp_path):
   acc = selection.TopKPerClass(3, 2)
   acc.update(np.arange(6), np.array([0, 1, 2, 0, 1, 2]), np.linspace(0, 1, 6, dtype=np.float32))
-  scoring.save_accumulator(str(tmp_path / "a.npz"), acc, next_batch=4)
-  acc2, extra = scoring.load_accumulator(str(tmp_path / "a.npz"))
-  assert int(extra["next_batch"]) == 4
+  workdir_lib.write_npz(tmp_path / "a.npz", **acc.state_dict())
+  acc2 = selection.TopKPerClass.from_state_dict(workdir_lib.read_npz(tmp_path / "a.npz"))
+  assert acc2.num_candidates_seen == 6
   r1, r2 = acc.result(), acc2.result()
-  np.testing.assert_array_equal(r1.ids, r2.ids)
-  np.testing.assert_array_equal(r1.scores, r2.scores)
+  for f in ("ids", "classes", "scores", "ranks"):
+    np.testing.assert_array_equal(getattr(r1, f), getattr(r2, f))
+
+
+# ----------------------------------------------------------------------------- resume, exactly
+
+
+def test_fake_scorer_full_pass_matches_brute_force(tmp_path):
+  unl, fake = _unlabelled(), FakeScorer()
+  _score(fake, unl, tmp_path / "p", lbs=16, chunk=32)
+  images = np.stack([unl[i]["image"] for i in range(N)])
+  classes, scores, _ = fake.rows(images)
+  want = _top_k_by_class(np.repeat(np.arange(N), P), classes.reshape(-1), scores.reshape(-1))
+  assert _rows(scoring.merge_parts(tmp_path / "p", N)[0].result()) == want
+
+
+@pytest.mark.parametrize("first,then", [
+    # (process count, local batch, chunk, processes that run, dispatches before the kill)
+    ((1, 8, 24, [0], 5), (2, 16, 40)),
+    ((2, 16, 16, [0, 1], 2), (3, 8, 8)),  # process 1 is killed, process 0 completes
+], ids=["1proc-b8-then-2proc-b16", "2proc-b16-then-3proc-b8"])
+def test_interrupted_then_resharded_rerun_gives_the_single_pass_selection(tmp_path, first,
+                                                                          then):
+  unl = _unlabelled()
+  _score(FakeScorer(), unl, tmp_path / "ref", lbs=16, chunk=32)
+  ref = scoring.merge_parts(tmp_path / "ref", N)[0].result()
+
+  parts = tmp_path / "parts"
+  pc, lbs, chunk, procs, fail_after = first
+  gen1, chunks1 = scoring.plan_chunks(parts, N, chunk)
+  assert gen1 == 1
+  for pi in procs:
+    # the last process listed is killed after ``fail_after`` dispatches; others complete
+    fake = FakeScorer(fail_after=fail_after if pi == procs[-1] else None)
+    run = lambda: scoring.score_process(  # noqa: E731
+        scorer=fake, source=unl, spec=SPEC, parts_dir=parts, gen=gen1, chunks=chunks1,
+        process_index=pi, process_count=pc, num_classes=C, k=K, p=P, local_batch_size=lbs,
+        log=lambda m: None)
+    if pi == procs[-1]:
+      with pytest.raises(Killed):
+        run()
+    else:
+      run()
+  with pytest.raises(scoring.IncompleteScoringError, match="miss ids"):
+    scoring.merge_parts(parts, N)
+  gen2, chunks2 = scoring.plan_chunks(parts, N, then[2])
+  done_before = N - sum(b - a for a, b in chunks2)
+  assert gen2 == 2 and 0 < done_before < N
+
+  # The new generation: another process count, another batch size, another chunk size.
+  pc2, lbs2, _ = then
+  fakes = [FakeScorer() for _ in range(pc2)]
+  scored = []
+  for pi in range(pc2):
+    scored.append(scoring.score_process(
+        scorer=fakes[pi], source=unl, spec=SPEC, parts_dir=parts, gen=gen2, chunks=chunks2,
+        process_index=pi, process_count=pc2, num_classes=C, k=K, p=P, local_batch_size=lbs2,
+        log=lambda m: None)["num_scored"])
+  assert all(set(f.batch_sizes) == {lbs2} for f in fakes if f.batch_sizes)
+  assert sum(bool(f.batch_sizes) for f in fakes) >= 2  # the work really was split
+  assert sum(scored) == N - done_before  # only what was missing was scored
+  acc, info = scoring.merge_parts(parts, N)
+  assert info["num_scored"] == N and info["bad_ids"] == []
+  _same_selection(acc.result(), ref)
+  assert scoring.plan_chunks(parts, N, 7)[1] == []
+
+
+# ----------------------------------------------------------------------------- damaged parts
+
+
+def _complete_parts(tmp_path, pc=2):
+  parts = tmp_path / "parts"
+  _score(FakeScorer(), _unlabelled(), parts, lbs=8, chunk=16, pc=pc)
+  scoring.merge_parts(parts, N)  # complete and consistent
+  return parts
+
+
+def test_a_missing_part_is_incomplete_scoring(tmp_path):
+  parts = _complete_parts(tmp_path)
+  os.unlink(parts / "g0001_p00001.json")
+  for check in (scoring.coverage, scoring.merge_parts):
+    with pytest.raises(scoring.IncompleteScoringError, match=r"miss ids \[\(16, 32\)"):
+      check(parts, N)
+  # ... and a rerun scores exactly what that part held.
+  gen, chunks = scoring.plan_chunks(parts, N, 16)
+  assert gen == 2 and chunks == [(16, 32), (48, 64), (80, 90)]
+
+
+def test_overlapping_parts_are_incomplete_scoring(tmp_path):
+  parts = _complete_parts(tmp_path)
+  # A later generation that scored ids 40..56 again (e.g. files copied in by hand).
+  scoring.score_process(scorer=FakeScorer(), source=_unlabelled(), spec=SPEC, parts_dir=parts,
+                        gen=2, chunks=[(40, 56)], process_index=0, process_count=1,
+                        num_classes=C, k=K, p=P, local_batch_size=8, log=lambda m: None)
+  for check in (scoring.coverage, scoring.merge_parts):
+    with pytest.raises(scoring.IncompleteScoringError,
+                       match=r"overlap: ids \[\d+, \d+\] and \[40, 56\]"):
+      check(parts, N)
+
+
+def test_parts_of_another_k_are_refused(tmp_path):
+  parts = _complete_parts(tmp_path, pc=1)
+  scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
+  with pytest.raises(scoring.IncompleteScoringError, match="was made for"):
+    scoring.check_parts(parts, num_images=N, num_classes=C, k=K + 1, p=P)
+
+
+def _npz_of(parts, name="g0001_p00000.json"):
+  return parts / workdir_lib.read_json(parts / name)["npz"]
+
+
+def test_a_corrupt_part_npz_is_a_corrupt_artifact_naming_the_file(tmp_path):
+  parts = _complete_parts(tmp_path)
+  npz = _npz_of(parts)
+  npz.write_bytes(os.urandom(64) + b"garbage, not an npz" * 8)
+  with pytest.raises(workdir_lib.CorruptArtifactError, match=os.path.basename(npz)):
+    scoring.merge_parts(parts, N)
+
+
+def test_a_truncated_part_npz_is_a_corrupt_artifact_naming_the_file(tmp_path):
+  parts = _complete_parts(tmp_path)
+  npz = _npz_of(parts)
+  data = npz.read_bytes()
+  npz.write_bytes(data[:len(data) // 2])  # a kill mid-copy on a store without renames
+  with pytest.raises(workdir_lib.CorruptArtifactError, match=os.path.basename(npz)):
+    scoring.merge_parts(parts, N)
+
+
+def test_a_corrupt_part_json_is_a_corrupt_artifact_naming_the_file(tmp_path):
+  parts = _complete_parts(tmp_path)
+  (parts / "g0001_p00001.json").write_bytes(b"{not json")
+  with pytest.raises(workdir_lib.CorruptArtifactError, match="g0001_p00001.json"):
+    scoring.coverage(parts, N)

@@ -402,6 +402,11 @@ def test_extra_summary_conflict_is_refused(tmp_path):
   assert not (tmp_path / "d").exists()
 
 
+def _leftovers(d):
+  """Temporary files of bssl.workdir's atomic writes left behind."""
+  return [n for n in os.listdir(d) if ".tmp-" in n] if d.exists() else []
+
+
 def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
   sel = _some_selection()
   d = tmp_path / "dhat"
@@ -417,21 +422,31 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, monkeypa
   monkeypatch.setattr(np, "save", failing_save)
   with pytest.raises(OSError, match="disk full"):
     selection.write_selection(d, sel)
-  assert not d.exists()
-  assert os.listdir(tmp_path) == []                  # the temporary directory was removed
+  assert not (d / "summary.json").exists() and _leftovers(d) == []
   with pytest.raises(FileNotFoundError, match="summary.json"):
     selection.read_selection(d)
-  # an interrupted rewrite keeps the previous complete D̂
+  # An interrupted rewrite leaves no complete D̂ either: neither the old one (its summary
+  # is removed first) nor old and new columns paired under a summary. (D̂ is now written
+  # file by file, each atomically, so that it works on object storage; the old write into
+  # a temporary directory renamed over the previous D̂ kept the previous one instead.)
   monkeypatch.setattr(np, "save", real_save)
   selection.write_selection(d, sel)
+  assert_same(selection.read_selection(d), sel)
   calls.clear()
   monkeypatch.setattr(np, "save", failing_save)
   with pytest.raises(OSError):
     selection.write_selection(d, _some_selection(seed=9))
-  assert_same(selection.read_selection(d), sel)
+  assert _leftovers(d) == []
+  with pytest.raises(FileNotFoundError, match="summary.json"):
+    selection.read_selection(d)
+  # ... and the next complete write is whole again.
+  monkeypatch.setattr(np, "save", real_save)
+  sel9 = _some_selection(seed=9)
+  selection.write_selection(d, sel9)
+  assert_same(selection.read_selection(d), sel9)
 
 
-def test_failed_final_rename_restores_previous(tmp_path, monkeypatch):
+def test_failed_rename_leaves_no_temporary_file_and_nothing_complete(tmp_path, monkeypatch):
   sel = _some_selection()
   d = tmp_path / "dhat"
   selection.write_selection(d, sel)
@@ -446,27 +461,38 @@ def test_failed_final_rename_restores_previous(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="rename failed"):
     selection.write_selection(d, _some_selection(seed=8))
   monkeypatch.setattr(os, "replace", real_replace)
-  assert_same(selection.read_selection(d), sel)
+  assert _leftovers(d) == []
+  with pytest.raises(FileNotFoundError, match="summary.json"):
+    selection.read_selection(d)
   assert os.listdir(tmp_path) == ["dhat"]
 
 
-def test_summary_is_written_last(tmp_path, monkeypatch):
-  # while the arrays and stats are being written, no summary.json exists anywhere
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_summary_is_written_last(tmp_path, monkeypatch, rewrite):
+  # while the arrays and stats are being written, no summary.json exists (not even the
+  # previous D̂'s, when one is replaced)
+  from bssl import workdir as workdir_lib
   sel = _some_selection()
+  d = tmp_path / "dhat"
+  if rewrite:
+    selection.write_selection(d, _some_selection(seed=4))
   seen = []
-  real_write_json = selection._write_json
+  real_write_bytes = workdir_lib.write_bytes
 
-  def spy(path, obj):
-    seen.append((os.path.basename(path), [os.path.basename(p) for p in
-                                           os.listdir(os.path.dirname(path))]))
-    return real_write_json(path, obj)
+  def spy(path, data):
+    parent = os.fspath(path.parent)
+    seen.append((path.name, sorted(os.listdir(parent)) if os.path.exists(parent) else []))
+    return real_write_bytes(path, data)
 
-  monkeypatch.setattr(selection, "_write_json", spy)
-  selection.write_selection(tmp_path / "dhat", sel)
-  assert [name for name, _ in seen] == ["class_stats.json", "summary.json"]
-  assert "summary.json" not in seen[-1][1]
-  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy"} <= set(seen[-1][1])
-  assert not (tmp_path / "dhat").exists() or (tmp_path / "dhat" / "summary.json").exists()
+  monkeypatch.setattr(workdir_lib, "write_bytes", spy)
+  selection.write_selection(d, sel)
+  names = [name for name, _ in seen]
+  assert names[-2:] == ["class_stats.json", "summary.json"]
+  assert sorted(names[:-2]) == ["classes.npy", "ids.npy", "ranks.npy", "scores.npy"]
+  assert all("summary.json" not in listing for _, listing in seen)
+  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy",
+          "class_stats.json"} <= set(seen[-1][1])
+  assert_same(selection.read_selection(d), sel)
 
 
 def test_read_rejects_truncated_column(tmp_path):

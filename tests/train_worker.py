@@ -1,6 +1,10 @@
-"""A tiny training run in its own process, for the kill -9 resume test.
+"""A tiny training run in its own process, for the kill -9 and device-count resume tests.
 
-python tests/train_worker.py WORKDIR OUT.npz [--bn_mode sync]
+python tests/train_worker.py WORKDIR OUT.npz [--bn_mode sync] [--stop_after_steps N]
+
+The device count is XLA_FLAGS=--xla_force_host_platform_device_count (default 2 here).
+With --stop_after_steps the run stops (as a crash would, without a final save) after N
+steps of this call and OUT is not written.
 """
 import os
 import sys
@@ -49,8 +53,17 @@ def flat(variables):
 
 
 if __name__ == "__main__":
-  workdir, out = sys.argv[1], sys.argv[2]
-  bn_mode = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--bn_mode" else "sync"
-  res = run(workdir, tiny_cfg(bn_mode=bn_mode))
-  np.savez(out, **flat(res["variables"]))
-  print("FINISHED", flush=True)
+  import argparse
+  ap = argparse.ArgumentParser()
+  ap.add_argument("workdir")
+  ap.add_argument("out")
+  ap.add_argument("--bn_mode", default="sync")
+  ap.add_argument("--stop_after_steps", type=int, default=None)
+  args = ap.parse_args()
+  res = run(args.workdir, tiny_cfg(bn_mode=args.bn_mode), stop_after_steps=args.stop_after_steps)
+  print(f"DEVICES {jax.device_count()}", flush=True)
+  if "interrupted_at" in res:
+    print(f"INTERRUPTED {res['interrupted_at']}", flush=True)
+  else:
+    np.savez(args.out, **flat(res["variables"]))
+    print("FINISHED", flush=True)
