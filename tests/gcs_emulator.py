@@ -36,7 +36,23 @@ def _move(request, response, storage, *args, **kwargs):
   response.json(obj)
 
 
+def _download(request, response, storage, *args, **kwargs):
+  """Media downloads without ``x-goog-generation``: tensorstore (orbax's OCDBT manifest,
+  read before every later checkpoint write) refuses them as "Malformed StorageGeneration".
+  The real service sends the header; add it."""
+  _objects.download(request, response, storage, *args, **kwargs)
+  try:
+    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+  except NotFound:
+    return
+  response["x-goog-generation"] = str(obj["generation"])
+  response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+
 if not getattr(_srv, "_bssl_move_patched", False):
+  _srv.HANDLERS = tuple(
+      (pattern, {m: (_download if h is _objects.download else h) for m, h in methods.items()})
+      for pattern, methods in _srv.HANDLERS)
   _srv.HANDLERS = tuple(
       (rf"^{pre}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
        rf"(?P<dest_object_id>.*[^/]+)$", {_srv.POST: _move})
