@@ -13,3 +13,6 @@ if ROOT not in sys.path:
 CONFIGS = os.path.join(ROOT, "configs")
 if CONFIGS not in sys.path:
   sys.path.insert(0, CONFIGS)
+
+# The `gcs` fixture (a local GCS emulator, one per session) for every test file.
+from gcs_emulator import gcs  # noqa: E402,F401

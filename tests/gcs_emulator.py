@@ -40,7 +40,7 @@ def _download(request, response, storage, *args, **kwargs):
   """Media downloads without ``x-goog-generation``: tensorstore (orbax's OCDBT manifest,
   read before every later checkpoint write) refuses them as "Malformed StorageGeneration".
   The real service sends the header; add it."""
-  _objects.download(request, response, storage, *args, **kwargs)
+  _original_download(request, response, storage, *args, **kwargs)
   try:
     obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
   except NotFound:
@@ -50,8 +50,11 @@ def _download(request, response, storage, *args, **kwargs):
 
 
 if not getattr(_srv, "_bssl_move_patched", False):
+  _original_download = _objects.download
+  # `get` with ?alt=media (tensorstore's read URL) calls the module's `download` by name.
+  _objects.download = _download
   _srv.HANDLERS = tuple(
-      (pattern, {m: (_download if h is _objects.download else h) for m, h in methods.items()})
+      (pattern, {m: (_download if h is _original_download else h) for m, h in methods.items()})
       for pattern, methods in _srv.HANDLERS)
   _srv.HANDLERS = tuple(
       (rf"^{pre}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"

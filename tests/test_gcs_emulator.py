@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 
 def _run(gcs, code, timeout=60):

@@ -2,8 +2,9 @@
 (skip, refuse, resume) and config errors raised before any training starts."""
 import json
 import os
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -11,6 +12,8 @@ import demo
 from bssl import config as config_lib
 from bssl import engine, selection
 from bssl.data import recipe, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
@@ -202,8 +205,6 @@ def test_every_field_that_defaults_to_none_can_be_set_from_the_command_line(conf
 
 
 def test_command_line_sets_optional_fields_and_resnext_says_what_is_missing(tmp_path):
-  import subprocess
-  import sys
   (tmp_path / "u").mkdir()
   (tmp_path / "u" / "a.png").write_bytes(b"not really")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,8 +225,6 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   batch size: a different one changes the forward pass's float rounding, hence scores in
   their last bit)."""
   import shutil
-  import subprocess
-  import sys
   import time
   cfg, ref_dir = tiny_run
   wd = tmp_path / "killed"
@@ -329,8 +328,6 @@ def test_partial_state_of_another_config_is_refused(tiny_run, tmp_path):
 
 
 def _cli(args, env=None, timeout=300):
-  import subprocess
-  import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run([sys.executable, "-m", "bssl.main", *args], cwd=repo,
                         capture_output=True, text=True, timeout=timeout,
@@ -373,13 +370,23 @@ def test_init_from_variables_saved_on_another_device_count(tiny_run, tmp_path):
   assert ev["teacher"]["top1"] == pytest.approx(ref_ev["baseline"]["top1"], abs=1e-3)
 
 
-def test_resnext_tiny_runs_every_stage(tmp_path):
-  """The tiny preset of the paper's recipe: grouped bottlenecks, random-resized crops,
+def test_resnext_tiny_runs_every_stage_on_gcs(tmp_path, gcs):
+  """The user's command for the tiny preset of the paper's recipe, with the work directory
+  on a gs:// bucket (the local emulator): grouped bottlenecks, random-resized crops,
   per-device BatchNorm, a teacher of its own; every stage completes."""
-  import resnext
-  wd = str(tmp_path / "w")
-  engine.run_recipe(resnext.get_config("tiny"), wd)
-  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  wd = gcs.url(f"resnext_tiny/{tmp_path.name}")
+  env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  r = subprocess.run([sys.executable, "-m", "bssl.main", "--config=configs/resnext.py:tiny",
+                      f"--workdir={wd}"], env=env, capture_output=True, text=True,
+                     timeout=600, cwd=ROOT)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  r = subprocess.run([sys.executable, "-c", "from etils import epath; import sys; "
+                      "print(epath.Path(sys.argv[1]).read_text())",
+                      f"{wd}/report/results.json"], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(r.stdout)
   for key in ("baseline", "teacher", "student_pretrained", "student"):
     assert res[key]["num_examples"] == 40
   assert "same_as" not in res["teacher"]
