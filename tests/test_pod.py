@@ -167,8 +167,9 @@ def test_pod_equals_one_process_and_survives_kill_9(tmp_path, gcs):
   assert r.returncode == 0, r.stderr[-3000:] + _logs(tmp_path / "logs3")
   rerun = open(tmp_path / "logs3" / "process_0.log").read()
   assert "[finetune] done" in rerun and "[baseline] done" not in rerun, rerun[-3000:]
-  # pre-training went on from a checkpoint of the killed run (step 10 or later)
-  assert re.search(r"\[pretrain\] .*starting at step (1\d|2\d)\b", rerun), rerun[-3000:]
+  # pre-training went on from a checkpoint of the killed run (step 5, 10, ...; the kill
+  # comes after step 10's log line, sometimes before its checkpoint is written)
+  assert re.search(r"\[pretrain\] resumed from checkpoint at step [1-9]", rerun), rerun[-3000:]
   (tmp_path / "killed").mkdir()
   killed = _dump(url2, str(tmp_path / "killed"), env2)
   _same_dhat(pod["dhat"], killed["dhat"])
