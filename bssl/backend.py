@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bssl import models, parallel, train
+from bssl import config, models, parallel, train
 from bssl.train import normalize
 
 STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4}
@@ -56,7 +56,7 @@ class JaxBackend:
     ('folder', path). Writes ``final/``; returns the stage's info."""
     cfg = ctx.cfg
     scfg = cfg[ctx.stage].copy_and_resolve_references()
-    scfg.steps = _resolve_steps(scfg, len(source))
+    scfg.steps = config.resolve_steps(scfg, len(source))
     model = make_model(scfg, cfg.data.num_classes)
     variables = None
     if init is not None:
@@ -92,11 +92,6 @@ class JaxBackend:
 
   def local_batch_size(self, global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
-
-
-def _resolve_steps(scfg, n: int) -> int:
-  from bssl import config
-  return config.resolve_steps(scfg, n)
 
 
 class JaxScorer:

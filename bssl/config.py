@@ -219,12 +219,9 @@ def _leaf_names(cfg, prefix: str = "") -> list[str]:
   out = []
   for k in cfg.keys():
     v = cfg[k]
-    if isinstance(v, ml_collections.ConfigDict) and not prefix.endswith("model_kwargs."):
-      if k == "model_kwargs":
-        out.append(f"{prefix}{k}")
-      else:
-        out += _leaf_names(v, f"{prefix}{k}.")
-    else:
+    if isinstance(v, ml_collections.ConfigDict) and k != "model_kwargs":
+      out += _leaf_names(v, f"{prefix}{k}.")
+    else:  # model_kwargs is one field (a dict), not a section
       out.append(f"{prefix}{k}")
   return out
 

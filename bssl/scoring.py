@@ -181,10 +181,11 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   return {"num_scored": scored, "seconds": time.time() - t0}
 
 
-def coverage(parts_dir, num_images: int) -> dict:
+def coverage(parts_dir, num_images: int, parts=None) -> dict:
   """Counts from the parts' JSON alone (cheap); raises unless they cover ``[0,
-  num_images)`` exactly once, every image either scored or listed as bad."""
-  parts = _parts(parts_dir)
+  num_images)`` exactly once, every image either scored or listed as bad. ``parts``:
+  :func:`_parts` of the folder when already read."""
+  parts = _parts(parts_dir) if parts is None else parts
   if not parts:
     raise IncompleteScoringError(f"no scoring parts in {parts_dir}")
   cov = _covered(parts)
@@ -208,9 +209,10 @@ def coverage(parts_dir, num_images: int) -> dict:
 
 def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass, dict]:
   """Exact merge of every part, after :func:`coverage` has checked them."""
-  info = coverage(parts_dir, num_images)
+  parts = _parts(parts_dir)
+  info = coverage(parts_dir, num_images, parts)
   acc, bad = None, []
-  for _, _, meta in _parts(parts_dir):
+  for _, _, meta in parts:
     d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
     a = TopKPerClass.from_state_dict({k[5:]: v for k, v in d.items() if k.startswith("acc__")})
     bad.extend(int(x) for x in d["bad_ids"])

@@ -130,8 +130,8 @@ def test_crash_then_resume_gives_identical_parameters(tmp_path, uninterrupted, c
   _assert_same(tw.flat(res["variables"]), uninterrupted)
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted, monkeypatch):
-  wd = str(tmp_path / "w")
+def _sigterm_after_step(monkeypatch, at: int):
+  """Makes training send itself SIGTERM after step ``at``; returns the real step maker."""
   real_step = train.make_train_step
 
   def step_then_sigterm(*a, **k):
@@ -139,12 +139,18 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted, monkeypatch)
 
     def step(state, batch):
       out = inner(state, batch)
-      if int(out[0].step) == 3:
+      if int(out[0].step) == at:
         os.kill(os.getpid(), signal.SIGTERM)
       return out
     return step
 
   monkeypatch.setattr(train, "make_train_step", step_then_sigterm)
+  return real_step
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted, monkeypatch):
+  wd = str(tmp_path / "w")
+  real_step = _sigterm_after_step(monkeypatch, 3)
   with pytest.raises(train.Preempted, match="step 3"):
     tw.run(wd, tw.tiny_cfg(checkpoint_every=0))
   monkeypatch.setattr(train, "make_train_step", real_step)
@@ -162,22 +168,10 @@ def test_sigterm_exactly_at_a_checkpoint_step_is_preempted_and_resume_is_exact(
   skips a step it has saved (``should_save``); the second case takes that away, so bssl's
   own guard is what is tested, whatever the orbax version or save policy."""
   wd = str(tmp_path / "w")
-  real_step = train.make_train_step
   if not orbax_skips_saved_steps:
     import orbax.checkpoint as ocp
     monkeypatch.setattr(ocp.CheckpointManager, "should_save", lambda self, step: True)
-
-  def step_then_sigterm(*a, **k):
-    inner = real_step(*a, **k)
-
-    def step(state, batch):
-      out = inner(state, batch)
-      if int(out[0].step) == 4:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return out
-    return step
-
-  monkeypatch.setattr(train, "make_train_step", step_then_sigterm)
+  real_step = _sigterm_after_step(monkeypatch, 4)
   with pytest.raises(train.Preempted, match="step 4"):
     tw.run(wd, tw.tiny_cfg(checkpoint_every=2))
   monkeypatch.setattr(train, "make_train_step", real_step)
