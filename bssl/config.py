@@ -38,7 +38,7 @@ TRAIN_SECTIONS = ("baseline", "teacher", "pretrain", "finetune")
 ALL_STAGES = ("baseline", "teacher", "score", "select", "pretrain", "finetune", "evaluate",
               "report")
 DATA_KINDS = ("fashion_mnist", "tfds", "fake")
-UNLABELLED_KINDS = ("rest_of_train", "image_folder", "tfds", "fake")
+UNLABELLED_KINDS = ("rest_of_train", "image_folder", "shards", "tfds", "fake")
 AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
 EVAL_TRANSFORMS = ("none", "resize_center_crop")
 
@@ -127,8 +127,12 @@ FIELDS = (
           cosmetic=True),
     # unlabelled: U
     Field("unlabelled.kind", "rest_of_train", str, "source of U", choices=UNLABELLED_KINDS),
-    Field("unlabelled.path", None, str, "image_folder: folder (recursive) or file list",
-          optional=True),
+    Field("unlabelled.path", None, str, "image_folder: folder (recursive) or file list; "
+          "shards: the --out of `python -m bssl.ingest`", optional=True),
+    Field("unlabelled.drop_duplicates", True, bool, "shards: skip exact duplicates (same "
+          "content hash as an earlier image) when scoring"),
+    Field("unlabelled.cache_dir", None, str, "shards on gs://: local folder for the shards "
+          "this host reads (default: under TMPDIR)", optional=True, cosmetic=True),
     Field("unlabelled.limit", None, int, "use only the first N images of U", minimum=1,
           optional=True),
     Field("unlabelled.size", 200, int, "fake: images in U", minimum=1),
@@ -287,6 +291,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
   if u.kind == "image_folder" and not u.get("path"):
     raise ConfigError("unlabelled.path must name a folder of images or a file list when "
                       "unlabelled.kind='image_folder', got None")
+  if u.kind == "shards" and not u.get("path"):
+    raise ConfigError("unlabelled.path must name the output folder of `python -m "
+                      "bssl.ingest` when unlabelled.kind='shards', got None")
   if u.kind == "tfds" and not (u.get("tfds_name") and u.get("split")):
     raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
                       "unlabelled.split")

@@ -61,8 +61,10 @@ def resize_center_crop(img: np.ndarray, size: int, crop_fraction: float) -> np.n
   short = int(round(size / crop_fraction))
   scale = short / min(h, w)
   nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-  im = _pil(img).resize((nw, nh), Image.BILINEAR)
   top, left = (nh - size) // 2, (nw - size) // 2
+  if (nh, nw) == (h, w):  # already at the working size (ingested shards): crop only
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
+  im = _pil(img).resize((nw, nh), Image.BILINEAR)
   return _from_pil(im.crop((left, top, left + size, top + size)), img.shape[-1])
 
 
@@ -95,6 +97,10 @@ def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
     return None
   if spec.eval_transform == "resize_center_crop":
     img = resize_center_crop(img, spec.size, spec.crop_fraction)
+  elif img.shape[:2] != (spec.size, spec.size):
+    # 'none' is for sources already at the model's size; an image of another size is
+    # still an image: short side to the model's size, centre crop (not a "bad image")
+    img = resize_center_crop(img, spec.size, 1.0)
   if img.shape != (spec.size, spec.size, spec.channels):
     return None
   return img

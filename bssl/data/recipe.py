@@ -70,6 +70,14 @@ def build_data(cfg) -> Data:
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
     unl = sources.ImageFileSource(u.path, channels=d.channels)
+  elif u.kind == "shards":
+    from bssl.data import ingest
+    try:
+      unl = ingest.ShardSource(u.path, channels=d.channels,
+                               drop_duplicates=bool(u.get("drop_duplicates", True)),
+                               cache_dir=u.get("cache_dir"))
+    except ingest.IngestError as e:
+      raise sources.DataError(str(e)) from None
   elif u.kind == "tfds":
     base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)

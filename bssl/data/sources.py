@@ -25,7 +25,7 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -134,47 +134,36 @@ def fake_source(num: int, image_shape: Sequence[int], num_classes: int, seed: in
 
 
 def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
-  """Decodes an encoded image (bytes or path) into uint8 [H,W,channels]."""
-  import io
-  from PIL import Image
-  src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
-  with Image.open(src) as im:
-    im = im.convert("RGB" if channels == 3 else "L")
-    arr = np.asarray(im, np.uint8)
-  if arr.ndim == 2:
-    arr = arr[..., None]
-  return arr
+  """Decodes an encoded image (bytes or path) into uint8 [H,W,channels] with
+  :func:`bssl.data.decode.decode` (EXIF orientation, any mode, 16-bit greys scaled)."""
+  from bssl.data import decode
+  data = (data_or_path if isinstance(data_or_path, (bytes, bytearray))
+          else decode.read_bytes(data_or_path))
+  return decode.decode(bytes(data), channels)
 
 
 class ImageFileSource:
-  """Unlabelled images from a folder (recursively, sorted) or a file list (one path per
-  line, relative paths resolved against the list's folder). Ids are positions in the
-  sorted list, so they are stable across runs and hosts.
+  """Unlabelled images from a folder (recursively, symlinked folders followed, sorted) or
+  a file list (one path per line, relative paths resolved against the list's folder); local
+  or gs://. Ids are positions in the sorted list, so they are stable across runs and hosts.
+  For U at scale, ingest it once into shards instead (``python -m bssl.ingest``,
+  ``unlabelled.kind='shards'``).
 
   Records carry ``valid``: False when the file cannot be decoded, so the scoring stage
-  skips, counts and lists it instead of dying on one bad file.
+  skips, counts and lists it (with :meth:`reason_of`) instead of dying on one bad file.
   """
 
   def __init__(self, path: str, channels: int = 3):
-    if not path or not os.path.exists(path):
+    from bssl.data import ingest
+    try:
+      files = ingest.list_inputs(path, IMAGE_EXTENSIONS) if path else []
+    except ingest.IngestError as e:
+      raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
+    if not files:
       raise DataError(
           f"unlabelled.path: {path!r} does not exist. Accepted: a folder of image files "
           f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively, or a text file listing one "
           f"image path per line.")
-    if os.path.isdir(path):
-      files = []
-      for root, _, names in os.walk(path):
-        files.extend(os.path.join(root, n) for n in names
-                     if n.lower().endswith(IMAGE_EXTENSIONS))
-      files.sort()
-    else:
-      base = os.path.dirname(os.path.abspath(path))
-      with open(path) as f:
-        files = [l.strip() for l in f if l.strip() and not l.startswith("#")]
-      files = [p if os.path.isabs(p) else os.path.join(base, p) for p in files]
-    if not files:
-      raise DataError(f"unlabelled.path: no image files found in {path!r} "
-                      f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
     self.files = files
     self.channels = channels
     self.class_names = None
@@ -183,16 +172,26 @@ class ImageFileSource:
     return len(self.files)
 
   def __getitem__(self, i: int) -> dict:
+    from bssl.data import decode
     try:
       img = decode_image(self.files[i], self.channels)
       valid = True
-    except Exception:  # noqa: BLE001 - any decode failure marks the record invalid
+    except decode.DecodeError:
       img = np.zeros((1, 1, self.channels), np.uint8)
       valid = False
     return {"image": img, "label": np.int32(-1), "id": np.int64(i), "valid": valid}
 
   def name_of(self, i: int) -> str:
     return self.files[i]
+
+  def reason_of(self, i: int) -> str:
+    """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
+    from bssl.data import decode
+    try:
+      decode_image(self.files[i], self.channels)
+    except decode.DecodeError as e:
+      return e.reason
+    return "decodes now (changed since it was scored?)"
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -233,7 +232,7 @@ class TFDSSource:
     if isinstance(img, (bytes, bytearray)):
       try:
         img = decode_image(img)
-      except Exception as e:  # noqa: BLE001
+      except ValueError as e:
         raise BadImageError(f"{self.name}[{self.split}] record {i} cannot be decoded: {e}") from e
     img = np.asarray(img, np.uint8)
     if img.ndim == 2:

@@ -45,10 +45,13 @@ def select(ctx) -> dict:
   acc, merged = scoring.merge_parts(ctx.wd.stage("score") / "parts", len(unl))
   bad = merged["bad_ids"]
   names = [unl.name_of(i) for i in bad] if hasattr(unl, "name_of") else [str(i) for i in bad]
-  workdir_lib.write_json(ctx.dir / "bad_images.json", {"ids": bad, "files": names})
+  reasons = ([unl.reason_of(i) for i in bad] if hasattr(unl, "reason_of")
+             else ["cannot be made the model's input"] * len(bad))
+  workdir_lib.write_json(ctx.dir / "bad_images.json",
+                         {"ids": bad, "files": names, "reasons": reasons})
   if bad:
-    ctx.log(f"{len(bad)} undecodable or wrongly shaped images were skipped; listed in "
-            f"{ctx.dir / 'bad_images.json'}")
+    ctx.log(f"{len(bad)} images were not scored (undecodable, or exact duplicates of an "
+            f"earlier image); listed with reasons in {ctx.dir / 'bad_images.json'}")
   sel = acc.result()
   if len(sel.ids) == 0:
     raise sources.DataError(f"select: D̂ is empty: none of the {len(unl)} images of U could "

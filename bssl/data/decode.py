@@ -1,0 +1,139 @@
+"""One image decoder for every source of encoded images (folders, file lists, ingested
+shards, TFDS records): bytes -> uint8 [H, W, C], or :class:`DecodeError` with a reason.
+
+What it does, in order:
+
+1. refuses what is not an image, with the reason (empty file, not an image Pillow can
+   identify, truncated or corrupt data, a decompression bomb);
+2. for JPEG, when a ``short_side`` target is given, lets libjpeg scale in the DCT domain
+   (``Image.draft``: 1/2, 1/4 or 1/8 while the short side stays >= the target), which is
+   most of the cost of big photos;
+3. applies the EXIF orientation (phones store portraits as rotated landscapes);
+4. converts any mode to ``L`` or ``RGB`` with the right scaling: 16-bit and 32-bit integer
+   greys (``I;16``, ``I``) are scaled by 255/65535 (Pillow's own ``convert('L')`` clips
+   them, turning almost every pixel of a 16-bit PNG white), float greys (``F``) are taken
+   as 0..1 when they fit and clipped to 0..255 otherwise; palette images with
+   transparency go through RGBA; alpha is dropped as Pillow drops it; CMYK, YCbCr, LAB,
+   HSV as Pillow converts them;
+5. optionally resizes (bilinear, antialiased) so the short side is ``short_side`` (only
+   down: a smaller image is kept as it is).
+
+Images are returned as ``channels`` = 1 (L) or 3 (RGB); an RGB image asked for 1 channel
+uses ITU-R 601 luma as Pillow's ``convert('L')`` does.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+_GREY_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class DecodeError(ValueError):
+  """An encoded image that cannot be decoded; ``reason`` says why, in a few words."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _draft_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+  """The size to ask ``Image.draft`` for: the image scaled so its short side is
+  ``short_side`` (draft only ever returns a size >= the one asked for)."""
+  s = short_side / min(w, h)
+  return max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))
+
+
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+  """``im`` as an ``L`` (channels 1) or ``RGB`` (channels 3) image, scaled correctly."""
+  want = "L" if channels == 1 else "RGB"
+  if im.mode in _GREY_INT_MODES or im.mode == "F":
+    a = np.asarray(im)
+    if im.mode == "F":
+      a = a.astype(np.float64)
+      fin = a[np.isfinite(a)]
+      if fin.size and fin.min() >= 0.0 and fin.max() <= 1.0:
+        a = a * 255.0
+      a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+    else:  # 16-bit data (I;16*, and 'I', in which Pillow gives 16-bit PNGs too)
+      a = np.clip(a.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+    grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return grey if want == "L" else grey.convert("RGB")
+  if im.mode == want:
+    return im
+  if im.mode == "P" and "transparency" in im.info:
+    im = im.convert("RGBA")  # what Pillow asks for (a warning otherwise)
+  if im.mode in ("LA", "La") and want == "L":
+    return im.convert("L")
+  return im.convert(want)
+
+
+def open_image(data: bytes, channels: int = 3, short_side: int | None = None,
+               name: str = "") -> Image.Image:
+  """Decodes ``data`` into a loaded ``L``/``RGB`` PIL image (steps 1-4 of the module
+  docstring; no resize). ``short_side`` only enables JPEG DCT downscaling."""
+  if not data:
+    raise DecodeError("empty file (0 bytes)")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      im = Image.open(io.BytesIO(data))
+      if short_side and im.format == "JPEG" and min(im.size) >= 2 * short_side:
+        im.draft(im.mode if im.mode in ("L", "RGB") else None,
+                 _draft_size(*im.size, short_side))
+      im.load()
+  except UnidentifiedImageError:
+    raise DecodeError("not an image (Pillow cannot identify the format)") from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise DecodeError(f"too large: {e}") from None
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    msg = str(e) or type(e).__name__
+    kind = "truncated" if "truncat" in msg.lower() else "corrupt"
+    raise DecodeError(f"{kind}: {msg}") from None
+  try:
+    im = ImageOps.exif_transpose(im)
+  except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+    pass
+  try:
+    return _to_mode(im, channels)
+  except (OSError, ValueError) as e:
+    raise DecodeError(f"cannot convert mode {im.mode}: {e}") from None
+
+
+def resize_short_side(im: Image.Image, short_side: int) -> Image.Image:
+  """``im`` scaled (bilinear, antialiased) so its short side is ``short_side``; images
+  whose short side is already <= ``short_side`` are returned unchanged."""
+  w, h = im.size
+  if min(w, h) <= short_side:
+    return im
+  if w <= h:
+    size = (short_side, max(short_side, int(round(h * short_side / w))))
+  else:
+    size = (max(short_side, int(round(w * short_side / h))), short_side)
+  return im.resize(size, Image.BILINEAR)
+
+
+def decode(data: bytes, channels: int = 3, short_side: int | None = None) -> np.ndarray:
+  """uint8 [H, W, channels]: :func:`open_image`, resized down to ``short_side`` when
+  given. Raises :class:`DecodeError`."""
+  im = open_image(data, channels, short_side)
+  if short_side:
+    im = resize_short_side(im, short_side)
+  a = np.asarray(im, np.uint8)
+  return a[..., None] if a.ndim == 2 else a
+
+
+def read_bytes(path) -> bytes:
+  """The bytes of a local or remote (gs://) file; a missing or unreadable file is a
+  :class:`DecodeError` with the reason."""
+  from bssl import workdir as workdir_lib
+  try:
+    return workdir_lib.path(path).read_bytes()
+  except (OSError, ValueError) as e:
+    raise DecodeError(f"unreadable: {type(e).__name__}: {e}") from None
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels

@@ -1,0 +1,444 @@
+"""Ingest U once: image files -> ArrayRecord shards of images re-encoded at a working size,
+with a manifest; and :class:`ShardSource`, the scoring stage's view of the shards.
+
+Layout of the output folder (local or ``gs://``)::
+
+  ingest.json                 parameters, the input's fingerprint, N, shard size
+  shards/u-00000.array_record record j = JPEG bytes of image id s*S + j ("" = bad file)
+  shards/u-00000.npz          the shard's manifest: original path, original size, stored
+                              size, content hash (blake2b-128 of the file), bad reason
+  bad.json                    [{"id", "path", "reason"}] for files that cannot be decoded
+  duplicates.npz              ids whose content equals an earlier id's: (ids, first)
+  manifest.json               counts; written when every shard is complete
+
+Ids are positions in the sorted input list (stable across runs and hosts). Shard ``s``
+holds ids ``[s*S, (s+1)*S)``; process ``i`` of ``n`` ingests shards ``i, i+n, ...``. A
+shard is complete when its ``.npz`` exists: it is written after the ``.array_record``, so a
+killed ingest leaves each shard complete or absent, and a rerun makes only the missing
+ones (byte-identical to what an uninterrupted run writes: encoding is deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from bssl import workdir as workdir_lib
+from bssl.data import decode as decode_lib
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FORMAT_VERSION = 1
+_GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class IngestError(ValueError):
+  """A user error of the ingest command or of reading its output (exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  short_side: int = 256
+  quality: int = 90
+  shard_size: int = 4096
+
+  def check(self):
+    if not 16 <= self.short_side <= 4096:
+      raise IngestError(f"--short_side must be in 16..4096, got {self.short_side}")
+    if not 1 <= self.quality <= 100:
+      raise IngestError(f"--quality must be in 1..100 (JPEG quality), got {self.quality}")
+    if self.shard_size < 1:
+      raise IngestError(f"--shard_size must be >= 1, got {self.shard_size}")
+
+
+# ------------------------------------------------------------------------------ input list
+
+
+def _walk_local(root: str, extensions) -> list[str]:
+  """Files under ``root`` (following symlinked folders, each real folder once), relative."""
+  out, seen = [], set()
+
+  def walk(d: str, rel: str):
+    real = os.path.realpath(d)
+    if real in seen:  # a symlink loop, or a folder linked twice
+      return
+    seen.add(real)
+    try:
+      entries = sorted(os.scandir(d), key=lambda e: e.name)
+    except OSError:
+      return
+    for e in entries:
+      r = f"{rel}{e.name}"
+      if e.is_dir(follow_symlinks=True):
+        walk(e.path, r + "/")
+      elif _wanted(e.name, extensions) and (e.is_file(follow_symlinks=True)
+                                            or not os.path.exists(e.path)):
+        out.append(r)  # (a dangling link is kept: listed as bad, with its reason)
+  walk(root, "")
+  return out
+
+
+def _wanted(name: str, extensions) -> bool:
+  return extensions is None or name.lower().endswith(tuple(extensions))
+
+
+def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
+  """The sorted list of image paths of ``input_path``: a folder (recursive, local or
+  gs://) or a text file with one path per line (relative to the list's folder).
+  ``extensions=None`` takes every file of a folder."""
+  p = workdir_lib.path(input_path)
+  if not p.exists():
+    raise IngestError(f"--input: {input_path!r} does not exist. Accepted: a folder of images "
+                      f"(searched recursively) or a text file listing one path per line.")
+  if p.is_dir():
+    if workdir_lib.is_remote(input_path):
+      files = sorted(str(f) for f in p.rglob("*") if _wanted(f.name, extensions)
+                     and not f.is_dir())
+    else:
+      files = [os.path.join(str(p), r) for r in _walk_local(str(p), extensions)]
+  else:
+    base = str(p.parent)
+    files = []
+    for line in p.read_text().splitlines():
+      line = line.strip()
+      if line and not line.startswith("#"):
+        files.append(line if (line.startswith("/") or "://" in line)
+                     else os.path.join(base, line))
+    files.sort()
+  if not files:
+    raise IngestError(f"--input: no image files in {input_path!r} (extensions "
+                      f"{', '.join(extensions or ['any'])})")
+  return files
+
+
+def fingerprint(files: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for f in files:
+    h.update(f.encode("utf-8", "surrogateescape") + b"\0")
+  return h.hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------ one image
+
+
+def encode_one(data: bytes, params: Params) -> tuple[bytes, tuple, tuple]:
+  """(stored bytes, original (h, w), stored (h, w)) of one file's bytes:
+
+  - a JPEG already at most ``short_side`` on its short side, L or RGB, not EXIF-rotated:
+    stored as it is (no generation loss; it decodes to exactly the original's pixels);
+  - any other image at most ``short_side``: decoded (EXIF orientation, mode conversion)
+    and stored as a lossless PNG (exactly the pixels the original decodes to);
+  - a bigger image: decoded (with JPEG DCT downscaling), scaled so its short side is
+    ``short_side``, stored as JPEG at ``quality``.
+
+  Greyscale sources stay greyscale (L); everything else becomes RGB. Raises DecodeError."""
+  info = _probe(data)
+  if (info and info["format"] == "JPEG" and info["mode"] in ("L", "RGB")
+      and info["orientation"] == 1 and min(info["size"]) <= params.short_side):
+    decode_lib.open_image(data, 1 if info["mode"] == "L" else 3)  # it must decode
+    w, h = info["size"]
+    return data, (h, w), (h, w)
+  channels = 1 if info and info["mode"] in _GREY else 3
+  im = decode_lib.open_image(data, channels, short_side=params.short_side)
+  w, h = info["size"] if info else im.size
+  if info and info["orientation"] in (5, 6, 7, 8):
+    w, h = h, w  # rotated by a quarter turn
+  buf = io.BytesIO()
+  if min(im.size) <= params.short_side:
+    # no scaling needed, but a rotation or mode conversion (or not a JPEG): lossless PNG
+    # keeps exactly the pixels the original decodes to (rare in photo collections)
+    im.save(buf, "PNG", compress_level=1)
+  else:
+    im = decode_lib.resize_short_side(im, params.short_side)
+    im.save(buf, "JPEG", quality=params.quality)
+  return buf.getvalue(), (h, w), (im.size[1], im.size[0])
+
+
+def _probe(data: bytes) -> dict | None:
+  """Format, mode, size and EXIF orientation from the header (no pixel decoding)."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      try:
+        orientation = int(im.getexif().get(0x0112, 1))
+      except Exception:  # noqa: BLE001 - a broken EXIF block
+        orientation = 1
+      return {"format": im.format, "mode": im.mode, "size": im.size,
+              "orientation": orientation}
+  except Exception:  # noqa: BLE001 - open_image gives the reason
+    return None
+
+
+def content_hash(data: bytes) -> bytes:
+  return hashlib.blake2b(data, digest_size=16).digest()
+
+
+# ------------------------------------------------------------------------------ shards
+
+
+def shard_name(s: int) -> str:
+  return f"u-{s:05d}"
+
+
+def _writer_options() -> str:
+  return "group_size:1"  # random access: one record per chunk
+
+
+def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: int) -> dict:
+  """Writes shard ``s`` (``files`` = its inputs, ids from ``first_id``): the array_record,
+  then its manifest npz. Returns counts."""
+  from array_record.python import array_record_module as ar
+  out = workdir_lib.path(out)
+  n = len(files)
+  orig = np.zeros((n, 2), np.int32)
+  stored = np.zeros((n, 2), np.int32)
+  hashes = np.zeros((n, 16), np.uint8)
+  reasons = [""] * n
+  with tempfile.TemporaryDirectory(prefix="bssl_ingest_") as tmp:
+    local = os.path.join(tmp, "shard.array_record")
+    w = ar.ArrayRecordWriter(local, _writer_options())
+    try:
+      for j, f in enumerate(files):
+        rec = b""
+        try:
+          data = decode_lib.read_bytes(f)
+          hashes[j] = np.frombuffer(content_hash(data), np.uint8)
+          rec, orig[j], stored[j] = encode_one(data, params)
+        except decode_lib.DecodeError as e:
+          reasons[j] = e.reason
+        w.write(rec)
+    finally:
+      w.close()
+    with open(local, "rb") as fh:
+      workdir_lib.write_bytes(out / "shards" / f"{shard_name(s)}.array_record", fh.read())
+  workdir_lib.write_npz(out / "shards" / f"{shard_name(s)}.npz",
+                        ids=np.arange(first_id, first_id + n, dtype=np.int64),
+                        path=np.asarray(files, dtype=str), orig_hw=orig, stored_hw=stored,
+                        hash=hashes, reason=np.asarray(reasons, dtype=str))
+  return {"images": n, "bad": sum(1 for r in reasons if r)}
+
+
+def _shard_done(out, s: int) -> bool:
+  return (workdir_lib.path(out) / "shards" / f"{shard_name(s)}.npz").exists()
+
+
+def _done_shards(out) -> set[int]:
+  d = workdir_lib.path(out) / "shards"
+  if not d.exists():
+    return set()
+  done = set()
+  for name in workdir_lib.listdir(d):
+    if name.startswith("u-") and name.endswith(".npz"):
+      done.add(int(name[2:-4]))
+  return done
+
+
+def _header(files, params: Params) -> dict:
+  n = len(files)
+  return {"format_version": FORMAT_VERSION, "num_images": n,
+          "input_fingerprint": fingerprint(files), "short_side": params.short_side,
+          "quality": params.quality, "shard_size": params.shard_size,
+          "num_shards": -(-n // params.shard_size), "encoding": "jpeg",
+          "writer_options": _writer_options()}
+
+
+def check_or_write_header(out, header: dict, write: bool) -> None:
+  """Refuses an output folder made from another input or with other parameters."""
+  p = workdir_lib.path(out) / "ingest.json"
+  if p.exists():
+    old = workdir_lib.read_json(p)
+    diff = {k: (old.get(k), v) for k, v in header.items() if old.get(k) != v}
+    if diff:
+      what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+      raise IngestError(f"--out {out} holds an ingest of another input or with other "
+                        f"parameters ({what}); use another --out, or delete it to redo it")
+  elif write:
+    workdir_lib.write_json(p, header)
+
+
+def finalize(out, header: dict, log: Callable[[str], None] = print) -> dict:
+  """bad.json, duplicates.npz and manifest.json from every shard's manifest (deterministic:
+  any process may write them, with the same bytes)."""
+  out = workdir_lib.path(out)
+  ids, hashes, bad = [], [], []
+  for s in range(header["num_shards"]):
+    m = workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")
+    ok = m["reason"] == ""
+    ids.append(m["ids"][ok])
+    hashes.append(m["hash"][ok])
+    bad += [{"id": int(i), "path": str(p), "reason": str(r)}
+            for i, p, r in zip(m["ids"][~ok], m["path"][~ok], m["reason"][~ok])]
+  ids = np.concatenate(ids)
+  hashes = np.concatenate(hashes)
+  # Exact duplicates: the same 128-bit content hash; the first id of each group is kept.
+  h = np.ascontiguousarray(hashes).view(">u8").reshape(-1, 2)
+  order = np.lexsort((ids, h[:, 1], h[:, 0]))
+  hs, i_sorted = h[order], ids[order]
+  new_group = np.ones(len(order), bool)
+  new_group[1:] = np.any(hs[1:] != hs[:-1], axis=1)
+  first = i_sorted[np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))]
+  dup = ~new_group
+  dup_ids, dup_first = i_sorted[dup], first[dup]
+  o = np.argsort(dup_ids)
+  workdir_lib.write_npz(out / "duplicates.npz", ids=dup_ids[o].astype(np.int64),
+                        first=dup_first[o].astype(np.int64))
+  workdir_lib.write_json(out / "bad.json", bad)
+  manifest = dict(header, num_ok=int(len(ids)), num_bad=len(bad),
+                  num_duplicates=int(dup.sum()))
+  workdir_lib.write_json(out / "manifest.json", manifest)
+  log(f"ingest: complete: {header['num_images']} images, {len(bad)} bad (listed in "
+      f"{out / 'bad.json'}), {int(dup.sum())} exact duplicates ({out / 'duplicates.npz'})")
+  return manifest
+
+
+def run_ingest(input_path: str, out: str, params: Params = Params(), *,
+               process_index: int = 0, process_count: int = 1, extensions=EXTENSIONS,
+               log: Callable[[str], None] = print, stop_after_shards: int | None = None) -> dict:
+  """Ingests this process's shards of ``input_path`` into ``out``; the process that finds
+  every shard complete at its end writes the manifest. ``stop_after_shards`` (tests)
+  simulates a kill."""
+  params.check()
+  if not 0 <= process_index < process_count:
+    raise IngestError(f"process index {process_index} is not in [0, {process_count})")
+  files = list_inputs(input_path, extensions)
+  header = _header(files, params)
+  check_or_write_header(out, header, write=(process_index == 0))
+  if process_index != 0:  # wait for process 0's header, then check it
+    for _ in range(600):
+      if (workdir_lib.path(out) / "ingest.json").exists():
+        break
+      time.sleep(0.1)
+    check_or_write_header(out, header, write=False)
+  ns, size = header["num_shards"], params.shard_size
+  done = _done_shards(out)
+  mine = [s for s in range(process_index, ns, process_count) if s not in done]
+  todo_images = sum(min(size, len(files) - s * size) for s in mine)
+  log(f"ingest: {len(files)} images in {ns} shard(s) of {size}; process {process_index} of "
+      f"{process_count}: {len(mine)} shard(s) to write ({todo_images} images), "
+      f"{len(done)} shard(s) already complete")
+  t0, made, bad = time.time(), 0, 0
+  for c, s in enumerate(mine):
+    if stop_after_shards is not None and c >= stop_after_shards:
+      return {"interrupted": True}
+    got = ingest_shard(files[s * size:(s + 1) * size], s * size, params, out, s)
+    made += got["images"]
+    bad += got["bad"]
+    rate = made / max(time.time() - t0, 1e-9)
+    eta = (todo_images - made) / max(rate, 1e-9)
+    log(f"ingest: shard {s} done ({c + 1}/{len(mine)} of this process), {made}/{todo_images} "
+        f"images, {bad} bad, {rate:.0f} img/s, eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+  if len(_done_shards(out)) == ns:
+    return finalize(out, header, log)
+  log(f"ingest: process {process_index} done; {ns - len(_done_shards(out))} shard(s) of other "
+      f"processes remain (the last process to finish writes manifest.json)")
+  return dict(header, complete=False)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+class ShardSource:
+  """U from an ingest's output: record ``i`` = image id ``i`` decoded (``valid`` False for
+  bad files and, with ``drop_duplicates``, for exact duplicates of an earlier id).
+  Remote shards are copied once into ``cache_dir`` (default: a folder under TMPDIR) on
+  this host's disk; each process only fetches the shards it reads."""
+
+  def __init__(self, path: str, channels: int = 3, drop_duplicates: bool = True,
+               cache_dir: str | None = None):
+    root = workdir_lib.path(path)
+    mf = root / "manifest.json"
+    if not mf.exists():
+      what = ("holds an ingest that is not complete (no manifest.json): rerun "
+              "`python -m bssl.ingest` with the same --input/--out to finish it"
+              if (root / "ingest.json").exists()
+              else "is not the output of `python -m bssl.ingest` (no manifest.json)")
+      raise IngestError(f"unlabelled.path: {path!r} {what}")
+    self.manifest = workdir_lib.read_json(mf)
+    if self.manifest.get("format_version") != FORMAT_VERSION:
+      raise IngestError(f"unlabelled.path: {path!r} was written by ingest format "
+                        f"{self.manifest.get('format_version')}, this bssl reads "
+                        f"{FORMAT_VERSION}; ingest again")
+    self.root, self.channels, self.class_names = root, channels, None
+    self.n, self.size = int(self.manifest["num_images"]), int(self.manifest["shard_size"])
+    self.remote = workdir_lib.is_remote(path)
+    self.cache_dir = cache_dir or os.path.join(
+        tempfile.gettempdir(), "bssl_shards", fingerprint([str(root)]) +
+        self.manifest["input_fingerprint"][:8])
+    self.duplicate_of = {}
+    if drop_duplicates:
+      d = workdir_lib.read_npz(root / "duplicates.npz")
+      self.duplicate_of = dict(zip(d["ids"].tolist(), d["first"].tolist()))
+    self._local = threading.local()
+    self._lock = threading.Lock()
+    self._manifests: dict[int, dict] = {}
+
+  def __len__(self) -> int:
+    return self.n
+
+  def _shard_path(self, s: int) -> str:
+    name = f"{shard_name(s)}.array_record"
+    if not self.remote:
+      return str(self.root / "shards" / name)
+    local = os.path.join(self.cache_dir, name)
+    if not os.path.exists(local):
+      with self._lock:
+        if not os.path.exists(local):
+          data = (self.root / "shards" / name).read_bytes()
+          workdir_lib.write_bytes(local, data)
+    return local
+
+  def _reader(self, s: int):
+    from array_record.python import array_record_module as ar
+    readers = getattr(self._local, "readers", None)
+    if readers is None:
+      readers = self._local.readers = {}
+    r = readers.get(s)
+    if r is None:
+      if len(readers) >= 4:  # a few open shards per thread; reads go in id order
+        old = readers.pop(next(iter(readers)))
+        old.close()
+      r = readers[s] = ar.ArrayRecordReader(self._shard_path(s), "readahead_buffer_size:0")
+    return r
+
+  def record_bytes(self, i: int) -> bytes:
+    s, j = divmod(int(i), self.size)
+    return self._reader(s).read([j])[0]
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    rec = {"label": np.int32(-1), "id": np.int64(i)}
+    data = b"" if i in self.duplicate_of else self.record_bytes(i)
+    if data:
+      try:
+        return dict(rec, image=decode_lib.decode(data, self.channels), valid=True)
+      except decode_lib.DecodeError:
+        pass
+    return dict(rec, image=np.zeros((1, 1, self.channels), np.uint8), valid=False)
+
+  def _shard_manifest(self, s: int) -> dict:
+    if s not in self._manifests:
+      self._manifests[s] = workdir_lib.read_npz(self.root / "shards" / f"{shard_name(s)}.npz")
+    return self._manifests[s]
+
+  def name_of(self, i: int) -> str:
+    s, j = divmod(int(i), self.size)
+    return str(self._shard_manifest(s)["path"][j])
+
+  def reason_of(self, i: int) -> str:
+    i = int(i)
+    if i in self.duplicate_of:
+      return f"exact duplicate of id {self.duplicate_of[i]} (same content hash)"
+    s, j = divmod(i, self.size)
+    return str(self._shard_manifest(s)["reason"][j]) or "cannot be decoded"
+
+
+def describe(manifest: dict) -> str:
+  return json.dumps({k: manifest[k] for k in ("num_images", "num_ok", "num_bad",
+                                              "num_duplicates", "num_shards")})

@@ -1,0 +1,73 @@
+"""Ingest U once: ``python -m bssl.ingest --input=<folder | file list> --out=<dir | gs://...>``.
+
+Turns the image files of U into ArrayRecord shards of JPEGs re-encoded with a short side
+of ``--short_side`` (256), plus a manifest (id -> original path, size, content hash), the
+list of bad files with their reasons and the exact duplicates (see bssl/data/ingest.py).
+Then score from the shards with ``--config.unlabelled.kind=shards
+--config.unlabelled.path=<out>``.
+
+Several processes or hosts split the shards: ``--process_index``/``--process_count``
+(defaults from ``BSSL_PROCESS_ID``/``BSSL_NUM_PROCESSES``, which ``launch/local.sh
+--module bssl.ingest`` sets). Rerunning the same command after a kill writes only the
+missing shards. Exit codes: 0 done, 2 a user error (one line on stderr).
+"""
+import os
+import sys
+
+from absl import app, flags
+
+from bssl.data import ingest
+
+_INPUT = flags.DEFINE_string("input", None, "A folder of images (searched recursively, "
+                             "symlinks followed) or a text file with one path per line; "
+                             "local or gs://.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (local or gs://).")
+_SHORT = flags.DEFINE_integer("short_side", 256, "Stored images: short side in pixels "
+                              "(larger images are scaled down; smaller ones kept).")
+_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the stored images.")
+_SHARD = flags.DEFINE_integer("shard_size", 4096, "Images per shard.")
+_EXT = flags.DEFINE_string("extensions", ",".join(e[1:] for e in ingest.EXTENSIONS),
+                           "File extensions taken from a folder, comma-separated; '*' takes "
+                           "every file.")
+_PI = flags.DEFINE_integer("process_index", None, "This process's index (default "
+                           "$BSSL_PROCESS_ID or 0).")
+_PC = flags.DEFINE_integer("process_count", None, "Number of processes (default "
+                           "$BSSL_NUM_PROCESSES or 1).")
+
+
+def fail(msg: str):
+  print(f"bssl.ingest: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(" ".join(str(e).split()))
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {argv[1:]}")
+  if not _INPUT.value:
+    fail("--input is required: a folder of images or a file list")
+  if not _OUT.value:
+    fail("--out is required: an output folder (local or gs://)")
+  pi = _PI.value if _PI.value is not None else int(os.environ.get("BSSL_PROCESS_ID", 0))
+  pc = _PC.value if _PC.value is not None else int(os.environ.get("BSSL_NUM_PROCESSES", 1))
+  ext = None if _EXT.value.strip() == "*" else tuple(
+      "." + e.strip().lstrip(".").lower() for e in _EXT.value.split(",") if e.strip())
+  params = ingest.Params(short_side=_SHORT.value, quality=_QUALITY.value,
+                         shard_size=_SHARD.value)
+  try:
+    ingest.run_ingest(_INPUT.value, _OUT.value, params, process_index=pi, process_count=pc,
+                      extensions=ext, log=lambda m: print(m, flush=True))
+  except ingest.IngestError as e:
+    fail(str(e))
+  except NotADirectoryError as e:
+    fail(f"--out: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse)
