@@ -41,7 +41,7 @@ def photo_like(w: int, h: int, rng: np.random.Generator) -> bytes:
                      .resize((w, h), Image.BICUBIC), np.float32)
   yy, xx = np.mgrid[0:h, 0:w]
   edges = 60 * (np.sin(xx / rng.uniform(5, 30)) > 0.7)[..., None]
-  img = field * 0.8 + edges + rng.normal(0, 6, (h, w, 3))
+  img = field * 0.8 + edges + rng.normal(0, 10, (h, w, 3))
   buf = io.BytesIO()
   Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
   return buf.getvalue()

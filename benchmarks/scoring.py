@@ -25,6 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bssl.hostmem import tune_malloc  # noqa: E402  (imports nothing heavy)
 
@@ -48,8 +49,24 @@ MODELS = {
 }
 
 
-def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=1):
+def _ingested(num: int, workers: int, rng):
+  """A ShardSource over ``num`` photo-like 500x375 JPEGs ingested to short side 256."""
+  from ingest import photo_like  # benchmarks/ingest.py
+  from bssl.data import ingest
+  d = tempfile.mkdtemp(prefix="bssl_bench_u_")
+  os.makedirs(os.path.join(d, "in"))
+  for i in range(num):
+    with open(os.path.join(d, "in", f"{i:06d}.jpg"), "wb") as f:
+      f.write(photo_like(500, 375, rng))
+  ingest.run_ingest(os.path.join(d, "in"), os.path.join(d, "out"),
+                    ingest.Params(shard_size=256), log=lambda m: None)
+  return ingest.ShardSource(os.path.join(d, "out"), channels=3), d
+
+
+def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=1,
+          from_shards=None, workers=0):
   arch, kwargs, size, ch, classes, gbs, n, top_p, k = MODELS[name]
+  from_shards = (ch == 3) if from_shards is None else from_shards
   n = num_images or n
   gbs = batch or gbs
   model = create_model(arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
@@ -59,9 +76,18 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
                       out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n, size, size, ch), dtype=np.uint8)
-  unl = sources.ArraySource(images)
-  spec = pipelines.ImageSpec(size=size, channels=ch, augment="none")
   mean, std = (120.0,) * ch, (60.0,) * ch
+  shard_dir = None
+  if from_shards:
+    # U as the stage reads it at scale: ingested shards of 256-px JPEGs (made from
+    # photo-like 500x375 JPEGs by the ingest path), decoded and centre-cropped to ``size``.
+    unl, shard_dir = _ingested(min(n, 512), workers, rng)
+    unl = sources.SubsetView(unl, np.arange(n) % len(unl), reindex=True)  # repeat to n
+    spec = pipelines.ImageSpec(size=size, channels=ch, augment="none",
+                               eval_transform="resize_center_crop")
+  else:
+    unl = sources.ArraySource(images)
+    spec = pipelines.ImageSpec(size=size, channels=ch, augment="none")
 
   # (1) forward pass alone, on a device-resident batch; (2) the scoring stage end to end.
   # This VM's speed drifts by tens of percent within minutes, so the two are interleaved
@@ -87,11 +113,12 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
     out = scoring.score_process(scorer=scorer, source=src, spec=spec, parts_dir=parts,
                                 gen=gen, chunks=chunks, process_index=0, process_count=1,
                                 num_classes=classes, k=k, p=top_p, local_batch_size=gbs,
-                                num_threads=threads, log=lambda m: None, log_every=10**9)
+                                num_threads=threads, num_workers=workers,
+                                log=lambda m: None, log_every=10**9)
     assert out["num_scored"] == len(src)
     return time.perf_counter() - t0
 
-  fwd_ips, stage_ips, shares = [], [], []
+  fwd_ips, stage_ips, shares, ratios = [], [], [], []
   with tempfile.TemporaryDirectory() as d:
     stage_seconds(sources.ArraySource(images[:gbs]), os.path.join(d, "warm"), 1)  # compile
     for r in range(rounds):
@@ -100,17 +127,25 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
       fwd_ips.append(1 / f)
       stage_ips.append(n / st)
       shares.append(max(0.0, 1.0 - f * n / st))
+      ratios.append(stage_ips[-1] / fwd_ips[-1])
       print(f"[{name}] round {r + 1}/{rounds}: forward alone {fwd_ips[-1]:,.1f} img/s, "
             f"stage {stage_ips[-1]:,.1f} img/s, outside the forward pass "
-            f"{100 * shares[-1]:.1f}%", flush=True)
+            f"{100 * shares[-1]:.1f}%, stage/forward {ratios[-1]:.3f}", flush=True)
+  if shard_dir:
+    import shutil
+    shutil.rmtree(shard_dir, ignore_errors=True)
   share = float(np.median(shares))
-  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}, {threads} read thread(s): forward alone "
+  src = "ingested 256-px JPEG shards" if from_shards else "in-memory uint8 arrays"
+  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}, U from {src}, {threads} read "
+        f"thread(s), {workers} decode worker process(es): forward alone "
         f"{np.median(fwd_ips):,.1f} img/s; scoring stage {np.median(stage_ips):,.1f} img/s over "
         f"{n:,} images; time outside the forward pass {100 * share:.1f}% (median of {rounds} "
         f"rounds)", flush=True)
   return {"model": arch, "image_size": size, "dtype": dtype, "batch": gbs, "images": n,
           "forward_images_per_s": float(np.median(fwd_ips)),
           "stage_images_per_s": float(np.median(stage_ips)), "share_outside_forward": share,
+          "stage_over_forward": float(np.median(ratios)), "from_shards": bool(from_shards),
+          "threads": threads, "workers": workers,
           "rounds": {"forward_images_per_s": fwd_ips, "stage_images_per_s": stage_ips,
                      "share_outside_forward": shares}}
 
@@ -125,12 +160,19 @@ def main(argv=None):
                   help="interleaved (forward alone, whole stage) rounds; medians reported")
   ap.add_argument("--threads", type=int, default=1,
                   help="grain read threads of the scoring pipeline (config num_threads)")
+  ap.add_argument("--workers", type=int, default=0,
+                  help="decode worker processes (config score.num_workers; 0: threads only)")
+  ap.add_argument("--source", default="auto", choices=("auto", "shards", "memory"),
+                  help="U: ingested shards (RGB models by default) or in-memory arrays")
   args = ap.parse_args(argv)
   print(f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}",
         flush=True)
-  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds, args.threads)
+  shards = {"auto": None, "shards": True, "memory": False}[args.source]
+  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds, args.threads, shards,
+                  args.workers)
          for m in args.models.split(",")}
   res["device"] = str(jax.devices()[0].device_kind)
+  res["stage_over_forward"] = res[args.models.split(",")[-1]]["stage_over_forward"]
   print(json.dumps(res))
   return res
 

@@ -144,6 +144,11 @@ FIELDS = (
           "(positions are kept in images)", minimum=1, cosmetic=True),
     Field("score.checkpoint_every", 50, int, "batches between scoring checkpoints of a "
           "process", minimum=1, cosmetic=True),
+    Field("score.num_workers", 0, int, "decode worker processes per process (grain "
+          "mp_prefetch; 0: decode in num_threads threads of the process itself)", minimum=0,
+          cosmetic=True),
+    Field("score.in_flight", 2, int, "scoring batches dispatched to the devices ahead of "
+          "the one whose results the host is folding", minimum=1, cosmetic=True),
     Field("select.k", 16000, int, "images kept per class (K)", minimum=1),
     Field("select.p", 10, int, "classes kept per image (P), at most data.num_classes",
           minimum=1),
@@ -293,7 +298,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
                       "unlabelled.kind='image_folder', got None")
   if u.kind == "shards" and not u.get("path"):
     raise ConfigError("unlabelled.path must name the output folder of `python -m "
-                      "bssl.ingest` when unlabelled.kind='shards', got None")
+                      "bssl.ingest` when unlabelled.kind='shards', got None (ingest U once: "
+                      "python -m bssl.ingest --input=<folder or file list> --out=<dir or "
+                      "gs://...>, then --config.unlabelled.path=<that dir>)")
   if u.kind == "tfds" and not (u.get("tfds_name") and u.get("split")):
     raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
                       "unlabelled.split")

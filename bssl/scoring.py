@@ -20,6 +20,7 @@ The JSON is written after its npz and names it, so a part is always self-consist
 """
 from __future__ import annotations
 
+import collections
 import re
 import time
 from typing import Any, Callable, Protocol
@@ -107,10 +108,15 @@ def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int)
 def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_dir,
                   gen: int, chunks: list, process_index: int, process_count: int,
                   num_classes: int, k: int, p: int, local_batch_size: int,
-                  num_threads: int = 1, log: Callable[[str], None] = print,
-                  log_every: int = 20) -> dict:
+                  num_threads: int = 1, num_workers: int = 0, in_flight: int = 2,
+                  log: Callable[[str], None] = print, log_every: int = 20) -> dict:
   """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
-  checkpointing after each chunk into part ``g<gen>_p<process_index>``."""
+  checkpointing after each chunk into part ``g<gen>_p<process_index>``.
+
+  The parts overlap: grain reads and decodes batches ahead (``num_threads`` threads, or
+  ``num_workers`` processes), each batch's host->device copy and step are dispatched
+  asynchronously as soon as it is read, up to ``in_flight`` batches run ahead of the one
+  whose results are being folded into the top-K on the host."""
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
   acc, ranges, bad, scored, seq = TopKPerClass(num_classes, k), [], [], 0, 0
@@ -126,7 +132,7 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   left = [int(np.sum(np.asarray(chunk_of) == c)) for c in range(len(mine))]
   total_images = sum(b - a for a, b in mine)
   ds = pipelines.ranges_dataset(source, spec, batch_size=local_batch_size, bounds=bounds,
-                                num_threads=num_threads)
+                                num_threads=num_threads, num_workers=num_workers)
   t0, done_images = time.time(), 0
 
   def checkpoint(chunk: int):
@@ -168,16 +174,15 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
           f"({100 * done_images / total_images:.0f}%) {rate * process_count:.0f} img/s "
           f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s")
 
-  # One batch in flight: batch j+1 is dispatched before batch j's results are fetched, so
-  # the device works while the host folds results and reads images.
-  in_flight = None
+  # A bounded queue of dispatched batches: the device works on the next ones while the
+  # host folds the oldest one's results and grain reads further ahead.
+  queue = collections.deque()
   for j, batch in enumerate(ds):
-    out = scorer.dispatch(batch["image"])
-    if in_flight is not None:
-      consume(*in_flight)
-    in_flight = (j, batch, out)
-  if in_flight is not None:
-    consume(*in_flight)
+    queue.append((j, batch, scorer.dispatch(batch["image"])))
+    while len(queue) > max(1, in_flight):
+      consume(*queue.popleft())
+  while queue:
+    consume(*queue.popleft())
   return {"num_scored": scored, "seconds": time.time() - t0}
 
 

@@ -1,8 +1,10 @@
 """The paper's ImageNet recipe (Yalniz et al. 2019, semi-supervised setting).
 
 D: ImageNet-1k train (TFDS ``imagenet2012``, ArrayRecord; manual download, see
-README "The paper's recipe at ImageNet scale"); test: ImageNet val (50k). U: an image
-folder or a file list (YFCC100M-like; set ``--config.unlabelled.path``). Teacher
+README "The paper's recipe at ImageNet scale"); test: ImageNet val (50k). U: ingested
+once into shards (``python -m bssl.ingest --input=<folder or file list> --out=<dir>``,
+YFCC100M-like; set ``--config.unlabelled.path=<dir>``; ``--config.unlabelled.kind=
+image_folder`` reads a folder or list of original files directly instead). Teacher
 ResNeXt-101 32x48d, student ResNet-50; K = 16,000 images per class, P = 10; global batch
 1536 (the paper's 64 GPUs x 24), SGD momentum 0.9, weight decay 1e-4, lr 0.1 x batch/256
 with linear warm-up, BatchNorm statistics per device.
@@ -39,7 +41,7 @@ def get_config(arg: str | None = None):
                   test_split="validation", num_classes=1000, image_size=224, channels=3,
                   augment="random_resized_crop_flip", eval_transform="resize_center_crop",
                   pad=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_batch_size=1536)
-  c.unlabelled.kind = "image_folder"
+  c.unlabelled.kind = "shards"  # U ingested once: python -m bssl.ingest --input=... --out=...
 
   train_stage(c.baseline, "resnet50", epochs=90.0, warmup_steps=5 * 834)
   train_stage(c.teacher, "resnext101_32x48d", epochs=90.0, warmup_steps=5 * 834)

@@ -243,18 +243,20 @@ def test_scoring_from_shards_equals_scoring_the_folder(tmp_path):
               out_shardings=parallel.replicated(mesh))(jax.random.key(3, impl="rbg"))
   scorer = JaxScorer(model, v, 2, (120.0,) * 3, (60.0,) * 3)
 
-  def dhat(source, pc, name):
+  def dhat(source, pc, name, workers=0):
     parts = tmp_path / name
     gen, chunks = scoring.plan_chunks(parts, len(source), 16)
     for pi in range(pc):
       scoring.score_process(scorer=scorer, source=source, spec=spec, parts_dir=parts,
                             gen=gen, chunks=chunks, process_index=pi, process_count=pc,
-                            num_classes=4, k=5, p=2, local_batch_size=8, log=lambda m: None)
+                            num_classes=4, k=5, p=2, local_batch_size=8, log=lambda m: None,
+                            num_workers=workers, in_flight=1 + pi)
     return scoring.merge_parts(parts, len(source))[0].result()
 
   want = dhat(sources.ImageFileSource(str(folder)), 1, "folder")
-  for pc in (1, 2):
-    got = dhat(ingest.ShardSource(out, channels=3), pc, f"shards{pc}")
+  # 2 processes, the second decoding in a worker process (the source is pickled to it)
+  for pc, workers in ((1, 0), (2, 1)):
+    got = dhat(ingest.ShardSource(out, channels=3), pc, f"shards{pc}", workers)
     for f in ("ids", "classes", "scores", "ranks"):
       np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
 
@@ -275,3 +277,34 @@ print(sum(bool(src[i]['valid']) for i in range(len(src))), len(src))
   n_ok = sum(1 for w in want.values() if w is None) - 3  # 3 planted duplicates dropped
   assert r.stdout.split()[-2:] == [str(n_ok), str(len(want))]
   assert sorted(os.listdir(tmp_path / "c"))[0].startswith("u-00000")
+
+
+def test_recipe_scores_u_from_shards(tmp_path):
+  """The engine with U = ingested shards (resnext:tiny's stages on 32-px images): every
+  stage runs, bad files and duplicates are skipped and listed with their reasons."""
+  import resnext
+  from bssl import engine
+  folder = tmp_path / "u"
+  for i in range(30):
+    _save(_photo(40 + i % 7, 36, 200 + i), str(folder / f"{i:03d}.jpg"), quality=90)
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+  (folder / "zz_copy.jpg").write_bytes((folder / "003.jpg").read_bytes())
+  out = str(tmp_path / "shards")
+  ingest.run_ingest(str(folder), out, ingest.Params(shard_size=8), log=lambda m: None)
+  cfg = resnext.get_config("tiny")
+  cfg.unlabelled.kind, cfg.unlabelled.path = "shards", out
+  wd = str(tmp_path / "w")
+  engine.run_recipe(cfg, wd)
+  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  assert res["scoring"]["num_scored"] == 30
+  bad = json.load(open(os.path.join(wd, "select", "bad_images.json")))
+  assert [os.path.basename(f) for f in bad["files"]] == ["broken.jpg", "zz_copy.jpg"]
+  assert "corrupt" in bad["reasons"][0] or "not an image" in bad["reasons"][0]
+  assert "duplicate of id 3" in bad["reasons"][1]
+  # an unfinished ingest is a one-line user error before any training
+  (tmp_path / "half").mkdir()
+  (tmp_path / "half" / "ingest.json").write_text("{}")
+  cfg.unlabelled.path = str(tmp_path / "half")
+  with pytest.raises(sources.DataError, match="not complete"):
+    engine.run_recipe(cfg, str(tmp_path / "w2"))
+  assert not os.path.exists(tmp_path / "w2" / "baseline")

@@ -382,6 +382,15 @@ class ShardSource:
   def __len__(self) -> int:
     return self.n
 
+  def __getstate__(self):  # to decode worker processes: no open readers, no lock
+    state = dict(self.__dict__)
+    del state["_local"], state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local, self._lock = threading.local(), threading.Lock()
+
   def _shard_path(self, s: int) -> str:
     name = f"{shard_name(s)}.array_record"
     if not self.remote:

@@ -283,11 +283,19 @@ class _RecordsBatch(grain.transforms.Map):
     return out
 
 
-def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch):
+def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
   bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
   ds = grain.MapDataset.range(len(bounds)).map(
       _RecordsBatch(source, spec, batch_size=batch_size, bounds=bounds))
-  return ds.to_iter_dataset(_read_options(num_threads, prefetch))
+  it = ds.to_iter_dataset(_read_options(num_threads, prefetch))
+  if num_workers > 0:
+    # Decoding in worker processes (no GIL between them); batches come back in order.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags (library use, tests)
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=2))
+  return it
 
 
 def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
@@ -297,10 +305,14 @@ def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
 
 
 def ranges_dataset(source, spec: ImageSpec, *, batch_size: int, bounds,
-                   num_threads: int = 1, prefetch: int = 4) -> grain.IterDataset:
+                   num_threads: int = 1, prefetch: int = 4,
+                   num_workers: int = 0) -> grain.IterDataset:
   """Batches of explicit record ranges (``bounds`` [n, 2], each at most ``batch_size``
-  long), in order: the scoring input, where each process reads its own chunks of U."""
-  return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch)
+  long), in order: the scoring input, where each process reads its own chunks of U.
+  ``num_workers`` > 0 decodes in that many worker processes (grain ``mp_prefetch``),
+  each with ``num_threads`` read threads."""
+  return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch,
+                          num_workers)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:

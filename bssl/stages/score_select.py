@@ -28,7 +28,8 @@ def score(ctx) -> dict:
         scorer=scorer, source=unl, spec=ctx.data.spec, parts_dir=parts, gen=gen,
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
         local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
-        num_threads=cfg.num_threads, log=ctx.log)
+        num_threads=cfg.num_threads, num_workers=int(cfg.score.num_workers),
+        in_flight=int(cfg.score.in_flight), log=ctx.log)
   parallel.sync("bssl_score_parts")
   info = {"num_unlabelled": n, "num_processes": pc}
   if parallel.is_main_process():
