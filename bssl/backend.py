@@ -115,6 +115,10 @@ class JaxScorer:
 
     self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)
 
+  def put(self, images):
+    """Starts the host->device copy of a batch (from the scoring feeder thread)."""
+    return jax.device_put(images, self.in_sharding)
+
   def dispatch(self, images):
     return self.step(self.variables, jax.device_put(images, self.in_sharding))
 

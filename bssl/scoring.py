@@ -21,7 +21,9 @@ The JSON is written after its npz and names it, so a part is always self-consist
 from __future__ import annotations
 
 import collections
+import queue
 import re
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -48,6 +50,9 @@ class Scorer(Protocol):
   [B,P], finite bool [B]) as numpy."""
 
   def dispatch(self, images: np.ndarray) -> Any: ...
+
+  # optional: ``put(images)`` starts the host->device copy (called from a feeder thread,
+  # ahead of ``dispatch``, which then receives what ``put`` returned)
 
   def fetch(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
@@ -175,15 +180,59 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
           f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s")
 
   # A bounded queue of dispatched batches: the device works on the next ones while the
-  # host folds the oldest one's results and grain reads further ahead.
-  queue = collections.deque()
-  for j, batch in enumerate(ds):
-    queue.append((j, batch, scorer.dispatch(batch["image"])))
-    while len(queue) > max(1, in_flight):
-      consume(*queue.popleft())
-  while queue:
-    consume(*queue.popleft())
+  # host folds the oldest one's results; a feeder thread reads batches from grain and
+  # starts their host->device copies ahead of the steps.
+  pending = collections.deque()
+  for j, (batch, placed) in enumerate(_feed(ds, getattr(scorer, "put", None), in_flight)):
+    pending.append((j, batch, scorer.dispatch(placed)))
+    while len(pending) > max(1, in_flight):
+      consume(*pending.popleft())
+  while pending:
+    consume(*pending.popleft())
   return {"num_scored": scored, "seconds": time.time() - t0}
+
+
+_END = object()
+
+
+def _feed(ds, put: Callable | None, depth: int):
+  """Yields ``(batch, put(batch['image']))`` from ``ds``, read and put (a host->device
+  copy) by a thread running up to ``depth`` batches ahead. Errors of the thread are raised
+  here; stopping early (an error of the caller) stops the thread."""
+  q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+  stop = threading.Event()
+
+  def offer(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for batch in ds:
+        if not offer((batch, put(batch["image"]) if put else batch["image"])):
+          return
+      offer(_END)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      offer(e)
+
+  t = threading.Thread(target=work, name="bssl-score-feed", daemon=True)
+  t.start()
+  try:
+    while True:
+      item = q.get()
+      if item is _END:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    t.join(timeout=10)
 
 
 def coverage(parts_dir, num_images: int, parts=None) -> dict:
