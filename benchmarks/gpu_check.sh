@@ -24,7 +24,17 @@ timeout ${TRAIN_LIMIT:-180} python3 benchmarks/train_step.py --models resnet50,s
   --impls xla --batch ${BATCH:-128} --steps 20 --peak_tflops ${PEAK:-989} > "$OUT/train_step.log" 2>&1
 echo "train_step rc $?"; grep -v '^{' "$OUT/train_step.log" | tail -8
 
-echo "== scoring (resnet50 bf16, whole stage vs forward alone)"
+echo "== scoring from ingested shards (resnet50 bf16 batch 512, whole stage vs forward alone)"
+# in-memory U first (the device side alone: transfer + step + top-K overlap), then U from
+# ingested 256-px JPEG shards with decode worker processes (12 of the 16 cores)
 timeout ${SCORE_LIMIT:-120} python3 benchmarks/scoring.py --models resnet50 --images 16384 \
-  --batch 512 --dtype bfloat16 --rounds 2 > "$OUT/scoring.log" 2>&1
-echo "scoring rc $?"; grep -v '^{' "$OUT/scoring.log" | tail -6
+  --batch 512 --dtype bfloat16 --rounds 2 --source memory > "$OUT/scoring_memory.log" 2>&1
+echo "scoring (memory) rc $?"; grep -v '^{' "$OUT/scoring_memory.log" | tail -3
+timeout ${SCORE_LIMIT:-150} python3 benchmarks/scoring.py --models resnet50 --images 16384 \
+  --batch 512 --dtype bfloat16 --rounds 2 --source shards --workers ${WORKERS:-12} \
+  > "$OUT/scoring.log" 2>&1
+echo "scoring (shards) rc $?"; grep -v '^{' "$OUT/scoring.log" | tail -3; tail -1 "$OUT/scoring.log"
+
+echo "== ingest and shard decode, one core of this host"
+timeout ${INGEST_LIMIT:-60} python3 benchmarks/ingest.py > "$OUT/ingest.log" 2>&1
+echo "ingest rc $?"; tail -2 "$OUT/ingest.log"
