@@ -35,13 +35,19 @@ class RefusedError(config_lib.ConfigError):
 _COMMON = ("seed", "data")
 
 
-def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str) -> dict:
+def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
+                unlabelled_identity: str | None = None) -> dict:
+  """What a stage's result depends on: its config fields, the artifacts it reads, the
+  backend and, for the stages that read U, what U's files are (``unlabelled_identity``:
+  the same folder or ingest path may hold other files on a rerun)."""
   inputs = {}
   for up in stage.reads(cfg):
     d = wd.done(up)
     inputs[up] = d.get("artifact_id") if d else None
-  return {"config": config_lib.result_fields(cfg, _COMMON + stage.sections),
-          "inputs": inputs, "backend": backend}
+  fields = config_lib.result_fields(cfg, _COMMON + stage.sections)
+  if unlabelled_identity and any(s.split(".")[0] == "unlabelled" for s in stage.sections):
+    fields = dict(fields, **{"unlabelled (files)": unlabelled_identity})
+  return {"config": fields, "inputs": inputs, "backend": backend}
 
 
 def changes(old: dict, new: dict) -> list[str]:
@@ -70,7 +76,7 @@ def _dependents(table: dict[str, Stage], cfg, name: str) -> list[str]:
 
 
 def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
-         requested: tuple[str, ...]) -> list[str]:
+         requested: tuple[str, ...], unlabelled_identity: str | None = None) -> list[str]:
   """Checks the whole run before any work; returns the stages still to run.
 
   Every stage a requested stage reads (directly or not, and the optional inputs present)
@@ -96,7 +102,7 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
         will_run.add(name)
       continue
     done = wd.done(name)
-    fp = fingerprint(cfg, st, wd, backend)
+    fp = fingerprint(cfg, st, wd, backend, unlabelled_identity)
     # An input this run recomputes gets a new artifact id: earlier results are stale.
     rerun = [up for up in st.reads(cfg) if up in will_run]
     if rerun:
@@ -133,7 +139,8 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
   config.json and splits.json).
   """
   requested = tuple(s for s in table if s in requested)
-  to_run = plan(table, cfg, wd, backend.name, requested)
+  uid = getattr(data, "unlabelled_identity", None)
+  to_run = plan(table, cfg, wd, backend.name, requested, uid)
   parallel.sync("bssl_plan")
   if parallel.is_main_process():
     on_accepted()
@@ -144,7 +151,7 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
     if name not in to_run:
       ctx.log(f"complete in {wd}; skipping")
       continue
-    fp = fingerprint(cfg, st, wd, backend.name) if st.fingerprinted else None
+    fp = fingerprint(cfg, st, wd, backend.name, uid) if st.fingerprinted else None
     if parallel.is_main_process() and fp is not None and wd.started(name) is None:
       workdir_lib.write_json(wd.started_path(name), {"fingerprint": fp, "started": time.time()})
     parallel.sync(f"bssl_{name}_started")

@@ -134,11 +134,31 @@ def abstract_state(model, tx, image_shape, mesh) -> TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
+def tag_targets(tags, num_classes):
+  """Weak labels as a distribution: ``tags`` int [B, T] (padded with -1) -> [B, C], each
+  image's k distinct tags 1/k each (Mahajan et al. 2018); an image without tags gets an
+  all-zero row (no loss)."""
+  multi_hot = jnp.max(jax.nn.one_hot(tags, num_classes), axis=1)  # -1 -> all zeros
+  k = jnp.sum(multi_hot, axis=-1, keepdims=True)
+  return multi_hot / jnp.maximum(k, 1.0)
+
+
 def _xent(logits, labels, num_classes, smoothing):
+  """Softmax cross-entropy against class ids [B] or, for weak labels, tag ids [B, T]."""
+  if labels.ndim == 2:
+    return optax.softmax_cross_entropy(logits, tag_targets(labels, num_classes))
   onehot = jax.nn.one_hot(labels, num_classes)
   if smoothing:
     onehot = optax.smooth_labels(onehot, smoothing)
   return optax.softmax_cross_entropy(logits, onehot)
+
+
+def _top1(logits, labels):
+  """Fraction of images whose top class is their label (weak labels: one of their tags)."""
+  pred = jnp.argmax(logits, -1)
+  if labels.ndim == 2:
+    return jnp.mean(jnp.any(pred[:, None] == labels, axis=1))
+  return jnp.mean(pred == labels)
 
 
 def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
@@ -162,7 +182,7 @@ def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                    train=True, mutable=["batch_stats"])
     loss = _xent(logits, labels, num_classes, label_smoothing).mean()
-    top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+    top1 = _top1(logits, labels)
     return loss, (top1, new_vars["batch_stats"])
 
   if bn_mode == "sync":

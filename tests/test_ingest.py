@@ -301,6 +301,13 @@ def test_recipe_scores_u_from_shards(tmp_path):
   assert [os.path.basename(f) for f in bad["files"]] == ["broken.jpg", "zz_copy.jpg"]
   assert "corrupt" in bad["reasons"][0] or "not an image" in bad["reasons"][0]
   assert "duplicate of id 3" in bad["reasons"][1]
+  # the same --out ingested again from other files: the stages that read U are refused
+  import shutil
+  shutil.rmtree(out)
+  _save(_photo(40, 36, 999), str(folder / "new.jpg"), quality=90)
+  ingest.run_ingest(str(folder), out, ingest.Params(shard_size=8), log=lambda m: None)
+  with pytest.raises(engine.RefusedError, match=r"unlabelled \(files\)"):
+    engine.run_recipe(cfg, wd)
   # an unfinished ingest is a one-line user error before any training
   (tmp_path / "half").mkdir()
   (tmp_path / "half" / "ingest.json").write_text("{}")

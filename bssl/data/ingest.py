@@ -382,6 +382,12 @@ class ShardSource:
   def __len__(self) -> int:
     return self.n
 
+  def identity(self) -> str:
+    """What these shards hold: the input list's fingerprint and the ingest parameters."""
+    m = self.manifest
+    return (f"shards:{m['input_fingerprint']}:n={m['num_images']}:short={m['short_side']}:"
+            f"q={m['quality']}:dups={'dropped' if self.duplicate_of else 'kept'}")
+
   def __getstate__(self):  # to decode worker processes: no open readers, no lock
     state = dict(self.__dict__)
     del state["_local"], state["_lock"]

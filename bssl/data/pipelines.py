@@ -130,7 +130,7 @@ class _TrainTransform(grain.transforms.RandomMap):
     if not rec.get("valid", True):
       raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
     return {"image": random_resized_crop_flip(rec["image"], self.spec, rng),
-            "label": np.int32(rec["label"]), "id": np.int64(rec["id"])}
+            "label": np.asarray(rec["label"], np.int32), "id": np.int64(rec["id"])}
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

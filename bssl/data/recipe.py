@@ -20,6 +20,10 @@ class Data:
   spec: pipelines.ImageSpec
   class_names: tuple
   splits: dict
+  # What U's files are, for the fingerprints of the stages that read U (the config names
+  # a folder or an ingest; their contents can change under the same name): None when the
+  # config alone determines U.
+  unlabelled_identity: str | None = None
 
 
 def build_data(cfg) -> Data:
@@ -86,6 +90,7 @@ def build_data(cfg) -> Data:
     base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
     true_u = base.labels
+  identity = unl.identity() if hasattr(unl, "identity") else None
   if u.limit is not None:
     n = min(int(u.limit), len(unl))
     unl = sources.SubsetView(unl, np.arange(n), reindex=True)
@@ -96,4 +101,5 @@ def build_data(cfg) -> Data:
     if len(src) == 0:
       raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
                               f"train, score or evaluate (check {field}.* limits and sizes)")
-  return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits)
+  return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits,
+              identity)

@@ -184,6 +184,11 @@ class ImageFileSource:
   def name_of(self, i: int) -> str:
     return self.files[i]
 
+  def identity(self) -> str:
+    """The sorted file list's fingerprint (files added, removed or renamed change it)."""
+    from bssl.data import ingest
+    return f"files:{ingest.fingerprint(self.files)}:n={len(self.files)}"
+
   def reason_of(self, i: int) -> str:
     """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
     from bssl.data import decode
