@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bssl import config, models, parallel, train
 from bssl.train import normalize
 
-STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4}
+STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4, "weak_pretrain": 5}
 
 
 def _dtype(name: str):
@@ -25,6 +25,25 @@ def _dtype(name: str):
 def make_model(scfg, num_classes: int):
   return models.create_model(scfg.model, num_classes, dtype=_dtype(scfg.dtype),
                              **dict(scfg.get("model_kwargs") or {}))
+
+
+def new_head(variables, model, spec, *, seed: int, log=print) -> dict:
+  """``variables`` with every leaf whose shape differs from ``model``'s (the classifier
+  head of another label space) taken from a fresh initialisation of ``model``."""
+  fresh = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, *train.spec_shape(spec))),
+                                    train=False))
+  old = jax.device_get(variables)
+  replaced = []
+
+  def pick(path, a, b):
+    if a.shape == b.shape:
+      return a
+    replaced.append("/".join(str(getattr(k, "key", k)) for k in path))
+    return b
+
+  out = jax.tree_util.tree_map_with_path(pick, {k: old[k] for k in fresh}, dict(fresh))
+  log(f"new classifier head: {', '.join(replaced) or 'nothing to replace'} initialised afresh")
+  return out
 
 
 def variable_shapes(model, spec) -> dict:
@@ -57,18 +76,25 @@ class JaxBackend:
     cfg = ctx.cfg
     scfg = cfg[ctx.stage].copy_and_resolve_references()
     scfg.steps = config.resolve_steps(scfg, len(source))
-    model = make_model(scfg, cfg.data.num_classes)
+    num_classes = ctx.num_classes(ctx.stage)
+    model = make_model(scfg, num_classes)
     variables = None
     if init is not None:
       kind, where = init
-      variables = (self.load(ctx, where, model) if kind == "stage"
-                   else self.load_folder(ctx, where, model))
+      if kind == "stage" and ctx.num_classes(where) != num_classes:
+        # another label space (weak tags -> classes): its body, a new classifier head
+        variables = new_head(self.load(ctx, where, make_model(scfg, ctx.num_classes(where))),
+                             model, ctx.data.spec, seed=cfg.seed * 100 + STAGE_SEED[ctx.stage],
+                             log=ctx.log)
+      else:
+        variables = (self.load(ctx, where, model) if kind == "stage"
+                     else self.load_folder(ctx, where, model))
     mean, std = self.norm
     if scfg.steps == 0:  # variables used as they are
       out = {"steps": 0, "train_seconds": 0.0}
     else:
       out = train.fit(name=ctx.stage, model=model, cfg=scfg, source=source, spec=ctx.data.spec,
-                      mesh=self.mesh, workdir=ctx.dir, num_classes=cfg.data.num_classes,
+                      mesh=self.mesh, workdir=ctx.dir, num_classes=num_classes,
                       mean=mean, std=std, init_variables=variables,
                       seed=cfg.seed * 100 + STAGE_SEED[ctx.stage], num_threads=cfg.num_threads)
       variables = out.pop("variables")

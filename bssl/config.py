@@ -34,9 +34,13 @@ class Field:
   check: Callable[[Any], str | None] | None = None  # returns an error text or None
 
 
-TRAIN_SECTIONS = ("baseline", "teacher", "pretrain", "finetune")
-ALL_STAGES = ("baseline", "teacher", "score", "select", "pretrain", "finetune", "evaluate",
-              "report")
+TRAIN_SECTIONS = ("weak_pretrain", "baseline", "teacher", "pretrain", "finetune")
+ALL_STAGES = ("weak_pretrain", "baseline", "teacher", "score", "select", "pretrain",
+              "finetune", "evaluate", "report")
+# What runs unless --config.stages says otherwise (weak_pretrain is for semi-weak recipes).
+DEFAULT_STAGES = tuple(s for s in ALL_STAGES if s != "weak_pretrain")
+WEAK_KINDS = ("synthetic", "tags_file")
+RESAMPLING = ("none", "sqrt", "inverse")
 DATA_KINDS = ("fashion_mnist", "tfds", "fake")
 UNLABELLED_KINDS = ("rest_of_train", "image_folder", "shards", "tfds", "fake")
 AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
@@ -89,8 +93,9 @@ TRAIN_FIELDS = (
 FIELDS = (
     Field("name", "bssl", str, "run name shown in reports", cosmetic=True),
     Field("seed", 0, int, "seed of splits, initialisation and augmentation", minimum=0),
-    Field("stages", ",".join(ALL_STAGES), str, "comma-separated stages to run (dependencies "
-          "must be complete or included)", cosmetic=True),
+    Field("stages", ",".join(DEFAULT_STAGES), str, "comma-separated stages to run "
+          "(dependencies must be complete or included); semi-weak recipes add weak_pretrain",
+          cosmetic=True),
     Field("mesh_shape", (), tuple, "device mesh shape; () = one data axis over all devices",
           cosmetic=True),
     Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
@@ -139,6 +144,23 @@ FIELDS = (
     Field("unlabelled.tfds_name", None, str, "tfds: dataset used as U", optional=True),
     Field("unlabelled.split", None, str, "tfds: its split", optional=True),
     Field("unlabelled.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
+    # weak: the weakly labelled images of weak_pretrain (bssl/data/weak.py)
+    Field("weak.kind", "synthetic", str, "synthetic (tags drawn from U's hidden labels: the "
+          "offline demo) or tags_file", choices=WEAK_KINDS),
+    Field("weak.synonyms_per_class", 3, int, "synthetic: tags of each class", minimum=1),
+    Field("weak.distractors", 20, int, "synthetic: tags of no class", minimum=0),
+    Field("weak.p_class_tag", 0.7, float, "synthetic: probability that an image carries a "
+          "tag of its class", minimum=0.0),
+    Field("weak.max_noise_tags", 2, int, "synthetic: up to this many random tags per image",
+          minimum=0),
+    Field("weak.resample", "sqrt", str, "images drawn by tag frequency^-1/2 (sqrt), ^-1 "
+          "(inverse) or as they are (none)", choices=RESAMPLING),
+    Field("weak.path", None, str, "tags_file: the images (an ingest's --out, or a folder / "
+          "file list)", optional=True),
+    Field("weak.tags_file", None, str, "tags_file: one line per image id of weak.path: its "
+          "tag names, whitespace-separated", optional=True),
+    Field("weak.vocab_file", None, str, "tags_file: the vocabulary, one tag per line "
+          "(optionally '<TAB>class id'); default: the sorted tag names", optional=True),
     # score + select
     Field("score.batch_size", 1000, int, "global scoring batch; a resume may change it "
           "(positions are kept in images)", minimum=1, cosmetic=True),
@@ -305,18 +327,30 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
                       "unlabelled.split")
 
+  stages = set(parse_stages(cfg.stages))
   for name in TRAIN_SECTIONS:
     s = cfg[name]
+    if name == "weak_pretrain" and "weak_pretrain" not in stages:
+      continue
     try:
       models.arch_config(s.model, **dict(s.model_kwargs or {}))
     except (ValueError, TypeError) as e:
       raise ConfigError(f"{name}.model: {e}") from None
     if s.init_from in TRAIN_SECTIONS or s.init_from in ALL_STAGES:
-      if not (name == "teacher" and s.init_from == "baseline"):
+      if not (name == "teacher" and s.init_from in ("baseline", "weak_pretrain")):
         raise ConfigError(f"{name}.init_from={s.init_from!r}: only the teacher may start from "
-                          f"another stage, and only from 'baseline'; otherwise give a folder "
-                          f"of variables")
-      if not same_architecture(s, cfg.baseline):
+                          f"another stage, and only from 'baseline' or 'weak_pretrain'; "
+                          f"otherwise give a folder of variables")
+      if s.init_from == "weak_pretrain":
+        if not same_architecture(s, cfg.weak_pretrain):
+          raise ConfigError(f"teacher.init_from='weak_pretrain' needs the teacher's "
+                            f"architecture to be weak_pretrain's ({cfg.weak_pretrain.model!r} "
+                            f"{dict(cfg.weak_pretrain.model_kwargs or {})}), got {s.model!r} "
+                            f"{dict(s.model_kwargs or {})}")
+        if s.steps == 0:
+          raise ConfigError("teacher.init_from='weak_pretrain' needs teacher.steps > 0: the "
+                            "weakly supervised model gets a new head, fine-tuned on D")
+      elif not same_architecture(s, cfg.baseline):
         raise ConfigError(f"teacher.init_from='baseline' needs the teacher's architecture to "
                           f"be the baseline's ({cfg.baseline.model!r} "
                           f"{dict(cfg.baseline.model_kwargs or {})}), got {s.model!r} "

@@ -9,10 +9,12 @@ from bssl.stages.base import Stage
 
 
 def _teacher_reads(cfg) -> tuple[str, ...]:
-  return ("baseline",) if cfg.teacher.init_from == "baseline" else ()
+  init = cfg.teacher.init_from
+  return (init,) if init in ("baseline", "weak_pretrain") else ()
 
 
 TABLE: dict[str, Stage] = {s.name: s for s in (
+    Stage("weak_pretrain", training.weak_pretrain, sections=("weak", "weak_pretrain")),
     Stage("baseline", training.baseline, sections=("baseline",)),
     Stage("teacher", training.teacher, sections=("teacher",), reads=_teacher_reads),
     Stage("score", score_select.score, sections=("unlabelled", "select.k", "select.p"),

@@ -42,6 +42,13 @@ class Context:
       raise RuntimeError(f"stage {stage!r} is not complete in {self.wd}")
     return d
 
+  def num_classes(self, stage: str) -> int:
+    """Outputs of ``stage``'s model: the weak vocabulary for weak_pretrain, else classes."""
+    if stage == "weak_pretrain":
+      from bssl.data import weak
+      return weak.num_tags(self.cfg, self.data)
+    return int(self.cfg.data.num_classes)
+
   def variables_stage(self, stage: str) -> str:
     """The stage whose ``final/`` holds ``stage``'s variables (a teacher that is the
     baseline points at the baseline's)."""

@@ -12,13 +12,14 @@ from bssl.data import sources
 def _init(scfg) -> tuple | None:
   if not scfg.init_from:
     return None
-  return ("stage", scfg.init_from) if scfg.init_from == "baseline" else ("folder", scfg.init_from)
+  return (("stage", scfg.init_from) if scfg.init_from in ("baseline", "weak_pretrain")
+          else ("folder", scfg.init_from))
 
 
 def _train(ctx, source, init) -> dict:
   info = ctx.backend.train(ctx, source, init)
   info["num_train_examples"] = len(source)
-  if ctx.data.val is not None:
+  if ctx.data.val is not None and ctx.stage != "weak_pretrain":
     info["val"] = ctx.backend.evaluate(ctx, ctx.stage, ctx.data.val)
     ctx.log(f"validation top-1 {info['val']['top1']:.4f} top-5 {info['val']['top5']:.4f}")
   return info
@@ -52,3 +53,18 @@ def pretrain(ctx) -> dict:
 
 def finetune(ctx) -> dict:
   return _train(ctx, ctx.data.labelled, ("stage", "pretrain"))
+
+
+def weak_pretrain(ctx) -> dict:
+  """The teacher's weakly supervised pre-training on tagged images (bssl/data/weak.py):
+  softmax cross-entropy against each image's tags at 1/k each, images resampled by tag
+  frequency; the teacher stage then fine-tunes it on D with a new head."""
+  from bssl.data import weak
+  w = weak.build(ctx.cfg, ctx.data)
+  ctx.log(f"{w.num_images} tagged images, {w.num_tags} tags (resampling "
+          f"{ctx.cfg.weak.resample}: {len(w.source)} draws); tags per image "
+          f"{(w.source.tags >= 0).sum(1).mean():.2f} on average")
+  info = _train(ctx, w.source, _init(ctx.cfg.weak_pretrain))
+  info.update(num_tags=w.num_tags, num_tagged_images=w.num_images,
+              resample=str(ctx.cfg.weak.resample))
+  return info

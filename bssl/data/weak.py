@@ -1,0 +1,195 @@
+"""Weak labels (hashtag-like tags) for the semi-weakly supervised teacher.
+
+A weak data set is images with a variable number of tag ids each, a tag vocabulary, and
+optionally a tag -> class map (for the report). Records are ``{'image', 'label': int32
+[max_tags] (tag ids, padded with -1), 'id'}``; the train step turns them into targets of
+1/k on each of an image's k tags (:func:`bssl.train.tag_targets`).
+
+Sources (``weak.kind``):
+
+- ``synthetic`` (the offline demo): the tags of U's images are drawn from their hidden
+  labels: each class has ``synonyms_per_class`` tags of its own, and there are
+  ``distractors`` tags that belong to no class. An image carries one of its class's tags
+  with probability ``p_class_tag`` (a second one with probability ``p_class_tag / 3``),
+  plus 0..``max_noise_tags`` tags drawn uniformly from the whole vocabulary. Tags are a
+  pure function of (seed, image id). So, as with hashtags, tags are informative but
+  noisy, several name one class, many name none, and some images carry none of their class.
+- ``tags_file``: ``weak.path`` holds the images (an ingest's ``--out`` or a folder / file
+  list) and ``weak.tags_file`` one line per image id, in id order, of whitespace-separated
+  tag names (an empty line: no tags). The vocabulary is the sorted set of names, or
+  ``weak.vocab_file`` (one name per line, ``name<TAB>class id`` for the report's map).
+
+Resampling (``weak.resample``): ``none``, ``sqrt`` (each image drawn with probability
+proportional to the mean of ``f(t)^-1/2`` over its tags, ``f(t)`` the tag's frequency:
+square-root sampling, so the long tail is seen) or ``inverse`` (``f(t)^-1``). The draw
+(with replacement, as many draws as tagged images) is fixed by the seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from bssl.data.sources import DataError
+
+RESAMPLING = ("none", "sqrt", "inverse")
+KINDS = ("synthetic", "tags_file")
+
+
+class WeakDataError(DataError):
+  """A weak-label source that cannot be used (exit 2)."""
+
+
+@dataclasses.dataclass
+class WeakData:
+  source: object                # records with 'label' = tag ids [max_tags]
+  num_tags: int
+  tag_names: tuple
+  tag_to_class: np.ndarray      # [num_tags] class id or -1
+  num_images: int               # tagged images before resampling
+  tag_frequency: np.ndarray     # [num_tags] images carrying each tag
+
+
+class TaggedSource:
+  """``images[ids[r]]`` with tag ids ``tags[r]`` (padded with -1) as its label."""
+
+  def __init__(self, images, ids: np.ndarray, tags: np.ndarray):
+    self.images, self.ids, self.tags = images, np.asarray(ids, np.int64), tags
+    self.class_names = None
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def __getitem__(self, r: int) -> dict:
+    rec = dict(self.images[int(self.ids[r])])
+    rec["label"] = self.tags[r]
+    return rec
+
+
+def synthetic_vocabulary(num_classes: int, synonyms: int, distractors: int):
+  """(names, tag -> class): class c owns tags ``c*synonyms .. c*synonyms+synonyms-1``."""
+  names = [f"c{c}_syn{j}" for c in range(num_classes) for j in range(synonyms)]
+  names += [f"noise{j}" for j in range(distractors)]
+  to_class = np.full(len(names), -1, np.int64)
+  to_class[:num_classes * synonyms] = np.repeat(np.arange(num_classes), synonyms)
+  return tuple(names), to_class
+
+
+def synthetic_tags(labels: np.ndarray, ids: np.ndarray, *, num_classes: int, synonyms: int,
+                   distractors: int, p_class_tag: float, max_noise_tags: int,
+                   seed: int) -> np.ndarray:
+  """Tag ids [N, max_tags] (padded with -1) of images with hidden ``labels``; image ``i``'s
+  tags depend on (seed, ids[i]) only."""
+  v = num_classes * synonyms + distractors
+  width = 2 + max_noise_tags
+  out = np.full((len(labels), width), -1, np.int32)
+  for r, (y, i) in enumerate(zip(np.asarray(labels), np.asarray(ids))):
+    rng = np.random.default_rng([seed, 7, int(i)])
+    tags = []
+    if rng.random() < p_class_tag:
+      tags.append(int(y) * synonyms + int(rng.integers(synonyms)))
+      if rng.random() < p_class_tag / 3:
+        tags.append(int(y) * synonyms + int(rng.integers(synonyms)))
+    tags += [int(t) for t in rng.integers(0, v, int(rng.integers(0, max_noise_tags + 1)))]
+    tags = sorted(set(tags))
+    out[r, :len(tags)] = tags
+  return out
+
+
+def resampling_weights(tags: np.ndarray, num_tags: int, mode: str) -> np.ndarray:
+  """Per-image sampling weight (sums to 1): the mean over the image's tags of
+  ``freq(tag)^-alpha`` (alpha 0, 1/2, 1 for none, sqrt, inverse)."""
+  if mode not in RESAMPLING:
+    raise WeakDataError(f"weak.resample must be one of {RESAMPLING}, got {mode!r}")
+  alpha = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}[mode]
+  valid = tags >= 0
+  freq = np.bincount(tags[valid], minlength=num_tags).astype(np.float64)
+  per_tag = np.where(freq > 0, np.maximum(freq, 1.0) ** -alpha, 0.0)
+  w = np.where(valid, per_tag[np.where(valid, tags, 0)], 0.0).sum(1) / np.maximum(
+      valid.sum(1), 1)
+  return w / w.sum()
+
+
+def _read_tags_file(path: str, n: int, vocab_file: str | None):
+  from bssl import workdir as workdir_lib
+  try:
+    lines = workdir_lib.path(path).read_text().splitlines()
+  except OSError as e:
+    raise WeakDataError(f"weak.tags_file: cannot read {path!r}: {e}") from None
+  if len(lines) != n:
+    raise WeakDataError(f"weak.tags_file: {path!r} has {len(lines)} lines, the images of "
+                        f"weak.path are {n}: one line per image id, in id order, is needed")
+  words = [l.split() for l in lines]
+  if vocab_file:
+    vl = [l.split("\t") for l in workdir_lib.path(vocab_file).read_text().splitlines()
+          if l.strip()]
+    names = tuple(x[0].strip() for x in vl)
+    to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
+                        np.int64)
+  else:
+    names = tuple(sorted({w for ws in words for w in ws}))
+    to_class = np.full(len(names), -1, np.int64)
+  index = {t: j for j, t in enumerate(names)}
+  unknown = sorted({w for ws in words for w in ws if w not in index})
+  if unknown:
+    raise WeakDataError(f"weak.tags_file: tags not in weak.vocab_file: {unknown[:10]}")
+  width = max(1, max((len(set(ws)) for ws in words), default=1))
+  tags = np.full((n, width), -1, np.int32)
+  for i, ws in enumerate(words):
+    ids = sorted({index[w] for w in ws})
+    tags[i, :len(ids)] = ids
+  return tags, names, to_class
+
+
+def num_tags(cfg, data=None) -> int:
+  """Vocabulary size of the configured weak data (the weak model's head)."""
+  w = cfg.weak
+  if w.kind == "synthetic":
+    return int(cfg.data.num_classes) * int(w.synonyms_per_class) + int(w.distractors)
+  return build(cfg, data).num_tags
+
+
+def build(cfg, data) -> WeakData:
+  """The weak training set of ``cfg.weak`` (resampled), over ``data`` (a recipe Data)."""
+  w = cfg.weak
+  if w.kind == "synthetic":
+    if data.unlabelled_true_labels is None:
+      raise WeakDataError("weak.kind='synthetic' draws tags from U's hidden labels, which "
+                          "this U does not have (use data/unlabelled from Fashion-MNIST or "
+                          "fake data, or weak.kind='tags_file')")
+    images = data.unlabelled
+    labels = np.asarray(data.unlabelled_true_labels)
+    ids = np.arange(len(images))
+    tags = synthetic_tags(labels, ids, num_classes=int(cfg.data.num_classes),
+                          synonyms=int(w.synonyms_per_class), distractors=int(w.distractors),
+                          p_class_tag=float(w.p_class_tag),
+                          max_noise_tags=int(w.max_noise_tags), seed=int(cfg.seed))
+    names, to_class = synthetic_vocabulary(int(cfg.data.num_classes),
+                                           int(w.synonyms_per_class), int(w.distractors))
+  elif w.kind == "tags_file":
+    if not (w.get("path") and w.get("tags_file")):
+      raise WeakDataError("weak.kind='tags_file' needs weak.path (the images: an ingest's "
+                          "--out or an image folder / file list) and weak.tags_file")
+    from bssl.data import ingest, sources
+    from bssl import workdir as workdir_lib
+    if (workdir_lib.path(w.path) / "manifest.json").exists():
+      images = ingest.ShardSource(w.path, channels=int(cfg.data.channels),
+                                  drop_duplicates=False)
+    else:
+      images = sources.ImageFileSource(w.path, channels=int(cfg.data.channels))
+    tags, names, to_class = _read_tags_file(w.tags_file, len(images), w.get("vocab_file"))
+    ids = np.arange(len(images))
+  else:
+    raise WeakDataError(f"weak.kind must be one of {KINDS}, got {w.kind!r}")
+  v = len(names)
+  keep = np.flatnonzero((tags >= 0).any(1))  # an image without tags teaches nothing
+  if len(keep) == 0:
+    raise WeakDataError("weak: no image carries a tag")
+  tags, ids = tags[keep], ids[keep]
+  freq = np.bincount(tags[tags >= 0], minlength=v)
+  weights = resampling_weights(tags, v, w.resample)
+  if w.resample != "none":
+    rng = np.random.default_rng([int(cfg.seed), 11])
+    draw = np.sort(rng.choice(len(ids), size=len(ids), replace=True, p=weights))
+    tags, ids = tags[draw], ids[draw]
+  return WeakData(TaggedSource(images, ids, tags), v, tuple(names), to_class, len(keep), freq)
