@@ -18,6 +18,11 @@ from bssl.train import normalize
 STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4, "weak_pretrain": 5}
 
 
+def stage_seed(stage: str) -> int:
+  """The seed offset of a stage; a later round's stages get their own."""
+  return STAGE_SEED[config.section_of(stage)] + 10 * (config.round_of(stage) - 1)
+
+
 def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -74,7 +79,8 @@ class JaxBackend:
     """Trains stage ``ctx.stage`` on ``source``; ``init`` is None, ('stage', name) or
     ('folder', path). Writes ``final/``; returns the stage's info."""
     cfg = ctx.cfg
-    scfg = cfg[ctx.stage].copy_and_resolve_references()
+    scfg = cfg[config.section_of(ctx.stage)].copy_and_resolve_references()
+    seed = cfg.seed * 100 + stage_seed(ctx.stage)
     scfg.steps = config.resolve_steps(scfg, len(source))
     num_classes = ctx.num_classes(ctx.stage)
     model = make_model(scfg, num_classes)
@@ -84,7 +90,7 @@ class JaxBackend:
       if kind == "stage" and ctx.num_classes(where) != num_classes:
         # another label space (weak tags -> classes): its body, a new classifier head
         variables = new_head(self.load(ctx, where, make_model(scfg, ctx.num_classes(where))),
-                             model, ctx.data.spec, seed=cfg.seed * 100 + STAGE_SEED[ctx.stage],
+                             model, ctx.data.spec, seed=seed,
                              log=ctx.log)
       else:
         variables = (self.load(ctx, where, model) if kind == "stage"
@@ -96,7 +102,7 @@ class JaxBackend:
       out = train.fit(name=ctx.stage, model=model, cfg=scfg, source=source, spec=ctx.data.spec,
                       mesh=self.mesh, workdir=ctx.dir, num_classes=num_classes,
                       mean=mean, std=std, init_variables=variables,
-                      seed=cfg.seed * 100 + STAGE_SEED[ctx.stage], num_threads=cfg.num_threads)
+                      seed=seed, num_threads=cfg.num_threads)
       variables = out.pop("variables")
     train.save_variables(ctx.dir / "final", variables)
     out["num_params"] = models.count_params(variables["params"])
@@ -104,7 +110,7 @@ class JaxBackend:
 
   def evaluate(self, ctx, stage: str, source) -> dict:
     cfg = ctx.cfg
-    model = make_model(cfg[stage], cfg.data.num_classes)
+    model = make_model(cfg[config.section_of(stage)], cfg.data.num_classes)
     mean, std = self.norm
     ev = train.make_eval_step(model, self.mesh, num_classes=cfg.data.num_classes, mean=mean,
                               std=std)
@@ -113,7 +119,7 @@ class JaxBackend:
                           num_threads=cfg.num_threads)
 
   def scorer(self, ctx, stage: str, top_p: int):
-    model = make_model(ctx.cfg[stage], ctx.cfg.data.num_classes)
+    model = make_model(ctx.cfg[config.section_of(stage)], ctx.cfg.data.num_classes)
     return JaxScorer(model, self.load(ctx, stage, model), top_p, *self.norm)
 
   def local_batch_size(self, global_batch_size: int) -> int:

@@ -10,6 +10,7 @@ fingerprints: changing them between reruns resumes instead of refusing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 from typing import Any, Callable, Sequence
 
@@ -99,6 +100,9 @@ FIELDS = (
     Field("mesh_shape", (), tuple, "device mesh shape; () = one data axis over all devices",
           cosmetic=True),
     Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
+    Field("rounds", 1, int, "teacher -> student rounds of self-training: round r > 1 scores "
+          "U with round r-1's student and trains a new student (stages score_r<r>, ..., "
+          "finetune_r<r>, with the config of score, select, pretrain, finetune)", minimum=1),
     # data: D, validation, test
     Field("data.kind", "fashion_mnist", str, "labelled data source", choices=DATA_KINDS),
     Field("data.folder", None, str, "fashion_mnist: folder of the idx files (default: "
@@ -227,6 +231,26 @@ def override(section: ml_collections.ConfigDict, **fields) -> ml_collections.Con
 
 
 # ----------------------------------------------------------------------------- checks
+
+ROUND_STAGES = ("score", "select", "pretrain", "finetune")
+_ROUND = re.compile(r"^(.+)_r(\d+)$")
+
+
+def section_of(stage: str) -> str:
+  """The config section of a stage: a later round's ``pretrain_r2`` is ``pretrain``."""
+  m = _ROUND.match(stage)
+  return m.group(1) if m and m.group(1) in ROUND_STAGES else stage
+
+
+def round_of(stage: str) -> int:
+  m = _ROUND.match(stage)
+  return int(m.group(2)) if m and m.group(1) in ROUND_STAGES else 1
+
+
+def round_stage(base: str, r: int) -> str:
+  """``base``'s stage in round ``r`` (round 1 keeps the plain name)."""
+  return base if r == 1 else f"{base}_r{r}"
+
 
 
 def parse_stages(stages) -> tuple[str, ...]:

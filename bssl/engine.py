@@ -189,7 +189,8 @@ def run_recipe(cfg, workdir, backend=None) -> dict:
   wd.check_usable()
   data = recipe.build_data(cfg)
   backend = backend or JaxBackend(cfg)
-  requested = config_lib.parse_stages(cfg.stages)
+  table = stages.table(cfg)
+  requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
                f"{len(data.test)} test images; {jax.device_count()} devices on "
                f"{jax.process_count()} process(es); backend {backend.name}; stages "
@@ -199,4 +200,4 @@ def run_recipe(cfg, workdir, backend=None) -> dict:
     workdir_lib.write_text(wd.config_path, config_lib.to_json(cfg))
     workdir_lib.write_json(wd.splits_path, data.splits)
 
-  return run(stages.TABLE, cfg, wd, data, backend, requested, accepted)
+  return run(table, cfg, wd, data, backend, requested, accepted)

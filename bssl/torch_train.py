@@ -54,7 +54,7 @@ from bssl import train as jax_train
 from bssl.data import pipelines
 from bssl.torch_models import create_torch_model
 
-from bssl.backend import STAGE_SEED  # noqa: E402  (the same stage seeds as JAX)
+from bssl.backend import stage_seed  # noqa: E402  (the same stage seeds as JAX)
 
 
 # ----------------------------------------------------------------------------- model
@@ -239,6 +239,9 @@ def evaluate(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes
 
 def check_config(cfg) -> None:
   """What the PyTorch lane cannot do, refused before any work."""
+  if "weak_pretrain" in config.parse_stages(cfg.stages):
+    raise config.ConfigError("stages: the PyTorch lane has no weak_pretrain stage (the "
+                             "semi-weak recipe runs on the JAX backend)")
   for stage in config.TRAIN_SECTIONS:
     init = cfg[stage].get("init_from")
     if init is not None and not (stage == "teacher" and init == "baseline"):
@@ -261,7 +264,8 @@ class TorchBackend:
     self.norm = tuple(cfg.data.mean), tuple(cfg.data.std)
 
   def _model(self, stage: str, seed: int | None = None) -> nn.Module:
-    return make_model(self.cfg[stage], self.cfg.data.num_classes, self.cfg.data.channels,
+    return make_model(self.cfg[config.section_of(stage)], self.cfg.data.num_classes,
+                      self.cfg.data.channels,
                       seed=seed)
 
   def load(self, ctx, stage: str) -> nn.Module:
@@ -273,9 +277,9 @@ class TorchBackend:
 
   def train(self, ctx, source, init: tuple | None) -> dict:
     cfg, stage = self.cfg, ctx.stage
-    scfg = cfg[stage].copy_and_resolve_references()
+    scfg = cfg[config.section_of(stage)].copy_and_resolve_references()
     scfg.steps = config.resolve_steps(scfg, len(source))
-    seed = cfg.seed * 100 + STAGE_SEED[stage]
+    seed = cfg.seed * 100 + stage_seed(stage)
     model = self._model(stage, seed=seed)
     if init is not None:
       model.load_state_dict(self.load(ctx, init[1]).state_dict())

@@ -396,3 +396,47 @@ def test_resnext_tiny_runs_every_stage_on_gcs(tmp_path, gcs):
 @pytest.mark.parametrize("preset", ["", "seed1", "compare", "tiny", "tiny,seed1"])
 def test_every_demo_preset_validates(preset):
   config_lib.validate(demo.get_config(preset), num_devices=8)
+
+
+def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
+    tiny_run, tmp_path):
+  """rounds=2 over a complete 1-round work directory: round 1 is reused, round 2 scores U
+  with round 1's student (its D̂ equals scoring U with that model directly), both rounds'
+  models and D̂ are kept and reported."""
+  cfg, src = tiny_run
+  wd = str(tmp_path / "w")
+  _copy_stages(src, wd, ("baseline", "teacher", "score", "select", "pretrain", "finetune"))
+  cfg2 = demo.get_config("tiny")
+  cfg2.rounds = 2
+  engine.run_recipe(cfg2, wd)
+  for s in ("select", "select_r2"):
+    assert os.path.exists(os.path.join(wd, s, "dhat"))
+  fin = json.load(open(os.path.join(wd, "finetune", "done.json")))
+  assert json.load(open(os.path.join(src, "finetune", "done.json")))["artifact_id"] == \
+      fin["artifact_id"]  # round 1 was reused, not retrained
+  sc2 = json.load(open(os.path.join(wd, "score_r2", "done.json")))
+  assert sc2["fingerprint"]["inputs"] == {"finetune": fin["artifact_id"]}
+  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  assert [r["round"] for r in res["rounds"]] == [1, 2]
+  assert res["rounds"][1]["student_top1"] == res["student_r2"]["top1"]
+  assert "Rounds of self-training" in open(os.path.join(wd, "report", "results.md")).read()
+
+  # round 2's D̂ = the exact top-K of U scored by round 1's student, computed here directly
+  from bssl import backend, parallel, scoring
+  from bssl.data import recipe
+  data = recipe.build_data(cfg2)
+  model = backend.make_model(cfg2.finetune, cfg2.data.num_classes)
+  from bssl import train as train_lib
+  v = train_lib.load_variables(os.path.join(wd, "finetune", "final"), parallel.make_mesh(),
+                               backend.variable_shapes(model, data.spec))
+  scorer = backend.JaxScorer(model, v, cfg2.select.p, cfg2.data.mean, cfg2.data.std)
+  parts = tmp_path / "direct"
+  gen, chunks = scoring.plan_chunks(parts, len(data.unlabelled), 10**9)
+  scoring.score_process(scorer=scorer, source=data.unlabelled, spec=data.spec, parts_dir=parts,
+                        gen=gen, chunks=chunks, process_index=0, process_count=1,
+                        num_classes=cfg2.data.num_classes, k=cfg2.select.k, p=cfg2.select.p,
+                        local_batch_size=cfg2.score.batch_size, log=lambda m: None)
+  want = scoring.merge_parts(parts, len(data.unlabelled))[0].result()
+  got = selection.read_selection(os.path.join(wd, "select_r2", "dhat"))
+  np.testing.assert_array_equal(got.ids, want.ids)
+  np.testing.assert_array_equal(got.classes, want.classes)

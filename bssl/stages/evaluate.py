@@ -2,14 +2,30 @@
 are another's (the teacher that is the baseline) is measured once and marked so."""
 from __future__ import annotations
 
+from bssl.config import round_stage, section_of
+
 MODELS = (("baseline", "baseline"), ("teacher", "teacher"),
           ("student_pretrained", "pretrain"), ("student", "finetune"))
 MODEL_STAGES = tuple(stage for _, stage in MODELS)
 
 
+def models(cfg) -> list[tuple[str, str]]:
+  """(result key, stage) of every model of ``cfg``: round r > 1 adds
+  ``student_r<r>_pretrained`` and ``student_r<r>``."""
+  out = list(MODELS)
+  for r in range(2, int(cfg.get("rounds", 1) or 1) + 1):
+    out += [(f"student_r{r}_pretrained", round_stage("pretrain", r)),
+            (f"student_r{r}", round_stage("finetune", r))]
+  return out
+
+
+def model_stages(cfg) -> list[str]:
+  return [stage for _, stage in models(cfg)]
+
+
 def with_training_facts(metrics: dict, cfg, stage: str, done: dict) -> dict:
   """A model's test metrics plus what its stage's ``done.json`` says of its training."""
-  m = dict(metrics, model=cfg[stage].model, num_params=done.get("num_params"),
+  m = dict(metrics, model=cfg[section_of(stage)].model, num_params=done.get("num_params"),
            train_steps=done.get("steps"), train_seconds=done.get("train_seconds"))
   if "val" in done:
     m["val_top1"] = done["val"]["top1"]
@@ -18,7 +34,7 @@ def with_training_facts(metrics: dict, cfg, stage: str, done: dict) -> dict:
 
 def evaluate(ctx) -> dict:
   results, measured = {}, {}
-  for key, stage in MODELS:
+  for key, stage in models(ctx.cfg):
     done = ctx.wd.done(stage)
     if done is None:
       ctx.log(f"{stage} not trained in this work directory; skipping {key}")

@@ -9,14 +9,16 @@ import numpy as np
 
 from bssl import parallel, selection
 from bssl import workdir as workdir_lib
+from bssl.config import round_stage
+from bssl.stages import evaluate
 
 MODEL_KEYS = ("baseline", "teacher", "student_pretrained", "student")
 
 
-def results_table(results: dict) -> str:
+def results_table(results: dict, keys=MODEL_KEYS) -> str:
   lines = ["| model | architecture | params | train steps | val top-1 | test top-1 | test top-5 |",
            "|---|---|---|---|---|---|---|"]
-  for key in MODEL_KEYS:
+  for key in keys:
     m = results.get(key)
     if not m:
       continue
@@ -122,9 +124,10 @@ def report(ctx) -> dict:
 def write_report(cfg, data, wd) -> dict:
   out_dir = wd.stage("report")
   results: dict = {"name": cfg.get("name", ""), "seed": int(cfg.seed)}
+  keys = [key for key, _ in evaluate.models(cfg)]
   ev = wd.done("evaluate")
   if ev is not None:
-    for key in MODEL_KEYS:
+    for key in keys:
       if key in ev:
         results[key] = dict(ev[key])
   sel = None
@@ -139,8 +142,22 @@ def write_report(cfg, data, wd) -> dict:
                           if k in s}
   if "student" in results and "baseline" in results:
     results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
+  rounds = int(cfg.get("rounds", 1) or 1)
+  if rounds > 1:
+    results["rounds"] = []
+    for r in range(1, rounds + 1):
+      key = "student" if r == 1 else f"student_r{r}"
+      sd = wd.done(round_stage("select", r)) or {}
+      row = {"round": r, "teacher": "teacher" if r == 1 else
+             ("student" if r == 2 else f"student_r{r - 1}"),
+             "student_top1": results.get(key, {}).get("top1"),
+             "dhat_label_precision": sd.get("label_precision"),
+             "num_selected": sd.get("num_selected")}
+      results["rounds"].append(row)
   timings = {}
-  for stage in ("baseline", "teacher", "score", "select", "pretrain", "finetune"):
+  for stage in ("weak_pretrain", "baseline", "teacher") + tuple(
+      round_stage(b, r) for r in range(1, rounds + 1)
+      for b in ("score", "select", "pretrain", "finetune")):
     d = wd.done(stage)
     if d is not None:
       timings[stage] = d.get("stage_seconds")
@@ -158,14 +175,26 @@ def write_report(cfg, data, wd) -> dict:
 
   workdir_lib.write_json(out_dir / "results.json", results)
   md = [f"# bssl results: {results['name']} (seed {results['seed']})", "",
-        "Top-1/top-5 on the test split (fractions shown as %).", "", results_table(results), ""]
+        "Top-1/top-5 on the test split (fractions shown as %).", "",
+        results_table(results, keys), ""]
   if results.get("teacher", {}).get("same_as") == "baseline":
     md += ["Self-training: the teacher is the baseline itself (`teacher.init_from='baseline'`).",
            ""]
   if "gain_top1" in results:
     md += [f"Student − baseline, test top-1: {100 * results['gain_top1']:+.2f} points", ""]
+  if "rounds" in results:
+    md += ["## Rounds of self-training (each round's student is the next round's teacher)",
+           "", "| round | teacher | student test top-1 | D̂ label precision | D̂ rows |",
+           "|---|---|---|---|---|"]
+    for row in results["rounds"]:
+      t1, pr = row["student_top1"], row["dhat_label_precision"]
+      md.append(f"| {row['round']} | {row['teacher']} | "
+                f"{'—' if t1 is None else f'{100 * t1:.2f}'} | "
+                f"{'—' if pr is None else f'{100 * pr:.2f}%'} | {row['num_selected'] or '—'} |")
+    md.append("")
   if "selection" in results:
-    md += ["## Selection (D̂)", "", selection_table(results["selection"]), ""]
+    md += ["## Selection (D̂, round 1)" if rounds > 1 else "## Selection (D̂)", "",
+           selection_table(results["selection"]), ""]
   if figures:
     md += ["![selected images](selected_images.png)", "",
            "![images per class](class_histogram.png)", ""]

@@ -9,7 +9,8 @@ from bssl import workdir as workdir_lib
 from bssl.data import sources
 
 
-def score(ctx) -> dict:
+def score(ctx, teacher: str = "teacher") -> dict:
+  """Scores U with ``teacher``'s model (a later round: the previous round's student)."""
   cfg, unl = ctx.cfg, ctx.data.unlabelled
   n, pi, pc = len(unl), parallel.process_index(), parallel.process_count()
   parts = ctx.dir / "parts"
@@ -23,7 +24,7 @@ def score(ctx) -> dict:
           f"{len(chunks)} chunk(s) over {pc} process(es), batch {cfg.score.batch_size}, "
           f"top-{p} classes (generation {gen})")
   if chunks:
-    scorer = ctx.backend.scorer(ctx, "teacher", p)
+    scorer = ctx.backend.scorer(ctx, teacher, p)
     scoring.score_process(
         scorer=scorer, source=unl, spec=ctx.data.spec, parts_dir=parts, gen=gen,
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
@@ -39,11 +40,11 @@ def score(ctx) -> dict:
   return info
 
 
-def select(ctx) -> dict:
+def select(ctx, score: str = "score") -> dict:
   if not parallel.is_main_process():
     return {}
   cfg, unl = ctx.cfg, ctx.data.unlabelled
-  acc, merged = scoring.merge_parts(ctx.wd.stage("score") / "parts", len(unl))
+  acc, merged = scoring.merge_parts(ctx.wd.stage(score) / "parts", len(unl))
   bad = merged["bad_ids"]
   names = [unl.name_of(i) for i in bad] if hasattr(unl, "name_of") else [str(i) for i in bad]
   reasons = ([unl.reason_of(i) for i in bad] if hasattr(unl, "reason_of")

@@ -41,18 +41,19 @@ def teacher(ctx) -> dict:
   return _train(ctx, ctx.data.labelled, _init(t))
 
 
-def pseudo_labelled(ctx) -> sources.PseudoLabelSource:
-  sel = selection.read_selection(ctx.wd.stage("select") / "dhat")
+def pseudo_labelled(ctx, select: str = "select") -> sources.PseudoLabelSource:
+  sel = selection.read_selection(ctx.wd.stage(select) / "dhat")
   return sources.PseudoLabelSource(ctx.data.unlabelled, np.asarray(sel.ids),
                                    np.asarray(sel.classes))
 
 
-def pretrain(ctx) -> dict:
-  return _train(ctx, pseudo_labelled(ctx), _init(ctx.cfg.pretrain))
+def pretrain(ctx, select: str = "select") -> dict:
+  """The student's pre-training on D̂ (of ``select``: a later round's selection)."""
+  return _train(ctx, pseudo_labelled(ctx, select), _init(ctx.cfg.pretrain))
 
 
-def finetune(ctx) -> dict:
-  return _train(ctx, ctx.data.labelled, ("stage", "pretrain"))
+def finetune(ctx, pretrain: str = "pretrain") -> dict:
+  return _train(ctx, ctx.data.labelled, ("stage", pretrain))
 
 
 def weak_pretrain(ctx) -> dict:
