@@ -32,16 +32,19 @@ def make_model(scfg, num_classes: int):
                              **dict(scfg.get("model_kwargs") or {}))
 
 
-def new_head(variables, model, spec, *, seed: int, log=print) -> dict:
+def new_head(variables, model, spec, *, seed: int, log=print, reset=()) -> dict:
   """``variables`` with every leaf whose shape differs from ``model``'s (the classifier
-  head of another label space) taken from a fresh initialisation of ``model``."""
+  head of another label space), and every leaf under the top-level params ``reset``
+  (e.g. ``("fc",)``: a new head even for as many classes), taken from a fresh
+  initialisation of ``model``."""
   fresh = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, *train.spec_shape(spec))),
                                     train=False))
   old = jax.device_get(variables)
   replaced = []
 
   def pick(path, a, b):
-    if a.shape == b.shape:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if a.shape == b.shape and not (keys[0] == "params" and keys[1] in reset):
       return a
     replaced.append("/".join(str(getattr(k, "key", k)) for k in path))
     return b
@@ -121,6 +124,39 @@ class JaxBackend:
   def scorer(self, ctx, stage: str, top_p: int):
     model = make_model(ctx.cfg[config.section_of(stage)], ctx.cfg.data.num_classes)
     return JaxScorer(model, self.load(ctx, stage, model), top_p, *self.norm)
+
+  def transfer(self, ctx, stage: str, key: str, mode: str, target) -> dict:
+    """``stage``'s model on ``target``: fc_only or full_ft (see bssl/transfer.py)."""
+    from bssl import transfer as transfer_lib
+    cfg = ctx.cfg
+    scfg = cfg[config.section_of(stage)]
+    model = make_model(scfg, cfg.data.num_classes)
+    variables = self.load(ctx, stage, model)
+    mean, std = self.norm
+    if mode == "fc_only":
+      xy = [transfer_lib.features(model, variables, s, ctx.data.spec, mean, std)
+            for s in (target.train, target.val, target.test)]
+      return transfer_lib.fc_only(*xy, target.num_classes)
+    t = cfg.transfer
+    ft = cfg.finetune.copy_and_resolve_references()
+    ft.update(model=scfg.model, model_kwargs=dict(scfg.model_kwargs or {}),
+              steps=int(t.ft_steps), epochs=None, lr=float(t.ft_lr),
+              batch_size=int(t.ft_batch_size), schedule="cosine", warmup_fraction=0.0,
+              warmup_steps=0, init_from=None)
+    tmodel = make_model(ft, target.num_classes)
+    seed = cfg.seed * 100 + 50 + sorted(("baseline", "teacher", "student")).index(key)
+    init = new_head(variables, tmodel, ctx.data.spec, seed=seed, log=ctx.log, reset=("fc",))
+    out = train.fit(name=f"transfer/{key}", model=tmodel, cfg=ft, source=target.train,
+                    spec=ctx.data.spec, mesh=self.mesh, workdir=ctx.dir / key / "full_ft",
+                    num_classes=target.num_classes, mean=mean, std=std, init_variables=init,
+                    seed=seed, num_threads=cfg.num_threads)
+    ev = train.make_eval_step(tmodel, self.mesh, num_classes=target.num_classes, mean=mean,
+                              std=std)
+    kw = dict(global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
+    test = train.evaluate(ev, out["variables"], target.test, ctx.data.spec, self.mesh, **kw)
+    val = train.evaluate(ev, out["variables"], target.val, ctx.data.spec, self.mesh, **kw)
+    return {"top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
+            "steps": int(t.ft_steps), "train_seconds": out.get("train_seconds")}
 
   def local_batch_size(self, global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()

@@ -37,9 +37,12 @@ class Field:
 
 TRAIN_SECTIONS = ("weak_pretrain", "baseline", "teacher", "pretrain", "finetune")
 ALL_STAGES = ("weak_pretrain", "baseline", "teacher", "score", "select", "pretrain",
-              "finetune", "evaluate", "report")
-# What runs unless --config.stages says otherwise (weak_pretrain is for semi-weak recipes).
-DEFAULT_STAGES = tuple(s for s in ALL_STAGES if s != "weak_pretrain")
+              "finetune", "transfer", "evaluate", "report")
+# What runs unless --config.stages says otherwise (weak_pretrain is for semi-weak recipes;
+# transfer, to a target data set, is asked for).
+DEFAULT_STAGES = tuple(s for s in ALL_STAGES if s not in ("weak_pretrain", "transfer"))
+TRANSFER_MODES = ("fc_only", "full_ft")
+TRANSFER_MODELS = ("baseline", "teacher", "student")
 WEAK_KINDS = ("synthetic", "tags_file")
 RESAMPLING = ("none", "sqrt", "inverse")
 DATA_KINDS = ("fashion_mnist", "tfds", "fake")
@@ -165,6 +168,25 @@ FIELDS = (
           "tag names, whitespace-separated", optional=True),
     Field("weak.vocab_file", None, str, "tags_file: the vocabulary, one tag per line "
           "(optionally '<TAB>class id'); default: the sorted tag names", optional=True),
+    # transfer: to a target data set (bssl/data/targets.py, bssl/transfer.py)
+    Field("transfer.target", "digits", str, "digits (scikit-learn's, offline) or tfds",
+          choices=("digits", "tfds")),
+    Field("transfer.tfds_name", "caltech_birds2011", str, "tfds: the target (CUB-200-2011)"),
+    Field("transfer.train_split", "train", str, "tfds: its train split"),
+    Field("transfer.test_split", "test", str, "tfds: its test split"),
+    Field("transfer.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
+    Field("transfer.num_classes", None, int, "tfds: classes, when the dataset does not say",
+          optional=True, minimum=1),
+    Field("transfer.modes", "fc_only,full_ft", str, "comma-separated: fc_only (frozen "
+          "features + L2 logistic regression) and/or full_ft (fine-tune everything)",
+          check=lambda v: None if v and set(v.split(",")) <= set(TRANSFER_MODES) else
+          f"must be a comma-separated subset of {TRANSFER_MODES}, got {v!r}"),
+    Field("transfer.models", "baseline,teacher,student", str, "comma-separated models to "
+          "transfer", check=lambda v: None if v and set(v.split(",")) <= set(TRANSFER_MODELS)
+          else f"must be a comma-separated subset of {TRANSFER_MODELS}, got {v!r}"),
+    Field("transfer.ft_steps", 300, int, "full_ft: steps", minimum=1),
+    Field("transfer.ft_lr", 0.01, float, "full_ft: base learning rate (cosine)", minimum=0.0),
+    Field("transfer.ft_batch_size", 64, int, "full_ft: global batch", minimum=1),
     # score + select
     Field("score.batch_size", 1000, int, "global scoring batch; a resume may change it "
           "(positions are kept in images)", minimum=1, cosmetic=True),
@@ -416,7 +438,9 @@ def check_batch_sizes(cfg, num_devices: int, num_processes: int) -> None:
   sizes = [(f"{s}.batch_size", cfg[s].batch_size) for s in TRAIN_SECTIONS
            if s in stages and cfg[s].steps != 0]
   sizes += [("score.batch_size", cfg.score.batch_size)] if "score" in stages else []
-  if stages & {"baseline", "teacher", "pretrain", "finetune", "evaluate"}:
+  if "transfer" in stages and "full_ft" in str(cfg.transfer.modes).split(","):
+    sizes.append(("transfer.ft_batch_size", cfg.transfer.ft_batch_size))
+  if stages & {"baseline", "teacher", "pretrain", "finetune", "evaluate", "transfer"}:
     sizes.append(("data.eval_batch_size", cfg.data.eval_batch_size))
   for name, b in sizes:
     if b % num_devices or b % num_processes:

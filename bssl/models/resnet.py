@@ -139,7 +139,7 @@ class ResNet(_Common):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
         block_cls = BasicBlock if self.block == "basic" else Bottleneck
@@ -169,5 +169,7 @@ class ResNet(_Common):
                 )(x, train)
         # Global average pool in float32: a long bf16 sum loses precision.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if features:  # the penultimate layer (transfer: fc-only)
+            return x
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
         return x.astype(jnp.float32)

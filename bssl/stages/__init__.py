@@ -8,7 +8,7 @@ import dataclasses
 import functools
 
 from bssl.config import ROUND_STAGES, round_stage
-from bssl.stages import evaluate, report, score_select, training
+from bssl.stages import evaluate, report, score_select, training, transfer
 from bssl.stages.base import Stage
 
 
@@ -29,10 +29,11 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
           reads=lambda cfg: ("select",)),
     Stage("finetune", training.finetune, sections=("finetune",),
           reads=lambda cfg: ("pretrain",)),
+    Stage("transfer", transfer.transfer, sections=("transfer",), reads=transfer.reads),
     Stage("evaluate", evaluate.evaluate, fingerprinted=False,
           optional_reads=evaluate.MODEL_STAGES),
     Stage("report", report.report, fingerprinted=False,
-          optional_reads=("score", "select", "evaluate")),
+          optional_reads=("score", "select", "evaluate", "transfer")),
 )}
 
 
@@ -58,9 +59,12 @@ def table(cfg) -> dict[str, Stage]:
     return TABLE
   out = {}
   for name, st in TABLE.items():
-    if name == "evaluate":
+    if name == "transfer":
       for r in range(2, rounds + 1):
         out.update({s.name: s for s in _round(r)})
+      out[name] = st
+      continue
+    if name == "evaluate":
       st = dataclasses.replace(st, optional_reads=tuple(evaluate.model_stages(cfg)))
     elif name == "report":
       st = dataclasses.replace(st, optional_reads=st.optional_reads + tuple(

@@ -142,6 +142,10 @@ def write_report(cfg, data, wd) -> dict:
                           if k in s}
   if "student" in results and "baseline" in results:
     results["gain_top1"] = results["student"]["top1"] - results["baseline"]["top1"]
+  tr = wd.done("transfer")
+  if tr is not None:
+    results["transfer"] = {k: v for k, v in tr.items() if k not in (
+        "fingerprint", "finished", "artifact_id", "stage_seconds")}
   rounds = int(cfg.get("rounds", 1) or 1)
   if rounds > 1:
     results["rounds"] = []
@@ -191,6 +195,16 @@ def write_report(cfg, data, wd) -> dict:
       md.append(f"| {row['round']} | {row['teacher']} | "
                 f"{'—' if t1 is None else f'{100 * t1:.2f}'} | "
                 f"{'—' if pr is None else f'{100 * pr:.2f}%'} | {row['num_selected'] or '—'} |")
+    md.append("")
+  if "transfer" in results:
+    t = results["transfer"]
+    md += [f"## Transfer to {t['target']} ({t['num_classes']} classes): target test top-1",
+           "", "| model | fc-only | full fine-tuning |", "|---|---|---|"]
+    for key in ("baseline", "teacher", "student"):
+      if key in t:
+        cell = lambda m: (f"{100 * t[key][m]['top1']:.2f}" if m in t[key] else "—")  # noqa
+        md.append(f"| {key}{' (= ' + t[key]['same_as'] + ')' if 'same_as' in t[key] else ''}"
+                  f" | {cell('fc_only')} | {cell('full_ft')} |")
     md.append("")
   if "selection" in results:
     md += ["## Selection (D̂, round 1)" if rounds > 1 else "## Selection (D̂)", "",
