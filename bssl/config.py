@@ -369,6 +369,11 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
                       "bssl.ingest` when unlabelled.kind='shards', got None (ingest U once: "
                       "python -m bssl.ingest --input=<folder or file list> --out=<dir or "
                       "gs://...>, then --config.unlabelled.path=<that dir>)")
+  if ("weak_pretrain" in parse_stages(cfg.stages) and cfg.weak.kind == "tags_file"
+      and not (cfg.weak.get("path") and cfg.weak.get("tags_file"))):
+    raise ConfigError("weak.kind='tags_file' needs weak.path (the tagged images: an "
+                      "ingest's --out, or a folder / file list) and weak.tags_file (one line "
+                      "of tag names per image id); see README 'Semi-weak supervision'")
   if u.kind == "tfds" and not (u.get("tfds_name") and u.get("split")):
     raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
                       "unlabelled.split")

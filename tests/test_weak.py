@@ -143,3 +143,45 @@ def test_kill_9_of_weak_pretrain_resumes_to_the_uninterrupted_result(tmp_path):
 def jax_leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("preset", ["", "tiny", "seed1", "seed2", "tiny,seed2"])
+def test_every_semiweak_preset_validates(preset):
+  import semiweak
+  from bssl import config
+  config.validate(semiweak.get_config(preset), num_devices=8)
+
+
+def test_resnext_swsl_says_what_the_tagged_u_needs(tmp_path):
+  import resnext
+  from bssl import config
+  cfg = resnext.get_config("swsl")
+  assert cfg.teacher.init_from == "weak_pretrain" and cfg.select.k == 64000
+  cfg.unlabelled.path = str(tmp_path)
+  with pytest.raises(config.ConfigError, match="weak.path.*weak.tags_file"):
+    engine.run_recipe(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_tags_file_source_reads_names_vocab_and_checks_lengths(tmp_path):
+  """weak.kind='tags_file' over an image folder: one line of tag names per image id."""
+  from PIL import Image
+  import demo
+  from bssl.data import recipe
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / f"{i}.png")
+  (tmp_path / "tags.txt").write_text("cat pet\n\nDOG\ncat\n")
+  cfg = demo.get_config("tiny")
+  cfg.weak.kind, cfg.weak.path = "tags_file", str(folder)
+  cfg.weak.tags_file, cfg.weak.resample = str(tmp_path / "tags.txt"), "none"
+  w = weak.build(cfg, recipe.build_data(cfg))
+  assert w.tag_names == ("DOG", "cat", "pet") and w.num_tags == 3
+  assert w.num_images == 3  # the image without tags is left out
+  assert [w.source[r]["label"][w.source[r]["label"] >= 0].tolist() for r in range(3)] == \
+      [[1, 2], [0], [1]]
+  assert int(w.source[1]["image"].mean()) == 80  # image id 2
+  (tmp_path / "tags.txt").write_text("cat\n")
+  with pytest.raises(weak.WeakDataError, match="1 lines.*4"):
+    weak.build(cfg, recipe.build_data(cfg))
