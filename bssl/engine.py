@@ -191,6 +191,9 @@ def run_recipe(cfg, workdir, backend=None) -> dict:
   backend = backend or JaxBackend(cfg)
   table = stages.table(cfg)
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
+  if "transfer" in requested:  # a missing target stops the run now, not after training
+    from bssl.data import targets
+    targets.build(cfg)
   parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
                f"{len(data.test)} test images; {jax.device_count()} devices on "
                f"{jax.process_count()} process(es); backend {backend.name}; stages "

@@ -76,3 +76,17 @@ def test_transfer_stage_on_the_tiny_run(tmp_path):
   with pytest.raises(engine.RefusedError, match="transfer.ft_lr"):
     engine.run_recipe(cfg, wd)
   shutil.rmtree(os.path.join(wd, "transfer"))
+
+
+@needs_fmnist
+def test_missing_tfds_target_stops_before_any_training(tmp_path):
+  import demo
+  from bssl import engine
+  from bssl.data import sources
+  cfg = demo.get_config("tiny")
+  cfg.stages = "baseline,teacher,score,select,pretrain,finetune,transfer"
+  cfg.transfer.target = "tfds"
+  cfg.transfer.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(sources.DataError, match="tfds build caltech_birds2011.*transfer.tfds_data_dir"):
+    engine.run_recipe(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "baseline")

@@ -218,6 +218,11 @@ class TFDSSource:
                 "<data_dir>/downloads/manual/, then run once (needs tensorflow) "
                 "'tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record'"
                 " and set --config.data.tfds_data_dir=<data_dir>.")
+      else:
+        hint = (f" Build it once (needs tensorflow at build time only): 'tfds build {name} "
+                f"--data_dir=<data_dir> --file_format=array_record', then point the config's "
+                f"tfds_data_dir at <data_dir> (for the transfer target: "
+                f"--config.transfer.tfds_data_dir).")
       raise DataError(f"data: TFDS dataset {name!r} split {split!r} is not available in "
                       f"data_dir={data_dir or '~/tensorflow_datasets'}: {type(e).__name__}: "
                       f"{str(e)[:300]}.{hint}") from e
