@@ -478,6 +478,16 @@ def result_fields(cfg, sections: Sequence[str]) -> dict:
   return out
 
 
+def schema_default(name: str):
+  """The JSON value of field ``name``'s default (``KeyError`` for a name not in the
+  schema): a field added to the schema after a work directory was made, whose default
+  keeps the old behaviour, does not make that work directory's stages stale."""
+  for f in all_fields():
+    if f.name == name:
+      return json.loads(json.dumps(_plain(f.default)))
+  raise KeyError(name)
+
+
 def _plain(v):
   if isinstance(v, ml_collections.ConfigDict):
     return {k: _plain(v[k]) for k in sorted(v.keys())}

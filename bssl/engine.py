@@ -55,6 +55,14 @@ def changes(old: dict, new: dict) -> list[str]:
   out = []
   oc, nc = old.get("config") or {}, new.get("config") or {}
   for k in sorted(set(oc) | set(nc)):
+    if k not in oc and k in nc:
+      # a field newer than the work directory, at the default that keeps the old
+      # behaviour; U's file identity, newer than the work directory: nothing to compare
+      try:
+        if k == "unlabelled (files)" or nc[k] == config_lib.schema_default(k):
+          continue
+      except KeyError:
+        pass
     if oc.get(k, "(absent)") != nc.get(k, "(absent)"):
       out.append(f"{k}: {oc.get(k, '(absent)')!r} -> {nc.get(k, '(absent)')!r}")
   oi, ni = old.get("inputs") or {}, new.get("inputs") or {}

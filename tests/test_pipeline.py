@@ -102,6 +102,14 @@ def test_fingerprint_changes_name_fields_inputs_and_backend():
   assert engine.changes(old, new) == [
       "pretrain.lr: 0.05 -> 0.1", "input 'select' was recomputed since (artifact a1 -> b2)",
       "backend: 'jax' -> 'torch'"]
+  # a field newer than the work directory: at its default, no change; otherwise a change
+  newer = {"config": {"seed": 0, "pretrain.lr": 0.05, "unlabelled.drop_duplicates": True},
+           "inputs": {"select": "a1"}, "backend": "jax"}
+  assert engine.changes(old, newer) == []
+  newer["config"]["unlabelled.drop_duplicates"] = False
+  assert engine.changes(old, newer) == ["unlabelled.drop_duplicates: '(absent)' -> False"]
+  # a field the new config lost is always a change
+  assert engine.changes(newer, old) == ["unlabelled.drop_duplicates: False -> '(absent)'"]
 
 
 def test_self_training_teacher_is_the_baseline_and_depends_on_it(tiny_run):
