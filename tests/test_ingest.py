@@ -270,12 +270,22 @@ ingest.run_ingest({root!r}, {gcs.url('ingest/h')!r}, ingest.Params(shard_size=4)
                   log=lambda m: None)
 src = ingest.ShardSource({gcs.url('ingest/h')!r}, channels=3, cache_dir={str(tmp_path / 'c')!r})
 print(sum(bool(src[i]['valid']) for i in range(len(src))), len(src))
+# and an input folder on gs:// (listed recursively there), into a local --out
+from etils import epath
+for name in ("small.jpg", "nested/deeper/x.png"):
+  (epath.Path({gcs.url('ingest/in')!r}) / name).parent.mkdir(parents=True, exist_ok=True)
+  (epath.Path({gcs.url('ingest/in')!r}) / name).write_bytes(open({root!r} + "/" + name, "rb").read())
+m = ingest.run_ingest({gcs.url('ingest/in')!r}, {str(tmp_path / 'from_gcs')!r},
+                      ingest.Params(shard_size=4), log=lambda m: None)
+print(m["num_images"], m["num_bad"])
 """
   r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **gcs.env},
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   n_ok = sum(1 for w in want.values() if w is None) - 3  # 3 planted duplicates dropped
-  assert r.stdout.split()[-2:] == [str(n_ok), str(len(want))]
+  assert r.stdout.split()[-4:] == [str(n_ok), str(len(want)), "2", "0"]
+  src = ingest.ShardSource(str(tmp_path / "from_gcs"))
+  assert [os.path.basename(src.name_of(i)) for i in range(2)] == ["x.png", "small.jpg"]
   assert sorted(os.listdir(tmp_path / "c"))[0].startswith("u-00000")
 
 

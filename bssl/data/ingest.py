@@ -100,8 +100,12 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
                       f"(searched recursively) or a text file listing one path per line.")
   if p.is_dir():
     if workdir_lib.is_remote(input_path):
-      files = sorted(str(f) for f in p.rglob("*") if _wanted(f.name, extensions)
-                     and not f.is_dir())
+      # one paginated listing of the prefix (epath refuses recursive globs on GCS)
+      import fsspec
+      fs, root = fsspec.core.url_to_fs(str(p))
+      proto = str(p).split("://", 1)[0]
+      files = sorted(f"{proto}://{f}" for f in fs.find(root)
+                     if _wanted(f.rsplit("/", 1)[-1], extensions))
     else:
       files = [os.path.join(str(p), r) for r in _walk_local(str(p), extensions)]
   else:
