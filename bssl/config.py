@@ -197,6 +197,12 @@ FIELDS = (
           cosmetic=True),
     Field("score.in_flight", 2, int, "scoring batches dispatched to the devices ahead of "
           "the one whose results the host is folding", minimum=1, cosmetic=True),
+    Field("score.max_k", None, int, "keep a top-K per rank with this K (>= select.k), so "
+          "that any select.k <= max_k and select.p <= max_p is selected exactly without "
+          "rescoring (sweeps); None: score for select.k and select.p alone", minimum=1,
+          optional=True),
+    Field("score.max_p", None, int, "with score.max_k: the P kept (>= select.p; default "
+          "select.p)", minimum=1, optional=True),
     Field("select.k", 16000, int, "images kept per class (K)", minimum=1),
     Field("select.p", 10, int, "classes kept per image (P), at most data.num_classes",
           minimum=1),
@@ -420,6 +426,18 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
       raise ConfigError(f"{name}.model must be the student architecture, which is also the "
                         f"baseline's ({cfg.baseline.model!r} {dict(cfg.baseline.model_kwargs)}), "
                         f"got {cfg[name].model!r} {dict(cfg[name].model_kwargs or {})}")
+  sc = cfg.score
+  if sc.get("max_p") is not None and sc.get("max_k") is None:
+    raise ConfigError("score.max_p needs score.max_k (the K kept per rank)")
+  if sc.get("max_k") is not None:
+    if cfg.select.k > sc.max_k:
+      raise ConfigError(f"select.k={cfg.select.k} is above score.max_k={sc.max_k}, the K "
+                        f"scoring keeps; raise score.max_k (and rescore) or lower select.k")
+    if sc.get("max_p") is not None and cfg.select.p > sc.max_p:
+      raise ConfigError(f"select.p={cfg.select.p} is above score.max_p={sc.max_p}")
+    if (sc.get("max_p") or cfg.select.p) > d.num_classes:
+      raise ConfigError(f"score.max_p must be at most data.num_classes ({d.num_classes}), "
+                        f"got {sc.max_p}")
   if cfg.select.p > d.num_classes:
     raise ConfigError(f"select.p must be an integer between 1 and data.num_classes "
                       f"({d.num_classes}), got {cfg.select.p!r}")
@@ -500,3 +518,21 @@ def _plain(v):
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def scoring_kp(cfg) -> tuple[int, int, bool]:
+  """(K, P, ranked) the score stage keeps: (score.max_k, score.max_p or select.p, True)
+  when score.max_k is set, else (select.k, select.p, False)."""
+  sc = cfg.score
+  if sc.get("max_k") is not None:
+    return int(sc.max_k), int(sc.get("max_p") or cfg.select.p), True
+  return int(cfg.select.k), int(cfg.select.p), False
+
+
+def score_sections(cfg) -> tuple[str, ...]:
+  """What the score stage's artifact depends on: with score.max_k, the kept K and P (any
+  select.k/p below them reuses it); without, select.k and select.p themselves."""
+  if cfg.score.get("max_k") is not None:
+    return ("unlabelled", "score.max_k", "score.max_p") + (
+        () if cfg.score.get("max_p") is not None else ("select.p",))
+  return ("unlabelled", "select.k", "select.p")

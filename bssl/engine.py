@@ -44,8 +44,9 @@ def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
   for up in stage.reads(cfg):
     d = wd.done(up)
     inputs[up] = d.get("artifact_id") if d else None
-  fields = config_lib.result_fields(cfg, _COMMON + stage.sections)
-  if unlabelled_identity and any(s.split(".")[0] == "unlabelled" for s in stage.sections):
+  sections = stage.sections_for(cfg)
+  fields = config_lib.result_fields(cfg, _COMMON + sections)
+  if unlabelled_identity and any(s.split(".")[0] == "unlabelled" for s in sections):
     fields = dict(fields, **{"unlabelled (files)": unlabelled_identity})
   return {"config": fields, "inputs": inputs, "backend": backend}
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 from bssl.data import pipelines
-from bssl.selection import TopKPerClass
+from bssl.selection import RankedTopK, TopKPerClass
 
 _PART = re.compile(r"^g(\d+)_p(\d+)\.json$")
 
@@ -98,12 +98,13 @@ def plan_chunks(parts_dir, num_images: int, chunk_images: int) -> tuple[int, lis
   return gen, chunks
 
 
-def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int) -> None:
+def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,
+                ranked: bool = False) -> None:
   """Every part was made for this U, K and P (the engine's fingerprint guards the same;
   this catches files copied in by hand)."""
   for g, i, meta in _parts(parts_dir):
-    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p)
-    got = {key: meta.get(key) for key in want}
+    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p, ranked=ranked)
+    got = {key: meta.get(key, False if key == "ranked" else None) for key in want}
     if got != want:
       raise IncompleteScoringError(
           f"scoring part g{g}_p{i} in {parts_dir} was made for {got}, this run is {want}; "
@@ -114,17 +115,20 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
                   gen: int, chunks: list, process_index: int, process_count: int,
                   num_classes: int, k: int, p: int, local_batch_size: int,
                   num_threads: int = 1, num_workers: int = 0, in_flight: int = 2,
-                  log: Callable[[str], None] = print, log_every: int = 20) -> dict:
+                  ranked: bool = False, log: Callable[[str], None] = print,
+                  log_every: int = 20) -> dict:
   """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
   checkpointing after each chunk into part ``g<gen>_p<process_index>``.
 
   The parts overlap: grain reads and decodes batches ahead (``num_threads`` threads, or
   ``num_workers`` processes), each batch's host->device copy and step are dispatched
   asynchronously as soon as it is read, up to ``in_flight`` batches run ahead of the one
-  whose results are being folded into the top-K on the host."""
+  whose results are being folded into the top-K on the host. ``ranked`` keeps a top-K per
+  rank (:class:`bssl.selection.RankedTopK`): any smaller K and P is then derived exactly."""
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
-  acc, ranges, bad, scored, seq = TopKPerClass(num_classes, k), [], [], 0, 0
+  acc = RankedTopK(num_classes, k, p) if ranked else TopKPerClass(num_classes, k)
+  ranges, bad, scored, seq = [], [], 0, 0
   stem = f"g{gen:04d}_p{process_index:05d}"
   bounds, chunk_of = [], []
   for c, (a, b) in enumerate(mine):
@@ -150,7 +154,7 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
     workdir_lib.write_json(parts_dir / f"{stem}.json", {
         "seq": seq, "npz": _npz_name(gen, process_index, seq), "ranges": ranges,
         "num_scored": scored, "num_bad": len(bad), "num_images": len(source),
-        "num_classes": num_classes, "k": k, "p": p})
+        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked)})
     if seq > 1:
       old = parts_dir / _npz_name(gen, process_index, seq - 1)
       if old.exists():
@@ -165,7 +169,10 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
       raise NonFiniteLogitsError(f"[score] the teacher's logits are NaN/inf for image ids "
                                  f"{ids[mask & ~finite][:20].tolist()}; the teacher "
                                  f"checkpoint is likely diverged.")
-    acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
+    if ranked:
+      acc.update_ranked(ids[mask], classes[mask], scores[mask])
+    else:
+      acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
     scored += int(mask.sum())
     done_images += int(bounds[j, 1] - bounds[j, 0])
     c = chunk_of[j]
@@ -261,14 +268,15 @@ def coverage(parts_dir, num_images: int, parts=None) -> dict:
   return {"num_scored": scored, "num_bad": bad, "num_parts": len(parts)}
 
 
-def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass, dict]:
+def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK, dict]:
   """Exact merge of every part, after :func:`coverage` has checked them."""
   parts = _parts(parts_dir)
   info = coverage(parts_dir, num_images, parts)
   acc, bad = None, []
   for _, _, meta in parts:
     d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
-    a = TopKPerClass.from_state_dict({k[5:]: v for k, v in d.items() if k.startswith("acc__")})
+    state = {k[5:]: v for k, v in d.items() if k.startswith("acc__")}
+    a = (RankedTopK if meta.get("ranked") else TopKPerClass).from_state_dict(state)
     bad.extend(int(x) for x in d["bad_ids"])
     acc = a if acc is None else acc.merge(a)
   if len(bad) != info["num_bad"]:

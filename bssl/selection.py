@@ -624,3 +624,70 @@ def read_selection(directory, mmap: bool = True) -> Selection:
                        f"{np.dtype(dt).name}, got shape {a.shape} of {a.dtype}")
     cols[col] = a
   return Selection(num_classes=summary["num_classes"], k=summary["k"], **cols)
+
+
+class RankedTopK:
+  """Per-class top-``k`` kept separately for each rank ``r < p`` of a class within its
+  image's top classes, so that the selection of any ``k' <= k`` and ``p' <= p`` is derived
+  exactly, without rescoring (:meth:`result`): an (image, class) pair in the top-``k'`` of
+  the candidates of ranks ``< p'`` is in the top-``k'`` of its own rank's candidates, which
+  this keeps. Memory is ``p`` times a :class:`TopKPerClass`'s."""
+
+  def __init__(self, num_classes: int, k: int, p: int, *, pending_slots: int | None = None):
+    if int(p) <= 0:
+      raise ValueError(f"p must be positive, got {p}")
+    self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
+    self.by_rank = [TopKPerClass(num_classes, k, pending_slots=pending_slots)
+                    for _ in range(self.p)]
+
+  @property
+  def num_candidates_seen(self) -> int:
+    return sum(a.num_candidates_seen for a in self.by_rank)
+
+  def update_ranked(self, ids, classes, scores) -> None:
+    """``ids`` [B]; ``classes``, ``scores`` [B, p]: column r is each image's rank-r class."""
+    classes, scores = np.asarray(classes), np.asarray(scores)
+    if classes.ndim != 2 or classes.shape[1] != self.p or scores.shape != classes.shape:
+      raise ValueError(f"classes and scores must be [B, {self.p}], got {classes.shape} and "
+                       f"{scores.shape}")
+    for r, acc in enumerate(self.by_rank):
+      acc.update(ids, classes[:, r], scores[:, r])
+
+  def merge(self, other: "RankedTopK") -> "RankedTopK":
+    if not isinstance(other, RankedTopK) or (other.num_classes, other.k, other.p) != (
+        self.num_classes, self.k, self.p):
+      raise ValueError("can only merge a RankedTopK of the same num_classes, k and p")
+    for a, b in zip(self.by_rank, other.by_rank):
+      a.merge(b)
+    return self
+
+  def result(self, k: int | None = None, p: int | None = None) -> Selection:
+    """The exact selection of top-``k`` per class among the candidates of ranks ``< p``."""
+    k = self.k if k is None else int(k)
+    p = self.p if p is None else int(p)
+    if not (1 <= k <= self.k and 1 <= p <= self.p):
+      raise ValueError(f"k and p must be in 1..{self.k} and 1..{self.p}, got {k} and {p}")
+    acc = TopKPerClass.from_state_dict(self.by_rank[0].state_dict())
+    for r in range(1, p):
+      acc.merge(self.by_rank[r])
+    sel = acc.result()
+    keep = sel.ranks < k
+    return Selection(sel.ids[keep], sel.classes[keep], sel.scores[keep], sel.ranks[keep],
+                     self.num_classes, k)
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    out = {"ranked_p": np.asarray(self.p, np.int64)}
+    for r, acc in enumerate(self.by_rank):
+      out.update({f"r{r}__{key}": v for key, v in acc.state_dict().items()})
+    return out
+
+  @classmethod
+  def from_state_dict(cls, d) -> "RankedTopK":
+    if "ranked_p" not in d:
+      raise ValueError("not a RankedTopK state dict: missing 'ranked_p'")
+    p = int(np.asarray(d["ranked_p"]))
+    accs = [TopKPerClass.from_state_dict({key[len(f"r{r}__"):]: v for key, v in d.items()
+                                          if key.startswith(f"r{r}__")}) for r in range(p)]
+    out = cls.__new__(cls)
+    out.num_classes, out.k, out.p, out.by_rank = accs[0].num_classes, accs[0].k, p, accs
+    return out

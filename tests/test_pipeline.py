@@ -448,3 +448,33 @@ def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
   got = selection.read_selection(os.path.join(wd, "select_r2", "dhat"))
   np.testing.assert_array_equal(got.ids, want.ids)
   np.testing.assert_array_equal(got.classes, want.classes)
+
+
+def test_score_max_k_serves_other_k_and_p_without_rescoring(tiny_run, tmp_path, capsys):
+  """score.max_k/max_p: scored once; a work directory that changes select.k and select.p
+  (below them) reuses the score stage and its D̂ equals a run scored at that K and P."""
+  cfg, src = tiny_run
+  a = str(tmp_path / "a")
+  _copy_stages(src, a, ("baseline", "teacher"))
+  c = demo.get_config("tiny")
+  c.stages = "score,select"
+  c.score.max_k, c.score.max_p = 60, 2
+  engine.run_recipe(c, a)
+  b = str(tmp_path / "b")
+  _copy_stages(a, b, ("baseline", "teacher", "score"))
+  c.select.k, c.select.p = 25, 1
+  capsys.readouterr()
+  engine.run_recipe(c, b)
+  assert "[score] complete in" in capsys.readouterr().out  # not rescored
+  got = selection.read_selection(os.path.join(b, "select", "dhat"))
+  d = str(tmp_path / "direct")
+  _copy_stages(src, d, ("baseline", "teacher"))
+  c2 = demo.get_config("tiny")
+  c2.stages, c2.select.k, c2.select.p = "score,select", 25, 1
+  engine.run_recipe(c2, d)
+  want = selection.read_selection(os.path.join(d, "select", "dhat"))
+  for f in ("ids", "classes", "scores", "ranks"):
+    np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+  c.select.k = 61
+  with pytest.raises(config_lib.ConfigError, match="above score.max_k=60"):
+    engine.run_recipe(c, b)

@@ -350,3 +350,31 @@ def test_a_corrupt_part_json_is_a_corrupt_artifact_naming_the_file(tmp_path):
   (parts / "g0001_p00001.json").write_bytes(b"{not json")
   with pytest.raises(workdir_lib.CorruptArtifactError, match="g0001_p00001.json"):
     scoring.coverage(parts, N)
+
+
+def test_one_ranked_scoring_pass_serves_every_smaller_k_and_p_exactly(setup, tmp_path):
+  """Scored once keeping a top-K per rank (score.max_k): the D̂ of (K/2, 1), (K, 1) and
+  (K/2, P) derived from it equal the D̂ of runs scored directly at those K and P."""
+  model, variables, unl, _ = setup
+  parts = tmp_path / "ranked"
+  gen, chunks = scoring.plan_chunks(parts, N, 32)
+  for pi in range(2):  # two processes' parts, merged
+    scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
+                          spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks, process_index=pi,
+                          process_count=2, num_classes=C, k=K, p=P, local_batch_size=16,
+                          ranked=True, log=lambda m: None)
+  scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P, ranked=True)
+  with pytest.raises(scoring.IncompleteScoringError, match="made for"):
+    scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)  # not ranked
+  acc, _ = scoring.merge_parts(parts, N)
+  for k, p in ((K // 2, 1), (K, 1), (K // 2, P)):
+    direct = tmp_path / f"direct_{k}_{p}"
+    gen, chunks = scoring.plan_chunks(direct, N, 32)
+    scoring.score_process(scorer=JaxScorer(model, variables, p, MEAN, STD), source=unl,
+                          spec=SPEC, parts_dir=direct, gen=gen, chunks=chunks, process_index=0,
+                          process_count=1, num_classes=C, k=k, p=p, local_batch_size=16,
+                          log=lambda m: None)
+    want = scoring.merge_parts(direct, N)[0].result()
+    _same_selection(acc.result(k, p), want)
+  with pytest.raises(ValueError, match="k and p must be"):
+    acc.result(K + 1, 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from bssl.config import ROUND_STAGES, round_stage
+from bssl.config import ROUND_STAGES, round_stage, score_sections
 from bssl.stages import evaluate, report, score_select, training, transfer
 from bssl.stages.base import Stage
 
@@ -21,7 +21,7 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("weak_pretrain", training.weak_pretrain, sections=("weak", "weak_pretrain")),
     Stage("baseline", training.baseline, sections=("baseline",)),
     Stage("teacher", training.teacher, sections=("teacher",), reads=_teacher_reads),
-    Stage("score", score_select.score, sections=("unlabelled", "select.k", "select.p"),
+    Stage("score", score_select.score, sections=score_sections,
           reads=lambda cfg: ("teacher",)),
     Stage("select", score_select.select, sections=("unlabelled", "select"),
           reads=lambda cfg: ("score",)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bssl import config as config_lib
 from bssl import parallel, scoring, selection
 from bssl import workdir as workdir_lib
 from bssl.data import sources
@@ -14,15 +15,18 @@ def score(ctx, teacher: str = "teacher") -> dict:
   cfg, unl = ctx.cfg, ctx.data.unlabelled
   n, pi, pc = len(unl), parallel.process_index(), parallel.process_count()
   parts = ctx.dir / "parts"
-  k, p, nc = int(cfg.select.k), int(cfg.select.p), int(cfg.data.num_classes)
-  scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p)
+  k, p, ranked = config_lib.scoring_kp(cfg)
+  nc = int(cfg.data.num_classes)
+  scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p, ranked=ranked)
   chunk = int(cfg.score.checkpoint_every) * int(cfg.score.batch_size)
   gen, chunks = scoring.plan_chunks(parts, n, chunk)
   parallel.sync("bssl_score_plan")  # every process has listed the parts before any writes
   todo = sum(b - a for a, b in chunks)
   ctx.log(f"{n} images of U, {n - todo} scored by earlier runs; {todo} to score in "
           f"{len(chunks)} chunk(s) over {pc} process(es), batch {cfg.score.batch_size}, "
-          f"top-{p} classes (generation {gen})")
+          f"top-{p} classes (generation {gen})"
+          + (f"; top-{k} kept per class and rank (any select.k <= {k}, select.p <= {p})"
+             if ranked else ""))
   if chunks:
     scorer = ctx.backend.scorer(ctx, teacher, p)
     scoring.score_process(
@@ -30,7 +34,7 @@ def score(ctx, teacher: str = "teacher") -> dict:
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
         local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
         num_threads=cfg.num_threads, num_workers=int(cfg.score.num_workers),
-        in_flight=int(cfg.score.in_flight), log=ctx.log)
+        in_flight=int(cfg.score.in_flight), ranked=ranked, log=ctx.log)
   parallel.sync("bssl_score_parts")
   info = {"num_unlabelled": n, "num_processes": pc}
   if parallel.is_main_process():
@@ -54,7 +58,12 @@ def select(ctx, score: str = "score") -> dict:
   if bad:
     ctx.log(f"{len(bad)} images were not scored (undecodable, or exact duplicates of an "
             f"earlier image); listed with reasons in {ctx.dir / 'bad_images.json'}")
-  sel = acc.result()
+  if isinstance(acc, selection.RankedTopK):  # scored for a larger K and P: derived exactly
+    sel = acc.result(int(cfg.select.k), int(cfg.select.p))
+    ctx.log(f"D^ for K={cfg.select.k}, P={cfg.select.p} derived from the kept top-{acc.k} "
+            f"per class of each of {acc.p} ranks")
+  else:
+    sel = acc.result()
   if len(sel.ids) == 0:
     raise sources.DataError(f"select: D̂ is empty: none of the {len(unl)} images of U could "
                             f"be scored (see {ctx.dir / 'bad_images.json'})")
