@@ -435,12 +435,12 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
                         f"scoring keeps; raise score.max_k (and rescore) or lower select.k")
     if sc.get("max_p") is not None and cfg.select.p > sc.max_p:
       raise ConfigError(f"select.p={cfg.select.p} is above score.max_p={sc.max_p}")
-    if (sc.get("max_p") or cfg.select.p) > d.num_classes:
-      raise ConfigError(f"score.max_p must be at most data.num_classes ({d.num_classes}), "
-                        f"got {sc.max_p}")
   if cfg.select.p > d.num_classes:
     raise ConfigError(f"select.p must be an integer between 1 and data.num_classes "
                       f"({d.num_classes}), got {cfg.select.p!r}")
+  if sc.get("max_p") is not None and sc.max_p > d.num_classes:
+    raise ConfigError(f"score.max_p must be at most data.num_classes ({d.num_classes}), "
+                      f"got {sc.max_p}")
   if num_devices is not None:
     check_batch_sizes(cfg, num_devices, num_processes)
 

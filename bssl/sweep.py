@@ -165,7 +165,7 @@ def collect(root, axes, pts) -> dict:
   workdir_lib.write_json(root / "sweep.json", summary)
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
   for name, values in axes:
-    md += [f"## {name}", "", "| " + name + " | seeds | baseline | teacher | student, "
+    md += [f"## {name}", "", "| " + name + " | points | baseline | teacher | student, "
            "pre-trained | student | D̂ rows | D̂ precision |", "|---|---|---|---|---|---|---|---|"]
     for v in values:
       group = [r for r in rows if r["overrides"].get(name) == v]
@@ -298,7 +298,10 @@ def _main(argv):
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
       raise SweepError(f"--seeds: expected distinct non-negative integers, got {f.seeds!r}")
     for p in points(base, axes, seeds):  # every point's config checked before any work
-      config_lib.validate(point_config(base, p, axes))
+      try:
+        config_lib.validate(point_config(base, p, axes))
+      except config_lib.ConfigError as e:
+        raise SweepError(f"--sweep point {p['name']}: {e}") from None
     if f.emit:
       print("\n".join(emit(_config_arg(), f.workdir, base, axes, seeds)))
       return
