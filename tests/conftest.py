@@ -16,3 +16,18 @@ if CONFIGS not in sys.path:
 
 # The `gcs` fixture (a local GCS emulator, one per session) for every test file.
 from gcs_emulator import gcs  # noqa: E402,F401
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_tiny_run(tmp_path_factory):
+  """One run of configs/demo.py:tiny through every default stage, shared by the test files
+  (read it, or copy its stages out: never change it)."""
+  import demo
+  from bssl import engine
+  workdir = str(tmp_path_factory.mktemp("demo_tiny"))
+  cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline
+  engine.run_recipe(cfg, workdir)
+  return cfg, workdir

@@ -20,12 +20,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo_tiny"))
-  cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline
-  engine.run_recipe(cfg, workdir)
-  return cfg, workdir
+@pytest.fixture
+def tiny_run(demo_tiny_run):
+  return demo_tiny_run  # tests/conftest.py: one tiny demo run per session
 
 
 def test_results_json_has_the_promised_fields(tiny_run):

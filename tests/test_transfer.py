@@ -50,13 +50,13 @@ def test_logistic_regression_separable_features_and_reference_solver():
 
 
 @needs_fmnist
-def test_transfer_stage_on_the_tiny_run(tmp_path):
+def test_transfer_stage_on_the_tiny_run(tmp_path, demo_tiny_run):
   import shutil
   import demo
   from bssl import engine
   cfg = demo.get_config("tiny")
   wd = str(tmp_path / "w")
-  engine.run_recipe(cfg, wd)
+  shutil.copytree(demo_tiny_run[1], wd)
   cfg.stages = "transfer,report"
   cfg.transfer.ft_steps = 4
   cfg.transfer.ft_batch_size = 32
