@@ -68,6 +68,7 @@ def get_config(arg: str | None = None):
     c.score.checkpoint_every = 4
     c.select.k = 50
     c.select.p = 2
+    c.transfer.ft_steps, c.transfer.ft_batch_size = 4, 32  # when transfer is asked for
   if "compare" in presets:
     c.data.labelled_per_class = 100
     c.data.val_per_class = 50

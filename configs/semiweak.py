@@ -15,6 +15,9 @@ fine-tuned on D (200 labels) with a new 10-class head. Everything else is the de
 The comparison without weak pre-training is the demo itself (its teacher is the model
 trained on D alone: the baseline), with the same seeds, hence the same D.
 
+The stages include ``transfer`` (to scikit-learn's digits: fc-only and full fine-tuning
+of the baseline, the weak teacher and the student).
+
 Presets: ``tiny`` (seconds, for tests), ``seed1`` / ``seed2`` (other labelled subsets
 and initialisations), combinable (``tiny,seed1``).
 """
@@ -42,6 +45,7 @@ def get_config(arg: str | None = None):
   demo.train_stage(c.teacher, model_kwargs, steps=300, lr=0.02, batch_size=32,
                    init_from="weak_pretrain")
   if "tiny" in presets:
+    c.transfer.ft_steps, c.transfer.ft_batch_size = 4, 32
     for s in ("weak_pretrain", "teacher"):
       c[s].steps = 6
       c[s].batch_size = 32

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
     reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
 ARGS = ["--config=configs/demo.py:tiny", "--sweep=select.k=20,50", "--sweep=select.p=1,2",
-        "--seeds=0,1"]
+        "--seeds=0,1", "--config.pretrain.steps=2", "--config.finetune.steps=2"]
 
 
 def _env(tmp_path):
