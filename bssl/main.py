@@ -40,6 +40,22 @@ def user_errors() -> tuple[type, ...]:
           workdir.CorruptArtifactError, train.VariablesMismatchError, IncompleteScoringError)
 
 
+def config_and_workdir(no_workdir: str):
+  """The loaded --config (a config file that failed, or none given: one line, exit 2) after
+  checking that --workdir is given (else ``no_workdir``, exit 2)."""
+  try:
+    cfg = _CONFIG.value
+    if cfg is not None:
+      cfg.keys()  # a config file that failed to load raises here
+  except Exception as e:  # noqa: BLE001 - the config file itself failed
+    fail("--config: " + " ".join(str(e).split())[:600])
+  if cfg is None:
+    fail("--config is required, e.g. --config=configs/demo.py")
+  if not _WORKDIR.value:
+    fail(no_workdir)
+  return cfg
+
+
 def parse_flags(argv):
   """absl's parser, with flag and config-file errors as one line and exit code 2."""
   try:
@@ -63,16 +79,8 @@ def main(argv):
   # progress lines. `--verbosity=0` (absl's flag) brings their logs back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  try:
-    cfg = _CONFIG.value
-    if cfg is not None:
-      cfg.keys()  # a config file that failed to load raises here
-  except Exception as e:  # noqa: BLE001 - the config file itself failed
-    fail("--config: " + " ".join(str(e).split())[:600])
-  if cfg is None:
-    fail("--config is required, e.g. --config=configs/demo.py")
-  if not _WORKDIR.value:
-    fail("--workdir is required, e.g. --workdir=/tmp/bssl_demo or gs://bucket/run")
+  cfg = config_and_workdir("--workdir is required, e.g. --workdir=/tmp/bssl_demo or "
+                           "gs://bucket/run")
   # Multi-host init happens before anything touches devices.
   parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
   from bssl import engine, train

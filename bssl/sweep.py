@@ -275,16 +275,8 @@ def _main(argv):
     fail(f"unexpected arguments: {argv[1:]}")
   if not f["verbosity"].present:  # orbax logs every checkpoint at INFO, as in bssl.main
     logging.set_verbosity(logging.WARNING)
-  try:
-    base = f.config
-    if base is not None:
-      base.keys()
-  except Exception as e:  # noqa: BLE001 - the config file itself failed
-    fail("--config: " + " ".join(str(e).split())[:600])
-  if base is None:
-    fail("--config is required, e.g. --config=configs/demo.py:tiny")
-  if not f.workdir:
-    fail("--workdir is required (the sweep's folder, local or gs://)")
+  base = bssl_main.config_and_workdir("--workdir is required (the sweep's folder, local or "
+                                      "gs://)")
   if not f.sweep:
     fail("--sweep is required, e.g. --sweep=select.k=1000,2000,5000")
   try:
