@@ -90,9 +90,10 @@ class JaxBackend:
     variables = None
     if init is not None:
       kind, where = init
-      if kind == "stage" and ctx.num_classes(where) != num_classes:
+      source_classes = ctx.num_classes(where) if kind == "stage" else num_classes
+      if source_classes != num_classes:
         # another label space (weak tags -> classes): its body, a new classifier head
-        variables = new_head(self.load(ctx, where, make_model(scfg, ctx.num_classes(where))),
+        variables = new_head(self.load(ctx, where, make_model(scfg, source_classes)),
                              model, ctx.data.spec, seed=seed,
                              log=ctx.log)
       else:
@@ -171,8 +172,7 @@ class JaxScorer:
     self.in_sharding = NamedSharding(local, P("data"))
     repl = NamedSharding(local, P())
     # restored replicated on the global mesh: take this process's copy
-    self.variables = jax.tree.map(
-        lambda x: jax.device_put(np.asarray(x.addressable_data(0)), repl), variables)
+    self.variables = parallel.local_copy(variables, repl)
 
     def step(variables, images):
       logits = model.apply(variables, normalize(images, mean, std), train=False)

@@ -145,3 +145,10 @@ def log(msg: str) -> None:
   """Prints on process 0 only."""
   if is_main_process():
     print(msg, flush=True)
+
+
+def local_copy(tree, sharding):
+  """``tree`` (arrays replicated on the global mesh, or host arrays) placed with ``sharding``
+  on this process's devices: this process's own copy, no collective."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(
+      x.addressable_data(0) if hasattr(x, "addressable_data") else x), sharding), tree)

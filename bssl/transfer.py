@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bssl import parallel
 from bssl.data import pipelines
 from bssl.train import normalize
 
@@ -30,9 +31,7 @@ def features(model, variables, source, spec: pipelines.ImageSpec, mean, std,
   local = Mesh(np.asarray(jax.local_devices()), ("data",))
   shard = NamedSharding(local, P("data"))
   repl = NamedSharding(local, P())
-  v = jax.tree.map(lambda x: jax.device_put(np.asarray(x.addressable_data(0))
-                                            if hasattr(x, "addressable_data") else
-                                            np.asarray(x), repl), variables)
+  v = parallel.local_copy(variables, repl)
   nd = len(local.devices.reshape(-1))
   bs = max(nd, batch_size // nd * nd)
   f = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), train=False,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import tempfile
 import threading
@@ -457,7 +456,3 @@ class ShardSource:
     s, j = divmod(i, self.size)
     return str(self._shard_manifest(s)["reason"][j]) or "cannot be decoded"
 
-
-def describe(manifest: dict) -> str:
-  return json.dumps({k: manifest[k] for k in ("num_images", "num_ok", "num_bad",
-                                              "num_duplicates", "num_shards")})

@@ -49,6 +49,9 @@ class Context:
   def num_classes(self, stage: str) -> int:
     """Outputs of ``stage``'s model: the weak vocabulary for weak_pretrain, else classes."""
     if stage == "weak_pretrain":
+      done = self.wd.done(stage)  # once trained, its done.json says (no rebuild of the tags)
+      if done is not None and "num_tags" in done:
+        return int(done["num_tags"])
       from bssl.data import weak
       return weak.num_tags(self.cfg, self.data)
     return int(self.cfg.data.num_classes)
