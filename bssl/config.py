@@ -204,6 +204,9 @@ FIELDS = (
     Field("score.max_p", None, int, "with score.max_k: the P kept (>= select.p; default "
           "select.p)", minimum=1, optional=True),
     Field("select.k", 16000, int, "images kept per class (K)", minimum=1),
+    Field("select.balanced", True, bool, "True: K images per class (the paper's D̂); False: "
+          "the same number of rows, K x num_classes, taken as the globally highest-scoring "
+          "(image, class) pairs whatever their class (the paper's unbalanced ablation)"),
     Field("select.p", 10, int, "classes kept per image (P), at most data.num_classes",
           minimum=1),
     # report
@@ -533,6 +536,6 @@ def score_sections(cfg) -> tuple[str, ...]:
   """What the score stage's artifact depends on: with score.max_k, the kept K and P (any
   select.k/p below them reuses it); without, select.k and select.p themselves."""
   if cfg.score.get("max_k") is not None:
-    return ("unlabelled", "score.max_k", "score.max_p") + (
+    return ("unlabelled", "score.max_k", "score.max_p", "select.balanced") + (
         () if cfg.score.get("max_p") is not None else ("select.p",))
-  return ("unlabelled", "select.k", "select.p")
+  return ("unlabelled", "select.k", "select.p", "select.balanced")

@@ -140,12 +140,19 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
   return to_run
 
 
+ShareHook = Callable[[str, dict], bool]
+
+
 def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
-        requested: tuple[str, ...], on_accepted: Callable[[], None] = lambda: None) -> dict:
+        requested: tuple[str, ...], on_accepted: Callable[[], None] = lambda: None,
+        share: ShareHook | None = None) -> dict:
   """Runs ``requested`` stages in table order; returns {stage: info} of those run.
 
   ``on_accepted`` runs once every check has passed, before the first stage (it writes
-  config.json and splits.json).
+  config.json and splits.json). ``share(name, fingerprint)``, called on every process
+  before a stage with no state of its own starts, may put a finished stage with that
+  fingerprint into the work directory (``bssl.sweep`` copies it from another point) and
+  return True: the stage is then taken as done.
   """
   requested = tuple(s for s in table if s in requested)
   uid = getattr(data, "unlabelled_identity", None)
@@ -161,6 +168,12 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
       ctx.log(f"complete in {wd}; skipping")
       continue
     fp = fingerprint(cfg, st, wd, backend.name, uid) if st.fingerprinted else None
+    if share is not None and fp is not None and wd.started(name) is None:
+      shared = share(name, fp)
+      parallel.sync(f"bssl_{name}_shared")
+      if shared and wd.done(name) is not None:
+        results[name] = dict(wd.done(name), shared=True)
+        continue
     if parallel.is_main_process() and fp is not None and wd.started(name) is None:
       workdir_lib.write_json(wd.started_path(name), {"fingerprint": fp, "started": time.time()})
     parallel.sync(f"bssl_{name}_started")
@@ -180,7 +193,7 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
   return results
 
 
-def run_recipe(cfg, workdir, backend=None) -> dict:
+def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> dict:
   """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``.
 
   Checks the config (fields, batch sizes against the devices), the work directory and the
@@ -212,4 +225,4 @@ def run_recipe(cfg, workdir, backend=None) -> dict:
     workdir_lib.write_text(wd.config_path, config_lib.to_json(cfg))
     workdir_lib.write_json(wd.splits_path, data.splits)
 
-  return run(table, cfg, wd, data, backend, requested, accepted)
+  return run(table, cfg, wd, data, backend, requested, accepted, share)

@@ -31,7 +31,7 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 from bssl.data import pipelines
-from bssl.selection import RankedTopK, TopKPerClass
+from bssl.selection import GlobalTopK, RankedTopK, TopKPerClass
 
 _PART = re.compile(r"^g(\d+)_p(\d+)\.json$")
 
@@ -99,12 +99,14 @@ def plan_chunks(parts_dir, num_images: int, chunk_images: int) -> tuple[int, lis
 
 
 def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,
-                ranked: bool = False) -> None:
+                ranked: bool = False, balanced: bool = True) -> None:
   """Every part was made for this U, K and P (the engine's fingerprint guards the same;
   this catches files copied in by hand)."""
+  absent = {"ranked": False, "balanced": True}  # parts older than these keys
   for g, i, meta in _parts(parts_dir):
-    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p, ranked=ranked)
-    got = {key: meta.get(key, False if key == "ranked" else None) for key in want}
+    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p, ranked=ranked,
+                balanced=balanced)
+    got = {key: meta.get(key, absent.get(key)) for key in want}
     if got != want:
       raise IncompleteScoringError(
           f"scoring part g{g}_p{i} in {parts_dir} was made for {got}, this run is {want}; "
@@ -115,7 +117,8 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
                   gen: int, chunks: list, process_index: int, process_count: int,
                   num_classes: int, k: int, p: int, local_batch_size: int,
                   num_threads: int = 1, num_workers: int = 0, in_flight: int = 2,
-                  ranked: bool = False, log: Callable[[str], None] = print,
+                  ranked: bool = False, balanced: bool = True,
+                  log: Callable[[str], None] = print,
                   log_every: int = 20) -> dict:
   """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
   checkpointing after each chunk into part ``g<gen>_p<process_index>``.
@@ -124,10 +127,15 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   ``num_workers`` processes), each batch's host->device copy and step are dispatched
   asynchronously as soon as it is read, up to ``in_flight`` batches run ahead of the one
   whose results are being folded into the top-K on the host. ``ranked`` keeps a top-K per
-  rank (:class:`bssl.selection.RankedTopK`): any smaller K and P is then derived exactly."""
+  rank (:class:`bssl.selection.RankedTopK`): any smaller K and P is then derived exactly.
+  ``balanced=False`` keeps the global top ``K x num_classes`` pairs instead
+  (:class:`bssl.selection.GlobalTopK`, per rank as well)."""
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
-  acc = RankedTopK(num_classes, k, p) if ranked else TopKPerClass(num_classes, k)
+  if not balanced:
+    acc = GlobalTopK(num_classes, k, p)
+  else:
+    acc = RankedTopK(num_classes, k, p) if ranked else TopKPerClass(num_classes, k)
   ranges, bad, scored, seq = [], [], 0, 0
   stem = f"g{gen:04d}_p{process_index:05d}"
   bounds, chunk_of = [], []
@@ -154,7 +162,7 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
     workdir_lib.write_json(parts_dir / f"{stem}.json", {
         "seq": seq, "npz": _npz_name(gen, process_index, seq), "ranges": ranges,
         "num_scored": scored, "num_bad": len(bad), "num_images": len(source),
-        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked)})
+        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked), "balanced": bool(balanced)})
     if seq > 1:
       old = parts_dir / _npz_name(gen, process_index, seq - 1)
       if old.exists():
@@ -169,7 +177,7 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
       raise NonFiniteLogitsError(f"[score] the teacher's logits are NaN/inf for image ids "
                                  f"{ids[mask & ~finite][:20].tolist()}; the teacher "
                                  f"checkpoint is likely diverged.")
-    if ranked:
+    if ranked or not balanced:
       acc.update_ranked(ids[mask], classes[mask], scores[mask])
     else:
       acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
@@ -268,7 +276,8 @@ def coverage(parts_dir, num_images: int, parts=None) -> dict:
   return {"num_scored": scored, "num_bad": bad, "num_parts": len(parts)}
 
 
-def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK, dict]:
+def merge_parts(parts_dir, num_images: int
+                ) -> tuple[TopKPerClass | RankedTopK | GlobalTopK, dict]:
   """Exact merge of every part, after :func:`coverage` has checked them."""
   parts = _parts(parts_dir)
   info = coverage(parts_dir, num_images, parts)
@@ -276,7 +285,9 @@ def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK, 
   for _, _, meta in parts:
     d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
     state = {k[5:]: v for k, v in d.items() if k.startswith("acc__")}
-    a = (RankedTopK if meta.get("ranked") else TopKPerClass).from_state_dict(state)
+    kind = (GlobalTopK if not meta.get("balanced", True) else
+            RankedTopK if meta.get("ranked") else TopKPerClass)
+    a = kind.from_state_dict(state)
     bad.extend(int(x) for x in d["bad_ids"])
     acc = a if acc is None else acc.merge(a)
   if len(bad) != info["num_bad"]:

@@ -59,8 +59,8 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 
-__all__ = ["Selection", "TopKPerClass", "write_selection", "read_selection",
-           "class_statistics", "MAX_ID"]
+__all__ = ["Selection", "TopKPerClass", "RankedTopK", "GlobalTopK", "write_selection",
+           "read_selection", "class_statistics", "MAX_ID"]
 
 MAX_ID = (1 << 32) - 1          # largest accepted image id
 _SENTINEL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)   # desc(score) == 0xFFFFFFFF only for NaN
@@ -690,4 +690,113 @@ class RankedTopK:
                                           if key.startswith(f"r{r}__")}) for r in range(p)]
     out = cls.__new__(cls)
     out.num_classes, out.k, out.p, out.by_rank = accs[0].num_classes, accs[0].k, p, accs
+    return out
+
+
+class GlobalTopK:
+  """The unbalanced D̂ (``select.balanced=False``): the ``k * num_classes`` globally
+  highest-scoring (image, class) pairs, whatever their class, instead of ``k`` per class.
+  Order: score descending, then smaller id, then smaller class. Like :class:`RankedTopK`,
+  the pairs are kept separately for each rank ``r < p`` of a class within its image's top
+  classes, so any ``k' <= k`` and ``p' <= p`` is derived exactly (a pair in the global top
+  ``k' * C`` of ranks ``< p'`` is in the top ``k' * C`` of its own rank). Memory: at most
+  ``2 * p * k * C`` (id, class, score) rows, 16 bytes each (plain arrays: the global order
+  needs no per-class packing, so ids are not limited to 32 bits)."""
+
+  def __init__(self, num_classes: int, k: int, p: int):
+    if int(num_classes) <= 0 or int(k) <= 0 or int(p) <= 0:
+      raise ValueError(f"num_classes, k and p must be positive, got {num_classes}, {k}, {p}")
+    self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
+    self.n = self.k * self.num_classes
+    self._rows = [self._empty() for _ in range(self.p)]
+    self._seen = 0
+
+  @staticmethod
+  def _empty():
+    return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+  @staticmethod
+  def _order(ids, classes, scores):
+    """Indices in selection order (score descending, id, class ascending)."""
+    return np.lexsort((classes, ids, -scores.astype(np.float64)))
+
+  def _compact(self, r: int, force: bool = False) -> None:
+    ids, classes, scores = self._rows[r]
+    if len(ids) <= self.n and not force:
+      return
+    order = self._order(ids, classes, scores)[:self.n]
+    self._rows[r] = (ids[order], classes[order], scores[order])
+
+  @property
+  def num_candidates_seen(self) -> int:
+    return self._seen
+
+  def update_ranked(self, ids, classes, scores) -> None:
+    """``ids`` [B]; ``classes``, ``scores`` [B, p]: column r is each image's rank-r class."""
+    ids = np.asarray(ids, np.int64)
+    classes, scores = np.asarray(classes), np.asarray(scores, np.float32)
+    if classes.ndim != 2 or classes.shape[1] != self.p or scores.shape != classes.shape \
+        or ids.shape != classes.shape[:1]:
+      raise ValueError(f"ids [B] and classes, scores [B, {self.p}] expected, got {ids.shape}, "
+                       f"{classes.shape} and {scores.shape}")
+    if np.isnan(scores).any():
+      raise ValueError("NaN score")
+    if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
+      raise ValueError(f"classes must lie in 0..{self.num_classes - 1}")
+    self._seen += classes.size
+    for r in range(self.p):
+      a, c, s = self._rows[r]
+      self._rows[r] = (np.concatenate([a, ids]), np.concatenate([c, classes[:, r].astype(
+          np.int32)]), np.concatenate([s, scores[:, r]]))
+      if len(self._rows[r][0]) > 2 * self.n:
+        self._compact(r)
+
+  def merge(self, other: "GlobalTopK") -> "GlobalTopK":
+    if not isinstance(other, GlobalTopK) or (other.num_classes, other.k, other.p) != (
+        self.num_classes, self.k, self.p):
+      raise ValueError("can only merge a GlobalTopK of the same num_classes, k and p")
+    for r in range(self.p):
+      self._rows[r] = tuple(np.concatenate([x, y]) for x, y in zip(self._rows[r],
+                                                                   other._rows[r]))
+      self._compact(r)
+    self._seen += other._seen
+    return self
+
+  def result(self, k: int | None = None, p: int | None = None) -> Selection:
+    """The ``k * num_classes`` best pairs of ranks ``< p``, as a Selection (rows sorted by
+    class, then by rank within the class)."""
+    k = self.k if k is None else int(k)
+    p = self.p if p is None else int(p)
+    if not (1 <= k <= self.k and 1 <= p <= self.p):
+      raise ValueError(f"k and p must be in 1..{self.k} and 1..{self.p}, got {k} and {p}")
+    ids, classes, scores = (np.concatenate(col) for col in zip(*self._rows[:p]))
+    top = self._order(ids, classes, scores)[:k * self.num_classes]
+    ids, classes, scores = ids[top], classes[top], scores[top]
+    by_class = np.lexsort((ids, -scores.astype(np.float64), classes))
+    ids, classes, scores = ids[by_class], classes[by_class], scores[by_class]
+    counts = np.bincount(classes, minlength=self.num_classes)
+    starts = np.cumsum(counts) - counts
+    ranks = np.arange(len(ids)) - np.repeat(starts, counts)
+    return Selection(ids, classes, scores, ranks, self.num_classes, k)
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    out = {"global_p": np.asarray(self.p, np.int64), "global_k": np.asarray(self.k, np.int64),
+           "num_classes": np.asarray(self.num_classes, np.int64),
+           "num_candidates_seen": np.asarray(self._seen, np.int64)}
+    for r in range(self.p):
+      self._compact(r, force=True)
+      for name, col in zip(("ids", "classes", "scores"), self._rows[r]):
+        out[f"r{r}__{name}"] = col
+    return out
+
+  @classmethod
+  def from_state_dict(cls, d) -> "GlobalTopK":
+    if "global_p" not in d:
+      raise ValueError("not a GlobalTopK state dict: missing 'global_p'")
+    out = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["global_k"])),
+              int(np.asarray(d["global_p"])))
+    out._rows = [(np.asarray(d[f"r{r}__ids"], np.int64), np.asarray(d[f"r{r}__classes"],
+                  np.int32), np.asarray(d[f"r{r}__scores"], np.float32))
+                 for r in range(out.p)]
+    out._seen = int(np.asarray(d["num_candidates_seen"]))
     return out

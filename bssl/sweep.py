@@ -10,9 +10,13 @@ scores once with ``score.max_k`` / ``score.max_p`` = the largest of the grid: th
 D̂ of any smaller K and P is derived from it). Rerunning the command continues the grid:
 finished points are kept, an interrupted one resumes where it stopped.
 
-``--emit`` prints one command per point instead (for a SLURM array or a pod); run them in
-grid order so that shared stages exist when a later point starts; ``--collect`` then
-writes the summary. The summary: ``DIR/sweep.json`` (every point: overrides, seed,
+``--jobs=N`` runs N points at once, each in its own process (a point that needs a stage
+another point is computing waits for it, then copies it). ``--share_from=DIR,...`` lets
+points copy finished stages of other sweeps (one baseline and teacher for every axis).
+``--emit`` prints one command per point instead (this command with ``--point=<name>``, for
+a SLURM array or a pod); run them in grid order so that shared stages exist when a later
+point starts (on a shared local filesystem they may run at once: they wait for each
+other); ``--collect`` then writes the summary. The summary: ``DIR/sweep.json`` (every point: overrides, seed,
 top-1 of every model, D̂ size and label precision), ``DIR/sweep.md`` (a table per axis:
 mean ± std over seeds) and ``DIR/<axis>.png`` (student and baseline top-1 against the
 axis; log x for sizes and counts).
@@ -21,8 +25,13 @@ Exit codes: 0 done, 2 a user error (one line), 143 preempted (rerun to continue)
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
+import re
+import socket
+import subprocess
 import shlex
 import sys
 import time
@@ -49,6 +58,25 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
   if name not in fields:
     raise SweepError(f"--sweep: unknown config field {name!r}")
   f = fields[name]
+  if values.lstrip().startswith("["):  # a JSON list: dicts and tuples, e.g. model_kwargs
+    try:
+      out = json.loads(values)
+    except json.JSONDecodeError as e:
+      raise SweepError(f"--sweep: {name}={values!r} is not a JSON list ({e})") from None
+    kinds = {dict: (dict,), tuple: (list,), bool: (bool,), int: (int,), float: (int, float),
+             str: (str,)}.get(f.type, (object,))
+    if not isinstance(out, list) or not out or not all(
+        isinstance(v, kinds) and not (f.type is not bool and isinstance(v, bool))
+        for v in out):
+      raise SweepError(f"--sweep: {name} takes {f.type.__name__} values; got {values!r}")
+    if f.type is tuple:
+      out = [tuple(v) for v in out]
+    if len({json.dumps(v, sort_keys=True) for v in out}) != len(out):
+      raise SweepError(f"--sweep: repeated values for {name!r}: {out}")
+    return name, out
+  if f.type not in (bool, int, float, str):
+    raise SweepError(f"--sweep: field {name!r} ({f.type.__name__}) takes a JSON list, "
+                     f"e.g. --sweep='{name}=[{{...}},{{...}}]'")
   out = []
   for v in values.split(","):
     v = v.strip()
@@ -59,10 +87,8 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
         if v.lower() not in ("true", "false", "1", "0"):
           raise ValueError(v)
         out.append(v.lower() in ("true", "1"))
-      elif f.type in (int, float, str):
-        out.append(f.type(v))
       else:
-        raise SweepError(f"--sweep: field {name!r} ({f.type.__name__}) cannot be swept")
+        out.append(f.type(v))
     except ValueError:
       raise SweepError(f"--sweep: {name}={v!r} is not a {f.type.__name__}") from None
   if not out:
@@ -72,9 +98,17 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
   return name, out
 
 
+def _label(v) -> str:
+  """A value as a folder-name piece: ``{"widths": [8, 16]}`` -> ``widths-8-16``."""
+  if isinstance(v, (dict, list, tuple)):
+    text = json.dumps(v, sort_keys=True)
+    return "-".join(t for t in re.split(r"[^A-Za-z0-9._]+", text) if t) or "empty"
+  return str(v).replace("/", "_")
+
+
 def _name(overrides: dict, seed: int) -> str:
-  parts = [f"{k}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
-  return ",".join(parts).replace("/", "_")
+  parts = [f"{k}={_label(v)}" for k, v in overrides.items()] + [f"seed={seed}"]
+  return ",".join(parts)
 
 
 def points(cfg, axes: list[tuple[str, list]], seeds: list[int]) -> list[dict]:
@@ -106,40 +140,107 @@ def point_config(base, point: dict, axes: list[tuple[str, list]]):
   return cfg
 
 
-def _copy_tree(src, dst) -> None:
+def _copy_stage(src, dst) -> None:
+  """Copies a finished stage's folder, ``done.json`` last (a copy cut short is not done)."""
   src, dst = workdir_lib.path(src), workdir_lib.path(dst)
-  for child in src.iterdir():
-    if child.is_dir():
-      _copy_tree(child, dst / child.name)
-    else:
-      workdir_lib.write_bytes(dst / child.name, child.read_bytes())
+
+  def copy(a, b, top):
+    for child in sorted(a.iterdir(), key=lambda c: c.name):
+      if top and child.name in ("done.json", "started.json"):
+        continue
+      if child.is_dir():
+        copy(child, b / child.name, False)
+      else:
+        workdir_lib.write_bytes(b / child.name, child.read_bytes())
+  copy(src, dst, True)
+  workdir_lib.write_bytes(dst / "done.json", (src / "done.json").read_bytes())
 
 
-def share(cfg, wd: workdir_lib.Workdir, done_points: list[workdir_lib.Workdir],
-          log=print) -> list[str]:
-  """Copies into ``wd`` every stage whose fingerprint equals a completed stage of one of
-  ``done_points``; returns the stages copied. Stages go in table order, so a copied
-  stage's inputs (their artifact ids) are the copied upstream stages'."""
-  from bssl import engine, stages
-  from bssl.data import recipe
-  table = stages.table(cfg)
-  uid = recipe.build_data(cfg).unlabelled_identity
-  requested = set(stages.expand(config_lib.parse_stages(cfg.stages), cfg))
-  copied = []
-  for name, st in table.items():
-    if not st.fingerprinted or name not in requested or wd.done(name) is not None:
-      continue
-    if wd.started(name) is not None:
-      break  # this point's own partial work: resume it, copy nothing downstream
-    fp = engine.fingerprint(cfg, st, wd, "jax", uid)
-    for other in done_points:
-      d = other.done(name)
-      if d is not None and not engine.changes(d.get("fingerprint") or {}, fp):
-        _copy_tree(other.stage(name), wd.stage(name))
-        copied.append(name)
-        log(f"sweep: {name} shared from {other}")
-        break
-  return copied
+def _alive(owner: dict) -> bool:
+  if owner.get("host") != socket.gethostname():
+    return True  # another machine's claim: taken as alive (claims are for local --jobs)
+  try:
+    os.kill(int(owner["pid"]), 0)
+    return True
+  except (OSError, ValueError, KeyError):
+    return False
+
+
+class Sharer:
+  """The engine's share hook for one point: before a stage starts, a finished stage of
+  another point (of this sweep, or of the ``--share_from`` sweeps) with the same
+  fingerprint is copied in instead of recomputed. With points in parallel processes
+  (``--jobs``), the first point to reach a stage claims it (``<root>/claims``, an
+  exclusive create); another point that reaches the same stage waits for it to finish
+  and copies it (a claim whose process is gone is taken over)."""
+
+  def __init__(self, root, point: str, share_from=(), log=print, poll_s: float = 2.0):
+    self.root, self.point = workdir_lib.path(root), point
+    self.roots = [self.root] + [workdir_lib.path(r) for r in share_from]
+    self.log, self.poll_s = log, poll_s
+    self.local = not str(self.root).startswith("gs://")
+    self.copied: list[str] = []
+
+  def _find_done(self, name: str, fp: dict):
+    from bssl import engine
+    for r in self.roots:
+      pts = r / "points"
+      if not pts.exists():
+        continue
+      for d in sorted(pts.iterdir(), key=lambda c: c.name):
+        if d.name == self.point and r == self.root:
+          continue
+        done = workdir_lib.Workdir(str(d)).done(name)
+        if done is not None and not engine.changes(done.get("fingerprint") or {}, fp):
+          return d
+    return None
+
+  def __call__(self, name: str, fp: dict) -> bool:
+    from bssl import parallel
+    dst = self.root / "points" / self.point / name
+    if parallel.is_main_process() and dst.exists():
+      # no started.json and no done.json (the engine calls this hook only then): what is
+      # there is a copy cut short by a kill; never resume from it
+      workdir_lib.rmtree(dst)
+    parallel.sync(f"bssl_share_{name}_clean")
+    claim, waiting = None, False
+    while True:
+      src = self._find_done(name, fp)
+      if src is not None:
+        if parallel.is_main_process():
+          _copy_stage(src / name, dst)
+        self.copied.append(name)
+        self.log(f"sweep: {name} shared from {src}")
+        return True
+      if not self.local or parallel.process_count() > 1:
+        return False  # claims only for local parallel points
+      if claim is None:
+        key = json.dumps(fp, sort_keys=True)
+        claim = self.root / "claims" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        claim.parent.mkdir(parents=True, exist_ok=True)
+      me = {"point": self.point, "pid": os.getpid(), "host": socket.gethostname()}
+      try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as fh:
+          json.dump(me, fh)
+        return False  # ours: run it
+      except FileExistsError:
+        pass
+      try:
+        owner = json.loads(claim.read_text() or "{}")
+      except (OSError, json.JSONDecodeError):
+        owner = {}
+      if owner.get("point") == self.point or (owner and not _alive(owner)) or (
+          owner.get("pid") == os.getpid() and owner.get("host") == me["host"]):
+        # our own earlier claim, a claim whose process is gone, or one of an earlier point
+        # of this same process (points run one after another here: it is not running)
+        workdir_lib.write_json(claim, me)
+        return False
+      if not waiting:
+        self.log(f"sweep: {name} is being computed by point {owner.get('point')}; waiting "
+                 f"for it")
+        waiting = True
+      time.sleep(self.poll_s)
 
 
 def _row(point: dict, res: dict) -> dict:
@@ -176,7 +277,7 @@ def collect(root, axes, pts) -> dict:
         return f"{100 * np.mean(xs):.2f} ± {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.2f}"
       prec = [r["dhat_label_precision"] for r in group if r["dhat_label_precision"] is not None]
       size = [r["dhat_rows"] for r in group if r["dhat_rows"] is not None]
-      md.append(f"| {v} | {len(group)} | {ms('baseline')} | {ms('teacher')} | "
+      md.append(f"| {_label(v)} | {len(group)} | {ms('baseline')} | {ms('teacher')} | "
                 f"{ms('student_pretrained')} | {ms('student')} | "
                 f"{int(np.mean(size)) if size else '—'} | "
                 f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |")
@@ -206,7 +307,7 @@ def _figure(path, name, values, rows) -> None:
   if numeric and name in LOG_AXES and min(values) > 0:
     ax.set_xscale("log")
   if not numeric:
-    ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xticks(xs, [_label(v) for v in values], rotation=15, fontsize=7)
   ax.set_xlabel(name)
   ax.set_ylabel("test top-1 (%)")
   ax.legend()
@@ -218,52 +319,96 @@ def _figure(path, name, values, rows) -> None:
   workdir_lib.write_bytes(path, buf.getvalue())
 
 
-def run_sweep(base, root: str, axes, seeds, log=print) -> dict:
-  """Runs every point (sharing stages), then collects. Resumable."""
+def run_point(base, root: str, axes, point: dict, share_from=(), log=print) -> list[str]:
+  """One point as an engine run sharing stages; returns the stages it copied."""
   from bssl import engine
+  cfg = point_config(base, point, axes)
+  wd = workdir_lib.Workdir(str(workdir_lib.path(root) / "points" / point["name"]))
+  sharer = Sharer(root, point["name"], share_from, log)
+  engine.run_recipe(cfg, str(wd.root), share=sharer)
+  return sharer.copied
+
+
+def _launch_order(pts: list[dict], jobs: int) -> list[dict]:
+  """With parallel jobs, seeds interleaved: the first points started share nothing."""
+  if jobs <= 1:
+    return pts
+  by_seed: dict[int, list] = {}
+  for p in pts:
+    by_seed.setdefault(p["seed"], []).append(p)
+  out = []
+  for i in range(max(len(v) for v in by_seed.values())):
+    out += [v[i] for v in by_seed.values() if i < len(v)]
+  return out
+
+
+def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int = 1,
+              point_argv: list[str] | None = None) -> dict:
+  """Runs every point (sharing stages), then collects. Resumable. ``jobs`` > 1 runs points
+  in that many processes (``point_argv``: this command's arguments, rerun with
+  ``--point=<name>`` for each; each point's log in ``points/<name>/sweep.log``)."""
   pts = points(base, axes, seeds)
   root_p = workdir_lib.path(root)
   workdir_lib.write_json(root_p / "grid.json", {"axes": [[n, v] for n, v in axes],
                                                 "seeds": seeds})
-  done: list[workdir_lib.Workdir] = []
-  t0 = time.time()
-  for i, p in enumerate(pts):
-    cfg = point_config(base, p, axes)
-    wd = workdir_lib.Workdir(str(root_p / "points" / p["name"]))
-    if wd.done("report") is None:
-      log(f"sweep: point {i + 1}/{len(pts)} {p['name']}")
-      share(cfg, wd, done, log)
-      engine.run_recipe(cfg, str(wd.root))
-    else:
-      log(f"sweep: point {i + 1}/{len(pts)} {p['name']} complete")
-    done.append(wd)
-    rate = (time.time() - t0) / (i + 1)
-    log(f"sweep: {i + 1}/{len(pts)} points, eta {int(rate * (len(pts) - i - 1)) // 60}m")
+  todo = [p for p in pts
+          if workdir_lib.Workdir(str(root_p / "points" / p["name"])).done("report") is None]
+  log(f"sweep: {len(pts)} points, {len(pts) - len(todo)} complete, {len(todo)} to run"
+      + (f" in {jobs} parallel processes" if jobs > 1 and todo else ""))
+  t0, finished = time.time(), 0
+
+  def progress(p, what):
+    nonlocal finished
+    finished += 1
+    rate = (time.time() - t0) / finished
+    log(f"sweep: point {p['name']} {what}; {finished}/{len(todo)} run, "
+        f"eta {int(rate * (len(todo) - finished)) // 60}m{int(rate * (len(todo) - finished)) % 60:02d}s")
+
+  if jobs <= 1 or len(todo) <= 1:
+    for p in todo:
+      log(f"sweep: point {pts.index(p) + 1}/{len(pts)} {p['name']}")
+      run_point(base, root, axes, p, share_from, log)
+      progress(p, "done")
+  else:
+    queue, running, failed = _launch_order(todo, jobs), {}, []
+    while queue or running:
+      while queue and len(running) < jobs:
+        p = queue.pop(0)
+        logf = root_p / "points" / p["name"] / "sweep.log"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(logf, "a")
+        proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *point_argv,
+                                 f"--point={p['name']}"], stdout=fh, stderr=subprocess.STDOUT)
+        running[proc] = (p, fh)
+        log(f"sweep: started point {p['name']} (pid {proc.pid}, log {logf})")
+      time.sleep(1.0)
+      for proc in [q for q in running if q.poll() is not None]:
+        p, fh = running.pop(proc)
+        fh.close()
+        if proc.returncode == 0:
+          progress(p, "done")
+        else:
+          failed.append((p["name"], proc.returncode))
+          log(f"sweep: point {p['name']} failed (exit {proc.returncode}); see "
+              f"{root_p / 'points' / p['name'] / 'sweep.log'}")
+          if proc.returncode in (2, 143):  # a user error or preemption: stop launching
+            queue.clear()
+    if failed:
+      collect(root, axes, pts)
+      code = 143 if all(c == 143 for _, c in failed) else 1
+      log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
+          f"continue")
+      sys.exit(code)
   return collect(root, axes, pts)
 
 
-def emit(config_arg: str, root: str, base, axes, seeds) -> list[str]:
-  """One ``python -m bssl.main`` command per point (grid order)."""
-  out = []
-  for p in points(base, axes, seeds):
-    cfg = point_config(base, p, axes)
-    args = [f"--config={config_arg}", f"--workdir={root}/points/{p['name']}",
-            f"--config.seed={p['seed']}"]
-    args += [f"--config.{k}={v}" for k, v in p["overrides"].items()]
-    if cfg.score.get("max_k") is not None:
-      args += [f"--config.score.max_k={cfg.score.max_k}",
-               f"--config.score.max_p={cfg.score.max_p}"]
-    out.append(" ".join(shlex.quote(a) for a in [sys.executable, "-m", "bssl.main", *args]))
-  return out
-
-
-def _config_arg() -> str:
-  for i, a in enumerate(sys.argv):
-    if a.startswith("--config="):
-      return a[len("--config="):]
-    if a == "--config" and i + 1 < len(sys.argv):
-      return sys.argv[i + 1]
-  return ""
+def emit(base, axes, seeds, argv: list[str]) -> list[str]:
+  """One command per point (grid order): this command with ``--point=<name>``; each
+  shares the finished stages of the points before it (run them in order, or at once on
+  a shared local filesystem, where a point waits for a stage another is computing)."""
+  return [" ".join(shlex.quote(a) for a in [sys.executable, "-m", "bssl.sweep", *argv,
+                                            f"--point={p['name']}"])
+          for p in points(base, axes, seeds)]
 
 
 def _main(argv):
@@ -294,15 +439,35 @@ def _main(argv):
         config_lib.validate(point_config(base, p, axes))
       except config_lib.ConfigError as e:
         raise SweepError(f"--sweep point {p['name']}: {e}") from None
+    point_argv = [a for a in sys.argv[1:]
+                  if not a.startswith(("--jobs", "--emit", "--noemit", "--collect"))]
     if f.emit:
-      print("\n".join(emit(_config_arg(), f.workdir, base, axes, seeds)))
+      print("\n".join(emit(base, axes, seeds, point_argv)))
+      return
+    share_from = [r for r in f.share_from.split(",") if r.strip()]
+    for r in share_from:
+      if not workdir_lib.path(r).is_dir():
+        raise SweepError(f"--share_from: {r!r} is not a folder (another sweep's --workdir)")
+    if f.jobs < 1:
+      raise SweepError(f"--jobs must be a positive integer, got {f.jobs}")
+    if f.jobs > 1 and str(f.workdir).startswith("gs://"):
+      raise SweepError("--jobs > 1 runs points as processes on this machine and needs a "
+                       "local --workdir; on a cluster use --emit")
+    if f.point:
+      pts = {p["name"]: p for p in points(base, axes, seeds)}
+      if f.point not in pts:
+        raise SweepError(f"--point: {f.point!r} is not a point of this grid")
+      run_point(base, f.workdir, axes, pts[f.point], share_from)
       return
     if f.collect:
       s = collect(f.workdir, axes, points(base, axes, seeds))
     else:
       from bssl import parallel
       parallel.maybe_initialize_distributed()
-      s = run_sweep(base, f.workdir, axes, seeds)
+      if f.jobs > 1 and parallel.process_count() > 1:
+        raise SweepError("--jobs > 1 cannot be combined with a multi-process launch")
+      s = run_sweep(base, f.workdir, axes, seeds, share_from=share_from, jobs=f.jobs,
+                    point_argv=point_argv)
     print(json.dumps({k: s[k] for k in ("num_points", "num_done")}))
   except (SweepError, *bssl_main.user_errors()) as e:
     fail(str(e))
@@ -318,6 +483,11 @@ def main():
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
   flags.DEFINE_bool("emit", False, "Print one command per point instead of running.")
   flags.DEFINE_bool("collect", False, "Only write sweep.json/md and figures.")
+  flags.DEFINE_integer("jobs", 1, "Points run at once, each in its own process (local "
+                       "--workdir); points that share a stage wait for it.")
+  flags.DEFINE_string("share_from", "", "Comma-separated --workdir folders of other sweeps "
+                      "whose finished stages may be copied (e.g. one baseline for all axes).")
+  flags.DEFINE_string("point", "", "Run one point of the grid (what --jobs runs).")
   app.run(_main, flags_parser=bssl_main.parse_flags)
 
 

@@ -378,3 +378,33 @@ def test_one_ranked_scoring_pass_serves_every_smaller_k_and_p_exactly(setup, tmp
     _same_selection(acc.result(k, p), want)
   with pytest.raises(ValueError, match="k and p must be"):
     acc.result(K + 1, 1)
+
+
+def test_unbalanced_scoring_keeps_the_global_top_pairs_of_two_processes(setup, tmp_path):
+  """select.balanced=False through the scorer: two processes' parts merge into the global
+  top K x C pairs, equal to sorting every (image, class, score) the teacher gave."""
+  model, variables, unl, _ = setup
+  parts = tmp_path / "unbalanced"
+  gen, chunks = scoring.plan_chunks(parts, N, 32)
+  for pi in range(2):
+    scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
+                          spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks, process_index=pi,
+                          process_count=2, num_classes=C, k=K, p=P, local_batch_size=16,
+                          balanced=False, log=lambda m: None)
+  with pytest.raises(scoring.IncompleteScoringError, match="made for"):
+    scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)  # balanced
+  acc, _ = scoring.merge_parts(parts, N)
+  assert isinstance(acc, selection.GlobalTopK)
+  everything = tmp_path / "all"  # per-class top-N of every rank keeps every pair
+  gen, chunks = scoring.plan_chunks(everything, N, 32)
+  scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
+                        spec=SPEC, parts_dir=everything, gen=gen, chunks=chunks,
+                        process_index=0, process_count=1, num_classes=C, k=N, p=P,
+                        local_batch_size=16, log=lambda m: None)
+  full = scoring.merge_parts(everything, N)[0].result()
+  assert len(full) == N * P
+  best = sorted(zip(-full.scores.astype(np.float64), full.ids, full.classes))[:K * C]
+  got = acc.result()
+  assert sorted(zip(got.classes.tolist(), got.ids.tolist())) == sorted(
+      (int(c), int(i)) for _, i, c in best)
+  assert len(set(np.bincount(got.classes, minlength=C).tolist())) > 1  # not K per class

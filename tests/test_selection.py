@@ -544,3 +544,42 @@ def test_benchmark_quick_runs(capsys):
   for key in ("images_per_s", "naive_images_per_s", "peak_rss_mb_10m", "peak_rss_mb_30m"):
     assert isinstance(printed[key], float) and printed[key] > 0, key
   assert printed["images_per_s"] == out["images_per_s"]
+
+
+def _global_brute_force(ids, classes, scores, ranks, n, p):
+  """The n best (id, class) pairs of ranks < p: score descending, then id, then class."""
+  rows = sorted((-float(s), int(i), int(c)) for i, c, s, r in zip(ids, classes, scores, ranks)
+                if r < p)[:n]
+  return sorted((c, -s, i) for s, i, c in rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unbalanced_global_top_matches_brute_force_with_ties_merges_and_smaller_k_p(seed):
+  """select.balanced=False: the K x C globally best pairs (ties: smaller id, then class),
+  fed in random batches into two accumulators that are merged and round-tripped through a
+  state dict; every smaller (k, p) derived from it equals the brute force."""
+  from bssl.selection import GlobalTopK
+  rng = np.random.default_rng(seed)
+  n_img, num_classes, p, k = 300, 4, 3, 25
+  logits = rng.integers(0, 6, size=(n_img, num_classes)).astype(np.float32)  # many ties
+  cls = np.argsort(-logits, axis=1, kind="stable")[:, :p]
+  sc = np.take_along_axis(logits, cls, 1) / 5.0
+  ids = rng.permutation(10 * n_img)[:n_img].astype(np.int64) + (1 << 33)  # > 32-bit ids
+  a, b = GlobalTopK(num_classes, k, p), GlobalTopK(num_classes, k, p)
+  order = rng.permutation(n_img)
+  for part in np.array_split(order, 7):
+    (a if rng.random() < 0.5 else b).update_ranked(ids[part], cls[part], sc[part])
+  acc = GlobalTopK.from_state_dict(a.merge(b).state_dict())
+  flat = dict(ids=np.repeat(ids, p), classes=cls.reshape(-1), scores=sc.reshape(-1),
+              ranks=np.tile(np.arange(p), n_img))
+  for kk, pp in ((k, p), (k // 2, 1), (k, 1), (3, 2)):
+    sel = acc.result(kk, pp)
+    want = _global_brute_force(**flat, n=kk * num_classes, p=pp)
+    got = [(int(c), float(s), int(i)) for c, s, i in zip(sel.classes, sel.scores, sel.ids)]
+    assert got == [(c, s, i) for c, s, i in want]
+    assert len(sel) == kk * num_classes
+    for c in range(num_classes):  # ranks restart at 0 in every class, in order
+      assert sel.ranks[sel.classes == c].tolist() == list(range(int((sel.classes == c).sum())))
+  assert acc.num_candidates_seen == n_img * p
+  with pytest.raises(ValueError, match="k and p must be"):
+    acc.result(k + 1, 1)

@@ -17,7 +17,9 @@ def score(ctx, teacher: str = "teacher") -> dict:
   parts = ctx.dir / "parts"
   k, p, ranked = config_lib.scoring_kp(cfg)
   nc = int(cfg.data.num_classes)
-  scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p, ranked=ranked)
+  balanced = bool(cfg.select.balanced)
+  scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p, ranked=ranked,
+                      balanced=balanced)
   chunk = int(cfg.score.checkpoint_every) * int(cfg.score.batch_size)
   gen, chunks = scoring.plan_chunks(parts, n, chunk)
   parallel.sync("bssl_score_plan")  # every process has listed the parts before any writes
@@ -26,7 +28,9 @@ def score(ctx, teacher: str = "teacher") -> dict:
           f"{len(chunks)} chunk(s) over {pc} process(es), batch {cfg.score.batch_size}, "
           f"top-{p} classes (generation {gen})"
           + (f"; top-{k} kept per class and rank (any select.k <= {k}, select.p <= {p})"
-             if ranked else ""))
+             if ranked else "")
+          + ("" if balanced else f"; unbalanced: the global top {k * nc} (image, class) "
+             f"pairs kept"))
   if chunks:
     scorer = ctx.backend.scorer(ctx, teacher, p)
     scoring.score_process(
@@ -34,7 +38,7 @@ def score(ctx, teacher: str = "teacher") -> dict:
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
         local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
         num_threads=cfg.num_threads, num_workers=int(cfg.score.num_workers),
-        in_flight=int(cfg.score.in_flight), ranked=ranked, log=ctx.log)
+        in_flight=int(cfg.score.in_flight), ranked=ranked, balanced=balanced, log=ctx.log)
   parallel.sync("bssl_score_parts")
   info = {"num_unlabelled": n, "num_processes": pc}
   if parallel.is_main_process():
@@ -58,7 +62,11 @@ def select(ctx, score: str = "score") -> dict:
   if bad:
     ctx.log(f"{len(bad)} images were not scored (undecodable, or exact duplicates of an "
             f"earlier image); listed with reasons in {ctx.dir / 'bad_images.json'}")
-  if isinstance(acc, selection.RankedTopK):  # scored for a larger K and P: derived exactly
+  if isinstance(acc, selection.GlobalTopK):  # unbalanced: K x C best pairs of any class
+    sel = acc.result(int(cfg.select.k), int(cfg.select.p))
+    ctx.log(f"unbalanced D^: the global top {int(cfg.select.k) * acc.num_classes} pairs of "
+            f"ranks < {cfg.select.p}")
+  elif isinstance(acc, selection.RankedTopK):  # scored for a larger K: derived exactly
     sel = acc.result(int(cfg.select.k), int(cfg.select.p))
     ctx.log(f"D^ for K={cfg.select.k}, P={cfg.select.p} derived from the kept top-{acc.k} "
             f"per class of each of {acc.p} ranks")
@@ -77,7 +85,8 @@ def select(ctx, score: str = "score") -> dict:
   if truth is not None:
     correct = truth[sel.ids] == sel.classes
     info["label_precision"] = float(correct.mean())
-    edges = np.unique(np.linspace(0, cfg.select.k, 9).astype(int))
+    top = max(int(cfg.select.k), int(sel.ranks.max()) + 1)  # unbalanced: ranks pass K
+    edges = np.unique(np.linspace(0, top, 9).astype(int))
     info["label_precision_by_rank"] = [
         {"ranks": [int(lo), int(hi)], "precision": float(correct[m].mean()),
          "count": int(m.sum())}
