@@ -82,6 +82,9 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
     v = v.strip()
     if not v:
       continue
+    if v == "None" and f.optional:  # e.g. unlabelled.limit=...,None: all of U
+      out.append(None)
+      continue
     try:
       if f.type is bool:
         if v.lower() not in ("true", "false", "1", "0"):
@@ -249,7 +252,8 @@ def _row(point: dict, res: dict) -> dict:
   sel = res.get("selection") or {}
   return {"name": point["name"], "seed": point["seed"], "overrides": point["overrides"],
           "top1": models, "dhat_rows": sel.get("num_selected"),
-          "dhat_label_precision": sel.get("label_precision")}
+          "dhat_label_precision": sel.get("label_precision"),
+          "unlabelled_images": (res.get("scoring") or {}).get("num_unlabelled")}
 
 
 def collect(root, axes, pts) -> dict:
@@ -293,8 +297,16 @@ def _figure(path, name, values, rows) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-  xs = list(values) if numeric else list(range(len(values)))
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
+                for v in values)
+  xs = list(range(len(values)))
+  if numeric:  # None on a size axis (unlabelled.limit=None: all of U) at U's size
+    xs = [v if v is not None else np.mean(
+        [r["unlabelled_images"] for r in rows if r["overrides"].get(name) is None
+         and r.get("unlabelled_images")] or [np.nan]) for v in values]
+    numeric = not any(np.isnan(x) for x in xs)
+    if not numeric:
+      xs = list(range(len(values)))
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for key, style in (("student", "o-"), ("baseline", "s--")):
     means, stds = [], []
@@ -304,7 +316,7 @@ def _figure(path, name, values, rows) -> None:
       means.append(np.mean(g) if g else np.nan)
       stds.append(np.std(g, ddof=1) if len(g) > 1 else 0.0)
     ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=key)
-  if numeric and name in LOG_AXES and min(values) > 0:
+  if numeric and name in LOG_AXES and min(xs) > 0:
     ax.set_xscale("log")
   if not numeric:
     ax.set_xticks(xs, [_label(v) for v in values], rotation=15, fontsize=7)

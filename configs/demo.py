@@ -11,6 +11,9 @@ the baseline once both had a tuned learning rate (README, "The demo").
 Presets (``--config=configs/demo.py:<preset>``; combine with commas):
   ``tiny``   a few steps on a 2k-image subset, for tests (seconds).
   ``seed1``  the second seed (another labelled subset and initialisation).
+  ``own_teacher`` a teacher trained on its own (the baseline's schedule and seed offset of
+             its stage) instead of the baseline itself: for sweeping the teacher's capacity
+             (``--sweep='teacher.model_kwargs=[...]'``).
   ``compare`` the schedule of ``python -m bssl.compare`` (JAX vs PyTorch, 3 seeds x 2
              frameworks on 2 CPU cores in well under 45 minutes), kept as it was measured:
              100 labels per class, a deeper teacher (2 blocks per stage) trained for its
@@ -30,7 +33,7 @@ def train_stage(c, model_kwargs, steps, lr, **extra):
 
 
 def get_config(arg: str | None = None):
-  presets = config.presets(arg, accepted=("tiny", "seed1", "compare"))
+  presets = config.presets(arg, accepted=("tiny", "seed1", "own_teacher", "compare"))
   c = config.base()
   c.name = "demo"
   config.override(c.data, kind="fashion_mnist", num_classes=10, image_size=28, channels=1,
@@ -52,6 +55,8 @@ def get_config(arg: str | None = None):
   train_stage(c.finetune, small, steps=100, lr=0.001, batch_size=64, warmup_fraction=0.0)
   config.override(c.report, figure_classes=3, figure_images=8)
 
+  if "own_teacher" in presets:
+    train_stage(c.teacher, small, steps=3200, lr=0.2, batch_size=32, init_from=None)
   if "seed1" in presets:
     c.seed = 1
   if "tiny" in presets:
