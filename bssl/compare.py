@@ -34,7 +34,6 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 STAGE_KEYS = ("baseline", "teacher", "student_pretrained", "student")
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch"}
@@ -48,9 +47,8 @@ F: dict = {}  # the command-line flags, defined only when run as a program
 
 
 def define_flags() -> None:
-  F["config"] = config_flags.DEFINE_config_file(
-      "config", None, "Config file (configs/*.py[:preset]).", lock_config=True)
-  F["workdir"] = flags.DEFINE_string("workdir", None, "Work directory of the comparison.")
+  from bssl import main as bssl_main  # --config and --workdir, the same flags as bssl.main
+  F["config"], F["workdir"] = bssl_main._CONFIG, bssl_main._WORKDIR
   F["seeds"] = flags.DEFINE_list("seeds", ["0", "1", "2"],
                                  "Seeds (each: data split, initialisation, batches).")
   F["frameworks"] = flags.DEFINE_list("frameworks", ["jax", "torch"],
@@ -621,22 +619,22 @@ def compare(cfg, workdir: str, *, seeds: list[int], frameworks: list[str], paral
 
 
 def main(argv):
+  from bssl import main as bssl_main
+  fail = bssl_main.fail
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bssl import config as config_lib
-  from bssl.data.sources import DataError
+    fail(f"unexpected arguments: {argv[1:]}")
+  bssl_main.config_and_workdir("--workdir is required (the comparison's folder)")
   v = {k: f.value for k, f in F.items()}
-  if v["config"] is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py:compare")
-  if not v["workdir"]:
-    raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax's per-checkpoint INFO lines
   try:
     seeds = [int(s) for s in v["seeds"]]
   except ValueError:
-    raise app.UsageError(f"--seeds must be integers, got {v['seeds']}") from None
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise app.UsageError(f"--seeds must be distinct integers, got {v['seeds']}")
+    fail(f"--seeds must be integers, got {','.join(v['seeds'])}")
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    fail(f"--seeds must be distinct non-negative integers, got {','.join(v['seeds'])}")
+  bad = [fw for fw in v["frameworks"] if fw not in FRAMEWORK_NAMES]
+  if bad or not v["frameworks"]:
+    fail(f"--frameworks: {','.join(bad) or '(none)'} not accepted; give jax, torch or both")
   config_name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
   speed_opts = dict(batch=v["speed_batch"], score_batch=v["speed_score_batch"],
                     steps=v["speed_steps"], warmup=v["speed_warmup"], repeats=v["speed_repeats"])
@@ -645,13 +643,16 @@ def main(argv):
             parallel=v["parallel"], torch_threads=v["torch_threads"], speed=v["speed"],
             speed_opts=speed_opts, speed_threads=list(v["speed_threads"]),
             jax_cache=v["jax_cache"], config_name=config_name)
-  except (config_lib.ConfigError, DataError, FileNotFoundError) as e:  # one line, exit 2
-    print(f"bssl.compare: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except bssl_main.user_errors() as e:  # one line, exit 2
+    fail(str(e))
+
+
+def run():
+  """The ``bssl-compare`` console command (= ``python -m bssl.compare``)."""
+  from bssl import main as bssl_main  # (tunes malloc before JAX starts, as bssl.main)
+  define_flags()
+  app.run(main, flags_parser=bssl_main.parse_flags)
 
 
 if __name__ == "__main__":
-  from bssl import hostmem
-  hostmem.tune_malloc()  # before JAX starts its threads, as bssl.main does
-  define_flags()
-  app.run(main)
+  run()

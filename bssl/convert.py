@@ -220,7 +220,13 @@ def flax_to_torch_state_dict(variables, model_name: str, num_classes=None, **kwa
 def _load_torch_checkpoint(path):
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--from_torch: {path} is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"--from_torch: {path} is not a PyTorch checkpoint torch.load can "
+                         f"read ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     for wrapper in ("state_dict", "model_state_dict", "model"):  # common training wrappers
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -270,9 +276,36 @@ def converted_info(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (and exit code 2), as every bssl command."""
+
+    def error(self, message):
+        _fail(message)
+
+
+def _fail(message: str):
+    print(f"bssl.convert: error: {' '.join(str(message).split())[:800]}", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bssl.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m bssl.convert`` / ``bssl-convert``: user errors (a bad checkpoint, a
+    mismatched model, an existing --out) are one line on stderr and exit code 2."""
+    try:
+        return _main(argv)
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
+        _fail(e)
+
+
+def run():
+    sys.exit(main())
+
+
+def _main(argv=None):
+    p = _Parser(prog="python -m bssl.convert", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from_torch", metavar="CKPT.pth", help="PyTorch state_dict to convert")
     src.add_argument("--to_torch", metavar="DIR", help="converted (orbax) checkpoint to export")
@@ -283,7 +316,13 @@ def main(argv=None):
     p.add_argument("--model_kwargs", default=None,
                    help='JSON of model kwargs, e.g. \'{"depths": [2, 2, 2]}\' for resnet_small')
     args = p.parse_args(argv)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    except json.JSONDecodeError as e:
+        p.error(f"--model_kwargs: not JSON ({e}): {args.model_kwargs!r}")
+    if args.model and args.model not in models.MODEL_NAMES:
+        p.error(f"--model: unknown architecture {args.model!r}; one of: "
+                f"{', '.join(models.MODEL_NAMES)}")
 
     if args.from_torch:
         if not args.model:

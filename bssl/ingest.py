@@ -69,5 +69,10 @@ def main(argv):
     fail(f"--out: {e}")
 
 
-if __name__ == "__main__":
+def run():
+  """The ``bssl-ingest`` console command (= ``python -m bssl.ingest``)."""
   app.run(main, flags_parser=_parse)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,4 +1,6 @@
-"""Entry point: ``python -m bssl.main --config=configs/demo.py --workdir=/tmp/run``.
+"""Entry point: ``python -m bssl.main --config=configs/demo.py --workdir=/tmp/run`` (or
+``bssl --config=demo --workdir=...`` once installed: the packaged configs are found from
+any folder).
 
 ``--config.<field>=<value>`` overrides a field (e.g. ``--config.select.k=2000``);
 ``--config.stages=teacher,score`` runs a subset. Rerunning the same command after a
@@ -56,8 +58,35 @@ def config_and_workdir(no_workdir: str):
   return cfg
 
 
+def resolve_config_path(arg: str) -> str:
+  """``--config`` value with the packaged configs found from anywhere: ``demo``,
+  ``demo.py`` or ``configs/demo.py`` (with an optional ``:preset``) that is not a file
+  here names ``bssl/configs/demo.py`` of the installed package."""
+  import os
+  path, sep, preset = arg.partition(":")
+  if os.path.exists(path):
+    return arg
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", name)
+  if os.path.dirname(path) in ("", "configs", "bssl/configs") and os.path.exists(packaged):
+    return packaged + sep + preset
+  return arg
+
+
+def _resolve_config_flag(argv: list[str]) -> list[str]:
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config_path(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
 def parse_flags(argv):
   """absl's parser, with flag and config-file errors as one line and exit code 2."""
+  argv = _resolve_config_flag(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -93,5 +122,10 @@ def main(argv):
     sys.exit(143)
 
 
-if __name__ == "__main__":
+def run():
+  """The ``bssl`` console command (= ``python -m bssl.main``)."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()
