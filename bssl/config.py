@@ -45,7 +45,7 @@ TRANSFER_MODES = ("fc_only", "full_ft")
 TRANSFER_MODELS = ("baseline", "teacher", "student")
 WEAK_KINDS = ("synthetic", "tags_file")
 RESAMPLING = ("none", "sqrt", "inverse")
-DATA_KINDS = ("fashion_mnist", "tfds", "fake")
+DATA_KINDS = ("fashion_mnist", "image_folder", "tfds", "fake")
 UNLABELLED_KINDS = ("rest_of_train", "image_folder", "shards", "tfds", "fake")
 AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
 EVAL_TRANSFORMS = ("none", "resize_center_crop")
@@ -110,6 +110,13 @@ FIELDS = (
     Field("data.kind", "fashion_mnist", str, "labelled data source", choices=DATA_KINDS),
     Field("data.folder", None, str, "fashion_mnist: folder of the idx files (default: "
           "Debian's /usr/share/datasets/fashion-mnist)", optional=True),
+    Field("data.train_dir", None, str, "image_folder: training images, one subfolder per "
+          "class (sorted names = classes); D (and validation, and U with unlabelled.kind="
+          "'rest_of_train') are taken from it as for fashion_mnist", optional=True),
+    Field("data.val_dir", None, str, "image_folder: validation images, one subfolder per "
+          "class (None: carve data.val_per_class from data.train_dir)", optional=True),
+    Field("data.test_dir", None, str, "image_folder: test images, one subfolder per class",
+          optional=True),
     Field("data.tfds_name", "imagenet2012", str, "tfds: dataset name"),
     Field("data.tfds_data_dir", None, str, "tfds: data_dir of the ArrayRecord build",
           optional=True),
@@ -127,11 +134,14 @@ FIELDS = (
           "entries)"),
     Field("data.std", (90.02,), tuple, "per-channel std of uint8 pixels (1 or channels "
           "entries)"),
-    Field("data.labelled_per_class", None, int, "fashion_mnist/fake: size of D per class "
+    Field("data.labelled_per_class", None, int, "fashion_mnist/fake/image_folder: D per "
+          "class "
           "(None: all training images)", minimum=1, optional=True),
-    Field("data.val_per_class", None, int, "fashion_mnist/fake: validation images per class "
+    Field("data.val_per_class", None, int, "fashion_mnist/fake/image_folder: "
+          "validation images per class "
           "carved from training (None: no validation)", minimum=1, optional=True),
-    Field("data.subset", None, int, "fashion_mnist/fake: use only the first N training images "
+    Field("data.subset", None, int, "fashion_mnist/fake/image_folder: only "
+          "the first N training images "
           "(and N/4 test images)", minimum=1, optional=True),
     Field("data.fake_train_size", 160, int, "fake: training images", minimum=1),
     Field("data.fake_test_size", 40, int, "fake: test images", minimum=1),
@@ -366,10 +376,15 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
                         f"got {tuple(d[f])}")
   if any(s <= 0 for s in d.std):
     raise ConfigError(f"data.std must be positive, got {tuple(d.std)}")
+  if d.kind == "image_folder":
+    for f in ("train_dir", "test_dir"):
+      if not d.get(f):
+        raise ConfigError(f"data.kind='image_folder' needs data.{f} (a folder with one "
+                          f"subfolder of images per class), got None")
   u = cfg.unlabelled
   if u.kind == "rest_of_train" and d.kind == "tfds":
-    raise ConfigError("unlabelled.kind='rest_of_train' needs data.kind 'fashion_mnist' or "
-                      "'fake'; with TFDS data use 'image_folder' or 'tfds'")
+    raise ConfigError("unlabelled.kind='rest_of_train' needs data.kind 'fashion_mnist', "
+                      "'image_folder' or 'fake'; with TFDS data use 'image_folder' or 'tfds'")
   if u.kind == "image_folder" and not u.get("path"):
     raise ConfigError("unlabelled.path must name a folder of images or a file list when "
                       "unlabelled.kind='image_folder', got None")

@@ -36,7 +36,8 @@ _COMMON = ("seed", "data")
 
 
 def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
-                unlabelled_identity: str | None = None) -> dict:
+                unlabelled_identity: str | None = None,
+                data_identity: str | None = None) -> dict:
   """What a stage's result depends on: its config fields, the artifacts it reads, the
   backend and, for the stages that read U, what U's files are (``unlabelled_identity``:
   the same folder or ingest path may hold other files on a rerun)."""
@@ -48,6 +49,8 @@ def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
   fields = config_lib.result_fields(cfg, _COMMON + sections)
   if unlabelled_identity and any(s.split(".")[0] == "unlabelled" for s in sections):
     fields = dict(fields, **{"unlabelled (files)": unlabelled_identity})
+  if data_identity:  # D / validation / test read from folders: every stage reads them
+    fields = dict(fields, **{"data (files)": data_identity})
   return {"config": fields, "inputs": inputs, "backend": backend}
 
 
@@ -60,7 +63,8 @@ def changes(old: dict, new: dict) -> list[str]:
       # a field newer than the work directory, at the default that keeps the old
       # behaviour; U's file identity, newer than the work directory: nothing to compare
       try:
-        if k == "unlabelled (files)" or nc[k] == config_lib.schema_default(k):
+        if k in ("unlabelled (files)", "data (files)") or \
+            nc[k] == config_lib.schema_default(k):
           continue
       except KeyError:
         pass
@@ -85,7 +89,8 @@ def _dependents(table: dict[str, Stage], cfg, name: str) -> list[str]:
 
 
 def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
-         requested: tuple[str, ...], unlabelled_identity: str | None = None) -> list[str]:
+         requested: tuple[str, ...], unlabelled_identity: str | None = None,
+         data_identity: str | None = None) -> list[str]:
   """Checks the whole run before any work; returns the stages still to run.
 
   Every stage a requested stage reads (directly or not, and the optional inputs present)
@@ -111,7 +116,7 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
         will_run.add(name)
       continue
     done = wd.done(name)
-    fp = fingerprint(cfg, st, wd, backend, unlabelled_identity)
+    fp = fingerprint(cfg, st, wd, backend, unlabelled_identity, data_identity)
     # An input this run recomputes gets a new artifact id: earlier results are stale.
     rerun = [up for up in st.reads(cfg) if up in will_run]
     if rerun:
@@ -156,7 +161,8 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
   """
   requested = tuple(s for s in table if s in requested)
   uid = getattr(data, "unlabelled_identity", None)
-  to_run = plan(table, cfg, wd, backend.name, requested, uid)
+  did = getattr(data, "data_identity", None)
+  to_run = plan(table, cfg, wd, backend.name, requested, uid, did)
   parallel.sync("bssl_plan")
   if parallel.is_main_process():
     on_accepted()
@@ -167,7 +173,7 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
     if name not in to_run:
       ctx.log(f"complete in {wd}; skipping")
       continue
-    fp = fingerprint(cfg, st, wd, backend.name, uid) if st.fingerprinted else None
+    fp = fingerprint(cfg, st, wd, backend.name, uid, did) if st.fingerprinted else None
     if share is not None and fp is not None and wd.started(name) is None:
       shared = share(name, fp)
       parallel.sync(f"bssl_{name}_shared")

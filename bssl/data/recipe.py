@@ -24,6 +24,9 @@ class Data:
   # a folder or an ingest; their contents can change under the same name): None when the
   # config alone determines U.
   unlabelled_identity: str | None = None
+  # The same for D, validation and test read from folders (data.kind='image_folder'): every
+  # stage depends on them.
+  data_identity: str | None = None
 
 
 def build_data(cfg) -> Data:
@@ -34,9 +37,24 @@ def build_data(cfg) -> Data:
   rng = np.random.default_rng(cfg.seed)
   splits: dict = {}
   val = None
-  if d.kind in ("fashion_mnist", "fake"):
+  data_identity = None
+  if d.kind in ("fashion_mnist", "fake", "image_folder"):
     if d.kind == "fashion_mnist":
       train_all, test = sources.load_fashion_mnist(d.folder)
+    elif d.kind == "image_folder":
+      train_all = sources.LabelledFolderSource(d.train_dir, d.channels, field="data.train_dir")
+      if len(train_all.class_names) != d.num_classes:
+        raise sources.DataError(
+            f"data.num_classes={d.num_classes} but data.train_dir {d.train_dir!r} has "
+            f"{len(train_all.class_names)} class folders {list(train_all.class_names)[:10]}; "
+            f"set --config.data.num_classes={len(train_all.class_names)}")
+      test = sources.LabelledFolderSource(d.test_dir, d.channels, train_all.class_names,
+                                          field="data.test_dir")
+      if d.get("val_dir"):
+        val = sources.LabelledFolderSource(d.val_dir, d.channels, train_all.class_names,
+                                           field="data.val_dir")
+      data_identity = ";".join(f"{k}={s.identity()}" for k, s in (
+          ("train", train_all), ("test", test), ("val", val)) if s is not None)
     else:
       shape = (d.image_size, d.image_size, d.channels)
       train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
@@ -50,7 +68,7 @@ def build_data(cfg) -> Data:
     else:
       lab_idx = np.arange(len(train_all))
     val_idx = np.zeros(0, np.int64)
-    if d.val_per_class:
+    if d.val_per_class and val is None:
       val_idx = sources.class_balanced_indices(train_all.labels, d.val_per_class,
                                                d.num_classes, rng, exclude=lab_idx)
       val = train_all.subset(val_idx)
@@ -90,7 +108,8 @@ def build_data(cfg) -> Data:
     base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
     true_u = base.labels
-  identity = unl.identity() if hasattr(unl, "identity") else None
+  identity = unl.identity() if hasattr(unl, "identity") and u.kind != "rest_of_train" \
+      else None
   if u.limit is not None:
     n = min(int(u.limit), len(unl))
     unl = sources.SubsetView(unl, np.arange(n), reindex=True)
@@ -102,4 +121,4 @@ def build_data(cfg) -> Data:
       raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
                               f"train, score or evaluate (check {field}.* limits and sizes)")
   return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits,
-              identity)
+              identity, data_identity)

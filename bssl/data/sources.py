@@ -199,6 +199,90 @@ class ImageFileSource:
     return "decodes now (changed since it was scored?)"
 
 
+class LabelledFolderSource:
+  """Labelled images in one subfolder per class (``root/<class>/*.png``, the convention of
+  torchvision's ImageFolder and Keras' ``image_dataset_from_directory``); local or gs://.
+  Classes are the sorted subfolder names (or ``classes``, to give a test folder the
+  training folder's classes); label ``c`` is the c-th class. Images in subfolders of a
+  class folder count for that class. Ids are positions in the (class, path)-sorted list.
+  An image that cannot be decoded stops training with its file named."""
+
+  def __init__(self, root: str, channels: int = 3, classes: Sequence[str] | None = None,
+               field: str = "data.train_dir", *, _files=None, _labels=None):
+    self.root, self.channels, self.field = root, channels, field
+    if _files is not None:  # a subset
+      self.files, self.labels, self.class_names = _files, _labels, tuple(classes)
+      self.ids = np.arange(len(self.files), dtype=np.int64)
+      return
+    from bssl.data import ingest
+    p = workdir_lib_path(root) if root else None
+    if p is None or not p.is_dir():
+      raise DataError(f"{field}: {root!r} is not a folder. Accepted: a folder with one "
+                      f"subfolder of images per class ({', '.join(IMAGE_EXTENSIONS)}).")
+    found = sorted(c.name for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+    if not found:
+      raise DataError(f"{field}: {root!r} has no class subfolders (expected "
+                      f"{root}/<class name>/<image files>)")
+    if classes is None:
+      classes = found
+    else:
+      unknown = sorted(set(found) - set(classes))
+      if unknown:
+        raise DataError(f"{field}: class folders {unknown} of {root!r} are not classes of "
+                        f"data.train_dir ({len(classes)} classes: {list(classes)[:10]}...)")
+    self.class_names = tuple(classes)
+    files, labels = [], []
+    for c, name in enumerate(self.class_names):
+      if name not in found:
+        continue
+      try:
+        fs = ingest.list_inputs(str(p / name), IMAGE_EXTENSIONS)
+      except ingest.IngestError:
+        fs = []
+      files += fs
+      labels += [c] * len(fs)
+    if not files:
+      raise DataError(f"{field}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under the "
+                      f"class folders of {root!r}")
+    self.files, self.labels = files, np.asarray(labels, np.int32)
+    self.ids = np.arange(len(files), dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> dict:
+    from bssl.data import decode
+    try:
+      img = decode_image(self.files[i], self.channels)
+    except decode.DecodeError as e:
+      raise BadImageError(f"{self.field}: cannot decode {self.files[i]} ({e.reason}); remove "
+                          f"or replace it") from None
+    return {"image": img, "label": self.labels[i], "id": self.ids[i]}
+
+  def subset(self, indices, hide_labels: bool = False) -> "LabelledFolderSource":
+    idx = np.asarray(indices, np.int64)
+    labels = np.full(len(idx), -1, np.int32) if hide_labels else self.labels[idx]
+    out = LabelledFolderSource(self.root, self.channels, self.class_names, self.field,
+                               _files=[self.files[j] for j in idx], _labels=labels)
+    out.ids = self.ids[idx]
+    return out
+
+  def name_of(self, i: int) -> str:
+    return self.files[i]
+
+  def identity(self) -> str:
+    """The file list's fingerprint (files added, removed, renamed or moved between class
+    folders change it)."""
+    from bssl.data import ingest
+    return (f"files:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
+            f":n={len(self.files)}")
+
+
+def workdir_lib_path(p: str):
+  from bssl import workdir
+  return workdir.path(p)
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 
