@@ -554,3 +554,75 @@ def score_sections(cfg) -> tuple[str, ...]:
     return ("unlabelled", "score.max_k", "score.max_p", "select.balanced") + (
         () if cfg.score.get("max_p") is not None else ("select.p",))
   return ("unlabelled", "select.k", "select.p", "select.balanced")
+
+
+def _readers(name: str, cfg) -> str:
+  """The stages whose result depends on field ``name`` (from the stage table), or what
+  reads a field no stage's result depends on."""
+  from bssl import stages as stages_lib
+  table = stages_lib.table(cfg)
+  out = []
+  for st in table.values():
+    secs = st.sections_for(cfg) if st.fingerprinted else ()
+    if any(name == s or name.startswith(s + ".") for s in secs):
+      out.append(st.name)
+  head = name.split(".")[0]
+  if head in ("seed", "data"):
+    return "every stage"
+  if not out and head in table:
+    out = [head]
+  if not out:
+    if head == "score":
+      out = ["score"]
+    elif head == "weak":
+      out = ["weak_pretrain"]
+    elif head == "unlabelled":
+      out = ["score", "select", "pretrain"]
+  return ", ".join(out) if out else "the engine"
+
+
+def reference_markdown() -> str:
+  """The config reference (docs/config.md): every field of :func:`base` with its type,
+  default, the stages that read it and what it means. ``python -m bssl.config`` prints it;
+  ``tests/test_docs.py`` fails when docs/config.md is not what this prints."""
+  cfg = base()
+  lines = [
+      "# Config reference",
+      "",
+      "Generated from `bssl/config.py` by `python -m bssl.config > docs/config.md` (a test "
+      "fails when this file is out of date). Every field can be overridden on the command "
+      "line, e.g. `--config.select.k=2000`. *Cosmetic* fields change no stage's result: "
+      "changing them between reruns never makes a finished stage stale. The training fields "
+      f"exist once per training stage ({', '.join(TRAIN_SECTIONS)}).",
+      ""]
+
+  def row(f: Field, name: str) -> str:
+    t = f.type.__name__ if isinstance(f.type, type) else "/".join(x.__name__ for x in f.type)
+    default = json.dumps(_plain(f.default)) if f.default is not None else "None"
+    doc = f.doc
+    if f.choices:
+      doc += f"; one of {', '.join(f'`{c}`' for c in f.choices)}"
+    if f.minimum is not None:
+      doc += f"; at least {f.minimum:g}"
+    if f.cosmetic:
+      doc += " *(cosmetic)*"
+    readers = "that stage" if name.startswith("<stage>.") else _readers(name, cfg)
+    return (f"| `{name}` | {t}{' or None' if f.optional else ''} | `{default}` | "
+            f"{readers} | {doc.replace('|', '/')} |")
+
+  head = "| field | type | default | read by | meaning |\n|---|---|---|---|---|"
+  sections: dict[str, list[Field]] = {}
+  for f in FIELDS:
+    sections.setdefault(f.name.split(".")[0] if "." in f.name else "(top level)",
+                        []).append(f)
+  for sec, fs in sections.items():
+    lines += [f"## {sec}", "", head] + [row(f, f.name) for f in fs] + [""]
+  lines += [f"## training stages ({', '.join(TRAIN_SECTIONS)})", "",
+            "Each of these sections has every field below: `<stage>.<field>`, e.g. "
+            "`pretrain.steps`. The stage reading `<stage>.*` is that stage.", "", head]
+  lines += [row(f, f"<stage>.{f.name}") for f in TRAIN_FIELDS]
+  return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+  print(reference_markdown(), end="")
