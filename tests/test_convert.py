@@ -176,9 +176,10 @@ def test_cli_round_trip(tmp_path, capsys):
     expected = convert.torch_state_dict_to_flax(sd, "resnet_small", **kw)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
     assert convert.converted_info(str(out))["model"] == "resnet_small"
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(SystemExit) as e:  # a user error: one line, exit 2
         convert.main([f"--from_torch={tmp_path / 'in.pth'}", "--model=resnet_small",
                       f"--out={out}", f"--model_kwargs={json.dumps(kw)}"])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
 
     # Back to torch: model and kwargs default to those recorded in the directory.
     assert convert.main([f"--to_torch={out}", f"--out={tmp_path / 'out.pth'}"]) == 0
