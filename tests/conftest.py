@@ -13,11 +13,6 @@ os.environ["PYTHON"] = sys.executable
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-CONFIGS = os.path.join(ROOT, "configs")
-if CONFIGS not in sys.path:
-  sys.path.insert(0, CONFIGS)
 
 # The `gcs` fixture (a local GCS emulator, one per session) for every test file.
 from gcs_emulator import gcs  # noqa: E402,F401
@@ -30,7 +25,7 @@ import pytest  # noqa: E402
 def demo_tiny_run(tmp_path_factory):
   """One run of configs/demo.py:tiny through every default stage, shared by the test files
   (read it, or copy its stages out: never change it)."""
-  import demo
+  from bssl.configs import demo
   from bssl import engine
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
   cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline

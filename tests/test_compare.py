@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import demo  # noqa: E402
+from bssl.configs import demo  # noqa: E402
 from bssl import backend, compare, config, convert, parallel, torch_train, train  # noqa: E402
 from bssl.data import recipe  # noqa: E402
 

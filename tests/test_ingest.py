@@ -292,7 +292,7 @@ print(m["num_images"], m["num_bad"])
 def test_recipe_scores_u_from_shards(tmp_path):
   """The engine with U = ingested shards (resnext:tiny on 32-px images, up to selection):
   bad files and duplicates are skipped and listed with their reasons."""
-  import resnext
+  from bssl.configs import resnext
   from bssl import engine
   folder = tmp_path / "u"
   for i in range(30):

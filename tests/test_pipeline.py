@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import demo
+from bssl.configs import demo
 from bssl import config as config_lib
 from bssl import engine, selection
 from bssl.data import recipe, sources
@@ -174,7 +174,7 @@ def test_missing_data_folder_names_the_field(tmp_path):
 
 
 def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
-  import resnext
+  from bssl.configs import resnext
   cfg = resnext.get_config()
   with pytest.raises(config_lib.ConfigError, match="unlabelled.path"):
     engine.run_recipe(cfg, str(tmp_path / "w"))

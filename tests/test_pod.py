@@ -58,7 +58,7 @@ def _dump(workdir, out, env):
   script = f"""
 import json, numpy as np, jax
 from bssl import backend, selection, train, workdir as W
-import demo
+from bssl.configs import demo
 cfg = demo.get_config('tiny')
 wd = W.Workdir({str(workdir)!r})
 sel = selection.read_selection(wd.stage('select') / 'dhat', mmap=False)

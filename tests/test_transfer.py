@@ -52,7 +52,7 @@ def test_logistic_regression_separable_features_and_reference_solver():
 @needs_fmnist
 def test_transfer_stage_on_the_tiny_run(tmp_path, demo_tiny_run):
   import shutil
-  import demo
+  from bssl.configs import demo
   from bssl import engine
   cfg = demo.get_config("tiny")
   wd = str(tmp_path / "w")
@@ -80,7 +80,7 @@ def test_transfer_stage_on_the_tiny_run(tmp_path, demo_tiny_run):
 
 @needs_fmnist
 def test_missing_tfds_target_stops_before_any_training(tmp_path):
-  import demo
+  from bssl.configs import demo
   from bssl import engine
   from bssl.data import sources
   cfg = demo.get_config("tiny")

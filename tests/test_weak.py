@@ -74,7 +74,7 @@ def test_synthetic_tags_are_noisy_informative_and_a_function_of_the_id():
 
 @needs_fmnist
 def test_semiweak_tiny_pipeline_end_to_end(tmp_path):
-  import semiweak
+  from bssl.configs import semiweak
   from bssl import config as config_lib
   wd = str(tmp_path / "w")
   cfg = semiweak.get_config("tiny")
@@ -150,13 +150,13 @@ def jax_leaves(tree):
 
 @pytest.mark.parametrize("preset", ["", "tiny", "seed1", "seed2", "tiny,seed2"])
 def test_every_semiweak_preset_validates(preset):
-  import semiweak
+  from bssl.configs import semiweak
   from bssl import config
   config.validate(semiweak.get_config(preset), num_devices=8)
 
 
 def test_resnext_swsl_says_what_the_tagged_u_needs(tmp_path):
-  import resnext
+  from bssl.configs import resnext
   from bssl import config
   cfg = resnext.get_config("swsl")
   assert cfg.teacher.init_from == "weak_pretrain" and cfg.select.k == 64000
@@ -169,7 +169,7 @@ def test_resnext_swsl_says_what_the_tagged_u_needs(tmp_path):
 def test_tags_file_source_reads_names_vocab_and_checks_lengths(tmp_path):
   """weak.kind='tags_file' over an image folder: one line of tag names per image id."""
   from PIL import Image
-  import demo
+  from bssl.configs import demo
   from bssl.data import recipe
   folder = tmp_path / "imgs"
   folder.mkdir()
