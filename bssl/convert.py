@@ -40,22 +40,40 @@ _SUB_ORDER = ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv",
 _LEAF_ORDER = ["kernel", "scale", "bias", "mean", "var"]
 
 
+# R(2+1)D (bssl/models/video.py): torchvision's VideoResNet names.
+_VIDEO_SUB_ORDER = ["conv1_spatial", "conv1_mid_bn", "conv1_temporal", "bn1", "conv2_spatial",
+                    "conv2_mid_bn", "conv2_temporal", "bn2", "downsample_conv", "downsample_bn"]
+_VIDEO_TORCH = {"stem_spatial": "stem.0", "stem_bn1": "stem.1", "stem_temporal": "stem.3",
+                "stem_bn2": "stem.4", "conv1_spatial": "conv1.0.0", "conv1_mid_bn": "conv1.0.1",
+                "conv1_temporal": "conv1.0.3", "bn1": "conv1.1", "conv2_spatial": "conv2.0.0",
+                "conv2_mid_bn": "conv2.0.1", "conv2_temporal": "conv2.0.3", "bn2": "conv2.1"}
+
+
+def _is_video(model_name: str) -> bool:
+    from bssl.models import video
+    return model_name in video.VIDEO_MODEL_NAMES
+
+
 def _module_sort_key(name: str):
     m = re.fullmatch(r"layer(\d+)_(\d+)", name)
     if m:
         return (1, int(m.group(1)), int(m.group(2)), "")
-    return {"conv1": (0, 0, 0, ""), "bn1": (0, 1, 0, ""), "fc": (2, 0, 0, "")}.get(name, (3, 0, 0, name))
+    return {"conv1": (0, 0, 0, ""), "bn1": (0, 1, 0, ""), "stem_spatial": (0, 0, 0, ""),
+            "stem_bn1": (0, 1, 0, ""), "stem_temporal": (0, 2, 0, ""), "stem_bn2": (0, 3, 0, ""),
+            "fc": (2, 0, 0, "")}.get(name, (3, 0, 0, name))
 
 
-def _torch_module(path: tuple[str, ...]) -> str:
+def _torch_module(path: tuple[str, ...], video: bool = False) -> str:
     parts = []
     for p in path:
         m = re.fullmatch(r"layer(\d+)_(\d+)", p)
         if m:
             parts.append(f"layer{m.group(1)}.{m.group(2)}")
         else:
-            parts.append({"downsample_conv": "downsample.0",
-                          "downsample_bn": "downsample.1"}.get(p, p))
+            names = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+            if video:
+                names.update(_VIDEO_TORCH)
+            parts.append(names.get(p, p))
     return ".".join(parts)
 
 
@@ -66,9 +84,16 @@ def layout(model_name: str, num_classes: int, in_channels: int = 3, **kwargs):
     'conv' (OIHW <-> HWIO), 'dense' (transpose) or 'copy'. Built from jax.eval_shape,
     so it costs nothing even for resnext101_32x48d.
     """
-    model = models.create_model(model_name, num_classes, **kwargs)
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, in_channels), jnp.float32), train=False))
+    video = _is_video(model_name)
+    if video:
+        from bssl.models import video as video_models
+        model = video_models.create_video_model(model_name, num_classes, **kwargs)
+        x = jnp.zeros((1, 4, 32, 32, in_channels), jnp.float32)
+    else:
+        model = models.create_model(model_name, num_classes, **kwargs)
+        x = jnp.zeros((1, 32, 32, in_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    sub_order = _VIDEO_SUB_ORDER if video else _SUB_ORDER
     entries = []
     for collection in ("params", "batch_stats"):
         flat = jax.tree_util.tree_flatten_with_path(shapes[collection])[0]
@@ -76,17 +101,20 @@ def layout(model_name: str, num_classes: int, in_channels: int = 3, **kwargs):
             path = tuple(k.key for k in keypath)
             module, leafname = path[:-1], path[-1]
             shape = tuple(leaf.shape)
-            if leafname == "kernel" and len(shape) == 4:
+            if leafname == "kernel" and len(shape) == 5:  # THWIO <-> OITHW
+                kind, tshape, tleaf = "conv3d", (shape[4], shape[3], shape[0], shape[1],
+                                                 shape[2]), "weight"
+            elif leafname == "kernel" and len(shape) == 4:
                 kind, tshape, tleaf = "conv", (shape[3], shape[2], shape[0], shape[1]), "weight"
             elif leafname == "kernel":
                 kind, tshape, tleaf = "dense", shape[::-1], "weight"
             else:
                 kind, tshape, tleaf = "copy", shape, _BN_TORCH.get(leafname, leafname)
             order = (_module_sort_key(module[0]),
-                     [_SUB_ORDER.index(p) if p in _SUB_ORDER else 99 for p in module[1:]],
+                     [sub_order.index(p) if p in sub_order else 99 for p in module[1:]],
                      _LEAF_ORDER.index(leafname))
-            entries.append((order, (f"{_torch_module(module)}.{tleaf}", tshape, collection,
-                                    path, kind)))
+            entries.append((order, (f"{_torch_module(module, video)}.{tleaf}", tshape,
+                                    collection, path, kind)))
     return [e for _, e in sorted(entries, key=lambda e: e[0])]
 
 
@@ -98,8 +126,8 @@ def _infer(state_shapes: Mapping[str, tuple], num_classes, kwargs):
         num_classes = state_shapes["fc.weight"][0]
     in_channels = kwargs.pop("in_channels", None)
     if in_channels is None:
-        w = state_shapes.get("conv1.weight")
-        in_channels = w[1] if w is not None and len(w) == 4 else 3
+        w = state_shapes.get("conv1.weight", state_shapes.get("stem.0.weight"))
+        in_channels = w[1] if w is not None and len(w) in (4, 5) else 3
     return int(num_classes), int(in_channels)
 
 
@@ -167,6 +195,8 @@ def torch_state_dict_to_flax(state_dict, model_name: str, num_classes=None, **kw
         v = _to_numpy(state_dict[key]).astype(np.float32)
         if kind == "conv":
             v = v.transpose(2, 3, 1, 0)
+        elif kind == "conv3d":
+            v = v.transpose(2, 3, 4, 1, 0)
         elif kind == "dense":
             v = v.T
         _set(out[collection], path, np.ascontiguousarray(v))
@@ -182,18 +212,20 @@ def flax_to_torch_state_dict(variables, model_name: str, num_classes=None, **kwa
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
             flat[(collection,) + tuple(getattr(k, "key", str(k)) for k in keypath)] = leaf
     shapes = {"/".join(k): tuple(np.shape(v)) for k, v in flat.items()}
-    fc, conv1 = shapes.get("params/fc/kernel"), shapes.get("params/conv1/kernel")
+    fc = shapes.get("params/fc/kernel")
+    conv1 = shapes.get("params/conv1/kernel", shapes.get("params/stem_spatial/kernel"))
     if num_classes is None:
         if fc is None or len(fc) != 2:
             raise ValueError("num_classes not given and no 2-d params/fc/kernel to infer it from")
         num_classes = fc[1]
     in_channels = kwargs.pop("in_channels", None)
     if in_channels is None:
-        in_channels = conv1[2] if conv1 is not None and len(conv1) == 4 else 3
+        in_channels = conv1[-2] if conv1 is not None and len(conv1) in (4, 5) else 3
     lay = layout(model_name, int(num_classes), int(in_channels), **kwargs)
     expected = {}
     for key, tshape, collection, path, kind in lay:
         fshape = {"conv": lambda s: (s[2], s[3], s[1], s[0]),
+                  "conv3d": lambda s: (s[2], s[3], s[4], s[1], s[0]),
                   "dense": lambda s: s[::-1]}.get(kind, lambda s: s)(tshape)
         expected["/".join((collection,) + path)] = tuple(fshape)
     missing = [k for k in expected if k not in shapes]
@@ -206,6 +238,8 @@ def flax_to_torch_state_dict(variables, model_name: str, num_classes=None, **kwa
         v = np.asarray(jax.device_get(flat[(collection,) + path]), dtype=np.float32)
         if kind == "conv":
             v = v.transpose(3, 2, 0, 1)
+        elif kind == "conv3d":
+            v = v.transpose(4, 3, 0, 1, 2)
         elif kind == "dense":
             v = v.T
         out[key] = np.array(v, np.float32, order="C")  # a writable copy (torch.from_numpy)
@@ -309,7 +343,9 @@ def _main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from_torch", metavar="CKPT.pth", help="PyTorch state_dict to convert")
     src.add_argument("--to_torch", metavar="DIR", help="converted (orbax) checkpoint to export")
-    p.add_argument("--model", help=f"architecture, one of: {', '.join(models.MODEL_NAMES)} "
+    from bssl.models import video as video_models
+    names = models.MODEL_NAMES + video_models.VIDEO_MODEL_NAMES
+    p.add_argument("--model", help=f"architecture, one of: {', '.join(names)} "
                                    "(default for --to_torch: the one recorded in DIR)")
     p.add_argument("--out", required=True, help="output orbax directory (from_torch) or .pth file")
     p.add_argument("--num_classes", type=int, default=None, help="default: read off fc")
@@ -320,9 +356,9 @@ def _main(argv=None):
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     except json.JSONDecodeError as e:
         p.error(f"--model_kwargs: not JSON ({e}): {args.model_kwargs!r}")
-    if args.model and args.model not in models.MODEL_NAMES:
+    if args.model and args.model not in names:
         p.error(f"--model: unknown architecture {args.model!r}; one of: "
-                f"{', '.join(models.MODEL_NAMES)}")
+                f"{', '.join(names)}")
 
     if args.from_torch:
         if not args.model:

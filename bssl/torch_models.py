@@ -129,3 +129,85 @@ def create_torch_model(name: str, num_classes: int, *, in_channels: int = 3, **k
     if int(num_classes) <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     return ResNet(int(num_classes), in_channels=int(in_channels), **cfg)
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def _conv3d(cin, cout, kernel, stride):
+    return nn.Conv3d(cin, cout, kernel, stride=stride,
+                     padding=tuple((k - 1) // 2 for k in kernel), bias=False)
+
+
+def _conv2plus1d(cin, mid, cout, stride):
+    """torchvision's Conv2Plus1D: a Sequential (spatial, BN, ReLU, temporal)."""
+    return nn.Sequential(_conv3d(cin, mid, (1, 3, 3), (1, stride, stride)), nn.BatchNorm3d(mid),
+                         nn.ReLU(inplace=True), _conv3d(mid, cout, (3, 1, 1), (stride, 1, 1)))
+
+
+class Block2Plus1D(nn.Module):
+    def __init__(self, cin, planes, stride, layout):
+        super().__init__()
+        from bssl.models.video import mid_channels
+        m1 = mid_channels(cin, planes)
+        m2 = m1 if layout == "torchvision" else mid_channels(planes, planes)
+        self.conv1 = nn.Sequential(_conv2plus1d(cin, m1, planes, stride), nn.BatchNorm3d(planes),
+                                   nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(_conv2plus1d(planes, m2, planes, 1), nn.BatchNorm3d(planes))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(_conv3d(cin, planes, (1, 1, 1), (stride,) * 3),
+                                            nn.BatchNorm3d(planes))
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(self.conv1(x)) + residual)
+
+
+class R2Plus1D(nn.Module):
+    """torchvision's VideoResNet with R(2+1)D blocks (its r2plus1d_18 for the default
+    layout); input [batch, channels, time, height, width] as in PyTorch."""
+
+    def __init__(self, num_classes, widths, depths, stem_mid, stem_stride, layout,
+                 in_channels=3):
+        super().__init__()
+        s = stem_stride
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, stem_mid, (1, 7, 7), stride=(1, s, s), padding=(0, 3, 3),
+                      bias=False),
+            nn.BatchNorm3d(stem_mid), nn.ReLU(inplace=True),
+            nn.Conv3d(stem_mid, widths[0], (3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0),
+                      bias=False),
+            nn.BatchNorm3d(widths[0]), nn.ReLU(inplace=True))
+        cin = widths[0]
+        for i, (w, n) in enumerate(zip(widths, depths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(Block2Plus1D(cin, w, 2 if (i > 0 and j == 0) else 1, layout))
+                cin = w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_layers = len(widths)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i in range(self.num_layers):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(x.mean(dim=(2, 3, 4)))
+
+
+def create_torch_video_model(name: str, num_classes: int, *, in_channels: int = 3, **kwargs):
+    """Mirror of `bssl.models.video.create_video_model`."""
+    from bssl.models.video import video_arch_config
+    cfg = video_arch_config(name, **kwargs)
+    return R2Plus1D(int(num_classes), in_channels=int(in_channels), **cfg)
