@@ -271,7 +271,8 @@ def collect(root, axes, pts) -> dict:
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
   for name, values in axes:
     md += [f"## {name}", "", "| " + name + " | points | baseline | teacher | student, "
-           "pre-trained | student | D̂ rows | D̂ precision |", "|---|---|---|---|---|---|---|---|"]
+           "pre-trained | student | student − baseline (paired) | D̂ rows | D̂ precision |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for v in values:
       group = [r for r in rows if r["overrides"].get(name) == v]
       def ms(key, group=group):
@@ -281,8 +282,12 @@ def collect(root, axes, pts) -> dict:
         return f"{100 * np.mean(xs):.2f} ± {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.2f}"
       prec = [r["dhat_label_precision"] for r in group if r["dhat_label_precision"] is not None]
       size = [r["dhat_rows"] for r in group if r["dhat_rows"] is not None]
+      gains = [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in group
+               if {"student", "baseline"} <= set(r["top1"])]
+      gain = (f"{np.mean(gains):+.2f} ± {np.std(gains, ddof=1) if len(gains) > 1 else 0:.2f}"
+              if gains else "—")
       md.append(f"| {_label(v)} | {len(group)} | {ms('baseline')} | {ms('teacher')} | "
-                f"{ms('student_pretrained')} | {ms('student')} | "
+                f"{ms('student_pretrained')} | {ms('student')} | {gain} | "
                 f"{int(np.mean(size)) if size else '—'} | "
                 f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |")
     md.append("")
@@ -307,23 +312,35 @@ def _figure(path, name, values, rows) -> None:
     numeric = not any(np.isnan(x) for x in xs)
     if not numeric:
       xs = list(range(len(values)))
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for key, style in (("student", "o-"), ("baseline", "s--")):
+  fig, (ax, gx) = plt.subplots(1, 2, figsize=(9, 3.5))
+  for key, style in (("student", "o-"), ("student_pretrained", "^:"), ("baseline", "s--")):
     means, stds = [], []
     for v in values:
       g = [100 * r["top1"][key] for r in rows if r["overrides"].get(name) == v and key in
            r["top1"]]
       means.append(np.mean(g) if g else np.nan)
       stds.append(np.std(g, ddof=1) if len(g) > 1 else 0.0)
-    ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=key)
-  if numeric and name in LOG_AXES and min(xs) > 0:
-    ax.set_xscale("log")
-  if not numeric:
-    ax.set_xticks(xs, [_label(v) for v in values], rotation=15, fontsize=7)
-  ax.set_xlabel(name)
+    ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3,
+                label={"student_pretrained": "student, pre-trained only"}.get(key, key))
+  # the paired gain: each seed's student against the same seed's baseline (same D)
+  means, stds = [], []
+  for v in values:
+    g = [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in rows
+         if r["overrides"].get(name) == v and {"student", "baseline"} <= set(r["top1"])]
+    means.append(np.mean(g) if g else np.nan)
+    stds.append(np.std(g, ddof=1) if len(g) > 1 else 0.0)
+  gx.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, color="C2")
+  gx.axhline(0, color="gray", lw=0.8)
+  gx.set_ylabel("student − baseline, same seed (points)")
+  for a in (ax, gx):
+    if numeric and name in LOG_AXES and min(xs) > 0:
+      a.set_xscale("log")
+    if not numeric:
+      a.set_xticks(xs, [_label(v) for v in values], rotation=15, fontsize=7)
+    a.set_xlabel(name)
+    a.grid(alpha=0.3)
   ax.set_ylabel("test top-1 (%)")
-  ax.legend()
-  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
