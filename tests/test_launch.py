@@ -459,7 +459,8 @@ def test_slurm_dry_run_outside_slurm():
   assert "--kill-on-bad-exit=1" in srun
   i = srun.index("bash")
   assert srun[i + 1] == "-c" and "BSSL_LOCAL_DEVICE_IDS=$SLURM_LOCALID" in srun[i + 2]
-  assert srun[i + 4:] == ["python3", "-u", "-m", "bssl.main", "--config=configs/resnext.py",
+  py = os.environ.get("PYTHON", "python3")  # conftest: this interpreter (the venv's)
+  assert srun[i + 4:] == [py, "-u", "-m", "bssl.main", "--config=configs/resnext.py",
                           "--workdir=/shared/run1", "--config.note=a b"]
   # Without `--`, the first non-launcher argument starts the program arguments.
   r2 = run(SLURM, "--dry_run", "--config=configs/resnext.py", "--workdir=/shared/run1",
