@@ -81,3 +81,24 @@ def test_packaged_config_is_found_from_another_folder(tmp_path):
                       f"--workdir={tmp_path / 'w'}"], cwd=tmp_path, capture_output=True,
                      text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
   _one_line_exit_2(r.returncode, r.stderr, "nope.py")
+
+
+def test_console_commands_of_the_installed_package(tmp_path):
+  """After ``setup.sh`` (bssl installed in the venv): every console command runs from any
+  folder and its user errors are one line, exit 2."""
+  import shutil
+  bindir = os.path.dirname(sys.executable)
+  found = {c: shutil.which(c, path=bindir) for c in
+           ("bssl", "bssl-sweep", "bssl-ingest", "bssl-compare", "bssl-convert")}
+  if not all(found.values()):
+    pytest.skip(f"bssl is not installed next to {sys.executable} (run setup.sh)")
+  for cmd, args, want in (
+      ("bssl", ["--config=demo:tiny"], "--workdir is required"),
+      ("bssl-sweep", ["--config=demo:tiny", f"--workdir={tmp_path}/s"], "--sweep is required"),
+      ("bssl-ingest", [f"--input={tmp_path}/nope", f"--out={tmp_path}/o"], "does not exist"),
+      ("bssl-compare", ["--config=demo:compare"], "--workdir is required"),
+      ("bssl-convert", ["--to_torch", f"{tmp_path}/nope", "--out=x.pth", "--model=resnet18"],
+       "does not exist")):
+    r = subprocess.run([found[cmd], *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    _one_line_exit_2(r.returncode, r.stderr, want)
