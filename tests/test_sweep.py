@@ -98,7 +98,10 @@ def test_sweep_cli_errors_are_one_line(tmp_path):
       (["--sweep=select.k=20,x"], "select.k='x' is not a int"),
       (["--sweep=select.k=20", "--seeds=a"], "--seeds"),
       (["--sweep=select.p=2,11"], "point select.p=2,seed=0: score.max_p must be at most"),
-      ([], "--sweep is required")):
+      ([], "--sweep is required"),
+      (["--sweep=select.k=20", "--jobs=0"], "--jobs must be a positive integer"),
+      (["--sweep=select.k=20", "--share_from=/nonexistent/sweep"], "is not a folder"),
+      (["--sweep=teacher.model_kwargs=[{]"], "is not a JSON list")):
     r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
                         f"--workdir={tmp_path / 'w'}", *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
