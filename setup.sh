@@ -2,7 +2,8 @@
 # Sets bssl up on a fresh Debian/Ubuntu machine: Debian's dataset-fashion-mnist (the
 # offline demo's data), then a virtual environment (.venv, or $BSSL_VENV) with bssl
 # installed in it (editable) at the pinned versions of requirements.txt. --dev adds the
-# test extras (requirements-dev.txt) and the CPU build of PyTorch (requirements-torch.txt).
+# test extras (requirements-dev.txt) and PyTorch (requirements-torch.txt; pip takes a CPU
+# build where one is on disk, as here for Python 3.11, else PyPI's default build).
 # The environment is bssl's own: a system Python that forbids installs (PEP 668) is not
 # touched. Python: $PYTHON, else python3; 3.11, 3.12 and 3.13 are supported.
 set -euo pipefail
@@ -36,6 +37,10 @@ VENV="${BSSL_VENV:-.venv}"
 if [ -x "$VENV/bin/python" ]; then
   have=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
   if [ "$have" != "$ver" ]; then
+    if [ ! -e "$VENV/.made-by-bssl-setup" ]; then
+      echo "setup.sh: $VENV is Python $have, not $ver, and was not made by setup.sh: not touching it (set BSSL_VENV or PYTHON)" >&2
+      exit 2
+    fi
     echo "setup.sh: $VENV is Python $have, $PY is $ver: making it anew"
     rm -rf "$VENV"
   fi
@@ -49,6 +54,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     $SUDO apt-get install -y -qq "python$ver-venv" || $SUDO apt-get install -y -qq python3-venv
     "$PY" -m venv "$VENV"
   fi
+  touch "$VENV/.made-by-bssl-setup"
 fi
 
 reqs=(-r requirements.txt)

@@ -64,7 +64,7 @@ def resolve_config_path(arg: str) -> str:
   here names ``bssl/configs/demo.py`` of the installed package."""
   import os
   path, sep, preset = arg.partition(":")
-  if os.path.exists(path):
+  if os.path.isfile(path):
     return arg
   name = os.path.basename(path)
   name = name if name.endswith(".py") else name + ".py"

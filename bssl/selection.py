@@ -699,7 +699,9 @@ class GlobalTopK:
   Order: score descending, then smaller id, then smaller class. Like :class:`RankedTopK`,
   the pairs are kept separately for each rank ``r < p`` of a class within its image's top
   classes, so any ``k' <= k`` and ``p' <= p`` is derived exactly (a pair in the global top
-  ``k' * C`` of ranks ``< p'`` is in the top ``k' * C`` of its own rank). Memory: at most
+  ``k' * C`` of ranks ``< p'`` is in the top ``k' * C`` of its own rank). Candidates below
+  a rank's ``k * C``-th best kept score are dropped on arrival; the rest wait in batches
+  until ``k * C`` of them are pending, then one sort keeps the best. Memory: at most
   ``2 * p * k * C`` (id, class, score) rows, 16 bytes each (plain arrays: the global order
   needs no per-class packing, so ids are not limited to 32 bits)."""
 
@@ -709,6 +711,9 @@ class GlobalTopK:
     self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
     self.n = self.k * self.num_classes
     self._rows = [self._empty() for _ in range(self.p)]
+    self._pending = [[] for _ in range(self.p)]  # batches not yet compacted in
+    self._pending_n = [0] * self.p
+    self._thresh = [-np.inf] * self.p  # the n-th best score kept, once n are kept
     self._seen = 0
 
   @staticmethod
@@ -720,12 +725,18 @@ class GlobalTopK:
     """Indices in selection order (score descending, id, class ascending)."""
     return np.lexsort((classes, ids, -scores.astype(np.float64)))
 
-  def _compact(self, r: int, force: bool = False) -> None:
+  def _compact(self, r: int) -> None:
+    """Folds rank ``r``'s pending batches into its kept rows: the ``n`` best remain."""
+    if self._pending[r]:
+      self._rows[r] = tuple(np.concatenate(cols) for cols in zip(self._rows[r],
+                                                                 *self._pending[r]))
+      self._pending[r], self._pending_n[r] = [], 0
     ids, classes, scores = self._rows[r]
-    if len(ids) <= self.n and not force:
-      return
-    order = self._order(ids, classes, scores)[:self.n]
-    self._rows[r] = (ids[order], classes[order], scores[order])
+    if len(ids) > self.n:
+      order = self._order(ids, classes, scores)[:self.n]
+      self._rows[r] = (ids[order], classes[order], scores[order])
+    if len(self._rows[r][0]) == self.n:
+      self._thresh[r] = float(self._rows[r][2].min())
 
   @property
   def num_candidates_seen(self) -> int:
@@ -745,10 +756,15 @@ class GlobalTopK:
       raise ValueError(f"classes must lie in 0..{self.num_classes - 1}")
     self._seen += classes.size
     for r in range(self.p):
-      a, c, s = self._rows[r]
-      self._rows[r] = (np.concatenate([a, ids]), np.concatenate([c, classes[:, r].astype(
-          np.int32)]), np.concatenate([s, scores[:, r]]))
-      if len(self._rows[r][0]) > 2 * self.n:
+      # below the n-th best kept score a candidate can never enter (equal scores can:
+      # a smaller id wins the tie)
+      keep = scores[:, r] >= self._thresh[r]
+      if not keep.any():
+        continue
+      self._pending[r].append((ids[keep], classes[keep, r].astype(np.int32),
+                               scores[keep, r]))
+      self._pending_n[r] += int(keep.sum())
+      if self._pending_n[r] > self.n:
         self._compact(r)
 
   def merge(self, other: "GlobalTopK") -> "GlobalTopK":
@@ -756,8 +772,9 @@ class GlobalTopK:
         self.num_classes, self.k, self.p):
       raise ValueError("can only merge a GlobalTopK of the same num_classes, k and p")
     for r in range(self.p):
-      self._rows[r] = tuple(np.concatenate([x, y]) for x, y in zip(self._rows[r],
-                                                                   other._rows[r]))
+      other._compact(r)
+      self._pending[r].append(other._rows[r])
+      self._pending_n[r] += len(other._rows[r][0])
       self._compact(r)
     self._seen += other._seen
     return self
@@ -769,6 +786,8 @@ class GlobalTopK:
     p = self.p if p is None else int(p)
     if not (1 <= k <= self.k and 1 <= p <= self.p):
       raise ValueError(f"k and p must be in 1..{self.k} and 1..{self.p}, got {k} and {p}")
+    for r in range(p):
+      self._compact(r)
     ids, classes, scores = (np.concatenate(col) for col in zip(*self._rows[:p]))
     top = self._order(ids, classes, scores)[:k * self.num_classes]
     ids, classes, scores = ids[top], classes[top], scores[top]
@@ -784,7 +803,7 @@ class GlobalTopK:
            "num_classes": np.asarray(self.num_classes, np.int64),
            "num_candidates_seen": np.asarray(self._seen, np.int64)}
     for r in range(self.p):
-      self._compact(r, force=True)
+      self._compact(r)
       for name, col in zip(("ids", "classes", "scores"), self._rows[r]):
         out[f"r{r}__{name}"] = col
     return out
@@ -798,5 +817,7 @@ class GlobalTopK:
     out._rows = [(np.asarray(d[f"r{r}__ids"], np.int64), np.asarray(d[f"r{r}__classes"],
                   np.int32), np.asarray(d[f"r{r}__scores"], np.float32))
                  for r in range(out.p)]
+    for r in range(out.p):
+      out._compact(r)  # sets the threshold
     out._seen = int(np.asarray(d["num_candidates_seen"]))
     return out

@@ -11,12 +11,13 @@ D̂ of any smaller K and P is derived from it). Rerunning the command continues 
 finished points are kept, an interrupted one resumes where it stopped.
 
 ``--jobs=N`` runs N points at once, each in its own process (a point that needs a stage
-another point is computing waits for it, then copies it). ``--share_from=DIR,...`` lets
+another point is computing waits for it, then copies it; SIGTERM is passed on to them).
+It is meant for CPU machines: on one GPU or TPU, N processes would compete for it. ``--share_from=DIR,...`` lets
 points copy finished stages of other sweeps (one baseline and teacher for every axis).
 ``--emit`` prints one command per point instead (this command with ``--point=<name>``, for
 a SLURM array or a pod); run them in grid order so that shared stages exist when a later
-point starts (on a shared local filesystem they may run at once: they wait for each
-other); ``--collect`` then writes the summary. The summary: ``DIR/sweep.json`` (every point: overrides, seed,
+point starts (run at once, a stage shared by points running on different machines may
+be computed twice, never wrongly); ``--collect`` then writes the summary. The summary: ``DIR/sweep.json`` (every point: overrides, seed,
 top-1 of every model, D̂ size and label precision), ``DIR/sweep.md`` (a table per axis:
 mean ± std over seeds) and ``DIR/<axis>.png`` (student and baseline top-1 against the
 axis; log x for sizes and counts).
@@ -66,11 +67,12 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
     kinds = {dict: (dict,), tuple: (list,), bool: (bool,), int: (int,), float: (int, float),
              str: (str,)}.get(f.type, (object,))
     if not isinstance(out, list) or not out or not all(
-        isinstance(v, kinds) and not (f.type is not bool and isinstance(v, bool))
+        (v is None and f.optional) or (
+            isinstance(v, kinds) and not (f.type is not bool and isinstance(v, bool)))
         for v in out):
       raise SweepError(f"--sweep: {name} takes {f.type.__name__} values; got {values!r}")
     if f.type is tuple:
-      out = [tuple(v) for v in out]
+      out = [None if v is None else tuple(v) for v in out]
     if len({json.dumps(v, sort_keys=True) for v in out}) != len(out):
       raise SweepError(f"--sweep: repeated values for {name!r}: {out}")
     return name, out
@@ -109,18 +111,37 @@ def _label(v) -> str:
   return str(v).replace("/", "_")
 
 
-def _name(overrides: dict, seed: int) -> str:
-  parts = [f"{k}={_label(v)}" for k, v in overrides.items()] + [f"seed={seed}"]
-  return ",".join(parts)
+def _labels(values: list) -> dict:
+  """Folder-name labels of an axis's values; values whose labels collide (``{"x": -1}``
+  and ``{"x": 1}`` both read ``x-1``) get a short hash of the value appended."""
+  labels = [_label(v) for v in values]
+  out = {}
+  for v, lab in zip(values, labels):
+    if labels.count(lab) > 1:
+      lab += "~" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
+    out[json.dumps(v, sort_keys=True)] = lab
+  return out
+
+
+def _name(overrides: dict, seed: int, labels: dict | None = None) -> str:
+  parts = []
+  for k, v in overrides.items():
+    lab = (labels or {}).get(k, {}).get(json.dumps(v, sort_keys=True)) or _label(v)
+    parts.append(f"{k}={lab}")
+  return ",".join(parts + [f"seed={seed}"])
 
 
 def points(cfg, axes: list[tuple[str, list]], seeds: list[int]) -> list[dict]:
   """The grid, in an order where points sharing a teacher follow each other."""
   out = []
+  labels = {name: _labels(vals) for name, vals in axes}
   for seed in seeds:
     for combo in itertools.product(*[vals for _, vals in axes]):
       overrides = {name: v for (name, _), v in zip(axes, combo)}
-      out.append({"name": _name(overrides, seed), "overrides": overrides, "seed": seed})
+      out.append({"name": _name(overrides, seed, labels), "overrides": overrides,
+                  "seed": seed})
+  if len({p["name"] for p in out}) != len(out):  # cannot happen after _labels; a guard
+    raise SweepError("--sweep: two points of the grid would share a folder name")
   return out
 
 
@@ -160,11 +181,16 @@ def _copy_stage(src, dst) -> None:
 
 
 def _alive(owner: dict) -> bool:
+  """Whether a claim's process still runs. A claim of another machine cannot be checked
+  and is not waited for (the stage may then be computed twice, never wrongly: each point
+  has its own folder)."""
   if owner.get("host") != socket.gethostname():
-    return True  # another machine's claim: taken as alive (claims are for local --jobs)
+    return False
   try:
     os.kill(int(owner["pid"]), 0)
     return True
+  except PermissionError:
+    return True  # another user's live process
   except (OSError, ValueError, KeyError):
     return False
 
@@ -200,23 +226,29 @@ class Sharer:
 
   def __call__(self, name: str, fp: dict) -> bool:
     from bssl import parallel
+    if parallel.process_count() > 1:  # one decision for every host: process 0's
+      if parallel.is_main_process():
+        self._share(name, fp)
+      parallel.sync(f"bssl_share_{name}_decided")
+      return self.root.joinpath("points", self.point, name, "done.json").exists()
+    return self._share(name, fp)
+
+  def _share(self, name: str, fp: dict) -> bool:
     dst = self.root / "points" / self.point / name
-    if parallel.is_main_process() and dst.exists():
+    if dst.exists():
       # no started.json and no done.json (the engine calls this hook only then): what is
       # there is a copy cut short by a kill; never resume from it
       workdir_lib.rmtree(dst)
-    parallel.sync(f"bssl_share_{name}_clean")
     claim, waiting = None, False
     while True:
       src = self._find_done(name, fp)
       if src is not None:
-        if parallel.is_main_process():
-          _copy_stage(src / name, dst)
+        _copy_stage(src / name, dst)
         self.copied.append(name)
         self.log(f"sweep: {name} shared from {src}")
         return True
-      if not self.local or parallel.process_count() > 1:
-        return False  # claims only for local parallel points
+      if not self.local:
+        return False  # claims only for points on a local (or shared) filesystem
       if claim is None:
         key = json.dumps(fp, sort_keys=True)
         claim = self.root / "claims" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -400,6 +432,16 @@ def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int 
       progress(p, "done")
   else:
     queue, running, failed = _launch_order(todo, jobs), {}, []
+    import signal
+    stop = []
+
+    def on_term(signum, frame):  # preemption: pass it on, let the points checkpoint
+      stop.append(signum)
+      queue.clear()
+      for q in running:
+        if q.poll() is None:
+          q.send_signal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, on_term)
     while queue or running:
       while queue and len(running) < jobs:
         p = queue.pop(0)
@@ -422,9 +464,11 @@ def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int 
               f"{root_p / 'points' / p['name'] / 'sweep.log'}")
           if proc.returncode in (2, 143):  # a user error or preemption: stop launching
             queue.clear()
-    if failed:
+    signal.signal(signal.SIGTERM, previous)
+    if failed or stop:
       collect(root, axes, pts)
-      code = 143 if all(c == 143 for _, c in failed) else 1
+      codes = {c for _, c in failed}
+      code = 143 if stop or codes == {143} else 2 if 2 in codes else 1
       log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
           f"continue")
       sys.exit(code)
@@ -433,8 +477,8 @@ def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int 
 
 def emit(base, axes, seeds, argv: list[str]) -> list[str]:
   """One command per point (grid order): this command with ``--point=<name>``; each
-  shares the finished stages of the points before it (run them in order, or at once on
-  a shared local filesystem, where a point waits for a stage another is computing)."""
+  shares the finished stages of the points before it (run them in grid order; points run
+  at once on one machine wait for a stage another is computing)."""
   return [" ".join(shlex.quote(a) for a in [sys.executable, "-m", "bssl.sweep", *argv,
                                             f"--point={p['name']}"])
           for p in points(base, axes, seeds)]
@@ -468,8 +512,14 @@ def _main(argv):
         config_lib.validate(point_config(base, p, axes))
       except config_lib.ConfigError as e:
         raise SweepError(f"--sweep point {p['name']}: {e}") from None
-    point_argv = [a for a in sys.argv[1:]
-                  if not a.startswith(("--jobs", "--emit", "--noemit", "--collect"))]
+    point_argv, skip = [], False
+    for a in sys.argv[1:]:
+      if skip:
+        skip = False
+      elif a == "--jobs":
+        skip = True  # "--jobs N"
+      elif not a.startswith(("--jobs=", "--emit", "--noemit", "--collect", "--nocollect")):
+        point_argv.append(a)
     if f.emit:
       print("\n".join(emit(base, axes, seeds, point_argv)))
       return
@@ -486,13 +536,15 @@ def _main(argv):
       pts = {p["name"]: p for p in points(base, axes, seeds)}
       if f.point not in pts:
         raise SweepError(f"--point: {f.point!r} is not a point of this grid")
+      from bssl import parallel
+      parallel.maybe_initialize_distributed(force=f.distributed)
       run_point(base, f.workdir, axes, pts[f.point], share_from)
       return
     if f.collect:
       s = collect(f.workdir, axes, points(base, axes, seeds))
     else:
       from bssl import parallel
-      parallel.maybe_initialize_distributed()
+      parallel.maybe_initialize_distributed(force=f.distributed)
       if f.jobs > 1 and parallel.process_count() > 1:
         raise SweepError("--jobs > 1 cannot be combined with a multi-process launch")
       s = run_sweep(base, f.workdir, axes, seeds, share_from=share_from, jobs=f.jobs,

@@ -136,6 +136,10 @@ def test_dict_fields_are_swept_as_json_lists():
                                       "teacher.model_kwargs=depths-2-2-2-widths-32-64-128,seed=0"]
   got = sweep.point_config(cfg, pts[1], [(name, vals)]).teacher.model_kwargs
   assert dict(got) == {"widths": [32, 64, 128], "depths": [2, 2, 2]}  # replaced, not merged
+  # values whose readable labels collide get distinct folders
+  name, vals = sweep.parse_axis('teacher.model_kwargs=[{"x": -1}, {"x": 1}, {"x": 2}]', cfg)
+  names = [p["name"] for p in sweep.points(cfg, [(name, vals)], [0])]
+  assert len(set(names)) == 3 and names[2] == "teacher.model_kwargs=x-2,seed=0", names
   for bad, msg in (("teacher.model_kwargs=[1, 2]", "takes dict values"),
                    ("teacher.model_kwargs=[{]", "not a JSON list"),
                    ("teacher.model_kwargs={}", "takes a JSON list"),

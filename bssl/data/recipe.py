@@ -55,6 +55,10 @@ def build_data(cfg) -> Data:
                                            field="data.val_dir")
       data_identity = ";".join(f"{k}={s.identity()}" for k, s in (
           ("train", train_all), ("test", test), ("val", val)) if s is not None)
+      # Folders list their images class by class: a fixed shuffle (the same for every
+      # seed) so that data.subset and unlabelled.limit (first N) take every class, nested.
+      train_all = train_all.subset(np.random.default_rng(0).permutation(len(train_all)))
+      test = test.subset(np.random.default_rng(1).permutation(len(test)))
     else:
       shape = (d.image_size, d.image_size, d.channels)
       train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)

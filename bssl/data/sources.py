@@ -274,7 +274,9 @@ class LabelledFolderSource:
     """The file list's fingerprint (files added, removed, renamed or moved between class
     folders change it)."""
     from bssl.data import ingest
-    return (f"files:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
+    root = str(workdir_lib_path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
+    rel = [f[len(root):] if f.startswith(root) else f for f in self.files]
+    return (f"files:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
             f":n={len(self.files)}")
 
 
