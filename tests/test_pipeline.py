@@ -193,7 +193,7 @@ def test_every_field_that_defaults_to_none_can_be_set_from_the_command_line(conf
   placeholders (config_lib.optional)."""
   import importlib
   import ml_collections
-  cfg = importlib.import_module(config_name).get_config(preset)
+  cfg = importlib.import_module(f"bssl.configs.{config_name}").get_config(preset)
 
   def none_leaves(c, prefix=""):
     for k in c.keys():
