@@ -571,13 +571,9 @@ def _readers(name: str, cfg) -> str:
     return "every stage"
   if not out and head in table:
     out = [head]
-  if not out:
-    if head == "score":
-      out = ["score"]
-    elif head == "weak":
-      out = ["weak_pretrain"]
-    elif head == "unlabelled":
-      out = ["score", "select", "pretrain"]
+  if not out:  # a cosmetic field of a section that is not a stage's name
+    out = {"weak": ["weak_pretrain"], "unlabelled": ["score", "select", "pretrain"]}.get(
+        head, [])
   return ", ".join(out) if out else "the engine"
 
 

@@ -40,7 +40,9 @@ def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
                 data_identity: str | None = None) -> dict:
   """What a stage's result depends on: its config fields, the artifacts it reads, the
   backend and, for the stages that read U, what U's files are (``unlabelled_identity``:
-  the same folder or ingest path may hold other files on a rerun)."""
+  the same folder or ingest path may hold other files on a rerun); for every stage, what
+  D's, validation's and test's files are when they are read from folders
+  (``data_identity``)."""
   inputs = {}
   for up in stage.reads(cfg):
     d = wd.done(up)

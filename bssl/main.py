@@ -9,6 +9,7 @@ crash or preemption continues where the work directory (local or ``gs://``) left
 Exit codes: 0 done; 2 a user error (bad flag, config, data or work directory: one line on
 stderr, nothing written); 143 preempted by SIGTERM (a checkpoint was saved; rerun).
 """
+import os
 import sys
 
 from bssl import hostmem
@@ -62,7 +63,6 @@ def resolve_config_path(arg: str) -> str:
   """``--config`` value with the packaged configs found from anywhere: ``demo``,
   ``demo.py`` or ``configs/demo.py`` (with an optional ``:preset``) that is not a file
   here names ``bssl/configs/demo.py`` of the installed package."""
-  import os
   path, sep, preset = arg.partition(":")
   if os.path.isfile(path):
     return arg

@@ -98,6 +98,14 @@ def plan_chunks(parts_dir, num_images: int, chunk_images: int) -> tuple[int, lis
   return gen, chunks
 
 
+def _accumulator_kind(ranked: bool, balanced: bool):
+  """The top-K accumulator a scoring pass keeps, and its parts hold: the global top K x C
+  (unbalanced), a per-class top-K per rank (ranked), or the plain per-class top-K."""
+  if not balanced:
+    return GlobalTopK
+  return RankedTopK if ranked else TopKPerClass
+
+
 def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,
                 ranked: bool = False, balanced: bool = True) -> None:
   """Every part was made for this U, K and P (the engine's fingerprint guards the same;
@@ -132,10 +140,8 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   (:class:`bssl.selection.GlobalTopK`, per rank as well)."""
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
-  if not balanced:
-    acc = GlobalTopK(num_classes, k, p)
-  else:
-    acc = RankedTopK(num_classes, k, p) if ranked else TopKPerClass(num_classes, k)
+  kind = _accumulator_kind(ranked, balanced)
+  acc = TopKPerClass(num_classes, k) if kind is TopKPerClass else kind(num_classes, k, p)
   ranges, bad, scored, seq = [], [], 0, 0
   stem = f"g{gen:04d}_p{process_index:05d}"
   bounds, chunk_of = [], []
@@ -177,10 +183,10 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
       raise NonFiniteLogitsError(f"[score] the teacher's logits are NaN/inf for image ids "
                                  f"{ids[mask & ~finite][:20].tolist()}; the teacher "
                                  f"checkpoint is likely diverged.")
-    if ranked or not balanced:
-      acc.update_ranked(ids[mask], classes[mask], scores[mask])
-    else:
+    if kind is TopKPerClass:
       acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
+    else:
+      acc.update_ranked(ids[mask], classes[mask], scores[mask])
     scored += int(mask.sum())
     done_images += int(bounds[j, 1] - bounds[j, 0])
     c = chunk_of[j]
@@ -285,9 +291,8 @@ def merge_parts(parts_dir, num_images: int
   for _, _, meta in parts:
     d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
     state = {k[5:]: v for k, v in d.items() if k.startswith("acc__")}
-    kind = (GlobalTopK if not meta.get("balanced", True) else
-            RankedTopK if meta.get("ranked") else TopKPerClass)
-    a = kind.from_state_dict(state)
+    a = _accumulator_kind(bool(meta.get("ranked", False)),
+                          bool(meta.get("balanced", True))).from_state_dict(state)
     bad.extend(int(x) for x in d["bad_ids"])
     acc = a if acc is None else acc.merge(a)
   if len(bad) != info["num_bad"]:

@@ -207,7 +207,7 @@ class Sharer:
     self.root, self.point = workdir_lib.path(root), point
     self.roots = [self.root] + [workdir_lib.path(r) for r in share_from]
     self.log, self.poll_s = log, poll_s
-    self.local = not str(self.root).startswith("gs://")
+    self.local = not workdir_lib.is_remote(self.root)
     self.copied: list[str] = []
 
   def _find_done(self, name: str, fp: dict):
@@ -288,6 +288,29 @@ def _row(point: dict, res: dict) -> dict:
           "unlabelled_images": (res.get("scoring") or {}).get("num_unlabelled")}
 
 
+def _group(rows, name, v) -> list[dict]:
+  """The rows of the points whose axis ``name`` has value ``v``."""
+  return [r for r in rows if r["overrides"].get(name) == v]
+
+
+def _top1s(group, key) -> list[float]:
+  """Test top-1 (%) of model ``key`` in each row that has it."""
+  return [100 * r["top1"][key] for r in group if key in r["top1"]]
+
+
+def _gains(group) -> list[float]:
+  """The paired gain (points): each seed's student against the same seed's baseline."""
+  return [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in group
+          if {"student", "baseline"} <= set(r["top1"])]
+
+
+def _mean_std(xs) -> tuple[float, float]:
+  """Mean and sample standard deviation over seeds (0 for one seed; NaN mean for none)."""
+  if not xs:
+    return np.nan, 0.0
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
 def collect(root, axes, pts) -> dict:
   """sweep.json, sweep.md and a figure per axis from the points' results."""
   root = workdir_lib.path(root)
@@ -306,20 +329,19 @@ def collect(root, axes, pts) -> dict:
            "pre-trained | student | student − baseline (paired) | D̂ rows | D̂ precision |",
            "|---|---|---|---|---|---|---|---|---|"]
     for v in values:
-      group = [r for r in rows if r["overrides"].get(name) == v]
-      def ms(key, group=group):
-        xs = [r["top1"][key] for r in group if key in r["top1"]]
-        if not xs:
-          return "—"
-        return f"{100 * np.mean(xs):.2f} ± {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.2f}"
+      group = _group(rows, name, v)
+
+      def ms(xs, sign=""):
+        m, sd = _mean_std(xs)
+        return f"{m:{sign}.2f} ± {sd:.2f}" if xs else "—"
+
+      def model(key, group=group):
+        return ms(_top1s(group, key))
       prec = [r["dhat_label_precision"] for r in group if r["dhat_label_precision"] is not None]
       size = [r["dhat_rows"] for r in group if r["dhat_rows"] is not None]
-      gains = [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in group
-               if {"student", "baseline"} <= set(r["top1"])]
-      gain = (f"{np.mean(gains):+.2f} ± {np.std(gains, ddof=1) if len(gains) > 1 else 0:.2f}"
-              if gains else "—")
-      md.append(f"| {_label(v)} | {len(group)} | {ms('baseline')} | {ms('teacher')} | "
-                f"{ms('student_pretrained')} | {ms('student')} | {gain} | "
+      gain = ms(_gains(group), "+")
+      md.append(f"| {_label(v)} | {len(group)} | {model('baseline')} | {model('teacher')} | "
+                f"{model('student_pretrained')} | {model('student')} | {gain} | "
                 f"{int(np.mean(size)) if size else '—'} | "
                 f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |")
     md.append("")
@@ -346,21 +368,11 @@ def _figure(path, name, values, rows) -> None:
       xs = list(range(len(values)))
   fig, (ax, gx) = plt.subplots(1, 2, figsize=(9, 3.5))
   for key, style in (("student", "o-"), ("student_pretrained", "^:"), ("baseline", "s--")):
-    means, stds = [], []
-    for v in values:
-      g = [100 * r["top1"][key] for r in rows if r["overrides"].get(name) == v and key in
-           r["top1"]]
-      means.append(np.mean(g) if g else np.nan)
-      stds.append(np.std(g, ddof=1) if len(g) > 1 else 0.0)
+    means, stds = zip(*[_mean_std(_top1s(_group(rows, name, v), key)) for v in values])
     ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3,
                 label={"student_pretrained": "student, pre-trained only"}.get(key, key))
   # the paired gain: each seed's student against the same seed's baseline (same D)
-  means, stds = [], []
-  for v in values:
-    g = [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in rows
-         if r["overrides"].get(name) == v and {"student", "baseline"} <= set(r["top1"])]
-    means.append(np.mean(g) if g else np.nan)
-    stds.append(np.std(g, ddof=1) if len(g) > 1 else 0.0)
+  means, stds = zip(*[_mean_std(_gains(_group(rows, name, v))) for v in values])
   gx.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, color="C2")
   gx.axhline(0, color="gray", lw=0.8)
   gx.set_ylabel("student − baseline, same seed (points)")
@@ -529,7 +541,7 @@ def _main(argv):
         raise SweepError(f"--share_from: {r!r} is not a folder (another sweep's --workdir)")
     if f.jobs < 1:
       raise SweepError(f"--jobs must be a positive integer, got {f.jobs}")
-    if f.jobs > 1 and str(f.workdir).startswith("gs://"):
+    if f.jobs > 1 and workdir_lib.is_remote(f.workdir):
       raise SweepError("--jobs > 1 runs points as processes on this machine and needs a "
                        "local --workdir; on a cluster use --emit")
     if f.point:

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bssl import workdir as workdir_lib
+
 FASHION_MNIST_DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -215,7 +217,7 @@ class LabelledFolderSource:
       self.ids = np.arange(len(self.files), dtype=np.int64)
       return
     from bssl.data import ingest
-    p = workdir_lib_path(root) if root else None
+    p = workdir_lib.path(root) if root else None
     if p is None or not p.is_dir():
       raise DataError(f"{field}: {root!r} is not a folder. Accepted: a folder with one "
                       f"subfolder of images per class ({', '.join(IMAGE_EXTENSIONS)}).")
@@ -274,15 +276,10 @@ class LabelledFolderSource:
     """The file list's fingerprint (files added, removed, renamed or moved between class
     folders change it)."""
     from bssl.data import ingest
-    root = str(workdir_lib_path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
+    root = str(workdir_lib.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
     rel = [f[len(root):] if f.startswith(root) else f for f in self.files]
     return (f"files:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
             f":n={len(self.files)}")
-
-
-def workdir_lib_path(p: str):
-  from bssl import workdir
-  return workdir.path(p)
 
 
 # ----------------------------------------------------------------------------- TFDS
