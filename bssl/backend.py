@@ -175,10 +175,13 @@ class JaxScorer:
     self.variables = parallel.local_copy(variables, repl)
 
     def step(variables, images):
-      logits = model.apply(variables, normalize(images, mean, std), train=False)
-      logits = logits.astype(jnp.float32)
-      finite = jnp.all(jnp.isfinite(logits), axis=-1)
-      scores, classes = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_p)
+      if images.ndim == 6:  # videos [B, N, T, H, W, C]: the mean of the N clips' softmax
+        probs = train.video_probs(model, variables, images, mean, std)
+      else:
+        logits = model.apply(variables, normalize(images, mean, std), train=False)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      finite = jnp.all(jnp.isfinite(probs), axis=-1)
+      scores, classes = jax.lax.top_k(probs, top_p)
       return classes.astype(jnp.int32), scores, finite
 
     self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)

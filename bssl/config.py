@@ -45,9 +45,11 @@ TRANSFER_MODES = ("fc_only", "full_ft")
 TRANSFER_MODELS = ("baseline", "teacher", "student")
 WEAK_KINDS = ("synthetic", "tags_file")
 RESAMPLING = ("none", "sqrt", "inverse")
-DATA_KINDS = ("fashion_mnist", "image_folder", "tfds", "fake")
-UNLABELLED_KINDS = ("rest_of_train", "image_folder", "shards", "tfds", "fake")
-AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
+VIDEO_DATA_KINDS = ("moving_fashion_mnist", "video_folder", "fake_video")
+DATA_KINDS = ("fashion_mnist", "image_folder", "tfds", "fake") + VIDEO_DATA_KINDS
+UNLABELLED_KINDS = ("rest_of_train", "image_folder", "shards", "tfds", "fake", "video_list")
+IMAGE_ONLY_UNLABELLED = ("image_folder", "shards", "tfds")
+AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "random_resized_crop_flip", "none")
 EVAL_TRANSFORMS = ("none", "resize_center_crop")
 
 
@@ -143,14 +145,33 @@ FIELDS = (
     Field("data.subset", None, int, "fashion_mnist/fake/image_folder: only "
           "the first N training images "
           "(and N/4 test images)", minimum=1, optional=True),
+    # video (data.kind in VIDEO_DATA_KINDS; bssl/data/video.py)
+    Field("data.clip_len", 8, int, "video: frames per clip", minimum=1),
+    Field("data.frame_stride", 1, int, "video: a clip takes every frame_stride-th frame",
+          minimum=1),
+    Field("data.num_clips", 10, int, "video: uniformly spaced clips per video whose softmax "
+          "is averaged in evaluation and scoring (the paper: 10)", minimum=1),
+    Field("data.video_frames", 16, int, "moving_fashion_mnist/fake_video: frames per video",
+          minimum=1),
+    Field("data.garment_size", 20, int, "moving_fashion_mnist: garment size in pixels on "
+          "the data.image_size canvas", minimum=1),
+    Field("data.train_csv", None, str, "video_folder: CSV of the training videos (columns "
+          "path,label or Kinetics' label,youtube_id,time_start,time_end)", optional=True),
+    Field("data.val_csv", None, str, "video_folder: CSV of validation videos (None: carve "
+          "data.val_per_class from the training videos)", optional=True),
+    Field("data.test_csv", None, str, "video_folder: CSV of the test videos", optional=True),
+    Field("data.video_dir", None, str, "video_folder: root of the CSVs' paths (default: "
+          "each CSV's folder)", optional=True),
+    Field("data.max_frames", None, int, "video files: decode at most this many frames of "
+          "each", minimum=1, optional=True),
     Field("data.fake_train_size", 160, int, "fake: training images", minimum=1),
     Field("data.fake_test_size", 40, int, "fake: test images", minimum=1),
     Field("data.eval_batch_size", 1000, int, "global batch of evaluation", minimum=1,
           cosmetic=True),
     # unlabelled: U
     Field("unlabelled.kind", "rest_of_train", str, "source of U", choices=UNLABELLED_KINDS),
-    Field("unlabelled.path", None, str, "image_folder: folder (recursive) or file list; "
-          "shards: the --out of `python -m bssl.ingest`", optional=True),
+    Field("unlabelled.path", None, str, "image_folder / video_list: folder (recursive) or "
+          "file list; shards: the --out of `python -m bssl.ingest`", optional=True),
     Field("unlabelled.drop_duplicates", True, bool, "shards: skip exact duplicates (same "
           "content hash as an earlier image) when scoring"),
     Field("unlabelled.cache_dir", None, str, "shards on gs://: local folder for the shards "
@@ -382,6 +403,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         raise ConfigError(f"data.kind='image_folder' needs data.{f} (a folder with one "
                           f"subfolder of images per class), got None")
   u = cfg.unlabelled
+  _check_video(cfg)
   if u.kind == "rest_of_train" and d.kind == "tfds":
     raise ConfigError("unlabelled.kind='rest_of_train' needs data.kind 'fashion_mnist', "
                       "'image_folder' or 'fake'; with TFDS data use 'image_folder' or 'tfds'")
@@ -461,6 +483,52 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
                       f"got {sc.max_p}")
   if num_devices is not None:
     check_batch_sizes(cfg, num_devices, num_processes)
+
+
+def is_video(cfg) -> bool:
+  return cfg.data.kind in VIDEO_DATA_KINDS
+
+
+def _check_video(cfg) -> None:
+  """Video data, video models and video-able stages go together."""
+  from bssl import models
+  d, u = cfg.data, cfg.unlabelled
+  video = is_video(cfg)
+  stages = set(parse_stages(cfg.stages))
+  for name in TRAIN_SECTIONS:
+    if name == "weak_pretrain" and "weak_pretrain" not in stages:
+      continue
+    m = cfg[name].model
+    if video != models.is_video_model(m):
+      raise ConfigError(
+          f"{name}.model={m!r} is {'a video' if not video else 'an image'} model but "
+          f"data.kind={d.kind!r} is {'image' if not video else 'video'} data; video data "
+          f"({', '.join(VIDEO_DATA_KINDS)}) needs one of {', '.join(models.VIDEO_MODEL_NAMES)}")
+  if not video:
+    if u.kind == "video_list":
+      raise ConfigError(f"unlabelled.kind='video_list' needs video data (data.kind one of "
+                        f"{VIDEO_DATA_KINDS}), got data.kind={d.kind!r}")
+    return
+  if u.kind in IMAGE_ONLY_UNLABELLED:
+    raise ConfigError(f"unlabelled.kind={u.kind!r} holds images; with video data use "
+                      f"'rest_of_train', 'video_list' or 'fake'")
+  if u.kind == "video_list" and not u.get("path"):
+    raise ConfigError("unlabelled.kind='video_list' needs unlabelled.path (a folder of "
+                      "videos, searched recursively, or a file list)")
+  if d.augment not in ("pad_crop_flip", "pad_crop", "none"):
+    raise ConfigError(f"data.augment={d.augment!r} is for images; video clips take "
+                      f"'pad_crop_flip', 'pad_crop' (no mirror) or 'none'")
+  if d.kind == "video_folder":
+    for f in ("train_csv", "test_csv"):
+      if not d.get(f):
+        raise ConfigError(f"data.kind='video_folder' needs data.{f} (a CSV with columns "
+                          f"path,label, or Kinetics' label,youtube_id,time_start,time_end)")
+  if d.kind == "moving_fashion_mnist" and d.garment_size > d.image_size:
+    raise ConfigError(f"data.garment_size={d.garment_size} must be at most "
+                      f"data.image_size={d.image_size} (the canvas)")
+  if "transfer" in stages:
+    raise ConfigError("the transfer stage transfers image models; video recipes have no "
+                      "transfer target (drop 'transfer' from --config.stages)")
 
 
 def _has(cfg, name: str) -> bool:

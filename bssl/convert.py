@@ -343,8 +343,7 @@ def _main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from_torch", metavar="CKPT.pth", help="PyTorch state_dict to convert")
     src.add_argument("--to_torch", metavar="DIR", help="converted (orbax) checkpoint to export")
-    from bssl.models import video as video_models
-    names = models.MODEL_NAMES + video_models.VIDEO_MODEL_NAMES
+    names = models.MODEL_NAMES
     p.add_argument("--model", help=f"architecture, one of: {', '.join(names)} "
                                    "(default for --to_torch: the one recorded in DIR)")
     p.add_argument("--out", required=True, help="output orbax directory (from_torch) or .pth file")

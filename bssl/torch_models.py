@@ -125,6 +125,9 @@ class ResNet(nn.Module):
 
 def create_torch_model(name: str, num_classes: int, *, in_channels: int = 3, **kwargs) -> ResNet:
     """Mirror of `bssl.models.create_model` (same names, same kwargs, same errors)."""
+    from bssl.models.video import VIDEO_MODEL_NAMES
+    if name in VIDEO_MODEL_NAMES:
+        raise ValueError(f"{name!r} is a video model: build its twin with create_torch_video_model")
     cfg = arch_config(name, **kwargs)
     if int(num_classes) <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")

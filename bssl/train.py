@@ -216,14 +216,26 @@ def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
 
 
+def video_probs(model, variables, videos, mean, std) -> jax.Array:
+  """Video-level class probabilities of ``videos`` uint8 [B, N, T, H, W, C]: the mean of
+  the N clips' softmax (the paper's 10-clip evaluation), on the device."""
+  from bssl.data.clips import video_level_probs
+  return video_level_probs(
+      lambda clip: model.apply(variables, normalize(clip, mean, std), train=False), videos)
+
+
 def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
   """``eval(variables, batch) -> sums`` of correct top-1/top-5, loss and count over
-  the masked batch."""
+  the masked batch. A batch of videos (``image`` [B, N, T, H, W, C]: N clips each) is
+  measured at the video level: top-k and loss of the mean of its clips' softmax."""
   k5 = min(5, num_classes)
 
   def step(variables, batch):
-    x = normalize(batch["image"], mean, std)
-    logits = model.apply(variables, x, train=False)
+    if batch["image"].ndim == 6:  # videos: log of the clip-averaged softmax as logits
+      logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std),
+                                   1e-30))
+    else:
+      logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, k5)[1]
@@ -510,5 +522,8 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
           "last_train_metrics": last_metrics}
 
 
-def spec_shape(spec: pipelines.ImageSpec) -> tuple[int, int, int]:
+def spec_shape(spec) -> tuple[int, ...]:
+  """One model input: an image (H, W, C) or, for a video spec, a clip (T, H, W, C)."""
+  if hasattr(spec, "clip_shape"):
+    return tuple(spec.clip_shape)
   return (spec.size, spec.size, spec.channels)

@@ -19,7 +19,7 @@ SMALL_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", models.IMAGE_MODEL_NAMES)
 def test_layout_matches_twin_without_allocating(name):
     # meta tensors + jax.eval_shape: resnext101_32x48d (828M parameters) costs nothing.
     variants = SMALL_VARIANTS if name == "resnet_small" else [dict()]

@@ -28,7 +28,7 @@ def shapes(model, x_shape):
 
 
 def test_registry_lists_all_models():
-    assert set(models.MODEL_NAMES) == set(TORCHVISION_COUNTS) | {"resnet_small"}
+    assert set(models.IMAGE_MODEL_NAMES) == set(TORCHVISION_COUNTS) | {"resnet_small"}
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_COUNTS))

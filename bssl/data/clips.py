@@ -52,10 +52,19 @@ def clips_of(video: np.ndarray, clip_len: int, frame_stride: int, num_clips: int
 
 def video_level_probs(apply_fn, clips):
   """Video-level prediction of a batch of videos' clips ``[B, N, T, H, W, C]``: the mean
-  over the N clips of each clip's softmax, computed on the device (jit-able)."""
+  over the N clips of each clip's softmax, computed on the device (jit-able). The clips
+  go through ``apply_fn`` (clips ``[B, T, H, W, C]`` -> logits) one clip index at a time
+  (a scan over N), so device memory holds one clip of every video at once, not N."""
   import jax
   import jax.numpy as jnp
-  b, n = clips.shape[:2]
-  logits = apply_fn(clips.reshape((b * n,) + clips.shape[2:]))
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return probs.reshape(b, n, -1).mean(axis=1)
+
+  def probs(x):
+    return jax.nn.softmax(apply_fn(x).astype(jnp.float32), axis=-1)
+
+  n = clips.shape[1]
+  first = probs(clips[:, 0])
+  if n == 1:
+    return first
+  rest = jnp.moveaxis(clips[:, 1:], 1, 0)
+  total, _ = jax.lax.scan(lambda acc, x: (acc + probs(x), None), first, rest)
+  return total / n

@@ -17,7 +17,7 @@ from PIL import Image
 
 from bssl.data.sources import BadImageError
 
-AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop_flip", "none")
+AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "random_resized_crop_flip", "none")
 EVAL_TRANSFORMS = ("none", "resize_center_crop")
 
 
@@ -217,6 +217,8 @@ class _TrainBatch(grain.transforms.Map):
     if self.spec.augment != "none":
       pad = self.spec.pad
       dy, dx, flip = pad_crop_flip_draws(pos, self.seed + 1, pad)
+      if self.spec.augment == "pad_crop":
+        flip = np.zeros_like(flip)
       images = pad_crop_flip_batch(images, dy, dx, flip, pad)
     return {"image": images, "label": np.array([r["label"] for r in recs], np.int32),
             "id": np.array([r["id"] for r in recs], np.int64)}
@@ -242,6 +244,12 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   """
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
+  from bssl.data import video as video_lib
+  if video_lib.is_video(spec):  # one clip per video at a random time (bssl/data/video.py)
+    return video_lib.train_dataset(source, spec, local_batch_size=local_batch_size, seed=seed,
+                                   process_index=process_index, process_count=process_count,
+                                   start_batch=start_batch,
+                                   read_options=_read_options(num_threads, prefetch))
   if spec.augment == "random_resized_crop_flip":
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # Augment before sharding: each element's random stream is keyed by its position in
@@ -284,9 +292,11 @@ class _RecordsBatch(grain.transforms.Map):
 
 
 def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
+  from bssl.data import video as video_lib
   bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
+  batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else _RecordsBatch
   ds = grain.MapDataset.range(len(bounds)).map(
-      _RecordsBatch(source, spec, batch_size=batch_size, bounds=bounds))
+      batcher(source, spec, batch_size=batch_size, bounds=bounds))
   it = ds.to_iter_dataset(_read_options(num_threads, prefetch))
   if num_workers > 0:
     # Decoding in worker processes (no GIL between them); batches come back in order.

@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 
 from bssl.data import pipelines, sources
+from bssl.data import video as video_lib
+
+VIDEO_KINDS = ("moving_fashion_mnist", "video_folder", "fake_video")
 
 
 @dataclasses.dataclass
@@ -17,7 +20,7 @@ class Data:
   test: Any              # never used to choose anything
   unlabelled: Any        # U (record ids = positions in U)
   unlabelled_true_labels: np.ndarray | None
-  spec: pipelines.ImageSpec
+  spec: Any             # pipelines.ImageSpec, or video.VideoSpec for video data
   class_names: tuple
   splits: dict
   # What U's files are, for the fingerprints of the stages that read U (the config names
@@ -32,14 +35,45 @@ class Data:
 def build_data(cfg) -> Data:
   """Opens the sources (cheap: no training) and fails clearly when data is missing."""
   d = cfg.data
-  spec = pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
-                             eval_transform=d.eval_transform, pad=d.get("pad", 4))
+  video = d.kind in VIDEO_KINDS
+  if video:
+    spec = video_lib.VideoSpec(size=d.image_size, channels=d.channels, clip_len=d.clip_len,
+                               frame_stride=d.frame_stride, num_clips=d.num_clips,
+                               augment=d.augment, pad=d.get("pad", 0))
+  else:
+    spec = pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
+                               eval_transform=d.eval_transform, pad=d.get("pad", 4))
   rng = np.random.default_rng(cfg.seed)
   splits: dict = {}
   val = None
   data_identity = None
-  if d.kind in ("fashion_mnist", "fake", "image_folder"):
-    if d.kind == "fashion_mnist":
+  if d.kind in ("fashion_mnist", "fake", "image_folder") + VIDEO_KINDS:
+    if d.kind == "moving_fashion_mnist":
+      train_all, test = video_lib.moving_fashion_mnist(
+          d.folder, frames=d.video_frames, size=d.image_size, garment=d.garment_size)
+    elif d.kind == "fake_video":
+      train_all = video_lib.fake_videos(d.fake_train_size, spec, d.video_frames,
+                                        d.num_classes, seed=1)
+      test = video_lib.fake_videos(d.fake_test_size, spec, d.video_frames, d.num_classes,
+                                   seed=2)
+    elif d.kind == "video_folder":
+      kw = dict(video_dir=d.get("video_dir"), max_frames=d.get("max_frames"))
+      train_all = video_lib.VideoFolderSource(d.train_csv, spec, field="data.train_csv", **kw)
+      if len(train_all.class_names) != d.num_classes:
+        raise sources.DataError(
+            f"data.num_classes={d.num_classes} but data.train_csv {d.train_csv!r} names "
+            f"{len(train_all.class_names)} classes {list(train_all.class_names)[:10]}; set "
+            f"--config.data.num_classes={len(train_all.class_names)}")
+      test = video_lib.VideoFolderSource(d.test_csv, spec, class_names=train_all.class_names,
+                                         field="data.test_csv", **kw)
+      if d.get("val_csv"):
+        val = video_lib.VideoFolderSource(d.val_csv, spec, class_names=train_all.class_names,
+                                          field="data.val_csv", **kw)
+      data_identity = ";".join(f"{k}={s.identity()}" for k, s in (
+          ("train", train_all), ("test", test), ("val", val)) if s is not None)
+      train_all = train_all.subset(np.random.default_rng(0).permutation(len(train_all)))
+      test = test.subset(np.random.default_rng(1).permutation(len(test)))
+    elif d.kind == "fashion_mnist":
       train_all, test = sources.load_fashion_mnist(d.folder)
     elif d.kind == "image_folder":
       train_all = sources.LabelledFolderSource(d.train_dir, d.channels, field="data.train_dir")
@@ -96,6 +130,8 @@ def build_data(cfg) -> Data:
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
     unl = sources.ImageFileSource(u.path, channels=d.channels)
+  elif u.kind == "video_list":
+    unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
   elif u.kind == "shards":
     from bssl.data import ingest
     try:
@@ -108,7 +144,7 @@ def build_data(cfg) -> Data:
     base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
   else:  # fake
-    shape = (d.image_size, d.image_size, d.channels)
+    shape = ((d.video_frames,) if video else ()) + (d.image_size, d.image_size, d.channels)
     base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
     true_u = base.labels

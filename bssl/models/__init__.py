@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bssl.models.resnet import BLOCKS, EXPANSION, BasicBlock, Bottleneck, ResNet
+from bssl.models.video import VIDEO_MODEL_NAMES, create_video_model, video_arch_config
 
 # name -> (block, depths, groups, width_per_group); torchvision's definitions.
 _ARCHS = {
@@ -37,14 +38,23 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 SMALL_DEFAULTS = dict(widths=(16, 32, 64), depths=(1, 1, 1), block="basic", groups=1,
                       width_per_group=64)
 
-MODEL_NAMES = tuple(_ARCHS) + ("resnet_small",)
+IMAGE_MODEL_NAMES = tuple(_ARCHS) + ("resnet_small",)
+MODEL_NAMES = IMAGE_MODEL_NAMES + VIDEO_MODEL_NAMES
+
+
+def is_video_model(name: str) -> bool:
+    """R(2+1)D models eat clips [B, T, H, W, C]; the others images [B, H, W, C]."""
+    return name in VIDEO_MODEL_NAMES
 _COMMON_KWARGS = ("zero_init_residual",)
 
 
 def arch_config(name: str, **kwargs) -> dict[str, Any]:
     """The architecture fields (block, depths, widths, groups, width_per_group, stem,
     zero_init_residual) of a registered name; shared with the PyTorch twin so both
-    build the same network. Raises ValueError on unknown names or kwargs."""
+    build the same network (a video model: :func:`bssl.models.video.video_arch_config`).
+    Raises ValueError on unknown names or kwargs."""
+    if name in VIDEO_MODEL_NAMES:
+        return video_arch_config(name, **kwargs)
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
     allowed = _COMMON_KWARGS + (tuple(SMALL_DEFAULTS) if name == "resnet_small" else ())
@@ -94,7 +104,13 @@ def create_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axis_name
     params and BatchNorm statistics stay float32. `bn_axis_name=None` computes batch
     statistics over the batch each call sees (per device under shard_map); a mesh axis
     name synchronises them over that axis. kwargs: `zero_init_residual` for all models;
-    `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'."""
+    `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'; video
+    models (R(2+1)D, :mod:`bssl.models.video`) take theirs."""
+    if name in VIDEO_MODEL_NAMES:
+        return create_video_model(name, num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+                                  bn_momentum=bn_momentum,
+                                  conv_impl="factored" if conv_impl == "im2col_grad"
+                                  else conv_impl, **kwargs)
     cfg = arch_config(name, **kwargs)
     if int(num_classes) <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -111,5 +127,5 @@ def count_params(params) -> int:
     return int(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["MODEL_NAMES", "create_model", "count_params", "arch_config", "ResNet",
+__all__ = ["MODEL_NAMES", "IMAGE_MODEL_NAMES", "VIDEO_MODEL_NAMES", "is_video_model", "create_model", "count_params", "arch_config", "ResNet",
            "BasicBlock", "Bottleneck", "EXPANSION"]

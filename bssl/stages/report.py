@@ -90,6 +90,53 @@ def _class_figure(path, sel: selection.Selection, unlabelled, class_names, spec,
   _save(fig, path)
 
 
+def _video_figure(path, sel: selection.Selection, unlabelled, class_names, spec,
+                  num_classes_shown: int, num_videos: int, frames_shown: int = 4) -> None:
+  """Video-level D̂: for a few classes, the top-ranked and the lowest-ranked selected
+  videos, each as a strip of ``frames_shown`` frames of its middle clip (rank and
+  video-level score above it)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from bssl.data.video import eval_clips
+  counts = sel.counts()
+  shown = [int(c) for c in np.argsort(-counts, kind="stable")[:num_classes_shown] if counts[c]]
+  if not shown:
+    return
+  per_end = max(1, num_videos // 2)  # top ones and low ones
+  fig, axes = plt.subplots(len(shown), 2 * per_end,
+                           figsize=(1.0 * frames_shown * 2 * per_end, 1.4 * len(shown)),
+                           squeeze=False)
+  for row, c in enumerate(shown):
+    rows = np.flatnonzero(sel.classes == c)
+    order = rows[np.argsort(sel.ranks[rows], kind="stable")]
+    picks = list(order[:per_end]) + list(order[-per_end:] if len(order) > per_end else [])
+    for col in range(2 * per_end):
+      ax = axes[row, col]
+      ax.axis("off")
+      if col >= len(picks):
+        continue
+      r = picks[col]
+      clips = eval_clips(unlabelled[int(sel.ids[r])]["image"], spec)
+      if clips is None:
+        continue
+      clip = clips[len(clips) // 2]
+      idx = np.unique(np.linspace(0, len(clip) - 1, frames_shown).round().astype(int))
+      strip = np.concatenate([np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=255)
+                              for f in clip[idx]], axis=1)
+      ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0,
+                vmax=255)
+      which = "top" if col < per_end else "lowest"
+      ax.set_title(f"{which}: rank {int(sel.ranks[r])}, {float(sel.scores[r]):.3f}", fontsize=7)
+    name = class_names[c] if c < len(class_names) else str(c)
+    axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, ha="right",
+                      va="center", fontsize=8)
+  fig.suptitle("Video-level D̂: top- and lowest-ranked selected videos (frames of the middle "
+               "clip; rank, video-level score)", fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+
+
 def _histogram(path, sel: selection.Selection, k: int, class_names) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -170,8 +217,12 @@ def write_report(cfg, data, wd) -> dict:
   figures = {}
   if sel is not None and len(sel.ids):
     names = data.class_names or tuple(str(c) for c in range(cfg.data.num_classes))
-    _class_figure(out_dir / "selected_images.png", sel, data.unlabelled, names, data.spec,
-                  cfg.report.figure_classes, cfg.report.figure_images)
+    if hasattr(data.spec, "clip_shape"):  # videos: strips of frames
+      _video_figure(out_dir / "selected_images.png", sel, data.unlabelled, names, data.spec,
+                    cfg.report.figure_classes, cfg.report.figure_images)
+    else:
+      _class_figure(out_dir / "selected_images.png", sel, data.unlabelled, names, data.spec,
+                    cfg.report.figure_classes, cfg.report.figure_images)
     _histogram(out_dir / "class_histogram.png", sel, int(cfg.select.k), names)
     figures = {"selected_images": str(out_dir / "selected_images.png"),
                "class_histogram": str(out_dir / "class_histogram.png")}
