@@ -512,17 +512,22 @@ def _check_video(cfg) -> None:
   if u.kind in IMAGE_ONLY_UNLABELLED:
     raise ConfigError(f"unlabelled.kind={u.kind!r} holds images; with video data use "
                       f"'rest_of_train', 'video_list' or 'fake'")
+  missing = [f"data.{f}" for f in ("train_csv", "test_csv")
+             if d.kind == "video_folder" and not d.get(f)]
   if u.kind == "video_list" and not u.get("path"):
-    raise ConfigError("unlabelled.kind='video_list' needs unlabelled.path (a folder of "
-                      "videos, searched recursively, or a file list)")
+    missing.append("unlabelled.path")
+  if missing:
+    raise ConfigError(
+        f"the video recipe needs {', '.join(missing)}: labelled videos as CSVs (columns "
+        f"path,label, or Kinetics-400's own label,youtube_id,time_start,time_end files with "
+        f"the videos in <label>/<youtube_id>_<start:06d>_<end:06d>.mp4) and unlabelled "
+        f"videos (a folder, searched recursively, or a file list). For Kinetics-400: "
+        f"--config.data.train_csv=<kinetics>/train.csv --config.data.test_csv=<kinetics>/"
+        f"validate.csv --config.data.video_dir=<kinetics>/videos --config.unlabelled.path="
+        f"<videos>; see docs/video.md. Without videos: --config=configs/video.py:demo")
   if d.augment not in ("pad_crop_flip", "pad_crop", "none"):
     raise ConfigError(f"data.augment={d.augment!r} is for images; video clips take "
                       f"'pad_crop_flip', 'pad_crop' (no mirror) or 'none'")
-  if d.kind == "video_folder":
-    for f in ("train_csv", "test_csv"):
-      if not d.get(f):
-        raise ConfigError(f"data.kind='video_folder' needs data.{f} (a CSV with columns "
-                          f"path,label, or Kinetics' label,youtube_id,time_start,time_end)")
   if d.kind == "moving_fashion_mnist" and d.garment_size > d.image_size:
     raise ConfigError(f"data.garment_size={d.garment_size} must be at most "
                       f"data.image_size={d.image_size} (the canvas)")

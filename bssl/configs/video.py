@@ -78,10 +78,11 @@ def get_config(arg: str | None = None):
     small = dict(widths=(8, 16, 32), depths=(1, 1, 1), stem_mid=8, stem_stride=2)
 
     def demo_stage(s, steps, lr, batch_size, **extra):
-      config.override(c[s], model="r2plus1d_small", model_kwargs=small, steps=steps,
-                      epochs=None, batch_size=batch_size, lr=lr, schedule="cosine",
-                      warmup_fraction=0.05, nesterov=True, weight_decay=5e-4, bn_mode="sync",
-                      dtype="float32", log_every=100, checkpoint_every=500, **extra)
+      fields = dict(model="r2plus1d_small", model_kwargs=small, steps=steps, epochs=None,
+                    batch_size=batch_size, lr=lr, schedule="cosine", warmup_fraction=0.05,
+                    warmup_steps=None, nesterov=True, weight_decay=5e-4, bn_mode="sync",
+                    dtype="float32", log_every=100, checkpoint_every=500)
+      config.override(c[s], **{**fields, **extra})
 
     demo_stage("baseline", 1500, 0.1, 32)
     demo_stage("teacher", 0, 0.1, 32, init_from="baseline")

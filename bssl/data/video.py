@@ -302,20 +302,16 @@ class _DecodingSource:
 
 
 def _list_videos(path: str) -> list[str]:
-  p = workdir_lib.path(path)
-  if not p.exists():
-    raise DataError(f"no such folder or file list: {path!r}")
-  if p.is_dir():
-    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS)
-  else:
-    base = p.parent
-    files = []
-    for line in p.read_text().splitlines():
-      line = line.strip()
-      if line and not line.startswith("#"):
-        files.append(line if (line.startswith("/") or "://" in line) else str(base / line))
+  """A folder's videos (recursive, sorted; local or gs://) or a file list's lines."""
+  from bssl.data import ingest
+  try:
+    files = ingest.list_inputs(path, VIDEO_EXTENSIONS) if path else []
+  except ingest.IngestError as e:
+    raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
   if not files:
-    raise DataError(f"{path!r} lists no videos ({', '.join(VIDEO_EXTENSIONS)})")
+    raise DataError(f"unlabelled.path: {path!r} lists no videos. Accepted: a folder of video "
+                    f"files ({', '.join(VIDEO_EXTENSIONS)}), searched recursively, or a text "
+                    f"file listing one video path per line.")
   return files
 
 
