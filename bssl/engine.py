@@ -225,7 +225,9 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> di
     from bssl.data import targets
     targets.build(cfg)
   parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
-               f"{len(data.test)} test images; {jax.device_count()} devices on "
+               f"{len(data.test)} test "
+               f"{'videos' if hasattr(data.spec, 'clip_shape') else 'images'}; "
+               f"{jax.device_count()} devices on "
                f"{jax.process_count()} process(es); backend {backend.name}; stages "
                f"{', '.join(requested)}; workdir {wd}")
 

@@ -239,6 +239,11 @@ def evaluate(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes
 
 def check_config(cfg) -> None:
   """What the PyTorch lane cannot do, refused before any work."""
+  if config.is_video(cfg):
+    raise config.ConfigError(
+        f"data.kind={cfg.data.kind!r}: the PyTorch lane trains image models; the video "
+        f"recipe runs on the JAX backend (PyTorch interop for video: python -m bssl.convert "
+        f"--model=r2plus1d_18, checked against a PyTorch twin in tests/test_video.py)")
   if "weak_pretrain" in config.parse_stages(cfg.stages):
     raise config.ConfigError("stages: the PyTorch lane has no weak_pretrain stage (the "
                              "semi-weak recipe runs on the JAX backend)")

@@ -344,3 +344,20 @@ def test_two_processes_by_two_devices_score_the_video_dhat_of_one_by_four(tmp_pa
     np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
   np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
   assert json.load(open(pod / "score" / "done.json"))["num_processes"] == 2
+
+
+def test_a_weakly_supervised_video_teacher(tmp_path):
+  """Semi-weak on video: weak_pretrain on U's synthetic tags, then the teacher fine-tuned
+  from it with a new head (the paper's IG-Kinetics teacher, in miniature)."""
+  from bssl import engine
+  from bssl.configs import video as video_cfg
+  cfg = video_cfg.get_config("tiny")
+  cfg.stages = "weak_pretrain,teacher"
+  cfg.teacher.init_from = "weak_pretrain"
+  cfg.weak_pretrain.update(model=cfg.teacher.model, model_kwargs=dict(cfg.teacher.model_kwargs),
+                           steps=2, epochs=None, batch_size=8, log_every=1,
+                           checkpoint_every=0, bn_mode="sync", dtype="float32")
+  engine.run_recipe(cfg, str(tmp_path))
+  weak = json.load(open(tmp_path / "weak_pretrain" / "done.json"))
+  assert weak["num_tags"] > cfg.data.num_classes and weak["steps"] == 2
+  assert json.load(open(tmp_path / "teacher" / "done.json"))["steps"] == 4
