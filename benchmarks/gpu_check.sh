@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (run from the repository root on a CUDA machine with JAX):
-# the demo end to end on the GPU, then train-step and scoring throughput of resnet50.
+# the demo end to end on the GPU, then train-step and scoring throughput of resnet50,
+# ingest, and the R(2+1)D-18 video train step.
 # Writes logs and results.json to $OUT (default ./gpu_out). Each part has its own
 # time limit and a failure in one does not stop the others.
 #   bash benchmarks/gpu_check.sh            # FMNIST_DIR=<idx folder> if not installed
@@ -38,3 +39,8 @@ echo "scoring (shards) rc $?"; grep -v '^{' "$OUT/scoring.log" | tail -3; tail -
 echo "== ingest and shard decode, one core of this host"
 timeout ${INGEST_LIMIT:-60} python3 benchmarks/ingest.py > "$OUT/ingest.log" 2>&1
 echo "ingest rc $?"; tail -2 "$OUT/ingest.log"
+
+echo "== video: r2plus1d_18 train step and forward, 16 x 112 x 112 clips, batch 32 (XLA 3-D vs factored)"
+timeout ${VIDEO_LIMIT:-120} python3 benchmarks/video_step.py --model r2plus1d_18 --frames 16 \
+  --size 112 --channels 3 --batch 32 > "$OUT/video_step.log" 2>&1
+echo "video step rc $?"; tail -3 "$OUT/video_step.log"

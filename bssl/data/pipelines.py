@@ -206,12 +206,17 @@ class _TrainBatch(grain.transforms.Map):
                           f"expected {(spec.size, spec.size, spec.channels)}")
     return img
 
-  def map(self, k):
+  def positions(self, k) -> tuple[np.ndarray, np.ndarray]:
+    """(stream positions, source indices) of this process's share of global batch ``k``."""
     g = self.lbs * self.pc
     pos = int(k) * g + np.arange(self.pi, g, self.pc, dtype=np.int64)
     n = len(self.source)
     idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n]
                           for e in np.unique(pos // n)])
+    return pos, idx
+
+  def map(self, k):
+    pos, idx = self.positions(k)
     recs = [self.source[int(i)] for i in idx]
     images = np.stack([self._image(r) for r in recs])
     if self.spec.augment != "none":
@@ -275,16 +280,24 @@ class _RecordsBatch(grain.transforms.Map):
     self.source, self.spec, self.lbs = source, spec, batch_size
     self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
 
+  def view_shape(self) -> tuple:
+    """The shape of one record's evaluation view."""
+    return (self.spec.size, self.spec.size, self.spec.channels)
+
+  def view(self, image):
+    """One record's evaluation view, or None if it cannot be made one."""
+    return eval_image(image, self.spec)
+
   def map(self, j):
-    spec, lbs = self.spec, self.lbs
+    lbs = self.lbs
     first, stop = (int(x) for x in self.bounds[int(j)])
-    out = {"image": np.zeros((lbs, spec.size, spec.size, spec.channels), np.uint8),
+    out = {"image": np.zeros((lbs,) + tuple(self.view_shape()), np.uint8),
            "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
            "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
     for r, i in enumerate(range(first, stop)):
       rec = self.source[i]
       out["label"][r], out["id"][r] = rec["label"], rec["id"]
-      img = eval_image(rec["image"], spec) if rec.get("valid", True) else None
+      img = self.view(rec["image"]) if rec.get("valid", True) else None
       if img is not None:
         out["image"][r] = img
         out["mask"][r] = out["valid"][r] = True

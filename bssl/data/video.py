@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import threading
 from typing import Sequence
 
 import grain
@@ -31,6 +30,7 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 from bssl.data import clips as clips_lib
+from bssl.data import pipelines
 from bssl.data.pipelines import _fix_channels, _mix64
 from bssl.data.sources import ArraySource, BadImageError, DataError
 
@@ -146,31 +146,12 @@ def _name(source, i: int) -> str:
   return name_of(i) if name_of else f"video id {i}"
 
 
-class _VideoTrainBatch(grain.transforms.Map):
-  """Global batch number -> this process's share of it: one random clip per video."""
-
-  def __init__(self, source, spec: VideoSpec, *, local_batch_size: int, seed: int,
-               process_index: int, process_count: int):
-    self.source, self.spec, self.seed = source, spec, seed
-    self.lbs, self.pi, self.pc = local_batch_size, process_index, process_count
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      if epoch not in self._perms:
-        while len(self._perms) >= 4:
-          self._perms.pop(min(self._perms))
-        self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-            len(self.source))
-      return self._perms[epoch]
+class _VideoTrainBatch(pipelines._TrainBatch):
+  """Global batch number -> this process's share of it: one random clip per video (the
+  stream and its split over processes are the image pipeline's)."""
 
   def map(self, k):
-    g = self.lbs * self.pc
-    pos = int(k) * g + np.arange(self.pi, g, self.pc, dtype=np.int64)
-    n = len(self.source)
-    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n]
-                          for e in np.unique(pos // n)])
+    pos, idx = self.positions(k)
     u = _uniforms(pos, self.seed + 1, 4)
     images, labels, ids = [], [], []
     for j, i in enumerate(idx):
@@ -197,28 +178,15 @@ def train_dataset(source, spec: VideoSpec, *, local_batch_size: int, seed: int,
       process_index=process_index, process_count=process_count)).to_iter_dataset(read_options)
 
 
-class VideoRecordsBatch(grain.transforms.Map):
+class VideoRecordsBatch(pipelines._RecordsBatch):
   """Element ``j`` -> videos ``[first_j, stop_j)`` as ``[batch, num_clips, clip_len, S, S,
   C]``; rows past ``stop_j`` and undecodable videos are blanks with ``mask == False``."""
 
-  def __init__(self, source, spec: VideoSpec, *, batch_size: int, bounds: np.ndarray):
-    self.source, self.spec, self.lbs = source, spec, batch_size
-    self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
+  def view_shape(self) -> tuple:
+    return (self.spec.num_clips,) + self.spec.clip_shape
 
-  def map(self, j):
-    spec, lbs = self.spec, self.lbs
-    first, stop = (int(x) for x in self.bounds[int(j)])
-    out = {"image": np.zeros((lbs, spec.num_clips) + spec.clip_shape, np.uint8),
-           "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
-           "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
-    for r, i in enumerate(range(first, stop)):
-      rec = self.source[i]
-      out["label"][r], out["id"][r] = rec["label"], rec["id"]
-      c = eval_clips(rec["image"], spec) if rec.get("valid", True) else None
-      if c is not None:
-        out["image"][r] = c
-        out["mask"][r] = out["valid"][r] = True
-    return out
+  def view(self, video):
+    return eval_clips(video, self.spec)
 
 
 # ----------------------------------------------------------------------------- decoding
