@@ -37,5 +37,5 @@ def test_readme_is_a_reference_and_ci_runs_its_test_command():
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert ci.strip().splitlines()[-1] == test_cmd
   for link in ("docs/config.md", "docs/reproduction.md", "docs/demo.md",
-               "docs/performance.md"):
+               "docs/performance.md", "docs/video.md", "docs/figures/video_dhat.png"):
     assert link in readme and os.path.exists(os.path.join(ROOT, link)), link

@@ -52,8 +52,9 @@ class Conv3D(nn.Module):
   (1 x d x d, t x 1 x 1, 1 x 1 x 1), as a 2-D convolution over folded axes
   (``impl='factored'``): a spatial kernel runs on ``[B*T, H, W, C]``, a temporal one on
   ``[B, T, H*W, C]``, through :mod:`bssl.models.conv`'s CPU-friendly gradients. XLA:CPU
-  computes the gradients of 3-D convolutions 3-4x slower than this (bench: a
-  ``r2plus1d_small`` train step on 8 x 32 x 32 clips, see docs/video.md)."""
+  computes 3-D convolutions and their gradients 4-6x slower than this
+  (``benchmarks/video_step.py``: the demo's ``r2plus1d_small`` train step on 8 x 32 x 32
+  clips, 464 -> 81 ms; docs/video.md)."""
 
   features: int
   kernel: tuple
