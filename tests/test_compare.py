@@ -242,10 +242,17 @@ def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
                                                                  "label": labels}))
   assert t["loss"] == pytest.approx(float(m["loss"]), rel=1e-5)
   got, want = to_torch_sd(state), {k: v.numpy() for k, v in ref.state_dict().items()}
+  ratios = {}
   for k in want:
     if k.endswith(("weight", "bias")):
-      update = float(np.abs(want[k] - before[k]).max())
-      assert float(np.abs(got[k] - want[k]).max()) < 1e-3 * update, k
+      ratios[k] = float(np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k] - before[k]))
+  # The distance to the float64 step relative to the size of the update, per tensor (L2):
+  # <= 4.4e-3 on this project's Intel Xeon VM (the max-abs ratio, used before, was < 1e-4
+  # on the AMD EPYC VM but reached 2.8% here: float32 summation order on a few entries
+  # with cancelling terms); an error in the step itself (decay, momentum, BN statistics)
+  # is of the update's own size.
+  worst = max(ratios, key=ratios.get)
+  assert ratios[worst] < 1e-2, (worst, ratios[worst])
 
 
 def test_torch_scorer_matches_the_jax_scorer_from_the_same_weights():
