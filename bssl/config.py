@@ -500,10 +500,11 @@ def _check_video(cfg) -> None:
       continue
     m = cfg[name].model
     if video != models.is_video_model(m):
+      need = models.VIDEO_MODEL_NAMES if video else models.IMAGE_MODEL_NAMES
       raise ConfigError(
           f"{name}.model={m!r} is {'a video' if not video else 'an image'} model but "
-          f"data.kind={d.kind!r} is {'image' if not video else 'video'} data; video data "
-          f"({', '.join(VIDEO_DATA_KINDS)}) needs one of {', '.join(models.VIDEO_MODEL_NAMES)}")
+          f"data.kind={d.kind!r} is {'image' if not video else 'video'} data, which needs one "
+          f"of {', '.join(need)} (video data: data.kind in {', '.join(VIDEO_DATA_KINDS)})")
   if not video:
     if u.kind == "video_list":
       raise ConfigError(f"unlabelled.kind='video_list' needs video data (data.kind one of "
@@ -528,6 +529,11 @@ def _check_video(cfg) -> None:
   if d.augment not in ("pad_crop_flip", "pad_crop", "none"):
     raise ConfigError(f"data.augment={d.augment!r} is for images; video clips take "
                       f"'pad_crop_flip', 'pad_crop' (no mirror) or 'none'")
+  span = (d.clip_len - 1) * d.frame_stride + 1
+  if d.kind in ("moving_fashion_mnist", "fake_video") and span > d.video_frames:
+    raise ConfigError(f"a clip spans (data.clip_len - 1) x data.frame_stride + 1 = {span} "
+                      f"frames but the videos have data.video_frames={d.video_frames}: lower "
+                      f"clip_len or frame_stride (videos shorter than a clip are looped)")
   if d.kind == "moving_fashion_mnist" and d.garment_size > d.image_size:
     raise ConfigError(f"data.garment_size={d.garment_size} must be at most "
                       f"data.image_size={d.image_size} (the canvas)")

@@ -303,11 +303,27 @@ def load_converted(ckpt_dir: str):
 
 
 def converted_info(ckpt_dir: str) -> dict:
-    path = os.path.join(os.path.abspath(ckpt_dir), INFO_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """What a checkpoint folder says of its architecture: the ``bssl_convert.json`` this
+    command writes or, for a stage's variables in a work directory (``<workdir>/<stage>/
+    final`` or ``<workdir>/<stage>``), the stage's model and kwargs in ``config.json``."""
+    d = os.path.abspath(ckpt_dir)
+    path = os.path.join(d, INFO_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if os.path.basename(d) != "final" and os.path.isdir(os.path.join(d, "final")):
+        d = os.path.join(d, "final")
+    stage_dir = os.path.dirname(d)
+    cfg_path = os.path.join(os.path.dirname(stage_dir), "config.json")
+    if os.path.basename(d) == "final" and os.path.exists(cfg_path):
+        from bssl.config import section_of
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        section = cfg.get(section_of(os.path.basename(stage_dir)))
+        if isinstance(section, dict) and section.get("model"):
+            return {"model": section["model"], "model_kwargs": section.get("model_kwargs") or {},
+                    "variables": d}
+    return {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -379,7 +395,8 @@ def _main(argv=None):
         if not model:
             p.error("--model is required: the checkpoint does not record one")
         kwargs = kwargs if kwargs is not None else (info.get("model_kwargs") or {})
-        sd = flax_to_torch_state_dict(load_converted(args.to_torch), model, args.num_classes,
+        sd = flax_to_torch_state_dict(load_converted(info.get("variables", args.to_torch)),
+                                      model, args.num_classes,
                                       **kwargs)
         torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, args.out)
         print(f"wrote {args.out}: {model}, {len(sd)} tensors")

@@ -224,6 +224,8 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> di
   if "transfer" in requested:  # a missing target stops the run now, not after training
     from bssl.data import targets
     targets.build(cfg)
+  for note in getattr(data, "notes", ()):
+    parallel.log(f"bssl: note: {note}")
   parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
                f"{len(data.test)} test "
                f"{'videos' if hasattr(data.spec, 'clip_shape') else 'images'}; "

@@ -256,14 +256,23 @@ def evaluate(eval_step, variables, source, spec: pipelines.ImageSpec, mesh, *,
                               process_index=jax.process_index(),
                               process_count=jax.process_count(), num_threads=num_threads)
   totals = None
+  bad: list[int] = []
   for batch in ds:
+    bad += [int(i) for i in batch["id"][(batch["id"] >= 0) & ~batch["valid"]]]
     batch = {k: batch[k] for k in ("image", "label", "mask")}
     out = eval_step(variables, parallel.global_batch_from_local(mesh, batch))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   t = parallel.to_host(totals)
   n = float(t["count"])
   if int(round(n)) != len(source):
-    raise AssertionError(f"evaluation counted {n} examples, expected {len(source)}")
+    from bssl.data.sources import DataError
+    # video files: ids are positions, so they name files; other sources: record ids
+    name_of = getattr(source, "name_of", None) if hasattr(source, "reason_of") else None
+    names = [name_of(i) if name_of else f"record id {i}" for i in bad[:5]]
+    raise DataError(f"evaluation: {len(source) - int(round(n))} of {len(source)} examples "
+                    f"cannot be decoded or made the model's input"
+                    + (f" (e.g. {', '.join(names)})" if names else "")
+                    + "; an evaluation set must be whole: fix or remove them")
   return {"top1": float(t["top1"]) / n, "top5": float(t["top5"]) / n,
           "loss": float(t["loss"]) / n, "num_examples": int(round(n))}
 

@@ -1,6 +1,7 @@
 """PyTorch twin <-> Flax conversion: layout of every model, numerical parity, errors, CLI."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +193,21 @@ def test_cli_round_trip(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert.main(["--help"])
     assert e.value.code == 0 and "--from_torch" in capsys.readouterr().out
+
+
+def test_to_torch_reads_a_stage_s_architecture_from_its_work_directory(demo_tiny_run, tmp_path):
+    """``--to_torch=<workdir>/<stage>`` (or ``.../final``) needs no --model: the stage's
+    model and kwargs are in the work directory's config.json."""
+    import subprocess
+    import sys
+    import torch
+    cfg, workdir = demo_tiny_run
+    for src in (os.path.join(workdir, "finetune"), os.path.join(workdir, "finetune", "final")):
+        out = str(tmp_path / "ft.pth")
+        r = subprocess.run([sys.executable, "-m", "bssl.convert", f"--to_torch={src}",
+                            f"--out={out}"], capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "resnet_small" in r.stdout
+        sd = torch.load(out)
+        assert sd["fc.weight"].shape == (10, cfg.finetune.model_kwargs.widths[-1])

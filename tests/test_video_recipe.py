@@ -207,8 +207,17 @@ def test_decoding_a_csv_folder_kinetics_names_and_a_file_list(video_files, tmp_p
   (k / "kin.csv").write_text("label,youtube_id,time_start,time_end,split\n"
                              "juggling,abc,10,20,train\njuggling,zzz,0,10,train\n")
   ks = video.VideoFolderSource(str(k / "kin.csv"), spec)
-  assert ks.files[0].endswith("juggling/abc_000010_000020.mp4") and ks.missing == ["zzz_000000_000010"]
-  assert ks[0].get("valid", True) and ks[1]["valid"] is False  # listed, undecodable
+  assert len(ks) == 1 and ks.files[0].endswith("juggling/abc_000010_000020.mp4")
+  assert ks[0].get("valid", True)
+  # a listed file that is not there (downloads have gaps) is left out, named in a note
+  assert len(ks.missing) == 1 and "zzz_000000_000010" in ks.missing[0]
+  assert "1 of 2 listed videos do not exist" in ks.notes[0]
+  for text, match in (("path,label\n", "no rows"), ("path,label\nx.mp4,\n", "empty label"),
+                      ("file,class\nx.mp4,a\n", "lacks the columns"),
+                      ("path,label\nnope.mp4,a\n", "none of the 1 videos")):
+    (k / "bad.csv").write_text(text)
+    with pytest.raises(video.DataError, match=match):
+      video.VideoFolderSource(str(k / "bad.csv"), spec)
   lst = video.VideoListSource(str(video_files / "unlabelled"), spec)
   assert len(lst) == 7
   bad = [i for i in range(7) if not lst[i].get("valid", True)]
@@ -243,6 +252,8 @@ def test_video_files_end_to_end_bad_ones_listed_in_scoring_and_fatal_in_training
   assert [os.path.basename(f) for f in bad["files"]] == ["broken.mp4"] and bad["reasons"][0]
   res = json.load(open(wd / "report" / "results.json"))
   assert res["baseline"]["num_examples"] == 4          # video-level: 4 test videos
+  md = open(wd / "report" / "results.md").read()
+  assert "1 videos of U could not be scored" in md and "scored videos" in md
   assert os.path.exists(wd / "report" / "selected_images.png")
   # A labelled video that cannot be decoded stops training, naming the file (exit 2).
   bad_csv = tmp_path / "train_bad.csv"
@@ -258,6 +269,19 @@ def test_video_files_end_to_end_bad_ones_listed_in_scoring_and_fatal_in_training
       cwd=ROOT)
   assert r.returncode == 2, r.stderr[-2000:]
   assert "broken.mp4" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+  # A test video that cannot be decoded: evaluation refuses to measure a partial test set,
+  # naming the file (exit 2); one that is listed but absent is left out with a note.
+  bad_test = tmp_path / "test_bad.csv"
+  trows = (video_files / "test.csv").read_text().splitlines()
+  bad_test.write_text("\n".join([trows[0]] + [f"{video_files}/{r}" for r in trows[1:]]
+                                + [f"{tmp_path}/juggling/broken.mp4,juggling",
+                                   f"{tmp_path}/juggling/absent.mp4,juggling"]) + "\n")
+  r = subprocess.run(_video_folder_args(video_files, tmp_path / "run3", [
+      f"--config.data.test_csv={bad_test}", "--config.stages=baseline,evaluate"]), env=_env(),
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "1 of 5 examples cannot be decoded" in r.stderr and "broken.mp4" in r.stderr
+  assert "1 of 6 listed videos do not exist" in r.stdout and "absent.mp4" in r.stdout
 
 
 # ----------------------------------------------------------------------------- the demo's data
@@ -292,6 +316,7 @@ def test_moving_fashion_mnist_classes_need_the_motion():
     ({"data.augment": "random_resized_crop_flip"}, "video clips take"),
     ({"stages": "baseline,transfer"}, "transfer stage"),
     ({"data.kind": "video_folder"}, "needs data.train_csv, data.test_csv"),
+    ({"data.clip_len": 6, "data.frame_stride": 2}, "a clip spans"),
 ])
 def test_video_configs_are_checked_before_any_work(override, match):
   from bssl.configs import video as video_cfg

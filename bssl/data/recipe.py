@@ -30,6 +30,9 @@ class Data:
   # The same for D, validation and test read from folders (data.kind='image_folder'): every
   # stage depends on them.
   data_identity: str | None = None
+  # What opening the data left out or changed, said once at start-up (e.g. listed videos
+  # that do not exist).
+  notes: tuple = ()
 
 
 def build_data(cfg) -> Data:
@@ -160,5 +163,7 @@ def build_data(cfg) -> Data:
     if len(src) == 0:
       raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
                               f"train, score or evaluate (check {field}.* limits and sizes)")
+  notes = tuple(n for s in (locals().get("train_all"), test, val)
+                for n in (getattr(s, "notes", None) or ()))
   return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits,
-              identity, data_identity)
+              identity, data_identity, notes)

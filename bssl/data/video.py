@@ -272,8 +272,12 @@ class _DecodingSource:
 def _list_videos(path: str) -> list[str]:
   """A folder's videos (recursive, sorted; local or gs://) or a file list's lines."""
   from bssl.data import ingest
+  accepted = (f"Accepted: a folder of video files ({', '.join(VIDEO_EXTENSIONS)}), searched "
+              f"recursively, or a text file listing one video path per line.")
+  if not path or not workdir_lib.path(path).exists():
+    raise DataError(f"unlabelled.path: {path!r} does not exist. {accepted}")
   try:
-    files = ingest.list_inputs(path, VIDEO_EXTENSIONS) if path else []
+    files = ingest.list_inputs(path, VIDEO_EXTENSIONS)
   except ingest.IngestError as e:
     raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
   if not files:
@@ -314,15 +318,21 @@ class VideoFolderSource(_DecodingSource):
     if not p.exists():
       raise DataError(f"{field}: no such CSV file {csv_path!r} (a header row naming 'path' "
                       f"and 'label', or Kinetics' 'label,youtube_id,time_start,time_end')")
-    rows = list(csv.DictReader(p.read_text().splitlines()))
-    cols = set(rows[0]) if rows else set()
-    if not rows or not ({"path", "label"} <= cols or
-                        {"label", "youtube_id", "time_start", "time_end"} <= cols):
-      raise DataError(f"{field}: {csv_path!r} has no rows or lacks the columns 'path,label' "
-                      f"(or Kinetics' 'label,youtube_id,time_start,time_end'); got columns "
-                      f"{sorted(cols)}")
+    reader = csv.DictReader(p.read_text().splitlines())
+    rows = list(reader)
+    cols = set(reader.fieldnames or ())
+    if not ({"path", "label"} <= cols or
+            {"label", "youtube_id", "time_start", "time_end"} <= cols):
+      raise DataError(f"{field}: {csv_path!r} lacks the columns 'path,label' (or Kinetics' "
+                      f"'label,youtube_id,time_start,time_end'); got columns {sorted(cols)}")
+    if not rows:
+      raise DataError(f"{field}: {csv_path!r} has a header but no rows")
     root = workdir_lib.path(video_dir) if video_dir else p.parent
-    names = [r["label"].strip() for r in rows]
+    names = [(r.get("label") or "").strip() for r in rows]
+    blank = [k + 2 for k, n in enumerate(names) if not n]
+    if blank:
+      raise DataError(f"{field}: {len(blank)} row(s) of {csv_path!r} have an empty label "
+                      f"(line(s) {blank[:10]}); every row needs its class")
     if class_names is None:
       class_names = (tuple(str(c) for c in range(max(int(n) for n in names) + 1))
                      if all(n.isdigit() for n in names) else tuple(sorted(set(names))))
@@ -335,25 +345,29 @@ class VideoFolderSource(_DecodingSource):
         raise DataError(f"{field}: label {n!r} of {csv_path!r} is not a class of the training "
                         f"CSV ({len(self.class_names)} classes, e.g. "
                         f"{list(self.class_names)[:5]})")
-      labels.append(c)
       if "path" in r and r["path"]:
-        files.append(str(root / r["path"].strip()))
-        continue
-      stem = _kinetics_name(r)
-      found = None
-      for folder in (root / n, root):
-        for ext in VIDEO_EXTENSIONS:
-          if (folder / (stem + ext)).exists():
-            found = str(folder / (stem + ext))
-            break
-        if found:
-          break
+        f = root / r["path"].strip()
+        candidates = [f]
+      else:
+        stem = _kinetics_name(r)
+        candidates = [folder / (stem + ext) for folder in (root / n, root)
+                      for ext in VIDEO_EXTENSIONS]
+      found = next((str(c_) for c_ in candidates if c_.exists()), None)
       if found is None:
-        missing.append(stem)
-        found = str(root / n / (stem + ".mp4"))  # listed: scored as undecodable
+        missing.append(str(candidates[0]))
+        continue
+      labels.append(c)
       files.append(found)
-    self.files, self.labels = files, np.asarray(labels, np.int32)
+    if not files:
+      raise DataError(f"{field}: none of the {len(rows)} videos listed in {csv_path!r} exists "
+                      f"(e.g. {missing[:3]}); check data.video_dir (default: the CSV's folder)")
+    # Downloaded Kinetics sets always have gaps: listed files that do not exist are left
+    # out, counted and named (Data.notes, printed at start-up); a file that exists but does
+    # not decode stops training (named) and is counted in scoring.
     self.missing = missing
+    self.notes = ([f"{field}: {len(missing)} of {len(rows)} listed videos do not exist and are "
+                   f"left out (e.g. {', '.join(missing[:3])})"] if missing else [])
+    self.files, self.labels = files, np.asarray(labels, np.int32)
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
 
   def subset(self, indices, hide_labels: bool = False) -> "VideoFolderSource":

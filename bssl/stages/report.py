@@ -29,10 +29,13 @@ def results_table(results: dict, keys=MODEL_KEYS) -> str:
   return "\n".join(lines)
 
 
-def selection_table(sel: dict) -> str:
+def selection_table(sel: dict, unit: str = "images", num_bad: int = 0) -> str:
   rows = [f"- K = {sel['k']}, P = {sel['p']}: {sel['num_selected']:,} rows in D̂ "
-          f"({sel.get('num_unique_images', 0):,} distinct images) from "
-          f"{sel.get('num_scored', 0):,} scored images"]
+          f"({sel.get('num_unique_images', 0):,} distinct {unit}) from "
+          f"{sel.get('num_scored', 0):,} scored {unit}"]
+  if num_bad:
+    rows.append(f"- {num_bad:,} {unit} of U could not be scored (undecodable or duplicates): "
+                f"listed with reasons in select/bad_images.json")
   if "label_precision" in sel:
     rows.append(f"- label precision of D̂ (pseudo-label = hidden true label): "
                 f"{100 * sel['label_precision']:.2f}%")
@@ -259,7 +262,9 @@ def write_report(cfg, data, wd) -> dict:
     md.append("")
   if "selection" in results:
     md += ["## Selection (D̂, round 1)" if rounds > 1 else "## Selection (D̂)", "",
-           selection_table(results["selection"]), ""]
+           selection_table(results["selection"],
+                           "videos" if hasattr(data.spec, "clip_shape") else "images",
+                           int(results.get("scoring", {}).get("num_bad_images") or 0)), ""]
   if figures:
     md += ["![selected images](selected_images.png)", "",
            "![images per class](class_histogram.png)", ""]
