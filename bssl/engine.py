@@ -224,11 +224,12 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> di
   if "transfer" in requested:  # a missing target stops the run now, not after training
     from bssl.data import targets
     targets.build(cfg)
+  from bssl.data import video as video_lib
   for note in getattr(data, "notes", ()):
     parallel.log(f"bssl: note: {note}")
   parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
                f"{len(data.test)} test "
-               f"{'videos' if hasattr(data.spec, 'clip_shape') else 'images'}; "
+               f"{'videos' if video_lib.is_video(data.spec) else 'images'}; "
                f"{jax.device_count()} devices on "
                f"{jax.process_count()} process(es); backend {backend.name}; stages "
                f"{', '.join(requested)}; workdir {wd}")

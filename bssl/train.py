@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from bssl import parallel
 from bssl import workdir as workdir_lib
 from bssl.data import pipelines
+from bssl.data import video as video_lib
 
 BN_MODES = ("sync", "per_device")
 SCHEDULES = ("cosine", "step", "constant")
@@ -533,6 +534,6 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
 
 def spec_shape(spec) -> tuple[int, ...]:
   """One model input: an image (H, W, C) or, for a video spec, a clip (T, H, W, C)."""
-  if hasattr(spec, "clip_shape"):
+  if video_lib.is_video(spec):
     return tuple(spec.clip_shape)
   return (spec.size, spec.size, spec.channels)

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from bssl.config import VIDEO_DATA_KINDS
 from bssl.data import pipelines, sources
 from bssl.data import video as video_lib
 
-VIDEO_KINDS = ("moving_fashion_mnist", "video_folder", "fake_video")
 
 
 @dataclasses.dataclass
@@ -35,10 +35,32 @@ class Data:
   notes: tuple = ()
 
 
+def _labelled_files(d, suffix: str, counted: str, open_set):
+  """D's, test's and (when given) validation's sources read from files: ``data.train_<suffix>``,
+  ``data.test_<suffix>``, ``data.val_<suffix>``, opened by ``open_set(field, class_names)``
+  (the test and validation sets take the training set's classes). Returns (train, test,
+  val, their files' identity, their notes). Files are listed class by class: a fixed
+  shuffle (the same for every seed) so that data.subset and unlabelled.limit (first N) take
+  every class, nested."""
+  train = open_set(f"train_{suffix}", None)
+  if len(train.class_names) != d.num_classes:
+    raise sources.DataError(
+        f"data.num_classes={d.num_classes} but data.train_{suffix} {d[f'train_{suffix}']!r} "
+        f"{counted.format(n=len(train.class_names))} {list(train.class_names)[:10]}; "
+        f"set --config.data.num_classes={len(train.class_names)}")
+  test = open_set(f"test_{suffix}", train.class_names)
+  val = open_set(f"val_{suffix}", train.class_names) if d.get(f"val_{suffix}") else None
+  sets = (("train", train), ("test", test), ("val", val))
+  identity = ";".join(f"{k}={s.identity()}" for k, s in sets if s is not None)
+  notes = [n for _, s in sets if s is not None for n in getattr(s, "notes", ())]
+  return (train.subset(np.random.default_rng(0).permutation(len(train))),
+          test.subset(np.random.default_rng(1).permutation(len(test))), val, identity, notes)
+
+
 def build_data(cfg) -> Data:
   """Opens the sources (cheap: no training) and fails clearly when data is missing."""
   d = cfg.data
-  video = d.kind in VIDEO_KINDS
+  video = d.kind in VIDEO_DATA_KINDS
   if video:
     spec = video_lib.VideoSpec(size=d.image_size, channels=d.channels, clip_len=d.clip_len,
                                frame_stride=d.frame_stride, num_clips=d.num_clips,
@@ -50,7 +72,8 @@ def build_data(cfg) -> Data:
   splits: dict = {}
   val = None
   data_identity = None
-  if d.kind in ("fashion_mnist", "fake", "image_folder") + VIDEO_KINDS:
+  notes: list[str] = []
+  if d.kind in ("fashion_mnist", "fake", "image_folder") + VIDEO_DATA_KINDS:
     if d.kind == "moving_fashion_mnist":
       train_all, test = video_lib.moving_fashion_mnist(
           d.folder, frames=d.video_frames, size=d.image_size, garment=d.garment_size)
@@ -61,41 +84,17 @@ def build_data(cfg) -> Data:
                                    seed=2)
     elif d.kind == "video_folder":
       kw = dict(video_dir=d.get("video_dir"), max_frames=d.get("max_frames"))
-      train_all = video_lib.VideoFolderSource(d.train_csv, spec, field="data.train_csv", **kw)
-      if len(train_all.class_names) != d.num_classes:
-        raise sources.DataError(
-            f"data.num_classes={d.num_classes} but data.train_csv {d.train_csv!r} names "
-            f"{len(train_all.class_names)} classes {list(train_all.class_names)[:10]}; set "
-            f"--config.data.num_classes={len(train_all.class_names)}")
-      test = video_lib.VideoFolderSource(d.test_csv, spec, class_names=train_all.class_names,
-                                         field="data.test_csv", **kw)
-      if d.get("val_csv"):
-        val = video_lib.VideoFolderSource(d.val_csv, spec, class_names=train_all.class_names,
-                                          field="data.val_csv", **kw)
-      data_identity = ";".join(f"{k}={s.identity()}" for k, s in (
-          ("train", train_all), ("test", test), ("val", val)) if s is not None)
-      train_all = train_all.subset(np.random.default_rng(0).permutation(len(train_all)))
-      test = test.subset(np.random.default_rng(1).permutation(len(test)))
+      train_all, test, val, data_identity, notes = _labelled_files(
+          d, "csv", "names {n} classes",
+          lambda field, classes: video_lib.VideoFolderSource(
+              d[field], spec, class_names=classes, field=f"data.{field}", **kw))
     elif d.kind == "fashion_mnist":
       train_all, test = sources.load_fashion_mnist(d.folder)
     elif d.kind == "image_folder":
-      train_all = sources.LabelledFolderSource(d.train_dir, d.channels, field="data.train_dir")
-      if len(train_all.class_names) != d.num_classes:
-        raise sources.DataError(
-            f"data.num_classes={d.num_classes} but data.train_dir {d.train_dir!r} has "
-            f"{len(train_all.class_names)} class folders {list(train_all.class_names)[:10]}; "
-            f"set --config.data.num_classes={len(train_all.class_names)}")
-      test = sources.LabelledFolderSource(d.test_dir, d.channels, train_all.class_names,
-                                          field="data.test_dir")
-      if d.get("val_dir"):
-        val = sources.LabelledFolderSource(d.val_dir, d.channels, train_all.class_names,
-                                           field="data.val_dir")
-      data_identity = ";".join(f"{k}={s.identity()}" for k, s in (
-          ("train", train_all), ("test", test), ("val", val)) if s is not None)
-      # Folders list their images class by class: a fixed shuffle (the same for every
-      # seed) so that data.subset and unlabelled.limit (first N) take every class, nested.
-      train_all = train_all.subset(np.random.default_rng(0).permutation(len(train_all)))
-      test = test.subset(np.random.default_rng(1).permutation(len(test)))
+      train_all, test, val, data_identity, notes = _labelled_files(
+          d, "dir", "has {n} class folders",
+          lambda field, classes: sources.LabelledFolderSource(
+              d[field], d.channels, classes, field=f"data.{field}"))
     else:
       shape = (d.image_size, d.image_size, d.channels)
       train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
@@ -163,7 +162,5 @@ def build_data(cfg) -> Data:
     if len(src) == 0:
       raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
                               f"train, score or evaluate (check {field}.* limits and sizes)")
-  notes = tuple(n for s in (locals().get("train_all"), test, val)
-                for n in (getattr(s, "notes", None) or ()))
   return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits,
-              identity, data_identity, notes)
+              identity, data_identity, tuple(notes))

@@ -90,12 +90,8 @@ def _resize_frames(v: np.ndarray, short_side: int) -> np.ndarray:
   h, w = v.shape[1:3]
   scale = short_side / min(h, w)
   nh, nw = max(short_side, int(round(h * scale))), max(short_side, int(round(w * scale)))
-  out = []
-  for f in v:
-    im = Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f).resize((nw, nh), Image.BILINEAR)
-    a = np.asarray(im, np.uint8)
-    out.append(a[..., None] if a.ndim == 2 else a)
-  return np.stack(out)
+  return np.stack([pipelines._from_pil(pipelines._pil(f).resize((nw, nh), Image.BILINEAR),
+                                       f.shape[-1]) for f in v])
 
 
 def eval_clips(video: np.ndarray, spec: VideoSpec) -> np.ndarray | None:

@@ -45,6 +45,8 @@ MODEL_NAMES = IMAGE_MODEL_NAMES + VIDEO_MODEL_NAMES
 def is_video_model(name: str) -> bool:
     """R(2+1)D models eat clips [B, T, H, W, C]; the others images [B, H, W, C]."""
     return name in VIDEO_MODEL_NAMES
+
+
 _COMMON_KWARGS = ("zero_init_residual",)
 
 
@@ -127,5 +129,6 @@ def count_params(params) -> int:
     return int(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["MODEL_NAMES", "IMAGE_MODEL_NAMES", "VIDEO_MODEL_NAMES", "is_video_model", "create_model", "count_params", "arch_config", "ResNet",
-           "BasicBlock", "Bottleneck", "EXPANSION"]
+__all__ = ["MODEL_NAMES", "IMAGE_MODEL_NAMES", "VIDEO_MODEL_NAMES", "is_video_model",
+           "create_model", "count_params", "arch_config", "ResNet", "BasicBlock", "Bottleneck",
+           "EXPANSION"]

@@ -10,6 +10,7 @@ import numpy as np
 from bssl import parallel, selection
 from bssl import workdir as workdir_lib
 from bssl.config import round_stage
+from bssl.data.video import is_video
 from bssl.stages import evaluate
 
 MODEL_KEYS = ("baseline", "teacher", "student_pretrained", "student")
@@ -220,7 +221,7 @@ def write_report(cfg, data, wd) -> dict:
   figures = {}
   if sel is not None and len(sel.ids):
     names = data.class_names or tuple(str(c) for c in range(cfg.data.num_classes))
-    if hasattr(data.spec, "clip_shape"):  # videos: strips of frames
+    if is_video(data.spec):  # videos: strips of frames
       _video_figure(out_dir / "selected_images.png", sel, data.unlabelled, names, data.spec,
                     cfg.report.figure_classes, cfg.report.figure_images)
     else:
@@ -263,7 +264,7 @@ def write_report(cfg, data, wd) -> dict:
   if "selection" in results:
     md += ["## Selection (D̂, round 1)" if rounds > 1 else "## Selection (D̂)", "",
            selection_table(results["selection"],
-                           "videos" if hasattr(data.spec, "clip_shape") else "images",
+                           "videos" if is_video(data.spec) else "images",
                            int(results.get("scoring", {}).get("num_bad_images") or 0)), ""]
   if figures:
     md += ["![selected images](selected_images.png)", "",
