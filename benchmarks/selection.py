@@ -7,8 +7,8 @@ and generation time is excluded from the measured time (reported separately).
 * streaming: ``TopKPerClass.update`` for every batch plus one final ``result()``;
   images/s = N / (update time + result time).
 * naive: keeps every candidate and sorts them per class at the end (``np.lexsort`` on
-  (id, -score, class)), only at N = 10M (or --naive-n); its answer is checked against the
-  streaming answer.
+  (tie hash of the id, -score, class)), only at N = 10M (or --naive-n); its answer is checked
+  against the streaming answer.
 * memory: peak resident set size (VmHWM, absolute, nothing subtracted) of a fresh
   subprocess that streams N = 10M and N = 30M images through the selector (incl. result()),
   run before the naive baseline. The process baseline (RSS after imports) is printed too.
@@ -35,7 +35,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from bssl.selection import TopKPerClass  # noqa: E402
+from bssl.selection import TopKPerClass, tie_hash  # noqa: E402
 
 
 def distinct_classes(rng: np.random.Generator, b: int, p: int, c: int) -> np.ndarray:
@@ -107,7 +107,7 @@ def run_naive(n, c, p, k, batch, seed):
   t1 = time.perf_counter()
   ids, classes, scores = (np.concatenate(x) for x in (ids_l, cls_l, sc_l))
   del ids_l, cls_l, sc_l
-  order = np.lexsort((ids, -scores, classes))
+  order = np.lexsort((tie_hash(ids, 0), -scores, classes))   # ties: TopKPerClass's rule
   cs = classes[order]
   counts = np.bincount(cs, minlength=c)
   starts = np.cumsum(counts) - counts

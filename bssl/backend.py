@@ -164,8 +164,9 @@ class JaxBackend:
 
 
 class JaxScorer:
-  """Softmax top-P on this process's own devices (a local mesh: scoring needs no
-  collective, so processes never wait for each other)."""
+  """Top-P classes and their log-odds (:func:`bssl.scoring.top_log_odds`: the ranking
+  score, which does not saturate like the float32 softmax) on this process's own devices (a
+  local mesh: scoring needs no collective, so processes never wait for each other)."""
 
   def __init__(self, model, variables, top_p: int, mean, std):
     local = Mesh(np.asarray(jax.local_devices()), ("data",))
@@ -174,15 +175,16 @@ class JaxScorer:
     # restored replicated on the global mesh: take this process's copy
     self.variables = parallel.local_copy(variables, repl)
 
+    from bssl import scoring
+    from bssl.data import clips
+
     def step(variables, images):
+      def apply(x):
+        return model.apply(variables, normalize(x, mean, std), train=False)
+
       if images.ndim == 6:  # videos [B, N, T, H, W, C]: the mean of the N clips' softmax
-        probs = train.video_probs(model, variables, images, mean, std)
-      else:
-        logits = model.apply(variables, normalize(images, mean, std), train=False)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      finite = jnp.all(jnp.isfinite(probs), axis=-1)
-      scores, classes = jax.lax.top_k(probs, top_p)
-      return classes.astype(jnp.int32), scores, finite
+        return scoring.video_top_log_odds(clips.clip_logits(apply, images), top_p)
+      return scoring.top_log_odds(apply(images), top_p)
 
     self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)
 

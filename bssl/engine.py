@@ -1,21 +1,30 @@
 """The engine: one loop over the recipe's stage table (:mod:`bssl.stages`).
 
-Each stage declares the config sections its artifact depends on and the stages whose
-artifacts it reads; everything else is derived here, once, for every stage:
+What a stage's result depends on is *recorded while it runs*, never declared
+(:mod:`bssl.deps`): every config field it reads (with its value, through any function it
+calls, on every process), every input file or folder it reads (by content), the
+``artifact_id`` of every stage whose output it reads, and the backend. ``done.json`` holds
+that record; a rerun, a resume and a sweep's sharing compare exactly it:
 
-* **fingerprint** = the stage's non-cosmetic config fields (plus ``seed`` and ``data``),
-  the backend, and the ``artifact_id`` of every artifact it reads. ``done.json`` records
-  it; a rerun skips a stage whose fingerprint is unchanged and refuses one whose config
-  changed (naming the fields) or whose inputs were recomputed since (naming them).
-* **partial state** (training checkpoints, scoring parts) belongs to the fingerprint in
-  ``started.json``, written before the stage writes anything else: a resume under another
-  fingerprint is refused, never mixed.
-* **checks before work**: every requested stage's inputs are complete or requested, and
-  every check above passes, before anything is written (a refused run leaves the work
-  directory as it was; ``config.json`` included).
+* a finished stage whose record still holds (every recorded field has the same value
+  now, every recorded input the same identity, every input stage the same artifact) is
+  skipped; otherwise it is *stale*;
+* partial state (training checkpoints, scoring parts) is covered by the record of what
+  the stage had read so far (``<stage>/reads/p<process>.json``, written before any value
+  is used, plus the input stages and backend of ``started.json``): a resume under
+  another record is refused, never mixed;
+* a stale stage makes every stage that reads it stale. One refusal names every stale
+  folder, in deletion order; with ``recompute_stale`` (``--recompute_stale``) they are
+  deleted (printed) and rerun instead.
 
-Processes: every process runs every stage (the stage functions split the work); only
-process 0 writes ``started.json`` / ``done.json``, between barriers.
+Every check passes before anything is written (a refused run leaves the work directory as
+it was; ``config.json`` included). The stage table's ``reads`` (which stages' outputs a
+stage needs) orders the stages; a stage that opens another stage's output it does not list
+stops with an internal error, so that list cannot be incomplete either.
+
+Processes: every process runs every stage (the stage functions split the work); each
+records its own reads; only process 0 writes ``started.json`` / ``done.json`` (the union of
+the processes' records), between barriers.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import uuid
 from typing import Callable
 
 from bssl import config as config_lib
-from bssl import parallel, workdir as workdir_lib
+from bssl import deps, parallel, workdir as workdir_lib
 from bssl.stages.base import Context, Stage
 
 
@@ -32,72 +41,114 @@ class RefusedError(config_lib.ConfigError):
   """The work directory holds results of another config or of other inputs."""
 
 
-_COMMON = ("seed", "data")
+class InternalDependencyError(RuntimeError):
+  """A stage read another stage's output that the stage table does not list."""
 
 
-def fingerprint(cfg, stage: Stage, wd: workdir_lib.Workdir, backend: str,
-                unlabelled_identity: str | None = None,
-                data_identity: str | None = None) -> dict:
-  """What a stage's result depends on: its config fields, the artifacts it reads, the
-  backend and, for the stages that read U, what U's files are (``unlabelled_identity``:
-  the same folder or ingest path may hold other files on a rerun); for every stage, what
-  D's, validation's and test's files are when they are read from folders
-  (``data_identity``)."""
-  inputs = {}
-  for up in stage.reads(cfg):
-    d = wd.done(up)
-    inputs[up] = d.get("artifact_id") if d else None
-  sections = stage.sections_for(cfg)
-  fields = config_lib.result_fields(cfg, _COMMON + sections)
-  if unlabelled_identity and any(s.split(".")[0] == "unlabelled" for s in sections):
-    fields = dict(fields, **{"unlabelled (files)": unlabelled_identity})
-  if data_identity:  # D / validation / test read from folders: every stage reads them
-    fields = dict(fields, **{"data (files)": data_identity})
-  return {"config": fields, "inputs": inputs, "backend": backend}
+def _fmt(v) -> str:
+  return "(absent)" if v == deps.ABSENT else repr(v)
 
 
-def changes(old: dict, new: dict) -> list[str]:
-  """What differs between two fingerprints, as ``field: old -> new`` lines."""
-  out = []
-  oc, nc = old.get("config") or {}, new.get("config") or {}
-  for k in sorted(set(oc) | set(nc)):
-    if k not in oc and k in nc:
-      # a field newer than the work directory, at the default that keeps the old
-      # behaviour; U's file identity, newer than the work directory: nothing to compare
-      try:
-        if k in ("unlabelled (files)", "data (files)") or \
-            nc[k] == config_lib.schema_default(k):
-          continue
-      except KeyError:
-        pass
-    if oc.get(k, "(absent)") != nc.get(k, "(absent)"):
-      out.append(f"{k}: {oc.get(k, '(absent)')!r} -> {nc.get(k, '(absent)')!r}")
-  oi, ni = old.get("inputs") or {}, new.get("inputs") or {}
-  for k in sorted(set(oi) | set(ni)):
-    if oi.get(k) != ni.get(k):
-      out.append(f"input {k!r} was recomputed since (artifact {oi.get(k)} -> {ni.get(k)})")
-  if old.get("backend") != new.get("backend"):
-    out.append(f"backend: {old.get('backend')!r} -> {new.get('backend')!r}")
+def current_files(data) -> dict[str, str]:
+  """{key: identity} of the inputs noted while the data was opened in this run."""
+  out = {}
+  for rec in (data.records() if data is not None and hasattr(data, "records") else ()):
+    for k, e in rec.files.items():
+      out[k] = e["id"]
   return out
 
 
-def _dependents(table: dict[str, Stage], cfg, name: str) -> list[str]:
-  """``name`` and every stage that reads it, directly or not, in table order."""
-  out = [name]
+def check_record(record: dict, cfg, data=None, input_ids: dict | None = None,
+                 backend: str | None = None) -> list[str]:
+  """What differs between ``record`` (of a finished or started stage) and now, as lines
+  naming each field, input file or input stage: empty when the record still holds.
+  ``input_ids``: {stage: artifact id now} (None for a stage being recomputed)."""
+  if not record or record.get("version") != deps.RECORD_VERSION:
+    return ["made by an older bssl, which recorded its dependencies differently (record "
+            f"version {(record or {}).get('version', 1)}, this bssl writes "
+            f"{deps.RECORD_VERSION})"]
+  out = []
+  for name, old in sorted((record.get("fields") or {}).items()):
+    new = deps.current_value(cfg, name)
+    if new != old:
+      out.append(f"{name}: {_fmt(old)} -> {_fmt(new)}")
+  now_data = current_files(data)
+  for key, e in sorted((record.get("files") or {}).items()):
+    if e["kind"] == "data":
+      new = now_data.get(key, "(not read now)")
+    else:
+      new = deps.identity(e["kind"], e["path"])
+    if new != e["id"]:
+      out.append(f"{e['path']} ({key}): its contents changed since (identity {e['id']} -> "
+                 f"{new})")
+  for up, old in sorted((record.get("inputs") or {}).items()):
+    new = (input_ids or {}).get(up, "(absent)")
+    if new != old:
+      out.append(f"input {up!r} was recomputed since (artifact {old} -> "
+                 f"{new if new is not None else '(recomputed in this run)'})")
+  if backend is not None and record.get("backend") != backend:
+    out.append(f"backend: {record.get('backend')!r} -> {backend!r}")
+  return out
+
+
+def partial_record(wd: workdir_lib.Workdir, name: str) -> dict | None:
+  """The record of a started stage: the union of its processes' reads so far, with the
+  input stages and backend it started from."""
+  st = wd.started(name)
+  if st is None:
+    return None
+  rec = deps.Recorder()
+  folder = wd.stage(name) / "reads"
+  for f in workdir_lib.listdir(folder):
+    if f.startswith("p") and f.endswith(".json"):
+      rec.merge(workdir_lib.read_json(folder / f))
+  return dict(rec.to_dict(), version=st.get("version", 1), inputs=st.get("inputs") or {},
+              backend=st.get("backend"))
+
+
+def _dependents(table: dict[str, Stage], cfg, names) -> list[str]:
+  """``names`` and every stage that reads one of them, directly or not, in table order."""
+  out = set(names)
   for s in table.values():
-    if any(r in out for r in s.reads(cfg)) and s.name not in out:
-      out.append(s.name)
+    if any(r in out for r in s.reads(cfg)):
+      out.add(s.name)
+  return [s for s in table if s in out]
+
+
+def _input_ids(table, cfg, wd, name: str, recomputed: set[str]) -> dict:
+  return {up: (None if up in recomputed else (wd.done(up) or {}).get("artifact_id"))
+          for up in table[name].reads(cfg)}
+
+
+def stale_stages(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
+                 data=None, run: set[str] = frozenset()) -> dict[str, list[str]]:
+  """{stage: what changed} of every finished or started stage of ``wd`` whose record no
+  longer holds, or which reads such a stage or one of ``run`` (stages this run makes
+  afresh), in table order."""
+  out: dict[str, list[str]] = {}
+  for name, st in table.items():
+    if not st.fingerprinted:
+      continue
+    done = wd.done(name)
+    rec = done.get("record") if done is not None else partial_record(wd, name)
+    if rec is None and done is None:
+      continue
+    redo = set(out) | set(run)
+    diff = check_record(rec, cfg, data, _input_ids(table, cfg, wd, name, redo), backend)
+    if diff:
+      out[name] = diff
   return out
 
 
 def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
-         requested: tuple[str, ...], unlabelled_identity: str | None = None,
-         data_identity: str | None = None) -> list[str]:
-  """Checks the whole run before any work; returns the stages still to run.
+         requested: tuple[str, ...], data=None, recompute_stale: bool = False,
+         log=print) -> list[str]:
+  """Checks the whole run before any work; returns the stages to run, in table order.
 
   Every stage a requested stage reads (directly or not, and the optional inputs present)
   is checked too, so an input made under another config is refused even when it is not
-  rerun.
+  rerun. A refusal names every stale folder (every root and what reads it), in deletion
+  order; with ``recompute_stale`` they are deleted (printed) and rerun.
   """
   names = list(table)
   needed = set(requested)
@@ -106,7 +157,23 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
       st = table[name]
       needed |= set(st.reads(cfg))
       needed |= {s for s in st.optional_reads if wd.done(s) is not None}
-  will_run: set[str] = set()
+  missing = {n for n in needed if table[n].fingerprinted and wd.done(n) is None
+             and n in requested}
+  stale = stale_stages(table, cfg, wd, backend, data, missing)
+  if stale:
+    folders = [n for n in reversed(_dependents(table, cfg, stale)) if wd.stage(n).exists()]
+    why = "; ".join(f"{n}: {', '.join(d)}" for n, d in stale.items())
+    if not recompute_stale:
+      raise RefusedError(
+          f"{wd} holds results made with a different config or inputs ({why}). Use a new "
+          f"--workdir, or delete {', '.join(str(wd.stage(n)) for n in folders)} (in this "
+          f"order) to recompute them, or rerun with --recompute_stale to do exactly that.")
+    if parallel.is_main_process():
+      for n in folders:
+        log(f"bssl: recomputing {n}: deleting {wd.stage(n)} ({'; '.join(stale.get(n, ['reads a stage recomputed now']))})")
+        workdir_lib.rmtree(wd.stage(n))
+    parallel.sync("bssl_recompute_stale")
+    requested = tuple(n for n in names if n in requested or (n in folders and n in needed))
   to_run = []
   for name in names:
     if name not in needed:
@@ -115,93 +182,129 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
     if not st.fingerprinted:
       if name in requested:
         to_run.append(name)
-        will_run.add(name)
       continue
-    done = wd.done(name)
-    fp = fingerprint(cfg, st, wd, backend, unlabelled_identity, data_identity)
-    # An input this run recomputes gets a new artifact id: earlier results are stale.
-    rerun = [up for up in st.reads(cfg) if up in will_run]
-    if rerun:
-      fp = dict(fp, inputs={**fp["inputs"], **{up: "(recomputed in this run)" for up in rerun}})
-    for kind, rec in (("done", done), ("started", wd.started(name))):
-      if rec is None:
-        continue
-      diff = changes(rec.get("fingerprint") or {}, fp)
-      if diff:
-        stale = [str(wd.stage(s)) for s in _dependents(table, cfg, name)
-                 if wd.stage(s).exists()]
-        what = "was produced" if kind == "done" else "was started (its partial state is kept)"
-        raise RefusedError(
-            f"stage {name!r} in {wd} {what} with a different config or inputs (changed: "
-            f"{'; '.join(diff)}). Use a new --workdir, or delete {', '.join(stale)} to "
-            f"recompute.")
-      if kind == "done":
-        break
-    if done is None:
+    if wd.done(name) is None:
       if name not in requested:
         users = [s for s in requested if name in table[s].reads(cfg)] or list(requested)
         raise RefusedError(f"stage {users[0]!r} needs the output of stage {name!r}, which is "
                            f"not complete in {wd}; include {name!r} in --config.stages")
       to_run.append(name)
-      will_run.add(name)
   return to_run
 
 
-ShareHook = Callable[[str, dict], bool]
+class ShareHook:
+  """What ``bssl.sweep`` gives the engine: ``__call__(name, check)`` may put a finished stage
+  whose record passes ``check(record) == []`` into the work directory and return True;
+  ``started(name)`` is called once the stage's started.json is written."""
+
+  def __call__(self, name: str, check: Callable[[dict], list[str]]) -> bool:
+    return False
+
+  def started(self, name: str) -> None:
+    pass
+
+
+def _flusher(wd: workdir_lib.Workdir, name: str) -> Callable[[dict], None]:
+  path = wd.stage(name) / "reads" / f"p{parallel.process_index()}.json"
+  return lambda rec: workdir_lib.write_json(path, rec)
 
 
 def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
         requested: tuple[str, ...], on_accepted: Callable[[], None] = lambda: None,
-        share: ShareHook | None = None) -> dict:
+        share: ShareHook | None = None, recompute_stale: bool = False) -> dict:
   """Runs ``requested`` stages in table order; returns {stage: info} of those run.
 
   ``on_accepted`` runs once every check has passed, before the first stage (it writes
-  config.json and splits.json). ``share(name, fingerprint)``, called on every process
-  before a stage with no state of its own starts, may put a finished stage with that
-  fingerprint into the work directory (``bssl.sweep`` copies it from another point) and
+  config.json and splits.json). ``share(name, check)``, called on every process before a
+  stage with no state of its own starts, may copy a finished stage whose record passes
+  ``check`` into the work directory (``bssl.sweep`` copies it from another point) and
   return True: the stage is then taken as done.
   """
+  tracked = deps.Tracked(deps.raw(cfg))
   requested = tuple(s for s in table if s in requested)
-  uid = getattr(data, "unlabelled_identity", None)
-  did = getattr(data, "data_identity", None)
-  to_run = plan(table, cfg, wd, backend.name, requested, uid, did)
+  to_run = plan(table, cfg, wd, backend.name, requested, data, recompute_stale,
+                log=parallel.log)
   parallel.sync("bssl_plan")
   if parallel.is_main_process():
     on_accepted()
   results = {}
-  for name in requested:
+  for name in [s for s in table if s in requested or s in to_run]:
     st = table[name]
-    ctx = Context(cfg=cfg, wd=wd, data=data, backend=backend, stage=name)
+    ctx = Context(cfg=tracked, wd=wd, data=data, backend=backend, stage=name)
     if name not in to_run:
       ctx.log(f"complete in {wd}; skipping")
       continue
-    fp = fingerprint(cfg, st, wd, backend.name, uid, did) if st.fingerprinted else None
-    if share is not None and fp is not None and wd.started(name) is None:
-      shared = share(name, fp)
+    if not st.fingerprinted:
+      results[name] = _run_unrecorded(st, ctx, wd, name)
+      continue
+    inputs = {up: (wd.done(up) or {}).get("artifact_id") for up in st.reads(cfg)}
+
+    def check(record, inputs=inputs):
+      return check_record(record, cfg, data, inputs, backend.name)
+
+    if share is not None and wd.started(name) is None:
+      shared = share(name, check)
       parallel.sync(f"bssl_{name}_shared")
       if shared and wd.done(name) is not None:
         results[name] = dict(wd.done(name), shared=True)
         continue
-    if parallel.is_main_process() and fp is not None and wd.started(name) is None:
-      workdir_lib.write_json(wd.started_path(name), {"fingerprint": fp, "started": time.time()})
+    initial = partial_record(wd, name)
+    parallel.sync(f"bssl_{name}_read_partial")
+    if parallel.is_main_process() and wd.started(name) is None:
+      workdir_lib.write_json(wd.started_path(name), {
+          "version": deps.RECORD_VERSION, "started": time.time(), "inputs": inputs,
+          "backend": backend.name, "owner": parallel.owner()})
     parallel.sync(f"bssl_{name}_started")
+    if share is not None and hasattr(share, "started"):
+      share.started(name)
+    rec = deps.Recorder(initial, flush=_flusher(wd, name))
     t0 = time.time()
     ctx.log("starting")
-    info = st.run(ctx) or {}
+    with deps.recording(rec):
+      rec.flush(rec.to_dict())
+      info = st.run(ctx) or {}
+    _check_reads(st, cfg, ctx)
     parallel.sync(f"bssl_{name}_before_done")
     info = dict(info, stage_seconds=time.time() - t0, finished=time.time(),
                 artifact_id=uuid.uuid4().hex[:12])
-    if fp is not None:
-      info["fingerprint"] = fp
     if parallel.is_main_process():
+      merged = partial_record(wd, name)
+      info["record"] = dict(merged, version=deps.RECORD_VERSION)
       workdir_lib.write_json(wd.done_path(name), info)
+      workdir_lib.rmtree(wd.stage(name) / "reads")
     parallel.sync(f"bssl_{name}_done")
     ctx.log(f"done in {time.time() - t0:.1f}s")
     results[name] = info
   return results
 
 
-def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> dict:
+def _run_unrecorded(st: Stage, ctx: Context, wd, name: str) -> dict:
+  """A stage that is rerun every time (evaluate, report): no record, no started.json."""
+  t0 = time.time()
+  ctx.log("starting")
+  info = st.run(ctx) or {}
+  parallel.sync(f"bssl_{name}_before_done")
+  info = dict(info, stage_seconds=time.time() - t0, finished=time.time(),
+              artifact_id=uuid.uuid4().hex[:12])
+  if parallel.is_main_process():
+    workdir_lib.write_json(wd.done_path(name), info)
+  parallel.sync(f"bssl_{name}_done")
+  ctx.log(f"done in {time.time() - t0:.1f}s")
+  return info
+
+
+def _check_reads(st: Stage, cfg, ctx: Context) -> None:
+  """Every stage output ``st`` opened is one the table lists (else the planner, which
+  orders and invalidates by the table, could miss a dependency)."""
+  extra = set(ctx.opened) - set(st.reads(cfg)) - set(st.optional_reads) - {st.name}
+  if extra:
+    raise InternalDependencyError(
+        f"stage {st.name!r} read the output of {sorted(extra)}, which its entry in the "
+        f"stage table does not list: add them to its reads")
+
+
+def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
+               recompute_stale: bool = False) -> dict:
   """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``.
 
   Checks the config (fields, batch sizes against the devices), the work directory and the
@@ -218,7 +321,9 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> di
   wd = workdir_lib.Workdir(workdir)
   wd.check_usable()
   data = recipe.build_data(cfg)
-  backend = backend or JaxBackend(cfg)
+  backend = backend or JaxBackend(deps.Tracked(cfg))
+  if isinstance(getattr(backend, "cfg", None), config_lib.ml_collections.ConfigDict):
+    backend.cfg = deps.Tracked(backend.cfg)  # what the backend reads is recorded too
   table = stages.table(cfg)
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   if "transfer" in requested:  # a missing target stops the run now, not after training
@@ -238,4 +343,4 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None) -> di
     workdir_lib.write_text(wd.config_path, config_lib.to_json(cfg))
     workdir_lib.write_json(wd.splits_path, data.splits)
 
-  return run(table, cfg, wd, data, backend, requested, accepted, share)
+  return run(table, cfg, wd, data, backend, requested, accepted, share, recompute_stale)

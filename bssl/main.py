@@ -25,6 +25,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory for all artifacts "
                                "(a local folder or gs://bucket/prefix).")
+_RECOMPUTE_STALE = flags.DEFINE_bool(
+    "recompute_stale", False, "Delete the stages of --workdir that are stale (made with "
+    "another config or other inputs, or reading such a stage), printing each, and rerun "
+    "them; without it such a run is refused, naming every stale folder.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1).")
 
@@ -114,7 +118,7 @@ def main(argv):
   parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
   from bssl import engine, train
   try:
-    engine.run_recipe(cfg, _WORKDIR.value)
+    engine.run_recipe(cfg, _WORKDIR.value, recompute_stale=_RECOMPUTE_STALE.value)
   except user_errors() as e:
     fail(str(e))
   except train.Preempted as e:

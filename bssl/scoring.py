@@ -16,7 +16,19 @@ Files, under the score stage's folder::
   parts/g<gen>_p<process>.s<seq>.npz    the accumulator and bad ids after chunk ``seq``
 
 The JSON is written after its npz and names it, so a part is always self-consistent
-(a kill between the two leaves the previous, still present, npz in force).
+(a kill between the two leaves the previous, still present, npz in force). Its ``format``
+(:data:`PARTS_FORMAT`) says what the accumulators rank by; parts of another format are
+refused (:func:`check_parts`, :func:`merge_parts`), never mixed.
+
+**What is ranked.** The scorer gives each image's top-P classes with the teacher's
+*log-odds* of each, ``r_c = log p_c - log(1 - p_c) = z_c - logsumexp_{j != c} z_j``
+computed stably from the logits ``z`` (:func:`top_log_odds`; videos: of the clips' averaged
+softmax, :func:`video_top_log_odds`), and the selection ranks by it. It is monotone in the
+exact probability, so the ranking is the probability's, but it does not saturate: the float32
+softmax is exactly 1.0 once the top logit leads by about 17 (``log_softmax`` is exactly 0.0
+there too), and on a confident teacher about half of U tied at 1.0, which the per-class top-K
+then broke by image id, i.e. by U's path order. Exact ties left are broken by a seeded hash of
+the id (:func:`bssl.selection.tie_hash`, the config's ``seed``).
 """
 from __future__ import annotations
 
@@ -35,6 +47,11 @@ from bssl.selection import GlobalTopK, RankedTopK, TopKPerClass
 
 _PART = re.compile(r"^g(\d+)_p(\d+)\.json$")
 
+# What a part's accumulator ranks by, recorded in each part's JSON as "format":
+#   1 (no "format" key): the float32 softmax probability, ties by the smaller image id;
+#   2: the log-odds (top_log_odds), ties by tie_hash(id, seed) ("seed" recorded too).
+PARTS_FORMAT = 2
+
 
 class NonFiniteLogitsError(FloatingPointError):
   """The teacher produced NaN/inf logits."""
@@ -47,7 +64,8 @@ class IncompleteScoringError(RuntimeError):
 class Scorer(Protocol):
   """A backend's scoring step on this process's devices: ``dispatch`` starts a batch (uint8
   [B,H,W,C]) and returns a handle; ``fetch`` returns (classes int32 [B,P], scores f32
-  [B,P], finite bool [B]) as numpy."""
+  [B,P], finite bool [B]) as numpy: each image's P most probable classes, best first, with
+  their log-odds (:func:`top_log_odds`), and whether its logits are all finite."""
 
   def dispatch(self, images: np.ndarray) -> Any: ...
 
@@ -106,14 +124,28 @@ def _accumulator_kind(ranked: bool, balanced: bool):
   return RankedTopK if ranked else TopKPerClass
 
 
+def _check_format(parts_dir, g: int, i: int, meta: dict) -> None:
+  got = meta.get("format", 1)
+  if got != PARTS_FORMAT:
+    raise IncompleteScoringError(
+        f"scoring part g{g}_p{i} in {parts_dir} has format {got}, this version writes format "
+        f"{PARTS_FORMAT}: "
+        + ("it ranked by the float32 probability (which saturates at 1.0) and broke ties by "
+           "image id; this version ranks by the log-odds and breaks ties by a seeded hash "
+           if got == 1 else "") +
+        f"its scores cannot be mixed with this version's; delete {parts_dir} to rescore")
+
+
 def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,
-                ranked: bool = False, balanced: bool = True) -> None:
-  """Every part was made for this U, K and P (the engine's fingerprint guards the same;
-  this catches files copied in by hand)."""
+                ranked: bool = False, balanced: bool = True, seed: int = 0) -> None:
+  """Every part is of this version's format (:data:`PARTS_FORMAT`: what it ranks by) and was
+  made for this U, K, P and tie seed (the engine's fingerprint guards the config; this
+  catches parts of an older bssl, and files copied in by hand)."""
   absent = {"ranked": False, "balanced": True}  # parts older than these keys
   for g, i, meta in _parts(parts_dir):
+    _check_format(parts_dir, g, i, meta)
     want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p, ranked=ranked,
-                balanced=balanced)
+                balanced=balanced, seed=int(seed))
     got = {key: meta.get(key, absent.get(key)) for key in want}
     if got != want:
       raise IncompleteScoringError(
@@ -125,7 +157,7 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
                   gen: int, chunks: list, process_index: int, process_count: int,
                   num_classes: int, k: int, p: int, local_batch_size: int,
                   num_threads: int = 1, num_workers: int = 0, in_flight: int = 2,
-                  ranked: bool = False, balanced: bool = True,
+                  ranked: bool = False, balanced: bool = True, seed: int = 0,
                   log: Callable[[str], None] = print,
                   log_every: int = 20) -> dict:
   """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
@@ -137,11 +169,13 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   whose results are being folded into the top-K on the host. ``ranked`` keeps a top-K per
   rank (:class:`bssl.selection.RankedTopK`): any smaller K and P is then derived exactly.
   ``balanced=False`` keeps the global top ``K x num_classes`` pairs instead
-  (:class:`bssl.selection.GlobalTopK`, per rank as well)."""
+  (:class:`bssl.selection.GlobalTopK`, per rank as well). ``seed`` orders exact ties
+  (:func:`bssl.selection.tie_hash`; the recipe passes the config's ``seed``)."""
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
   kind = _accumulator_kind(ranked, balanced)
-  acc = TopKPerClass(num_classes, k) if kind is TopKPerClass else kind(num_classes, k, p)
+  acc = (TopKPerClass(num_classes, k, seed=seed) if kind is TopKPerClass
+         else kind(num_classes, k, p, seed=seed))
   ranges, bad, scored, seq = [], [], 0, 0
   stem = f"g{gen:04d}_p{process_index:05d}"
   bounds, chunk_of = [], []
@@ -168,7 +202,8 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
     workdir_lib.write_json(parts_dir / f"{stem}.json", {
         "seq": seq, "npz": _npz_name(gen, process_index, seq), "ranges": ranges,
         "num_scored": scored, "num_bad": len(bad), "num_images": len(source),
-        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked), "balanced": bool(balanced)})
+        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked),
+        "balanced": bool(balanced), "format": PARTS_FORMAT, "seed": int(seed)})
     if seq > 1:
       old = parts_dir / _npz_name(gen, process_index, seq - 1)
       if old.exists():
@@ -284,8 +319,11 @@ def coverage(parts_dir, num_images: int, parts=None) -> dict:
 
 def merge_parts(parts_dir, num_images: int
                 ) -> tuple[TopKPerClass | RankedTopK | GlobalTopK, dict]:
-  """Exact merge of every part, after :func:`coverage` has checked them."""
+  """Exact merge of every part, after :func:`coverage` has checked them (and that every part
+  is of this version's format)."""
   parts = _parts(parts_dir)
+  for g, i, meta in parts:
+    _check_format(parts_dir, g, i, meta)
   info = coverage(parts_dir, num_images, parts)
   acc, bad = None, []
   for _, _, meta in parts:
@@ -300,3 +338,68 @@ def merge_parts(parts_dir, num_images: int
                                  f"{info['num_bad']} counted")
   return acc, {"num_scored": info["num_scored"], "bad_ids": sorted(bad),
                "num_parts": info["num_parts"]}
+
+
+# ----------------------------------------------------------------------------- ranking scores
+def _lse_parts(z, classes):
+  """For logits ``z`` [..., C] (float32, C >= 2) and class indices ``classes`` [..., P]:
+  ``(z_c, logsumexp_j z_j, logsumexp_{j != c} z_j)``, each [..., P] but the middle one
+  [..., 1], computed without cancellation.
+
+  With ``m1 >= m2`` the two largest logits and ``S = sum_j exp(z_j - m1)`` (>= 1): for ``c``
+  not the argmax, ``sum_{j != c} exp(z_j - m1) = S - exp(z_c - m1)`` still holds the
+  argmax's term 1, so the subtraction loses nothing; for the argmax it would be ``S - 1``,
+  all lost once the margin passes ~17, so that sum is taken directly, masked and relative to
+  ``m2`` (>= 1, no overflow)."""
+  import jax
+  import jax.numpy as jnp
+  top2, idx2 = jax.lax.top_k(z, 2)
+  m1, m2, i1 = top2[..., :1], top2[..., 1:], idx2[..., :1]
+  s = jnp.sum(jnp.exp(z - m1), axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+  rest_top = jnp.sum(jnp.where(iota == i1, 0.0, jnp.exp(z - m2)), axis=-1, keepdims=True)
+  zc = jnp.take_along_axis(z, classes, axis=-1)
+  rest = jnp.maximum(s - jnp.exp(zc - m1), 1.0)  # >= 1 exactly; rounding never below
+  excl = jnp.where(classes == i1, m2 + jnp.log(rest_top), m1 + jnp.log(rest))
+  return zc, m1 + jnp.log(s), excl
+
+
+def top_log_odds(logits, p: int):
+  """An image batch's ranking scores, on the device (jit-able): logits [B, C] ->
+  (classes int32 [B, P], log-odds float32 [B, P], finite bool [B]). ``classes`` are each
+  image's ``p`` largest logits (= most probable classes), best first; the score of class
+  ``c`` is ``z_c - logsumexp_{j != c} z_j = log p_c - log(1 - p_c)`` (``+inf`` when C = 1),
+  which does not saturate where the float32 softmax is exactly 1.0."""
+  import jax
+  import jax.numpy as jnp
+  z = logits.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(z), axis=-1)
+  _, classes = jax.lax.top_k(z, p)
+  if z.shape[-1] == 1:
+    return classes.astype(jnp.int32), jnp.full(classes.shape, jnp.inf, jnp.float32), finite
+  zc, _, excl = _lse_parts(z, classes)
+  return classes.astype(jnp.int32), zc - excl, finite
+
+
+def video_top_log_odds(clip_logits, p: int):
+  """A video batch's ranking scores, on the device (jit-able): the N clips' logits
+  [B, N, C] -> (classes int32 [B, P], log-odds float32 [B, P], finite bool [B]) of the
+  video-level prediction, the mean of the clips' softmax ``pbar`` (the paper's video
+  evaluation, :func:`bssl.data.clips.video_level_probs`). In log space, with ``N`` clips:
+  ``log pbar_c = logsumexp_n log p_nc - log N`` and ``log(1 - pbar_c) = logsumexp_n log(1 -
+  p_nc) - log N`` (``log(1 - p_nc) = logsumexp_{j != c} z_nj - logsumexp_j z_nj``), so the
+  log-odds ``log pbar_c - log(1 - pbar_c)`` (the ``log N`` cancel) does not saturate either.
+  ``classes`` are the ``p`` largest ``log pbar``."""
+  import jax
+  import jax.numpy as jnp
+  z = clip_logits.astype(jnp.float32)
+  b, n, c = z.shape
+  finite = jnp.all(jnp.isfinite(z), axis=(-2, -1))
+  log_p = jax.nn.log_softmax(z, axis=-1)                         # [B, N, C]
+  _, classes = jax.lax.top_k(jax.nn.logsumexp(log_p, axis=1), p)  # by log pbar
+  if c == 1:
+    return classes.astype(jnp.int32), jnp.full(classes.shape, jnp.inf, jnp.float32), finite
+  zc, lse, excl = _lse_parts(z, jnp.broadcast_to(classes[:, None, :], (b, n, p)))
+  log_pc = jax.nn.logsumexp(zc - lse, axis=1)                    # [B, P]
+  log_1m = jax.nn.logsumexp(excl - lse, axis=1)
+  return classes.astype(jnp.int32), log_pc - log_1m, finite

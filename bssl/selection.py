@@ -1,34 +1,45 @@
 """Exact streaming per-class top-K selection (recipe step 3) and the D̂ file format.
 
 Every unlabelled image arrives with its teacher's top-P ``(class, score)`` pairs. For each
-class we keep the K candidates with the highest score; equal scores are ordered by the smaller
-image id. The answer is exact and does not depend on batch sizes, on the order of the updates,
-or on how the stream was split among accumulators that are later merged.
+class we keep the K candidates with the highest score; equal scores are ordered by a seeded
+hash of the image id (:func:`tie_hash`), not by the id itself: ids follow U's path order, so
+ordering ties by id would fill a class's tied places with the alphabetically first files. The
+answer is exact and does not depend on batch sizes, on the order of the updates, or on how the
+stream was split among accumulators that are later merged.
+
+The score the scoring pass feeds is the teacher's **log-odds** ``log p - log(1 - p)`` of the
+class, computed from the logits (:func:`bssl.scoring.top_log_odds`), not the probability: a
+float32 softmax is exactly 1.0 once the top logit leads by about 17, which made about half the
+images of a confident teacher tie. The log-odds is monotone in the exact probability and does
+not saturate; the D̂ on disk keeps both (see below).
 
 Design (pure numpy, no per-candidate Python work, no jax):
 
-* A candidate is encoded as one ``uint64`` *key*, ``desc(score) << 32 | id``, where
-  ``desc`` maps float32 to uint32 so that a larger score gives a smaller number (``-0.0`` is
-  treated as ``+0.0``). Ascending key order is exactly the selection order (score descending,
-  then id ascending), so the key is both the sort key and the payload: the class is implicit in
-  where the key is stored, and id and score decode from it. This is why ids must lie in
-  ``0 .. 2**32 - 1`` (row indices into U: up to 4.29 billion images).
+* A candidate is encoded as one ``uint64`` *key*, ``desc(score) << 32 | tie_hash(id)``,
+  where ``desc`` maps float32 to uint32 so that a larger score gives a smaller number (``-0.0``
+  is treated as ``+0.0``) and ``tie_hash`` is a seeded *bijection* of 32-bit ids (so no two
+  ids collide and the id decodes back from it). Ascending key order is exactly the selection
+  order (score descending, then hash ascending), so the key is both the sort key and the
+  payload: the class is implicit in where the key is stored, and id and score decode from it.
+  This is why ids must lie in ``0 .. 2**32 - 1`` (row indices into U: up to 4.29 billion
+  images).
 * State: one dense ``[C, K + S]`` uint64 matrix. Row ``c`` holds the kept keys of class ``c``
   followed by up to ``S`` pending keys; free slots hold a sentinel (all ones, never a valid key:
   it would be a NaN score) that sorts after every real key. Memory is ``8 * C * (K + S)`` bytes
   whatever the stream length (default S = max(K // 2, 256): 192 MB for C = 1000, K = 16000),
   plus a fixed ~2 MB workspace.
 * Per-class thresholds: once class ``c`` has K kept keys, its K-th best key gives
-  ``thresh_score[c]`` and ``thresh_id[c]`` (``-inf`` and 2**32 before). ``update`` rejects most
-  candidates with one gather + compare (``score > thresh_score[class]``); candidates whose
-  score equals the threshold's are kept only if their id is smaller (the tie rule), so the
-  filter is exact, not just a prefilter.
+  ``thresh_score[c]`` and ``thresh_hash[c]`` (``-inf`` and 2**32 before). ``update`` rejects
+  most candidates with one gather + compare (``score > thresh_score[class]``); candidates whose
+  score equals the threshold's are kept only if their id's hash is smaller (the tie rule), so
+  the filter is exact, not just a prefilter.
 * ``update`` works in chunks of 32k candidates with preallocated scratch arrays (``out=``):
   the working set stays in cache and no temporary is allocated per chunk (fresh allocations of
   that size cost page faults that took a third of the time).
 * Survivors are grouped by class with one value sort of ``class << b | position`` (a value
-  sort is SIMD-accelerated in numpy, several times faster than ``argsort``) and scattered into
-  the pending slots of their rows.
+  sort is SIMD-accelerated in numpy, several times faster than ``argsort``; 64-bit values once
+  ``b`` plus the class bits pass 32, e.g. from 131,072 classes on) and scattered into the
+  pending slots of their rows.
 * Compaction: when a row's pending slots would overflow, that row and every row whose pending
   area is at least half full are partitioned in place (``ndarray.partition(K - 1, axis=1)``,
   linear time, about 1.5 ns per key): the first K slots become the K best, slot K-1 the new
@@ -36,7 +47,7 @@ Design (pure numpy, no per-candidate Python work, no jax):
 * ``result()`` works on copies of blocks of rows (partition, then sort the first K of each
   row), so it can be called mid-stream. ``merge`` inserts the other accumulator's kept keys as
   pending keys and compacts (exact: the union's top K). ``state_dict`` holds only the kept set
-  (ids, classes, scores): O(C * K).
+  (ids, classes, scores) and the tie seed: O(C * K).
 
 Not thread-safe: one accumulator per thread, then ``merge``.
 
@@ -44,10 +55,15 @@ Duplicates: the same ``(id, class)`` pair should not be fed twice (the pipeline 
 image once, and an image's top-P classes are distinct). It is not deduplicated: a repeated pair
 can occupy two slots of its class. An image id may legitimately appear under up to P classes.
 
-D̂ on disk: a directory of ``ids.npy``, ``classes.npy``, ``scores.npy``, ``ranks.npy`` (rows
-sorted by class then rank; readable with ``mmap_mode='r'`` for streaming/random access),
-``class_stats.json`` and ``summary.json``, written into a temporary directory that is renamed
-into place only once complete.
+D̂ on disk: a directory of ``ids.npy``, ``classes.npy``, ``scores.npy``, ``ranks.npy`` and
+``rank_scores.npy`` (rows sorted by class then rank; readable with ``mmap_mode='r'`` for
+streaming/random access), ``class_stats.json`` and ``summary.json`` (written last: a directory
+without it is not a complete D̂). ``scores.npy`` is the score for people and reports: in the
+recipe's D̂ the teacher's probability of the class (float32, so confident images show 1.0);
+``rank_scores.npy`` is the score the selection ranked by: there the teacher's log-odds, which
+orders every row exactly (``scores == sigmoid(rank_scores)``, :func:`with_probabilities`). A D̂
+written before ``rank_scores.npy`` existed (format_version 1) reads with ``rank_scores`` equal
+to ``scores``.
 """
 from __future__ import annotations
 
@@ -60,16 +76,80 @@ import numpy as np
 from bssl import workdir as workdir_lib
 
 __all__ = ["Selection", "TopKPerClass", "RankedTopK", "GlobalTopK", "write_selection",
-           "read_selection", "class_statistics", "MAX_ID"]
+           "read_selection", "class_statistics", "tie_hash", "untie_hash",
+           "with_probabilities", "MAX_ID"]
 
 MAX_ID = (1 << 32) - 1          # largest accepted image id
 _SENTINEL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)   # desc(score) == 0xFFFFFFFF only for NaN
 _LOW32 = np.uint64(0xFFFF_FFFF)
-_FORMAT_VERSION = 1
+# 2: keys order ties by tie_hash(id, seed) and state dicts carry the seed (1: ties by id).
+# Also the D̂ summary's format_version (2: rank_scores.npy added).
+_FORMAT_VERSION = 2
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _CHUNK = 1 << 15          # candidates per internal step of update() (cache-sized pieces)
 _BLOCK_ELEMS = 1 << 19    # keys per block when reading the state out (4 MB)
-_DTYPES = {"ids": np.int64, "classes": np.int32, "scores": np.float32, "ranks": np.int32}
+_DTYPES = {"ids": np.int64, "classes": np.int32, "scores": np.float32, "ranks": np.int32,
+           "rank_scores": np.float32}
+
+
+# ----------------------------------------------------------------------------- tie hash
+_MASK64 = (1 << 64) - 1
+_M1, _M2 = 0x7FEB352D, 0x846CA68B                     # lowbias32 (C. Wellons' hash prospector)
+_M1_INV, _M2_INV = pow(_M1, -1, 1 << 32), pow(_M2, -1, 1 << 32)
+
+
+def _seed_words(seed: int) -> tuple[np.uint32, np.uint32]:
+  """Two 32-bit words from ``seed`` (any Python int) by splitmix64, so that nearby seeds give
+  unrelated orders."""
+  z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+  z ^= z >> 31
+  return np.uint32(z & 0xFFFF_FFFF), np.uint32(z >> 32)
+
+
+def _mix32(x: np.ndarray) -> None:
+  """In place on uint32: lowbias32, a bijection (xor-shifts and odd multipliers)."""
+  x ^= x >> np.uint32(16)
+  x *= np.uint32(_M1)
+  x ^= x >> np.uint32(15)
+  x *= np.uint32(_M2)
+  x ^= x >> np.uint32(16)
+
+
+def _unmix32(x: np.ndarray) -> None:
+  """In place on uint32: the inverse of :func:`_mix32`."""
+  x ^= x >> np.uint32(16)
+  x *= np.uint32(_M2_INV)
+  x ^= (x >> np.uint32(15)) ^ (x >> np.uint32(30))
+  x *= np.uint32(_M1_INV)
+  x ^= x >> np.uint32(16)
+
+
+def tie_hash(ids, seed: int) -> np.ndarray:
+  """uint32 ``[n]``: the seeded hash that orders equal scores (smaller hash first) for ids
+  ``[n]`` in ``0..MAX_ID``. A bijection of 32-bit ids for every seed (xor with a seed word,
+  lowbias32, add the other seed word, lowbias32), so ties are ordered totally and exactly, the
+  id decodes back (:func:`untie_hash`), and which of tied images wins does not follow their
+  id (U's path order) but is a fixed pseudo-random draw per seed."""
+  a, b = _seed_words(seed)
+  x = np.asarray(ids).astype(np.uint32)            # a copy, wrapped to 32 bits
+  x ^= a
+  _mix32(x)
+  x += b
+  _mix32(x)
+  return x
+
+
+def untie_hash(h, seed: int) -> np.ndarray:
+  """int64 ids ``[n]`` of the uint32 hashes ``h`` ``[n]``: the inverse of :func:`tie_hash`."""
+  a, b = _seed_words(seed)
+  x = np.asarray(h).astype(np.uint32)
+  _unmix32(x)
+  x -= b
+  _unmix32(x)
+  x ^= a
+  return x.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- key encoding
@@ -91,7 +171,8 @@ def _scores_from_desc(desc: np.ndarray) -> np.ndarray:
 
 
 def _make_keys(ids: np.ndarray, scores: np.ndarray, nonneg: bool = False) -> np.ndarray:
-  """uint64 keys ``desc(score) << 32 | id`` (ids must be in 0..MAX_ID).
+  """uint64 keys ``desc(score) << 32 | ids`` (``ids`` in 0..MAX_ID: the accumulator passes
+  the ids' tie hashes).
 
   ``nonneg``: every score is >= 0 (or -0.0); then ``desc = ~bits & 0x7FFFFFFF``, computed
   in place in 64 bits (fewer passes over memory than the general formula).
@@ -150,7 +231,10 @@ class _Workspace:
   def __init__(self, n: int, num_classes: int):
     self.n = n
     self.pbits = max(1, (n - 1).bit_length())
-    cbits = max(1, (num_classes - 1).bit_length())
+    # ``bounds`` below holds ``num_classes << pbits`` itself, so the class bits must hold
+    # num_classes (not just num_classes - 1): with 32-bit values, 131,072 classes wrapped
+    # that bound to 0
+    cbits = max(1, int(num_classes).bit_length())
     cdt = np.uint32 if self.pbits + cbits <= 32 else np.uint64
     self.cdt = cdt
     self.t = np.empty(n, np.float32)
@@ -160,6 +244,7 @@ class _Workspace:
     self.gcls = np.empty(n, np.intp)       # survivors' classes
     self.gsc = np.empty(n, np.float32)     # survivors' scores
     self.keys = np.empty(n, np.uint64)     # survivors' keys
+    self.h32 = np.empty(n, np.uint32)      # survivors' tie hashes
     self.comp = np.empty(n, cdt)           # class << pbits | position, sorted to group
     self.order = np.empty(n, np.intp)
     self.skeys = np.empty(n, np.uint64)    # keys grouped by class
@@ -219,15 +304,22 @@ def _validate(ids, classes, scores, num_classes: int):
 # ----------------------------------------------------------------------------- result type
 @dataclasses.dataclass(eq=False)
 class Selection:
-  """D̂ as columns: one row per (image, class) kept, sorted by class then rank."""
+  """D̂ as columns: one row per (image, class) kept, sorted by class then rank.
+
+  ``rank_scores`` is the score the rows were ranked by, ``scores`` the one shown to people;
+  from an accumulator both are the scores it was fed (``rank_scores=None`` means that), in
+  the recipe's D̂ the teacher's log-odds and probability (:func:`with_probabilities`)."""
   ids: np.ndarray       # int64
   classes: np.ndarray   # int32
   scores: np.ndarray    # float32
   ranks: np.ndarray     # int32, 0-based rank within its class
   num_classes: int
   k: int
+  rank_scores: np.ndarray | None = None   # float32; None: the same as scores
 
   def __post_init__(self):
+    if self.rank_scores is None:
+      self.rank_scores = self.scores
     for name, dt in _DTYPES.items():
       a = np.asanyarray(getattr(self, name))
       if a.dtype != dt:
@@ -235,11 +327,10 @@ class Selection:
       if a.ndim != 1:
         raise ValueError(f"Selection.{name} must be 1-D, got shape {a.shape}")
       setattr(self, name, a)
-    n = {len(self.ids), len(self.classes), len(self.scores), len(self.ranks)}
+    n = {len(getattr(self, name)) for name in _DTYPES}
     if len(n) != 1:
-      raise ValueError(f"Selection columns must have equal lengths, got ids={len(self.ids)}, "
-                       f"classes={len(self.classes)}, scores={len(self.scores)}, "
-                       f"ranks={len(self.ranks)}")
+      raise ValueError(f"Selection columns must have equal lengths, got "
+                       + ", ".join(f"{name}={len(getattr(self, name))}" for name in _DTYPES))
     self.num_classes, self.k = int(self.num_classes), int(self.k)
 
   def __len__(self) -> int:
@@ -250,6 +341,21 @@ class Selection:
     return np.bincount(np.asarray(self.classes), minlength=self.num_classes)[:self.num_classes]
 
 
+def probabilities_from_log_odds(r) -> np.ndarray:
+  """float32 ``p = 1 / (1 + exp(-r))`` of log-odds ``r`` (any shape), computed in float64:
+  the probability whose log-odds ``log p - log(1 - p)`` is ``r``."""
+  r = np.asarray(r, np.float64)
+  with np.errstate(over="ignore"):
+    return (1.0 / (1.0 + np.exp(-r))).astype(np.float32)
+
+
+def with_probabilities(sel: Selection) -> Selection:
+  """The recipe's D̂ from an accumulator fed the teacher's log-odds: ``rank_scores`` the
+  log-odds the rows were ranked by, ``scores`` the probability (for people and reports)."""
+  return dataclasses.replace(sel, scores=probabilities_from_log_odds(sel.rank_scores),
+                             rank_scores=sel.rank_scores)
+
+
 def _empty_selection(num_classes: int, k: int) -> Selection:
   return Selection(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
                    np.zeros(0, np.int32), num_classes, k)
@@ -257,14 +363,18 @@ def _empty_selection(num_classes: int, k: int) -> Selection:
 
 # ----------------------------------------------------------------------------- accumulator
 class TopKPerClass:
-  """Exact streaming per-class top-K (score descending, ties by smaller id).
+  """Exact streaming per-class top-K (score descending, ties by smaller ``tie_hash(id,
+  seed)``).
 
   ``pending_slots`` (keyword only) is the number of pending slots per class between
   compactions (default ``max(k // 2, 256)``; memory is ``8 * num_classes * (k +
-  pending_slots)`` bytes). Fewer slots: less memory, more frequent compactions.
+  pending_slots)`` bytes). Fewer slots: less memory, more frequent compactions. ``seed``
+  (keyword only): the tie hash's seed (the recipe passes the config's ``seed``); only
+  accumulators of the same seed merge.
   """
 
-  def __init__(self, num_classes: int, k: int, *, pending_slots: int | None = None):
+  def __init__(self, num_classes: int, k: int, *, pending_slots: int | None = None,
+               seed: int = 0):
     num_classes, k = int(num_classes), int(k)
     if num_classes <= 0:
       raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -276,12 +386,14 @@ class TopKPerClass:
     if slots <= 0:
       raise ValueError(f"pending_slots must be positive, got {slots}")
     self.num_classes, self.k, self._slots = num_classes, k, slots
+    self.seed = int(seed)
+    self._seed_words = _seed_words(self.seed)
     self._width = k + slots
     self._buf = np.full((num_classes, self._width), _SENTINEL, np.uint64)
     self._fill = np.zeros(num_classes, np.int64)       # valid keys occupy [0, fill) of a row
     self._thresh_key = np.full(num_classes, _SENTINEL, np.uint64)
     self._thresh_score = np.full(num_classes, -np.inf, np.float32)
-    self._thresh_id = np.full(num_classes, MAX_ID + 1, np.int64)   # id of the K-th best
+    self._thresh_hash = np.full(num_classes, MAX_ID + 1, np.int64)  # tie hash of the K-th
     self._seen = 0
     self._any_full = False       # some class has a threshold (else every candidate is kept)
     self._work = _Workspace(_CHUNK, num_classes)
@@ -313,23 +425,28 @@ class TopKPerClass:
     np.copyto(cls, classes)
     if self._any_full:
       # one gather + compare rejects most candidates; a score equal to the threshold's is
-      # settled by the id (the tie rule), which is rare and handled apart.
+      # settled by the id's tie hash (the tie rule), which is rare and handled apart.
       t = np.take(self._thresh_score, cls, out=w.t[:n], mode="wrap")
       keep = np.greater(scores, t, out=w.keep[:n])
       if np.equal(scores, t, out=w.eq[:n]).any():
         tie = np.flatnonzero(w.eq[:n])
-        keep[tie] = ids[tie] < self._thresh_id[cls[tie]]
+        keep[tie] = tie_hash(ids[tie], self.seed) < self._thresh_hash[cls[tie]]
       idx = np.flatnonzero(keep)
       m = idx.size
       if m == 0:
         return
-      keys = w.keys[:m]
-      np.take(ids, idx, out=keys.view(np.int64), mode="wrap")
+      h = w.h32[:m]
+      np.take(ids, idx, out=w.keys[:m].view(np.int64), mode="wrap")
+      np.copyto(h, w.keys[:m], casting="unsafe")
       cls = np.take(cls, idx, out=w.gcls[:m], mode="wrap")
       scores = np.take(scores, idx, out=w.gsc[:m], mode="wrap")
     else:
-      keys = w.keys[:n]
-      np.copyto(keys.view(np.int64), ids)
+      m = n
+      h = w.h32[:m]
+      np.copyto(h, ids, casting="unsafe")
+    self._hash_in_place(h)
+    keys = w.keys[:m]
+    np.copyto(keys, h)
     _set_score_halves(keys, scores, nonneg)
     self._insert(keys, cls)
 
@@ -344,6 +461,9 @@ class TopKPerClass:
       raise ValueError(f"cannot merge accumulators with different shapes: num_classes="
                        f"{self.num_classes}, k={self.k} vs num_classes={other.num_classes}, "
                        f"k={other.k}")
+    if other.seed != self.seed:
+      raise ValueError(f"cannot merge accumulators with different tie seeds ({self.seed} vs "
+                       f"{other.seed}): their keys order ties differently")
     for r0, r1, counts, blk in other._topk_blocks(sort=False):
       keys = blk[np.arange(blk.shape[1]) < counts[:, None]]
       if keys.size:
@@ -371,6 +491,7 @@ class TopKPerClass:
         "format_version": np.asarray(_FORMAT_VERSION, np.int64),
         "num_classes": np.asarray(self.num_classes, np.int64),
         "k": np.asarray(self.k, np.int64),
+        "tie_seed": np.asarray(self.seed, np.int64),
         "num_candidates_seen": np.asarray(self._seen, np.int64),
         "ids": ids,
         "classes": np.repeat(np.arange(self.num_classes, dtype=np.int32), counts),
@@ -379,15 +500,17 @@ class TopKPerClass:
 
   @classmethod
   def from_state_dict(cls, d) -> "TopKPerClass":
-    missing = {"format_version", "num_classes", "k", "num_candidates_seen", "ids", "classes",
-               "scores"} - set(d)
+    if "format_version" in d and int(np.asarray(d["format_version"])) != _FORMAT_VERSION:
+      version = int(np.asarray(d["format_version"]))
+      raise ValueError(f"unsupported TopKPerClass state format_version {version} (this code "
+                       f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id, "
+                       f"version 2 by a seeded hash of the id: they cannot be mixed)")
+    missing = {"format_version", "num_classes", "k", "tie_seed", "num_candidates_seen", "ids",
+               "classes", "scores"} - set(d)
     if missing:
       raise ValueError(f"not a TopKPerClass state dict: missing {sorted(missing)}")
-    version = int(np.asarray(d["format_version"]))
-    if version != _FORMAT_VERSION:
-      raise ValueError(f"unsupported TopKPerClass state format_version {version} "
-                       f"(this code reads {_FORMAT_VERSION})")
-    acc = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["k"])))
+    acc = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["k"])),
+              seed=int(np.asarray(d["tie_seed"])))
     ids, classes, scores, nonneg = _validate(d["ids"], d["classes"], d["scores"],
                                              acc.num_classes)
     if ids.size:
@@ -395,16 +518,24 @@ class TopKPerClass:
       if counts.max() > acc.k:
         raise ValueError(f"corrupt state: class {int(counts.argmax())} has {int(counts.max())} "
                          f"rows, more than k={acc.k}")
-      acc._insert(_make_keys(ids, scores, nonneg), classes)
+      acc._insert(_make_keys(tie_hash(ids, acc.seed), scores, nonneg), classes)
       acc._compact(acc._fill >= acc.k)
     acc._seen = int(np.asarray(d["num_candidates_seen"]))
     return acc
 
   def __repr__(self) -> str:
-    return (f"TopKPerClass(num_classes={self.num_classes}, k={self.k}, "
+    return (f"TopKPerClass(num_classes={self.num_classes}, k={self.k}, seed={self.seed}, "
             f"kept={int(np.minimum(self._fill, self.k).sum())}, seen={self._seen})")
 
   # -- internals ---------------------------------------------------------------------------
+  def _hash_in_place(self, h: np.ndarray) -> None:
+    """``h`` (uint32 ids) becomes ``tie_hash(h, seed)`` without allocating a copy of it."""
+    a, b = self._seed_words
+    h ^= a
+    _mix32(h)
+    h += b
+    _mix32(h)
+
   def _insert(self, keys: np.ndarray, classes: np.ndarray) -> None:
     """Appends keys to their classes' pending slots, compacting rows that would overflow.
 
@@ -472,7 +603,7 @@ class TopKPerClass:
     self._fill[r] = K
     self._thresh_key[r] = kth
     self._thresh_score[r] = _scores_from_desc((kth >> np.uint64(32)).astype(np.uint32))
-    self._thresh_id[r] = (kth & _LOW32).astype(np.int64)
+    self._thresh_hash[r] = (kth & _LOW32).astype(np.int64)
     self._any_full = True
 
   def _topk_blocks(self, sort: bool):
@@ -518,6 +649,7 @@ class TopKPerClass:
         _decode_keys(blk, ids[a:b].reshape(rows, w), scores[a:b].reshape(rows, w))
       elif b > a:
         _decode_keys(blk[np.arange(blk.shape[1]) < cnt[:, None]], ids[a:b], scores[a:b])
+    ids[...] = untie_hash(ids, self.seed)     # the keys hold tie hashes: back to ids
     return ids, scores, counts
 
 
@@ -581,7 +713,9 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
   complete D̂ (each file is written atomically, :mod:`bssl.workdir`). An existing D̂ there
   is replaced (its summary removed first, so a reader never pairs old and new columns).
   ``extra_summary`` adds keys to summary.json; it may repeat a built-in key (num_classes,
-  k, num_selected, classes_short_of_k, ...) only with the same value.
+  k, num_selected, classes_short_of_k, ...) only with the same value. ``scores.npy`` holds
+  ``sel.scores`` (the recipe's: the teacher's probability, for people and reports) and
+  ``rank_scores.npy`` ``sel.rank_scores`` (the recipe's: the log-odds the rows were ranked by).
   """
   directory = workdir_lib.path(directory)
   stats = class_statistics(sel)
@@ -610,7 +744,8 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
 
 def read_selection(directory, mmap: bool = True) -> Selection:
   """Reads a D̂ written by :func:`write_selection` (memory-mapped, read-only, by default on
-  a local disk)."""
+  a local disk). One written before ``rank_scores.npy`` existed reads with ``rank_scores``
+  equal to ``scores`` (what it was ranked by)."""
   directory = workdir_lib.path(directory)
   summary_path = directory / "summary.json"
   if not summary_path.exists():
@@ -618,6 +753,8 @@ def read_selection(directory, mmap: bool = True) -> Selection:
   summary = json.loads(summary_path.read_text())
   cols = {}
   for col, dt in _DTYPES.items():
+    if col == "rank_scores" and f"{col}.npy" not in summary.get("files", {}):
+      continue                                        # format_version 1: scores ranked
     a = workdir_lib.read_npy(directory / f"{col}.npy", mmap=mmap)
     if a.dtype != dt or a.ndim != 1 or a.shape[0] != summary["num_selected"]:
       raise ValueError(f"{directory}/{col}.npy: expected {summary['num_selected']} rows of "
@@ -633,12 +770,17 @@ class RankedTopK:
   the candidates of ranks ``< p'`` is in the top-``k'`` of its own rank's candidates, which
   this keeps. Memory is ``p`` times a :class:`TopKPerClass`'s."""
 
-  def __init__(self, num_classes: int, k: int, p: int, *, pending_slots: int | None = None):
+  def __init__(self, num_classes: int, k: int, p: int, *, pending_slots: int | None = None,
+               seed: int = 0):
     if int(p) <= 0:
       raise ValueError(f"p must be positive, got {p}")
     self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
-    self.by_rank = [TopKPerClass(num_classes, k, pending_slots=pending_slots)
+    self.by_rank = [TopKPerClass(num_classes, k, pending_slots=pending_slots, seed=seed)
                     for _ in range(self.p)]
+
+  @property
+  def seed(self) -> int:
+    return self.by_rank[0].seed
 
   @property
   def num_candidates_seen(self) -> int:
@@ -673,7 +815,7 @@ class RankedTopK:
     sel = acc.result()
     keep = sel.ranks < k
     return Selection(sel.ids[keep], sel.classes[keep], sel.scores[keep], sel.ranks[keep],
-                     self.num_classes, k)
+                     self.num_classes, k, sel.rank_scores[keep])
 
   def state_dict(self) -> dict[str, np.ndarray]:
     out = {"ranked_p": np.asarray(self.p, np.int64)}
@@ -696,7 +838,8 @@ class RankedTopK:
 class GlobalTopK:
   """The unbalanced D̂ (``select.balanced=False``): the ``k * num_classes`` globally
   highest-scoring (image, class) pairs, whatever their class, instead of ``k`` per class.
-  Order: score descending, then smaller id, then smaller class. Like :class:`RankedTopK`,
+  Order: score descending, then smaller ``tie_hash`` of the id's low 32 bits (``seed``, as
+  :class:`TopKPerClass`), then smaller id, then smaller class. Like :class:`RankedTopK`,
   the pairs are kept separately for each rank ``r < p`` of a class within its image's top
   classes, so any ``k' <= k`` and ``p' <= p`` is derived exactly (a pair in the global top
   ``k' * C`` of ranks ``< p'`` is in the top ``k' * C`` of its own rank). Candidates below
@@ -705,10 +848,11 @@ class GlobalTopK:
   ``2 * p * k * C`` (id, class, score) rows, 16 bytes each (plain arrays: the global order
   needs no per-class packing, so ids are not limited to 32 bits)."""
 
-  def __init__(self, num_classes: int, k: int, p: int):
+  def __init__(self, num_classes: int, k: int, p: int, *, seed: int = 0):
     if int(num_classes) <= 0 or int(k) <= 0 or int(p) <= 0:
       raise ValueError(f"num_classes, k and p must be positive, got {num_classes}, {k}, {p}")
     self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
+    self.seed = int(seed)
     self.n = self.k * self.num_classes
     self._rows = [self._empty() for _ in range(self.p)]
     self._pending = [[] for _ in range(self.p)]  # batches not yet compacted in
@@ -720,10 +864,12 @@ class GlobalTopK:
   def _empty():
     return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
 
-  @staticmethod
-  def _order(ids, classes, scores):
-    """Indices in selection order (score descending, id, class ascending)."""
-    return np.lexsort((classes, ids, -scores.astype(np.float64)))
+  def _tie(self, ids):
+    return tie_hash(ids & np.int64(MAX_ID), self.seed)
+
+  def _order(self, ids, classes, scores):
+    """Indices in selection order (score descending; tie hash, id, class ascending)."""
+    return np.lexsort((classes, ids, self._tie(ids), -scores.astype(np.float64)))
 
   def _compact(self, r: int) -> None:
     """Folds rank ``r``'s pending batches into its kept rows: the ``n`` best remain."""
@@ -757,7 +903,7 @@ class GlobalTopK:
     self._seen += classes.size
     for r in range(self.p):
       # below the n-th best kept score a candidate can never enter (equal scores can:
-      # a smaller id wins the tie)
+      # a smaller tie hash wins the tie)
       keep = scores[:, r] >= self._thresh[r]
       if not keep.any():
         continue
@@ -768,9 +914,10 @@ class GlobalTopK:
         self._compact(r)
 
   def merge(self, other: "GlobalTopK") -> "GlobalTopK":
-    if not isinstance(other, GlobalTopK) or (other.num_classes, other.k, other.p) != (
-        self.num_classes, self.k, self.p):
-      raise ValueError("can only merge a GlobalTopK of the same num_classes, k and p")
+    if not isinstance(other, GlobalTopK) or (other.num_classes, other.k, other.p,
+                                              other.seed) != (self.num_classes, self.k,
+                                                              self.p, self.seed):
+      raise ValueError("can only merge a GlobalTopK of the same num_classes, k, p and seed")
     for r in range(self.p):
       other._compact(r)
       self._pending[r].append(other._rows[r])
@@ -791,7 +938,7 @@ class GlobalTopK:
     ids, classes, scores = (np.concatenate(col) for col in zip(*self._rows[:p]))
     top = self._order(ids, classes, scores)[:k * self.num_classes]
     ids, classes, scores = ids[top], classes[top], scores[top]
-    by_class = np.lexsort((ids, -scores.astype(np.float64), classes))
+    by_class = np.lexsort((ids, self._tie(ids), -scores.astype(np.float64), classes))
     ids, classes, scores = ids[by_class], classes[by_class], scores[by_class]
     counts = np.bincount(classes, minlength=self.num_classes)
     starts = np.cumsum(counts) - counts
@@ -800,6 +947,8 @@ class GlobalTopK:
 
   def state_dict(self) -> dict[str, np.ndarray]:
     out = {"global_p": np.asarray(self.p, np.int64), "global_k": np.asarray(self.k, np.int64),
+           "global_format_version": np.asarray(_FORMAT_VERSION, np.int64),
+           "tie_seed": np.asarray(self.seed, np.int64),
            "num_classes": np.asarray(self.num_classes, np.int64),
            "num_candidates_seen": np.asarray(self._seen, np.int64)}
     for r in range(self.p):
@@ -812,8 +961,12 @@ class GlobalTopK:
   def from_state_dict(cls, d) -> "GlobalTopK":
     if "global_p" not in d:
       raise ValueError("not a GlobalTopK state dict: missing 'global_p'")
+    version = int(np.asarray(d.get("global_format_version", 1)))
+    if version != _FORMAT_VERSION:
+      raise ValueError(f"unsupported GlobalTopK state format_version {version} (this code "
+                       f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id)")
     out = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["global_k"])),
-              int(np.asarray(d["global_p"])))
+              int(np.asarray(d["global_p"])), seed=int(np.asarray(d["tie_seed"])))
     out._rows = [(np.asarray(d[f"r{r}__ids"], np.int64), np.asarray(d[f"r{r}__classes"],
                   np.int32), np.asarray(d[f"r{r}__scores"], np.float32))
                  for r in range(out.p)]

@@ -34,6 +34,7 @@ import re
 import socket
 import subprocess
 import shlex
+import signal
 import sys
 import time
 
@@ -415,11 +416,202 @@ def _launch_order(pts: list[dict], jobs: int) -> list[dict]:
   return out
 
 
+# ----------------------------------------------------------------------------- processes
+# A sweep's processes: SIGTERM exits 143 wherever it lands; point workers die with the sweep
+# that started them; a rerun never races a process still at work in the same folders.
+
+STOP_WAIT_S = 300  # how long a rerun waits for the point workers of a killed sweep to stop
+
+
+class Terminated(BaseException):
+  """SIGTERM outside a training loop (a training loop saves a checkpoint and raises
+  ``train.Preempted``). A BaseException, as KeyboardInterrupt is: no ``except Exception``
+  of a stage swallows it, ``finally`` blocks run; the command exits 143."""
+
+
+_TERMINATING: list[int] = []
+
+
+def _on_sigterm(signum, frame):
+  if _TERMINATING:  # a second SIGTERM: stop now
+    os._exit(143)
+  _TERMINATING.append(signum)
+  raise Terminated("SIGTERM")
+
+
+def _exit_preempted(msg: str) -> None:
+  """Exits 143 (after ``finally`` blocks and atexit work); if a thread keeps the
+  interpreter from exiting, a watchdog ends it after 60 s."""
+  import threading
+  print(f"bssl.sweep: {msg}; rerun the same command to continue", file=sys.stderr,
+        flush=True)
+  t = threading.Timer(60.0, os._exit, (143,))
+  t.daemon = True
+  t.start()
+  sys.exit(143)
+
+
+def _die_with_parent():
+  """A ``preexec_fn`` that has Linux send SIGTERM to the child when the process that
+  started it dies (``prctl(PR_SET_PDEATHSIG)``), even by SIGKILL: the point worker then
+  saves a checkpoint and exits 143 instead of running on beside a rerun. None where prctl
+  is missing (then the ``running/`` entries still keep a rerun off its folders)."""
+  try:
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+  except (OSError, AttributeError):
+    return None
+  parent = os.getpid()
+
+  def preexec():
+    prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before prctl: no signal will come
+      os._exit(143)
+  return preexec
+
+
+def _proc_stat(pid: int):
+  """(state, parent pid, start time in clock ticks after boot) of a process, from
+  /proc/<pid>/stat; None without /proc or without that process."""
+  try:
+    with open(f"/proc/{pid}/stat") as fh:
+      text = fh.read()
+    fields = text[text.rindex(")") + 2:].split()  # the name (field 2) may hold spaces
+    return fields[0], int(fields[1]), fields[19]
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _process_entry() -> dict:
+  """This process, as a ``running/`` entry names it."""
+  me, parent = _proc_stat(os.getpid()), os.getppid()
+  return {"pid": os.getpid(), "host": socket.gethostname(), "start": me and me[2],
+          "ppid": parent, "argv": sys.argv, "since": time.time()}
+
+
+def _entry_alive(e: dict) -> bool:
+  """Whether an entry's process (of this machine) still runs: the pid exists, is not a
+  zombie and started when the entry says (a reused pid is another process)."""
+  try:
+    pid = int(e["pid"])
+    os.kill(pid, 0)
+  except PermissionError:
+    pass  # another user's live process
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+  st = _proc_stat(pid)
+  if st is None:
+    return True  # no /proc: os.kill's word
+  return st[0] not in ("Z", "X") and e.get("start") in (None, st[2])
+
+
+def _orphaned(e: dict) -> bool:
+  """Whether a live entry's process lost the parent it had (a point worker of a sweep that
+  was killed: it got SIGTERM with the parent's death and is stopping)."""
+  st = _proc_stat(int(e["pid"]))
+  return st is not None and e.get("ppid") is not None and st[1] != e["ppid"]
+
+
+def _running_dir(root):
+  root = workdir_lib.path(root)
+  return None if workdir_lib.is_remote(root) else root / "running"
+
+
+def check_running(root, names=None, wait_s: float = STOP_WAIT_S, log=print) -> None:
+  """Raises SweepError naming the processes still at work in sweep folder ``root``
+  (entries ``<root>/running/<name>.json`` of this machine: ``names``, or all, but this
+  process's). A point worker that lost its sweep (killed: the worker got SIGTERM and is
+  saving a checkpoint) is waited for, up to ``wait_s``; a live sweep, or a point whose
+  parent still runs, is not. Entries of dead processes are removed."""
+  d = _running_dir(root)
+  if d is None:
+    return
+  deadline, told = time.time() + wait_s, set()
+  while True:
+    live, stopping = [], []
+    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+      name = f.name[:-len(".json")]
+      if names is not None and name not in names:
+        continue
+      try:
+        e = json.loads(f.read_text())
+      except (OSError, ValueError):
+        continue  # removed meanwhile (entries are written whole)
+      if e.get("host") != socket.gethostname() or e.get("pid") == os.getpid():
+        continue  # another machine's (cannot be checked), or ours
+      if not _entry_alive(e):
+        f.unlink(missing_ok=True)  # a process killed without cleaning up
+      elif name != "_sweep" and _orphaned(e):
+        stopping.append((name, e))
+      else:
+        live.append((name, e))
+    if live or (stopping and time.time() > deadline):
+      what = ", ".join(("a sweep" if n == "_sweep" else f"point {n}") + f" (pid {e['pid']})"
+                       for n, e in live + stopping)
+      raise SweepError(f"--workdir {root} is in use by processes still running: {what}; "
+                       f"wait for them to end or stop them (kill PID), then rerun")
+    if not stopping:
+      return
+    for n, e in stopping:
+      if n not in told:
+        told.add(n)
+        log(f"sweep: waiting for point {n} (pid {e['pid']}) of a sweep that was killed to "
+            f"stop")
+    time.sleep(0.5)
+
+
+def claim_running(root, name: str, wait_s: float = STOP_WAIT_S, log=print):
+  """Enters this process as running ``name`` (a point, or ``_sweep``: the grid) in
+  ``<root>/running/`` once no live process holds it (``check_running``); returns the entry's
+  path for ``release_running`` (None for a remote folder: not checked)."""
+  d = _running_dir(root)
+  if d is None:
+    return None
+  d.mkdir(parents=True, exist_ok=True)
+  f = d / f"{name}.json"
+  for _ in range(5):
+    check_running(root, [name], wait_s, log)
+    tmp = d / f".{name}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(_process_entry()))
+    try:
+      os.link(tmp, f)  # whole, and only if no other process entered it meanwhile
+      return f
+    except FileExistsError:
+      continue
+    finally:
+      tmp.unlink(missing_ok=True)
+  raise SweepError(f"--workdir {root}: {name} is being started by another process")
+
+
+def release_running(f) -> None:
+  """Removes an entry of ``claim_running`` (if it is still this process's)."""
+  if f is None:
+    return
+  try:
+    if json.loads(f.read_text()).get("pid") == os.getpid():
+      f.unlink(missing_ok=True)
+  except (OSError, ValueError):
+    pass
+
+
 def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int = 1,
-              point_argv: list[str] | None = None) -> dict:
+              point_argv: list[str] | None = None, guard: bool = True) -> dict:
   """Runs every point (sharing stages), then collects. Resumable. ``jobs`` > 1 runs points
   in that many processes (``point_argv``: this command's arguments, rerun with
-  ``--point=<name>`` for each; each point's log in ``points/<name>/sweep.log``)."""
+  ``--point=<name>`` for each; each point's log in ``points/<name>/sweep.log``), which get
+  SIGTERM if this process dies. ``guard``: refuse (SweepError) while processes of an
+  earlier sweep still work in ``root`` (``<root>/running/``; one process per point)."""
+  root_p = workdir_lib.path(root)
+  me = claim_running(root_p, "_sweep", log=log) if guard else None
+  try:
+    if guard:
+      check_running(root_p, log=log)  # e.g. the point workers of a killed sweep
+    return _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
+  finally:
+    release_running(me)
+
+
+def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard) -> dict:
   pts = points(base, axes, seeds)
   root_p = workdir_lib.path(root)
   workdir_lib.write_json(root_p / "grid.json", {"axes": [[n, v] for n, v in axes],
@@ -440,50 +632,63 @@ def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int 
   if jobs <= 1 or len(todo) <= 1:
     for p in todo:
       log(f"sweep: point {pts.index(p) + 1}/{len(pts)} {p['name']}")
-      run_point(base, root, axes, p, share_from, log)
+      entry = claim_running(root_p, p["name"], log=log) if guard else None
+      try:
+        run_point(base, root, axes, p, share_from, log)
+      finally:
+        release_running(entry)
       progress(p, "done")
-  else:
-    queue, running, failed = _launch_order(todo, jobs), {}, []
-    import signal
-    stop = []
+    return collect(root, axes, pts)
+  queue, running, failed, stop, signalled = _launch_order(todo, jobs), {}, [], [], set()
 
-    def on_term(signum, frame):  # preemption: pass it on, let the points checkpoint
-      stop.append(signum)
-      queue.clear()
-      for q in running:
-        if q.poll() is None:
-          q.send_signal(signal.SIGTERM)
-    previous = signal.signal(signal.SIGTERM, on_term)
+  def terminate(q):
+    if q not in signalled and q.poll() is None:
+      signalled.add(q)
+      q.send_signal(signal.SIGTERM)
+
+  def on_term(signum, frame):  # preemption: pass it on, let the points checkpoint
+    stop.append(signum)
+    queue.clear()
+    for q in list(running):
+      terminate(q)
+  previous = signal.signal(signal.SIGTERM, on_term)
+  preexec = _die_with_parent()
+  try:
     while queue or running:
-      while queue and len(running) < jobs:
+      while queue and len(running) < jobs and not stop:
         p = queue.pop(0)
         logf = root_p / "points" / p["name"] / "sweep.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
         fh = open(logf, "a")
         proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *point_argv,
-                                 f"--point={p['name']}"], stdout=fh, stderr=subprocess.STDOUT)
+                                 f"--point={p['name']}"], stdout=fh, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec)
         running[proc] = (p, fh)
+        if stop:  # SIGTERM came while it started
+          terminate(proc)
         log(f"sweep: started point {p['name']} (pid {proc.pid}, log {logf})")
       time.sleep(1.0)
       for proc in [q for q in running if q.poll() is not None]:
         p, fh = running.pop(proc)
         fh.close()
-        if proc.returncode == 0:
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # as a shell
+        if code == 0:
           progress(p, "done")
         else:
-          failed.append((p["name"], proc.returncode))
-          log(f"sweep: point {p['name']} failed (exit {proc.returncode}); see "
+          failed.append((p["name"], code))
+          log(f"sweep: point {p['name']} failed (exit {code}); see "
               f"{root_p / 'points' / p['name'] / 'sweep.log'}")
-          if proc.returncode in (2, 143):  # a user error or preemption: stop launching
+          if code in (2, 143):  # a user error or preemption: stop launching
             queue.clear()
+  finally:
     signal.signal(signal.SIGTERM, previous)
-    if failed or stop:
-      collect(root, axes, pts)
-      codes = {c for _, c in failed}
-      code = 143 if stop or codes == {143} else 2 if 2 in codes else 1
-      log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
-          f"continue")
-      sys.exit(code)
+  if failed or stop:
+    collect(root, axes, pts)
+    codes = {c for _, c in failed}
+    code = 143 if stop or codes == {143} else 2 if 2 in codes else 1
+    log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
+        f"continue")
+    sys.exit(code)
   return collect(root, axes, pts)
 
 
@@ -510,6 +715,9 @@ def _main(argv):
   if not f.sweep:
     fail("--sweep is required, e.g. --sweep=select.k=1000,2000,5000")
   try:
+    if any(a.split("=", 1)[0].strip() == "seed" for a in f.sweep):
+      raise SweepError("--sweep=seed=... and --seeds both set the seed: give the seeds with "
+                       "--seeds=0,1,2 (every point runs once per seed)")
     axes = [parse_axis(a, base) for a in f.sweep]
     if len({n for n, _ in axes}) != len(axes):
       raise SweepError("--sweep: a field is given twice")
@@ -544,13 +752,20 @@ def _main(argv):
     if f.jobs > 1 and workdir_lib.is_remote(f.workdir):
       raise SweepError("--jobs > 1 runs points as processes on this machine and needs a "
                        "local --workdir; on a cluster use --emit")
+    # SIGTERM exits 143 wherever it lands (a training loop saves a checkpoint first)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if f.point:
       pts = {p["name"]: p for p in points(base, axes, seeds)}
       if f.point not in pts:
         raise SweepError(f"--point: {f.point!r} is not a point of this grid")
       from bssl import parallel
       parallel.maybe_initialize_distributed(force=f.distributed)
-      run_point(base, f.workdir, axes, pts[f.point], share_from)
+      entry = (claim_running(f.workdir, f.point) if parallel.process_count() == 1
+               else None)
+      try:
+        run_point(base, f.workdir, axes, pts[f.point], share_from)
+      finally:
+        release_running(entry)
       return
     if f.collect:
       s = collect(f.workdir, axes, points(base, axes, seeds))
@@ -560,13 +775,12 @@ def _main(argv):
       if f.jobs > 1 and parallel.process_count() > 1:
         raise SweepError("--jobs > 1 cannot be combined with a multi-process launch")
       s = run_sweep(base, f.workdir, axes, seeds, share_from=share_from, jobs=f.jobs,
-                    point_argv=point_argv)
+                    point_argv=point_argv, guard=parallel.process_count() == 1)
     print(json.dumps({k: s[k] for k in ("num_points", "num_done")}))
   except (SweepError, *bssl_main.user_errors()) as e:
     fail(str(e))
-  except train.Preempted as e:
-    print(f"bssl.sweep: {e}; rerun the same command to continue", file=sys.stderr, flush=True)
-    sys.exit(143)
+  except (train.Preempted, Terminated) as e:
+    _exit_preempted(str(e))
 
 
 def main():

@@ -314,16 +314,39 @@ class TorchBackend:
     return global_batch_size
 
 
+def top_log_odds(logits: torch.Tensor, p: int):
+  """:func:`bssl.scoring.top_log_odds` in PyTorch, the same formula step for step (so
+  ``python -m bssl.compare`` compares like with like): logits [B, C] -> (classes [B, P],
+  log-odds ``z_c - logsumexp_{j != c} z_j`` [B, P], finite [B]), classes the ``p`` largest
+  logits, best first. The argmax's sum over the other classes is taken directly, relative to
+  the second largest logit (``S - 1`` would cancel once the margin passes ~17)."""
+  z = logits.float()
+  finite = torch.isfinite(z).all(-1)
+  classes = z.topk(p, dim=-1).indices
+  if z.shape[-1] == 1:
+    return classes, torch.full(classes.shape, float("inf")), finite
+  top2, idx2 = z.topk(2, dim=-1)
+  m1, m2, i1 = top2[:, :1], top2[:, 1:], idx2[:, :1]
+  s = torch.exp(z - m1).sum(-1, keepdim=True)
+  iota = torch.arange(z.shape[-1]).expand_as(z)
+  rest_top = torch.where(iota == i1, 0.0, torch.exp(z - m2)).sum(-1, keepdim=True)
+  zc = z.gather(-1, classes)
+  rest = torch.clamp(s - torch.exp(zc - m1), min=1.0)
+  excl = torch.where(classes == i1, m2 + torch.log(rest_top), m1 + torch.log(rest))
+  return classes, zc - excl, finite
+
+
 class _TorchScorer:
+  """Top-P classes and their log-odds (the ranking score, :mod:`bssl.scoring`)."""
+
   def __init__(self, model: nn.Module, top_p: int, mean, std):
     self.model, self.top_p, self.mean, self.std = model.eval(), top_p, mean, std
 
   @torch.inference_mode()
   def dispatch(self, images: np.ndarray):
-    logits = self.model(to_input(images, self.mean, self.std)).float()
-    finite = torch.isfinite(logits).all(-1).numpy()
-    s, c = torch.softmax(logits, dim=-1).topk(self.top_p, dim=-1)
-    return c.numpy().astype(np.int32), s.numpy(), finite
+    logits = self.model(to_input(images, self.mean, self.std))
+    c, s, finite = top_log_odds(logits, self.top_p)
+    return c.numpy().astype(np.int32), s.numpy(), finite.numpy()
 
   def fetch(self, out):
     return out

@@ -46,7 +46,13 @@ def learning_rate(cfg, global_batch_size: int) -> float:
 
 
 def make_schedule(cfg, total_steps: int, base_lr: float) -> optax.Schedule:
-  warmup = int(cfg.get("warmup_steps") or round(cfg.get("warmup_fraction", 0.0) * total_steps))
+  """Linear warm-up from ``base_lr / warmup`` to ``base_lr``, then ``cfg.schedule``. The
+  warm-up is ``cfg.warmup_steps`` when set (0 included: no warm-up, whatever
+  ``warmup_fraction`` says), else ``round(warmup_fraction x total_steps)``; at most
+  ``total_steps - 1``."""
+  steps = cfg.get("warmup_steps")
+  warmup = (int(steps) if steps is not None
+            else int(round(cfg.get("warmup_fraction", 0.0) * total_steps)))
   warmup = min(warmup, max(total_steps - 1, 0))
   rest = max(total_steps - warmup, 1)
   kind = cfg.get("schedule", "cosine")
@@ -145,9 +151,18 @@ def tag_targets(tags, num_classes):
 
 
 def _xent(logits, labels, num_classes, smoothing):
-  """Softmax cross-entropy against class ids [B] or, for weak labels, tag ids [B, T]."""
+  """Softmax cross-entropy [B] against class ids [B] or, for weak labels, tag ids [B, T].
+
+  Label smoothing ``s`` mixes the target with the uniform distribution: ``(1 - s) t +
+  s / C``, where ``t`` is the one-hot class or, for weak labels, the image's normalised
+  tag distribution (1/k on each of its k tags); an image without tags keeps its all-zero
+  target (no loss)."""
   if labels.ndim == 2:
-    return optax.softmax_cross_entropy(logits, tag_targets(labels, num_classes))
+    targets = tag_targets(labels, num_classes)
+    if smoothing:
+      has_tags = jnp.sum(targets, axis=-1, keepdims=True)  # 1, or 0 for no tags
+      targets = (1.0 - smoothing) * targets + has_tags * (smoothing / num_classes)
+    return optax.softmax_cross_entropy(logits, targets)
   onehot = jax.nn.one_hot(labels, num_classes)
   if smoothing:
     onehot = optax.smooth_labels(onehot, smoothing)

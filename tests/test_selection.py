@@ -13,16 +13,38 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- helpers
-def brute_force(ids, classes, scores, num_classes, k):
-  """Reference: per class, sort all candidates by (-score, id) and keep the first k."""
+def ref_tie_hash(i: int, seed: int) -> int:
+  """The tie hash written out in plain Python integers (splitmix64 of the seed, lowbias32
+  twice), independent of the numpy implementation."""
+  m64, m32 = (1 << 64) - 1, (1 << 32) - 1
+  z = (seed + 0x9E3779B97F4A7C15) & m64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+  z ^= z >> 31
+  a, b = z & m32, z >> 32
+
+  def mix(x):
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m32
+    return x ^ (x >> 16)
+
+  return mix((mix(i ^ a) + b) & m32)
+
+
+def brute_force(ids, classes, scores, num_classes, k, seed=0):
+  """Reference: per class, sort all candidates by (-score, tie_hash(id, seed)) and keep the
+  first k."""
   ids, classes, scores = (np.asarray(ids, np.int64), np.asarray(classes, np.int64),
                           np.asarray(scores, np.float32))
   out = {"ids": [], "classes": [], "scores": [], "ranks": []}
   for c in range(num_classes):
     m = classes == c
-    rows = sorted(zip((-scores[m].astype(np.float64)).tolist(), ids[m].tolist()))[:k]
-    out["ids"] += [i for _, i in rows]
-    out["scores"] += [-s for s, _ in rows]
+    rows = sorted((-float(s), ref_tie_hash(i, seed), i)
+                  for s, i in zip(scores[m].tolist(), ids[m].tolist()))[:k]
+    out["ids"] += [i for _, _, i in rows]
+    out["scores"] += [-s for s, _, _ in rows]
     out["classes"] += [c] * len(rows)
     out["ranks"] += list(range(len(rows)))
   return out
@@ -38,7 +60,7 @@ def assert_matches(sel: Selection, ref: dict):
 
 
 def assert_same(a: Selection, b: Selection):
-  for name in ("ids", "classes", "scores", "ranks"):
+  for name in ("ids", "classes", "scores", "ranks", "rank_scores"):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
   assert (a.num_classes, a.k) == (b.num_classes, b.k)
 
@@ -94,6 +116,26 @@ def test_score_keys_are_strictly_decreasing_and_invertible():
   np.testing.assert_array_equal(out_scores, v[:6])
 
 
+def _by_hash(ids, seed=0):
+  """``ids`` in tie order: smaller tie hash first."""
+  ids = list(ids)
+  return sorted(ids, key=lambda i: ref_tie_hash(int(i), seed))
+
+
+def test_tie_hash_is_a_seeded_bijection_matching_the_reference():
+  ids = np.concatenate([np.arange(2000), [MAX_ID - 1, MAX_ID, 1 << 31, 12345678]])
+  for seed in (0, 1, 2, -7, 2 ** 40 + 3):
+    h = selection.tie_hash(ids, seed)
+    assert h.dtype == np.uint32
+    assert h.tolist() == [ref_tie_hash(int(i), seed) for i in ids]
+    np.testing.assert_array_equal(selection.untie_hash(h, seed), ids)
+    assert len(np.unique(h)) == len(ids)
+  # the order of ties follows neither the id nor another seed's order
+  a, b = selection.tie_hash(np.arange(2000), 0), selection.tie_hash(np.arange(2000), 1)
+  assert abs(np.corrcoef(np.arange(2000), a.astype(np.float64))[0, 1]) < 0.1
+  assert abs(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1]) < 0.1
+
+
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("seed", range(12))
 def test_matches_brute_force_with_ties_random_batches_and_orders(seed):
@@ -105,20 +147,26 @@ def test_matches_brute_force_with_ties_random_batches_and_orders(seed):
   distinct = [2, 3, 7, None][seed % 4]
   ids, classes, scores = make_stream(rng, n, num_classes, p, distinct, negative=seed % 3 == 0)
   slots = [None, 1, 2, 5][seed % 4]          # tiny pending areas force many compactions
-  acc = feed(TopKPerClass(num_classes, k, pending_slots=slots), ids, classes, scores, rng)
-  assert_matches(acc.result(), brute_force(ids, classes, scores, num_classes, k))
+  tie_seed = [0, 1, -3, 10 ** 12][seed % 4]
+  acc = feed(TopKPerClass(num_classes, k, pending_slots=slots, seed=tie_seed), ids, classes,
+             scores, rng)
+  assert_matches(acc.result(), brute_force(ids, classes, scores, num_classes, k, tie_seed))
   assert acc.num_candidates_seen == len(ids)
 
 
-def test_all_equal_scores_ranked_by_id():
+@pytest.mark.parametrize("tie_seed", [0, 5])
+def test_all_equal_scores_ranked_by_the_seeded_hash_of_the_id(tie_seed):
   rng = np.random.default_rng(0)
   ids = rng.permutation(1000).astype(np.int64)
-  acc = TopKPerClass(2, 10, pending_slots=7)
+  acc = TopKPerClass(2, 10, pending_slots=7, seed=tie_seed)
   for part in np.array_split(np.arange(1000), 13):
     acc.update(ids[part], ids[part] % 2, np.full(part.size, 0.5, np.float32))
   sel = acc.result()
-  np.testing.assert_array_equal(sel.ids[sel.classes == 0], np.arange(0, 20, 2))
-  np.testing.assert_array_equal(sel.ids[sel.classes == 1], np.arange(1, 21, 2))
+  for c in (0, 1):
+    np.testing.assert_array_equal(sel.ids[sel.classes == c],
+                                  _by_hash(range(c, 1000, 2), tie_seed)[:10])
+  # not the smallest ids (the old rule, which made D̂ the alphabetically first files)
+  assert sel.ids.max() > 100
 
 
 def test_negative_zero_ties_with_zero_and_infinities():
@@ -127,7 +175,7 @@ def test_negative_zero_ties_with_zero_and_infinities():
   acc = TopKPerClass(1, 4)
   acc.update(ids, np.zeros(6, np.int32), scores)
   sel = acc.result()
-  np.testing.assert_array_equal(sel.ids, [4, 2, 3, 5])     # inf, then 0.0/-0.0 by id
+  np.testing.assert_array_equal(sel.ids, [4] + _by_hash([5, 3, 2]))  # inf, then 0.0/-0.0
   np.testing.assert_array_equal(sel.scores, [np.inf, 0, 0, 0])
 
 
@@ -157,16 +205,20 @@ def test_large_batch_many_candidates_per_class_exact():
 
 def test_threshold_filter_rejects_without_storing():
   # once a class is full, candidates that cannot enter (lower score, or equal score and larger
-  # id than the K-th) are dropped by the filter and never take a pending slot
+  # tie hash than the K-th) are dropped by the filter and never take a pending slot
   acc = TopKPerClass(1, 3, pending_slots=100)
   acc.update(np.arange(10), np.zeros(10), np.full(10, 0.5))
   acc._compact(np.ones(1, bool))
-  assert int(acc._fill[0]) == 3 and acc._thresh_score[0] == 0.5 and acc._thresh_id[0] == 2
-  acc.update([20, 30, 40], [0, 0, 0], [0.5, 0.5, 0.4])
+  best = _by_hash(range(10))[:3]
+  assert int(acc._fill[0]) == 3 and acc._thresh_score[0] == 0.5
+  assert acc._thresh_hash[0] == ref_tie_hash(best[2], 0)
+  later = [i for i in range(20, 2000) if ref_tie_hash(i, 0) > acc._thresh_hash[0]][:2]
+  acc.update(later + [40], [0, 0, 0], [0.5, 0.5, 0.4])    # ties that lose, and a lower score
   assert int(acc._fill[0]) == 3
-  acc.update([25, 1000, 11], [0, 0, 0], [0.6, 0.5, -1.0])
-  assert int(acc._fill[0]) == 4
-  np.testing.assert_array_equal(acc.result().ids, [25, 0, 1])
+  acc.update([25, later[0] + 5000, 11], [0, 0, 0], [0.6, 0.5, -1.0])
+  assert int(acc._fill[0]) == 4 + (ref_tie_hash(later[0] + 5000, 0) < acc._thresh_hash[0])
+  np.testing.assert_array_equal(
+      acc.result().ids, [25] + _by_hash(list(range(10)) + [later[0] + 5000])[:2])
 
 
 def test_empty_accumulator_and_empty_updates():
@@ -184,7 +236,7 @@ def test_array_likes_and_dtypes_are_cast():
   acc.update([4, 1, 2], np.array([0, 0, 2], np.uint8), [0.5, 0.5, 1.0])  # lists, float64
   acc.update(np.array([3], np.int32), [1], np.array([2], np.int16))
   sel = acc.result()
-  np.testing.assert_array_equal(sel.ids, [1, 4, 3, 2])
+  np.testing.assert_array_equal(sel.ids, _by_hash([1, 4]) + [3, 2])
   np.testing.assert_array_equal(sel.classes, [0, 0, 1, 2])
   np.testing.assert_array_equal(sel.scores, [0.5, 0.5, 2.0, 1.0])
 
@@ -200,7 +252,7 @@ def test_same_image_under_several_classes():
 def test_largest_id_is_accepted():
   acc = TopKPerClass(1, 2)
   acc.update([MAX_ID, 0], [0, 0], [1.0, 1.0])
-  np.testing.assert_array_equal(acc.result().ids, [0, MAX_ID])
+  np.testing.assert_array_equal(acc.result().ids, _by_hash([0, MAX_ID]))
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -209,10 +261,12 @@ def test_merge_of_partitions_equals_single_accumulator(seed):
   num_classes, k = int(rng.integers(1, 7)), int(rng.integers(1, 30))
   ids, classes, scores = make_stream(rng, int(rng.integers(0, 250)), num_classes, 3,
                                      [2, 5, None][seed % 3])
-  single = feed(TopKPerClass(num_classes, k), ids, classes, scores, rng).result()
+  tie_seed = seed * 11 - 20
+  single = feed(TopKPerClass(num_classes, k, seed=tie_seed), ids, classes, scores,
+                rng).result()
   parts = int(rng.integers(2, 6))
   owner = rng.integers(0, parts, len(ids))
-  accs = [feed(TopKPerClass(num_classes, k, pending_slots=[None, 3][seed % 2]),
+  accs = [feed(TopKPerClass(num_classes, k, pending_slots=[None, 3][seed % 2], seed=tie_seed),
                ids[owner == i], classes[owner == i], scores[owner == i], rng)
           for i in range(parts)]
   before = [a.result() for a in accs]
@@ -220,7 +274,7 @@ def test_merge_of_partitions_equals_single_accumulator(seed):
   for other in rng.permutation(accs[1:]) if parts > 2 else accs[1:]:
     assert merged.merge(other) is merged
   assert_same(merged.result(), single)
-  assert_matches(single, brute_force(ids, classes, scores, num_classes, k))
+  assert_matches(single, brute_force(ids, classes, scores, num_classes, k, tie_seed))
   assert merged.num_candidates_seen == len(ids)
   for a, b in zip(accs[1:], before[1:]):     # the merged-in accumulators are unchanged
     assert_same(a.result(), b)
@@ -229,7 +283,7 @@ def test_merge_of_partitions_equals_single_accumulator(seed):
   more = (more[0] + 10 ** 6, more[1], more[2])
   merged.update(*more)
   allc = [np.concatenate([a, b]) for a, b in zip((ids, classes, scores), more)]
-  assert_matches(merged.result(), brute_force(*allc, num_classes, k))
+  assert_matches(merged.result(), brute_force(*allc, num_classes, k, tie_seed))
 
 
 def test_merge_tree_order_does_not_matter():
@@ -252,6 +306,8 @@ def test_merge_rejects_mismatch_and_self():
     a.merge(TopKPerClass(3, 6))
   with pytest.raises(ValueError, match="itself"):
     a.merge(a)
+  with pytest.raises(ValueError, match="different tie seeds"):
+    a.merge(TopKPerClass(3, 5, seed=1))
 
 
 @pytest.mark.parametrize("through_npz", [False, True])
@@ -259,8 +315,8 @@ def test_state_dict_round_trip_mid_stream(tmp_path, through_npz):
   rng = np.random.default_rng(3)
   ids, classes, scores = make_stream(rng, 600, 5, 3, 6)
   cut = 900
-  full = TopKPerClass(5, 40)
-  half = TopKPerClass(5, 40)
+  full = TopKPerClass(5, 40, seed=9)
+  half = TopKPerClass(5, 40, seed=9)
   for lo in range(0, len(ids), 97):
     sl = slice(lo, lo + 97)
     full.update(ids[sl], classes[sl], scores[sl])
@@ -275,14 +331,14 @@ def test_state_dict_round_trip_mid_stream(tmp_path, through_npz):
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
       sd = {key: z[key] for key in z.files}
   restored = TopKPerClass.from_state_dict(sd)
-  assert (restored.num_classes, restored.k) == (5, 40)
+  assert (restored.num_classes, restored.k, restored.seed) == (5, 40, 9)
   assert restored.num_candidates_seen == done
   assert_same(restored.result(), half.result())
   for lo in range(done, len(ids), 97):
     restored.update(ids[lo:lo + 97], classes[lo:lo + 97], scores[lo:lo + 97])
   assert_same(restored.result(), full.result())
   assert restored.num_candidates_seen == full.num_candidates_seen == len(ids)
-  assert_matches(full.result(), brute_force(ids, classes, scores, 5, 40))
+  assert_matches(full.result(), brute_force(ids, classes, scores, 5, 40, 9))
 
 
 def test_state_dict_and_merge_with_uncompacted_and_short_classes():
@@ -306,6 +362,11 @@ def test_state_dict_rejects_bad_input():
   bad = dict(sd, ids=np.arange(4), classes=np.zeros(4, np.int32), scores=np.ones(4, np.float32))
   with pytest.raises(ValueError, match="more than k=3"):
     TopKPerClass.from_state_dict(bad)
+  # a state of the old format (ties by id, no seed) is refused, never read as the new one
+  old = {k: v for k, v in sd.items() if k != "tie_seed"}
+  old["format_version"] = np.asarray(1, np.int64)
+  with pytest.raises(ValueError, match="format_version 1.*cannot be mixed"):
+    TopKPerClass.from_state_dict(old)
 
 
 def test_result_mid_stream_does_not_change_the_answer():
@@ -370,8 +431,9 @@ def test_write_read_round_trip(tmp_path):
   sel = _some_selection()
   d = tmp_path / "select" / "dhat"
   selection.write_selection(d, sel, extra_summary={"p": 2, "k": 20, "note": "x"})
-  assert sorted(os.listdir(d)) == ["class_stats.json", "classes.npy", "ids.npy", "ranks.npy",
-                                   "scores.npy", "summary.json"]
+  assert sorted(os.listdir(d)) == ["class_stats.json", "classes.npy", "ids.npy",
+                                   "rank_scores.npy", "ranks.npy", "scores.npy",
+                                   "summary.json"]
   back = selection.read_selection(d)
   assert isinstance(back.ids, np.memmap)
   assert_same(back, sel)
@@ -488,11 +550,38 @@ def test_summary_is_written_last(tmp_path, monkeypatch, rewrite):
   selection.write_selection(d, sel)
   names = [name for name, _ in seen]
   assert names[-2:] == ["class_stats.json", "summary.json"]
-  assert sorted(names[:-2]) == ["classes.npy", "ids.npy", "ranks.npy", "scores.npy"]
+  assert sorted(names[:-2]) == ["classes.npy", "ids.npy", "rank_scores.npy", "ranks.npy",
+                                "scores.npy"]
   assert all("summary.json" not in listing for _, listing in seen)
-  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy",
+  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy", "rank_scores.npy",
           "class_stats.json"} <= set(seen[-1][1])
   assert_same(selection.read_selection(d), sel)
+
+
+def test_probability_and_rank_scores_on_disk_and_an_old_dhat_still_reads(tmp_path):
+  """The recipe's D̂ keeps the probability in scores.npy (for people) and the log-odds it
+  was ranked by in rank_scores.npy; a D̂ written before rank_scores.npy existed reads with
+  rank_scores = scores."""
+  acc = TopKPerClass(2, 3)
+  acc.update([0, 1, 2, 3], [0, 0, 1, 1], [30.0, 2.0, -1.0, 0.0])    # log-odds
+  sel = selection.with_probabilities(acc.result())
+  np.testing.assert_array_equal(sel.rank_scores, [30.0, 2.0, 0.0, -1.0])
+  np.testing.assert_allclose(sel.scores, 1 / (1 + np.exp(-sel.rank_scores.astype(float))),
+                             rtol=1e-7)
+  assert sel.scores[0] == 1.0          # saturated as a float32 probability, not as log-odds
+  d = tmp_path / "dhat"
+  selection.write_selection(d, sel)
+  assert_same(selection.read_selection(d), sel)
+  np.testing.assert_array_equal(np.load(d / "scores.npy"), sel.scores)
+  # format_version 1: no rank_scores.npy, not listed in the summary's files
+  os.unlink(d / "rank_scores.npy")
+  summary = json.loads((d / "summary.json").read_text())
+  del summary["files"]["rank_scores.npy"]
+  summary["format_version"] = 1
+  (d / "summary.json").write_text(json.dumps(summary))
+  old = selection.read_selection(d)
+  np.testing.assert_array_equal(old.rank_scores, sel.scores)
+  np.testing.assert_array_equal(old.ids, sel.ids)
 
 
 def test_read_rejects_truncated_column(tmp_path):
@@ -530,6 +619,8 @@ def test_class_statistics():
 def test_selection_validates_columns():
   with pytest.raises(ValueError, match="equal lengths"):
     Selection(np.arange(3), np.zeros(2), np.zeros(3), np.zeros(3), 2, 1)
+  with pytest.raises(ValueError, match="rank_scores=2"):
+    Selection(np.arange(3), np.zeros(3), np.zeros(3), np.zeros(3), 2, 1, np.zeros(2))
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -546,26 +637,30 @@ def test_benchmark_quick_runs(capsys):
   assert printed["images_per_s"] == out["images_per_s"]
 
 
-def _global_brute_force(ids, classes, scores, ranks, n, p):
-  """The n best (id, class) pairs of ranks < p: score descending, then id, then class."""
-  rows = sorted((-float(s), int(i), int(c)) for i, c, s, r in zip(ids, classes, scores, ranks)
-                if r < p)[:n]
-  return sorted((c, -s, i) for s, i, c in rows)
+def _global_brute_force(ids, classes, scores, ranks, n, p, seed):
+  """The n best (id, class) pairs of ranks < p: score descending, then the tie hash of the
+  id's low 32 bits, then id, then class."""
+  rows = sorted((-float(s), ref_tie_hash(int(i) & MAX_ID, seed), int(i), int(c))
+                for i, c, s, r in zip(ids, classes, scores, ranks) if r < p)[:n]
+  return [(c, -s, i) for c, s, _, i in
+          sorted((c, s, h, i) for s, h, i, c in rows)]  # by class, then selection order
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_unbalanced_global_top_matches_brute_force_with_ties_merges_and_smaller_k_p(seed):
-  """select.balanced=False: the K x C globally best pairs (ties: smaller id, then class),
-  fed in random batches into two accumulators that are merged and round-tripped through a
-  state dict; every smaller (k, p) derived from it equals the brute force."""
+  """select.balanced=False: the K x C globally best pairs (ties: smaller tie hash, then id,
+  then class), fed in random batches into two accumulators that are merged and round-tripped
+  through a state dict; every smaller (k, p) derived from it equals the brute force."""
   from bssl.selection import GlobalTopK
   rng = np.random.default_rng(seed)
   n_img, num_classes, p, k = 300, 4, 3, 25
-  logits = rng.integers(0, 6, size=(n_img, num_classes)).astype(np.float32)  # many ties
+  logits = rng.integers(0, 12, size=(n_img, num_classes)).astype(np.float32)  # many ties
   cls = np.argsort(-logits, axis=1, kind="stable")[:, :p]
   sc = np.take_along_axis(logits, cls, 1) / 5.0
   ids = rng.permutation(10 * n_img)[:n_img].astype(np.int64) + (1 << 33)  # > 32-bit ids
-  a, b = GlobalTopK(num_classes, k, p), GlobalTopK(num_classes, k, p)
+  tie_seed = seed - 2
+  a, b = GlobalTopK(num_classes, k, p, seed=tie_seed), GlobalTopK(num_classes, k, p,
+                                                                  seed=tie_seed)
   order = rng.permutation(n_img)
   for part in np.array_split(order, 7):
     (a if rng.random() < 0.5 else b).update_ranked(ids[part], cls[part], sc[part])
@@ -574,12 +669,14 @@ def test_unbalanced_global_top_matches_brute_force_with_ties_merges_and_smaller_
               ranks=np.tile(np.arange(p), n_img))
   for kk, pp in ((k, p), (k // 2, 1), (k, 1), (3, 2)):
     sel = acc.result(kk, pp)
-    want = _global_brute_force(**flat, n=kk * num_classes, p=pp)
+    want = _global_brute_force(**flat, n=kk * num_classes, p=pp, seed=tie_seed)
     got = [(int(c), float(s), int(i)) for c, s, i in zip(sel.classes, sel.scores, sel.ids)]
-    assert got == [(c, s, i) for c, s, i in want]
+    assert got == want
     assert len(sel) == kk * num_classes
     for c in range(num_classes):  # ranks restart at 0 in every class, in order
       assert sel.ranks[sel.classes == c].tolist() == list(range(int((sel.classes == c).sum())))
   assert acc.num_candidates_seen == n_img * p
   with pytest.raises(ValueError, match="k and p must be"):
     acc.result(k + 1, 1)
+  with pytest.raises(ValueError, match="seed"):
+    acc.merge(GlobalTopK(num_classes, k, p, seed=tie_seed + 1))

@@ -9,10 +9,13 @@ What it does, in order:
    (``Image.draft``: 1/2, 1/4 or 1/8 while the short side stays >= the target), which is
    most of the cost of big photos;
 3. applies the EXIF orientation (phones store portraits as rotated landscapes);
-4. converts any mode to ``L`` or ``RGB`` with the right scaling: 16-bit and 32-bit integer
-   greys (``I;16``, ``I``) are scaled by 255/65535 (Pillow's own ``convert('L')`` clips
-   them, turning almost every pixel of a 16-bit PNG white), float greys (``F``) are taken
-   as 0..1 when they fit and clipped to 0..255 otherwise; palette images with
+4. converts any mode to ``L`` or ``RGB`` with the right scaling: integer greys are scaled
+   from their type's range to 0..255 (Pillow's own ``convert('L')`` clips them, turning
+   almost every pixel of a 16-bit PNG white): ``I;16*`` by 255/65535; ``I`` (32-bit
+   signed in Pillow) by the range of what the file stores (:func:`_int_range`: a TIFF's
+   bits per sample and sign, e.g. 255/(2^31 - 1) for int32 and 255/(2^32 - 1) for uint32;
+   16-bit PNG/PGM data by 255/65535), negatives clipped to 0; float greys (``F``) are
+   taken as 0..1 when they fit and clipped to 0..255 otherwise; palette images with
    transparency go through RGBA; alpha is dropped as Pillow drops it; CMYK, YCbCr, LAB,
    HSV as Pillow converts them;
 5. optionally resizes (bilinear, antialiased) so the short side is ``short_side`` (only
@@ -47,20 +50,69 @@ def _draft_size(w: int, h: int, short_side: int) -> tuple[int, int]:
   return max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))
 
 
-def _to_mode(im: Image.Image, channels: int) -> Image.Image:
-  """``im`` as an ``L`` (channels 1) or ``RGB`` (channels 3) image, scaled correctly."""
+def _int_range(im: Image.Image) -> tuple[int, bool]:
+  """(the largest value, stored unsigned 32-bit) of an integer grey image's source type.
+
+  Pillow holds every ``I`` image as int32, whatever the file stores: a TIFF says its bits
+  per sample (tag 258) and sign (tag 339: 2 = signed); PNG and PGM/PPM data in ``I`` are
+  16-bit (older Pillow opens 16-bit PNGs as ``I``; PGM is scaled to 0..65535 by Pillow);
+  anything else is taken as int32. An unsigned 32-bit TIFF's values above 2^31 - 1 come
+  out negative in int32 and are read back as uint32 (second value True)."""
+  if im.mode != "I":
+    return 65535, False  # I;16, I;16B, I;16L, I;16N
+  if im.format == "TIFF":
+    tags = getattr(im, "tag_v2", {})
+    bits = tags.get(258, (32,))
+    signed = tags.get(339, (1,))
+    bits = int(bits[0] if isinstance(bits, tuple) else bits)
+    signed = int(signed[0] if isinstance(signed, tuple) else signed) == 2
+    if 1 <= bits <= 32:
+      return (2 ** (bits - 1) - 1 if signed else 2 ** bits - 1), (bits == 32 and not signed)
+  if im.format in ("PNG", "PPM"):
+    return 65535, False
+  return 2 ** 31 - 1, False
+
+
+def scale_to_uint8(a: np.ndarray, maximum: float | None = None) -> np.ndarray:
+  """uint8 pixels of an array of any dtype, scaled from its type's range: integers by
+  255 / ``maximum`` (default: the dtype's largest value, e.g. 65535 for uint16, 2^31 - 1
+  for int32; negatives clipped to 0), floats taken as 0..1 when they fit and clipped to
+  0..255 otherwise (NaN 0), booleans as 0/255. uint8 comes back as it is (no copy)."""
+  a = np.asarray(a)
+  if a.dtype == np.uint8:
+    return a
+  if a.dtype == np.bool_:
+    return a.astype(np.uint8) * np.uint8(255)
+  if np.issubdtype(a.dtype, np.integer):
+    top = float(maximum if maximum is not None else np.iinfo(a.dtype).max)
+    f = np.clip(a.astype(np.float64), 0, top) * (255.0 / top)
+  elif np.issubdtype(a.dtype, np.floating):
+    f = a.astype(np.float64)
+    fin = f[np.isfinite(f)]
+    if fin.size and fin.min() >= 0.0 and fin.max() <= 1.0:
+      f = f * 255.0
+    f = np.nan_to_num(f, nan=0.0, posinf=255.0, neginf=0.0)
+  else:
+    raise ValueError(f"cannot make pixels of an array of dtype {a.dtype}")
+  return np.clip(np.rint(f), 0, 255).astype(np.uint8)
+
+
+def _to_mode(im: Image.Image, channels: int,
+             int_range: tuple[int, bool] | None = None) -> Image.Image:
+  """``im`` as an ``L`` (channels 1) or ``RGB`` (channels 3) image, scaled correctly;
+  ``int_range``: :func:`_int_range` of the opened file (a transposed copy has lost the
+  file's format and tags)."""
   want = "L" if channels == 1 else "RGB"
   if im.mode in _GREY_INT_MODES or im.mode == "F":
     a = np.asarray(im)
     if im.mode == "F":
-      a = a.astype(np.float64)
-      fin = a[np.isfinite(a)]
-      if fin.size and fin.min() >= 0.0 and fin.max() <= 1.0:
-        a = a * 255.0
-      a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-    else:  # 16-bit data (I;16*, and 'I', in which Pillow gives 16-bit PNGs too)
-      a = np.clip(a.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
-    grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+      a = scale_to_uint8(a.astype(np.float64))
+    else:
+      top, unsigned32 = int_range or _int_range(im)
+      if unsigned32:
+        a = a.astype(np.int32, copy=False).view(np.uint32)
+      a = scale_to_uint8(a, top)
+    grey = Image.fromarray(a, "L")
     return grey if want == "L" else grey.convert("RGB")
   if im.mode == want:
     return im
@@ -93,12 +145,13 @@ def open_image(data: bytes, channels: int = 3, short_side: int | None = None,
     msg = str(e) or type(e).__name__
     kind = "truncated" if "truncat" in msg.lower() else "corrupt"
     raise DecodeError(f"{kind}: {msg}") from None
+  int_range = _int_range(im) if im.mode in _GREY_INT_MODES else None
   try:
     im = ImageOps.exif_transpose(im)
   except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
     pass
   try:
-    return _to_mode(im, channels)
+    return _to_mode(im, channels, int_range)
   except (OSError, ValueError) as e:
     raise DecodeError(f"cannot convert mode {im.mode}: {e}") from None
 

@@ -11,7 +11,9 @@ Layout of the output folder (local or ``gs://``)::
   duplicates.npz              ids whose content equals an earlier id's: (ids, first)
   manifest.json               counts; written when every shard is complete
 
-Ids are positions in the sorted input list (stable across runs and hosts). Shard ``s``
+Ids are positions in the input list sorted as whole path strings (:func:`list_inputs`: the
+same for a folder, a file list of its files and a ``gs://`` copy of it; stable across runs
+and hosts). Shard ``s``
 holds ids ``[s*S, (s+1)*S)``; process ``i`` of ``n`` ingests shards ``i, i+n, ...``. A
 shard is complete when its ``.npz`` exists: it is written after the ``.array_record``, so a
 killed ingest leaves each shard complete or absent, and a rerun makes only the missing
@@ -35,7 +37,11 @@ from bssl import workdir as workdir_lib
 from bssl.data import decode as decode_lib
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FORMAT_VERSION = 1
+# 2: ids are positions in the whole-path-sorted list (1: a local folder's ids followed its
+# per-folder walk, so ``a/b.jpg`` came before ``a.jpg``; file lists and gs:// did not).
+FORMAT_VERSION = 2
+_FORMAT_CHANGE = ("the id rule changed in format 2: ids are now positions in the input "
+                  "list sorted as whole paths, so an input folder's ids may differ")
 _GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -62,7 +68,8 @@ class Params:
 
 
 def _walk_local(root: str, extensions) -> list[str]:
-  """Files under ``root`` (following symlinked folders, each real folder once), relative."""
+  """Files under ``root`` (following symlinked folders, each real folder once), relative,
+  in walk order (:func:`list_inputs` sorts them)."""
   out, seen = [], set()
 
   def walk(d: str, rel: str):
@@ -90,9 +97,17 @@ def _wanted(name: str, extensions) -> bool:
 
 
 def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
-  """The sorted list of image paths of ``input_path``: a folder (recursive, local or
-  gs://) or a text file with one path per line (relative to the list's folder).
-  ``extensions=None`` takes every file of a folder."""
+  """The image paths of ``input_path``: a folder (recursive, local or gs://) or a text file
+  with one path per line (relative to the list's folder). ``extensions=None`` takes every
+  file of a folder.
+
+  One order, on which every image id rests (ids are positions in this list): paths sorted
+  as whole strings (Python's order: by code point). A folder's files are sorted by their
+  path relative to the folder (``a.jpg`` before ``a/b.jpg``, as ``.`` < ``/``; not the
+  walk's folder-by-folder order); a file list's lines are resolved (joined to the list's
+  folder, local paths normalised: ``./x`` and ``d/../x`` are ``x``) and the resolved paths
+  sorted. So a folder, a list of its files written relative to it (in any order) and a
+  ``gs://`` copy of it give the same ids; a tags file "in id order" is in this order."""
   p = workdir_lib.path(input_path)
   if not p.exists():
     raise IngestError(f"--input: {input_path!r} does not exist. Accepted: a folder of images "
@@ -106,15 +121,24 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
       files = sorted(f"{proto}://{f}" for f in fs.find(root)
                      if _wanted(f.rsplit("/", 1)[-1], extensions))
     else:
-      files = [os.path.join(str(p), r) for r in _walk_local(str(p), extensions)]
+      root = str(p)
+      files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions))]
   else:
     base = str(p.parent)
+    remote_base = workdir_lib.is_remote(base)
     files = []
     for line in p.read_text().splitlines():
       line = line.strip()
-      if line and not line.startswith("#"):
-        files.append(line if (line.startswith("/") or "://" in line)
-                     else os.path.join(base, line))
+      if not line or line.startswith("#"):
+        continue
+      if "://" in line:
+        files.append(line)
+      elif line.startswith("/"):
+        files.append(os.path.normpath(line))
+      elif remote_base:
+        files.append(base.rstrip("/") + "/" + line)
+      else:
+        files.append(os.path.normpath(os.path.join(base, line)))
     files.sort()
   if not files:
     raise IngestError(f"--input: no image files in {input_path!r} (extensions "
@@ -257,6 +281,10 @@ def check_or_write_header(out, header: dict, write: bool) -> None:
   p = workdir_lib.path(out) / "ingest.json"
   if p.exists():
     old = workdir_lib.read_json(p)
+    if old.get("format_version") != header["format_version"]:
+      raise IngestError(f"--out {out} holds an ingest of format {old.get('format_version')}, "
+                        f"this bssl writes format {header['format_version']} "
+                        f"({_FORMAT_CHANGE}); use another --out, or delete it to ingest again")
     diff = {k: (old.get(k), v) for k, v in header.items() if old.get(k) != v}
     if diff:
       what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -349,7 +377,10 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
 
 class ShardSource:
   """U from an ingest's output: record ``i`` = image id ``i`` decoded (``valid`` False for
-  bad files and, with ``drop_duplicates``, for exact duplicates of an earlier id).
+  bad files and, with ``drop_duplicates``, for exact duplicates of an earlier id). Id ``i``
+  is the ``i``-th path of the ingest's input in :func:`list_inputs`' order (sorted as
+  whole paths), the same id an :class:`bssl.data.sources.ImageFileSource` of that input
+  gives it. Ingests of format 1 (another order) are refused: ingest again.
   Remote shards are copied once into ``cache_dir`` (default: a folder under TMPDIR) on
   this host's disk; each process only fetches the shards it reads."""
 
@@ -367,7 +398,10 @@ class ShardSource:
     if self.manifest.get("format_version") != FORMAT_VERSION:
       raise IngestError(f"unlabelled.path: {path!r} was written by ingest format "
                         f"{self.manifest.get('format_version')}, this bssl reads "
-                        f"{FORMAT_VERSION}; ingest again")
+                        f"{FORMAT_VERSION} ({_FORMAT_CHANGE}): ingest again into a new "
+                        f"--out (`python -m bssl.ingest --input=<the same input> "
+                        f"--out=<new folder>`); a tags file written for the old ids must "
+                        f"follow the new order")
     self.root, self.channels, self.class_names = root, channels, None
     self.n, self.size = int(self.manifest["num_images"]), int(self.manifest["shard_size"])
     self.remote = workdir_lib.is_remote(path)

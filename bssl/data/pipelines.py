@@ -199,7 +199,9 @@ class _TrainBatch(grain.transforms.Map):
       raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
     spec = self.spec
     img = _fix_channels(np.asarray(rec["image"], np.uint8), spec.channels)
-    if spec.eval_transform == "resize_center_crop" or img.shape[0] != spec.size:
+    # both sides: an image as tall as the model's input but wider (or narrower) is still
+    # to be made square
+    if spec.eval_transform == "resize_center_crop" or img.shape[:2] != (spec.size, spec.size):
       img = resize_center_crop(img, spec.size, spec.crop_fraction)
     if img.shape != (spec.size, spec.size, spec.channels):
       raise BadImageError(f"training image id {int(rec['id'])} has shape {img.shape}, "

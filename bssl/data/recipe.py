@@ -2,9 +2,6 @@
 decoded here). Every source is checked to be non-empty before any work starts."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import numpy as np
 
 from bssl.config import VIDEO_DATA_KINDS
@@ -13,35 +10,51 @@ from bssl.data import video as video_lib
 
 
 
-@dataclasses.dataclass
 class Data:
-  labelled: Any          # D
-  val: Any | None        # carved from the training data, for choosing hyperparameters
-  test: Any              # never used to choose anything
-  unlabelled: Any        # U (record ids = positions in U)
-  unlabelled_true_labels: np.ndarray | None
-  spec: Any             # pipelines.ImageSpec, or video.VideoSpec for video data
-  class_names: tuple
-  splits: dict
-  # What U's files are, for the fingerprints of the stages that read U (the config names
-  # a folder or an ingest; their contents can change under the same name): None when the
-  # config alone determines U.
-  unlabelled_identity: str | None = None
-  # The same for D, validation and test read from folders (data.kind='image_folder'): every
-  # stage depends on them.
-  data_identity: str | None = None
-  # What opening the data left out or changed, said once at start-up (e.g. listed videos
-  # that do not exist).
-  notes: tuple = ()
+  """D, validation, test and U, each made once (at start-up, so that missing or empty data
+  stops the run before any work) under a record of what making it read
+  (:class:`bssl.deps.Memo`). A stage that uses a part records what that part was made
+  from: the baseline, which never touches U, does not depend on ``unlabelled.*``; the
+  score stage does."""
+
+  def __init__(self, spec, labelled, unlabelled, notes=()):
+    self._spec, self._labelled, self._unlabelled = spec, labelled, unlabelled
+    self.notes = tuple(notes)
+
+  # the image or video view (sizes, augmentation): pipelines.ImageSpec / video.VideoSpec
+  spec = property(lambda self: self._spec.get())
+  labelled = property(lambda self: self._labelled.get()["labelled"])   # D
+  val = property(lambda self: self._labelled.get()["val"])  # for choosing hyperparameters
+  test = property(lambda self: self._labelled.get()["test"])  # never used to choose
+  class_names = property(lambda self: self._labelled.get()["class_names"])
+  splits = property(lambda self: self._labelled.get()["splits"])
+  unlabelled = property(lambda self: self._unlabelled.get()["unlabelled"])  # ids = positions
+  unlabelled_true_labels = property(lambda self: self._unlabelled.get()["true_labels"])
+
+  def records(self) -> list:
+    """The records of the parts (what each was made from), to check a rerun against."""
+    return [self._spec.rec, self._labelled.rec, self._unlabelled.rec]
+
+
+def _note_files(field: str, src, root: str | None) -> None:
+  """Notes a labelled set read from files by its files' identity (paths, labels, sizes,
+  mtimes; contents with data.identify_by_content)."""
+  from bssl import deps
+  content = bool(_IDENTIFY_BY_CONTENT[0])
+  ident = f"{src.identity()}|{deps.files_identity(src.files, root, content=content)}"
+  deps.note_input(field, "data", str(root), ident)
+
+
+_IDENTIFY_BY_CONTENT = [False]
 
 
 def _labelled_files(d, suffix: str, counted: str, open_set):
   """D's, test's and (when given) validation's sources read from files: ``data.train_<suffix>``,
   ``data.test_<suffix>``, ``data.val_<suffix>``, opened by ``open_set(field, class_names)``
   (the test and validation sets take the training set's classes). Returns (train, test,
-  val, their files' identity, their notes). Files are listed class by class: a fixed
-  shuffle (the same for every seed) so that data.subset and unlabelled.limit (first N) take
-  every class, nested."""
+  val, their notes); their files' identities are noted as inputs. Files are listed class
+  by class: a fixed shuffle (the same for every seed) so that data.subset and
+  unlabelled.limit (first N) take every class, nested."""
   train = open_set(f"train_{suffix}", None)
   if len(train.class_names) != d.num_classes:
     raise sources.DataError(
@@ -51,30 +64,38 @@ def _labelled_files(d, suffix: str, counted: str, open_set):
   test = open_set(f"test_{suffix}", train.class_names)
   val = open_set(f"val_{suffix}", train.class_names) if d.get(f"val_{suffix}") else None
   sets = (("train", train), ("test", test), ("val", val))
-  identity = ";".join(f"{k}={s.identity()}" for k, s in sets if s is not None)
+  for k, s in sets:
+    if s is not None:
+      _note_files(f"data.{k}_{suffix}", s, getattr(s, "root", None) or d[f"{k}_{suffix}"])
   notes = [n for _, s in sets if s is not None for n in getattr(s, "notes", ())]
   return (train.subset(np.random.default_rng(0).permutation(len(train))),
-          test.subset(np.random.default_rng(1).permutation(len(test))), val, identity, notes)
+          test.subset(np.random.default_rng(1).permutation(len(test))), val, notes)
 
 
-def build_data(cfg) -> Data:
-  """Opens the sources (cheap: no training) and fails clearly when data is missing."""
+def _spec(cfg):
   d = cfg.data
-  video = d.kind in VIDEO_DATA_KINDS
-  if video:
-    spec = video_lib.VideoSpec(size=d.image_size, channels=d.channels, clip_len=d.clip_len,
+  if d.kind in VIDEO_DATA_KINDS:
+    return video_lib.VideoSpec(size=d.image_size, channels=d.channels, clip_len=d.clip_len,
                                frame_stride=d.frame_stride, num_clips=d.num_clips,
                                augment=d.augment, pad=d.get("pad", 0))
-  else:
-    spec = pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
-                               eval_transform=d.eval_transform, pad=d.get("pad", 4))
+  return pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
+                             eval_transform=d.eval_transform, pad=d.get("pad", 4))
+
+
+def _labelled(cfg, spec) -> dict:
+  """D, validation, test, the class names and the splits (plus, for U = the rest of the
+  training set, the training set and the rest's indices)."""
+  from bssl import deps
+  d = cfg.data
   rng = np.random.default_rng(cfg.seed)
   splits: dict = {}
   val = None
-  data_identity = None
   notes: list[str] = []
+  train_all = rest = None
   if d.kind in ("fashion_mnist", "fake", "image_folder") + VIDEO_DATA_KINDS:
     if d.kind == "moving_fashion_mnist":
+      for f in sources.find_fashion_mnist(d.folder).values():
+        deps.note_input(f"data.folder:{f.rsplit('/', 1)[-1]}", "file", f)
       train_all, test = video_lib.moving_fashion_mnist(
           d.folder, frames=d.video_frames, size=d.image_size, garment=d.garment_size)
     elif d.kind == "fake_video":
@@ -84,14 +105,19 @@ def build_data(cfg) -> Data:
                                    seed=2)
     elif d.kind == "video_folder":
       kw = dict(video_dir=d.get("video_dir"), max_frames=d.get("max_frames"))
-      train_all, test, val, data_identity, notes = _labelled_files(
+      for f in ("train_csv", "test_csv", "val_csv"):
+        if d.get(f):
+          deps.note_input(f"data.{f}:csv", "file", d[f])
+      train_all, test, val, notes = _labelled_files(
           d, "csv", "names {n} classes",
           lambda field, classes: video_lib.VideoFolderSource(
               d[field], spec, class_names=classes, field=f"data.{field}", **kw))
     elif d.kind == "fashion_mnist":
+      for f in sources.find_fashion_mnist(d.folder).values():
+        deps.note_input(f"data.folder:{f.rsplit('/', 1)[-1]}", "file", f)
       train_all, test = sources.load_fashion_mnist(d.folder)
     elif d.kind == "image_folder":
-      train_all, test, val, data_identity, notes = _labelled_files(
+      train_all, test, val, notes = _labelled_files(
           d, "dir", "has {n} class folders",
           lambda field, classes: sources.LabelledFolderSource(
               d[field], d.channels, classes, field=f"data.{field}"))
@@ -122,45 +148,86 @@ def build_data(cfg) -> Data:
     test = sources.TFDSSource(d.tfds_name, d.test_split, d.tfds_data_dir)
     if d.get("val_split"):
       val = sources.TFDSSource(d.tfds_name, d.val_split, d.tfds_data_dir)
+    _note_tfds("data.tfds", labelled)
     class_names = labelled.class_names or tuple(str(c) for c in range(d.num_classes))
-    rest = None
+  return {"labelled": labelled, "val": val, "test": test, "class_names": tuple(
+      class_names or ()), "splits": splits, "train_all": train_all, "rest": rest,
+      "notes": notes}
 
-  u = cfg.unlabelled
+
+def _note_tfds(key: str, src) -> None:
+  """A TFDS dataset by its build folder's files (paths, sizes, mtimes)."""
+  from bssl import deps
+  folder = getattr(getattr(getattr(src, "_src", None), "dataset_info", None), "data_dir", None)
+  if folder:
+    deps.note_input(key, "tree", str(folder))
+
+
+def _unlabelled(cfg, spec, lab: dict) -> dict:
+  from bssl import deps
+  d, u = cfg.data, cfg.unlabelled
+  video = d.kind in VIDEO_DATA_KINDS
   true_u = None
   if u.kind == "rest_of_train":
+    train_all, rest = lab["train_all"], lab["rest"]
     unl = sources.SubsetView(train_all, rest, hide_labels=True, reindex=True)
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
     unl = sources.ImageFileSource(u.path, channels=d.channels)
+    deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
+        unl.files, _root_of(u.path), content=bool(_IDENTIFY_BY_CONTENT[0])))
   elif u.kind == "video_list":
     unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
+    deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
+        unl.files, _root_of(u.path), content=bool(_IDENTIFY_BY_CONTENT[0])))
   elif u.kind == "shards":
     from bssl.data import ingest
     try:
+      deps.note_input("unlabelled.path", "shards", u.path)
       unl = ingest.ShardSource(u.path, channels=d.channels,
                                drop_duplicates=bool(u.get("drop_duplicates", True)),
                                cache_dir=u.get("cache_dir"))
-    except ingest.IngestError as e:
+    except (ingest.IngestError, FileNotFoundError) as e:
       raise sources.DataError(str(e)) from None
   elif u.kind == "tfds":
     base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
+    _note_tfds("unlabelled.tfds", base)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
   else:  # fake
     shape = ((d.video_frames,) if video else ()) + (d.image_size, d.image_size, d.channels)
     base = sources.fake_source(u.size, shape, d.num_classes, seed=3)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
     true_u = base.labels
-  identity = unl.identity() if hasattr(unl, "identity") and u.kind != "rest_of_train" \
-      else None
   if u.limit is not None:
     n = min(int(u.limit), len(unl))
     unl = sources.SubsetView(unl, np.arange(n), reindex=True)
     true_u = None if true_u is None else true_u[:n]
-  for what, src, field in (("D (the labelled set)", labelled, "data"),
-                           ("the test set", test, "data"),
-                           ("U (the unlabelled set)", unl, "unlabelled")):
+  return {"unlabelled": unl, "true_labels": true_u}
+
+
+def _root_of(path: str) -> str | None:
+  """The folder that relative names are taken from: the folder itself, or a list's."""
+  from bssl import workdir as workdir_lib
+  p = workdir_lib.path(path)
+  return str(p) if p.is_dir() else str(p.parent)
+
+
+def build_data(cfg) -> Data:
+  """Opens the sources (cheap: no training) and fails clearly when data is missing. Each
+  part is made under a record of the config fields and input files it read
+  (:class:`Data`); ``cfg`` may be a ConfigDict or a :class:`bssl.deps.Tracked` view."""
+  from bssl import deps
+  if not isinstance(cfg, deps.Tracked):
+    cfg = deps.Tracked(cfg)
+  _IDENTIFY_BY_CONTENT[0] = bool(deps.raw(cfg).data.get("identify_by_content", False))
+  spec = deps.Memo.compute(lambda: _spec(cfg))
+  lab = deps.Memo.compute(lambda: _labelled(cfg, spec.get()), spec)
+  unl = deps.Memo.compute(lambda: _unlabelled(cfg, spec.get(), lab.get()), spec, lab)
+  for what, src, field in (("D (the labelled set)", lab.value["labelled"], "data"),
+                           ("the test set", lab.value["test"], "data"),
+                           ("U (the unlabelled set)", unl.value["unlabelled"],
+                            "unlabelled")):
     if len(src) == 0:
       raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
                               f"train, score or evaluate (check {field}.* limits and sizes)")
-  return Data(labelled, val, test, unl, true_u, spec, tuple(class_names or ()), splits,
-              identity, data_identity, tuple(notes))
+  return Data(spec, lab, unl, lab.value["notes"])

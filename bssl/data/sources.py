@@ -28,6 +28,9 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The identity tag of sources read from image files; bumped when the id rule changes (v2:
+# whole-path order, see bssl.data.ingest.list_inputs) so recorded identities go stale.
+FILES_IDENTITY = "files-v2"
 
 
 class DataError(ValueError):
@@ -145,9 +148,12 @@ def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
 
 
 class ImageFileSource:
-  """Unlabelled images from a folder (recursively, symlinked folders followed, sorted) or
-  a file list (one path per line, relative paths resolved against the list's folder); local
-  or gs://. Ids are positions in the sorted list, so they are stable across runs and hosts.
+  """Unlabelled images from a folder (recursively, symlinked folders followed) or a file
+  list (one path per line, relative paths resolved against the list's folder); local or
+  gs://. Ids are positions in the list of paths sorted as whole strings
+  (:func:`bssl.data.ingest.list_inputs`: a folder's files by their path relative to it, so
+  ``a.jpg`` comes before ``a/b.jpg``; a list's resolved paths), so a folder, a list of its
+  files and its ``gs://`` copy give the same ids, stable across runs and hosts.
   For U at scale, ingest it once into shards instead (``python -m bssl.ingest``,
   ``unlabelled.kind='shards'``).
 
@@ -187,9 +193,11 @@ class ImageFileSource:
     return self.files[i]
 
   def identity(self) -> str:
-    """The sorted file list's fingerprint (files added, removed or renamed change it)."""
+    """The sorted file list's fingerprint (files added, removed or renamed change it).
+    ``files-v2``: ids by whole-path order; identities recorded under the old rule
+    (``files:``, a folder's walk order) never equal a new one."""
     from bssl.data import ingest
-    return f"files:{ingest.fingerprint(self.files)}:n={len(self.files)}"
+    return f"{FILES_IDENTITY}:{ingest.fingerprint(self.files)}:n={len(self.files)}"
 
   def reason_of(self, i: int) -> str:
     """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
@@ -206,8 +214,10 @@ class LabelledFolderSource:
   torchvision's ImageFolder and Keras' ``image_dataset_from_directory``); local or gs://.
   Classes are the sorted subfolder names (or ``classes``, to give a test folder the
   training folder's classes); label ``c`` is the c-th class. Images in subfolders of a
-  class folder count for that class. Ids are positions in the (class, path)-sorted list.
-  An image that cannot be decoded stops training with its file named."""
+  class folder count for that class. Ids are positions in the list sorted by class, then
+  by whole path within the class (:func:`bssl.data.ingest.list_inputs`' order). An image
+  that cannot be decoded stops training with its file named
+  (:func:`bssl.data.checks.scan_decodable` finds them all before any training)."""
 
   def __init__(self, root: str, channels: int = 3, classes: Sequence[str] | None = None,
                field: str = "data.train_dir", *, _files=None, _labels=None):
@@ -278,7 +288,8 @@ class LabelledFolderSource:
     from bssl.data import ingest
     root = str(workdir_lib.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
     rel = [f[len(root):] if f.startswith(root) else f for f in self.files]
-    return (f"files:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
+    return (f"{FILES_IDENTITY}:"
+            f"{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
             f":n={len(self.files)}")
 
 
@@ -315,6 +326,10 @@ class TFDSSource:
       self.class_names = tuple(self._src.dataset_info.features[label_key].names)
     except Exception:  # noqa: BLE001
       self.class_names = None
+    try:  # the dataset's own class count (ClassLabel), when its info says it
+      self.num_classes = int(self._src.dataset_info.features[label_key].num_classes)
+    except Exception:  # noqa: BLE001
+      self.num_classes = len(self.class_names) if self.class_names else None
 
   def __len__(self) -> int:
     return len(self._src)
@@ -327,7 +342,8 @@ class TFDSSource:
         img = decode_image(img)
       except ValueError as e:
         raise BadImageError(f"{self.name}[{self.split}] record {i} cannot be decoded: {e}") from e
-    img = np.asarray(img, np.uint8)
+    from bssl.data import decode
+    img = decode.scale_to_uint8(img)  # a 16-bit image feature: scaled, not wrapped
     if img.ndim == 2:
       img = img[..., None]
     return {"image": img, "label": np.int32(rec.get(self.label_key, -1)), "id": np.int64(i)}
@@ -338,7 +354,12 @@ class TFDSSource:
 
 class SubsetView:
   """Rows ``indices`` of a source, optionally with labels hidden (−1) and ids
-  renumbered to positions in the view."""
+  renumbered to positions in the view.
+
+  ``unreadable`` (view position -> reason) marks rows known not to decode (U's files found
+  by :func:`bssl.data.checks.scan_decodable` when U is the rest of a training folder,
+  whose source raises on a bad file): they are ``valid == False`` records without being
+  read, which scoring skips and lists with the reason."""
 
   def __init__(self, source, indices: np.ndarray, hide_labels: bool = False,
                reindex: bool = False):
@@ -347,11 +368,16 @@ class SubsetView:
     self.hide_labels = hide_labels
     self.reindex = reindex  # ids become positions in this view (U's image ids)
     self.class_names = getattr(source, "class_names", None)
+    self.unreadable: dict[int, str] = {}
 
   def __len__(self) -> int:
     return len(self.indices)
 
   def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if i in self.unreadable:
+      return {"image": np.zeros((1, 1, 1), np.uint8), "label": np.int32(-1),
+              "id": np.int64(i if self.reindex else self.indices[i]), "valid": False}
     rec = dict(self.source[int(self.indices[i])])
     if self.hide_labels:
       rec["label"] = np.int32(-1)
@@ -362,6 +388,14 @@ class SubsetView:
   def name_of(self, i: int) -> str:
     inner = getattr(self.source, "name_of", None)
     return inner(int(self.indices[i])) if inner else f"record {int(self.indices[i])}"
+
+  def reason_of(self, i: int) -> str:
+    """Why row ``i`` is not valid: its mark, else the source's own reason."""
+    i = int(i)
+    if i in self.unreadable:
+      return self.unreadable[i]
+    inner = getattr(self.source, "reason_of", None)
+    return inner(int(self.indices[i])) if inner else "cannot be made the model's input"
 
   def true_labels(self) -> np.ndarray | None:
     labels = getattr(self.source, "labels", None)

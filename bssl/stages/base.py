@@ -31,6 +31,8 @@ class Context:
   data: Any
   backend: Any
   stage: str = ""
+  # the stages whose outputs this stage opened (checked against the table's reads)
+  opened: set = dataclasses.field(default_factory=set)
 
   @property
   def dir(self):
@@ -41,6 +43,7 @@ class Context:
       print(f"[{self.stage}] {msg}", flush=True)
 
   def done(self, stage: str) -> dict:
+    self.opened.add(stage)
     d = self.wd.done(stage)
     if d is None:
       raise RuntimeError(f"stage {stage!r} is not complete in {self.wd}")
@@ -49,6 +52,8 @@ class Context:
   def num_classes(self, stage: str) -> int:
     """Outputs of ``stage``'s model: the weak vocabulary for weak_pretrain, else classes."""
     if stage == "weak_pretrain":
+      if stage != self.stage:
+        self.opened.add(stage)
       done = self.wd.done(stage)  # once trained, its done.json says (no rebuild of the tags)
       if done is not None and "num_tags" in done:
         return int(done["num_tags"])
@@ -61,6 +66,7 @@ class Context:
     baseline points at the baseline's)."""
     if stage == self.stage:  # the stage being made: its own final/
       return stage
-    while (src := self.done(stage).get("variables_from")) is not None:
-      stage = src
+    done = self.done(stage)  # an alias's target is an input of the alias: not opened here
+    while (src := done.get("variables_from")) is not None:
+      stage, done = src, self.wd.done(src) or {}
     return stage

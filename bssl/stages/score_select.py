@@ -1,5 +1,6 @@
 """Score U with the teacher (every process its own chunks, resumable in images), then
-select D̂: the exact per-class top-K of the merged parts."""
+select D̂: the exact per-class top-K of the merged parts, ranked by the teacher's log-odds
+(ties by a hash of the image id seeded with the config's ``seed``; :mod:`bssl.scoring`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ def score(ctx, teacher: str = "teacher") -> dict:
   k, p, ranked = config_lib.scoring_kp(cfg)
   nc = int(cfg.data.num_classes)
   balanced = bool(cfg.select.balanced)
+  seed = int(cfg.seed)  # orders exact ties (bssl.selection.tie_hash)
   scoring.check_parts(parts, num_images=n, num_classes=nc, k=k, p=p, ranked=ranked,
-                      balanced=balanced)
+                      balanced=balanced, seed=seed)
   chunk = int(cfg.score.checkpoint_every) * int(cfg.score.batch_size)
   gen, chunks = scoring.plan_chunks(parts, n, chunk)
   parallel.sync("bssl_score_plan")  # every process has listed the parts before any writes
@@ -38,7 +40,8 @@ def score(ctx, teacher: str = "teacher") -> dict:
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
         local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
         num_threads=cfg.num_threads, num_workers=int(cfg.score.num_workers),
-        in_flight=int(cfg.score.in_flight), ranked=ranked, balanced=balanced, log=ctx.log)
+        in_flight=int(cfg.score.in_flight), ranked=ranked, balanced=balanced, seed=seed,
+        log=ctx.log)
   parallel.sync("bssl_score_parts")
   info = {"num_unlabelled": n, "num_processes": pc}
   if parallel.is_main_process():
@@ -72,6 +75,7 @@ def select(ctx, score: str = "score") -> dict:
             f"per class of each of {acc.p} ranks")
   else:
     sel = acc.result()
+  sel = selection.with_probabilities(sel)  # scores: the probability; rank_scores: log-odds
   if len(sel.ids) == 0:
     raise sources.DataError(f"select: D̂ is empty: none of the {len(unl)} images of U could "
                             f"be scored (see {ctx.dir / 'bad_images.json'})")

@@ -42,6 +42,7 @@ def teacher(ctx) -> dict:
 
 
 def pseudo_labelled(ctx, select: str = "select") -> sources.PseudoLabelSource:
+  ctx.opened.add(select)
   sel = selection.read_selection(ctx.wd.stage(select) / "dhat")
   return sources.PseudoLabelSource(ctx.data.unlabelled, np.asarray(sel.ids),
                                    np.asarray(sel.classes))
@@ -58,7 +59,9 @@ def finetune(ctx, pretrain: str = "pretrain") -> dict:
 
 def weak_pretrain(ctx) -> dict:
   """The teacher's weakly supervised pre-training on tagged images (bssl/data/weak.py):
-  softmax cross-entropy against each image's tags at 1/k each, images resampled by tag
+  softmax cross-entropy against each image's tags at 1/k each (``weak_pretrain.
+  label_smoothing`` s mixes that distribution with the uniform one over the tags: (1-s)/k
+  on each tag + s/num_tags everywhere, :func:`bssl.train._xent`), images resampled by tag
   frequency; the teacher stage then fine-tunes it on D with a new head."""
   from bssl.data import weak
   w = weak.build(ctx.cfg, ctx.data)

@@ -1,0 +1,424 @@
+"""What a stage read: the config fields (with their values) and the input files (by
+content), recorded while the stage runs. The engine compares exactly this record on a
+rerun, a resume and a sweep's sharing, so a stage cannot depend on a field or a file
+without it being compared.
+
+How the recording works:
+
+* the stage gets the config as a :class:`Tracked` view: every leaf it reads (through any
+  function it calls, in any thread of the process) is noted with its value in every
+  :class:`Recorder` on the stack. A field read under a branch is recorded only when the
+  branch runs; that is enough, as in build systems with dynamic dependencies: if a field's
+  value changes the control flow, the first read that differs is already in the record.
+  *Cosmetic* fields (log and checkpoint frequency, ...) are not recorded: they change no
+  result by definition (``bssl.config.Field.cosmetic``).
+* an input file or folder enters the record by what it contains
+  (:func:`note_input`): its kind, its path and an identity that a rerun computes again.
+* work done once and used by many stages (the data of :mod:`bssl.data.recipe`) is made
+  under a recorder of its own (a :class:`Memo`); every later use replays that record into
+  the stage's, so the stage records what the cached object was made from.
+
+A recorder is flushed (``flush``) whenever it gains an entry, before the value is
+returned: partial state a stage writes afterwards is always covered by the record on disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from typing import Any, Callable
+
+import ml_collections
+
+RECORD_VERSION = 2  # 1: fingerprints of declared sections (before 2026-12-03)
+ABSENT = {"__absent__": True}  # the value noted for a field the config does not have
+
+_lock = threading.RLock()
+_stack: list["Recorder"] = []
+
+
+def plain(v):
+  """A config value as plain JSON data (ConfigDicts and tuples as dicts and lists)."""
+  if isinstance(v, ml_collections.ConfigDict):
+    return {k: plain(v[k]) for k in sorted(v.keys())}
+  if isinstance(v, dict):
+    return {k: plain(v[k]) for k in sorted(v)}
+  if isinstance(v, (list, tuple)):
+    return [plain(x) for x in v]
+  return json.loads(json.dumps(v, default=str))
+
+
+class ChangedDuringStage(RuntimeError):
+  """A field was read twice with different values (the config changed under a stage)."""
+
+
+class Recorder:
+  """The fields and inputs one stage (or one cached computation) read.
+
+  ``fields``: {dotted name: JSON value}; ``files``: {key: {"kind", "path", "id"}}.
+  ``flush(record)`` is called with :meth:`to_dict` after every new entry."""
+
+  def __init__(self, initial: dict | None = None,
+               flush: Callable[[dict], None] | None = None):
+    self.fields: dict[str, Any] = dict((initial or {}).get("fields") or {})
+    self.files: dict[str, dict] = dict((initial or {}).get("files") or {})
+    self.flush = flush
+
+  def to_dict(self) -> dict:
+    return {"fields": dict(sorted(self.fields.items())),
+            "files": dict(sorted(self.files.items()))}
+
+  def _field(self, name: str, value) -> bool:
+    if name in self.fields:
+      if self.fields[name] != value:
+        raise ChangedDuringStage(
+            f"config field {name} was read as {self.fields[name]!r} and now as {value!r} "
+            f"within one stage")
+      return False
+    self.fields[name] = value
+    return True
+
+  def _file(self, key: str, entry: dict) -> bool:
+    old = self.files.get(key)
+    if old is not None:
+      if old["id"] != entry["id"]:
+        raise ChangedDuringStage(f"input {entry['path']} changed while a stage read it "
+                                 f"({old['id']} -> {entry['id']})")
+      return False
+    self.files[key] = dict(entry)
+    return True
+
+  def merge(self, other: "Recorder | dict") -> bool:
+    d = other.to_dict() if isinstance(other, Recorder) else other
+    new = False
+    for k, v in (d.get("fields") or {}).items():
+      new |= self._field(k, v)
+    for k, v in (d.get("files") or {}).items():
+      new |= self._file(k, v)
+    return new
+
+
+def _notify(fn: Callable[[Recorder], bool]) -> None:
+  with _lock:
+    for r in list(_stack):
+      if fn(r) and r.flush is not None:
+        r.flush(r.to_dict())
+
+
+@contextlib.contextmanager
+def recording(rec: Recorder):
+  """Everything read inside (in any thread) is noted in ``rec`` too."""
+  with _lock:
+    _stack.append(rec)
+  try:
+    yield rec
+  finally:
+    with _lock:
+      _stack.remove(rec)
+
+
+def active() -> bool:
+  return bool(_stack)
+
+
+def replay(rec: Recorder | dict) -> None:
+  """Notes ``rec``'s entries in the active recorders (a cached object being used)."""
+  if _stack:
+    _notify(lambda r: r.merge(rec))
+
+
+# --------------------------------------------------------------------------- config
+
+
+_SCHEMA: dict[str, Any] | None = None
+
+
+def _schema() -> dict:
+  global _SCHEMA
+  if _SCHEMA is None:
+    from bssl import config as config_lib
+    _SCHEMA = {f.name: f for f in config_lib.all_fields()}
+  return _SCHEMA
+
+
+def note_field(name: str, value) -> None:
+  f = _schema().get(name)
+  if f is not None and f.cosmetic:
+    return
+  v = value if value is ABSENT else plain(value)
+  _notify(lambda r: r._field(name, v))
+
+
+class Tracked:
+  """A read-only view of a ConfigDict that notes every leaf read (see the module doc).
+  Sections come back as views; schema fields (``model_kwargs`` included) and other leaves
+  as their values. Passing a view to another process (pickling) counts as reading all of
+  it."""
+
+  __slots__ = ("_node", "_prefix")
+
+  def __init__(self, node, prefix: str = ""):
+    object.__setattr__(self, "_node", node)
+    object.__setattr__(self, "_prefix", prefix)
+
+  def _read(self, key: str):
+    v = self._node[key]
+    full = self._prefix + key
+    if isinstance(v, ml_collections.ConfigDict) and full not in _schema():
+      return Tracked(v, full + ".")
+    note_field(full, v)
+    return v
+
+  def _read_all(self) -> None:
+    for k in self._node.keys():
+      v = self._read(k)
+      if isinstance(v, Tracked):
+        v._read_all()
+
+  def __getattr__(self, key: str):
+    if key.startswith("__"):
+      raise AttributeError(key)
+    try:
+      return self._read(key)
+    except KeyError:
+      raise AttributeError(f"config has no field {self._prefix + key!r}") from None
+
+  def __getitem__(self, key: str):
+    return self._read(key)
+
+  def get(self, key: str, default=None):
+    if key in self._node:
+      return self._read(key)
+    note_field(self._prefix + key, ABSENT)
+    return default
+
+  def __contains__(self, key: str) -> bool:
+    if key in self._node:
+      self._read(key)
+      return True
+    note_field(self._prefix + key, ABSENT)
+    return False
+
+  def keys(self):
+    self._read_all()
+    return self._node.keys()
+
+  def __iter__(self):
+    return iter(self.keys())
+
+  def items(self):
+    return [(k, self._read(k)) for k in self._node.keys()]
+
+  def values(self):
+    return [v for _, v in self.items()]
+
+  def to_dict(self):
+    self._read_all()
+    return self._node.to_dict()
+
+  def copy_and_resolve_references(self):
+    self._read_all()
+    return self._node.copy_and_resolve_references()
+
+  def __setattr__(self, key, value):
+    raise TypeError(f"the config is read-only while a stage runs (setting "
+                    f"{self._prefix + key!r})")
+
+  __setitem__ = __setattr__
+
+  def __reduce__(self):
+    self._read_all()
+    return (_untracked, (self._node.to_dict(),))
+
+  def __repr__(self) -> str:
+    return f"Tracked({self._prefix or 'config'})"
+
+
+def _untracked(d):
+  return ml_collections.ConfigDict(d)
+
+
+def raw(cfg):
+  """The ConfigDict behind a view, all of it noted as read; a ConfigDict as it is."""
+  if isinstance(cfg, Tracked):
+    cfg._read_all()
+    return cfg._node
+  return cfg
+
+
+def current_value(cfg, name: str):
+  """Field ``name``'s JSON value in ``cfg`` (a ConfigDict), or :data:`ABSENT`."""
+  node = raw(cfg)
+  for part in name.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return ABSENT
+    node = node[part]
+  return plain(node)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _blake(data_iter) -> str:
+  h = hashlib.blake2b(digest_size=16)
+  for chunk in data_iter:
+    h.update(chunk)
+  return h.hexdigest()
+
+
+def _file_chunks(p):
+  from bssl import workdir as workdir_lib
+  with workdir_lib.path(p).open("rb") as fh:
+    while chunk := fh.read(1 << 22):
+      yield chunk
+
+
+def _stat(p) -> tuple[int, int]:
+  """(size, mtime in ns) of a local or remote file."""
+  from bssl import workdir as workdir_lib
+  s = str(p)
+  if not workdir_lib.is_remote(s):
+    st = os.stat(s)
+    return st.st_size, st.st_mtime_ns
+  import fsspec
+  fs, rel = fsspec.core.url_to_fs(s)
+  info = fs.info(rel)
+  m = info.get("mtime") or info.get("updated") or info.get("generation") or 0
+  return int(info.get("size") or 0), hash(str(m)) & ((1 << 62) - 1)
+
+
+def file_identity(path: str) -> str:
+  """One file by content (blake2b-128): tags, vocabularies, CSVs, idx files."""
+  return "blake2b:" + _blake(_file_chunks(path))
+
+
+def _tree_files(path: str) -> list[str]:
+  """Every file under ``path`` (recursive, sorted relative paths; local or gs://)."""
+  from bssl import workdir as workdir_lib
+  root = str(workdir_lib.path(path)).rstrip("/")
+  if workdir_lib.is_remote(root):
+    import fsspec
+    fs, rel = fsspec.core.url_to_fs(root)
+    return sorted(f[len(rel.rstrip("/")) + 1:] for f in fs.find(rel))
+  out = []
+  for d, dirs, files in os.walk(root, followlinks=True):
+    dirs.sort()
+    for f in files:
+      out.append(os.path.relpath(os.path.join(d, f), root))
+  return sorted(out)
+
+
+def files_identity(files, root: str | None = None, content: bool = False) -> str:
+  """A list of files by (path relative to ``root``, size, mtime), or by content hash
+  (``content``): image and video folders and lists."""
+  h = hashlib.blake2b(digest_size=16)
+  base = (str(root).rstrip("/") + "/") if root else ""
+  n = 0
+  for f in files:
+    f = str(f)
+    rel = f[len(base):] if base and f.startswith(base) else f
+    try:
+      meta = file_identity(f) if content else "%d:%d" % _stat(f)
+    except (OSError, FileNotFoundError):
+      meta = "missing"
+    h.update(f"{rel}\0{meta}\n".encode())
+    n += 1
+  return f"{'content' if content else 'stat'}:{h.hexdigest()}:n={n}"
+
+
+def tree_identity(path: str) -> str:
+  """A folder by (relative path, size, mtime) of every file in it (a TFDS build)."""
+  return files_identity([os.path.join(str(path), r) for r in _tree_files(path)],
+                        root=str(path))
+
+
+def checkpoint_identity(path: str) -> str:
+  """A folder of variables (a converted checkpoint, another run's ``final/``) by the
+  content of every file in it."""
+  from bssl import workdir as workdir_lib
+  p = workdir_lib.path(path)
+  if not p.exists():
+    return "missing"
+  if not p.is_dir():
+    return file_identity(path)
+  h = hashlib.blake2b(digest_size=16)
+  for rel in _tree_files(path):
+    h.update(f"{rel}\0{file_identity(str(p / rel))}\n".encode())
+  return "content:" + h.hexdigest()
+
+
+def shards_identity(path: str) -> str:
+  """An ingest (``python -m bssl.ingest --out``) by its images' content: the digest of the
+  per-image content hashes, written by the ingest in ``manifest.json`` (computed from the
+  shards' manifests for an ingest that does not have it)."""
+  from bssl import workdir as workdir_lib
+  from bssl.data import ingest
+  root = workdir_lib.path(path)
+  m = workdir_lib.read_json(root / "manifest.json")
+  if m.get("content_digest"):
+    return f"ingest:{m['content_digest']}"
+  return f"ingest:{ingest.content_digest(root, int(m['num_shards']))}"
+
+
+IDENTITY: dict[str, Callable[[str], str]] = {
+    "file": file_identity, "tree": tree_identity, "checkpoint": checkpoint_identity,
+    "shards": shards_identity,
+    "tree_content": lambda p: files_identity(
+        [os.path.join(str(p), r) for r in _tree_files(p)], root=str(p), content=True),
+}
+
+_cache: dict[tuple, str] = {}
+
+
+def identity(kind: str, path: str) -> str:
+  """The identity of ``path`` as ``kind`` now (computed once per process and kind)."""
+  key = (kind, str(path))
+  with _lock:
+    if key in _cache:
+      return _cache[key]
+  try:
+    v = IDENTITY[kind](str(path))
+  except FileNotFoundError:
+    v = "missing"
+  with _lock:
+    _cache[key] = v
+  return v
+
+
+def forget_identities() -> None:
+  """Drops the identities computed so far (a long-lived process between runs: tests)."""
+  with _lock:
+    _cache.clear()
+
+
+def note_input(key: str, kind: str, path: str, ident: str | None = None) -> str:
+  """Notes input ``key`` (e.g. ``weak.tags_file``) at ``path`` with its identity (computed
+  with :data:`IDENTITY` ``[kind]`` unless given: ``kind='data'`` identities are given by
+  the data sources, which a rerun opens again)."""
+  v = ident if ident is not None else identity(kind, path)
+  entry = {"kind": kind, "path": str(path), "id": v}
+  _notify(lambda r: r._file(key, entry))
+  return v
+
+
+class Memo:
+  """A value computed once, with the record of what computing it read; every :meth:`get`
+  replays that record into the active recorders."""
+
+  def __init__(self, value, rec: Recorder):
+    self.value, self.rec = value, rec
+
+  @classmethod
+  def compute(cls, fn: Callable[[], Any], *replayed: "Memo") -> "Memo":
+    rec = Recorder()
+    for m in replayed:
+      rec.merge(m.rec)
+    with recording(rec):
+      value = fn()
+    return cls(value, rec)
+
+  def get(self):
+    replay(self.rec)
+    return self.value
