@@ -4,8 +4,9 @@ whether it changes a stage's result. Recipe configs (``configs/*.py``) start fro
 before any expensive work, naming the field, the bad value and what is accepted.
 
 Fields marked ``cosmetic`` (log frequency, checkpoint frequency, evaluation batch size,
-threads, figures) do not change what a stage produces, so they are left out of stage
-fingerprints: changing them between reruns resumes instead of refusing.
+threads, figures) do not change what a stage produces, so they are left out of the record
+of what a stage read (:mod:`bssl.deps`): changing them between reruns resumes instead of
+refusing.
 """
 from __future__ import annotations
 
@@ -167,6 +168,10 @@ FIELDS = (
     Field("data.fake_train_size", 160, int, "fake: training images", minimum=1),
     Field("data.fake_test_size", 40, int, "fake: test images", minimum=1),
     Field("data.eval_batch_size", 1000, int, "global batch of evaluation", minimum=1,
+          cosmetic=True),
+    Field("data.identify_by_content", False, bool, "identify image and video folders and "
+          "lists (D, validation, test, U) by a hash of every file's content instead of its "
+          "(path, size, mtime): slower, for files rewritten with their old mtime",
           cosmetic=True),
     # unlabelled: U
     Field("unlabelled.kind", "rest_of_train", str, "source of U", choices=UNLABELLED_KINDS),
@@ -581,28 +586,6 @@ def resolve_steps(scfg, num_examples: int) -> int:
   return max(1, math.ceil(float(scfg.epochs) * num_examples / int(scfg.batch_size)))
 
 
-def result_fields(cfg, sections: Sequence[str]) -> dict:
-  """The non-cosmetic fields under ``sections`` (dotted names or whole sections), as a flat
-  ``{dotted name: value}`` dict of JSON values: what a stage's fingerprint is made of."""
-  out = {}
-  for f in all_fields():
-    if f.cosmetic:
-      continue
-    if any(f.name == s or f.name.startswith(s + ".") for s in sections):
-      out[f.name] = json.loads(json.dumps(_plain(get(cfg, f.name))))
-  return out
-
-
-def schema_default(name: str):
-  """The JSON value of field ``name``'s default (``KeyError`` for a name not in the
-  schema): a field added to the schema after a work directory was made, whose default
-  keeps the old behaviour, does not make that work directory's stages stale."""
-  for f in all_fields():
-    if f.name == name:
-      return json.loads(json.dumps(_plain(f.default)))
-  raise KeyError(name)
-
-
 def _plain(v):
   if isinstance(v, ml_collections.ConfigDict):
     return {k: _plain(v[k]) for k in sorted(v.keys())}
@@ -624,15 +607,6 @@ def scoring_kp(cfg) -> tuple[int, int, bool]:
   if sc.get("max_k") is not None:
     return int(sc.max_k), int(sc.get("max_p") or cfg.select.p), True
   return int(cfg.select.k), int(cfg.select.p), False
-
-
-def score_sections(cfg) -> tuple[str, ...]:
-  """What the score stage's artifact depends on: with score.max_k, the kept K and P (any
-  select.k/p below them reuses it); without, select.k and select.p themselves."""
-  if cfg.score.get("max_k") is not None:
-    return ("unlabelled", "score.max_k", "score.max_p", "select.balanced") + (
-        () if cfg.score.get("max_p") is not None else ("select.p",))
-  return ("unlabelled", "select.k", "select.p", "select.balanced")
 
 
 def _readers(name: str, cfg) -> str:

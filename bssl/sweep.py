@@ -325,7 +325,12 @@ def collect(root, axes, pts) -> dict:
              "num_done": len(rows), "points": rows}
   workdir_lib.write_json(root / "sweep.json", summary)
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
-  for name, values in axes:
+  evaluated = any(r["top1"] for r in rows)
+  if not evaluated:  # nothing to tabulate or plot (and no figure to draw)
+    md += ["No point is done yet: run the sweep (or `--emit`'s commands), then `--collect` "
+           "again." if not rows else "No done point has a test evaluation (`evaluate` is "
+           "not among `--config.stages`): nothing to compare.", ""]
+  for name, values in (axes if evaluated else []):
     md += [f"## {name}", "", "| " + name + " | points | baseline | teacher | student, "
            "pre-trained | student | student − baseline (paired) | D̂ rows | D̂ precision |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -377,8 +382,11 @@ def _figure(path, name, values, rows) -> None:
   gx.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, color="C2")
   gx.axhline(0, color="gray", lw=0.8)
   gx.set_ylabel("student − baseline, same seed (points)")
+  has_data = {ax: any(_top1s(_group(rows, name, v), k) for v in values
+                      for k in ("student", "student_pretrained", "baseline")),
+              gx: any(_gains(_group(rows, name, v)) for v in values)}
   for a in (ax, gx):
-    if numeric and name in LOG_AXES and min(xs) > 0:
+    if numeric and name in LOG_AXES and min(xs) > 0 and has_data[a]:  # (log of no data fails)
       a.set_xscale("log")
     if not numeric:
       a.set_xticks(xs, [_label(v) for v in values], rotation=15, fontsize=7)

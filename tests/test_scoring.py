@@ -63,12 +63,13 @@ def _same_selection(got: selection.Selection, want: selection.Selection):
     np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
 
 
-def _top_k_by_class(ids, classes, scores):
-  """Brute force: per class, the K best (score descending, then smaller id)."""
+def _top_k_by_class(ids, classes, scores, seed=0):
+  """Brute force: per class, the K best (score descending, then smaller tie hash of the id;
+  the hash itself is checked against a plain-Python reference in tests/test_selection.py)."""
   rows = []
   for c in range(C):
     m = classes == c
-    order = np.lexsort((ids[m], -scores[m]))[:K]
+    order = np.lexsort((selection.tie_hash(ids[m], seed), -scores[m].astype(np.float64)))[:K]
     rows += [(c, int(i), float(s)) for i, s in zip(ids[m][order], scores[m][order])]
   return rows
 
@@ -112,16 +113,25 @@ class FakeScorer:
 # ----------------------------------------------------------------------------- the real teacher
 
 
+def _log_odds64(logits):
+  """float64 log-odds ``z_c - logsumexp_{j != c} z_j`` of every class, [B, C]."""
+  z = np.asarray(logits, np.float64)
+  out = np.empty_like(z)
+  for c in range(z.shape[1]):
+    out[:, c] = z[:, c] - np.logaddexp.reduce(np.delete(z, c, axis=1), axis=1)
+  return out
+
+
 def _brute_force(setup):
   model, variables, unl, _ = setup
   images = np.stack([unl[i]["image"] for i in range(len(unl))])
   logits = model.apply(jax.device_get(variables), train.normalize(images, MEAN, STD),
                        train=False)
-  probs = np.asarray(jax.nn.softmax(logits, -1))
-  top = np.argsort(-probs, axis=1, kind="stable")[:, :P]
+  r = _log_odds64(logits)
+  top = np.argsort(-r, axis=1, kind="stable")[:, :P]
   ids = np.repeat(np.arange(len(unl)), P)
   return [(c, i) for c, i, _ in _top_k_by_class(ids, top.reshape(-1),
-                                                np.take_along_axis(probs, top, 1).reshape(-1))]
+                                                np.take_along_axis(r, top, 1).reshape(-1))]
 
 
 def test_scoring_then_selection_matches_brute_force(setup, tmp_path):
@@ -322,6 +332,31 @@ def test_parts_of_another_k_are_refused(tmp_path):
   scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
   with pytest.raises(scoring.IncompleteScoringError, match="was made for"):
     scoring.check_parts(parts, num_images=N, num_classes=C, k=K + 1, p=P)
+  with pytest.raises(scoring.IncompleteScoringError, match="was made for.*'seed': 0"):
+    scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P, seed=1)
+
+
+def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
+  """Parts written before the log-odds ranking (no "format" in their JSON: float32
+  probabilities, ties by id) are refused with a message naming the folder to delete, both
+  where a resumed score stage checks them and where select merges them, never mixed."""
+  parts = _complete_parts(tmp_path, pc=2)
+  scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
+  name = "g0001_p00001.json"
+  meta = workdir_lib.read_json(parts / name)
+  assert meta["format"] == scoring.PARTS_FORMAT == 2
+  old = {key: v for key, v in meta.items() if key not in ("format", "seed")}
+  workdir_lib.write_json(parts / name, old)
+  for check in (lambda: scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P),
+                lambda: scoring.merge_parts(parts, N)):
+    with pytest.raises(scoring.IncompleteScoringError,
+                       match=rf"g1_p1 .* format 1, this version writes format 2.*ranked by "
+                             rf"the float32 probability.*delete {parts} to rescore"):
+      check()
+  # a resumed score stage checks before planning: nothing is scored into the old folder
+  workdir_lib.write_json(parts / name, dict(meta, format=3))
+  with pytest.raises(scoring.IncompleteScoringError, match="format 3.*delete"):
+    scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
 
 
 def _npz_of(parts, name="g0001_p00000.json"):

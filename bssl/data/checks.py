@@ -254,7 +254,8 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
 
   # which files changed since they last decoded (stat in threads: a remote file is a request)
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-    stats = list(ex.map(_stat, paths, chunksize=256))
+    stats = [s for c in range(0, len(paths), 8 * _CHUNK)
+             for s in ex.map(_stat, paths[c:c + 8 * _CHUNK])]
   keys = np.array([_key(params, p, s) if s is not None else 0 for p, s in zip(paths, stats)],
                   np.uint64)
   cached = np.isin(keys, known) & np.array([s is not None for s in stats], bool)

@@ -1,13 +1,14 @@
-"""The recipe as a table: each stage, the config its artifact depends on, the stages it
-reads, and the function that makes it. :mod:`bssl.engine` derives skip / resume /
-refuse-on-change from this table; adding a stage is adding one entry.
+"""The recipe as a table: each stage, the stages whose outputs it reads, and the function
+that makes it. What a stage's result depends on in the config and in input files is not
+declared here: :mod:`bssl.engine` records it while the stage runs (:mod:`bssl.deps`).
+Adding a stage is adding one entry.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 
-from bssl.config import ROUND_STAGES, round_stage, score_sections
+from bssl.config import ROUND_STAGES, round_stage
 from bssl.stages import evaluate, report, score_select, training, transfer
 from bssl.stages.base import Stage
 
@@ -18,18 +19,18 @@ def _teacher_reads(cfg) -> tuple[str, ...]:
 
 
 TABLE: dict[str, Stage] = {s.name: s for s in (
-    Stage("weak_pretrain", training.weak_pretrain, sections=("weak", "weak_pretrain")),
-    Stage("baseline", training.baseline, sections=("baseline",)),
-    Stage("teacher", training.teacher, sections=("teacher",), reads=_teacher_reads),
-    Stage("score", score_select.score, sections=score_sections,
+    Stage("weak_pretrain", training.weak_pretrain),
+    Stage("baseline", training.baseline),
+    Stage("teacher", training.teacher, reads=_teacher_reads),
+    Stage("score", score_select.score,
           reads=lambda cfg: ("teacher",)),
-    Stage("select", score_select.select, sections=("unlabelled", "select"),
+    Stage("select", score_select.select,
           reads=lambda cfg: ("score",)),
-    Stage("pretrain", training.pretrain, sections=("unlabelled", "pretrain"),
+    Stage("pretrain", training.pretrain,
           reads=lambda cfg: ("select",)),
-    Stage("finetune", training.finetune, sections=("finetune",),
+    Stage("finetune", training.finetune,
           reads=lambda cfg: ("pretrain",)),
-    Stage("transfer", transfer.transfer, sections=("transfer",), reads=transfer.reads),
+    Stage("transfer", transfer.transfer, reads=transfer.reads),
     Stage("evaluate", evaluate.evaluate, fingerprinted=False,
           optional_reads=evaluate.MODEL_STAGES),
     Stage("report", report.report, fingerprinted=False,
@@ -41,14 +42,10 @@ def _round(r: int) -> tuple[Stage, ...]:
   """Round ``r`` > 1 of self-training: round r-1's student is the teacher."""
   n = lambda base, rr=r: round_stage(base, rr)  # noqa: E731
   return (
-      Stage(n("score"), functools.partial(score_select.score, teacher=n("finetune", r - 1)),
-            sections=TABLE["score"].sections, reads=lambda cfg: (n("finetune", r - 1),)),
-      Stage(n("select"), functools.partial(score_select.select, score=n("score")),
-            sections=TABLE["select"].sections, reads=lambda cfg: (n("score"),)),
-      Stage(n("pretrain"), functools.partial(training.pretrain, select=n("select")),
-            sections=TABLE["pretrain"].sections, reads=lambda cfg: (n("select"),)),
-      Stage(n("finetune"), functools.partial(training.finetune, pretrain=n("pretrain")),
-            sections=TABLE["finetune"].sections, reads=lambda cfg: (n("pretrain"),)))
+      Stage(n("score"), functools.partial(score_select.score, teacher=n("finetune", r - 1)), reads=lambda cfg: (n("finetune", r - 1),)),
+      Stage(n("select"), functools.partial(score_select.select, score=n("score")), reads=lambda cfg: (n("score"),)),
+      Stage(n("pretrain"), functools.partial(training.pretrain, select=n("select")), reads=lambda cfg: (n("select"),)),
+      Stage(n("finetune"), functools.partial(training.finetune, pretrain=n("pretrain")), reads=lambda cfg: (n("pretrain"),)))
 
 
 def table(cfg) -> dict[str, Stage]:

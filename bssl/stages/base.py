@@ -13,14 +13,9 @@ class Stage:
   """One entry of the recipe's table."""
   name: str
   run: Callable[["Context"], dict]        # makes the artifact; returns info for done.json
-  # config its artifact depends on (+ seed, data); or a function of the config
-  sections: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
   reads: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # stages it needs, complete
   optional_reads: tuple[str, ...] = ()    # stages it uses when present (evaluate, report)
   fingerprinted: bool = True              # False: cheap, rerun every time (evaluate, report)
-
-  def sections_for(self, cfg) -> tuple[str, ...]:
-    return tuple(self.sections(cfg) if callable(self.sections) else self.sections)
 
 
 @dataclasses.dataclass
