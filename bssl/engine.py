@@ -45,50 +45,8 @@ class InternalDependencyError(RuntimeError):
   """A stage read another stage's output that the stage table does not list."""
 
 
-def _fmt(v) -> str:
-  return "(absent)" if v == deps.ABSENT else repr(v)
-
-
-def current_files(data) -> dict[str, str]:
-  """{key: identity} of the inputs noted while the data was opened in this run."""
-  out = {}
-  for rec in (data.records() if data is not None and hasattr(data, "records") else ()):
-    for k, e in rec.files.items():
-      out[k] = e["id"]
-  return out
-
-
-def check_record(record: dict, cfg, data=None, input_ids: dict | None = None,
-                 backend: str | None = None) -> list[str]:
-  """What differs between ``record`` (of a finished or started stage) and now, as lines
-  naming each field, input file or input stage: empty when the record still holds.
-  ``input_ids``: {stage: artifact id now} (None for a stage being recomputed)."""
-  if not record or record.get("version") != deps.RECORD_VERSION:
-    return ["made by an older bssl, which recorded its dependencies differently (record "
-            f"version {(record or {}).get('version', 1)}, this bssl writes "
-            f"{deps.RECORD_VERSION})"]
-  out = []
-  for name, old in sorted((record.get("fields") or {}).items()):
-    new = deps.current_value(cfg, name)
-    if new != old:
-      out.append(f"{name}: {_fmt(old)} -> {_fmt(new)}")
-  now_data = current_files(data)
-  for key, e in sorted((record.get("files") or {}).items()):
-    if e["kind"] == "data":
-      new = now_data.get(key, "(not read now)")
-    else:
-      new = deps.identity(e["kind"], e["path"])
-    if new != e["id"]:
-      out.append(f"{e['path']} ({key}): its contents changed since (identity {e['id']} -> "
-                 f"{new})")
-  for up, old in sorted((record.get("inputs") or {}).items()):
-    new = (input_ids or {}).get(up, "(absent)")
-    if new != old:
-      out.append(f"input {up!r} was recomputed since (artifact {old} -> "
-                 f"{new if new is not None else '(recomputed in this run)'})")
-  if backend is not None and record.get("backend") != backend:
-    out.append(f"backend: {record.get('backend')!r} -> {backend!r}")
-  return out
+current_files = deps.current_files
+check_record = deps.check_record
 
 
 def partial_record(wd: workdir_lib.Workdir, name: str) -> dict | None:

@@ -3,8 +3,9 @@
 
 Every point of the grid (the product of the axes, times the seeds) is one engine run in
 ``DIR/points/<name>``, and shares every artifact that the point does not change: before a
-point runs, each of its stages whose fingerprint (config fields, inputs, backend, U) equals
-a completed stage of an earlier point is copied from there, so one teacher is trained per
+point runs, each of its stages whose record (every config field and input file it read,
+the stages it read; :mod:`bssl.deps`) holds for the point is copied from the point that
+made it, so one teacher is trained per
 seed and teacher setting, and one scoring pass serves a seed's every K and P (the sweep
 scores once with ``score.max_k`` / ``score.max_p`` = the largest of the grid: the exact
 D̂ of any smaller K and P is derived from it). Rerunning the command continues the grid:
@@ -181,28 +182,16 @@ def _copy_stage(src, dst) -> None:
   workdir_lib.write_bytes(dst / "done.json", (src / "done.json").read_bytes())
 
 
-def _alive(owner: dict) -> bool:
-  """Whether a claim's process still runs. A claim of another machine cannot be checked
-  and is not waited for (the stage may then be computed twice, never wrongly: each point
-  has its own folder)."""
-  if owner.get("host") != socket.gethostname():
-    return False
-  try:
-    os.kill(int(owner["pid"]), 0)
-    return True
-  except PermissionError:
-    return True  # another user's live process
-  except (OSError, ValueError, KeyError):
-    return False
-
-
 class Sharer:
   """The engine's share hook for one point: before a stage starts, a finished stage of
-  another point (of this sweep, or of the ``--share_from`` sweeps) with the same
-  fingerprint is copied in instead of recomputed. With points in parallel processes
-  (``--jobs``), the first point to reach a stage claims it (``<root>/claims``, an
-  exclusive create); another point that reaches the same stage waits for it to finish
-  and copies it (a claim whose process is gone is taken over)."""
+  another point (of this sweep, or of the ``--share_from`` sweeps) whose record (every
+  config field and input it read, :mod:`bssl.deps`) holds for this point is copied in
+  instead of recomputed. With points in parallel processes (``--jobs``), a point that
+  reaches a stage another live point is computing, and whose record so far holds for this
+  point too, waits for it and then copies it (if its record, once complete, does not hold,
+  the point computes its own). The decision and the stage's start happen under one lock
+  per stage name (``<root>/claims/<stage>``), so two points do not both start a stage that
+  one could share."""
 
   def __init__(self, root, point: str, share_from=(), log=print, poll_s: float = 2.0):
     self.root, self.point = workdir_lib.path(root), point
@@ -210,71 +199,102 @@ class Sharer:
     self.log, self.poll_s = log, poll_s
     self.local = not workdir_lib.is_remote(self.root)
     self.copied: list[str] = []
+    self._held = None
 
-  def _find_done(self, name: str, fp: dict):
-    from bssl import engine
+  def _others(self):
     for r in self.roots:
       pts = r / "points"
       if not pts.exists():
         continue
       for d in sorted(pts.iterdir(), key=lambda c: c.name):
-        if d.name == self.point and r == self.root:
-          continue
-        done = workdir_lib.Workdir(str(d)).done(name)
-        if done is not None and not engine.changes(done.get("fingerprint") or {}, fp):
-          return d
+        if not (d.name == self.point and r == self.root):
+          yield d
+
+  def _find_done(self, name: str, check):
+    for d in self._others():
+      done = workdir_lib.Workdir(str(d)).done(name)
+      if done is not None and done.get("record") and not check(done["record"]):
+        return d
     return None
 
-  def __call__(self, name: str, fp: dict) -> bool:
+  def _running(self, name: str, check):
+    """Another live point computing ``name`` whose record so far holds here."""
+    from bssl import engine, parallel
+    for d in self._others():
+      wd = workdir_lib.Workdir(str(d))
+      st = wd.started(name)
+      if st is None or wd.done(name) is not None or not parallel.owner_alive(st.get("owner")):
+        continue
+      if not check(engine.partial_record(wd, name)):
+        return d
+    return None
+
+  def __call__(self, name: str, check) -> bool:
     from bssl import parallel
     if parallel.process_count() > 1:  # one decision for every host: process 0's
       if parallel.is_main_process():
-        self._share(name, fp)
+        self._share(name, check)
       parallel.sync(f"bssl_share_{name}_decided")
       return self.root.joinpath("points", self.point, name, "done.json").exists()
-    return self._share(name, fp)
+    return self._share(name, check)
 
-  def _share(self, name: str, fp: dict) -> bool:
+  def started(self, name: str) -> None:
+    """The engine wrote ``name``'s started.json: other points may now see it."""
+    self._release()
+
+  def _lock(self, name: str) -> None:
+    from bssl import parallel
+    if not self.local:
+      return
+    lock = self.root / "claims" / name
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = parallel.owner()
+    while True:
+      try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as fh:
+          json.dump(me, fh)
+        self._held = lock
+        return
+      except FileExistsError:
+        pass
+      try:
+        owner = json.loads(lock.read_text() or "{}")
+      except (OSError, json.JSONDecodeError):
+        owner = {}
+      if owner.get("pid") == me["pid"] and owner.get("host") == me["host"] or (
+          owner and not parallel.owner_alive(owner)):
+        lock.unlink(missing_ok=True)  # ours (a point that stopped), or its process is gone
+        continue
+      time.sleep(0.2)
+
+  def _release(self) -> None:
+    if self._held is not None:
+      self._held.unlink(missing_ok=True)
+      self._held = None
+
+  def _share(self, name: str, check) -> bool:
     dst = self.root / "points" / self.point / name
     if dst.exists():
       # no started.json and no done.json (the engine calls this hook only then): what is
       # there is a copy cut short by a kill; never resume from it
       workdir_lib.rmtree(dst)
-    claim, waiting = None, False
+    waiting = False
     while True:
-      src = self._find_done(name, fp)
+      self._lock(name)
+      src = self._find_done(name, check)
       if src is not None:
         _copy_stage(src / name, dst)
+        self._release()
         self.copied.append(name)
         self.log(f"sweep: {name} shared from {src}")
         return True
-      if not self.local:
-        return False  # claims only for points on a local (or shared) filesystem
-      if claim is None:
-        key = json.dumps(fp, sort_keys=True)
-        claim = self.root / "claims" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        claim.parent.mkdir(parents=True, exist_ok=True)
-      me = {"point": self.point, "pid": os.getpid(), "host": socket.gethostname()}
-      try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as fh:
-          json.dump(me, fh)
-        return False  # ours: run it
-      except FileExistsError:
-        pass
-      try:
-        owner = json.loads(claim.read_text() or "{}")
-      except (OSError, json.JSONDecodeError):
-        owner = {}
-      if owner.get("point") == self.point or (owner and not _alive(owner)) or (
-          owner.get("pid") == os.getpid() and owner.get("host") == me["host"]):
-        # our own earlier claim, a claim whose process is gone, or one of an earlier point
-        # of this same process (points run one after another here: it is not running)
-        workdir_lib.write_json(claim, me)
-        return False
+      other = self._running(name, check) if self.local else None
+      if other is None:
+        return False  # ours: the lock is released once the engine has started it
+      self._release()
       if not waiting:
-        self.log(f"sweep: {name} is being computed by point {owner.get('point')}; waiting "
-                 f"for it")
+        self.log(f"sweep: {name} is being computed by point {other.name}; waiting for it")
         waiting = True
       time.sleep(self.poll_s)
 
@@ -407,7 +427,9 @@ def run_point(base, root: str, axes, point: dict, share_from=(), log=print) -> l
   cfg = point_config(base, point, axes)
   wd = workdir_lib.Workdir(str(workdir_lib.path(root) / "points" / point["name"]))
   sharer = Sharer(root, point["name"], share_from, log)
-  engine.run_recipe(cfg, str(wd.root), share=sharer)
+  # a grown grid (a larger K: score.max_k) makes some of a point's finished stages stale:
+  # they are deleted (printed) and recomputed; the rest are kept
+  engine.run_recipe(cfg, str(wd.root), share=sharer, recompute_stale=True)
   return sharer.copied
 
 
@@ -459,23 +481,28 @@ def _exit_preempted(msg: str) -> None:
   sys.exit(143)
 
 
-def _die_with_parent():
-  """A ``preexec_fn`` that has Linux send SIGTERM to the child when the process that
-  started it dies (``prctl(PR_SET_PDEATHSIG)``), even by SIGKILL: the point worker then
-  saves a checkpoint and exits 143 instead of running on beside a rerun. None where prctl
-  is missing (then the ``running/`` entries still keep a rerun off its folders)."""
+PARENT_ENV = "BSSL_SWEEP_PARENT"  # set for a point worker: the pid of the sweep that started it
+
+
+def _die_with_parent() -> None:
+  """In a point worker (``$BSSL_SWEEP_PARENT`` set), first thing: has Linux send it
+  SIGTERM when the sweep that started it dies, even by SIGKILL
+  (``prctl(PR_SET_PDEATHSIG)``), so that it saves a checkpoint and exits 143 instead of
+  running on beside a rerun; exits 143 at once if that sweep is gone already. Done here
+  rather than in a ``preexec_fn``: forking a process that runs JAX's threads is unsafe.
+  Elsewhere than Linux the ``running/`` entries still keep a rerun off its folders."""
+  parent = os.environ.pop(PARENT_ENV, "")
+  if not parent.isdigit():
+    return
   try:
     import ctypes
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
   except (OSError, AttributeError):
-    return None
-  parent = os.getpid()
-
-  def preexec():
-    prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl: no signal will come
-      os._exit(143)
-  return preexec
+    return
+  if os.getppid() != int(parent):  # it died before prctl: no signal will come
+    print("bssl.sweep: the sweep that started this point is gone; rerun the sweep to "
+          "continue", file=sys.stderr, flush=True)
+    os._exit(143)
 
 
 def _proc_stat(pid: int):
@@ -660,7 +687,7 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
     for q in list(running):
       terminate(q)
   previous = signal.signal(signal.SIGTERM, on_term)
-  preexec = _die_with_parent()
+  env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
   try:
     while queue or running:
       while queue and len(running) < jobs and not stop:
@@ -670,7 +697,7 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
         fh = open(logf, "a")
         proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *point_argv,
                                  f"--point={p['name']}"], stdout=fh, stderr=subprocess.STDOUT,
-                                preexec_fn=preexec)
+                                env=env)
         running[proc] = (p, fh)
         if stop:  # SIGTERM came while it started
           terminate(proc)
@@ -696,6 +723,9 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
     code = 143 if stop or codes == {143} else 2 if 2 in codes else 1
     log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
         f"continue")
+    if code == 143:  # preempted: exits 143 with the line on stderr, as one process does
+      raise Terminated(f"{'SIGTERM; ' if stop else ''}points stopped: "
+                       f"{', '.join(n for n, _ in failed) or 'none'}")
     sys.exit(code)
   return collect(root, axes, pts)
 
@@ -792,6 +822,7 @@ def _main(argv):
 
 
 def main():
+  _die_with_parent()  # a point worker: before the imports (seconds) that follow
   from absl import app, flags
   from bssl import main as bssl_main  # --config, --workdir (and malloc tuning)
   flags.DEFINE_multi_string("sweep", [], "<field>=<v1>,<v2>,... (repeat for a grid)")

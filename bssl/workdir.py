@@ -10,8 +10,10 @@ Layout (``<stage>`` is any stage of the engine's table)::
 
   config.json                 the resolved config of the last accepted run
   splits.json                 which training images are D, validation and U
-  <stage>/started.json        the fingerprint the stage's partial state belongs to
-  <stage>/done.json           written last: the stage is complete (info + fingerprint)
+  <stage>/started.json        the input stages and backend the partial state belongs to
+  <stage>/reads/p<i>.json     what process i of a started stage has read so far (bssl.deps)
+  <stage>/done.json           written last: the stage is complete (info + the record of
+                              every config field and input it read, bssl.deps)
   <stage>/...                 the stage's own artifact (final/, checkpoints/, parts/, dhat/)
 """
 from __future__ import annotations

@@ -207,3 +207,25 @@ def test_ranges_dataset_reads_exactly_the_given_ranges_with_masked_padding():
       assert b["mask"][r] == ok and b["valid"][r] == ok
       if ok:
         np.testing.assert_array_equal(b["image"][r], src.x[i])
+
+
+@pytest.mark.parametrize("augment", ["pad_crop_flip", "none"])
+def test_images_as_tall_as_the_model_input_but_wider_train_and_evaluate(tmp_path, augment):
+  """28 x 40 images with image_size=28 (the height already fits): made square for training
+  as for evaluation (training used to keep them 40 wide and stop on their shape)."""
+  from PIL import Image
+  from bssl.data import sources
+  rng = np.random.default_rng(0)
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 255, (28, 40), dtype=np.uint8)).save(
+          tmp_path / c / f"{i}.png")
+  src = sources.LabelledFolderSource(str(tmp_path), channels=1)
+  assert src[0]["image"].shape == (28, 40, 1)
+  spec = pipelines.ImageSpec(size=28, channels=1, augment=augment, pad=2)
+  b = next(iter(pipelines.train_dataset(src, spec, local_batch_size=4, seed=0)))
+  assert b["image"].shape == (4, 28, 28, 1) and b["image"].dtype == np.uint8
+  ev = list(pipelines.eval_dataset(src, spec, local_batch_size=4))
+  assert all(e["image"].shape == (4, 28, 28, 1) for e in ev)
+  assert sum(int(e["mask"].sum()) for e in ev) == 6

@@ -123,7 +123,7 @@ def test_every_bad_file_of_d_val_and_test_in_one_error_and_u_skipped_and_cached(
   assert sorted(decoded) == sorted(u_files + [t_file])
 
 
-def test_a_big_scan_says_its_progress_and_other_data_is_not_scanned(tmp_path):
+def test_a_long_scan_says_its_progress_and_other_data_is_not_scanned(tmp_path, monkeypatch):
   root = tmp_path / "shapes"
   for c in ("a", "b"):
     for i in range(3):
@@ -133,14 +133,10 @@ def test_a_big_scan_says_its_progress_and_other_data_is_not_scanned(tmp_path):
   cfg.data.labelled_per_class, cfg.data.val_per_class = 1, None
   data = recipe.build_data(cfg)
   lines = []
-  # progress every 0 s: a line per chunk with the rate and ETA (whatever the speed)
-  monkeypatch_chunk = checks._CHUNK
-  try:
-    checks._CHUNK = 2
-    assert checks.scan_decodable(data, cfg, log=lines.append, cache_dir=str(tmp_path / "c"),
-                                 workers=1, progress_seconds=0.0) == {}
-  finally:
-    checks._CHUNK = monkeypatch_chunk
+  # progress every 0 s: a line per chunk of 2 files with the rate and ETA (whatever the speed)
+  monkeypatch.setattr(checks, "_CHUNK", 2)
+  assert checks.scan_decodable(data, cfg, log=lines.append, cache_dir=str(tmp_path / "c"),
+                               workers=1, progress_seconds=0.0) == {}
   progress = [l for l in lines if l.startswith("data check: decoded ") and "eta" in l]
   assert progress and "files/s" in progress[0]
   cfg.data.kind = "fashion_mnist"  # not files: nothing to scan

@@ -126,6 +126,73 @@ def test_decode_matches_pillow_after_exif_and_mode_conversion(hostile):
   assert r.shape == (64, 48, 3)  # the EXIF orientation turned 64x48 into 48 wide
 
 
+def _tiff(arr, unsigned=False):
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, "TIFF")
+  data = buf.getvalue()
+  if unsigned:  # Pillow writes int32 as signed (SampleFormat 2): patch the tag to 1
+    tag = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00"
+    assert data.count(tag) == 1
+    data = data.replace(tag, tag[:-2] + b"\x01\x00")
+  return data
+
+
+def test_32_bit_integer_images_are_scaled_from_their_range_not_clipped():
+  # int32 (Pillow mode 'I'): 0..2^31-1 -> 0..255, negatives 0; 16-bit scaling would turn
+  # everything above 65535 white
+  v = np.array([[0, 2**31 - 1, 2**30, -5, 70000, 1_000_000_000]], np.int32)
+  want = [0, 255, 128, 0, 0, 119]  # round(v / (2^31 - 1) x 255), by hand
+  assert decode.decode(_tiff(v), 1)[0, :, 0].tolist() == want
+  assert decode.decode(_tiff(v), 3)[0, :, 1].tolist() == want  # and as RGB greys
+  # uint32 (an unsigned 32-bit TIFF): 0..2^32-1 -> 0..255 (Pillow reads it as int32)
+  u = np.array([[0, 2**31 - 1, -1, -2**31]], np.int32)  # bits of 0, 2^31-1, 2^32-1, 2^31
+  assert decode.decode(_tiff(u, unsigned=True), 1)[0, :, 0].tolist() == [0, 127, 255, 128]
+  # arrays (a TFDS image feature that is not uint8): by their dtype's range
+  assert decode.scale_to_uint8(np.array([0, 2**31 - 1, 2**30], np.int32)).tolist() == [
+      0, 255, 128]
+  assert decode.scale_to_uint8(np.array([0, 257, 65535], np.uint16)).tolist() == [0, 1, 255]
+
+
+def test_ids_are_positions_in_the_whole_path_order_for_a_folder_and_its_file_list(tmp_path):
+  """A folder's ids used to follow its walk, folder by folder ('a/b.png' before 'a.png'); a
+  file list of the same files, and the docs, sort whole paths ('.' < '/')."""
+  root = tmp_path / "imgs"
+  names = ["a.png", "a/b.png", "a-c.png", "a0.png", "b/c/d.png", "b.png", "B.png", "é.png"]
+  for i, n in enumerate(names):
+    _save(_photo(8, 8, i), str(root / n))
+  listed = ingest.list_inputs(str(root))
+  assert [os.path.relpath(f, root) for f in listed] == sorted(names)
+  assert listed.index(str(root / "a.png")) < listed.index(str(root / "a/b.png"))
+  # the same files in a list, shuffled, relative to the list's folder (some with ./)
+  order = np.random.default_rng(0).permutation(len(names))
+  lst = root / "list.txt"
+  lst.write_text("# my images\n" + "\n".join(("./" if k % 2 else "") + names[k]
+                                              for k in order) + "\n")
+  assert ingest.list_inputs(str(lst)) == listed
+  a, b = sources.ImageFileSource(str(root)), sources.ImageFileSource(str(lst))
+  assert a.files == b.files and a.identity() == b.identity()
+  assert a.identity().startswith("files-v2:")  # never equal to an identity of the old rule
+  lab = sources.LabelledFolderSource(str(tmp_path))
+  assert lab.identity().startswith("files-v2:")
+
+
+def test_ingests_of_the_old_id_rule_are_refused_with_the_reason(tmp_path):
+  folder = tmp_path / "u"
+  for i in range(3):
+    _save(_photo(20, 20, i), str(folder / f"{i}.jpg"), quality=90)
+  out = tmp_path / "shards"
+  ingest.run_ingest(str(folder), str(out), ingest.Params(shard_size=2), log=lambda m: None)
+  assert ingest.ShardSource(str(out)).manifest["format_version"] == 2
+  for name in ("manifest.json", "ingest.json"):
+    m = json.load(open(out / name))
+    m["format_version"] = 1
+    json.dump(m, open(out / name, "w"))
+  with pytest.raises(ingest.IngestError, match="format 1.*id rule changed.*ingest again"):
+    ingest.ShardSource(str(out))
+  with pytest.raises(ingest.IngestError, match="format 1.*id rule changed"):
+    ingest.run_ingest(str(folder), str(out), ingest.Params(shard_size=2), log=lambda m: None)
+
+
 def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
   root, want = hostile
   out = str(tmp_path / "out")
@@ -278,12 +345,26 @@ for name in ("small.jpg", "nested/deeper/x.png"):
 m = ingest.run_ingest({gcs.url('ingest/in')!r}, {str(tmp_path / 'from_gcs')!r},
                       ingest.Params(shard_size=4), log=lambda m: None)
 print(m["num_images"], m["num_bad"])
+# whole-path order on gs://, as in a local folder: '-' < '.' < '/'
+for name in ("a/b.png", "a.png", "a-c.png"):
+  (epath.Path({gcs.url('ingest/order')!r}) / name).parent.mkdir(parents=True, exist_ok=True)
+  (epath.Path({gcs.url('ingest/order')!r}) / name).write_bytes(b"x")
+print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
+                        for f in ingest.list_inputs({gcs.url('ingest/order')!r})))
 """
   r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **gcs.env},
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   n_ok = sum(1 for w in want.values() if w is None) - 3  # 3 planted duplicates dropped
-  assert r.stdout.split()[-4:] == [str(n_ok), str(len(want)), "2", "0"]
+  out = r.stdout.strip().splitlines()
+  assert " ".join(out[-3:-1]).split() == [str(n_ok), str(len(want)), "2", "0"]
+  assert out[-1] == "ORDER a-c.png,a.png,a/b.png"
+  local = tmp_path / "order"
+  for name in ("a/b.png", "a.png", "a-c.png"):
+    os.makedirs(os.path.dirname(local / name), exist_ok=True)
+    (local / name).write_bytes(b"x")
+  assert ",".join(os.path.relpath(f, local) for f in ingest.list_inputs(str(local))) == \
+      "a-c.png,a.png,a/b.png"
   src = ingest.ShardSource(str(tmp_path / "from_gcs"))
   assert [os.path.basename(src.name_of(i)) for i in range(2)] == ["x.png", "small.jpg"]
   assert sorted(os.listdir(tmp_path / "c"))[0].startswith("u-00000")
@@ -316,6 +397,8 @@ def test_recipe_scores_u_from_shards(tmp_path):
   shutil.rmtree(out)
   _save(_photo(40, 36, 999), str(folder / "new.jpg"), quality=90)
   ingest.run_ingest(str(folder), out, ingest.Params(shard_size=8), log=lambda m: None)
+  from bssl import deps
+  deps.forget_identities()  # (identities are computed once per process: a new run here)
   with pytest.raises(engine.RefusedError, match=r"unlabelled \(files\)"):
     engine.run_recipe(cfg, wd)
   # an unfinished ingest is a one-line user error before any training

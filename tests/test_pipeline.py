@@ -90,23 +90,22 @@ def test_changed_config_is_refused_not_silently_reused(tiny_run):
     engine.run_recipe(cfg, workdir)
 
 
-def test_fingerprint_changes_name_fields_inputs_and_backend():
-  old = {"config": {"seed": 0, "pretrain.lr": 0.05}, "inputs": {"select": "a1"},
-         "backend": "jax"}
-  assert engine.changes(old, old) == []
-  new = {"config": {"seed": 0, "pretrain.lr": 0.1}, "inputs": {"select": "b2"},
-         "backend": "torch"}
-  assert engine.changes(old, new) == [
-      "pretrain.lr: 0.05 -> 0.1", "input 'select' was recomputed since (artifact a1 -> b2)",
-      "backend: 'jax' -> 'torch'"]
-  # a field newer than the work directory: at its default, no change; otherwise a change
-  newer = {"config": {"seed": 0, "pretrain.lr": 0.05, "unlabelled.drop_duplicates": True},
-           "inputs": {"select": "a1"}, "backend": "jax"}
-  assert engine.changes(old, newer) == []
-  newer["config"]["unlabelled.drop_duplicates"] = False
-  assert engine.changes(old, newer) == ["unlabelled.drop_duplicates: '(absent)' -> False"]
-  # a field the new config lost is always a change
-  assert engine.changes(newer, old) == ["unlabelled.drop_duplicates: False -> '(absent)'"]
+def test_check_record_names_fields_inputs_and_backend():
+  from bssl import deps
+  cfg = demo.get_config("tiny")
+  rec = {"version": deps.RECORD_VERSION, "fields": {"seed": 0, "pretrain.lr": cfg.pretrain.lr},
+         "files": {}, "inputs": {"select": "a1"}, "backend": "jax"}
+  assert engine.check_record(rec, cfg, None, {"select": "a1"}, "jax") == []
+  cfg.pretrain.lr = 0.5
+  assert engine.check_record(rec, cfg, None, {"select": "b2"}, "torch") == [
+      f"pretrain.lr: {rec['fields']['pretrain.lr']!r} -> 0.5",
+      "input 'select' was recomputed since (artifact a1 -> b2)", "backend: 'jax' -> 'torch'"]
+  # a field the config does not have (any more) is a change, never ignored
+  rec["fields"]["unlabelled.no_such_field"] = True
+  assert "unlabelled.no_such_field: True -> (absent)" in engine.check_record(
+      rec, cfg, None, {"select": "a1"}, "jax")
+  # a record of the old format (declared sections) is refused as such
+  assert "older bssl" in engine.check_record({"config": {}}, cfg)[0]
 
 
 def test_self_training_teacher_is_the_baseline_and_depends_on_it(tiny_run):
@@ -114,13 +113,13 @@ def test_self_training_teacher_is_the_baseline_and_depends_on_it(tiny_run):
   done = lambda s: json.load(open(os.path.join(workdir, s, "done.json")))
   # The teacher's artifact points at the baseline's variables: no copy, one evaluation.
   assert done("teacher")["variables_from"] == "baseline"
-  assert done("teacher")["fingerprint"]["inputs"] == {"baseline": done("baseline")["artifact_id"]}
+  assert done("teacher")["record"]["inputs"] == {"baseline": done("baseline")["artifact_id"]}
   assert not os.path.exists(os.path.join(workdir, "teacher", "final"))
   # A teacher (and so D̂, the student) made from one baseline is not reused for another.
   cfg = demo.get_config("tiny")
   cfg.baseline.lr = 0.123
   cfg.stages = "teacher"
-  with pytest.raises(config_lib.ConfigError, match=r"stage 'baseline'.*baseline\.lr"):
+  with pytest.raises(config_lib.ConfigError, match=r"baseline: .*baseline\.lr"):
     engine.run_recipe(cfg, workdir)
 
 
@@ -288,10 +287,10 @@ def test_changing_p_after_scoring_is_refused_then_rescored_correctly(tiny_run, t
   cfg = demo.get_config("tiny")
   cfg.select.p = 1
   cfg.stages = "score,select"
-  with pytest.raises(config_lib.ConfigError, match=r"stage 'score'.*select\.p: 2 -> 1") as e:
+  with pytest.raises(config_lib.ConfigError, match=r"score: .*select\.p: 2 -> 1") as e:
     engine.run_recipe(cfg, wd)
   assert open(os.path.join(wd, "config.json")).read() == before  # a refusal writes nothing
-  named = re.search(r"delete (.*) to recompute", str(e.value)).group(1).split(", ")
+  named = re.search(r"delete (.*) \(in this order\)", str(e.value)).group(1).split(", ")
   assert {os.path.basename(p) for p in named} == {"score", "select"}
   for p in named:
     shutil.rmtree(p)
@@ -309,7 +308,7 @@ def test_recomputed_input_makes_downstream_stale(tiny_run, tmp_path):
   _copy_stages(ref, wd, ("baseline", "score"))
   cfg = demo.get_config("tiny")
   cfg.stages = "teacher,score"
-  with pytest.raises(config_lib.ConfigError, match=r"stage 'score'.*input 'teacher' was "
+  with pytest.raises(config_lib.ConfigError, match=r"score: .*input 'teacher' was "
                      r"recomputed"):
     engine.run_recipe(cfg, wd)
 
@@ -322,12 +321,16 @@ def test_partial_state_of_another_config_is_refused(tiny_run, tmp_path):
   _copy_stages(ref, wd, ("baseline", "teacher"))
   done = json.load(open(os.path.join(wd, "baseline", "done.json")))
   os.remove(os.path.join(wd, "baseline", "done.json"))  # as if killed before the end
+  rec = done["record"]
   with open(os.path.join(wd, "baseline", "started.json"), "w") as f:
-    json.dump({"fingerprint": done["fingerprint"]}, f)
+    json.dump({"version": rec["version"], "inputs": rec["inputs"], "backend": rec["backend"]}, f)
+  os.makedirs(os.path.join(wd, "baseline", "reads"))
+  with open(os.path.join(wd, "baseline", "reads", "p0.json"), "w") as f:
+    json.dump({"fields": rec["fields"], "files": rec["files"]}, f)
   cfg = demo.get_config("tiny")
   cfg.baseline.steps = 7
   cfg.stages = "baseline"
-  with pytest.raises(config_lib.ConfigError, match=r"stage 'baseline'.*was started.*"
+  with pytest.raises(config_lib.ConfigError, match=r"baseline: .*"
                      r"baseline\.steps: 6 -> 7"):
     engine.run_recipe(cfg, wd)
 
@@ -420,7 +423,7 @@ def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
   assert json.load(open(os.path.join(src, "finetune", "done.json")))["artifact_id"] == \
       fin["artifact_id"]  # round 1 was reused, not retrained
   sc2 = json.load(open(os.path.join(wd, "score_r2", "done.json")))
-  assert sc2["fingerprint"]["inputs"] == {"finetune": fin["artifact_id"]}
+  assert sc2["record"]["inputs"] == {"finetune": fin["artifact_id"]}
   res = json.load(open(os.path.join(wd, "report", "results.json")))
   assert [r["round"] for r in res["rounds"]] == [1, 2]
   assert res["rounds"][1]["student_top1"] == res["student_r2"]["top1"]

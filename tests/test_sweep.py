@@ -146,3 +146,208 @@ def test_dict_fields_are_swept_as_json_lists():
                    ("select.k=[1, 1]", "repeated values")):
     with pytest.raises(sweep.SweepError, match=msg):
       sweep.parse_axis(bad, cfg)
+
+
+# ----------------------------------------------------------------- the sweep's processes
+# (issue #21 item 8: sweeps as robust as single runs)
+
+TWO = ["--config=configs/demo.py:tiny", "--sweep=select.k=20", "--seeds=0,1",
+       "--config.pretrain.steps=2", "--config.finetune.steps=2"]  # two points, nothing shared
+
+
+def _stat(pid):
+  """(state, ppid, pgrp) of a process, None once it is gone."""
+  try:
+    text = open(f"/proc/{pid}/stat").read()
+  except OSError:
+    return None
+  f = text[text.rindex(")") + 2:].split()
+  return f[0], int(f[1]), int(f[2])
+
+
+def _gone(pid):
+  st = _stat(pid)
+  return st is None or st[0] in ("Z", "X")  # a zombie has stopped (nobody may reap it)
+
+
+def _group(pgid):
+  """The live processes of process group ``pgid``."""
+  out = []
+  for d in os.listdir("/proc"):
+    st = d.isdigit() and _stat(int(d))
+    if st and st[2] == pgid and st[0] not in ("Z", "X"):
+      out.append(int(d))
+  return out
+
+
+def _point_entries(wd):
+  d = wd / "running"
+  return {f.name[:-5]: json.load(open(f)) for f in d.glob("*.json")
+          if not f.name.startswith("_")} if d.is_dir() else {}
+
+
+def _until(cond, what, timeout=240, proc=None):
+  """Polls ``cond`` (a liveness bound, not a timing assertion)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    got = cond()
+    if got:
+      return got
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}: "
+                           f"{proc.stderr.read()[-3000:]}")
+    time.sleep(0.2)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start(tmp_path, wd, *extra):
+  env = dict(_env(tmp_path), PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={wd}",
+                           *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill_group(proc):
+  import signal
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.wait()
+
+
+def test_kill_9_of_a_parallel_sweep_stops_its_point_workers(tmp_path):
+  """The sweep's parent killed with SIGKILL (--jobs=2): its point workers get SIGTERM from
+  the kernel (parent-death signal), checkpoint and exit 143 instead of running on beside a
+  rerun."""
+  import signal
+  wd = tmp_path / "w"
+  proc = _start(tmp_path, wd, "--jobs=2")
+  try:
+    _until(lambda: _point_entries(wd), "a point worker at work", proc=proc)
+    workers = [p for p in _group(proc.pid) if p != proc.pid]
+    assert workers and {e["pid"] for e in _point_entries(wd).values()} <= set(workers)
+    working = list(_point_entries(wd))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _until(lambda: all(_gone(p) for p in workers), "the workers to stop", timeout=120)
+    for name in working:  # stopped by the SIGTERM (exit 143), not finished
+      log = open(wd / "points" / name / "sweep.log").read()
+      assert "rerun the same command to continue" in log, log[-2000:]
+      assert not (wd / "points" / name / "report" / "done.json").exists()
+  finally:
+    _kill_group(proc)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_before_any_point_finishes_exits_143(tmp_path, jobs):
+  """SIGTERM to the sweep, wherever it lands (a training loop, or any other stage), exits
+  143 with one line saying to rerun; the point workers (--jobs=2) stop with it and every
+  process leaves the work directory's running/ entries behind it."""
+  import signal
+  wd = tmp_path / "w"
+  proc = _start(tmp_path, wd, f"--jobs={jobs}")
+  try:
+    _until(lambda: _point_entries(wd), "a point at work", proc=proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (proc.returncode, err[-3000:])
+    assert "rerun the same command to continue" in err and "Traceback" not in err, err[-3000:]
+    assert _group(proc.pid) == []  # no worker left behind
+    assert list((wd / "running").glob("*.json")) == []
+    assert not list(wd.glob("points/*/report/done.json"))
+  finally:
+    _kill_group(proc)
+
+
+def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
+  """<workdir>/running/<point>.json entries: a live process whose parent still runs is
+  refused at once (exit 2, named); a worker whose sweep was killed is waited for; entries
+  of dead processes, of reused pids or of other machines do not stop a rerun."""
+  import socket
+  from bssl import sweep
+  run = tmp_path / "running"
+  run.mkdir()
+
+  def entry(name, pid, **kw):
+    e = dict({"pid": pid, "host": socket.gethostname(),
+              "start": sweep._proc_stat(pid)[2] if sweep._proc_stat(pid) else None,
+              "ppid": os.getpid()}, **kw)
+    (run / f"{name}.json").write_text(json.dumps(e))
+
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  entry("p_dead", dead.pid)
+  live = subprocess.Popen(["sleep", "60"])
+  try:
+    entry("p_reused", live.pid, start="1")  # the pid of another, later process
+    entry("p_far", live.pid, host="another-machine")
+    sweep.check_running(tmp_path, wait_s=0)  # none of these is at work here
+    assert sorted(f.name for f in run.iterdir()) == ["p_far.json"]  # stale ones removed
+    entry("select.k=20,seed=0", live.pid)  # its parent (this test) still runs
+    with pytest.raises(sweep.SweepError, match=rf"point select.k=20,seed=0 \(pid {live.pid}\)"):
+      sweep.check_running(tmp_path, wait_s=60)
+    with pytest.raises(sweep.SweepError, match="in use by processes still running"):
+      sweep.claim_running(tmp_path, "select.k=20,seed=0", wait_s=60)
+    r = subprocess.run([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={tmp_path}"],
+                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and f"(pid {live.pid})" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # a worker that lost its sweep (its recorded parent is not its parent): waited for,
+    # up to wait_s, then named
+    entry("select.k=20,seed=0", live.pid, ppid=dead.pid)
+    with pytest.raises(sweep.SweepError, match=f"pid {live.pid}"):
+      sweep.check_running(tmp_path, wait_s=1)
+    short = subprocess.Popen(["sleep", "1"])
+    entry("select.k=20,seed=0", short.pid, ppid=dead.pid)
+    said = []
+    sweep.check_running(tmp_path, wait_s=120, log=said.append)
+    assert _gone(short.pid) and said and "waiting for point select.k=20,seed=0" in said[0]
+    short.wait()
+    entry("_sweep", live.pid)  # a live sweep: refused, never waited for
+    with pytest.raises(sweep.SweepError, match=f"a sweep \\(pid {live.pid}\\)"):
+      sweep.claim_running(tmp_path, "_sweep", wait_s=60)
+    (run / "_sweep.json").unlink()
+    f = sweep.claim_running(tmp_path, "_sweep")  # free: entered, and removed on release
+    assert json.load(open(f))["pid"] == os.getpid()
+    sweep.release_running(f)
+    assert not f.exists()
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp_path):
+  from bssl import config, sweep, workdir
+  r = subprocess.run([sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={tmp_path}",
+                      "--collect"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == {"num_points": 8, "num_done": 0}
+  s = json.load(open(tmp_path / "sweep.json"))
+  assert s["num_done"] == 0 and s["points"] == []
+  assert "No point is done yet" in open(tmp_path / "sweep.md").read()
+  assert not list(tmp_path.glob("*.png"))
+  cfg = config.base()
+  axes = [sweep.parse_axis("select.k=20,50", cfg), sweep.parse_axis("select.p=1,2", cfg)]
+  pts = sweep.points(cfg, axes, [0, 1])
+  for models, md in (({}, "No done point has a test evaluation"),  # stages without evaluate
+                     ({"baseline": {"top1": 0.5}}, "## select.k"),  # no student: no gain
+                     ({"teacher": {"top1": 0.5}}, "## select.p")):  # nothing on the plot
+    for p in pts:
+      workdir.write_json(tmp_path / "points" / p["name"] / "report" / "results.json",
+                         {"name": "tiny", "seed": p["seed"], **models})
+    s = sweep.collect(tmp_path, axes, pts)
+    assert s["num_done"] == 8 and md in open(tmp_path / "sweep.md").read()
+    assert bool(models) == (tmp_path / "select.k.png").exists()
+
+
+def test_seed_is_swept_with_seeds_only(tmp_path):
+  for args in (["--sweep=seed=0,1"], ["--sweep=select.k=20", "--sweep=seed=0,1", "--seeds=2"]):
+    r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
+                        f"--workdir={tmp_path / 'w'}", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--sweep=seed" in lines[0] and "--seeds=0,1,2" in lines[0], lines
+  assert not (tmp_path / "w").exists()

@@ -53,6 +53,17 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
   assert int(state.step) == 15
 
 
+def test_warmup_steps_zero_overrides_warmup_fraction():
+  import ml_collections
+  lrs = lambda **kw: [float(train.make_schedule(ml_collections.ConfigDict(
+      dict(schedule="constant", **kw)), 10, 0.4)(i)) for i in range(4)]
+  # 0 is a value, not "unset": no warm-up whatever warmup_fraction says
+  assert lrs(warmup_steps=0, warmup_fraction=0.5) == pytest.approx([0.4] * 4)
+  # (linear from lr / warmup to lr over the warm-up steps)
+  assert lrs(warmup_steps=None, warmup_fraction=0.4) == pytest.approx([0.1, 0.175, 0.25, 0.325])
+  assert lrs(warmup_steps=2, warmup_fraction=0.5) == pytest.approx([0.2, 0.3, 0.4, 0.4])
+
+
 def test_sync_bn_equals_one_device_on_the_full_batch():
   assert jax.device_count() == 8
   mesh8 = parallel.make_mesh()

@@ -42,6 +42,24 @@ def test_weak_loss_is_cross_entropy_against_one_over_k_by_hand():
   assert float(train._top1(jnp.asarray(logits), jnp.asarray(tags))) == pytest.approx(1 / 3)
 
 
+def test_weak_label_smoothing_mixes_the_tag_distribution_with_uniform_by_hand():
+  logits = np.array([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 2.0]],
+                    np.float32)
+  tags = np.array([[3, -1], [0, 2], [-1, -1]], np.int32)  # 1 tag; 2 tags; none
+  s, c = 0.2, 4
+  want = []
+  for z, t in zip(logits.astype(np.float64), [[3], [0, 2], []]):
+    logp = z - np.log(np.exp(z).sum())
+    # (1 - s) x (1/k on each of the k tags) + s / C everywhere; no tags: no loss
+    target = np.array([(1 - s) * (j in t) / len(t) + s / c for j in range(c)]) if t \
+        else np.zeros(c)
+    want.append(-(target * logp).sum())
+  got = np.asarray(train._xent(jnp.asarray(logits), jnp.asarray(tags), c, s))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got[0] != pytest.approx(float(train._xent(jnp.asarray(logits), jnp.asarray(tags),
+                                                    c, 0.0)[0]))
+
+
 def test_resampling_weights_on_a_known_frequency_table():
   # tag 0 on 4 images, tag 1 on 1 image (image 3 has both), tag 2 on none
   tags = np.array([[0, -1], [0, -1], [0, -1], [0, 1]], np.int32)

@@ -294,13 +294,37 @@ def check_or_write_header(out, header: dict, write: bool) -> None:
     workdir_lib.write_json(p, header)
 
 
-def finalize(out, header: dict, log: Callable[[str], None] = print) -> dict:
-  """bad.json, duplicates.npz and manifest.json from every shard's manifest (deterministic:
-  any process may write them, with the same bytes)."""
+def _content_digest(header: dict, shard_hashes) -> str:
+  """blake2b-128 (hex) of what the shards' pixels are a function of: the ingest parameters
+  (format, short side, quality) and every id's content hash [n, 16], in id order (a file
+  that could not be read: zeros)."""
+  h = hashlib.blake2b(digest_size=16)
+  h.update(f"format={header['format_version']}:short={header['short_side']}:"
+           f"q={header['quality']}:n={header['num_images']}\n".encode())
+  for a in shard_hashes:
+    h.update(np.ascontiguousarray(a, np.uint8).tobytes())
+  return h.hexdigest()
+
+
+def content_digest(out, num_shards: int) -> str:
+  """The complete ingest's ``content_digest`` (``manifest.json`` holds it), recomputed from
+  its shards' manifests: the same images (by content, in the same id order) ingested with
+  the same parameters have the same digest, wherever they are and whatever their names."""
   out = workdir_lib.path(out)
-  ids, hashes, bad = [], [], []
+  header = workdir_lib.read_json(out / "manifest.json")
+  return _content_digest(header, (
+      workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["hash"]
+      for s in range(int(num_shards))))
+
+
+def finalize(out, header: dict, log: Callable[[str], None] = print) -> dict:
+  """bad.json, duplicates.npz and manifest.json (with :func:`content_digest`) from every
+  shard's manifest (deterministic: any process may write them, with the same bytes)."""
+  out = workdir_lib.path(out)
+  ids, hashes, bad, all_hashes = [], [], [], []
   for s in range(header["num_shards"]):
     m = workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")
+    all_hashes.append(m["hash"])
     ok = m["reason"] == ""
     ids.append(m["ids"][ok])
     hashes.append(m["hash"][ok])
@@ -322,7 +346,8 @@ def finalize(out, header: dict, log: Callable[[str], None] = print) -> dict:
                         first=dup_first[o].astype(np.int64))
   workdir_lib.write_json(out / "bad.json", bad)
   manifest = dict(header, num_ok=int(len(ids)), num_bad=len(bad),
-                  num_duplicates=int(dup.sum()))
+                  num_duplicates=int(dup.sum()),
+                  content_digest=_content_digest(header, all_hashes))
   workdir_lib.write_json(out / "manifest.json", manifest)
   log(f"ingest: complete: {header['num_images']} images, {len(bad)} bad (listed in "
       f"{out / 'bad.json'}), {int(dup.sum())} exact duplicates ({out / 'duplicates.npz'})")

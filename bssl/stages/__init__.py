@@ -74,6 +74,10 @@ def expand(requested: tuple[str, ...], cfg) -> tuple[str, ...]:
   """Requested stage names (``--config.stages``, round 1's names) with their later rounds."""
   rounds = int(cfg.get("rounds", 1) or 1)
   out = list(requested)
+  if "report" in out and "evaluate" not in out:
+    # the report shows only current evaluations: evaluate measures what was replaced (and
+    # keeps the rest)
+    out.insert(out.index("report"), "evaluate")
   for r in range(2, rounds + 1):
     out += [round_stage(b, r) for b in ROUND_STAGES if b in requested]
   return tuple(out)

@@ -33,6 +33,11 @@ def with_training_facts(metrics: dict, cfg, stage: str, done: dict) -> dict:
 
 
 def evaluate(ctx) -> dict:
+  """Every trained model on the test split. Each result names the model artifact it
+  measured (``artifact_id``) and keeps the record of what measuring it read: a rerun
+  measures again only the models that were replaced or whose measurement would differ."""
+  from bssl import deps
+  prev = ctx.wd.done("evaluate") or {}
   results, measured = {}, {}
   for key, stage in models(ctx.cfg):
     done = ctx.wd.done(stage)
@@ -40,14 +45,34 @@ def evaluate(ctx) -> dict:
       ctx.log(f"{stage} not trained in this work directory; skipping {key}")
       continue
     source = ctx.variables_stage(stage)
+    aid = done["artifact_id"]
+    old = prev.get(key) or {}
     if source in measured:
       m = dict(results[measured[source]], same_as=measured[source])
+    elif old.get("artifact_id") == aid and old.get("record") and not deps.check_record(
+        old["record"], ctx.cfg, ctx.data, {stage: aid}, ctx.backend.name):
+      m = {k: v for k, v in old.items() if k != "same_as"}
+      measured[source] = key
+      ctx.log(f"{key}: measured before (artifact {aid}); kept")
     else:
-      m = ctx.backend.evaluate(ctx, stage, ctx.data.test)
+      rec = deps.Recorder()
+      with deps.recording(rec):
+        m = ctx.backend.evaluate(ctx, stage, ctx.data.test)
+      m = dict(m, record=dict(rec.to_dict(), version=deps.RECORD_VERSION,
+                              inputs={stage: aid}, backend=ctx.backend.name))
       measured[source] = key
     results[key] = with_training_facts(
-        {k: v for k, v in m.items() if k in ("top1", "top5", "loss", "num_examples", "same_as")},
+        {k: v for k, v in m.items()
+         if k in ("top1", "top5", "loss", "num_examples", "same_as", "record")},
         ctx.cfg, stage, done)
+    results[key]["artifact_id"] = aid
     ctx.log(f"{key}: test top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}"
             + (f" (same variables as {m['same_as']})" if "same_as" in m else ""))
   return results
+
+
+def current(wd, cfg, key: str, result: dict) -> bool:
+  """Whether an evaluation ``result`` of model ``key`` measured the model now in ``wd``."""
+  stage = dict(models(cfg)).get(key)
+  done = wd.done(stage) if stage else None
+  return done is not None and result.get("artifact_id") == done.get("artifact_id")

@@ -177,15 +177,22 @@ def write_report(cfg, data, wd) -> dict:
   results: dict = {"name": cfg.get("name", ""), "seed": int(cfg.seed)}
   keys = [key for key, _ in evaluate.models(cfg)]
   ev = wd.done("evaluate")
+  stale = []
   if ev is not None:
     for key in keys:
       if key in ev:
-        results[key] = dict(ev[key])
+        if not evaluate.current(wd, cfg, key, ev[key]):  # a model replaced since
+          stale.append(key)
+          continue
+        results[key] = {k: v for k, v in ev[key].items() if k != "record"}
+  if stale:
+    print(f"[report] not shown: {', '.join(stale)} (the evaluation measured a model that has "
+          f"since been replaced; run the evaluate stage)", flush=True)
   sel = None
   sel_done = wd.done("select")
   if sel_done is not None:
     results["selection"] = {k: v for k, v in sel_done.items()
-                            if k not in ("fingerprint", "finished", "artifact_id")}
+                            if k not in ("record", "finished", "artifact_id")}
     sel = selection.read_selection(wd.stage("select") / "dhat")
   s = wd.done("score")
   if s is not None:
@@ -196,7 +203,7 @@ def write_report(cfg, data, wd) -> dict:
   tr = wd.done("transfer")
   if tr is not None:
     results["transfer"] = {k: v for k, v in tr.items() if k not in (
-        "fingerprint", "finished", "artifact_id", "stage_seconds")}
+        "record", "finished", "artifact_id", "stage_seconds")}
   rounds = int(cfg.get("rounds", 1) or 1)
   if rounds > 1:
     results["rounds"] = []
