@@ -76,6 +76,8 @@ class JaxBackend:
                                 variable_shapes(model, ctx.data.spec))
 
   def load_folder(self, ctx, folder: str, model):
+    from bssl import deps
+    deps.note_input(f"{config.section_of(ctx.stage)}.init_from", "checkpoint", folder)
     return train.load_variables(folder, self.mesh, variable_shapes(model, ctx.data.spec))
 
   def train(self, ctx, source, init: tuple | None) -> dict:

@@ -362,7 +362,19 @@ def shards_identity(path: str) -> str:
   return f"ingest:{ingest.content_digest(root, int(m['num_shards']))}"
 
 
+def filelist_identity(path: str) -> str:
+  """An image folder or file list (as :class:`bssl.data.sources.ImageFileSource` lists
+  it) by (relative path, size, mtime) of its files."""
+  from bssl.data import sources
+  from bssl import workdir as workdir_lib
+  files = sources.ImageFileSource(path).files
+  p = workdir_lib.path(path)
+  listed = "" if p.is_dir() else file_identity(path) + "|"
+  return listed + files_identity(files, str(p if p.is_dir() else p.parent))
+
+
 IDENTITY: dict[str, Callable[[str], str]] = {
+    "filelist": filelist_identity,
     "file": file_identity, "tree": tree_identity, "checkpoint": checkpoint_identity,
     "shards": shards_identity,
     "tree_content": lambda p: files_identity(

@@ -274,6 +274,7 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
   from bssl.backend import JaxBackend
   from bssl.data import recipe
   config_lib.validate(cfg)
+  deps.forget_identities()  # inputs are identified afresh by every run
   if backend is None:
     config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
   wd = workdir_lib.Workdir(workdir)

@@ -32,6 +32,19 @@ def test_fashion_mnist_with_another_num_classes_is_refused_naming_the_count():
   checks.check_num_classes(recipe.build_data(cfg), cfg)  # the right count passes
 
 
+@needs_fmnist
+def test_the_command_refuses_another_num_classes_before_any_work(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny",
+                      f"--workdir={tmp_path / 'run'}", "--config.data.num_classes=5"],
+                     cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "data.num_classes=5 but Fashion-MNIST has 10 classes" in r.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def _data(labels, class_names=(), **kw):
   src = sources.ArraySource(np.zeros((len(labels), 2, 2, 1), np.uint8), np.asarray(labels))
   return types.SimpleNamespace(labelled=src, val=None, test=src, class_names=class_names, **kw)

@@ -399,7 +399,7 @@ def test_recipe_scores_u_from_shards(tmp_path):
   ingest.run_ingest(str(folder), out, ingest.Params(shard_size=8), log=lambda m: None)
   from bssl import deps
   deps.forget_identities()  # (identities are computed once per process: a new run here)
-  with pytest.raises(engine.RefusedError, match=r"unlabelled \(files\)"):
+  with pytest.raises(engine.RefusedError, match=r"unlabelled\.path\): its contents changed"):
     engine.run_recipe(cfg, wd)
   # an unfinished ingest is a one-line user error before any training
   (tmp_path / "half").mkdir()

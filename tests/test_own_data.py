@@ -63,20 +63,28 @@ def test_class_per_subfolder_images_run_the_recipe_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["num_classes", "unknown_test_class", "not_a_folder",
-                                  "no_test_dir"])
+                                  "no_test_dir", "undecodable"])
 def test_bad_folders_are_one_line_errors_before_any_work(tmp_path, case):
   data = tmp_path / "shapes"
-  make_folder(str(data), {"train": 2, "test": 1})
+  make_folder(str(data), {"train": 8 if case == "undecodable" else 2, "test": 1})
   extra, msg = {
       "num_classes": ({"num_classes": 4}, "has 3 class folders"),
       "unknown_test_class": ({}, "are not classes of data.train_dir"),
       "not_a_folder": ({"train_dir": str(tmp_path / "nope")}, "is not a folder"),
       "no_test_dir": ({"test_dir": None}, "needs data.test_dir"),
+      # every bad file at once, before the baseline trains (bssl/data/checks.py)
+      "undecodable": ({}, "test (data.test_dir): 2 of 3 examples cannot be decoded"),
   }[case]
   if case == "unknown_test_class":
     os.makedirs(data / "test" / "purple")
+  if case == "undecodable":
+    for name in ("blue", "red"):
+      (data / "test" / name / "0.png").write_bytes(b"not a png")
   args = [a for a in flags(data, **extra) if not a.endswith("=None")]
   r = bssl_main(f"--workdir={tmp_path / 'run'}", *args, timeout=120)
   assert r.returncode == 2 and msg in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "run").exists()
+  if case == "undecodable":
+    assert r.stderr.count("not an image") == 2 and "blue/0.png" in r.stderr \
+        and "red/0.png" in r.stderr

@@ -195,16 +195,27 @@ def _until(cond, what, timeout=240, proc=None):
       return got
     if proc is not None and proc.poll() is not None:
       raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}: "
-                           f"{proc.stderr.read()[-3000:]}")
+                           f"{open(proc.out).read()[-3000:]}")
     time.sleep(0.2)
   raise AssertionError(f"timed out waiting for {what}")
 
 
 def _start(tmp_path, wd, *extra):
+  """The sweep of TWO in its own process group; its stdout and stderr in ``proc.out``."""
   env = dict(_env(tmp_path), PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={wd}",
-                           *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  out = tmp_path / "out.txt"
+  with open(out, "w") as fh:
+    proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={wd}",
+                             *extra], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+  proc.out = out
+  return proc
+
+
+def _at_work(proc, wd):
+  """The logs (the sweep's, the point workers') where a point's engine run has started."""
+  logs = [proc.out, *wd.glob("points/*/sweep.log")]
+  return [f for f in logs if "labelled, " in open(f).read()]
 
 
 def _kill_group(proc):
@@ -224,17 +235,17 @@ def test_kill_9_of_a_parallel_sweep_stops_its_point_workers(tmp_path):
   wd = tmp_path / "w"
   proc = _start(tmp_path, wd, "--jobs=2")
   try:
-    _until(lambda: _point_entries(wd), "a point worker at work", proc=proc)
+    working = _until(lambda: _at_work(proc, wd), "a point worker at work", proc=proc)
     workers = [p for p in _group(proc.pid) if p != proc.pid]
-    assert workers and {e["pid"] for e in _point_entries(wd).values()} <= set(workers)
-    working = list(_point_entries(wd))
+    assert len(workers) == 2, workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _until(lambda: all(_gone(p) for p in workers), "the workers to stop", timeout=120)
-    for name in working:  # stopped by the SIGTERM (exit 143), not finished
-      log = open(wd / "points" / name / "sweep.log").read()
-      assert "rerun the same command to continue" in log, log[-2000:]
-      assert not (wd / "points" / name / "report" / "done.json").exists()
+    _until(lambda: all(_gone(p) for p in workers), "the workers to end", timeout=300)
+    for log in working:  # stopped by the SIGTERM (exit 143), not run to the end
+      text = open(log).read()
+      assert "rerun the same command to continue" in text, text[-2000:]
+    assert not list(wd.glob("points/*/report/done.json"))
+    assert not _point_entries(wd)  # each worker removed its running/ entry
   finally:
     _kill_group(proc)
 
@@ -248,11 +259,13 @@ def test_sigterm_before_any_point_finishes_exits_143(tmp_path, jobs):
   wd = tmp_path / "w"
   proc = _start(tmp_path, wd, f"--jobs={jobs}")
   try:
-    _until(lambda: _point_entries(wd), "a point at work", proc=proc)
+    _until(lambda: _at_work(proc, wd), "a point at work", proc=proc)
     os.kill(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, (proc.returncode, err[-3000:])
-    assert "rerun the same command to continue" in err and "Traceback" not in err, err[-3000:]
+    proc.wait(timeout=300)
+    out = open(proc.out).read()
+    assert proc.returncode == 143, (proc.returncode, out[-3000:])
+    last = out.strip().splitlines()[-1]
+    assert "rerun the same command to continue" in last and "Traceback" not in out, out[-3000:]
     assert _group(proc.pid) == []  # no worker left behind
     assert list((wd / "running").glob("*.json")) == []
     assert not list(wd.glob("points/*/report/done.json"))

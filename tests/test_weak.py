@@ -103,7 +103,7 @@ def test_semiweak_tiny_pipeline_end_to_end(tmp_path):
   assert wp["num_tags"] == 50 and wp["resample"] == "sqrt" and wp["steps"] == 6
   t = json.load(open(os.path.join(wd, "teacher", "done.json")))
   assert "variables_from" not in t and t["steps"] == 6
-  assert t["fingerprint"]["inputs"] == {"weak_pretrain": wp["artifact_id"]}
+  assert t["record"]["inputs"] == {"weak_pretrain": wp["artifact_id"]}
   res = json.load(open(os.path.join(wd, "report", "results.json")))
   for key in ("baseline", "teacher", "student_pretrained", "student"):
     assert res[key]["num_examples"] == 500

@@ -148,14 +148,14 @@ def _labelled(cfg, spec) -> dict:
     test = sources.TFDSSource(d.tfds_name, d.test_split, d.tfds_data_dir)
     if d.get("val_split"):
       val = sources.TFDSSource(d.tfds_name, d.val_split, d.tfds_data_dir)
-    _note_tfds("data.tfds", labelled)
+    note_tfds("data.tfds", labelled)
     class_names = labelled.class_names or tuple(str(c) for c in range(d.num_classes))
   return {"labelled": labelled, "val": val, "test": test, "class_names": tuple(
       class_names or ()), "splits": splits, "train_all": train_all, "rest": rest,
       "notes": notes}
 
 
-def _note_tfds(key: str, src) -> None:
+def note_tfds(key: str, src) -> None:
   """A TFDS dataset by its build folder's files (paths, sizes, mtimes)."""
   from bssl import deps
   folder = getattr(getattr(getattr(src, "_src", None), "dataset_info", None), "data_dir", None)
@@ -191,7 +191,7 @@ def _unlabelled(cfg, spec, lab: dict) -> dict:
       raise sources.DataError(str(e)) from None
   elif u.kind == "tfds":
     base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
-    _note_tfds("unlabelled.tfds", base)
+    note_tfds("unlabelled.tfds", base)
     unl = sources.SubsetView(base, np.arange(len(base)), hide_labels=True, reindex=True)
   else:  # fake
     shape = ((d.video_frames,) if video else ()) + (d.image_size, d.image_size, d.channels)

@@ -171,11 +171,17 @@ def build(cfg, data) -> WeakData:
       raise WeakDataError("weak.kind='tags_file' needs weak.path (the images: an ingest's "
                           "--out or an image folder / file list) and weak.tags_file")
     from bssl.data import ingest, sources
-    from bssl import workdir as workdir_lib
+    from bssl import deps, workdir as workdir_lib
+    # the files enter the stage's record by what they contain (a rerun compares them)
+    deps.note_input("weak.tags_file", "file", w.tags_file)
+    if w.get("vocab_file"):
+      deps.note_input("weak.vocab_file", "file", w.vocab_file)
     if (workdir_lib.path(w.path) / "manifest.json").exists():
+      deps.note_input("weak.path", "shards", w.path)
       images = ingest.ShardSource(w.path, channels=int(cfg.data.channels),
                                   drop_duplicates=False)
     else:
+      deps.note_input("weak.path", "filelist", w.path)
       images = sources.ImageFileSource(w.path, channels=int(cfg.data.channels))
     tags, names, to_class = _read_tags_file(w.tags_file, len(images), w.get("vocab_file"))
     ids = np.arange(len(images))
