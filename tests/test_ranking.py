@@ -18,6 +18,10 @@ from bssl.data import pipelines, sources
 
 SPEC = pipelines.ImageSpec(size=8, channels=1, augment="none")
 MEAN, STD = (0.0,), (1.0,)
+# jitted: run eagerly, every jnp op is compiled on its own (seconds on a small CPU)
+top_log_odds = jax.jit(scoring.top_log_odds, static_argnums=1)
+video_top_log_odds = jax.jit(scoring.video_top_log_odds, static_argnums=1)
+softmax = jax.jit(lambda z: jax.nn.softmax(z.astype(jnp.float32), axis=-1))
 
 
 class _Lookup:
@@ -74,7 +78,7 @@ def test_a_saturated_teacher_selects_no_bias_toward_small_ids(tmp_path):
   margin = np.where(sure, rng.uniform(25, 60, n), rng.uniform(0, 4, n))
   logits = rng.normal(0, 0.5, (n, c)).astype(np.float32)
   logits[np.arange(n), label] += margin.astype(np.float32)
-  probs32 = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+  probs32 = np.asarray(softmax(logits))
   saturated = probs32[np.arange(n), label] == 1.0
   assert saturated.sum() > n // 3            # the premise: many exact 1.0 probabilities
   sel = _score(_table_teacher(logits, 1), _images(np.arange(n)), tmp_path / "parts",
@@ -132,12 +136,11 @@ def test_scorer_ranks_like_the_exact_probability_where_float32_saturates():
     compared += _agrees_with_float64(scores[img, rank], r64[img, cls], p64[img, cls])
   assert compared > 10_000
   # the float32 probability cannot do this: it ties many pairs float64 tells apart
-  probs32 = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
-  assert (probs32 == 1.0).sum() > n // 10
+  assert (np.asarray(softmax(logits)) == 1.0).sum() > n // 10
 
 
 def test_top_log_odds_edge_cases():
-  f = jax.jit(scoring.top_log_odds, static_argnums=1)
+  f = top_log_odds
   # ties at the top, one class, huge and tiny margins, equal logits everywhere
   z = np.float32([[5, 5, 0, 0], [1e3, -1e3, 0, 1], [0, 0, 0, 0], [-50, 80, 79.5, -3]])
   classes, r, finite = (np.asarray(a) for a in f(z, 2))
@@ -160,8 +163,7 @@ def test_video_log_odds_of_the_averaged_softmax_in_log_space():
   scale = np.repeat([1.0, 40.0], b // 2)[:, None, None]
   z = (rng.normal(0, 1, (b, n, c)) * scale).astype(np.float32)
   z[:8, :, 0] += 60                          # every clip of 8 videos sure of class 0
-  classes, r, finite = (np.asarray(a) for a in jax.jit(
-      scoring.video_top_log_odds, static_argnums=1)(z, p))
+  classes, r, finite = (np.asarray(a) for a in video_top_log_odds(z, p))
   z64 = z.astype(np.float64)
   log_p = z64 - np.logaddexp.reduce(z64, axis=-1)[..., None]         # [B, N, C]
   log_pbar = np.logaddexp.reduce(log_p, axis=1) - np.log(n)
@@ -174,11 +176,11 @@ def test_video_log_odds_of_the_averaged_softmax_in_log_space():
   assert np.all(np.diff(chosen, axis=1) <= 1e-5)
   np.testing.assert_allclose(r, np.take_along_axis(r64, classes, 1), rtol=1e-5, atol=1e-4)
   assert finite.all() and np.all(r[:8, 0] > 50)   # saturated videos still apart
-  pbar32 = np.asarray(jnp.mean(jax.nn.softmax(jnp.asarray(z), -1), axis=1))
+  pbar32 = np.asarray(softmax(z)).mean(axis=1)
   assert np.all(pbar32[:8, 0] == 1.0)
   # one clip: the image formula
-  _, r_one, _ = scoring.video_top_log_odds(z[:, :1], p)
-  np.testing.assert_allclose(np.asarray(r_one), np.asarray(scoring.top_log_odds(z[:, 0], p)[1]),
+  _, r_one, _ = video_top_log_odds(z[:, :1], p)
+  np.testing.assert_allclose(np.asarray(r_one), np.asarray(top_log_odds(z[:, 0], p)[1]),
                              rtol=1e-5, atol=1e-5)
   # clip_logits: the scan over clips gives each clip's logits
   w = rng.normal(0, 1, (3 * 4 * 4 * 1, c)).astype(np.float32)
@@ -199,7 +201,7 @@ def test_torch_scorer_gives_the_same_log_odds():
   z = (rng.normal(0, 1, (300, 7)) * np.repeat([1.0, 10.0, 40.0], 100)[:, None])
   z = z.astype(np.float32)
   z[0] = [5, 5, 0, 0, 0, 0, 0]
-  jc, jr, jf = (np.asarray(a) for a in scoring.top_log_odds(z, 3))
+  jc, jr, jf = (np.asarray(a) for a in top_log_odds(z, 3))
   tc, tr, tf = (a.numpy() for a in torch_train.top_log_odds(torch.from_numpy(z), 3))
   np.testing.assert_array_equal(tc[1:], jc[1:])   # row 0: a tie, either order
   np.testing.assert_allclose(tr, jr, rtol=1e-6, atol=1e-5)

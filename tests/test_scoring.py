@@ -353,7 +353,7 @@ def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
                        match=rf"g1_p1 .* format 1, this version writes format 2.*ranked by "
                              rf"the float32 probability.*delete {parts} to rescore"):
       check()
-  # a resumed score stage checks before planning: nothing is scored into the old folder
+  # a format this version does not know (a newer bssl's) is refused the same way
   workdir_lib.write_json(parts / name, dict(meta, format=3))
   with pytest.raises(scoring.IncompleteScoringError, match="format 3.*delete"):
     scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)

@@ -430,9 +430,12 @@ class ShardSource:
     self.root, self.channels, self.class_names = root, channels, None
     self.n, self.size = int(self.manifest["num_images"]), int(self.manifest["shard_size"])
     self.remote = workdir_lib.is_remote(path)
-    self.cache_dir = cache_dir or os.path.join(
-        tempfile.gettempdir(), "bssl_shards", fingerprint([str(root)]) +
-        self.manifest["input_fingerprint"][:8])
+    # the host cache is keyed by what the shards hold (their content digest), never by
+    # their path: an ingest redone behind the same path gets a cache of its own
+    digest = self.manifest.get("content_digest") or fingerprint(
+        [str(root), self.manifest["input_fingerprint"]])
+    self.cache_dir = os.path.join(
+        cache_dir or os.path.join(tempfile.gettempdir(), "bssl_shards"), digest[:32])
     self.duplicate_of = {}
     if drop_duplicates:
       d = workdir_lib.read_npz(root / "duplicates.npz")
