@@ -125,15 +125,17 @@ def _accumulator_kind(ranked: bool, balanced: bool):
 
 
 def _check_format(parts_dir, g: int, i: int, meta: dict) -> None:
+  """Refuses a part of another format than this version's (its scores rank differently)."""
   got = meta.get("format", 1)
   if got != PARTS_FORMAT:
+    why = (" (format 1 ranked by the float32 probability, which saturates at 1.0, and broke "
+           "ties by image id; format 2 ranks by the log-odds and breaks ties by a seeded hash "
+           "of the id)" if got == 1 else "")
+    stage_dir = workdir_lib.path(parts_dir).parent  # a done stage must go too, not its parts
     raise IncompleteScoringError(
         f"scoring part g{g}_p{i} in {parts_dir} has format {got}, this version writes format "
-        f"{PARTS_FORMAT}: "
-        + ("it ranked by the float32 probability (which saturates at 1.0) and broke ties by "
-           "image id; this version ranks by the log-odds and breaks ties by a seeded hash "
-           if got == 1 else "") +
-        f"its scores cannot be mixed with this version's; delete {parts_dir} to rescore")
+        f"{PARTS_FORMAT}{why}: the two cannot be mixed; delete {stage_dir} (the score stage's "
+        f"folder) to rescore")
 
 
 def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,

@@ -23,6 +23,13 @@ top-1 of every model, D̂ size and label precision), ``DIR/sweep.md`` (a table p
 mean ± std over seeds) and ``DIR/<axis>.png`` (student and baseline top-1 against the
 axis; log x for sizes and counts).
 
+SIGTERM exits 143 wherever it lands (a training loop saves a checkpoint first); the point
+workers of ``--jobs`` get SIGTERM when the sweep dies, even by SIGKILL. While a process works
+in ``DIR`` it has an entry in ``DIR/running/``: a rerun refuses (exit 2, naming them) while
+another sweep or point command still runs there, and waits for the workers of a killed
+sweep to stop. Seeds are swept with ``--seeds`` only (``--sweep=seed=...`` is refused).
+See docs/reproduction.md, "Running the sweeps".
+
 Exit codes: 0 done, 2 a user error (one line), 143 preempted (rerun to continue).
 """
 from __future__ import annotations

@@ -3,6 +3,7 @@ stage, and scoring interrupted at any point resumes -- with another batch size a
 another number of processes -- to exactly the selection of one uninterrupted pass.
 Parts that miss or overlap ids, and parts that cannot be read, are clear errors."""
 import os
+import re
 import zipfile  # noqa: F401
 
 import jax
@@ -351,7 +352,8 @@ def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
                 lambda: scoring.merge_parts(parts, N)):
     with pytest.raises(scoring.IncompleteScoringError,
                        match=rf"g1_p1 .* format 1, this version writes format 2.*ranked by "
-                             rf"the float32 probability.*delete {parts} to rescore"):
+                             rf"the float32 probability.*delete {re.escape(str(tmp_path))} \(the "
+                             rf"score stage's folder\) to rescore"):
       check()
   # a format this version does not know (a newer bssl's) is refused the same way
   workdir_lib.write_json(parts / name, dict(meta, format=3))
