@@ -256,7 +256,7 @@ def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
 
 
 def test_torch_scorer_matches_the_jax_scorer_from_the_same_weights():
-  """The score stage's PyTorch scorer (softmax top-P, finite flags) against JaxScorer on
+  """The score stage's PyTorch scorer (log-odds top-P, finite flags) against JaxScorer on
   converted identical weights: same classes, same scores to float32 tolerance."""
   torch.set_num_threads(1)
   s = _stage_cfg()

@@ -266,7 +266,8 @@ class _DecodingSource:
 
 
 def _list_videos(path: str) -> list[str]:
-  """A folder's videos (recursive, sorted; local or gs://) or a file list's lines."""
+  """A folder's videos (recursive; local or gs://) or a file list's lines, in
+  :func:`bssl.data.ingest.list_inputs`' order (paths sorted as whole strings)."""
   from bssl.data import ingest
   accepted = (f"Accepted: a folder of video files ({', '.join(VIDEO_EXTENSIONS)}), searched "
               f"recursively, or a text file listing one video path per line.")
@@ -284,8 +285,9 @@ def _list_videos(path: str) -> list[str]:
 
 
 class VideoListSource(_DecodingSource):
-  """Unlabelled videos: a folder (recursive, sorted paths) or a file list (one path per
-  line, relative to the list's folder); ids are positions in that list."""
+  """Unlabelled videos: a folder (recursive) or a file list (one path per line, relative to
+  the list's folder); ids are positions in the list of paths sorted as whole strings
+  (:func:`bssl.data.ingest.list_inputs`: a folder and a list of its files agree)."""
 
   def __init__(self, path: str, spec: VideoSpec, max_frames: int | None = None):
     self.root = path

@@ -15,9 +15,11 @@ Sources (``weak.kind``):
   pure function of (seed, image id). So, as with hashtags, tags are informative but
   noisy, several name one class, many name none, and some images carry none of their class.
 - ``tags_file``: ``weak.path`` holds the images (an ingest's ``--out`` or a folder / file
-  list) and ``weak.tags_file`` one line per image id, in id order, of whitespace-separated
-  tag names (an empty line: no tags). The vocabulary is the sorted set of names, or
-  ``weak.vocab_file`` (one name per line, ``name<TAB>class id`` for the report's map).
+  list) and ``weak.tags_file`` one line per image id, in id order (ids: positions in the
+  input's paths sorted as whole strings, :func:`bssl.data.ingest.list_inputs`), of
+  whitespace-separated tag names (an empty line: no tags). The vocabulary is the sorted
+  set of names, or ``weak.vocab_file`` (one name per line, ``name<TAB>class id`` for the
+  report's map).
 
 Resampling (``weak.resample``): ``none``, ``sqrt`` (each image drawn with probability
 proportional to the mean of ``f(t)^-1/2`` over its tags, ``f(t)`` the tag's frequency:
