@@ -127,7 +127,9 @@ def readers(all_records) -> dict[str, list[str]]:
 
 
 def dumps(rd: dict) -> str:
-  return json.dumps(rd, indent=1, sort_keys=True) + "\n"
+  """bssl/readers.json's text: one field a line, sorted."""
+  return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
+                             for k, v in sorted(rd.items())) + "\n}\n"
 
 
 def committed() -> dict:
