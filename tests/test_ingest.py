@@ -367,7 +367,8 @@ print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
       "a-c.png,a.png,a/b.png"
   src = ingest.ShardSource(str(tmp_path / "from_gcs"))
   assert [os.path.basename(src.name_of(i)) for i in range(2)] == ["x.png", "small.jpg"]
-  assert sorted(os.listdir(tmp_path / "c"))[0].startswith("u-00000")
+  (sub,) = os.listdir(tmp_path / "c")  # a folder per ingest, named by its content digest
+  assert sorted(os.listdir(tmp_path / "c" / sub))[0].startswith("u-00000")
 
 
 def test_recipe_scores_u_from_shards(tmp_path):
