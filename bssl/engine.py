@@ -280,6 +280,8 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
   wd = workdir_lib.Workdir(workdir)
   wd.check_usable()
   data = recipe.build_data(cfg)
+  from bssl.data import checks
+  checks.check_num_classes(data, cfg)  # classes of the data = data.num_classes
   backend = backend or JaxBackend(deps.Tracked(cfg))
   if isinstance(getattr(backend, "cfg", None), config_lib.ml_collections.ConfigDict):
     backend.cfg = deps.Tracked(backend.cfg)  # what the backend reads is recorded too
@@ -297,6 +299,9 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
                f"{jax.device_count()} devices on "
                f"{jax.process_count()} process(es); backend {backend.name}; stages "
                f"{', '.join(requested)}; workdir {wd}")
+  # every undecodable file of D, validation, test (stop, all named at once) and of U from
+  # the training folder (skipped, listed) found now, before any training
+  checks.scan_decodable(data, cfg, parallel.log)
 
   def accepted():
     workdir_lib.write_text(wd.config_path, config_lib.to_json(cfg))
