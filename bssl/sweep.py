@@ -470,8 +470,8 @@ _TERMINATING: list[int] = []
 
 
 def _on_sigterm(signum, frame):
-  if _TERMINATING:  # a second SIGTERM: stop now
-    os._exit(143)
+  if _TERMINATING:  # stopping already: a repeat (Linux sends the parent-death signal again
+    return          # as each thread of the dying parent ends)
   _TERMINATING.append(signum)
   raise Terminated("SIGTERM")
 
@@ -480,6 +480,7 @@ def _exit_preempted(msg: str) -> None:
   """Exits 143 (after ``finally`` blocks and atexit work); if a thread keeps the
   interpreter from exiting, a watchdog ends it after 60 s."""
   import threading
+  _TERMINATING.append(int(signal.SIGTERM))  # a SIGTERM from now on changes nothing
   print(f"bssl.sweep: {msg}; rerun the same command to continue", file=sys.stderr,
         flush=True)
   t = threading.Timer(60.0, os._exit, (143,))
