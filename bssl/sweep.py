@@ -461,26 +461,34 @@ STOP_WAIT_S = 300  # how long a rerun waits for the point workers of a killed sw
 
 
 class Terminated(BaseException):
-  """SIGTERM outside a training loop (a training loop saves a checkpoint and raises
-  ``train.Preempted``). A BaseException, as KeyboardInterrupt is: no ``except Exception``
-  of a stage swallows it, ``finally`` blocks run; the command exits 143."""
+  """The points of ``--jobs`` were stopped by SIGTERM (the sweep exits 143)."""
 
 
-_TERMINATING: list[int] = []
+_ENTRIES: list = []  # this process's running/ entries (claim_running)
 
 
 def _on_sigterm(signum, frame):
-  if _TERMINATING:  # stopping already: a repeat (Linux sends the parent-death signal again
-    return          # as each thread of the dying parent ends)
-  _TERMINATING.append(signum)
-  raise Terminated("SIGTERM")
+  """SIGTERM outside a training loop (where it saves a checkpoint and raises
+  ``train.Preempted``): exit 143 now, as a SIGKILL would stop it (every stage survives
+  that; the one cut short resumes from its last resume point), with a line and without
+  the running/ entries. Not an exception: one raised in whatever Python code the signal
+  lands on is dropped there if that is a gc callback or a ``__del__``."""
+  for f in list(_ENTRIES):
+    release_running(f)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: it was writing
+      pass
+  os.write(2, b"bssl.sweep: SIGTERM; rerun the same command to continue\n")
+  os._exit(143)
 
 
 def _exit_preempted(msg: str) -> None:
   """Exits 143 (after ``finally`` blocks and atexit work); if a thread keeps the
   interpreter from exiting, a watchdog ends it after 60 s."""
   import threading
-  _TERMINATING.append(int(signal.SIGTERM))  # a SIGTERM from now on changes nothing
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a repeat changes nothing
   print(f"bssl.sweep: {msg}; rerun the same command to continue", file=sys.stderr,
         flush=True)
   t = threading.Timer(60.0, os._exit, (143,))
@@ -618,6 +626,7 @@ def claim_running(root, name: str, wait_s: float = STOP_WAIT_S, log=print):
     tmp.write_text(json.dumps(_process_entry()))
     try:
       os.link(tmp, f)  # whole, and only if no other process entered it meanwhile
+      _ENTRIES.append(f)
       return f
     except FileExistsError:
       continue
@@ -635,6 +644,8 @@ def release_running(f) -> None:
       f.unlink(missing_ok=True)
   except (OSError, ValueError):
     pass
+  if f in _ENTRIES:
+    _ENTRIES.remove(f)
 
 
 def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int = 1,
