@@ -13,19 +13,12 @@ import pytest
 from bssl import deps, engine
 from bssl.configs import demo
 from bssl.data import sources
+from test_pipeline import _copy_stages as _copy
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(sources.FASHION_MNIST_DEFAULT_DIRS[0],
                                     "train-images-idx3-ubyte.gz")),
     reason="needs Debian's dataset-fashion-mnist")
-
-
-def _copy(src, dst, stages):
-  os.makedirs(dst, exist_ok=True)
-  for name in ("config.json", "splits.json"):
-    shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-  for s in stages:
-    shutil.copytree(os.path.join(src, s), os.path.join(dst, s))
 
 
 def _done(wd, stage):

@@ -36,19 +36,16 @@ class Data:
     return [self._spec.rec, self._labelled.rec, self._unlabelled.rec]
 
 
-def _note_files(field: str, src, root: str | None) -> None:
+def _note_files(field: str, src, root: str | None, content: bool) -> None:
   """Notes a labelled set read from files by its files' identity (paths, labels, sizes,
   mtimes; contents with data.identify_by_content)."""
   from bssl import deps
-  content = bool(_IDENTIFY_BY_CONTENT[0])
   ident = f"{src.identity()}|{deps.files_identity(src.files, root, content=content)}"
   deps.note_input(field, "data", str(root), ident)
 
 
-_IDENTIFY_BY_CONTENT = [False]
 
-
-def _labelled_files(d, suffix: str, counted: str, open_set):
+def _labelled_files(d, suffix: str, counted: str, open_set, content: bool):
   """D's, test's and (when given) validation's sources read from files: ``data.train_<suffix>``,
   ``data.test_<suffix>``, ``data.val_<suffix>``, opened by ``open_set(field, class_names)``
   (the test and validation sets take the training set's classes). Returns (train, test,
@@ -66,7 +63,8 @@ def _labelled_files(d, suffix: str, counted: str, open_set):
   sets = (("train", train), ("test", test), ("val", val))
   for k, s in sets:
     if s is not None:
-      _note_files(f"data.{k}_{suffix}", s, getattr(s, "root", None) or d[f"{k}_{suffix}"])
+      _note_files(f"data.{k}_{suffix}", s, getattr(s, "root", None) or d[f"{k}_{suffix}"],
+                  content)
   notes = [n for _, s in sets if s is not None for n in getattr(s, "notes", ())]
   return (train.subset(np.random.default_rng(0).permutation(len(train))),
           test.subset(np.random.default_rng(1).permutation(len(test))), val, notes)
@@ -82,7 +80,7 @@ def _spec(cfg):
                              eval_transform=d.eval_transform, pad=d.get("pad", 4))
 
 
-def _labelled(cfg, spec) -> dict:
+def _labelled(cfg, spec, content: bool) -> dict:
   """D, validation, test, the class names and the splits (plus, for U = the rest of the
   training set, the training set and the rest's indices)."""
   from bssl import deps
@@ -111,7 +109,7 @@ def _labelled(cfg, spec) -> dict:
       train_all, test, val, notes = _labelled_files(
           d, "csv", "names {n} classes",
           lambda field, classes: video_lib.VideoFolderSource(
-              d[field], spec, class_names=classes, field=f"data.{field}", **kw))
+              d[field], spec, class_names=classes, field=f"data.{field}", **kw), content)
     elif d.kind == "fashion_mnist":
       for f in sources.find_fashion_mnist(d.folder).values():
         deps.note_input(f"data.folder:{f.rsplit('/', 1)[-1]}", "file", f)
@@ -120,7 +118,7 @@ def _labelled(cfg, spec) -> dict:
       train_all, test, val, notes = _labelled_files(
           d, "dir", "has {n} class folders",
           lambda field, classes: sources.LabelledFolderSource(
-              d[field], d.channels, classes, field=f"data.{field}"))
+              d[field], d.channels, classes, field=f"data.{field}"), content)
     else:
       shape = (d.image_size, d.image_size, d.channels)
       train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
@@ -163,7 +161,7 @@ def note_tfds(key: str, src) -> None:
     deps.note_input(key, "tree", str(folder))
 
 
-def _unlabelled(cfg, spec, lab: dict) -> dict:
+def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
   from bssl import deps
   d, u = cfg.data, cfg.unlabelled
   video = d.kind in VIDEO_DATA_KINDS
@@ -175,11 +173,11 @@ def _unlabelled(cfg, spec, lab: dict) -> dict:
   elif u.kind == "image_folder":
     unl = sources.ImageFileSource(u.path, channels=d.channels)
     deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
-        unl.files, _root_of(u.path), content=bool(_IDENTIFY_BY_CONTENT[0])))
+        unl.files, _root_of(u.path), content=content))
   elif u.kind == "video_list":
     unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
     deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
-        unl.files, _root_of(u.path), content=bool(_IDENTIFY_BY_CONTENT[0])))
+        unl.files, _root_of(u.path), content=content))
   elif u.kind == "shards":
     from bssl.data import ingest
     try:
@@ -219,10 +217,11 @@ def build_data(cfg) -> Data:
   from bssl import deps
   if not isinstance(cfg, deps.Tracked):
     cfg = deps.Tracked(cfg)
-  _IDENTIFY_BY_CONTENT[0] = bool(deps.raw(cfg).data.get("identify_by_content", False))
+  # how folders are identified (cosmetic: not a field of any record)
+  content = bool(cfg.data.get("identify_by_content", False))
   spec = deps.Memo.compute(lambda: _spec(cfg))
-  lab = deps.Memo.compute(lambda: _labelled(cfg, spec.get()), spec)
-  unl = deps.Memo.compute(lambda: _unlabelled(cfg, spec.get(), lab.get()), spec, lab)
+  lab = deps.Memo.compute(lambda: _labelled(cfg, spec.get(), content), spec)
+  unl = deps.Memo.compute(lambda: _unlabelled(cfg, spec.get(), lab.get(), content), spec, lab)
   for what, src, field in (("D (the labelled set)", lab.value["labelled"], "data"),
                            ("the test set", lab.value["test"], "data"),
                            ("U (the unlabelled set)", unl.value["unlabelled"],
