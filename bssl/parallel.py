@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bssl.procs import owner, owner_alive, proc_stat, process_start  # noqa: F401
+
 DATA_AXIS = "data"
 _initialized = False
 
@@ -152,37 +154,3 @@ def local_copy(tree, sharding):
   on this process's devices: this process's own copy, no collective."""
   return jax.tree.map(lambda x: jax.device_put(np.asarray(
       x.addressable_data(0) if hasattr(x, "addressable_data") else x), sharding), tree)
-
-
-def owner() -> dict:
-  """This process as the owner of a running stage: host, pid and the pid's start time
-  (so that a reused pid is not taken for it)."""
-  import os
-  import socket
-  return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
-
-
-def process_start(pid: int) -> str | None:
-  """When process ``pid`` started (clock ticks since boot, from /proc), or None."""
-  try:
-    with open(f"/proc/{pid}/stat") as fh:
-      return fh.read().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
-def owner_alive(owner: dict | None) -> bool:
-  """Whether the owner of a running stage still runs. An owner on another machine cannot
-  be checked: taken as gone (its stage may then be computed twice, never wrongly)."""
-  import os
-  import socket
-  if not owner or owner.get("host") != socket.gethostname():
-    return False
-  try:
-    os.kill(int(owner["pid"]), 0)
-  except PermissionError:
-    pass
-  except (OSError, ValueError, KeyError, TypeError):
-    return False
-  start = owner.get("start")
-  return start is None or process_start(int(owner["pid"])) == start

@@ -49,6 +49,7 @@ import time
 import numpy as np
 
 from bssl import config as config_lib
+from bssl import procs
 from bssl import workdir as workdir_lib
 
 LOG_AXES = ("select.k", "unlabelled.limit", "pretrain.steps", "unlabelled.size")
@@ -230,7 +231,7 @@ class Sharer:
     for d in self._others():
       wd = workdir_lib.Workdir(str(d))
       st = wd.started(name)
-      if st is None or wd.done(name) is not None or not parallel.owner_alive(st.get("owner")):
+      if st is None or wd.done(name) is not None or not procs.owner_alive(st.get("owner")):
         continue
       if not check(engine.partial_record(wd, name)):
         return d
@@ -250,17 +251,17 @@ class Sharer:
     self._release()
 
   def _lock(self, name: str) -> None:
-    from bssl import parallel
     if not self.local:
       return
     lock = self.root / "claims" / name
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = parallel.owner()
+    me = procs.owner()
+    mine = lock.with_name(f".{name}.{me['pid']}.{me['host']}")
+    mine.write_text(json.dumps(me))  # whole before it is linked: a lock is never empty
     while True:
       try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as fh:
-          json.dump(me, fh)
+        os.link(mine, lock)  # atomic, and fails if the lock exists
+        mine.unlink(missing_ok=True)
         self._held = lock
         return
       except FileExistsError:
@@ -269,8 +270,13 @@ class Sharer:
         owner = json.loads(lock.read_text() or "{}")
       except (OSError, json.JSONDecodeError):
         owner = {}
+      if not owner:  # unreadable: a lock of an older bssl, or gone meanwhile
+        try:
+          owner = {} if time.time() - os.stat(lock).st_mtime < 10 else {"pid": -1}
+        except OSError:
+          continue
       if owner.get("pid") == me["pid"] and owner.get("host") == me["host"] or (
-          owner and not parallel.owner_alive(owner)):
+          owner and not procs.owner_alive(owner)):
         lock.unlink(missing_ok=True)  # ours (a point that stopped), or its process is gone
         continue
       time.sleep(0.2)
@@ -521,45 +527,17 @@ def _die_with_parent() -> None:
     os._exit(143)
 
 
-def _proc_stat(pid: int):
-  """(state, parent pid, start time in clock ticks after boot) of a process, from
-  /proc/<pid>/stat; None without /proc or without that process."""
-  try:
-    with open(f"/proc/{pid}/stat") as fh:
-      text = fh.read()
-    fields = text[text.rindex(")") + 2:].split()  # the name (field 2) may hold spaces
-    return fields[0], int(fields[1]), fields[19]
-  except (OSError, ValueError, IndexError):
-    return None
-
-
 def _process_entry() -> dict:
   """This process, as a ``running/`` entry names it."""
-  me, parent = _proc_stat(os.getpid()), os.getppid()
+  me, parent = procs.proc_stat(os.getpid()), os.getppid()
   return {"pid": os.getpid(), "host": socket.gethostname(), "start": me and me[2],
           "ppid": parent, "argv": sys.argv, "since": time.time()}
-
-
-def _entry_alive(e: dict) -> bool:
-  """Whether an entry's process (of this machine) still runs: the pid exists, is not a
-  zombie and started when the entry says (a reused pid is another process)."""
-  try:
-    pid = int(e["pid"])
-    os.kill(pid, 0)
-  except PermissionError:
-    pass  # another user's live process
-  except (OSError, ValueError, KeyError, TypeError):
-    return False
-  st = _proc_stat(pid)
-  if st is None:
-    return True  # no /proc: os.kill's word
-  return st[0] not in ("Z", "X") and e.get("start") in (None, st[2])
 
 
 def _orphaned(e: dict) -> bool:
   """Whether a live entry's process lost the parent it had (a point worker of a sweep that
   was killed: it got SIGTERM with the parent's death and is stopping)."""
-  st = _proc_stat(int(e["pid"]))
+  st = procs.proc_stat(int(e["pid"]))
   return st is not None and e.get("ppid") is not None and st[1] != e["ppid"]
 
 
@@ -590,7 +568,7 @@ def check_running(root, names=None, wait_s: float = STOP_WAIT_S, log=print) -> N
         continue  # removed meanwhile (entries are written whole)
       if e.get("host") != socket.gethostname() or e.get("pid") == os.getpid():
         continue  # another machine's (cannot be checked), or ours
-      if not _entry_alive(e):
+      if not procs.owner_alive(e, host_checked=True):
         f.unlink(missing_ok=True)  # a process killed without cleaning up
       elif name != "_sweep" and _orphaned(e):
         stopping.append((name, e))

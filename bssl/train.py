@@ -407,9 +407,14 @@ class _SigtermFlag:
   def _handle(self, signum, frame):
     self.set = True
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+      if self.set and exc_type is None:
+        # it came after the loop's last poll (during the final save): delivered again to
+        # whoever handled it before, rather than swallowed (the run would go on to the
+        # next stage). The final checkpoint is whole, so a rerun resumes at the end.
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _any_process(flag: bool) -> bool:

@@ -282,13 +282,13 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
   refused at once (exit 2, named); a worker whose sweep was killed is waited for; entries
   of dead processes, of reused pids or of other machines do not stop a rerun."""
   import socket
-  from bssl import sweep
+  from bssl import procs, sweep
   run = tmp_path / "running"
   run.mkdir()
 
   def entry(name, pid, **kw):
     e = dict({"pid": pid, "host": socket.gethostname(),
-              "start": sweep._proc_stat(pid)[2] if sweep._proc_stat(pid) else None,
+              "start": procs.proc_stat(pid)[2] if procs.proc_stat(pid) else None,
               "ppid": os.getpid()}, **kw)
     (run / f"{name}.json").write_text(json.dumps(e))
 
@@ -368,3 +368,44 @@ def test_seed_is_swept_with_seeds_only(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--sweep=seed" in lines[0] and "--seeds=0,1,2" in lines[0], lines
   assert not (tmp_path / "w").exists()
+
+
+def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
+  """A point killed while holding ``claims/<stage>`` leaves the lock behind: a lock whose
+  owner is gone, or an unreadable one (an older bssl's empty file) after a few seconds, is
+  taken over instead of waited on forever; a live owner's lock is waited on."""
+  import threading
+  from bssl import procs, sweep
+  claims = tmp_path / "claims"
+  claims.mkdir()
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  (claims / "teacher").write_text(json.dumps({"pid": dead.pid, "host": os.uname()[1],
+                                              "start": "1"}))
+  (claims / "scoring").write_text("")
+  old = time.time() - 60
+  os.utime(claims / "scoring", (old, old))
+  s = sweep.Sharer(tmp_path, "p0", log=lambda *a: None)
+
+  def acquire(name):  # in a thread: the old code waited on these locks forever
+    got = threading.Event()
+    threading.Thread(target=lambda: (s._lock(name), got.set()), daemon=True).start()
+    return got
+  for name in ("teacher", "scoring"):
+    assert acquire(name).wait(10), name
+    assert json.loads((claims / name).read_text())["pid"] == os.getpid()
+    s._release()
+    assert not (claims / name).exists()
+  # a live owner (another process of this machine): waited on until it releases
+  live = subprocess.Popen(["sleep", "30"])
+  try:
+    (claims / "select").write_text(json.dumps({"pid": live.pid, "host": os.uname()[1],
+                                               "start": procs.process_start(live.pid)}))
+    got = acquire("select")
+    assert not got.wait(1.0)
+    live.kill()
+    live.wait()
+    assert got.wait(10)
+  finally:
+    live.kill()
+  assert not [f for f in claims.iterdir() if f.name.startswith(".")]

@@ -191,6 +191,29 @@ def test_sigterm_exactly_at_a_checkpoint_step_is_preempted_and_resume_is_exact(
   _assert_same(tw.flat(res["variables"]), uninterrupted)
 
 
+def test_sigterm_during_the_final_save_is_passed_on_not_swallowed(tmp_path, monkeypatch):
+  """SIGTERM after the loop's last poll (while the final checkpoint is written) used to be
+  swallowed: the run went on to its next stage. It is delivered again to the handler that
+  was there before training, once the final checkpoint is whole."""
+  import orbax.checkpoint as ocp
+  wd = str(tmp_path / "w")
+  real_wait = ocp.CheckpointManager.wait_until_finished
+
+  def wait_then_sigterm(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_wait(self)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_then_sigterm)
+  got = []
+  old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+  try:
+    res = tw.run(wd, tw.tiny_cfg(steps=4, checkpoint_every=0))
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  assert got == [signal.SIGTERM]
+  assert res["steps"] == 4
+  assert "4" in os.listdir(os.path.join(wd, "checkpoints"))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   wd = str(tmp_path / "w")
   cfg = tw.tiny_cfg(steps=8, checkpoint_every=1, lr=1e12)
