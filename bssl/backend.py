@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bssl import config, models, parallel, train
+from bssl import config, deps, models, parallel, train
 from bssl.train import normalize
 
 STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4, "weak_pretrain": 5}
@@ -141,11 +141,12 @@ class JaxBackend:
             for s in (target.train, target.val, target.test)]
       return transfer_lib.fc_only(*xy, target.num_classes)
     t = cfg.transfer
-    ft = cfg.finetune.copy_and_resolve_references()
-    ft.update(model=scfg.model, model_kwargs=dict(scfg.model_kwargs or {}),
-              steps=int(t.ft_steps), epochs=None, lr=float(t.ft_lr),
-              batch_size=int(t.ft_batch_size), schedule="cosine", warmup_fraction=0.0,
-              warmup_steps=0, init_from=None)
+    # fine-tuning's optimiser settings (momentum, weight decay, ...) with transfer's length,
+    # rate and batch: only the finetune.* fields fit reads enter the record
+    ft = deps.derive(cfg.finetune, model=scfg.model, model_kwargs=dict(scfg.model_kwargs or {}),
+                     steps=int(t.ft_steps), epochs=None, lr=float(t.ft_lr),
+                     batch_size=int(t.ft_batch_size), schedule="cosine",
+                     warmup_fraction=0.0, warmup_steps=0, init_from=None)
     tmodel = make_model(ft, target.num_classes)
     seed = cfg.seed * 100 + 50 + sorted(("baseline", "teacher", "student")).index(key)
     init = new_head(variables, tmodel, ctx.data.spec, seed=seed, log=ctx.log, reset=("fc",))

@@ -222,6 +222,12 @@ class Tracked:
     self._read_all()
     return self._node.copy_and_resolve_references()
 
+  def derive(self, **overrides) -> "Tracked":
+    """This section with ``overrides`` in place of (or beside) its fields, e.g. a training
+    config made from another stage's: an overridden field is not read from the config
+    (not noted); the others are noted when, and only when, they are read."""
+    return _Derived(self._node, self._prefix, overrides)
+
   def __setattr__(self, key, value):
     raise TypeError(f"the config is read-only while a stage runs (setting "
                     f"{self._prefix + key!r})")
@@ -236,8 +242,57 @@ class Tracked:
     return f"Tracked({self._prefix or 'config'})"
 
 
+class _Derived(Tracked):
+  """:meth:`Tracked.derive`'s view."""
+
+  __slots__ = ("_over",)
+
+  def __init__(self, node, prefix: str, over: dict):
+    super().__init__(node, prefix)
+    object.__setattr__(self, "_over", dict(over))
+
+  def _read(self, key: str):
+    return self._over[key] if key in self._over else super()._read(key)
+
+  def get(self, key: str, default=None):
+    return self._over[key] if key in self._over else super().get(key, default)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._over or super().__contains__(key)
+
+  def keys(self):
+    self._read_all()
+    return list(self._node.keys()) + [k for k in self._over if k not in self._node]
+
+  def items(self):
+    return [(k, self._read(k)) for k in self.keys()]
+
+  def to_dict(self):
+    return self.copy_and_resolve_references().to_dict()
+
+  def copy_and_resolve_references(self):
+    out = super().copy_and_resolve_references()
+    out.update(self._over)
+    return out
+
+  def derive(self, **overrides) -> "Tracked":
+    return _Derived(self._node, self._prefix, {**self._over, **overrides})
+
+  def __reduce__(self):
+    return (_untracked, (self.to_dict(),))
+
+
 def _untracked(d):
   return ml_collections.ConfigDict(d)
+
+
+def derive(section, **overrides):
+  """:meth:`Tracked.derive` for a view; for a plain ConfigDict, a copy with ``overrides``."""
+  if isinstance(section, Tracked):
+    return section.derive(**overrides)
+  out = section.copy_and_resolve_references()
+  out.update(overrides)
+  return out
 
 
 def raw(cfg):

@@ -345,19 +345,49 @@ def _mean_std(xs) -> tuple[float, float]:
   return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
+_RESULT_STAGES = {"baseline": "baseline", "teacher": "teacher",
+                  "student_pretrained": "pretrain", "student": "finetune",
+                  "selection": "select"}
+
+
+def _current(point_dir, res: dict) -> tuple[dict, list[str]]:
+  """A point's report results without the numbers of artifacts replaced since the report
+  was written (each result names the artifact it measured; a result that names none, from
+  an older report, cannot be checked and is left out too), and what was left out."""
+  wd = workdir_lib.Workdir(str(point_dir))
+  out, gone = dict(res), []
+  for key, stage in _RESULT_STAGES.items():
+    if key in res:
+      done = wd.done(stage)
+      aid = res[key].get("artifact_id") if isinstance(res[key], dict) else None
+      if aid is None or done is None or done.get("artifact_id") != aid:
+        del out[key]
+        gone.append(key)
+  return out, gone
+
+
 def collect(root, axes, pts) -> dict:
-  """sweep.json, sweep.md and a figure per axis from the points' results."""
+  """sweep.json, sweep.md and a figure per axis from the points' results. A number whose
+  model (or D̂) has been replaced since the point's report is never shown: it is left out
+  and the point is listed under ``stale`` (rerun the sweep to measure it again)."""
   root = workdir_lib.path(root)
-  rows = []
+  rows, stale = [], []
   for p in pts:
     f = root / "points" / p["name"] / "report" / "results.json"
     if f.exists():
-      rows.append(_row(p, workdir_lib.read_json(f)))
+      res, gone = _current(f.parent.parent, workdir_lib.read_json(f))
+      if gone:
+        stale.append({"name": p["name"], "replaced": gone})
+      rows.append(_row(p, res))
   summary = {"axes": [{"field": n, "values": v} for n, v in axes],
              "seeds": sorted({p["seed"] for p in pts}), "num_points": len(pts),
-             "num_done": len(rows), "points": rows}
+             "num_done": len(rows), "points": rows, "stale": stale}
   workdir_lib.write_json(root / "sweep.json", summary)
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
+  if stale:
+    md += ["Not shown (replaced since the point's report; rerun the sweep to measure them "
+           "again): " + "; ".join(f"{e['name']}: {', '.join(e['replaced'])}" for e in stale),
+           ""]
   evaluated = any(r["top1"] for r in rows)
   if not evaluated:  # nothing to tabulate or plot (and no figure to draw)
     md += ["No point is done yet: run the sweep (or `--emit`'s commands), then `--collect` "

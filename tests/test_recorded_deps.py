@@ -227,6 +227,11 @@ def test_transfer_full_ft_records_the_finetune_fields_it_trains_with(semiweak_ru
     assert f"finetune.{f}" in rec["fields"], f
   for f in ("ft_steps", "ft_lr", "ft_batch_size", "modes", "models", "target"):
     assert f"transfer.{f}" in rec["fields"], f
+  # ... and not those transfer sets itself (its own length, rate, batch, schedule, start):
+  # changing them must not make transfer stale (the old code recorded all of finetune)
+  for f in ("steps", "epochs", "lr", "batch_size", "schedule", "warmup_fraction",
+            "warmup_steps", "init_from", "model", "model_kwargs"):
+    assert f"finetune.{f}" not in rec["fields"], f
   w2 = str(tmp_path / "w")
   shutil.copytree(wd, w2)
   before = _tree(w2)

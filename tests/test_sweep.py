@@ -348,15 +348,43 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   cfg = config.base()
   axes = [sweep.parse_axis("select.k=20,50", cfg), sweep.parse_axis("select.p=1,2", cfg)]
   pts = sweep.points(cfg, axes, [0, 1])
+  stage_of = {"baseline": "baseline", "teacher": "teacher", "student": "finetune"}
   for models, md in (({}, "No done point has a test evaluation"),  # stages without evaluate
                      ({"baseline": {"top1": 0.5}}, "## select.k"),  # no student: no gain
                      ({"teacher": {"top1": 0.5}}, "## select.p")):  # nothing on the plot
     for p in pts:
+      for key in models:
+        workdir.write_json(tmp_path / "points" / p["name"] / stage_of[key] / "done.json",
+                           {"artifact_id": f"{key}-1"})
       workdir.write_json(tmp_path / "points" / p["name"] / "report" / "results.json",
-                         {"name": "tiny", "seed": p["seed"], **models})
+                         {"name": "tiny", "seed": p["seed"],
+                          **{k: dict(v, artifact_id=f"{k}-1") for k, v in models.items()}})
     s = sweep.collect(tmp_path, axes, pts)
     assert s["num_done"] == 8 and md in open(tmp_path / "sweep.md").read()
     assert bool(models) == (tmp_path / "select.k.png").exists()
+    assert s["stale"] == []
+  # A model replaced since a point's report (another artifact in its done.json), or a
+  # result naming no artifact (an older report): never shown, and the point is listed.
+  for p in pts:
+    workdir.write_json(tmp_path / "points" / p["name"] / "finetune" / "done.json",
+                       {"artifact_id": "student-1"})
+    workdir.write_json(tmp_path / "points" / p["name"] / "report" / "results.json",
+                       {"name": "tiny", "seed": p["seed"],
+                        "baseline": {"top1": 0.5, "artifact_id": "baseline-1"},
+                        "student": {"top1": 0.9, "artifact_id": "student-1"}})
+  first, second = pts[0]["name"], pts[1]["name"]
+  workdir.write_json(tmp_path / "points" / first / "finetune" / "done.json",
+                     {"artifact_id": "student-2"})
+  res = json.load(open(tmp_path / "points" / second / "report" / "results.json"))
+  del res["baseline"]["artifact_id"]
+  workdir.write_json(tmp_path / "points" / second / "report" / "results.json", res)
+  s = sweep.collect(tmp_path, axes, pts)
+  assert s["stale"] == [{"name": first, "replaced": ["student"]},
+                        {"name": second, "replaced": ["baseline"]}]
+  rows = {r["name"]: r for r in s["points"]}
+  assert rows[first]["top1"] == {"baseline": 0.5}
+  assert rows[second]["top1"] == {"student": 0.9}
+  assert f"{first}: student" in open(tmp_path / "sweep.md").read()
 
 
 def test_seed_is_swept_with_seeds_only(tmp_path):

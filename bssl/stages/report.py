@@ -192,7 +192,7 @@ def write_report(cfg, data, wd) -> dict:
   sel_done = wd.done("select")
   if sel_done is not None:
     results["selection"] = {k: v for k, v in sel_done.items()
-                            if k not in ("record", "finished", "artifact_id")}
+                            if k not in ("record", "finished")}  # artifact_id: sweep --collect
     sel = selection.read_selection(wd.stage("select") / "dhat")
   s = wd.done("score")
   if s is not None:
