@@ -1,6 +1,9 @@
-"""Ingest U once: ``python -m bssl.ingest --input=<folder | file list> --out=<dir | gs://...>``.
+"""Ingest U once: ``python -m bssl.ingest --input=<folder | file list | tar shards>
+--out=<dir | gs://...>``.
 
-Turns the image files of U into ArrayRecord shards of JPEGs re-encoded with a short side
+Turns the image files of U, or WebDataset tar shards (img2dataset, LAION, DataComp: a
+``.tar``, a folder of them, a brace pattern ``shards/{00000..00127}.tar`` or a list; see
+bssl/data/webdataset.py), into ArrayRecord shards of JPEGs re-encoded with a short side
 of ``--short_side`` (256), plus a manifest (id -> original path, size, content hash), the
 list of bad files with their reasons and the exact duplicates (see bssl/data/ingest.py).
 Then score from the shards with ``--config.unlabelled.kind=shards
@@ -19,13 +22,19 @@ from absl import app, flags
 from bssl.data import ingest
 
 _INPUT = flags.DEFINE_string("input", None, "A folder of images (searched recursively, "
-                             "symlinks followed) or a text file with one path per line; "
-                             "local or gs://.")
+                             "symlinks followed) or a text file with one path per line; or "
+                             "WebDataset tar shards: a .tar, a folder of them, a brace "
+                             "pattern (shards/{00000..00127}.tar) or a list of them; local "
+                             "or gs://.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (local or gs://).")
 _SHORT = flags.DEFINE_integer("short_side", 256, "Stored images: short side in pixels "
                               "(larger images are scaled down; smaller ones kept).")
 _QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the stored images.")
-_SHARD = flags.DEFINE_integer("shard_size", 4096, "Images per shard.")
+_SHARD = flags.DEFINE_integer("shard_size", 4096, "Images per shard (image files; tar "
+                              "input keeps one output shard per input tar).")
+_PH = flags.DEFINE_integer("placeholder_min", 100, "Images sharing one content hash that "
+                           "make it a placeholder (a dead link's image): all of them are "
+                           "listed as bad. 0: off.")
 _EXT = flags.DEFINE_string("extensions", ",".join(e[1:] for e in ingest.EXTENSIONS),
                            "File extensions taken from a folder, comma-separated; '*' takes "
                            "every file.")
@@ -59,10 +68,12 @@ def main(argv):
   ext = None if _EXT.value.strip() == "*" else tuple(
       "." + e.strip().lstrip(".").lower() for e in _EXT.value.split(",") if e.strip())
   params = ingest.Params(short_side=_SHORT.value, quality=_QUALITY.value,
-                         shard_size=_SHARD.value)
+                         shard_size=_SHARD.value, placeholder_min=_PH.value)
   try:
+    # processes run together: each finds the duplicates of its part of the hashes
     ingest.run_ingest(_INPUT.value, _OUT.value, params, process_index=pi, process_count=pc,
-                      extensions=ext, log=lambda m: print(m, flush=True))
+                      extensions=ext, log=lambda m: print(m, flush=True),
+                      wait_for_others=True)
   except ingest.IngestError as e:
     fail(str(e))
   except NotADirectoryError as e:

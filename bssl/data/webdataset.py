@@ -1,0 +1,259 @@
+"""WebDataset tar shards as :mod:`bssl.data.ingest` input: what img2dataset, LAION,
+DataComp, COYO and the YFCC-derived sets ship.
+
+A shard ``00000.tar`` holds, per sample, members that share a *key*: ``<key>.jpg`` (or
+``.png``, ``.webp``, ...), ``<key>.json`` (url, caption, key, status, width, height,
+sha256, ...) and ``<key>.txt`` (the caption). The key of a member is its name up to the
+first dot of its last path component (``part/000123.jpg`` -> ``part/000123``, as the
+``webdataset`` library splits names); consecutive members with one key are one sample.
+
+Read with Python's :mod:`tarfile` in stream mode (``r|*``): members in stream order, one
+pass, nothing unpacked to disk, from a local file or a ``gs://`` object alike (no seeks,
+so a remote shard is read as one stream). The ``webdataset`` package does the same and
+more (its own pipelines, decoders, shuffling), none of which the ingest needs, so it is
+not a dependency.
+
+Given as ``--input=``:
+
+- a ``.tar`` file;
+- a folder holding ``.tar`` files (searched recursively; no image files beside them);
+- a brace pattern, ``shards/{00000..00127}.tar`` (numeric ranges keep their zero
+  padding; ``{a,b}`` lists too), local or ``gs://``;
+- a text file listing one shard per line (relative to the list's folder).
+
+Shards are taken sorted as whole paths (a brace pattern's expansion is sorted too). Ids:
+the samples of shard 0 in stream order, then those of shard 1, ...; a sample whose json
+``status`` is not ``success`` (img2dataset's failed downloads) gets no id and is counted
+(``num_skipped``); a sample with no image member, or whose image does not decode, gets an
+id and is listed as bad with its reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tarfile
+from typing import Iterator
+
+from bssl import workdir as workdir_lib
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class TarInputError(ValueError):
+  """A tar-shard input that cannot be used (exit 2)."""
+
+
+@dataclasses.dataclass
+class Sample:
+  key: str
+  image: bytes | None = None
+  image_ext: str | None = None
+  meta: dict | None = None          # the json member, parsed
+  meta_error: str | None = None     # why the json member could not be parsed
+  caption: str | None = None        # the txt member, else json["caption"]
+  members: tuple = ()
+
+  @property
+  def status(self) -> str | None:
+    return None if self.meta is None else self.meta.get("status")
+
+  @property
+  def url(self) -> str:
+    return "" if self.meta is None else str(self.meta.get("url") or "")
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """``a/{000..002}.tar`` -> a/000.tar, a/001.tar, a/002.tar; ``{x,y}`` -> x, y; several
+  groups multiply (left to right)."""
+  m = _BRACE.search(pattern)
+  if m is None:
+    return [pattern]
+  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+  if r:
+    a, b = r.group(1), r.group(2)
+    if int(b) < int(a):
+      raise TarInputError(f"--input: brace range {{{body}}} in {pattern!r} runs backwards")
+    width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+    parts = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
+  else:
+    parts = body.split(",")
+  return [x for p in parts for x in expand_braces(head + p + tail)]
+
+
+def _is_tar(name: str) -> bool:
+  return name.lower().endswith(".tar")
+
+
+def looks_like_tars(input_path: str) -> bool:
+  """Whether ``--input`` names tar shards (a pattern, a .tar, a folder of them, a list of
+  them) rather than image files."""
+  if _BRACE.search(input_path):
+    return True
+  if _is_tar(input_path):
+    return True
+  p = workdir_lib.path(input_path)
+  try:
+    if p.is_dir():
+      return bool(_folder_tars(input_path))
+    if p.exists():
+      lines = [l.strip() for l in p.read_text().splitlines()
+               if l.strip() and not l.strip().startswith("#")]
+      return bool(lines) and all(_is_tar(l) for l in lines)
+  except (OSError, UnicodeDecodeError):
+    return False
+  return False
+
+
+def _folder_tars(root: str) -> list[str]:
+  if workdir_lib.is_remote(root):
+    import fsspec
+    fs, r = fsspec.core.url_to_fs(root)
+    proto = root.split("://", 1)[0]
+    return sorted(f"{proto}://{f}" for f in fs.find(r) if _is_tar(f))
+  out = []
+  for d, _, files in os.walk(root, followlinks=True):
+    out += [os.path.join(d, f) for f in files if _is_tar(f)]
+  return sorted(out)
+
+
+def list_tars(input_path: str) -> list[str]:
+  """The shards of ``--input``, sorted as whole paths; every one must exist."""
+  if _BRACE.search(input_path):
+    tars = expand_braces(input_path)
+  elif _is_tar(input_path) and not workdir_lib.path(input_path).is_dir():
+    tars = [input_path]
+  else:
+    p = workdir_lib.path(input_path)
+    if p.is_dir():
+      tars = _folder_tars(input_path)
+      from bssl.data import ingest
+      images = ingest.list_inputs(input_path) if _has_images(input_path) else []
+      if images:
+        raise TarInputError(f"--input: {input_path!r} holds both .tar shards ({len(tars)}) "
+                            f"and image files ({len(images)}, e.g. {images[0]!r}); give the "
+                            f"shards as a pattern or a list, or the images in a folder of "
+                            f"their own")
+    else:
+      base = str(p.parent)
+      tars = []
+      for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+          continue
+        if "://" in line or line.startswith("/"):
+          tars.append(line)
+        elif workdir_lib.is_remote(base):
+          tars.append(base.rstrip("/") + "/" + line)
+        else:
+          tars.append(os.path.normpath(os.path.join(base, line)))
+  tars = sorted(set(tars))
+  missing = [t for t in tars if not workdir_lib.path(t).exists()]
+  if missing:
+    raise TarInputError(f"--input: {len(missing)} of {len(tars)} tar shard(s) do not exist: "
+                        f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+  if not tars:
+    raise TarInputError(f"--input: no .tar shards in {input_path!r}")
+  return tars
+
+
+def _has_images(root: str) -> bool:
+  from bssl.data import ingest
+  try:
+    ingest.list_inputs(root)
+    return True
+  except ingest.IngestError:
+    return False
+
+
+def tar_stat(path: str) -> tuple[int, int]:
+  """(size, mtime or generation) of a shard: its identity in the ingest's header."""
+  from bssl import deps
+  return deps._stat(path)
+
+
+def split_key(name: str) -> tuple[str, str]:
+  """``dir/000123.jpg`` -> (``dir/000123``, ``jpg``); a name without a dot is its own key
+  with no extension."""
+  m = _KEY.match(name)
+  return (m.group(1), m.group(2).lower()) if m else (name, "")
+
+
+def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
+  """The samples of one shard in stream order. A shard that ends early or is damaged
+  stops the stream: the reason is appended to ``errors`` (the samples before it stand)."""
+  cur: Sample | None = None
+  try:
+    with workdir_lib.path(tar_path).open("rb") as raw, tarfile.open(
+        fileobj=(fh := _Counting(raw)), mode="r|*") as tf:
+      for m in tf:
+        if not m.isfile():
+          continue
+        key, ext = split_key(m.name)
+        data = tf.extractfile(m).read()
+        if len(data) != m.size:
+          raise tarfile.ReadError(f"member {m.name!r} holds {len(data)} of its {m.size} "
+                                  f"bytes")
+        if cur is None or key != cur.key:
+          if cur is not None:
+            yield _finish(cur)
+          cur = Sample(key)
+        cur.members += (ext,)
+        base = ext.rsplit(".", 1)[-1]
+        if base in IMAGE_EXTENSIONS and cur.image is None:
+          cur.image, cur.image_ext = data, base
+        elif ext == "json":
+          try:
+            meta = json.loads(data.decode("utf-8"))
+            cur.meta = meta if isinstance(meta, dict) else None
+            if cur.meta is None:
+              cur.meta_error = "the json member is not an object"
+          except (UnicodeDecodeError, ValueError) as e:
+            cur.meta_error = f"the json member cannot be parsed ({e})"
+        elif ext == "txt":
+          cur.caption = data.decode("utf-8", "replace")
+      # tarfile ends a stream quietly where the file ends; a whole archive ends with a
+      # block of zeros (an uncompressed one can be checked)
+      if getattr(tf.fileobj, "comptype", "tar") == "tar" and not fh.zeros_at(tf.offset):
+        raise tarfile.ReadError("no end-of-archive block")
+  except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+    errors.append(f"{tar_path}: the tar stream is damaged or cut short after "
+                  f"{'key ' + repr(cur.key) if cur else 'its start'} "
+                  f"({type(e).__name__}: {e}); the samples before it were ingested")
+  if cur is not None:
+    yield _finish(cur)
+
+
+class _Counting:
+  """A read-only stream that remembers how far it was read and its last bytes."""
+
+  def __init__(self, fh, keep: int = 1 << 16):
+    self.fh, self.n, self.keep, self.tail = fh, 0, keep, b""
+
+  def read(self, size=-1):
+    b = self.fh.read(size)
+    self.n += len(b)
+    self.tail = (self.tail + b)[-self.keep:]
+    return b
+
+  def zeros_at(self, offset: int) -> bool:
+    """Whether the 512 bytes at ``offset`` were read and are all zero."""
+    start = self.n - len(self.tail)
+    if offset < start or offset + 512 > self.n:
+      return False
+    return not any(self.tail[offset - start:offset - start + 512])
+
+
+def _finish(s: Sample) -> Sample:
+  if s.caption is None and s.meta is not None and isinstance(s.meta.get("caption"), str):
+    s.caption = s.meta["caption"]
+  return s
+
+
+def zlib_error():
+  import zlib
+  return zlib.error

@@ -1,0 +1,197 @@
+"""WebDataset tar shards in (issue 22): an img2dataset-style shard set made with tarfile
+(tests/wds_fixture.py: keys, json with status, captions, a failed row, a corrupt member, a
+duplicate, a placeholder repeated many times), ingested in one process, in two processes
+running together, from the GCS emulator, killed with SIGKILL and rerun; duplicates found
+partitioned by hash across processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bssl.data import ingest, webdataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import wds_fixture  # noqa: E402
+
+PARAMS = ingest.Params(placeholder_min=5)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("wds"))
+  want = wds_fixture.make_shards(root)
+  return root, want
+
+
+@pytest.fixture(scope="module")
+def ref(shards, tmp_path_factory):
+  """One uninterrupted one-process ingest of the brace pattern."""
+  root, _ = shards
+  out = str(tmp_path_factory.mktemp("ref"))
+  ingest.run_ingest(f"{root}/{{00000..00002}}.tar", out, PARAMS, log=lambda m: None)
+  return out
+
+
+def _all_bytes(out):
+  d = os.path.join(out, "shards")
+  return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+def _summary(out):
+  """What an ingest found, independent of where its input was (paths left out)."""
+  m = json.load(open(os.path.join(out, "manifest.json")))
+  bad = json.load(open(os.path.join(out, "bad.json")))
+  dup = np.load(os.path.join(out, "duplicates.npz"))
+  return ({k: m[k] for k in ("num_images", "num_ok", "num_bad", "num_duplicates",
+                             "num_placeholders", "num_skipped", "shard_offsets",
+                             "content_digest")},
+          [(b["id"], b["path"].rsplit("#", 1)[1], b["reason"]) for b in bad],
+          dup["ids"].tolist(), dup["first"].tolist())
+
+
+def test_brace_patterns_expand_in_order():
+  assert webdataset.expand_braces("s/{00008..00011}.tar") == [
+      "s/00008.tar", "s/00009.tar", "s/00010.tar", "s/00011.tar"]
+  assert webdataset.expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar",
+                                                         "b/2.tar"]
+  with pytest.raises(webdataset.TarInputError, match="backwards"):
+    webdataset.expand_braces("{5..1}.tar")
+
+
+def test_tar_ingest_finds_every_case_with_stable_ids(shards, ref):
+  root, want = shards
+  src = ingest.ShardSource(ref, channels=3)
+  samples = want["samples"]
+  assert len(src) == len(samples)  # the failed row has no id
+  m = src.manifest
+  assert m["num_skipped"] == want["skipped"] == 1 and m["tar_errors"] == []
+  assert m["num_placeholders"] == len(want["placeholders"]) == 10
+  keys = [src.field_of(i, "key") for i in range(len(src))]
+  assert keys == [s["key"] for s in samples]  # ids: shards in order, samples in stream order
+  assert [src.field_of(i, "url") for i in range(len(src))] == [s["url"] for s in samples]
+  assert [src.field_of(i, "caption") for i in range(len(src))] == [s["caption"] for s in samples]
+  assert list(src.fields([0, len(src) - 1], "key")) == [samples[0]["key"], samples[-1]["key"]]
+  valid = [bool(src[i]["valid"]) for i in range(len(src))]
+  for i, s in enumerate(samples):
+    reason = src.reason_of(i) if not valid[i] else None
+    if s["bad"] == "corrupt":
+      assert not valid[i] and reason.split(":")[0] in ("corrupt", "not an image", "truncated"), reason
+    elif s["bad"] == "placeholder":
+      assert not valid[i] and reason.startswith("placeholder"), reason
+    elif s["key"] in want["duplicates"]:
+      first = keys.index(want["duplicates"][s["key"]])
+      assert not valid[i] and f"duplicate of id {first}" in reason
+    else:
+      assert valid[i], (s["key"], src.reason_of(i))
+      assert src[i]["image"].shape[2] == 3
+  bad = json.load(open(os.path.join(ref, "bad.json")))
+  assert sorted(b["path"].rsplit("#", 1)[1] for b in bad) == sorted(
+      [s["key"] for s in samples if s["bad"]])
+  # the same ingest from a folder of the shards and from a list of them
+  lst = os.path.join(root, "list.txt")
+  with open(lst, "w") as fh:
+    fh.write("00002.tar\n./00000.tar\n00001.tar\n")
+  for inp in (root, lst, os.path.join(root, "00000.tar")):
+    out = os.path.join(root + "_out", os.path.basename(inp))
+    ingest.run_ingest(inp, out, PARAMS, log=lambda m: None)
+    if inp.endswith("00000.tar"):
+      assert ingest.ShardSource(out).n == 12 - 1  # shard 0 alone (its failed row skipped)
+    else:
+      assert _all_bytes(out) == _all_bytes(ref)
+      assert _summary(out) == _summary(ref)
+
+
+def test_damaged_tar_keeps_the_samples_before_the_damage(shards, tmp_path):
+  root, want = shards
+  data = open(os.path.join(root, "00001.tar"), "rb").read()
+  d = tmp_path / "cut"
+  d.mkdir()
+  (d / "00000.tar").write_bytes(data[:len(data) // 2])
+  m = ingest.run_ingest(str(d), str(tmp_path / "out"), PARAMS, log=lambda m: None)
+  assert 0 < m["num_images"] < 12 and len(m["tar_errors"]) == 1
+  assert "cut short" in m["tar_errors"][0]
+
+
+def test_kill_9_during_ingest_then_rerun_is_byte_identical(shards, ref, tmp_path):
+  """SIGKILL at a moment inside the ingest (after the first shard is written), then the
+  same command again: the same shards, byte for byte, and the same manifest."""
+  root, _ = shards
+  out = str(tmp_path / "out")
+  cmd = [sys.executable, "-m", "bssl.ingest", f"--input={root}/{{00000..00002}}.tar",
+         f"--out={out}", "--placeholder_min=5"]
+  p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not os.path.exists(os.path.join(out, "shards",
+                                                                   "u-00000.npz")):
+    time.sleep(0.01)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(os.path.join(out, "manifest.json")) or p.returncode == 0
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert _all_bytes(out) == _all_bytes(ref)
+  assert _summary(out) == _summary(ref)
+
+
+def test_two_processes_together_partition_the_duplicates(shards, ref, tmp_path):
+  """Two processes through launch/local.sh: each writes its shards and finds the
+  duplicates of its half of the hashes (dedup/part-k-of-2); the result is the one-process
+  result."""
+  root, _ = shards
+  out = str(tmp_path / "two")
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--num_processes", "2",
+                      "--module", "bssl.ingest", "--log_dir", str(tmp_path / "logs"), "--",
+                      f"--input={root}", f"--out={out}", "--placeholder_min=5"],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert sorted(os.listdir(os.path.join(out, "dedup"))) == [
+      "part-00000-of-00002.npz", "part-00001-of-00002.npz"]
+  assert _all_bytes(out) == _all_bytes(ref)
+  assert _summary(out) == _summary(ref)
+
+
+def test_dedup_partitions_hold_only_their_hashes_and_agree_with_one(tmp_path):
+  """On a synthetic manifest of 20,000 hashes with duplicates and placeholders: the union
+  of 4 partitions is the one-partition answer, and each partition held about a quarter of
+  the hashes (memory O(N / processes))."""
+  out = tmp_path / "m"
+  rng = np.random.default_rng(0)
+  n, size = 20_000, 5_000
+  base = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+  copies = rng.integers(0, n, 2_000)
+  base[rng.integers(0, n, 2_000)] = base[copies]
+  base[rng.choice(n, 300, replace=False)] = base[0]  # a placeholder: one content x 301
+  for s in range(n // size):
+    from bssl import workdir
+    workdir.write_npz(out / "shards" / f"u-{s:05d}.npz", hash=base[s * size:(s + 1) * size],
+                      reason=np.asarray([""] * size), path=np.asarray(["x"] * size))
+  header = {"num_shards": n // size, "shard_size": size, "num_images": n,
+            "placeholder_min": 100}
+  offsets = ingest.shard_offsets(out, header)
+  one = ingest.dedup_partition(out, header, offsets, 0, 1)
+  parts = [ingest.dedup_partition(out, header, offsets, k, 4) for k in range(4)]
+  for key in one:
+    got = np.concatenate([p[key] for p in parts])
+    assert sorted(got.tolist()) == sorted(one[key].tolist()), key
+  assert len(one["placeholder_ids"]) >= 301
+  # brute force: a duplicate is an id whose content appeared at a smaller id
+  seen, dups = {}, []
+  ph = {i for i in range(n) if bytes(base[i]) == bytes(base[0])}
+  for i in range(n):
+    k = bytes(base[i])
+    if k in seen and i not in ph:
+      dups.append((i, seen[k]))
+    seen.setdefault(k, i)
+  assert sorted(zip(one["dup_ids"].tolist(), one["dup_first"].tolist())) == dups
+  # each partition's share of the hashes (what it holds in memory) is about n / 4
+  h = base.view(">u8").reshape(-1, 2)[:, 0]
+  shares = [(h % 4 == k).sum() for k in range(4)]
+  assert max(shares) < 0.3 * n
