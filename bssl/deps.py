@@ -341,7 +341,10 @@ def _stat(p) -> tuple[int, int]:
   fs, rel = fsspec.core.url_to_fs(s)
   info = fs.info(rel)
   m = info.get("mtime") or info.get("updated") or info.get("generation") or 0
-  return int(info.get("size") or 0), hash(str(m)) & ((1 << 62) - 1)
+  # a stable digest of the store's timestamp or generation (Python's hash() of a string is
+  # salted per process: another process, or a rerun, would see another "mtime")
+  return int(info.get("size") or 0), int.from_bytes(
+      hashlib.blake2b(str(m).encode(), digest_size=7).digest(), "big")
 
 
 def file_identity(path: str) -> str:

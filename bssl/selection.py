@@ -742,6 +742,45 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
                          json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
 
 
+def image_keys(source, ids) -> tuple[np.ndarray, np.ndarray]:
+  """(key, url) of U's images ``ids``, as strings: a tar ingest's sample keys and urls; an
+  ingest of files, or image files, their paths (url ""); otherwise (Fashion-MNIST, fake
+  data) the id itself."""
+  ids = np.asarray(ids, np.int64)
+  if hasattr(source, "fields"):
+    return source.fields(ids, "key").astype(str), source.fields(ids, "url").astype(str)
+  if hasattr(source, "name_of"):
+    keys = np.asarray([source.name_of(i) for i in ids], dtype=str)
+  else:
+    keys = ids.astype(str)
+  return keys, np.full(len(ids), "", dtype=object).astype(str)
+
+
+def write_table(path, sel: "Selection", source, class_names=None):
+  """D̂ as one Parquet table (``path``, local or gs://), one row per selection, in D̂'s
+  order (class, then rank): ``id``, ``key`` and ``url`` of the image (see
+  :func:`image_keys`), ``class`` and ``class_name``, ``score`` (the teacher's probability),
+  ``log_odds`` (what the rows were ranked by) and ``rank`` (0-based, within the class).
+  Parquet: columnar and compressed, read by pandas, polars, DuckDB, Spark and the
+  img2dataset family, so a selection can be published and joined back to its shards."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  keys, urls = image_keys(source, sel.ids)
+  names = list(class_names) if class_names is not None else [
+      str(c) for c in range(sel.num_classes)]
+  t = pa.table({"id": pa.array(sel.ids, pa.int64()), "key": pa.array(keys, pa.string()),
+                "url": pa.array(urls, pa.string()),
+                "class": pa.array(sel.classes, pa.int32()),
+                "class_name": pa.array([names[c] for c in sel.classes], pa.string()),
+                "score": pa.array(sel.scores, pa.float32()),
+                "log_odds": pa.array(sel.rank_scores, pa.float32()),
+                "rank": pa.array(sel.ranks, pa.int32())})
+  buf = pa.BufferOutputStream()
+  pq.write_table(t, buf, compression="zstd")
+  workdir_lib.write_bytes(path, buf.getvalue().to_pybytes())
+  return path
+
+
 def read_selection(directory, mmap: bool = True) -> Selection:
   """Reads a D̂ written by :func:`write_selection` (memory-mapped, read-only, by default on
   a local disk). One written before ``rank_scores.npy`` existed reads with ``rank_scores``

@@ -195,3 +195,161 @@ def test_dedup_partitions_hold_only_their_hashes_and_agree_with_one(tmp_path):
   h = base.view(">u8").reshape(-1, 2)[:, 0]
   shares = [(h % 4 == k).sum() for k in range(4)]
   assert max(shares) < 0.3 * n
+
+
+# --------------------------------------------------------------- the recipe on tar shards
+
+RECIPE = ["--config=configs/resnext.py:tiny", "--config.stages=baseline,teacher,score,select",
+          "--config.unlabelled.kind=shards"]
+
+
+def _env(extra=None, devices=2):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("BSSL_")}
+  env.update(extra or {}, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return env
+
+
+def _bad_keys(bad):
+  return sorted((os.path.basename(f).rsplit("#", 1)[1], r.split(":")[0].split(" (")[0])
+                for f, r in zip(bad["files"], bad["reasons"]))
+
+
+def _check_run(wd, ingest_out, want):
+  """A finished run on the tar ingest: what was scored, what was not and why, and D̂ as a
+  table whose keys and urls are the shards' own."""
+  import pyarrow.parquet as pq
+  from bssl import selection, workdir
+  W = workdir.Workdir(wd)
+  samples = want["samples"]
+  ok = [s for s in samples if not s["bad"] and s["key"] not in want["duplicates"]]
+  assert W.done("score")["num_scored"] == len(ok)
+  bad = workdir.read_json(W.stage("select") / "bad_images.json")
+  assert [k for k, _ in _bad_keys(bad)] == sorted(
+      s["key"] for s in samples if s["bad"] or s["key"] in want["duplicates"])
+  t = pq.read_table(io_bytes(W.stage("select") / "dhat.parquet")).to_pydict()
+  sel = selection.read_selection(W.stage("select") / "dhat", mmap=False)
+  assert t["id"] == sel.ids.tolist() and t["class"] == sel.classes.tolist()
+  assert t["rank"] == sel.ranks.tolist()
+  np.testing.assert_array_equal(np.float32(t["score"]), sel.scores)
+  by_key = {s["key"]: s for s in samples}
+  src = ingest.ShardSource(ingest_out)
+  for i, k, u in zip(t["id"], t["key"], t["url"]):
+    assert src.field_of(i, "key") == k and by_key[k]["url"] == u
+    assert by_key[k] in ok
+  return sel
+
+
+def io_bytes(p):
+  import io
+  return io.BytesIO(p.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def one_process_run(ref, shards, tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("run1"))
+  r = subprocess.run([sys.executable, "-m", "bssl.main", *RECIPE,
+                      f"--config.unlabelled.path={ref}", f"--workdir={wd}"],
+                     env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return wd
+
+
+def test_recipe_on_tar_shards_and_the_selection_published(one_process_run, ref, shards,
+                                                          tmp_path):
+  """The recipe end to end on the tar ingest (one process): failed rows, corrupt members,
+  duplicates and placeholders are not scored and are listed with their reasons; D̂ as a
+  Parquet table carries the shards' keys and urls; the resharder writes D̂'s images as
+  tar shards (the ingest's bytes, json with every selection row, .cls), resumably and
+  byte-identically, and they ingest again."""
+  root, want = shards
+  sel = _check_run(one_process_run, ref, want)
+  from bssl import reshard
+  out = str(tmp_path / "dhat_shards")
+  info = reshard.reshard(one_process_run, out, shard_size=5, log=lambda m: None)
+  uniq = np.unique(sel.ids)
+  assert info["num_images"] == len(uniq) and info["num_rows"] == len(sel.ids)
+  first = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+  assert len(first) == -(-len(uniq) // 5)
+  os.remove(os.path.join(out, sorted(first)[-1]))  # as if killed before the last shard
+  reshard.reshard(one_process_run, out, shard_size=5, log=lambda m: None)
+  assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == first
+  src = ingest.ShardSource(ref)
+  got = []
+  for f in sorted(first):
+    errors = []
+    for smp in webdataset.read_samples(os.path.join(out, f), errors):
+      assert not errors and smp.image is not None
+      i = smp.meta["id"]
+      assert smp.image == src.record_bytes(i)  # the ingest's bytes, not re-encoded
+      assert smp.meta["key"] == src.field_of(i, "key")
+      rows = [(r["class"], r["rank"]) for r in smp.meta["selections"]]
+      assert sorted(rows) == sorted((int(c), int(r)) for c, r in
+                                    zip(sel.classes[sel.ids == i], sel.ranks[sel.ids == i]))
+      got.append(i)
+  assert got == uniq.tolist()
+  m = ingest.run_ingest(out, str(tmp_path / "again"), PARAMS, log=lambda m: None)
+  assert m["num_images"] == len(uniq) and m["num_bad"] == 0
+  r = subprocess.run([sys.executable, "-m", "bssl.reshard", f"--workdir={tmp_path}/nope",
+                      f"--out={tmp_path}/x"], capture_output=True, text=True, cwd=ROOT,
+                     timeout=120)
+  assert r.returncode == 2 and "no complete selection" in r.stderr, r.stderr
+
+
+def test_recipe_on_tar_shards_on_gcs_with_two_processes(one_process_run, shards, gcs,
+                                                        tmp_path):
+  """The shards on the GCS emulator: ingested by 2 processes from a gs:// brace pattern
+  into gs://, then the recipe by 2 processes with its work directory on gs://. The same
+  images are scored and left out, for the same reasons, as in one local process; the
+  shards are the local ingest's, byte for byte."""
+  root, want = shards
+  from etils import epath
+  base = gcs.url(f"wds/{tmp_path.name}")
+  code = (f"from etils import epath\n"
+          f"import os\n"
+          f"for f in sorted(os.listdir({root!r})):\n"
+          f"  if f.endswith('.tar'):\n"
+          f"    (epath.Path({base!r}) / 'in' / f).write_bytes(open(os.path.join({root!r}, f), 'rb').read())\n")
+  env = _env(gcs.env)
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  # a gs:// file's identity (size, timestamp digest) is the same in every process (it was
+  # Python's per-process salted hash(): every rerun saw "changed" gs:// folders)
+  stat = [subprocess.run([sys.executable, "-c", f"from bssl import deps; print(deps._stat("
+                          f"{base + '/in/00000.tar'!r}))"], env=env, capture_output=True,
+                         text=True, timeout=120).stdout.strip() for _ in range(2)]
+  assert stat[0] == stat[1] and stat[0].startswith("(61440,"), stat
+  launch = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--num_processes", "2"]
+  r = subprocess.run([*launch, "--module", "bssl.ingest", "--log_dir", str(tmp_path / "l1"),
+                      "--", f"--input={base}/in/{{00000..00002}}.tar", f"--out={base}/u",
+                      "--placeholder_min=5"],
+                     env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  r = subprocess.run([*launch, "--devices_per_process", "1", "--log_dir", str(tmp_path / "l2"),
+                      "--host_dirs", str(tmp_path / "hosts"), "--", *RECIPE,
+                      f"--config.unlabelled.path={base}/u", f"--workdir={base}/w"],
+                     env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  logs = "".join(open(tmp_path / "l2" / f).read()[-2000:] for f in os.listdir(tmp_path / "l2"))
+  assert r.returncode == 0, r.stderr[-2000:] + logs
+  code = (f"import json\nfrom bssl import workdir as W\n"
+          f"from bssl.data import ingest\n"
+          f"w = W.Workdir({base + '/w'!r})\n"
+          f"print(json.dumps({{'scored': w.done('score')['num_scored'],\n"
+          f"  'bad': W.read_json(w.stage('select') / 'bad_images.json'),\n"
+          f"  'digest': W.read_json(W.path({base + '/u'!r}) / 'manifest.json')['content_digest'],\n"
+          f"  'parts': W.listdir(W.path({base + '/u'!r}) / 'dedup')}}))\n")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=120, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  from bssl import workdir
+  W = workdir.Workdir(one_process_run)
+  assert got["scored"] == W.done("score")["num_scored"]
+  assert _bad_keys(got["bad"]) == _bad_keys(workdir.read_json(W.stage("select") /
+                                                              "bad_images.json"))
+  ref_manifest = json.load(open(os.path.join(
+      json.load(open(os.path.join(one_process_run, "config.json")))["unlabelled"]["path"],
+      "manifest.json")))
+  assert got["digest"] == ref_manifest["content_digest"]
+  assert got["parts"] == ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]

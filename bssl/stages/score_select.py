@@ -97,6 +97,8 @@ def select(ctx, score: str = "score") -> dict:
         for lo, hi in zip(edges[:-1], edges[1:])
         if (m := (sel.ranks >= lo) & (sel.ranks < hi)).any()]
   selection.write_selection(ctx.dir / "dhat", sel, extra_summary=info)
+  table = selection.write_table(ctx.dir / "dhat.parquet", sel, unl, ctx.data.class_names)
+  ctx.log(f"D^ as a table (one row per selection: key, url, class, score, rank): {table}")
   ctx.log(f"D^ has {info['num_selected']} rows ({info['num_unique_images']} images), "
           f"{len(short)} classes short of K={cfg.select.k}"
           + (f", label precision {info['label_precision']:.4f}" if "label_precision" in info
