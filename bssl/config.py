@@ -44,7 +44,8 @@ ALL_STAGES = ("weak_pretrain", "baseline", "teacher", "score", "select", "pretra
 DEFAULT_STAGES = tuple(s for s in ALL_STAGES if s not in ("weak_pretrain", "transfer"))
 TRANSFER_MODES = ("fc_only", "full_ft")
 TRANSFER_MODELS = ("baseline", "teacher", "student")
-WEAK_KINDS = ("synthetic", "tags_file")
+WEAK_KINDS = ("synthetic", "tags_file", "captions")
+CAPTION_TAGS = ("words", "hashtags")
 RESAMPLING = ("none", "sqrt", "inverse")
 VIDEO_DATA_KINDS = ("moving_fashion_mnist", "video_folder", "fake_video")
 DATA_KINDS = ("fashion_mnist", "image_folder", "tfds", "fake") + VIDEO_DATA_KINDS
@@ -189,7 +190,8 @@ FIELDS = (
     Field("unlabelled.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
     # weak: the weakly labelled images of weak_pretrain (bssl/data/weak.py)
     Field("weak.kind", "synthetic", str, "synthetic (tags drawn from U's hidden labels: the "
-          "offline demo) or tags_file", choices=WEAK_KINDS),
+          "offline demo), tags_file, or captions (the words or hashtags of a tar ingest's "
+          "captions)", choices=WEAK_KINDS),
     Field("weak.synonyms_per_class", 3, int, "synthetic: tags of each class", minimum=1),
     Field("weak.distractors", 20, int, "synthetic: tags of no class", minimum=0),
     Field("weak.p_class_tag", 0.7, float, "synthetic: probability that an image carries a "
@@ -202,8 +204,16 @@ FIELDS = (
           "file list)", optional=True),
     Field("weak.tags_file", None, str, "tags_file: one line per image id of weak.path: its "
           "tag names, whitespace-separated", optional=True),
-    Field("weak.vocab_file", None, str, "tags_file: the vocabulary, one tag per line "
-          "(optionally '<TAB>class id'); default: the sorted tag names", optional=True),
+    Field("weak.vocab_file", None, str, "tags_file, captions: the vocabulary, one tag per "
+          "line (optionally '<TAB>class id'); default: the sorted tag names (tags_file), the "
+          "weak.vocab_size most frequent caption tags (captions)", optional=True),
+    Field("weak.caption_tags", "words", str, "captions: the tags of a caption: its words "
+          "(lower-cased, stop words and 1-letter words left out; a #hashtag counts as its "
+          "word) or only its #hashtags", choices=CAPTION_TAGS),
+    Field("weak.vocab_size", 1500, int, "captions without weak.vocab_file: the most "
+          "frequent tags kept (ties by name)", minimum=1),
+    Field("weak.min_tag_images", 2, int, "captions without weak.vocab_file: a tag is kept "
+          "only if at least this many images carry it", minimum=1),
     # transfer: to a target data set (bssl/data/targets.py, bssl/transfer.py)
     Field("transfer.target", "digits", str, "digits (scikit-learn's, offline) or tfds",
           choices=("digits", "tfds")),
@@ -425,6 +435,11 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     raise ConfigError("weak.kind='tags_file' needs weak.path (the tagged images: an "
                       "ingest's --out, or a folder / file list) and weak.tags_file (one line "
                       "of tag names per image id); see README 'Semi-weak supervision'")
+  if ("weak_pretrain" in parse_stages(cfg.stages) and cfg.weak.kind == "captions"
+      and not cfg.weak.get("path")):
+    raise ConfigError("weak.kind='captions' needs weak.path: the --out of `python -m "
+                      "bssl.ingest` run on WebDataset tar shards (their .txt or json "
+                      "captions are the tags); see docs/webdataset.md")
   if u.kind == "tfds" and not (u.get("tfds_name") and u.get("split")):
     raise ConfigError("unlabelled.kind='tfds' needs unlabelled.tfds_name and "
                       "unlabelled.split")

@@ -353,3 +353,51 @@ def test_recipe_on_tar_shards_on_gcs_with_two_processes(one_process_run, shards,
       "manifest.json")))
   assert got["digest"] == ref_manifest["content_digest"]
   assert got["parts"] == ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
+
+
+# ------------------------------------------------------------------ captions as weak labels
+
+def test_caption_tags():
+  from bssl.data import weak
+  assert weak.caption_tags("A red Dog on the beach #Summer #dog, 2024!") == [
+      "beach", "dog", "red", "summer"]
+  assert weak.caption_tags("A red Dog on the beach #Summer #dog", "hashtags") == ["dog",
+                                                                                "summer"]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_weak_pretrain_on_an_img2dataset_set_with_no_extra_files(ref, shards, tmp_path):
+  """weak.kind='captions': the tags are the captions' words, the vocabulary their most
+  frequent ones; bad, duplicate and placeholder images carry none; weak_pretrain runs on
+  the tar ingest alone and records the caption settings and the ingest by content."""
+  from bssl import engine
+  from bssl.configs import semiweak
+  from bssl.data import weak
+  _, want = shards
+  cfg = semiweak.get_config("tiny")
+  cfg.stages = "weak_pretrain"
+  cfg.weak.kind, cfg.weak.path, cfg.weak.vocab_size = "captions", ref, 6
+  wd = weak.build(cfg, None)
+  ok = [s for s in want["samples"] if not s["bad"] and s["key"] not in want["duplicates"]]
+  from collections import Counter
+  counts = Counter(t for s in ok for t in weak.caption_tags(s["caption"]))
+  top = sorted(sorted(counts, key=lambda t: (-counts[t], t))[:6])
+  assert list(wd.tag_names) == top and wd.num_tags == 6
+  src = wd.source
+  tagged = {src.images.field_of(int(i), "key") for i in np.unique(src.ids)}
+  assert tagged <= {s["key"] for s in ok}
+  for r in range(len(src)):
+    key = src.images.field_of(int(src.ids[r]), "key")
+    cap = next(s["caption"] for s in ok if s["key"] == key)
+    expect = sorted(top.index(t) for t in weak.caption_tags(cap) if t in top)
+    assert [int(t) for t in src.tags[r] if t >= 0] == expect
+  w = str(tmp_path / "w")
+  engine.run_recipe(cfg, w)
+  rec = json.load(open(os.path.join(w, "weak_pretrain", "done.json")))["record"]
+  assert {"weak.kind", "weak.caption_tags", "weak.vocab_size", "weak.min_tag_images"} <= set(
+      rec["fields"])
+  assert "weak.path" in rec["files"]
+  cfg.weak.caption_tags = "hashtags"
+  with pytest.raises(engine.RefusedError, match="weak.caption_tags"):
+    engine.run_recipe(cfg, w)

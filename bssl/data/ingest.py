@@ -754,6 +754,13 @@ class ShardSource:
       out[sel] = ("" if col is None else col[ids[sel] - self.offsets[s]].astype(object))
     return out
 
+  def invalid_ids(self) -> np.ndarray:
+    """Sorted ids that are never valid: bad files, placeholders and (when dropped)
+    duplicates."""
+    bad = [self.offsets[s] + np.flatnonzero(self._shard_manifest(s)["reason"] != "")
+           for s in range(len(self.offsets) - 1)]
+    return np.unique(np.concatenate(bad + [self._dup_ids, self._ph_ids]).astype(np.int64))
+
   def reason_of(self, i: int) -> str:
     i = int(i)
     if (k := _find(self._dup_ids, i)) >= 0:

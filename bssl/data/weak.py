@@ -21,6 +21,17 @@ Sources (``weak.kind``):
   set of names, or ``weak.vocab_file`` (one name per line, ``name<TAB>class id`` for the
   report's map).
 
+- ``captions``: ``weak.path`` is the ``--out`` of ``bssl.ingest`` run on WebDataset tar
+  shards (:mod:`bssl.data.webdataset`); each image's tags come from its caption (the
+  sample's ``.txt``, else the json's ``caption``): :func:`caption_tags` — lower-cased
+  words of letters and digits starting with a letter, 2+ characters, stop words left out,
+  ``#word`` counting as ``word`` (``weak.caption_tags='words'``), or only the
+  ``#hashtags`` (``'hashtags'``). The vocabulary is ``weak.vocab_file`` (``name<TAB>class
+  id`` lines map tags to classes, for the report), else the ``weak.vocab_size`` tags
+  carried by the most images, at least ``weak.min_tag_images`` each (ties by name,
+  then sorted by name); tags outside it are dropped. Bad, duplicate and placeholder images
+  of the ingest carry no tags.
+
 Resampling (``weak.resample``): ``none``, ``sqrt`` (each image drawn with probability
 proportional to the mean of ``f(t)^-1/2`` over its tags, ``f(t)`` the tag's frequency:
 square-root sampling, so the long tail is seen) or ``inverse`` (``f(t)^-1``). The draw
@@ -29,13 +40,19 @@ square-root sampling, so the long tail is seen) or ``inverse`` (``f(t)^-1``). Th
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
 from bssl.data.sources import DataError
 
 RESAMPLING = ("none", "sqrt", "inverse")
-KINDS = ("synthetic", "tags_file")
+KINDS = ("synthetic", "tags_file", "captions")
+# left out of caption tags (words only; a #hashtag is always kept)
+STOP_WORDS = frozenset("""a an and are as at be been but by for from has have he her his i in
+is it its of on or our she that the their them they this to was we were will with you your
+my me not no so if then than there these those what when where which who why how all any
+can just into out up down over under very too also more most such only own same other""".split())
 
 
 class WeakDataError(DataError):
@@ -143,6 +160,50 @@ def _read_tags_file(path: str, n: int, vocab_file: str | None):
   return tags, names, to_class
 
 
+_WORD = re.compile(r"#?[a-z][a-z0-9]+")
+
+
+def caption_tags(caption: str, mode: str = "words") -> list[str]:
+  """The tags of one caption (see the module doc), sorted, each once."""
+  words = _WORD.findall(caption.lower())
+  if mode == "hashtags":
+    return sorted({w[1:] for w in words if w.startswith("#")})
+  return sorted({w.lstrip("#") for w in words
+                 if w.startswith("#") or w not in STOP_WORDS})
+
+
+def _caption_tags(images, w):
+  """(tags [n, width], names, tag -> class) from the captions of a tar ingest."""
+  from bssl import workdir as workdir_lib
+  n = len(images)
+  caps = images.fields(np.arange(n), "caption").astype(str)
+  mode = str(w.caption_tags)
+  per_image = [caption_tags(c, mode) for c in caps]
+  bad = images.invalid_ids()
+  for i in bad:
+    per_image[int(i)] = []
+  if w.get("vocab_file"):
+    vl = [l.split("\t") for l in workdir_lib.path(w.vocab_file).read_text().splitlines()
+          if l.strip()]
+    names = tuple(x[0].strip() for x in vl)
+    to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
+                        np.int64)
+  else:
+    from collections import Counter
+    counts = Counter(t for ts in per_image for t in ts)
+    kept = [t for t, c in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
+            if c >= int(w.min_tag_images)][:int(w.vocab_size)]
+    names = tuple(sorted(kept))
+    to_class = np.full(len(names), -1, np.int64)
+  index = {t: j for j, t in enumerate(names)}
+  ids = [sorted({index[t] for t in ts if t in index}) for ts in per_image]
+  width = max(1, max((len(x) for x in ids), default=1))
+  tags = np.full((n, width), -1, np.int32)
+  for i, x in enumerate(ids):
+    tags[i, :len(x)] = x
+  return tags, names, to_class
+
+
 def num_tags(cfg, data=None) -> int:
   """Vocabulary size of the configured weak data (the weak model's head)."""
   w = cfg.weak
@@ -186,6 +247,25 @@ def build(cfg, data) -> WeakData:
       deps.note_input("weak.path", "filelist", w.path)
       images = sources.ImageFileSource(w.path, channels=int(cfg.data.channels))
     tags, names, to_class = _read_tags_file(w.tags_file, len(images), w.get("vocab_file"))
+    ids = np.arange(len(images))
+  elif w.kind == "captions":
+    from bssl.data import ingest
+    from bssl import deps, workdir as workdir_lib
+    if not w.get("path") or not (workdir_lib.path(w.path) / "manifest.json").exists():
+      raise WeakDataError(f"weak.kind='captions' needs weak.path to be the --out of a "
+                          f"complete `python -m bssl.ingest` of tar shards, got {w.get('path')!r}")
+    deps.note_input("weak.path", "shards", w.path)
+    if w.get("vocab_file"):
+      deps.note_input("weak.vocab_file", "file", w.vocab_file)
+    images = ingest.ShardSource(w.path, channels=int(cfg.data.channels))
+    if images.manifest.get("input_kind") != "webdataset":
+      raise WeakDataError(f"weak.kind='captions': {w.path!r} is an ingest of image files, "
+                          f"which have no captions; ingest WebDataset tar shards (with .txt "
+                          f"or json captions), or use weak.kind='tags_file'")
+    tags, names, to_class = _caption_tags(images, w)
+    if not names:
+      raise WeakDataError(f"weak.kind='captions': no caption tag of {w.path!r} is carried by "
+                          f"weak.min_tag_images={w.min_tag_images} images or more")
     ids = np.arange(len(images))
   else:
     raise WeakDataError(f"weak.kind must be one of {KINDS}, got {w.kind!r}")
