@@ -234,6 +234,11 @@ FIELDS = (
     Field("transfer.ft_lr", 0.01, float, "full_ft: base learning rate (cosine)", minimum=0.0),
     Field("transfer.ft_batch_size", 64, int, "full_ft: global batch", minimum=1),
     # score + select
+    Field("score.eval_copies", "exclude", str, "exclude: images of U that are near-"
+          "duplicates of test or validation images (bssl/data/neardup.py) are never scored, "
+          "so never in D̂, and are listed; off: not searched", choices=("exclude", "off")),
+    Field("score.copy_threshold", 0.95, float, "similarity (aligned grey-level correlation, "
+          "-1..1) from which an image is a near-duplicate", minimum=0.0),
     Field("score.batch_size", 1000, int, "global scoring batch; a resume may change it "
           "(positions are kept in images)", minimum=1, cosmetic=True),
     Field("score.checkpoint_every", 50, int, "batches between scoring checkpoints of a "

@@ -33,10 +33,18 @@ def score(ctx, teacher: str = "teacher") -> dict:
              if ranked else "")
           + ("" if balanced else f"; unbalanced: the global top {k * nc} (image, class) "
              f"pairs kept"))
+  source = unl
+  if cfg.score.eval_copies == "exclude" and cfg.data.kind not in config_lib.VIDEO_DATA_KINDS:
+    # copies of test / validation images never scored: they cannot enter D̂
+    from bssl.stages import eval_copies
+    found = eval_copies.find(ctx, ctx.dir / "eval_copies")
+    reasons = eval_copies.excluded(found)
+    if reasons:
+      source = eval_copies.Excluding(unl, reasons)
   if chunks:
     scorer = ctx.backend.scorer(ctx, teacher, p)
     scoring.score_process(
-        scorer=scorer, source=unl, spec=ctx.data.spec, parts_dir=parts, gen=gen,
+        scorer=scorer, source=source, spec=ctx.data.spec, parts_dir=parts, gen=gen,
         chunks=chunks, process_index=pi, process_count=pc, num_classes=nc, k=k, p=p,
         local_batch_size=ctx.backend.local_batch_size(int(cfg.score.batch_size)),
         num_threads=cfg.num_threads, num_workers=int(cfg.score.num_workers),
@@ -57,6 +65,24 @@ def select(ctx, score: str = "score") -> dict:
   cfg, unl = ctx.cfg, ctx.data.unlabelled
   acc, merged = scoring.merge_parts(ctx.wd.stage(score) / "parts", len(unl))
   bad = merged["bad_ids"]
+  from bssl.stages import eval_copies
+  found = eval_copies.read_any(ctx.wd.stage(score) / "eval_copies")
+  copies_info = {}
+  if found is not None:
+    unl = eval_copies.Excluding(unl, eval_copies.excluded(found))
+    keys, _ = selection.image_keys(unl.source, found["id"])
+    workdir_lib.write_json(ctx.dir / "eval_copies.json", [
+        {"id": int(i), "key": str(k), "split": eval_copies.SPLITS[int(s)],
+         "matched_id": int(e), "similarity": round(float(v), 4),
+         "removed": int(s) < 2}
+        for i, k, s, e, v in zip(found["id"], keys, found["split"], found["match"],
+                                 found["similarity"])])
+    copies_info = {"eval_copies": eval_copies.summary(found)}
+    ctx.log(f"near-duplicates of evaluation images kept out of D̂: "
+            f"{copies_info['eval_copies']['num_removed']} "
+            f"({copies_info['eval_copies']['removed_by_split']}); of D (left in U): "
+            f"{copies_info['eval_copies']['num_copies_of_labelled']}; listed in "
+            f"{ctx.dir / 'eval_copies.json'}")
   names = [unl.name_of(i) for i in bad] if hasattr(unl, "name_of") else [str(i) for i in bad]
   reasons = ([unl.reason_of(i) for i in bad] if hasattr(unl, "reason_of")
              else ["cannot be made the model's input"] * len(bad))
@@ -84,7 +110,8 @@ def select(ctx, score: str = "score") -> dict:
   info = {"k": int(cfg.select.k), "p": int(cfg.select.p), "num_selected": int(len(sel.ids)),
           "num_unique_images": int(len(np.unique(sel.ids))),
           "num_scored": merged["num_scored"], "classes_short_of_k": short,
-          "min_per_class": int(counts.min()), "max_per_class": int(counts.max())}
+          "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
+          **copies_info}
   truth = ctx.data.unlabelled_true_labels
   if truth is not None:
     correct = truth[sel.ids] == sel.classes

@@ -1,0 +1,150 @@
+"""Evaluation images kept out of D̂: before U is scored, every image of U that is a
+near-duplicate (:mod:`bssl.data.neardup`) of a test or validation image is excluded (it is
+never scored, so it cannot enter D̂) and listed with the matched image; near-duplicates of
+D are listed separately (they stay in U: a copy of a labelled image teaches nothing
+wrong, but the user may want to know). Done once, by process 0, at the start of the score
+stage (``<score>/eval_copies.npz``: resumable, and part of the stage's output);
+``score.eval_copies`` = ``exclude`` (default) or ``off``; ``score.copy_threshold`` the
+similarity from which an image is a copy."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bssl import parallel
+from bssl import workdir as workdir_lib
+
+SPLITS = ("test", "val", "labelled")
+MAX_D = 200_000  # D bigger than this (ImageNet's 1.28M) is not searched for copies
+
+
+def _images(src, ids):
+  for i in ids:
+    rec = src[int(i)]
+    if rec.get("valid", True):
+      yield int(i), np.asarray(rec["image"])
+
+
+BLOCK = 4096
+
+
+def find(ctx, folder) -> dict:
+  """Each process matches its share of U (blocks of 4,096 ids, every process-count-th)
+  against indexes of the test, validation and D images, into
+  ``<folder>/p<i>-of-<n>.npz`` (kept: a rerun or resume computes only missing parts);
+  then every process reads them all. Returns, for each image of U that matched, its
+  ``id``, the ``split`` of the evaluation image (0 test, 1 validation, 2 D), that
+  image's id in its split (``match``) and the ``similarity``. Memory: the indexes plus one
+  block of U."""
+  from bssl.data import neardup
+  cfg = ctx.cfg
+  pi, pc = parallel.process_index(), parallel.process_count()
+  part = folder / f"p{pi:05d}-of-{pc:05d}.npz"
+  if not part.exists():
+    thr = float(cfg.score.copy_threshold)
+    unl = ctx.data.unlabelled
+    t0 = time.time()
+    indexes = []
+    for split, name in enumerate(SPLITS):
+      src = getattr(ctx.data, name)
+      if src is None or len(src) == 0:
+        continue
+      if name == "labelled" and len(src) > MAX_D:
+        ctx.log(f"eval copies: D has {len(src)} images (> {MAX_D}); its copies in U are not "
+                f"searched")
+        continue
+      eids, eimgs = zip(*_images(src, range(len(src))))
+      indexes.append((split, np.asarray(eids), neardup.Index(eimgs)))
+    found = {"id": [], "split": [], "match": [], "similarity": []}
+    blocks = list(range(pi * BLOCK, len(unl), pc * BLOCK))
+    done = 0
+    for a in blocks:
+      got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
+      if not got:
+        continue
+      ids_u, imgs_u = zip(*got)
+      for split, eids, index in indexes:
+        m = index.match(imgs_u)
+        hit = np.flatnonzero(m.similarity >= thr)
+        found["id"] += [ids_u[h] for h in hit]
+        found["split"] += [split] * len(hit)
+        found["match"] += eids[m.index[hit]].tolist()
+        found["similarity"] += m.similarity[hit].tolist()
+      done += len(ids_u)
+      el = time.time() - t0
+      total = sum(min(BLOCK, len(unl) - b) for b in blocks)
+      ctx.log(f"eval copies: {done}/{total} images of U (this process) matched against "
+              f"{', '.join(f'{len(e)} {SPLITS[s]}' for s, e, _ in indexes)} images, "
+              f"{done / max(el, 1e-9):.0f} img/s, eta "
+              f"{int((total - done) / max(done / max(el, 1e-9), 1e-9))} s")
+    workdir_lib.write_npz(part, **{k: np.asarray(v, np.float32 if k == "similarity" else
+                                                 np.int64) for k, v in found.items()})
+  parallel.sync("bssl_eval_copies")
+  return read(folder, pc)
+
+
+def read(folder, pc: int) -> dict:
+  parts = [workdir_lib.read_npz(folder / f"p{i:05d}-of-{pc:05d}.npz") for i in range(pc)]
+  out = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "split", "match",
+                                                           "similarity")}
+  o = np.lexsort((out["split"], out["id"]))
+  return {k: v[o] for k, v in out.items()}
+
+
+def read_any(folder) -> dict | None:
+  """The matches of a finished score stage (whatever its process count), or None."""
+  names = workdir_lib.listdir(folder)
+  if not names:
+    return None
+  pc = int(names[0].rsplit("-of-", 1)[1][:-len(".npz")])
+  return read(folder, pc)
+
+
+def excluded(found: dict) -> dict[int, str]:
+  """id -> reason of the U images kept out of scoring: the best test/validation match of
+  each (copies of D stay)."""
+  out, best = {}, {}
+  for i, s, e, v in zip(found["id"].tolist(), found["split"].tolist(),
+                        found["match"].tolist(), found["similarity"].tolist()):
+    if s < 2 and v > best.get(i, -1.0):
+      best[i] = v
+      out[i] = (f"near-duplicate of {SPLITS[s]} image {e} (similarity {v:.3f}); kept out "
+                f"of D̂ so that the {'test' if s == 0 else 'validation'} accuracy is honest")
+  return out
+
+
+class Excluding:
+  """U with some images made invalid (never scored), each with its reason."""
+
+  def __init__(self, source, reasons: dict[int, str]):
+    self.source, self.reasons = source, reasons
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def __getitem__(self, i):
+    rec = self.source[i]
+    if int(i) in self.reasons:
+      rec = dict(rec, valid=False)
+    return rec
+
+  def reason_of(self, i) -> str:
+    r = self.reasons.get(int(i))
+    if r is not None:
+      return r
+    return self.source.reason_of(i) if hasattr(self.source, "reason_of") else (
+        "cannot be made the model's input")
+
+
+def summary(found: dict) -> dict:
+  """Counts for done.json and the report: U images kept out by split, and D's copies."""
+  ex = excluded(found)
+  split = found["split"]
+  return {"num_removed": len(ex),
+          "removed_by_split": {SPLITS[s]: int(len(np.unique(found["id"][split == s])))
+                               for s in (0, 1)},
+          "num_copies_of_labelled": int(len(np.unique(found["id"][split == 2])))}

@@ -1,0 +1,94 @@
+"""Near-duplicates of evaluation images (bssl/data/neardup.py, issue 22): planted copies
+(crop of up to 20% of the area, resize, JPEG quality 30-50, mirror, brightness / contrast /
+saturation) are found and clean look-alikes are not, on photo-like synthetic scenes; on
+Fashion-MNIST the planted copies are found too, but its garments are so alike that clean
+images match as well (measured in benchmarks/neardup.py, docs/webdataset.md). And the
+recipe keeps the copies out of D̂ and lists them."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bssl.data import neardup, planted
+
+
+def test_planted_copies_found_and_look_alikes_not_on_photo_like_scenes():
+  """500 evaluation scenes in 100 families (look-alikes share background and two shapes);
+  U1 = transformed copies of all 500, resized to 64..128 px; U2 = 1,000 other scenes of
+  the same families. Targets of the issue: recall >= 0.98, false positives <= 0.5%."""
+  rng = np.random.default_rng(0)
+  ev = [planted.scene(i, family=i % 100) for i in range(500)]
+  index = neardup.Index(ev)
+  copies = [planted.transform(e, rng, out_size=int(rng.integers(64, 129))) for e in ev]
+  clean = [planted.scene(10_000 + i, family=i % 100) for i in range(1000)]
+  m = index.match(copies)
+  hit = (m.similarity >= neardup.DEFAULT_THRESHOLD) & (m.index == np.arange(500))
+  recall = hit.mean()
+  fp = (index.match(clean).similarity >= neardup.DEFAULT_THRESHOLD).mean()
+  assert recall >= 0.98, recall
+  assert fp <= 0.005, fp
+
+
+def test_each_transform_alone_is_found():
+  rng = np.random.default_rng(1)
+  ev = [planted.scene(i, family=i % 10) for i in range(40)]
+  index = neardup.Index(ev)
+  from PIL import Image
+  for name, f in (
+      ("flip", lambda a: a[:, ::-1]),
+      ("crop 20%", lambda a: a[5:91, 5:91]),
+      ("resize", lambda a: np.asarray(Image.fromarray(a).resize((200, 200)))),
+      ("jpeg 30", lambda a: planted.transform(a, rng, min_area=1.0, min_quality=30)),
+      ("darker", lambda a: (a * 0.85).astype(np.uint8))):
+    m = index.match([f(e) for e in ev])
+    assert (m.index == np.arange(40)).all() and (m.similarity >= 0.95).all(), name
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
+  """demo:tiny with copies of 40 test images planted into U (an image folder): none of
+  them is scored or selected; each is listed with the test image it copies; the report
+  counts them by split."""
+  from PIL import Image
+  from bssl import engine
+  from bssl.configs import demo
+  from bssl.data import sources
+  from bssl.data import recipe
+  cfg = demo.get_config("tiny")
+  test = recipe.build_data(cfg).test  # the run's test split: matched ids are its positions
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "u"
+  folder.mkdir()
+  train, _ = sources.load_fashion_mnist()
+  for i in range(120):  # clean: training images
+    Image.fromarray(train.images[50_000 + i, ..., 0]).save(folder / f"a{i:04d}.png")
+  src = rng.choice(len(test), 40, replace=False)
+  for j, t in enumerate(src):
+    Image.fromarray(planted.transform(test[int(t)]["image"], rng)[..., 0]).save(
+        folder / f"b{j:04d}.jpg")
+  cfg.unlabelled.kind, cfg.unlabelled.path = "image_folder", str(folder)
+  cfg.score.eval_copies = "exclude"
+  cfg.stages = "baseline,teacher,score,select,report"
+  wd = str(tmp_path / "w")
+  engine.run_recipe(cfg, wd)
+  copies = json.load(open(os.path.join(wd, "select", "eval_copies.json")))
+  removed = {c["id"]: c for c in copies if c["removed"]}
+  planted_ids = set(range(120, 160))  # b* after a* in the sorted paths
+  found = {i for i in planted_ids if i in removed and removed[i]["split"] == "test"
+           and removed[i]["matched_id"] == int(src[i - 120])}
+  # Fashion-MNIST: about 80% of the copies are matched to their own source (the rest to a
+  # look-alike, or below the threshold; measured in benchmarks/neardup.py), and clean
+  # garments match too: the method's figures come from photo-like scenes (above)
+  assert len(found) >= 26, len(found)
+  assert len(planted_ids & set(removed)) >= 34, len(planted_ids & set(removed))
+  from bssl import selection
+  sel = selection.read_selection(os.path.join(wd, "select", "dhat"), mmap=False)
+  assert not set(sel.ids.tolist()) & set(removed)
+  bad = json.load(open(os.path.join(wd, "select", "bad_images.json")))
+  assert set(removed) <= set(bad["ids"])
+  assert all("near-duplicate of test image" in r or "validation" in r
+             for i, r in zip(bad["ids"], bad["reasons"]) if i in removed)
+  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
