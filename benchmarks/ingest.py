@@ -7,7 +7,11 @@ to one CPU core:
 1. ``ingest_images_per_s_per_core``: the ingest path (read, hash, decode with DCT
    downscaling, EXIF transpose, resize to short side 256, JPEG re-encode, ArrayRecord
    write, shard manifest) over both sizes, half each;
-2. ``decode_images_per_s_per_core``: what scoring does per image of the ingested shards:
+2. ``tar_ingest_images_per_s_per_core``: the same images as WebDataset tar shards
+   (img2dataset's layout: ``<key>.jpg``, ``<key>.json``, ``<key>.txt``; 256 samples a
+   tar), the same ingest from the tars (stream read, grouping by key, json parsed);
+   ``tar_over_folder`` is its ratio to the folder ingest (target: >= 1);
+3. ``decode_images_per_s_per_core``: what scoring does per image of the ingested shards:
    read the record, decode the 256-px JPEG, resize/centre-crop to the model's 224 input
    (``bssl.data.pipelines.eval_image``).
 
@@ -82,6 +86,28 @@ def main():
     m = ingest.run_ingest(src, out, ingest.Params(shard_size=256), log=lambda m: None)
     ingest_rate = m["num_images"] / (time.perf_counter() - t0)
 
+    # the same images as img2dataset-style tar shards (256 samples each)
+    import tarfile
+    names = sorted(os.listdir(src))
+    tars = os.path.join(tmp, "tars")
+    os.makedirs(tars)
+    for s in range(0, len(names), 256):
+      with tarfile.open(os.path.join(tars, f"{s // 256:05d}.tar"), "w") as tf:
+        for j, name in enumerate(names[s:s + 256]):
+          key = f"{s // 256:05d}{j:04d}"
+          meta = json.dumps({"url": f"https://example.com/{name}", "key": key,
+                             "status": "success", "caption": f"a photo {name}"}).encode()
+          for ext, data in (("jpg", open(os.path.join(src, name), "rb").read()),
+                            ("json", meta), ("txt", f"a photo {name}".encode())):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    t0 = time.perf_counter()
+    mt = ingest.run_ingest(tars, os.path.join(tmp, "out_tar"), ingest.Params(),
+                           log=lambda m: None)
+    tar_rate = mt["num_images"] / (time.perf_counter() - t0)
+    assert mt["num_images"] == m["num_images"] and mt["num_bad"] == 0
+
     unl = ingest.ShardSource(out, channels=3)
     spec = pipelines.ImageSpec(size=args.size, channels=3, augment="none",
                                eval_transform="resize_center_crop")
@@ -99,7 +125,11 @@ def main():
   print(f"ingest: {ingest_rate:.0f} images/s (500x375 alone {per_size['500x375']:.0f}, "
         f"1024x768 alone {per_size['1024x768']:.0f}); decode of ingested shards to "
         f"{args.size}: {decode_rate:.0f} images/s")
+  print(f"tar ingest (the same images in img2dataset-style tar shards): {tar_rate:.0f} "
+        f"images/s, {tar_rate / ingest_rate:.2f}x the folder ingest")
   print(json.dumps({"ingest_images_per_s_per_core": round(ingest_rate, 1),
+                    "tar_ingest_images_per_s_per_core": round(tar_rate, 1),
+                    "tar_over_folder": round(tar_rate / ingest_rate, 3),
                     "decode_images_per_s_per_core": round(decode_rate, 1),
                     "ingest_500x375_per_s": round(per_size["500x375"], 1),
                     "ingest_1024x768_per_s": round(per_size["1024x768"], 1),

@@ -21,6 +21,20 @@ from gcs_emulator import gcs  # noqa: E402,F401
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes on 2 cores, run with BSSL_SLOW_TESTS=1 "
+                          "(what it checks is also checked, in part, by a faster test)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if os.environ.get("BSSL_SLOW_TESTS"):
+    return
+  skip = pytest.mark.skip(reason="slow; set BSSL_SLOW_TESTS=1 to run it")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_tiny_run(tmp_path_factory):
   """One run of configs/demo.py:tiny through every default stage, shared by the test files

@@ -100,6 +100,7 @@ def _close_params(a, b, stage):
     np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-4, err_msg=k)
 
 
+@pytest.mark.slow  # covered faster by: see docs/tests.md
 def test_pod_equals_one_process_and_survives_kill_9(tmp_path, gcs):
   env2 = _env(gcs.env, 2)
   url = gcs.url(f"pod/{tmp_path.name}/run")

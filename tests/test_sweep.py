@@ -62,6 +62,7 @@ def test_sweep_shares_the_teacher_and_the_scoring_pass(ref_sweep):
     assert p["dhat_rows"] <= 10 * p["overrides"]["select.k"]
 
 
+@pytest.mark.slow  # covered faster by: see docs/tests.md
 def test_parallel_sweep_killed_at_a_random_moment_resumes_to_the_same_sweep_json(ref_sweep):
   """--jobs=2 (points in two processes, waiting for each other's shared stages), the whole
   process group killed with SIGKILL at a random moment, then rerun with one process: the

@@ -343,6 +343,7 @@ def test_the_kinetics_recipe_says_what_is_missing():
 # ----------------------------------------------------------------------------- multi-host
 
 
+@pytest.mark.slow  # covered faster by: see docs/tests.md
 def test_two_processes_by_two_devices_score_the_video_dhat_of_one_by_four(tmp_path):
   args = [f"--config={VIDEO}:tiny", "--config.stages=baseline,teacher,score,select"]
   pod = tmp_path / "pod"
