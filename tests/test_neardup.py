@@ -92,3 +92,5 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
              for i, r in zip(bad["ids"], bad["reasons"]) if i in removed)
   res = json.load(open(os.path.join(wd, "report", "results.json")))
   assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
+  md = open(os.path.join(wd, "report", "results.md")).read()
+  assert f"near-duplicates of evaluation images kept out of D̂: {len(removed):,}" in md

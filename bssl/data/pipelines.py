@@ -9,12 +9,12 @@ process's share of the global batch; normalisation happens on the device.
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import grain
 import numpy as np
 from PIL import Image
 
+from bssl.data import batching
 from bssl.data.sources import BadImageError
 
 AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "random_resized_crop_flip", "none")
@@ -32,28 +32,6 @@ class ImageSpec:
   crop_fraction: float = 0.875  # for resize_center_crop
 
 
-def _fix_channels(img: np.ndarray, channels: int) -> np.ndarray:
-  if img.ndim == 2:
-    img = img[..., None]
-  if img.shape[-1] == channels:
-    return img
-  if img.shape[-1] == 1 and channels == 3:
-    return np.repeat(img, 3, axis=-1)
-  if img.shape[-1] == 3 and channels == 1:
-    return np.round(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])
-                    ).astype(np.uint8)[..., None]
-  raise ValueError(f"cannot convert an image with {img.shape[-1]} channels to {channels}")
-
-
-def _pil(img: np.ndarray) -> Image.Image:
-  return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-
-
-def _from_pil(im: Image.Image, channels: int) -> np.ndarray:
-  a = np.asarray(im, np.uint8)
-  return a[..., None] if a.ndim == 2 else a
-
-
 def resize_center_crop(img: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
   h, w = img.shape[:2]
   if (h, w) == (size, size):
@@ -64,8 +42,8 @@ def resize_center_crop(img: np.ndarray, size: int, crop_fraction: float) -> np.n
   top, left = (nh - size) // 2, (nw - size) // 2
   if (nh, nw) == (h, w):  # already at the working size (ingested shards): crop only
     return np.ascontiguousarray(img[top:top + size, left:left + size])
-  im = _pil(img).resize((nw, nh), Image.BILINEAR)
-  return _from_pil(im.crop((left, top, left + size, top + size)), img.shape[-1])
+  im = batching.to_pil(img).resize((nw, nh), Image.BILINEAR)
+  return batching.from_pil(im.crop((left, top, left + size, top + size)), img.shape[-1])
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
@@ -85,14 +63,14 @@ def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
   else:  # fall back to a central crop
     ch = cw = min(h, w)
     top, left = (h - ch) // 2, (w - cw) // 2
-  im = _pil(img).crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
-  return _from_pil(im, img.shape[-1])
+  im = batching.to_pil(img).crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+  return batching.from_pil(im, img.shape[-1])
 
 
 def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
   """The evaluation/scoring view of an image, or None if it cannot be made one."""
   try:
-    img = _fix_channels(np.asarray(img, np.uint8), spec.channels)
+    img = batching.fix_channels(np.asarray(img, np.uint8), spec.channels)
   except ValueError:
     return None
   if spec.eval_transform == "resize_center_crop":
@@ -109,8 +87,8 @@ def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
 def random_resized_crop_flip(img: np.ndarray, spec: ImageSpec,
                              rng: np.random.Generator) -> np.ndarray:
   """The ImageNet-scale training view of one image of any size (fixed-size images take
-  the batched pad-crop-flip of :class:`_TrainBatch` instead)."""
-  img = random_resized_crop(_fix_channels(np.asarray(img, np.uint8), spec.channels),
+  the batched pad-crop-flip of :class:`ImageTrainBatch` instead)."""
+  img = random_resized_crop(batching.fix_channels(np.asarray(img, np.uint8), spec.channels),
                             spec.size, rng)
   if rng.random() < 0.5:
     img = img[:, ::-1]
@@ -133,21 +111,12 @@ class _TrainTransform(grain.transforms.RandomMap):
             "label": np.asarray(rec["label"], np.int32), "id": np.int64(rec["id"])}
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser on uint64 arrays: a counter-based hash for random draws."""
-  x = x ^ (x >> np.uint64(30))
-  x = x * np.uint64(0xBF58476D1CE4E5B9)
-  x = x ^ (x >> np.uint64(27))
-  x = x * np.uint64(0x94D049BB133111EB)
-  return x ^ (x >> np.uint64(31))
-
-
 def pad_crop_flip_draws(positions: np.ndarray, seed: int, pad: int):
   """The (dy, dx, flip) of each stream position: a pure function of (seed, position),
   so any process computes the same draws for the same element."""
   with np.errstate(over="ignore"):
-    key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
-    h = _mix64(np.asarray(positions, np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ key)
+    key = batching.mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
+    h = batching.mix64(np.asarray(positions, np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ key)
   n = np.uint64(2 * pad + 1)
   dy = (h % n).astype(np.int64)
   dx = ((h >> np.uint64(20)) % n).astype(np.int64)
@@ -166,39 +135,19 @@ def pad_crop_flip_batch(images: np.ndarray, dy, dx, flip, pad: int) -> np.ndarra
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-class _TrainBatch(grain.transforms.Map):
-  """Global batch number -> this process's share of it, augmented (fixed-size images).
-
-  The training stream is the concatenation of per-epoch permutations of the source
-  (epoch ``e``'s permutation seeded by ``(seed, e)``); global batch ``k`` is stream
-  positions ``[k*G, (k+1)*G)`` and process ``i`` of ``n`` takes positions ``i, i+n, ...``
-  of it. Pad-crop-flip draws are a function of ``(seed, position)``, so the union of
-  the processes' batches is the single-process global batch, pixel for pixel. One grain
-  element per batch and one numpy gather for its augmentation: the per-record path
-  costs ~250 us of Python per image, as much CPU as a demo train step leaves free.
-  """
-
-  def __init__(self, source, spec: ImageSpec, *, local_batch_size: int, seed: int,
-               process_index: int, process_count: int):
-    self.source, self.spec, self.seed = source, spec, seed
-    self.lbs, self.pi, self.pc = local_batch_size, process_index, process_count
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()  # grain may call map from several threads
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      if epoch not in self._perms:
-        while len(self._perms) >= 4:
-          self._perms.pop(min(self._perms))
-        rng = np.random.default_rng([self.seed, epoch])
-        self._perms[epoch] = rng.permutation(len(self.source))
-      return self._perms[epoch]
+class ImageTrainBatch(batching.StreamBatch):
+  """Global batch number -> this process's share of it, augmented (fixed-size images):
+  the stream of :class:`bssl.data.batching.StreamBatch`; pad-crop-flip draws are a
+  function of ``(seed, position)``, so the union of the processes' batches is the
+  single-process global batch, pixel for pixel. One grain element per batch and one numpy
+  gather for its augmentation: the per-record path costs ~250 us of Python per image, as
+  much CPU as a demo train step leaves free."""
 
   def _image(self, rec) -> np.ndarray:
     if not rec.get("valid", True):
       raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
     spec = self.spec
-    img = _fix_channels(np.asarray(rec["image"], np.uint8), spec.channels)
+    img = batching.fix_channels(np.asarray(rec["image"], np.uint8), spec.channels)
     # both sides: an image as tall as the model's input but wider (or narrower) is still
     # to be made square
     if spec.eval_transform == "resize_center_crop" or img.shape[:2] != (spec.size, spec.size):
@@ -207,15 +156,6 @@ class _TrainBatch(grain.transforms.Map):
       raise BadImageError(f"training image id {int(rec['id'])} has shape {img.shape}, "
                           f"expected {(spec.size, spec.size, spec.channels)}")
     return img
-
-  def positions(self, k) -> tuple[np.ndarray, np.ndarray]:
-    """(stream positions, source indices) of this process's share of global batch ``k``."""
-    g = self.lbs * self.pc
-    pos = int(k) * g + np.arange(self.pi, g, self.pc, dtype=np.int64)
-    n = len(self.source)
-    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n]
-                          for e in np.unique(pos // n)])
-    return pos, idx
 
   def map(self, k):
     pos, idx = self.positions(k)
@@ -231,10 +171,6 @@ class _TrainBatch(grain.transforms.Map):
             "id": np.array([r["id"] for r in recs], np.int64)}
 
 
-def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-
-
 def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 1,
                   prefetch: int = 4, start_batch: int = 0) -> grain.IterDataset:
@@ -243,7 +179,7 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   The permutation is global (same seed on every process) and process ``i`` takes
   positions ``i, i+n, ...``, so the union of the processes' local batches is exactly
   the global batch of a single-process run (same images, same augmentation). Fixed-size
-  images (pad-crop-flip, none) go through :class:`_TrainBatch`, one grain element per
+  images (pad-crop-flip, none) go through :class:`ImageTrainBatch`, one grain element per
   batch; random-resized crops (images of any size) through a per-record map. The
   stream starts at global batch ``start_batch`` (a resumed run at step ``start_batch``
   sees exactly the batches an uninterrupted one would, whatever the process count); the
@@ -256,7 +192,7 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
     return video_lib.train_dataset(source, spec, local_batch_size=local_batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count,
                                    start_batch=start_batch,
-                                   read_options=_read_options(num_threads, prefetch))
+                                   read_options=batching.read_options(num_threads, prefetch))
   if spec.augment == "random_resized_crop_flip":
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # Augment before sharding: each element's random stream is keyed by its position in
@@ -266,21 +202,14 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
       ds = ds[process_index::process_count]
     ds = ds.batch(local_batch_size, drop_remainder=True)[start_batch:]
   else:
-    ds = grain.MapDataset.range(start_batch, 2**62).map(_TrainBatch(
+    ds = grain.MapDataset.range(start_batch, 2**62).map(ImageTrainBatch(
         source, spec, local_batch_size=local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count))
-  return ds.to_iter_dataset(_read_options(num_threads, prefetch))
+  return ds.to_iter_dataset(batching.read_options(num_threads, prefetch))
 
 
-class _RecordsBatch(grain.transforms.Map):
-  """Element ``j`` -> records ``[first_j, stop_j)`` of the source, written straight into
-  one batch array of ``batch_size`` rows (one grain element and no second copy per
-  batch). Rows past ``stop_j`` and undecodable images are blanks with ``mask == False``
-  (and ``valid == False``)."""
-
-  def __init__(self, source, spec: ImageSpec, *, batch_size: int, bounds: np.ndarray):
-    self.source, self.spec, self.lbs = source, spec, batch_size
-    self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
+class ImageRecordsBatch(batching.RecordsBatch):
+  """:class:`bssl.data.batching.RecordsBatch` of images: each record's evaluation view."""
 
   def view_shape(self) -> tuple:
     """The shape of one record's evaluation view."""
@@ -290,29 +219,14 @@ class _RecordsBatch(grain.transforms.Map):
     """One record's evaluation view, or None if it cannot be made one."""
     return eval_image(image, self.spec)
 
-  def map(self, j):
-    lbs = self.lbs
-    first, stop = (int(x) for x in self.bounds[int(j)])
-    out = {"image": np.zeros((lbs,) + tuple(self.view_shape()), np.uint8),
-           "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
-           "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
-    for r, i in enumerate(range(first, stop)):
-      rec = self.source[i]
-      out["label"][r], out["id"][r] = rec["label"], rec["id"]
-      img = self.view(rec["image"]) if rec.get("valid", True) else None
-      if img is not None:
-        out["image"][r] = img
-        out["mask"][r] = out["valid"][r] = True
-    return out
-
 
 def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
   from bssl.data import video as video_lib
   bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
-  batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else _RecordsBatch
+  batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else ImageRecordsBatch
   ds = grain.MapDataset.range(len(bounds)).map(
       batcher(source, spec, batch_size=batch_size, bounds=bounds))
-  it = ds.to_iter_dataset(_read_options(num_threads, prefetch))
+  it = ds.to_iter_dataset(batching.read_options(num_threads, prefetch))
   if num_workers > 0:
     # Decoding in worker processes (no GIL between them); batches come back in order.
     from absl import flags

@@ -11,8 +11,8 @@ pipelines as ``image`` uint8 ``[b, clip_len, S, S, C]`` (training) or
 ``[b, num_clips, clip_len, S, S, C]`` (evaluation and scoring: the device averages the
 clips' softmax into the video-level prediction, :func:`bssl.train.video_probs`).
 
-Training batches follow the image pipeline's contract (:class:`bssl.data.pipelines.
-_TrainBatch`): global batch ``k`` is positions ``[kG, (k+1)G)`` of a stream of per-epoch
+Training batches follow the image pipeline's contract (:class:`bssl.data.batching.
+StreamBatch`): global batch ``k`` is positions ``[kG, (k+1)G)`` of a stream of per-epoch
 permutations, process ``i`` of ``n`` takes positions ``i, i+n, ...``, and every random
 draw (clip start, crop, flip) is a function of ``(seed, position)``: the union of the
 processes' batches is the single-process batch, frame for frame, and a resumed run at
@@ -30,8 +30,7 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 from bssl.data import clips as clips_lib
-from bssl.data import pipelines
-from bssl.data.pipelines import _fix_channels, _mix64
+from bssl.data import batching
 from bssl.data.sources import ArraySource, BadImageError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -77,7 +76,7 @@ def _frames(video: np.ndarray, spec: VideoSpec) -> np.ndarray:
     v = v[..., None]
   if v.ndim != 4 or v.shape[0] == 0:
     raise ValueError(f"a video must be [frames, height, width, channels], got {v.shape}")
-  v = np.stack([_fix_channels(f, spec.channels) for f in v]) if v.shape[-1] != spec.channels \
+  v = np.stack([batching.fix_channels(f, spec.channels) for f in v]) if v.shape[-1] != spec.channels \
       else v
   h, w = v.shape[1:3]
   if min(h, w) < spec.size:
@@ -90,7 +89,7 @@ def _resize_frames(v: np.ndarray, short_side: int) -> np.ndarray:
   h, w = v.shape[1:3]
   scale = short_side / min(h, w)
   nh, nw = max(short_side, int(round(h * scale))), max(short_side, int(round(w * scale)))
-  return np.stack([pipelines._from_pil(pipelines._pil(f).resize((nw, nh), Image.BILINEAR),
+  return np.stack([batching.from_pil(batching.to_pil(f).resize((nw, nh), Image.BILINEAR),
                                        f.shape[-1]) for f in v])
 
 
@@ -110,9 +109,9 @@ def eval_clips(video: np.ndarray, spec: VideoSpec) -> np.ndarray | None:
 def _uniforms(positions: np.ndarray, seed: int, count: int) -> np.ndarray:
   """``[len(positions), count]`` floats in [0, 1): counter-based draws of (seed, position)."""
   with np.errstate(over="ignore"):
-    key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
+    key = batching.mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
     base = np.asarray(positions, np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
-    h = _mix64((base + np.arange(count, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03))
+    h = batching.mix64((base + np.arange(count, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03))
                ^ key)
   return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
@@ -142,7 +141,7 @@ def _name(source, i: int) -> str:
   return name_of(i) if name_of else f"video id {i}"
 
 
-class _VideoTrainBatch(pipelines._TrainBatch):
+class _VideoTrainBatch(batching.StreamBatch):
   """Global batch number -> this process's share of it: one random clip per video (the
   stream and its split over processes are the image pipeline's)."""
 
@@ -174,7 +173,7 @@ def train_dataset(source, spec: VideoSpec, *, local_batch_size: int, seed: int,
       process_index=process_index, process_count=process_count)).to_iter_dataset(read_options)
 
 
-class VideoRecordsBatch(pipelines._RecordsBatch):
+class VideoRecordsBatch(batching.RecordsBatch):
   """Element ``j`` -> videos ``[first_j, stop_j)`` as ``[batch, num_clips, clip_len, S, S,
   C]``; rows past ``stop_j`` and undecodable videos are blanks with ``mask == False``."""
 

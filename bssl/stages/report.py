@@ -35,8 +35,16 @@ def selection_table(sel: dict, unit: str = "images", num_bad: int = 0) -> str:
           f"({sel.get('num_unique_images', 0):,} distinct {unit}) from "
           f"{sel.get('num_scored', 0):,} scored {unit}"]
   if num_bad:
-    rows.append(f"- {num_bad:,} {unit} of U could not be scored (undecodable or duplicates): "
-                f"listed with reasons in select/bad_images.json")
+    rows.append(f"- {num_bad:,} {unit} of U could not be scored (undecodable, duplicates or "
+                f"copies of evaluation images): listed with reasons in "
+                f"select/bad_images.json")
+  ec = sel.get("eval_copies")
+  if ec is not None:
+    by = ec.get("removed_by_split", {})
+    rows.append(f"- near-duplicates of evaluation images kept out of D̂: {ec['num_removed']:,} "
+                f"(of test images {by.get('test', 0):,}, of validation images "
+                f"{by.get('val', 0):,}); near-duplicates of D, left in U: "
+                f"{ec['num_copies_of_labelled']:,}; listed in select/eval_copies.json")
   if "label_precision" in sel:
     rows.append(f"- label precision of D̂ (pseudo-label = hidden true label): "
                 f"{100 * sel['label_precision']:.2f}%")
