@@ -35,6 +35,7 @@ to an IVF index (faiss) or the accelerator at that scale. Measured figures: docs
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 from PIL import Image
@@ -102,7 +103,9 @@ class Match:
 
 
 class Index:
-  """The evaluation images, ready to be matched against U (see the module doc)."""
+  """The evaluation images, ready to be matched against U (see the module doc). ``match``
+  may be called from several threads at once (Pillow's resize and numpy's products
+  release the GIL)."""
 
   def __init__(self, images, candidates: int = 8):
     self.candidates = int(candidates)
@@ -117,13 +120,17 @@ class Index:
     self.coarse = (np.concatenate(coarse) if coarse else
                    np.zeros((0, COARSE * COARSE), np.float32))
     self._fine: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
 
   def _fine_of(self, e: int) -> np.ndarray:
-    f = self._fine.get(e)
+    with self._lock:
+      f = self._fine.get(e)
     if f is None:
-      if len(self._fine) > 4096:  # a bounded cache of rendered views
-        self._fine.pop(next(iter(self._fine)))
-      f = self._fine[e] = _fine_views(self.thumbs[e])
+      f = _fine_views(self.thumbs[e])
+      with self._lock:  # a bounded cache of rendered views, shared by threads
+        if len(self._fine) > 4096:
+          self._fine.pop(next(iter(self._fine)))
+        self._fine[e] = f
     return f
 
   def match(self, images, block: int = 256) -> Match:

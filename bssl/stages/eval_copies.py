@@ -8,6 +8,7 @@ stage (``<score>/eval_copies.npz``: resumable, and part of the stage's output);
 similarity from which an image is a copy."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -27,6 +28,8 @@ def _images(src, ids):
 
 
 BLOCK = 4096
+THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)  # matching threads per process: the host's cores
 
 
 def find(ctx, folder) -> dict:
@@ -59,19 +62,35 @@ def find(ctx, folder) -> dict:
     found = {"id": [], "split": [], "match": [], "similarity": []}
     blocks = list(range(pi * BLOCK, len(unl), pc * BLOCK))
     done = 0
-    for a in blocks:
+
+    def one_block(a):  # (this process's threads: decoding, resizing and products)
       got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
       if not got:
-        continue
+        return [], []
       ids_u, imgs_u = zip(*got)
+      subs = [imgs_u[j::THREADS] for j in range(THREADS)]
+      out = []
       for split, eids, index in indexes:
-        m = index.match(imgs_u)
-        hit = np.flatnonzero(m.similarity >= thr)
-        found["id"] += [ids_u[h] for h in hit]
-        found["split"] += [split] * len(hit)
-        found["match"] += eids[m.index[hit]].tolist()
-        found["similarity"] += m.similarity[hit].tolist()
-      done += len(ids_u)
+        parts = list(pool.map(index.match, subs))
+        sim = np.empty(len(imgs_u), np.float32)
+        idx = np.empty(len(imgs_u), np.int64)
+        for j, m in enumerate(parts):
+          sim[j::THREADS], idx[j::THREADS] = m.similarity, m.index
+        hit = np.flatnonzero(sim >= thr)
+        out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(),
+                    sim[hit].tolist()))
+      return ids_u, out
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(THREADS) as pool:
+      for a in blocks:
+        ids_u, out = one_block(a)
+        for split, hid, hmatch, hsim in out:
+          found["id"] += hid
+          found["split"] += [split] * len(hid)
+          found["match"] += hmatch
+          found["similarity"] += hsim
+        done += len(ids_u)
       el = time.time() - t0
       total = sum(min(BLOCK, len(unl) - b) for b in blocks)
       ctx.log(f"eval copies: {done}/{total} images of U (this process) matched against "
