@@ -12,6 +12,8 @@ the medians over ``--rounds`` are reported (this VM's speed drifts between runs)
 
     python benchmarks/scoring.py                       # 2-block small ResNet and resnet50 @ 224
     python benchmarks/scoring.py --models demo --images 20000
+    python benchmarks/scoring.py --models null --source memory    # the stage's ceiling
+    python benchmarks/scoring.py --models null --source shards --workers 2
 
 The last line printed is one JSON object with the figures.
 """
@@ -46,7 +48,27 @@ MODELS = {
     # name: (registry name, kwargs, image size, channels, classes, batch, images, top_p, k)
     "demo": ("resnet_small", dict(depths=(2, 2, 2)), 28, 1, 10, 1000, 20000, 1, 4000),
     "resnet50": ("resnet50", {}, 224, 3, 1000, 32, 256, 10, 16000),
+    # the ceiling of the stage: a "model" that costs nothing (see NullModel)
+    "null": ("null", {}, 224, 3, 1000, 256, 4096, 10, 16000),
 }
+
+
+class NullModel:
+  """Logits that cost nothing: a fixed pseudo-random vector per class plus each image's
+  first pixel (so that scores differ between images and the top-K does real work). The
+  scoring loop around it — reading, decoding, host->device transfer, top-P, per-class
+  top-K, checkpointed parts — is all that is left: the stage's ceiling on any device."""
+
+  def __init__(self, num_classes: int, dtype=None):
+    self.num_classes = num_classes
+    self.base = jax.random.normal(jax.random.key(1), (num_classes,))
+
+  def init(self, rng, x, train=False):
+    return {"params": {"scale": jnp.ones(())}, "batch_stats": {}}
+
+  def apply(self, variables, x, train=False):
+    first = x[:, 0, 0, 0].astype(jnp.float32)
+    return variables["params"]["scale"] * (self.base[None, :] + first[:, None] * 1e-2)
 
 
 def _ingested(num: int, workers: int, rng):
@@ -69,8 +91,8 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
   from_shards = (ch == 3) if from_shards is None else from_shards
   n = num_images or n
   gbs = batch or gbs
-  model = create_model(arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                       **kwargs)
+  model = NullModel(classes) if arch == "null" else create_model(
+      arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kwargs)
   mesh = parallel.make_mesh()
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, ch)), train=False),
                       out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
