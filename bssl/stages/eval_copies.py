@@ -44,6 +44,10 @@ def find(ctx, folder) -> dict:
   cfg = ctx.cfg
   pi, pc = parallel.process_index(), parallel.process_count()
   part = folder / f"p{pi:05d}-of-{pc:05d}.npz"
+  if pi == 0:  # parts of a run with another process count (resumed on other hosts)
+    for name in workdir_lib.listdir(folder):
+      if not name.endswith(f"-of-{pc:05d}.npz"):
+        (folder / name).unlink()
   if not part.exists():
     thr = float(cfg.score.copy_threshold)
     unl = ctx.data.unlabelled
@@ -111,13 +115,12 @@ def read(folder, pc: int) -> dict:
   return {k: v[o] for k, v in out.items()}
 
 
-def read_any(folder) -> dict | None:
-  """The matches of a finished score stage (whatever its process count), or None."""
-  names = workdir_lib.listdir(folder)
-  if not names:
+def read_done(folder, num_processes: int) -> dict | None:
+  """The matches of a finished score stage run by ``num_processes`` processes (its
+  done.json says), or None when it did not search for copies."""
+  if not workdir_lib.listdir(folder):
     return None
-  pc = int(names[0].rsplit("-of-", 1)[1][:-len(".npz")])
-  return read(folder, pc)
+  return read(folder, int(num_processes))
 
 
 def excluded(found: dict) -> dict[int, str]:

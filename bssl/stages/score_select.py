@@ -66,7 +66,8 @@ def select(ctx, score: str = "score") -> dict:
   acc, merged = scoring.merge_parts(ctx.wd.stage(score) / "parts", len(unl))
   bad = merged["bad_ids"]
   from bssl.stages import eval_copies
-  found = eval_copies.read_any(ctx.wd.stage(score) / "eval_copies")
+  found = eval_copies.read_done(ctx.wd.stage(score) / "eval_copies",
+                                ctx.wd.done(score).get("num_processes", 1))
   copies_info = {}
   if found is not None:
     unl = eval_copies.Excluding(unl, eval_copies.excluded(found))
