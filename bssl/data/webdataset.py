@@ -29,6 +29,7 @@ id and is listed as bad with its reason.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -229,23 +230,30 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
 
 
 class _Counting:
-  """A read-only stream that remembers how far it was read and its last bytes."""
+  """A read-only stream that remembers how far it was read and its last bytes (the last
+  chunks read, at least ``keep`` bytes of them: no copying per read)."""
 
   def __init__(self, fh, keep: int = 1 << 16):
-    self.fh, self.n, self.keep, self.tail = fh, 0, keep, b""
+    self.fh, self.n, self.keep = fh, 0, keep
+    self.chunks: collections.deque = collections.deque()
+    self.held = 0
 
   def read(self, size=-1):
     b = self.fh.read(size)
     self.n += len(b)
-    self.tail = (self.tail + b)[-self.keep:]
+    self.chunks.append(b)
+    self.held += len(b)
+    while self.held - len(self.chunks[0]) >= self.keep:
+      self.held -= len(self.chunks.popleft())
     return b
 
   def zeros_at(self, offset: int) -> bool:
     """Whether the 512 bytes at ``offset`` were read and are all zero."""
-    start = self.n - len(self.tail)
+    tail = b"".join(self.chunks)
+    start = self.n - len(tail)
     if offset < start or offset + 512 > self.n:
       return False
-    return not any(self.tail[offset - start:offset - start + 512])
+    return not any(tail[offset - start:offset - start + 512])
 
 
 def _finish(s: Sample) -> Sample:
