@@ -129,6 +129,16 @@ def resampling_weights(tags: np.ndarray, num_tags: int, mode: str) -> np.ndarray
   return w / w.sum()
 
 
+def _read_vocab(path: str):
+  """(names, tag -> class id or -1) of a vocabulary file: ``name[<TAB>class id]`` lines."""
+  from bssl import workdir as workdir_lib
+  vl = [l.split("\t") for l in workdir_lib.path(path).read_text().splitlines() if l.strip()]
+  names = tuple(x[0].strip() for x in vl)
+  to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
+                      np.int64)
+  return names, to_class
+
+
 def _read_tags_file(path: str, n: int, vocab_file: str | None):
   from bssl import workdir as workdir_lib
   try:
@@ -140,11 +150,7 @@ def _read_tags_file(path: str, n: int, vocab_file: str | None):
                         f"weak.path are {n}: one line per image id, in id order, is needed")
   words = [l.split() for l in lines]
   if vocab_file:
-    vl = [l.split("\t") for l in workdir_lib.path(vocab_file).read_text().splitlines()
-          if l.strip()]
-    names = tuple(x[0].strip() for x in vl)
-    to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
-                        np.int64)
+    names, to_class = _read_vocab(vocab_file)
   else:
     names = tuple(sorted({w for ws in words for w in ws}))
     to_class = np.full(len(names), -1, np.int64)
@@ -174,7 +180,6 @@ def caption_tags(caption: str, mode: str = "words") -> list[str]:
 
 def _caption_tags(images, w):
   """(tags [n, width], names, tag -> class) from the captions of a tar ingest."""
-  from bssl import workdir as workdir_lib
   n = len(images)
   caps = images.fields(np.arange(n), "caption").astype(str)
   mode = str(w.caption_tags)
@@ -183,11 +188,7 @@ def _caption_tags(images, w):
   for i in bad:
     per_image[int(i)] = []
   if w.get("vocab_file"):
-    vl = [l.split("\t") for l in workdir_lib.path(w.vocab_file).read_text().splitlines()
-          if l.strip()]
-    names = tuple(x[0].strip() for x in vl)
-    to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
-                        np.int64)
+    names, to_class = _read_vocab(w.vocab_file)
   else:
     from collections import Counter
     counts = Counter(t for ts in per_image for t in ts)
