@@ -355,11 +355,16 @@ def _lse_parts(z, classes):
   ``m2`` (>= 1, no overflow)."""
   import jax
   import jax.numpy as jnp
-  top2, idx2 = jax.lax.top_k(z, 2)
-  m1, m2, i1 = top2[..., :1], top2[..., 1:], idx2[..., :1]
-  s = jnp.sum(jnp.exp(z - m1), axis=-1, keepdims=True)
+  # The two largest by reductions, not lax.top_k: XLA:CPU fused top_k into the masked sum
+  # below and recomputed it per element (41 ms for 256 x 1,000 logits, 0.3 ms now).
+  # argmax takes the first of equal maxima, as top_k does.
+  m1 = jnp.max(z, axis=-1, keepdims=True)
+  i1 = jnp.argmax(z, axis=-1)[..., None].astype(jnp.int32)
   iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-  rest_top = jnp.sum(jnp.where(iota == i1, 0.0, jnp.exp(z - m2)), axis=-1, keepdims=True)
+  others = jnp.where(iota == i1, -jnp.inf, z)
+  m2 = jnp.max(others, axis=-1, keepdims=True)
+  s = jnp.sum(jnp.exp(z - m1), axis=-1, keepdims=True)
+  rest_top = jnp.sum(jnp.exp(others - m2), axis=-1, keepdims=True)
   zc = jnp.take_along_axis(z, classes, axis=-1)
   rest = jnp.maximum(s - jnp.exp(zc - m1), 1.0)  # >= 1 exactly; rounding never below
   excl = jnp.where(classes == i1, m2 + jnp.log(rest_top), m1 + jnp.log(rest))
