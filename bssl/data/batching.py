@@ -104,12 +104,24 @@ class RecordsBatch(grain.transforms.Map):
     """One record's view, or None if it cannot be made one (a subclass's)."""
     raise NotImplementedError
 
+  def fast_rows(self, first: int, stop: int):
+    """Rows ``[first, stop)`` as arrays in one gather, when the source can give them
+    (``take``: in-memory sources) already in the view's shape; else None (per record)."""
+    return None
+
   def map(self, j):
     lbs = self.lbs
     first, stop = (int(x) for x in self.bounds[int(j)])
     out = {"image": np.zeros((lbs,) + tuple(self.view_shape()), np.uint8),
            "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
            "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
+    rows = self.fast_rows(first, stop)
+    if rows is not None:  # one copy of the whole batch, no per-record Python
+      n = stop - first
+      out["image"][:n] = rows["image"]
+      out["label"][:n], out["id"][:n] = rows["label"], rows["id"]
+      out["mask"][:n] = out["valid"][:n] = rows["valid"]
+      return out
     for r, i in enumerate(range(first, stop)):
       rec = self.source[i]
       out["label"][r], out["id"][r] = rec["label"], rec["id"]

@@ -219,6 +219,15 @@ class ImageRecordsBatch(batching.RecordsBatch):
     """One record's evaluation view, or None if it cannot be made one."""
     return eval_image(image, self.spec)
 
+  def fast_rows(self, first: int, stop: int):
+    take = getattr(self.source, "take", None)
+    if take is None or self.spec.eval_transform != "none":
+      return None
+    rows = take(np.arange(first, stop))
+    if rows is None or rows["image"].shape[1:] != self.view_shape():
+      return None  # another size or channel count: each record's own view
+    return rows
+
 
 def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
   from bssl.data import video as video_lib

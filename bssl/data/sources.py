@@ -65,6 +65,12 @@ class ArraySource:
   def __getitem__(self, i: int) -> dict:
     return {"image": self.images[i], "label": self.labels[i], "id": self.ids[i]}
 
+  def take(self, positions: np.ndarray) -> dict:
+    """Records ``positions`` as arrays (one gather): what ``__getitem__`` gives, batched."""
+    positions = np.asarray(positions, np.int64)
+    return {"image": self.images[positions], "label": self.labels[positions],
+            "id": self.ids[positions], "valid": np.ones(len(positions), bool)}
+
   def subset(self, indices: np.ndarray, hide_labels: bool = False) -> "ArraySource":
     indices = np.asarray(indices, np.int64)
     labels = None if hide_labels else self.labels[indices]
@@ -384,6 +390,23 @@ class SubsetView:
     if self.reindex:
       rec["id"] = np.int64(i)
     return rec
+
+  def take(self, positions: np.ndarray) -> dict | None:
+    """:meth:`__getitem__` of many positions in one gather, when the source can (else
+    None); rows marked unreadable are left to the per-record path."""
+    inner = getattr(self.source, "take", None)
+    positions = np.asarray(positions, np.int64)
+    if inner is None or any(int(i) in self.unreadable for i in positions):
+      return None
+    rows = inner(self.indices[positions])
+    if rows is None:
+      return None
+    rows = dict(rows)
+    if self.hide_labels:
+      rows["label"] = np.full(len(positions), -1, np.int32)
+    if self.reindex:
+      rows["id"] = positions.copy()
+    return rows
 
   def name_of(self, i: int) -> str:
     inner = getattr(self.source, "name_of", None)

@@ -154,6 +154,16 @@ class Excluding:
       rec = dict(rec, valid=False)
     return rec
 
+  def take(self, positions):
+    """The source's batched rows with the excluded ones made invalid (or None)."""
+    inner = getattr(self.source, "take", None)
+    rows = inner(positions) if inner is not None else None
+    if rows is not None:
+      rows = dict(rows)
+      rows["valid"] = rows["valid"] & ~np.isin(np.asarray(positions, np.int64),
+                                               np.fromiter(self.reasons, np.int64))
+    return rows
+
   def reason_of(self, i) -> str:
     r = self.reasons.get(int(i))
     if r is not None:
