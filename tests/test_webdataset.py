@@ -117,6 +117,10 @@ def test_damaged_tar_keeps_the_samples_before_the_damage(shards, tmp_path):
   m = ingest.run_ingest(str(d), str(tmp_path / "out"), PARAMS, log=lambda m: None)
   assert 0 < m["num_images"] < 12 and len(m["tar_errors"]) == 1
   assert "cut short" in m["tar_errors"][0]
+  # nothing but an empty tar: a user error naming it, not an empty U (exit 2 in the CLI)
+  (d / "00000.tar").write_bytes(b"")
+  with pytest.raises(ingest.IngestError, match="no image.*00000.tar"):
+    ingest.run_ingest(str(d), str(tmp_path / "out2"), PARAMS, log=lambda m: None)
 
 
 def test_kill_9_during_ingest_then_rerun_is_byte_identical(shards, ref, tmp_path):

@@ -387,6 +387,13 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
   out = workdir_lib.path(out)
   offsets = shard_offsets(out, header)
   header = dict(header, num_images=int(offsets[-1]))
+  if header["num_images"] == 0:
+    errs = [str(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["tar_error"])
+            for s in range(int(header["num_shards"]))]
+    errs = [e for e in errs if e]
+    raise IngestError("--input holds no image (no sample, or every sample's json status "
+                      "is not success)" + (f"; {len(errs)} tar shard(s) are damaged: {errs[0]}"
+                                          if errs else ""))
   parts = []
   for k in range(n_parts):
     p = _part_path(out, k, n_parts)
