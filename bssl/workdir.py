@@ -121,9 +121,14 @@ def write_npz(p: PathLike, **arrays) -> None:
   write_bytes(p, buf.getvalue())
 
 
-def read_npz(p: PathLike) -> dict[str, np.ndarray]:
+def read_npz(p: PathLike, keys=None) -> dict[str, np.ndarray]:
+  """The arrays of an .npz, or only ``keys`` of them: then only those members are read
+  (the zip is opened in place and read by seeks, ranged reads on gs://)."""
   p = path(p)
   try:
+    if keys is not None:
+      with p.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
+        return {k: z[k] for k in keys if k in z.files}
     with np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

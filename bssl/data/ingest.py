@@ -331,8 +331,8 @@ def shard_offsets(out, header: dict) -> np.ndarray:
     n = int(header["num_images"])
     return np.minimum(np.arange(ns + 1, dtype=np.int64) * int(header["shard_size"]), n)
   out = workdir_lib.path(out)
-  sizes = [len(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["hash"])
-           for s in range(ns)]
+  sizes = [len(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz",
+                                    keys=("hash",))["hash"]) for s in range(ns)]
   return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
@@ -349,7 +349,9 @@ def dedup_partition(out, header: dict, offsets: np.ndarray, k: int, n: int) -> d
   not duplicates. Written to ``dedup/part-<k>-of-<n>.npz``."""
   ids, hs = [], []
   for s in range(int(header["num_shards"])):
-    m = workdir_lib.read_npz(workdir_lib.path(out) / "shards" / f"{shard_name(s)}.npz")
+    # only the two columns needed (not paths, urls, captions): read in place
+    m = workdir_lib.read_npz(workdir_lib.path(out) / "shards" / f"{shard_name(s)}.npz",
+                             keys=("hash", "reason"))
     h = np.ascontiguousarray(m["hash"]).view(">u8").reshape(-1, 2)
     sel = (m["reason"] == "") & (h[:, 0] % np.uint64(n) == k)
     ids.append(offsets[s] + np.flatnonzero(sel))
