@@ -112,9 +112,21 @@ def reshard(workdir: str, out: str, shard_size: int = 10_000, log=print) -> dict
           "num_shards": n_shards}
 
 
+def _fail(message: str) -> int:
+  print(f"bssl.reshard: error: {' '.join(str(message).split())[:800]}", file=sys.stderr,
+        flush=True)
+  return 2
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with its errors as one line and exit code 2, as every bssl command."""
+
+  def error(self, message):
+    sys.exit(_fail(message))
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m bssl.reshard",
-                              description=__doc__.split("\n\n")[0])
+  p = _Parser(prog="python -m bssl.reshard", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="a run's work directory (with select/)")
   p.add_argument("--out", required=True, help="output folder for the tar shards")
   p.add_argument("--shard_size", type=int, default=10_000, help="images per tar shard")
@@ -122,10 +134,14 @@ def main(argv=None) -> int:
   try:
     reshard(a.workdir, a.out, a.shard_size, log=lambda m: print(m, flush=True))
   except (ReshardError, FileNotFoundError, ValueError) as e:
-    print(f"bssl.reshard: error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return _fail(str(e))
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """The ``bssl-reshard`` console command (= ``python -m bssl.reshard``)."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

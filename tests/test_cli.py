@@ -89,7 +89,8 @@ def test_console_commands_of_the_installed_package(tmp_path):
   import shutil
   bindir = os.path.dirname(sys.executable)
   found = {c: shutil.which(c, path=bindir) for c in
-           ("bssl", "bssl-sweep", "bssl-ingest", "bssl-compare", "bssl-convert")}
+           ("bssl", "bssl-sweep", "bssl-ingest", "bssl-compare", "bssl-convert",
+            "bssl-reshard")}
   if not all(found.values()):
     pytest.skip(f"bssl is not installed next to {sys.executable} (run setup.sh)")
   for cmd, args, want in (
@@ -98,7 +99,9 @@ def test_console_commands_of_the_installed_package(tmp_path):
       ("bssl-ingest", [f"--input={tmp_path}/nope", f"--out={tmp_path}/o"], "does not exist"),
       ("bssl-compare", ["--config=demo:compare"], "--workdir is required"),
       ("bssl-convert", ["--to_torch", f"{tmp_path}/nope", "--out=x.pth", "--model=resnet18"],
-       "does not exist")):
+       "does not exist"),
+      ("bssl-reshard", [f"--workdir={tmp_path}/nope", "--out=o"], "no complete selection"),
+      ("bssl-reshard", ["--out=o"], "--workdir")):
     r = subprocess.run([found[cmd], *args], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     _one_line_exit_2(r.returncode, r.stderr, want)
