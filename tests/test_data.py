@@ -243,6 +243,9 @@ def test_batched_rows_of_in_memory_sources_equal_the_per_record_path():
   marked = sources.SubsetView(base, np.arange(20), reindex=True)
   marked.unreadable[3] = "bad"
   excl = eval_copies.Excluding(view, {5: "copy", 30: "copy"})
+  import pickle  # to decode worker processes (score.num_workers > 0)
+  back = pickle.loads(pickle.dumps(excl))
+  assert back.reasons == excl.reasons and not back[5]["valid"] and back.reason_of(5) == "copy"
 
   class PerRecord:  # the same records without ``take``
     def __init__(self, s):

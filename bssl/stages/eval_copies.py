@@ -146,6 +146,8 @@ class Excluding:
     return len(self.source)
 
   def __getattr__(self, name):
+    if name.startswith("__") or name in ("source", "reasons"):
+      raise AttributeError(name)  # (unpickling in decode workers: not set yet)
     return getattr(self.source, name)
 
   def __getitem__(self, i):
