@@ -90,8 +90,9 @@ def select(ctx, score: str = "score") -> dict:
   workdir_lib.write_json(ctx.dir / "bad_images.json",
                          {"ids": bad, "files": names, "reasons": reasons})
   if bad:
-    ctx.log(f"{len(bad)} images were not scored (undecodable, or exact duplicates of an "
-            f"earlier image); listed with reasons in {ctx.dir / 'bad_images.json'}")
+    ctx.log(f"{len(bad)} images were not scored (undecodable, exact duplicates of an "
+            f"earlier image, placeholders, or copies of evaluation images); listed with "
+            f"reasons in {ctx.dir / 'bad_images.json'}")
   if isinstance(acc, selection.GlobalTopK):  # unbalanced: K x C best pairs of any class
     sel = acc.result(int(cfg.select.k), int(cfg.select.p))
     ctx.log(f"unbalanced D^: the global top {int(cfg.select.k) * acc.num_classes} pairs of "
