@@ -116,10 +116,8 @@ def _folder_tars(root: str) -> list[str]:
     fs, r = fsspec.core.url_to_fs(root)
     proto = root.split("://", 1)[0]
     return sorted(f"{proto}://{f}" for f in fs.find(r) if _is_tar(f))
-  out = []
-  for d, _, files in os.walk(root, followlinks=True):
-    out += [os.path.join(d, f) for f in files if _is_tar(f)]
-  return sorted(out)
+  from bssl.data import ingest  # the ingest's walk: symlinked folders once, no loops
+  return sorted(os.path.join(root, r) for r in ingest._walk_local(root, (".tar",)))
 
 
 def list_tars(input_path: str) -> list[str]:
