@@ -44,6 +44,10 @@ ALL_STAGES = ("weak_pretrain", "baseline", "teacher", "score", "select", "pretra
 DEFAULT_STAGES = tuple(s for s in ALL_STAGES if s not in ("weak_pretrain", "transfer"))
 TRANSFER_MODES = ("fc_only", "full_ft")
 TRANSFER_MODELS = ("baseline", "teacher", "student")
+# (result key, stage) of the models a run evaluates (later rounds add their own:
+# bssl/stages/evaluate.py); here so that bssl.sweep reads them without the stage table
+EVALUATED_MODELS = (("baseline", "baseline"), ("teacher", "teacher"),
+                    ("student_pretrained", "pretrain"), ("student", "finetune"))
 WEAK_KINDS = ("synthetic", "tags_file", "captions")
 CAPTION_TAGS = ("words", "hashtags")
 RESAMPLING = ("none", "sqrt", "inverse")

@@ -345,9 +345,7 @@ def _mean_std(xs) -> tuple[float, float]:
   return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
-_RESULT_STAGES = {"baseline": "baseline", "teacher": "teacher",
-                  "student_pretrained": "pretrain", "student": "finetune",
-                  "selection": "select"}
+_RESULT_STAGES = dict(config_lib.EVALUATED_MODELS, selection="select")
 
 
 def _current(point_dir, res: dict) -> tuple[dict, list[str]]:

@@ -319,7 +319,7 @@ def content_digest(out, num_shards: int) -> str:
   out = workdir_lib.path(out)
   header = workdir_lib.read_json(out / "manifest.json")
   return _content_digest(header, (
-      workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["hash"]
+      workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz", keys=("hash",))["hash"]
       for s in range(int(num_shards))))
 
 
@@ -445,8 +445,9 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
   return manifest
 
 
-def _eta(rate_done: float, rate_total: float, elapsed: float) -> str:
-  eta = (rate_total - rate_done) / max(rate_done / max(elapsed, 1e-9), 1e-9)
+def _eta(done: float, total: float, elapsed: float) -> str:
+  """Time left for ``total`` units of work at the rate ``done`` of them took ``elapsed``."""
+  eta = (total - done) / max(done / max(elapsed, 1e-9), 1e-9)
   return f"{int(eta) // 60}m{int(eta) % 60:02d}s"
 
 
@@ -466,13 +467,14 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
   params.check()
   if not 0 <= process_index < process_count:
     raise IngestError(f"process index {process_index} is not in [0, {process_count})")
-  tar = webdataset.looks_like_tars(input_path)
+  try:
+    tars = webdataset.tar_inputs(input_path)
+  except webdataset.TarInputError as e:
+    raise IngestError(str(e)) from None
+  tar = tars is not None
   if tar:
-    try:
-      tars = webdataset.list_tars(input_path)
-    except webdataset.TarInputError as e:
-      raise IngestError(str(e)) from None
-    header = _tar_header(tars, params)
+    stats = [webdataset.tar_stat(t) for t in tars]  # (size, mtime) of each, once
+    header = _tar_header(tars, stats, params)
     units = tars
   else:
     files = list_inputs(input_path, extensions)
@@ -490,8 +492,7 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
   done = _done_shards(out)
   mine = [s for s in range(process_index, ns, process_count) if s not in done]
   if tar:
-    sizes = [webdataset.tar_stat(t)[0] for t in tars]
-    work, unit = [sizes[s] for s in mine], "bytes"
+    work, unit = [stats[s][0] for s in mine], "bytes"
   else:
     work, unit = [len(units[s]) for s in mine], "images"
   total = sum(work)
@@ -538,11 +539,10 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
   return finalize(out, header, n_parts, log)
 
 
-def _tar_header(tars, params: Params) -> dict:
-  from bssl.data import webdataset
+def _tar_header(tars, stats, params: Params) -> dict:
+  """ingest.json of tar input: the shards' paths, sizes and mtimes (``stats``) identify it."""
   h = hashlib.sha256()
-  for t in tars:
-    size, mtime = webdataset.tar_stat(t)
+  for t, (size, mtime) in zip(tars, stats):
     h.update(f"{t}\0{size}\0{mtime}\0".encode("utf-8", "surrogateescape"))
   return {"format_version": FORMAT_VERSION, "input_kind": "webdataset", "num_images": None,
           "input_fingerprint": h.hexdigest()[:32], "short_side": params.short_side,
@@ -748,14 +748,13 @@ class ShardSource:
     return str(self._shard_manifest(s)["path"][j])
 
   def field_of(self, i: int, field: str) -> str:
-    """A manifest field of id ``i`` (``key``, ``url``, ``caption`` of tar shards; ""
-    when the ingest has no such field)."""
-    s, j = self.locate(i)
-    m = self._shard_manifest(s)
-    return str(m[field][j]) if field in m else ""
+    """A manifest field of id ``i``: see :meth:`fields`."""
+    self.locate(i)  # (an id out of range is an IndexError)
+    return str(self.fields([i], field)[0])
 
   def fields(self, ids, field: str) -> np.ndarray:
-    """:meth:`field_of` for many ids (read shard by shard)."""
+    """A manifest field of many ids (read shard by shard): ``key``, ``url``, ``caption`` of
+    tar shards; an ingest of files has its path as ``key`` and "" for the others."""
     ids = np.asarray(ids, np.int64)
     out = np.empty(len(ids), object)
     shard = np.searchsorted(self.offsets, ids, side="right") - 1

@@ -52,9 +52,7 @@ class TarInputError(ValueError):
 class Sample:
   key: str
   image: bytes | None = None
-  image_ext: str | None = None
-  meta: dict | None = None          # the json member, parsed
-  meta_error: str | None = None     # why the json member could not be parsed
+  meta: dict | None = None          # the json member, parsed (None: none, or not an object)
   caption: str | None = None        # the txt member, else json["caption"]
   members: tuple = ()
 
@@ -90,83 +88,43 @@ def _is_tar(name: str) -> bool:
   return name.lower().endswith(".tar")
 
 
-def looks_like_tars(input_path: str) -> bool:
-  """Whether ``--input`` names tar shards (a pattern, a .tar, a folder of them, a list of
-  them) rather than image files."""
-  if _BRACE.search(input_path):
-    return True
-  if _is_tar(input_path):
-    return True
-  p = workdir_lib.path(input_path)
-  try:
-    if p.is_dir():
-      return bool(_folder_tars(input_path))
-    if p.exists():
-      lines = [l.strip() for l in p.read_text().splitlines()
-               if l.strip() and not l.strip().startswith("#")]
-      return bool(lines) and all(_is_tar(l) for l in lines)
-  except (OSError, UnicodeDecodeError):
-    return False
-  return False
-
-
-def _folder_tars(root: str) -> list[str]:
-  if workdir_lib.is_remote(root):
-    import fsspec
-    fs, r = fsspec.core.url_to_fs(root)
-    proto = root.split("://", 1)[0]
-    return sorted(f"{proto}://{f}" for f in fs.find(r) if _is_tar(f))
-  from bssl.data import ingest  # the ingest's walk: symlinked folders once, no loops
-  return sorted(os.path.join(root, r) for r in ingest._walk_local(root, (".tar",)))
-
-
-def list_tars(input_path: str) -> list[str]:
-  """The shards of ``--input``, sorted as whole paths; every one must exist."""
+def tar_inputs(input_path: str) -> list[str] | None:
+  """The tar shards ``--input`` names (a pattern, a .tar, a folder of them, a list of
+  them), sorted as whole paths, every one existing; None when it names image files. A
+  folder is listed once, with the ingest's own listing (:func:`bssl.data.ingest.
+  list_inputs`: symlinked folders once, gs:// in one paginated listing), and one holding
+  both shards and images is refused."""
+  from bssl.data import ingest
   if _BRACE.search(input_path):
     tars = expand_braces(input_path)
   elif _is_tar(input_path) and not workdir_lib.path(input_path).is_dir():
     tars = [input_path]
   else:
     p = workdir_lib.path(input_path)
-    if p.is_dir():
-      tars = _folder_tars(input_path)
-      from bssl.data import ingest
-      images = ingest.list_inputs(input_path) if _has_images(input_path) else []
-      if images:
-        raise TarInputError(f"--input: {input_path!r} holds both .tar shards ({len(tars)}) "
-                            f"and image files ({len(images)}, e.g. {images[0]!r}); give the "
-                            f"shards as a pattern or a list, or the images in a folder of "
-                            f"their own")
-    else:
-      base = str(p.parent)
-      tars = []
-      for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-          continue
-        if "://" in line or line.startswith("/"):
-          tars.append(line)
-        elif workdir_lib.is_remote(base):
-          tars.append(base.rstrip("/") + "/" + line)
-        else:
-          tars.append(os.path.normpath(os.path.join(base, line)))
+    if not p.exists():
+      return None  # (list_inputs says it does not exist)
+    try:
+      if p.is_dir():
+        found = ingest.list_inputs(input_path, ingest.EXTENSIONS + (".tar",))
+      else:
+        found = ingest.list_inputs(input_path)  # a list's lines, resolved as for images
+    except (ingest.IngestError, UnicodeDecodeError):
+      return None
+    tars = [f for f in found if _is_tar(f)]
+    if not tars or (not p.is_dir() and len(tars) < len(found)):
+      return None  # image files (a list of other files than tars: taken as images)
+    if len(tars) < len(found):
+      images = [f for f in found if not _is_tar(f)]
+      raise TarInputError(f"--input: {input_path!r} holds both .tar shards ({len(tars)}) "
+                          f"and image files ({len(images)}, e.g. {images[0]!r}); give the "
+                          f"shards as a pattern or a list, or the images in a folder of "
+                          f"their own")
   tars = sorted(set(tars))
   missing = [t for t in tars if not workdir_lib.path(t).exists()]
   if missing:
     raise TarInputError(f"--input: {len(missing)} of {len(tars)} tar shard(s) do not exist: "
                         f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-  if not tars:
-    raise TarInputError(f"--input: no .tar shards in {input_path!r}")
   return tars
-
-
-def _has_images(root: str) -> bool:
-  from bssl.data import ingest
-  try:
-    ingest.list_inputs(root)
-    return True
-  except ingest.IngestError:
-    return False
 
 
 def tar_stat(path: str) -> tuple[int, int]:
@@ -204,15 +162,13 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
         cur.members += (ext,)
         base = ext.rsplit(".", 1)[-1]
         if base in IMAGE_EXTENSIONS and cur.image is None:
-          cur.image, cur.image_ext = data, base
+          cur.image = data
         elif ext == "json":
           try:
             meta = json.loads(data.decode("utf-8"))
-            cur.meta = meta if isinstance(meta, dict) else None
-            if cur.meta is None:
-              cur.meta_error = "the json member is not an object"
-          except (UnicodeDecodeError, ValueError) as e:
-            cur.meta_error = f"the json member cannot be parsed ({e})"
+          except (UnicodeDecodeError, ValueError):
+            meta = None
+          cur.meta = meta if isinstance(meta, dict) else None
         elif ext == "txt":
           cur.caption = data.decode("utf-8", "replace")
       # tarfile ends a stream quietly where the file ends; a whole archive ends with a

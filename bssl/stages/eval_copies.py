@@ -141,12 +141,13 @@ class Excluding:
 
   def __init__(self, source, reasons: dict[int, str]):
     self.source, self.reasons = source, reasons
+    self.excluded = np.fromiter(sorted(reasons), np.int64, len(reasons))  # for take()
 
   def __len__(self):
     return len(self.source)
 
   def __getattr__(self, name):
-    if name.startswith("__") or name in ("source", "reasons"):
+    if name.startswith("__") or name in ("source", "reasons", "excluded"):
       raise AttributeError(name)  # (unpickling in decode workers: not set yet)
     return getattr(self.source, name)
 
@@ -163,7 +164,7 @@ class Excluding:
     if rows is not None:
       rows = dict(rows)
       rows["valid"] = rows["valid"] & ~np.isin(np.asarray(positions, np.int64),
-                                               np.fromiter(self.reasons, np.int64))
+                                               self.excluded)
     return rows
 
   def reason_of(self, i) -> str:

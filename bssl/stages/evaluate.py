@@ -2,10 +2,9 @@
 are another's (the teacher that is the baseline) is measured once and marked so."""
 from __future__ import annotations
 
-from bssl.config import round_stage, section_of
+from bssl.config import EVALUATED_MODELS, round_stage, section_of
 
-MODELS = (("baseline", "baseline"), ("teacher", "teacher"),
-          ("student_pretrained", "pretrain"), ("student", "finetune"))
+MODELS = EVALUATED_MODELS
 MODEL_STAGES = tuple(stage for _, stage in MODELS)
 
 
