@@ -121,6 +121,10 @@ def test_damaged_tar_keeps_the_samples_before_the_damage(shards, tmp_path):
   (d / "00000.tar").write_bytes(b"")
   with pytest.raises(ingest.IngestError, match="no image.*00000.tar"):
     ingest.run_ingest(str(d), str(tmp_path / "out2"), PARAMS, log=lambda m: None)
+  # an image (not a list) given as --input: a user error, not a UnicodeDecodeError
+  (d / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+  with pytest.raises(ingest.IngestError, match="not a text list of paths"):
+    ingest.run_ingest(str(d / "x.png"), str(tmp_path / "out3"), PARAMS, log=lambda m: None)
 
 
 def test_kill_9_during_ingest_then_rerun_is_byte_identical(shards, ref, tmp_path):

@@ -132,7 +132,12 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
     base = str(p.parent)
     remote_base = workdir_lib.is_remote(base)
     files = []
-    for line in p.read_text().splitlines():
+    try:
+      text = p.read_text()
+    except UnicodeDecodeError:
+      raise IngestError(f"--input: {input_path!r} is a file but not a text list of paths "
+                        f"(one per line); give the folder that holds it, or a list") from None
+    for line in text.splitlines():
       line = line.strip()
       if not line or line.startswith("#"):
         continue
