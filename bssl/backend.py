@@ -108,7 +108,8 @@ class JaxBackend:
       out = train.fit(name=ctx.stage, model=model, cfg=scfg, source=source, spec=ctx.data.spec,
                       mesh=self.mesh, workdir=ctx.dir, num_classes=num_classes,
                       mean=mean, std=std, init_variables=variables,
-                      seed=seed, num_threads=cfg.num_threads)
+                      seed=seed, num_threads=cfg.num_threads,
+                      num_workers=int(cfg.num_workers))
       variables = out.pop("variables")
     train.save_variables(ctx.dir / "final", variables)
     out["num_params"] = models.count_params(variables["params"])
@@ -153,7 +154,7 @@ class JaxBackend:
     out = train.fit(name=f"transfer/{key}", model=tmodel, cfg=ft, source=target.train,
                     spec=ctx.data.spec, mesh=self.mesh, workdir=ctx.dir / key / "full_ft",
                     num_classes=target.num_classes, mean=mean, std=std, init_variables=init,
-                    seed=seed, num_threads=cfg.num_threads)
+                    seed=seed, num_threads=cfg.num_threads, num_workers=int(cfg.num_workers))
     ev = train.make_eval_step(tmodel, self.mesh, num_classes=target.num_classes, mean=mean,
                               std=std)
     kw = dict(global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)

@@ -111,6 +111,9 @@ FIELDS = (
     Field("mesh_shape", (), tuple, "device mesh shape; () = one data axis over all devices",
           cosmetic=True),
     Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
+    Field("num_workers", 0, int, "training-input worker processes per process (grain "
+          "mp_prefetch: decode and augment without the GIL; the same batches; 0: in "
+          "num_threads threads of the process itself)", minimum=0, cosmetic=True),
     Field("rounds", 1, int, "teacher -> student rounds of self-training: round r > 1 scores "
           "U with round r-1's student and trains a new student (stages score_r<r>, ..., "
           "finetune_r<r>, with the config of score, select, pretrain, finetune)", minimum=1),

@@ -429,7 +429,8 @@ def _any_process(flag: bool) -> bool:
 
 def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workdir,
         num_classes: int, mean, std, init_variables=None, seed: int = 0,
-        num_threads: int = 1, stop_after_steps: int | None = None) -> dict:
+        num_threads: int = 1, stop_after_steps: int | None = None,
+        num_workers: int = 0) -> dict:
   """Trains ``model`` on ``source`` for ``cfg.steps`` steps and returns its variables.
 
   Checkpoints (the train state) go to ``workdir/checkpoints`` (local or ``gs://``) every
@@ -467,7 +468,8 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
   it = iter(pipelines.train_dataset(source, spec, local_batch_size=lbs, seed=seed,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count(),
-                                    num_threads=num_threads, start_batch=start))
+                                    num_threads=num_threads, start_batch=start,
+                                    num_workers=num_workers))
 
   train_step = make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
                                schedule=schedule, bn_mode=cfg.get("bn_mode", "sync"),

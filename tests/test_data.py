@@ -183,6 +183,24 @@ def test_random_resized_crop_path_gives_fixed_size_batches_split_exactly():
   assert sorted(ids[:13]) == list(range(13))
 
 
+def test_training_input_in_worker_processes_is_the_same_stream():
+  """num_workers (grain mp_prefetch) decodes and augments in other processes: the batches
+  must be the ones of the threads-only stream, in order, for both augmentation paths and
+  from a resumed position."""
+  rrc = pipelines.ImageSpec(size=8, channels=3, augment="random_resized_crop_flip")
+  pcf = pipelines.ImageSpec(size=S, channels=1, augment="pad_crop_flip", pad=2)
+  for spec, src in ((rrc, _VariableSizeSource()), (pcf, _Source())):
+    for start in (3,):
+      def batches(workers):
+        it = iter(pipelines.train_dataset(src, spec, local_batch_size=4, seed=5,
+                                          start_batch=start, num_workers=workers))
+        return [next(it) for _ in range(5)]
+      want, got = batches(0), batches(2)
+      for w, g in zip(want, got):
+        for key in ("image", "label", "id"):
+          np.testing.assert_array_equal(g[key], w[key])
+
+
 def test_range_batches_cover_a_range_once():
   np.testing.assert_array_equal(pipelines.range_batches(5, 23, 8),
                                 [[5, 13], [13, 21], [21, 23]])

@@ -64,6 +64,12 @@ class StreamBatch(grain.transforms.Map):
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # grain may call map from several threads
 
+  def __getstate__(self):  # to worker processes (num_workers): no lock, no cache
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_perms")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock(), _perms={})
+
   def _perm(self, epoch: int) -> np.ndarray:
     with self._lock:
       if epoch not in self._perms:
