@@ -126,6 +126,49 @@ def test_decode_matches_pillow_after_exif_and_mode_conversion(hostile):
   assert r.shape == (64, 48, 3)  # the EXIF orientation turned 64x48 into 48 wide
 
 
+def test_fast_jpeg_path_gives_pillows_pixels_and_leaves_the_rest_to_pillow():
+  """simplejpeg decodes the plain JPEGs (the shards' kind) with exactly Pillow's pixels;
+  what it must not take (EXIF/XMP orientation, CMYK, RGB asked as grey) or refuses
+  (truncated) goes to Pillow's path."""
+  assert decode._simplejpeg is not None, "simplejpeg is a pinned dependency"
+  cases = []
+  for (w, h), kw in (((256, 341), dict(quality=90)), ((17, 9), dict(quality=30)),
+                     ((1, 1), {}), ((301, 257), dict(subsampling=0)),
+                     ((200, 120), dict(subsampling=1)), ((200, 120), dict(progressive=True)),
+                     ((160, 96), dict(restart_marker_blocks=2))):
+    buf = io.BytesIO()
+    _photo(w, h, w * h).save(buf, "JPEG", **kw)
+    cases.append((buf.getvalue(), True))
+  buf = io.BytesIO()
+  _photo(70, 50, 3).convert("L").save(buf, "JPEG", quality=80)
+  cases.append((buf.getvalue(), True))
+  rot = _photo(64, 48, 8)
+  for extra in (dict(exif=rot.getexif()), dict(xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+                b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')):
+    buf = io.BytesIO()
+    rot.save(buf, "JPEG", **extra)
+    cases.append((buf.getvalue(), False))  # APP1: Pillow applies any orientation
+  buf = io.BytesIO()
+  _photo(40, 30, 7).convert("CMYK").save(buf, "JPEG")
+  cases.append((buf.getvalue(), False))
+  for data, fast in cases:
+    for ch in (3, 1):
+      want = np.asarray(decode.open_image(data, ch), np.uint8)  # Pillow's path
+      want = want[..., None] if want.ndim == 2 else want
+      grey = Image.open(io.BytesIO(data)).mode == "L"
+      took = decode.fast_jpeg(data, ch) is not None
+      assert took == (fast and (ch == 3 or grey)), (len(data), ch)
+      got = decode.decode(data, ch)
+      assert got.dtype == np.uint8 and got.shape == want.shape
+      np.testing.assert_array_equal(got, want)
+  data = cases[0][0]
+  for cut in (len(data) // 2, 700):
+    with pytest.raises(decode.DecodeError, match="truncated"):
+      decode.decode(data[:cut], 3)
+
+
 def _tiff(arr, unsigned=False):
   buf = io.BytesIO()
   Image.fromarray(arr).save(buf, "TIFF")

@@ -23,6 +23,14 @@ What it does, in order:
 
 Images are returned as ``channels`` = 1 (L) or 3 (RGB); an RGB image asked for 1 channel
 uses ITU-R 601 luma as Pillow's ``convert('L')`` does.
+
+A baseline or progressive JPEG with no APP1 segment (so no EXIF or XMP orientation to
+apply), YCbCr or grey, asked for RGB (or grey asked for grey), with no ``short_side``, is
+decoded by simplejpeg (libjpeg-turbo straight into a numpy array: 300 us against Pillow's
+550 us for a 256-px shard image, the same pixels; ``benchmarks/decoders.py``,
+docs/performance.md): what scoring and D-hat training decode per image. Everything else,
+and anything simplejpeg refuses (it is strict: a truncated file is refused, then Pillow
+names the reason), takes Pillow's path; without simplejpeg installed, everything does.
 """
 from __future__ import annotations
 
@@ -33,6 +41,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 _GREY_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+try:
+  import simplejpeg as _simplejpeg
+except ImportError:  # Pillow decodes everything (the same pixels, slower)
+  _simplejpeg = None
 
 
 class DecodeError(ValueError):
@@ -169,9 +182,50 @@ def resize_short_side(im: Image.Image, short_side: int) -> Image.Image:
   return im.resize(size, Image.BILINEAR)
 
 
+def _has_app1(data: bytes) -> bool:
+  """Whether a JPEG's header segments (before the first scan) hold an APP1 segment (EXIF
+  or XMP, where an orientation may be); True when the header cannot be walked."""
+  i, n = 2, len(data)
+  while i + 4 <= n:
+    if data[i] != 0xFF:
+      return True
+    marker = data[i + 1]
+    if marker == 0xFF:  # fill byte
+      i += 1
+      continue
+    if marker == 0xDA:  # start of scan: no APP1 before it
+      return False
+    if marker == 0xE1:
+      return True
+    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+  return True
+
+
+def fast_jpeg(data: bytes, channels: int) -> np.ndarray | None:
+  """uint8 [H, W, channels] by simplejpeg when the module docstring's conditions hold (the
+  pixels Pillow's path gives), else None."""
+  if _simplejpeg is None or data[:3] != b"\xff\xd8\xff" or _has_app1(data):
+    return None
+  try:
+    h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    if Image.MAX_IMAGE_PIXELS and h * w > Image.MAX_IMAGE_PIXELS:
+      return None  # Pillow's path names the decompression bomb
+    if channels == 3 and colorspace in ("YCbCr", "Gray"):
+      return _simplejpeg.decode_jpeg(data, colorspace="RGB")
+    if channels == 1 and colorspace == "Gray":
+      return _simplejpeg.decode_jpeg(data, colorspace="GRAY")
+  except ValueError:  # strict: damaged data, an unsupported kind of JPEG
+    return None
+  return None
+
+
 def decode(data: bytes, channels: int = 3, short_side: int | None = None) -> np.ndarray:
   """uint8 [H, W, channels]: :func:`open_image`, resized down to ``short_side`` when
   given. Raises :class:`DecodeError`."""
+  if not short_side:
+    fast = fast_jpeg(bytes(data), channels)
+    if fast is not None:
+      return fast
   im = open_image(data, channels, short_side)
   if short_side:
     im = resize_short_side(im, short_side)

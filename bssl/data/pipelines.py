@@ -69,7 +69,8 @@ def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
   with ``flip``, mirrored with probability 1/2 (one more draw after the crop's). The
   mirror is Pillow's (62 us at 224 px against 500 us for numpy's reversed-stride copy)."""
   top, left, ch, cw = _crop_box(*img.shape[:2], rng, scale, ratio)
-  im = batching.to_pil(img).crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+  # the crop taken in numpy (a view): Pillow then copies only the crop, not the image
+  im = batching.to_pil(img[top:top + ch, left:left + cw]).resize((size, size), Image.BILINEAR)
   if flip and rng.random() < 0.5:
     im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return batching.from_pil(im, img.shape[-1])

@@ -66,9 +66,17 @@ class ArraySource:
     return {"image": self.images[i], "label": self.labels[i], "id": self.ids[i]}
 
   def take(self, positions: np.ndarray) -> dict:
-    """Records ``positions`` as arrays (one gather): what ``__getitem__`` gives, batched."""
+    """Records ``positions`` as arrays (one gather): what ``__getitem__`` gives, batched.
+    A run of consecutive positions (scoring's batches of an in-memory U) gives a view of
+    the images, not a copy: read-only, for the caller to copy into its batch."""
     positions = np.asarray(positions, np.int64)
-    return {"image": self.images[positions], "label": self.labels[positions],
+    n = len(positions)
+    if n and positions[-1] - positions[0] == n - 1 and (n == 1 or np.all(np.diff(positions) == 1)):
+      images = self.images[positions[0]:positions[-1] + 1].view()
+      images.flags.writeable = False
+    else:
+      images = self.images[positions]
+    return {"image": images, "label": self.labels[positions],
             "id": self.ids[positions], "valid": np.ones(len(positions), bool)}
 
   def subset(self, indices: np.ndarray, hide_labels: bool = False) -> "ArraySource":
