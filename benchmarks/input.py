@@ -178,6 +178,38 @@ def decode_alone(shards, cores, batch, batches, round_):
   return n / (time.perf_counter() - t0) * cores  # one core's rate, reported as if on all
 
 
+def score_breakdown(shards, batch) -> dict:
+  """Where one image's time goes in the scoring input, one thread, microseconds: the
+  record's read, its JPEG decode, its view (centre crop), and the whole batcher per image
+  (``ImageRecordsBatch.map``: the three, the per-record Python and the copy into the
+  batch)."""
+  from bssl.data import decode, ingest, pipelines, sources
+  src = ingest.ShardSource(shards, channels=3)
+  spec = pipelines.ImageSpec(size=224, channels=3, augment="none",
+                             eval_transform="resize_center_crop")
+  n = len(src)
+  data = [src.record_bytes(i) for i in range(n)]
+  imgs = [decode.decode(d, 3) for d in data]
+
+  def per_image(fn):
+    fn(0)
+    t0 = time.perf_counter()
+    for i in range(n):
+      fn(i)
+    return round((time.perf_counter() - t0) / n * 1e6, 1)
+  out = {"read": per_image(src.record_bytes), "decode": per_image(lambda i: decode.decode(data[i], 3)),
+         "view": per_image(lambda i: pipelines.eval_image(imgs[i], spec))}
+  u = sources.SubsetView(src, np.arange(n), reindex=True)
+  b = pipelines.ImageRecordsBatch(u, spec, batch_size=batch,
+                                  bounds=pipelines.range_batches(0, n, batch))
+  b.map(0)
+  t0 = time.perf_counter()
+  for j in range(len(b.bounds)):
+    b.map(j)
+  out["batcher"] = round((time.perf_counter() - t0) / n * 1e6, 1)
+  return out
+
+
 def torchvision(python, folder, mode, cores, batch, batches, rounds):
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(TORCHVISION)
@@ -246,9 +278,13 @@ def main(argv=None):
         rates.setdefault(name, []).append(res)
         print(f"round {r + 1}/{args.rounds} {name:24s} {res:8.1f} images/s "
               f"({res / cores:.1f} per core)", flush=True)
+    parts = score_breakdown(shards, args.batch)
+    print("scoring input, one image, one thread (us): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in parts.items()), flush=True)
   med = {k: float(np.median(v)) for k, v in rates.items()}
   per_core = {k: v / cores for k, v in med.items()}
   out = {"cores": cores, "images": args.images, "batch": args.batch,
+         "score_input_us_per_image": parts,
          "per_core": {k: round(v, 1) for k, v in per_core.items()},
          "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()}}
   # bssl's better way on this machine of the two it offers: read threads (num_threads;
