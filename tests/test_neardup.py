@@ -94,3 +94,51 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
   assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
   md = open(os.path.join(wd, "report", "results.md")).read()
   assert f"near-duplicates of evaluation images kept out of D̂: {len(removed):,}" in md
+
+
+def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, monkeypatch):
+  """The eval-copies search writes a part per 16 blocks of U: a process killed mid-way
+  (here: parts removed) recomputes only the missing parts, and the result is the one of
+  an uninterrupted run; progress lines come with a rate and an ETA; the single part per
+  process of earlier versions is still read."""
+  import types
+  from bssl.data import sources
+  from bssl.stages import eval_copies
+  from bssl import workdir as workdir_lib
+  monkeypatch.setattr(eval_copies, "BLOCK", 4)
+  monkeypatch.setattr(eval_copies, "CHUNK", 2)
+  rng = np.random.default_rng(3)
+  ev = [planted.scene(i, size=48, family=i % 6) for i in range(30)]
+  u = [planted.transform(ev[i // 3], rng) if i % 3 == 0 else planted.scene(500 + i, size=48)
+       for i in range(37)]
+  logs = []
+  ctx = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(score=types.SimpleNamespace(copy_threshold=0.95)),
+      data=types.SimpleNamespace(test=sources.ArraySource(np.stack(ev)), val=None,
+                                 labelled=None, unlabelled=sources.ArraySource(np.stack(u))),
+      log=logs.append)
+  calls = []
+  real = neardup.Index.match
+  monkeypatch.setattr(neardup.Index, "match", lambda self, imgs, **kw: (
+      calls.append(len(imgs)), real(self, imgs, **kw))[1])
+  folder = workdir_lib.path(tmp_path / "ec")
+  want = eval_copies.find(ctx, folder)
+  parts = sorted(os.listdir(folder))
+  assert len(parts) == 5 and all("-of-00001-c" in p for p in parts), parts  # 10 blocks
+  assert sum(calls) == 37 and set(want["id"].tolist()) >= {0, 3, 6}
+  assert any("img/s eta" in m for m in logs), logs
+  calls.clear()
+  for p in (parts[1], parts[4]):  # killed: these parts never written
+    os.unlink(folder / p)
+  got = eval_copies.find(ctx, folder)
+  assert sum(calls) == 8 + 5, calls  # blocks 2-3 and 8-9 (37 images: the last holds 1)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  calls.clear()
+  assert all(np.array_equal(eval_copies.find(ctx, folder)[k], want[k]) for k in want)
+  assert not calls  # all parts there: nothing matched again
+  for p in os.listdir(folder):  # a run of bssl <= 0.4.0: one part per process
+    os.unlink(folder / p)
+  workdir_lib.write_npz(folder / "p00000-of-00001.npz", **want)
+  got = eval_copies.read_done(folder, 1)
+  assert all(np.array_equal(got[k], want[k]) for k in want)

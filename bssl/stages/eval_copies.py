@@ -28,29 +28,39 @@ def _images(src, ids):
 
 
 BLOCK = 4096
+CHUNK = 16  # blocks per part file: a process killed mid-way redoes at most one part
 THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else os.cpu_count() or 1)  # matching threads per process: the host's cores
 
 
+def _part(folder, pi: int, pc: int, chunk: int):
+  return folder / f"p{pi:05d}-of-{pc:05d}-c{chunk:06d}.npz"
+
+
 def find(ctx, folder) -> dict:
   """Each process matches its share of U (blocks of 4,096 ids, every process-count-th)
-  against indexes of the test, validation and D images, into
-  ``<folder>/p<i>-of-<n>.npz`` (kept: a rerun or resume computes only missing parts);
-  then every process reads them all. Returns, for each image of U that matched, its
-  ``id``, the ``split`` of the evaluation image (0 test, 1 validation, 2 D), that
-  image's id in its split (``match``) and the ``similarity``. Memory: the indexes plus one
-  block of U."""
+  against indexes of the test, validation and D images, into part files of 16 blocks
+  ``<folder>/p<i>-of-<n>-c<chunk>.npz`` (kept: a rerun or a resume after a kill computes
+  only the missing parts), with progress lines (rate, ETA); then every process reads them
+  all. Returns, for each image of U that matched, its ``id``, the ``split`` of the
+  evaluation image (0 test, 1 validation, 2 D), that image's id in its split (``match``)
+  and the ``similarity``. Memory: the indexes, their cache of rendered views (at most
+  4,096 evaluation images x 65 x 32 x 32 float32: 1.1 GB) and one block of U."""
   from bssl.data import neardup
   cfg = ctx.cfg
   pi, pc = parallel.process_index(), parallel.process_count()
-  part = folder / f"p{pi:05d}-of-{pc:05d}.npz"
   if pi == 0:  # parts of a run with another process count (resumed on other hosts)
     for name in workdir_lib.listdir(folder):
-      if not name.endswith(f"-of-{pc:05d}.npz"):
+      if f"-of-{pc:05d}" not in name:
         (folder / name).unlink()
-  if not part.exists():
+  unl = ctx.data.unlabelled
+  blocks = list(range(pi * BLOCK, len(unl), pc * BLOCK))
+  chunks = [blocks[c:c + CHUNK] for c in range(0, len(blocks), CHUNK)]
+  whole = folder / f"p{pi:05d}-of-{pc:05d}.npz"  # one part per process (bssl <= 0.4.0)
+  todo = [] if whole.exists() else [c for c in range(len(chunks))
+                                    if not _part(folder, pi, pc, c).exists()]
+  if todo:
     thr = float(cfg.score.copy_threshold)
-    unl = ctx.data.unlabelled
     t0 = time.time()
     indexes = []
     for split, name in enumerate(SPLITS):
@@ -63,14 +73,16 @@ def find(ctx, folder) -> dict:
         continue
       eids, eimgs = zip(*_images(src, range(len(src))))
       indexes.append((split, np.asarray(eids), neardup.Index(eimgs)))
-    found = {"id": [], "split": [], "match": [], "similarity": []}
-    blocks = list(range(pi * BLOCK, len(unl), pc * BLOCK))
-    done = 0
+    against = ", ".join(f"{len(e)} {SPLITS[s]}" for s, e, _ in indexes)
+    total = sum(min(BLOCK, len(unl) - b) for c in todo for b in chunks[c])
+    ctx.log(f"eval copies: {total} images of U (this process; "
+            f"{len(chunks) - len(todo)} of {len(chunks)} parts done earlier) against "
+            f"{against} images (index {time.time() - t0:.0f} s)")
 
     def one_block(a):  # (this process's threads: decoding, resizing and products)
       got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
       if not got:
-        return [], []
+        return 0, []
       ids_u, imgs_u = zip(*got)
       subs = [imgs_u[j::THREADS] for j in range(THREADS)]
       out = []
@@ -83,34 +95,43 @@ def find(ctx, folder) -> dict:
         hit = np.flatnonzero(sim >= thr)
         out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(),
                     sim[hit].tolist()))
-      return ids_u, out
+      return min(BLOCK, len(unl) - a), out
 
     from concurrent.futures import ThreadPoolExecutor
+    done, t1, t_log = 0, time.time(), time.time()
     with ThreadPoolExecutor(THREADS) as pool:
-      for a in blocks:
-        ids_u, out = one_block(a)
-        for split, hid, hmatch, hsim in out:
-          found["id"] += hid
-          found["split"] += [split] * len(hid)
-          found["match"] += hmatch
-          found["similarity"] += hsim
-        done += len(ids_u)
-      el = time.time() - t0
-      total = sum(min(BLOCK, len(unl) - b) for b in blocks)
-      ctx.log(f"eval copies: {done}/{total} images of U (this process) matched against "
-              f"{', '.join(f'{len(e)} {SPLITS[s]}' for s, e, _ in indexes)} images, "
-              f"{done / max(el, 1e-9):.0f} img/s, eta "
-              f"{int((total - done) / max(done / max(el, 1e-9), 1e-9))} s")
-    workdir_lib.write_npz(part, **{k: np.asarray(v, np.float32 if k == "similarity" else
-                                                 np.int64) for k, v in found.items()})
+      for c in todo:
+        found = {"id": [], "split": [], "match": [], "similarity": []}
+        for a in chunks[c]:
+          n, out = one_block(a)
+          for split, hid, hmatch, hsim in out:
+            found["id"] += hid
+            found["split"] += [split] * len(hid)
+            found["match"] += hmatch
+            found["similarity"] += hsim
+          done += n
+          now = time.time()
+          if now - t_log >= 30 or done == total:
+            t_log, rate = now, done / max(now - t1, 1e-9)
+            ctx.log(f"eval copies: {done}/{total} images of U (this process) "
+                    f"({100 * done / max(total, 1):.0f}%) {rate:.0f} img/s eta "
+                    f"{int((total - done) / max(rate, 1e-9))} s")
+        workdir_lib.write_npz(_part(folder, pi, pc, c), **{
+            k: np.asarray(v, np.float32 if k == "similarity" else np.int64)
+            for k, v in found.items()})
   parallel.sync("bssl_eval_copies")
   return read(folder, pc)
 
 
 def read(folder, pc: int) -> dict:
-  parts = [workdir_lib.read_npz(folder / f"p{i:05d}-of-{pc:05d}.npz") for i in range(pc)]
-  out = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "split", "match",
-                                                           "similarity")}
+  """Every part of a run by ``pc`` processes (one per process, or per 16 blocks)."""
+  names = sorted(n for n in workdir_lib.listdir(folder)
+                 if n.endswith(".npz") and f"-of-{pc:05d}" in n)
+  parts = [workdir_lib.read_npz(folder / n) for n in names]
+  keys = ("id", "split", "match", "similarity")
+  if not parts:
+    return {k: np.zeros(0, np.float32 if k == "similarity" else np.int64) for k in keys}
+  out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
   o = np.lexsort((out["split"], out["id"]))
   return {k: v[o] for k, v in out.items()}
 
