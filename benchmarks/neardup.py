@@ -10,6 +10,13 @@ and false positives on a clean U, on two sets, and the time and memory of matchi
    28 px); U2 = ``--clean`` training images (which hold no planted copy).
 
     python benchmarks/neardup.py                 # --eval 2000 --clean 2000
+    python benchmarks/neardup.py --scale 1000000 # the stage's search over 10^6 images of U
+
+``--scale N``: the score stage's search itself (``bssl.stages.eval_copies.find``, all the
+cores of this process, parts of 16 blocks, progress lines) over a U of N ids: 10,000
+distinct photo-like scenes (1% of them planted copies of evaluation scenes) repeated to N,
+against ``--eval`` evaluation scenes; prints the wall time, U images/s, peak resident
+memory and how many copies were found (N / 10,000 x the planted ones, if all are).
 
 Prints per set recall (copies matched to their own source at ``score.copy_threshold``),
 false positives, matching speed (U images per second, one process) and index memory; the
@@ -54,11 +61,57 @@ def measure(name, ev, copies_of, clean, rng, out_size=None):
           f"{name}_match_per_s": round(rate, 1), f"{name}_index_mb": round(mem / 1e6, 1)}
 
 
+def scale(n: int, n_eval: int) -> dict:
+  import tempfile
+  import types
+  from bssl import workdir as workdir_lib
+  from bssl.stages import eval_copies
+  rng = np.random.default_rng(1)
+  ev = np.stack([planted.scene(i, family=i % (n_eval // 5)) for i in range(n_eval)])
+  distinct = 10_000
+  src = rng.choice(n_eval, distinct // 100, replace=False)
+  u = np.stack([planted.transform(ev[src[i // 100]], rng, out_size=96) if i % 100 == 0
+                else planted.scene(2_000_000 + i, family=i % (n_eval // 5))
+                for i in range(distinct)])
+  unl = sources.SubsetView(sources.ArraySource(u), np.arange(n) % distinct, reindex=True)
+  ctx = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(score=types.SimpleNamespace(
+          copy_threshold=neardup.DEFAULT_THRESHOLD)),
+      data=types.SimpleNamespace(test=sources.ArraySource(ev), val=None, labelled=None,
+                                 unlabelled=unl),
+      log=lambda m: print(m, flush=True))
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    found = eval_copies.find(ctx, workdir_lib.path(d) / "ec")
+    wall = time.perf_counter() - t0
+  planted_ids = np.flatnonzero(np.arange(n) % 100 == 0)
+  hits = np.isin(planted_ids, found["id"]).mean()
+  clean_hits = len(np.setdiff1d(found["id"], planted_ids)) / max(1, n - len(planted_ids))
+  out = {"scale_u_images": n, "scale_eval_images": n_eval,
+         "scale_threads": eval_copies.THREADS, "scale_wall_s": round(wall, 1),
+         "scale_u_per_s": round(n / wall, 1),
+         "scale_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+         "scale_rss_before_mb": round(rss0, 1), "scale_planted_found": round(float(hits), 4),
+         "scale_clean_matched": round(float(clean_hits), 5)}
+  print(f"search of {n:,} U images against {n_eval:,} evaluation images, "
+        f"{eval_copies.THREADS} threads: {wall:.0f} s, {n / wall:.0f} U images/s; peak "
+        f"resident memory {out['scale_peak_rss_mb']:.0f} MB ({rss0:.0f} MB before: U's "
+        f"10,000 distinct images and the evaluation set); planted copies found "
+        f"{100 * hits:.1f}%, clean images matched {100 * clean_hits:.3f}%")
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--eval", type=int, default=2000, help="photo-like evaluation scenes")
   ap.add_argument("--clean", type=int, default=2000, help="clean U images of each set")
+  ap.add_argument("--scale", type=int, default=0,
+                  help="instead: the stage's search over this many U images")
   a = ap.parse_args()
+  if a.scale:
+    print(json.dumps(scale(a.scale, a.eval)))
+    return
   rng = np.random.default_rng(0)
   out = {}
   ev = [planted.scene(i, family=i % (a.eval // 5)) for i in range(a.eval)]
