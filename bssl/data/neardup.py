@@ -26,7 +26,8 @@ needed. Grey level correlation ignores hue shifts by design (a mild colour chang
 
 Cost (|E| evaluation images, N images of U on a host, c candidates): index memory
 ``|E| x 6 x 256 x 4`` bytes (ImageNet val, 50k: 300 MB) plus the evaluation images as
-64x64 grey thumbnails (``|E| x 4 kB``: 200 MB); time per U image ``2 x 6|E| x 256``
+64x64 grey thumbnails (``|E| x 4 kB``: 200 MB), plus a cache of rendered views (at most
+4,096 evaluation images x 266 kB: 1.1 GB); time per U image ``2 x 6|E| x 256``
 multiply-adds for step 1 (ImageNet val: 1.5e8, ~3 ms on one core) plus ``c x 2 x 65`` 32x32
 correlations and ``c x 65`` renderings for step 2 (~0.4 ms per candidate). At 10^9 images
 over H hosts: ``10^9 / H x (3 ms + c x 0.4 ms)`` of one core; step 1 is the part to move
