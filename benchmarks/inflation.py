@@ -157,7 +157,9 @@ def main():
   info = make_data(root)
   print(f"data in {root}: {time.time() - t0:.0f} s", flush=True)
   run(root, "teacher", [f"--config.data.train_dir={root}/big",
-                        "--config.data.labelled_per_class=550", "--config.stages=baseline"],
+                        "--config.data.labelled_per_class=550", "--config.stages=baseline",
+                        "--config.unlabelled.kind=image_folder",
+                        f"--config.unlabelled.path={root}/u_clean"],  # (not read: no score)
       info)
   teacher = os.path.join(root, "runs", "teacher", "baseline", "final")
   recipe = [f"--config.data.train_dir={root}/train", "--config.data.labelled_per_class=20",

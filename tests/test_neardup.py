@@ -142,3 +142,42 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
   workdir_lib.write_npz(folder / "p00000-of-00001.npz", **want)
   got = eval_copies.read_done(folder, 1)
   assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_matching_split_between_processes_equals_one_and_survives_a_count_change(
+    tmp_path, monkeypatch):
+  """Two processes each search their share of U (simulated one after the other): the
+  union is the one-process answer; rerun on one process, the two-process parts are
+  dropped and the answer is the same."""
+  import types
+  from bssl import parallel
+  from bssl import workdir as workdir_lib
+  from bssl.data import sources
+  from bssl.stages import eval_copies
+  monkeypatch.setattr(eval_copies, "BLOCK", 4)
+  monkeypatch.setattr(eval_copies, "CHUNK", 2)
+  monkeypatch.setattr(parallel, "sync", lambda name: None)
+  rng = np.random.default_rng(4)
+  ev = [planted.scene(i, size=48, family=i % 6) for i in range(20)]
+  u = [planted.transform(ev[i // 2], rng) if i % 2 == 0 else planted.scene(700 + i, size=48)
+       for i in range(29)]
+  ctx = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(score=types.SimpleNamespace(copy_threshold=0.95)),
+      data=types.SimpleNamespace(test=sources.ArraySource(np.stack(ev)), val=None,
+                                 labelled=None, unlabelled=sources.ArraySource(np.stack(u))),
+      log=lambda m: None)
+  one = eval_copies.find(ctx, workdir_lib.path(tmp_path / "one"))
+  assert len(one["id"]) >= 12
+  folder = workdir_lib.path(tmp_path / "two")
+  monkeypatch.setattr(parallel, "process_count", lambda: 2)
+  for pi in (0, 1):
+    monkeypatch.setattr(parallel, "process_index", lambda pi=pi: pi)
+    two = eval_copies.find(ctx, folder)
+  assert all(np.array_equal(two[k], one[k]) for k in one)
+  assert {n.split("-c")[0] for n in os.listdir(folder)} == {"p00000-of-00002",
+                                                            "p00001-of-00002"}
+  monkeypatch.setattr(parallel, "process_count", lambda: 1)
+  monkeypatch.setattr(parallel, "process_index", lambda: 0)
+  again = eval_copies.find(ctx, folder)
+  assert all(np.array_equal(again[k], one[k]) for k in one)
+  assert all("-of-00001-" in n for n in os.listdir(folder))
