@@ -62,7 +62,7 @@ def composite(garment: np.ndarray, seed: int) -> np.ndarray:
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def make_data(root: str) -> dict:
+def make_data(root: str, copies: int = 1) -> dict:
   if os.path.exists(os.path.join(root, "data.json")):
     return json.load(open(os.path.join(root, "data.json")))
   train, test = sources.load_fashion_mnist()
@@ -115,14 +115,16 @@ def make_data(root: str) -> dict:
     u_labels.append(int(labels[i]))
   crng = np.random.default_rng(1)
   for j, img in enumerate(test_imgs):  # b* sort after a*: ids U_CLEAN.. are the copies
-    copy = planted.transform(img, crng, out_size=int(crng.integers(24, 49)))
-    Image.fromarray(copy).save(os.path.join(root, "u_planted", f"b{j:06d}.jpg"), quality=95)
+    for r in range(copies):  # the web holds some images many times over
+      copy = planted.transform(img, crng, out_size=int(crng.integers(24, 49)))
+      Image.fromarray(copy).save(os.path.join(root, "u_planted", f"b{j:06d}_{r}.jpg"),
+                                 quality=95)
   big = np.stack([np.asarray(Image.open(os.path.join(root, "big", c, f)))
                   for c in sorted(os.listdir(os.path.join(root, "big")))
                   for f in sorted(os.listdir(os.path.join(root, "big", c)))]).astype(np.float64)
   info = {"mean": [round(float(v), 2) for v in big.mean((0, 1, 2))],
           "std": [round(float(v), 2) for v in big.std((0, 1, 2))],
-          "num_test": len(test_imgs), "u_clean": len(rest)}
+          "num_test": len(test_imgs), "u_clean": len(rest), "copies": copies}
   json.dump(info, open(os.path.join(root, "data.json"), "w"))
   return info
 
@@ -151,20 +153,26 @@ def run(root: str, name: str, extra: list[str], info: dict) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--root", default="runs/inflation")
+  ap.add_argument("--copies", type=int, default=1, help="copies of each test image in U")
+  ap.add_argument("--seed", type=int, default=0, help="the recipe runs' config.seed")
+  ap.add_argument("--teacher", default=None,
+                  help="a strong teacher's final/ folder from an earlier run (else trained)")
   a = ap.parse_args()
   root = os.path.abspath(a.root)
   t0 = time.time()
-  info = make_data(root)
+  info = make_data(root, a.copies)
   print(f"data in {root}: {time.time() - t0:.0f} s", flush=True)
-  run(root, "teacher", [f"--config.data.train_dir={root}/big",
+  if a.teacher is None:
+    run(root, "teacher", [f"--config.data.train_dir={root}/big",
                         "--config.data.labelled_per_class=550", "--config.stages=baseline",
                         "--config.unlabelled.kind=image_folder",
-                        f"--config.unlabelled.path={root}/u_clean"],  # (not read: no score)
-      info)
-  teacher = os.path.join(root, "runs", "teacher", "baseline", "final")
+                          f"--config.unlabelled.path={root}/u_clean"],  # not read: no score
+        info)
+  teacher = a.teacher or os.path.join(root, "runs", "teacher", "baseline", "final")
   recipe = [f"--config.data.train_dir={root}/train", "--config.data.labelled_per_class=20",
             f"--config.teacher.init_from={teacher}", "--config.teacher.steps=0",
-            "--config.unlabelled.kind=image_folder", "--config.select.k=1500"]
+            "--config.unlabelled.kind=image_folder", "--config.select.k=1500",
+            f"--config.seed={a.seed}"]
   res = {}
   for name, u, ec in (("clean", "u_clean", "off"), ("planted_off", "u_planted", "off"),
                       ("planted_exclude", "u_planted", "exclude")):
@@ -190,7 +198,9 @@ def main():
         "| copies removed | clean images removed |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name, row in out.items():
-    u = "clean" if name == "clean" else f"+ {info['num_test']:,} test copies"
+    u = "clean" if name == "clean" else (
+        f"+ {info['copies']} cop{'y' if info['copies'] == 1 else 'ies'} of each of the "
+        f"{info['num_test']:,} test images")
     f = "exclude" if name.endswith("exclude") else "off"
     print(f"| {u} | {f} | {100 * row['baseline']:.2f} | {100 * row['teacher']:.2f} | "
           f"**{100 * row['student']:.2f}** | {100 * row['gain']:+.2f} | {row['dhat']:,} | "
