@@ -112,8 +112,9 @@ FIELDS = (
           cosmetic=True),
     Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
     Field("num_workers", 0, int, "training-input worker processes per process (grain "
-          "mp_prefetch: decode and augment without the GIL; the same batches; 0: in "
-          "num_threads threads of the process itself)", minimum=0, cosmetic=True),
+          "mp_prefetch: decode and augment without the GIL; the same batches; one read "
+          "thread each; 0: in num_threads threads of the process itself; -1: the cores "
+          "this process may use, minus one)", minimum=-1, cosmetic=True),
     Field("rounds", 1, int, "teacher -> student rounds of self-training: round r > 1 scores "
           "U with round r-1's student and trains a new student (stages score_r<r>, ..., "
           "finetune_r<r>, with the config of score, select, pretrain, finetune)", minimum=1),
@@ -251,7 +252,8 @@ FIELDS = (
     Field("score.checkpoint_every", 50, int, "batches between scoring checkpoints of a "
           "process", minimum=1, cosmetic=True),
     Field("score.num_workers", 0, int, "decode worker processes per process (grain "
-          "mp_prefetch; 0: decode in num_threads threads of the process itself)", minimum=0,
+          "mp_prefetch, one read thread each; 0: decode in num_threads threads of the "
+          "process itself; -1: the cores this process may use, minus one)", minimum=-1,
           cosmetic=True),
     Field("score.in_flight", 2, int, "scoring batches dispatched to the devices ahead of "
           "the one whose results the host is folding", minimum=1, cosmetic=True),

@@ -201,6 +201,38 @@ def test_training_input_in_worker_processes_is_the_same_stream():
           np.testing.assert_array_equal(g[key], w[key])
 
 
+def test_training_input_workers_outlive_a_sigterm_to_the_process_group():
+  """Slurm's --signal and a VM's shutdown send SIGTERM to every process: the input's
+  worker processes must keep making batches so the trainer can finish its step and save
+  (a dead worker made the next batch a RuntimeError, so no checkpoint)."""
+  import os
+  import signal
+  import time
+  import psutil
+  spec = pipelines.ImageSpec(size=S, channels=1, augment="pad_crop_flip", pad=2)
+  it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1,
+                                    num_workers=2))
+  first = next(it)
+  kids = psutil.Process().children(recursive=True)
+  assert len(kids) >= 2
+  for k in kids:
+    os.kill(k.pid, signal.SIGTERM)
+  time.sleep(1.0)
+  assert all(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+  got = [first["image"]] + [next(it)["image"] for _ in range(11)]  # past the buffers
+  ref = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1))
+  for g in got:
+    np.testing.assert_array_equal(g, next(ref)["image"])
+
+
+def test_worker_count_minus_one_is_the_cores_but_one():
+  import os
+  cores = len(os.sched_getaffinity(0))
+  assert pipelines.resolve_workers(-1) == max(0, cores - 1)
+  assert pipelines.resolve_workers(3) == 3 and pipelines.resolve_workers(0) == 0
+  assert pipelines.read_threads(8, 2) == 1 and pipelines.read_threads(8, 0) == 8
+
+
 def test_range_batches_cover_a_range_once():
   np.testing.assert_array_equal(pipelines.range_batches(5, 23, 8),
                                 [[5, 13], [13, 21], [21, 23]])

@@ -37,9 +37,9 @@ def get_config(arg: str | None = None):
   c = config.base()
   c.name = "resnext"
   c.num_threads = 16
-  # decode + augment in worker processes (no GIL between them; benchmarks/input.py:
-  # threads alone give ~0.7x of the workers' rate): 12 of a 16-core GPU host's cores
-  c.num_workers = 12
+  # decode + augment in worker processes (no GIL between them; benchmarks/input.py),
+  # as many as this process's cores minus one (11 in a Slurm task of 12 CPUs)
+  c.num_workers = -1
   config.override(c.data, kind="tfds", tfds_name="imagenet2012", train_split="train",
                   test_split="validation", num_classes=1000, image_size=224, channels=3,
                   augment="random_resized_crop_flip", eval_transform="resize_center_crop",
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
 
   train_stage(c.baseline, "resnet50", epochs=90.0, warmup_steps=5 * 834)
   train_stage(c.teacher, "resnext101_32x48d", epochs=90.0, warmup_steps=5 * 834)
-  config.override(c.score, batch_size=3072, checkpoint_every=500, num_workers=12)
+  config.override(c.score, batch_size=3072, checkpoint_every=500, num_workers=-1)
   config.override(c.select, k=16000, p=10)
   train_stage(c.pretrain, "resnet50", steps=651_042, warmup_steps=5 * 834)
   train_stage(c.finetune, "resnet50", epochs=30.0, lr=0.1 * 1536 / 256 / 10,

@@ -202,7 +202,8 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
     return worker_processes(video_lib.train_dataset(
         source, spec, local_batch_size=local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count, start_batch=start_batch,
-        read_options=batching.read_options(num_threads, prefetch)), num_workers)
+        read_options=batching.read_options(read_threads(num_threads, num_workers), prefetch)),
+        num_workers)
   if spec.augment == "random_resized_crop_flip":
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # Augment before sharding: each element's random stream is keyed by its position in
@@ -215,21 +216,49 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
     ds = grain.MapDataset.range(start_batch, 2**62).map(ImageTrainBatch(
         source, spec, local_batch_size=local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count))
-  return worker_processes(ds.to_iter_dataset(batching.read_options(num_threads, prefetch)),
-                          num_workers)
+  return worker_processes(ds.to_iter_dataset(batching.read_options(
+      read_threads(num_threads, num_workers), prefetch)), num_workers)
+
+
+def resolve_workers(num_workers: int) -> int:
+  """``num_workers`` (config ``num_workers``, ``score.num_workers``), with -1 = the cores
+  this process may use, minus one (its own): 11 in a Slurm task of 12 CPUs."""
+  if num_workers >= 0:
+    return num_workers
+  import os
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  return max(0, cores - 1)
+
+
+def read_threads(num_threads: int, num_workers: int) -> int:
+  """Read threads per process, or per worker process when there are workers (then one:
+  the workers are the parallelism)."""
+  return 1 if resolve_workers(num_workers) > 0 else num_threads
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """In each worker process: a SIGTERM sent to the whole process group (Slurm's
+  ``--signal``, a VM's shutdown) leaves the workers running, so the main process can
+  finish its step and save its checkpoint; they end with it (daemons)."""
+  import signal
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def worker_processes(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   """``it`` made in ``num_workers`` worker processes (no GIL between them; grain
   ``mp_prefetch``: worker ``w`` makes elements ``w, w + n, ...`` and they come back in
-  order, so the stream is the one of ``num_workers`` = 0); ``it`` itself for 0."""
+  order, so the stream is the one of ``num_workers`` = 0); ``it`` itself for 0; -1: see
+  :func:`resolve_workers`. Workers ignore SIGTERM (:func:`_ignore_sigterm`)."""
+  num_workers = resolve_workers(num_workers)
   if num_workers <= 0:
     return it
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags (library use, tests)
     flags.FLAGS.mark_as_parsed()
   return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=2))
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=_ignore_sigterm)
 
 
 class ImageRecordsBatch(batching.RecordsBatch):
@@ -259,8 +288,8 @@ def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, nu
   batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else ImageRecordsBatch
   ds = grain.MapDataset.range(len(bounds)).map(
       batcher(source, spec, batch_size=batch_size, bounds=bounds))
-  return worker_processes(ds.to_iter_dataset(batching.read_options(num_threads, prefetch)),
-                          num_workers)
+  return worker_processes(ds.to_iter_dataset(batching.read_options(
+      read_threads(num_threads, num_workers), prefetch)), num_workers)
 
 
 def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
@@ -274,8 +303,8 @@ def ranges_dataset(source, spec: ImageSpec, *, batch_size: int, bounds,
                    num_workers: int = 0) -> grain.IterDataset:
   """Batches of explicit record ranges (``bounds`` [n, 2], each at most ``batch_size``
   long), in order: the scoring input, where each process reads its own chunks of U.
-  ``num_workers`` > 0 decodes in that many worker processes (grain ``mp_prefetch``),
-  each with ``num_threads`` read threads."""
+  ``num_workers`` > 0 decodes in that many worker processes (grain ``mp_prefetch``; -1:
+  :func:`resolve_workers`), each with one read thread."""
   return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch,
                           num_workers)
 

@@ -71,7 +71,8 @@ class ArraySource:
     the images, not a copy: read-only, for the caller to copy into its batch."""
     positions = np.asarray(positions, np.int64)
     n = len(positions)
-    if n and positions[-1] - positions[0] == n - 1 and (n == 1 or np.all(np.diff(positions) == 1)):
+    if (n and positions[0] >= 0 and positions[-1] - positions[0] == n - 1
+        and (n == 1 or np.all(np.diff(positions) == 1))):
       images = self.images[positions[0]:positions[-1] + 1].view()
       images.flags.writeable = False
     else:

@@ -81,8 +81,8 @@ def find(ctx, folder) -> dict:
 
     def one_block(a):  # (this process's threads: decoding, resizing and products)
       got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
-      if not got:
-        return 0, []
+      if not got:  # no decodable image in this block: counted all the same
+        return min(BLOCK, len(unl) - a), []
       ids_u, imgs_u = zip(*got)
       subs = [imgs_u[j::THREADS] for j in range(THREADS)]
       out = []
