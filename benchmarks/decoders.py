@@ -83,8 +83,11 @@ def measure(folder: str) -> dict:
 
   def add(dec, task, fn, data, ref):
     us = _time(fn, data)
-    diff = max(int(np.abs(fn(d).astype(np.int16) - r.astype(np.int16)).max())
-               if fn(d).shape == r.shape else 255 for d, r in zip(data[:8], ref[:8]))
+    def differs(got, want):  # largest pixel difference; 255 for another shape
+      if got.shape != want.shape:
+        return 255
+      return int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max())
+    diff = max(differs(fn(d), r) for d, r in zip(data[:8], ref[:8]))
     out.setdefault(dec, {})[task] = round(us, 1)
     out[dec][task + "_max_abs_diff"] = diff
 

@@ -8,6 +8,15 @@ import os
 import socket
 
 
+def num_cores() -> int:
+  """The cores this process may use (its affinity mask: a Slurm task's CPUs, a taskset),
+  at least 1."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not Linux
+    return max(1, os.cpu_count() or 1)
+
+
 def owner() -> dict:
   """This process as the owner of a running stage: host, pid and the pid's start time
   (so that a reused pid is not taken for it)."""

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from bssl import procs
 from bssl import workdir as workdir_lib
 from bssl.data import sources
 from bssl.data.sources import DataError
@@ -207,13 +208,6 @@ def _save_keys(path: str, keys: np.ndarray, keep_at_most: int) -> bool:
     return False
 
 
-def _num_cores() -> int:
-  try:
-    return max(1, len(os.sched_getaffinity(0)))
-  except AttributeError:  # not Linux
-    return max(1, os.cpu_count() or 1)
-
-
 def _fmt_eta(s: float) -> str:
   s = int(max(s, 0))
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -250,7 +244,7 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
   decode_one, params = _decoder(data, cfg)
   cache = _cache_file(cfg, cache_dir or default_cache_dir())
   known = _load_keys(cache)
-  workers = int(workers or _num_cores())
+  workers = int(workers or procs.num_cores())
 
   # which files changed since they last decoded (stat in threads: a remote file is a request)
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:

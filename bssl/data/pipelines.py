@@ -225,10 +225,8 @@ def resolve_workers(num_workers: int) -> int:
   this process may use, minus one (its own): 11 in a Slurm task of 12 CPUs."""
   if num_workers >= 0:
     return num_workers
-  import os
-  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-           else os.cpu_count() or 1)
-  return max(0, cores - 1)
+  from bssl import procs
+  return procs.num_cores() - 1
 
 
 def read_threads(num_threads: int, num_workers: int) -> int:

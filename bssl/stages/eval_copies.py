@@ -8,12 +8,11 @@ stage (``<score>/eval_copies.npz``: resumable, and part of the stage's output);
 similarity from which an image is a copy."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
-from bssl import parallel
+from bssl import parallel, procs
 from bssl import workdir as workdir_lib
 
 SPLITS = ("test", "val", "labelled")
@@ -29,8 +28,7 @@ def _images(src, ids):
 
 BLOCK = 4096
 CHUNK = 16  # blocks per part file: a process killed mid-way redoes at most one part
-THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-              else os.cpu_count() or 1)  # matching threads per process: the host's cores
+THREADS = procs.num_cores()  # matching threads per process: the cores it may use
 
 
 def _part(folder, pi: int, pc: int, chunk: int):
