@@ -210,16 +210,20 @@ def test_training_input_workers_outlive_a_sigterm_to_the_process_group():
   import time
   import psutil
   spec = pipelines.ImageSpec(size=S, channels=1, augment="pad_crop_flip", pad=2)
+  earlier = {k.pid for k in psutil.Process().children(recursive=True)}  # other tests'
   it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1,
                                     num_workers=2))
-  first = next(it)
-  kids = psutil.Process().children(recursive=True)
+  head = [next(it)["image"] for _ in range(2)]  # one batch from each worker: both started
+  kids = [k for k in psutil.Process().children(recursive=True) if k.pid not in earlier]
   assert len(kids) >= 2
+  names = {k.pid: " ".join(k.cmdline())[-120:] for k in kids}
   for k in kids:
     os.kill(k.pid, signal.SIGTERM)
   time.sleep(1.0)
-  assert all(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
-  got = [first["image"]] + [next(it)["image"] for _ in range(11)]  # past the buffers
+  dead = [names[k.pid] for k in kids
+          if not k.is_running() or k.status() == psutil.STATUS_ZOMBIE]
+  assert not dead, dead
+  got = head + [next(it)["image"] for _ in range(10)]  # past the buffers
   ref = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1))
   for g in got:
     np.testing.assert_array_equal(g, next(ref)["image"])
