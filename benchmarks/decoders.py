@@ -24,6 +24,7 @@ pillow-simd, which replaces Pillow and so cannot share an environment with it):
 
 The last line printed is one JSON object: microseconds per image, by decoder and task.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def _time(fn, items, reps=3):
 def measure(folder: str) -> dict:
   """{decoder: {task: us per image, task + '_max_abs_diff': vs Pillow}} of the decoders
   importable here."""
-  from PIL import Image
   import PIL
+  from PIL import Image
+
   try:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   except (AttributeError, OSError):
@@ -83,10 +85,12 @@ def measure(folder: str) -> dict:
 
   def add(dec, task, fn, data, ref):
     us = _time(fn, data)
+
     def differs(got, want):  # largest pixel difference; 255 for another shape
       if got.shape != want.shape:
         return 255
       return int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max())
+
     diff = max(differs(fn(d), r) for d, r in zip(data[:8], ref[:8]))
     out.setdefault(dec, {})[task] = round(us, 1)
     out[dec][task + "_max_abs_diff"] = diff
@@ -102,9 +106,15 @@ def measure(folder: str) -> dict:
     try:
       sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       from bssl.data import decode as bssl_decode
+
       add("bssl decode()", "256px", lambda d: bssl_decode.decode(d, 3), small, ref_small)
-      add("bssl decode()", "full_to_256",
-          lambda d: np.asarray(bssl_decode.open_image(d, 3, short_side=256)), full, ref_draft)
+      add(
+          "bssl decode()",
+          "full_to_256",
+          lambda d: np.asarray(bssl_decode.open_image(d, 3, short_side=256)),
+          full,
+          ref_draft,
+      )
     except ImportError:
       pass
   try:
@@ -113,9 +123,11 @@ def measure(folder: str) -> dict:
     def sj_min(data, short=256):
       h, w, _, _ = simplejpeg.decode_jpeg_header(data)
       s = short / min(w, h)
-      return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(np.ceil(h * s)),
-                                    min_width=int(np.ceil(w * s)))
-    sj = lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB")  # noqa: E731
+      return simplejpeg.decode_jpeg(
+          data, colorspace="RGB", min_height=int(np.ceil(h * s)), min_width=int(np.ceil(w * s))
+      )
+
+    sj = lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB")
     add(f"simplejpeg {simplejpeg.__version__}", "256px", sj, small, ref_small)
     add(f"simplejpeg {simplejpeg.__version__}", "full", sj, full, ref_full)
     add(f"simplejpeg {simplejpeg.__version__}", "full_to_256", sj_min, full, ref_draft)
@@ -123,6 +135,7 @@ def measure(folder: str) -> dict:
     pass
   try:
     import turbojpeg
+
     tj = turbojpeg.TurboJPEG()
 
     def tj_scaled(data, short=256):
@@ -133,7 +146,8 @@ def measure(folder: str) -> dict:
           best = (num, den)
           break
       return tj.decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=best)
-    dec = lambda d: tj.decode(d, pixel_format=turbojpeg.TJPF_RGB)  # noqa: E731
+
+    dec = lambda d: tj.decode(d, pixel_format=turbojpeg.TJPF_RGB)
     add("PyTurboJPEG", "256px", dec, small, ref_small)
     add("PyTurboJPEG", "full", dec, full, ref_full)
     add("PyTurboJPEG", "full_to_256", tj_scaled, full, ref_draft)
@@ -146,7 +160,9 @@ def make_images(folder: str, n: int) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from ingest import photo_like  # benchmarks/ingest.py
+
   from bssl.data import ingest
+
   rng = np.random.default_rng(0)
   os.makedirs(f"{folder}/full")
   for i in range(n):
@@ -168,29 +184,39 @@ def main(argv=None):
     return None
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--images", type=int, default=40, help="full-size photos (half of each size)")
-  ap.add_argument("--python", action="append", default=[],
-                  help="another interpreter whose decoders to measure too (repeatable)")
+  ap.add_argument(
+      "--python",
+      action="append",
+      default=[],
+      help="another interpreter whose decoders to measure too (repeatable)",
+  )
   args = ap.parse_args(argv)
   res = {}
   with tempfile.TemporaryDirectory(prefix="bssl_dec_") as d:
     make_images(d, args.images)
     res.update(measure(d))
     for py in args.python:
-      r = subprocess.run([py, os.path.abspath(__file__), MEASURE_ARG, d], capture_output=True,
-                         text=True)
+      r = subprocess.run(
+          [py, os.path.abspath(__file__), MEASURE_ARG, d], capture_output=True, text=True
+      )
       if r.returncode:
         print(f"{py}: failed: {r.stderr.strip().splitlines()[-1:]}")
         continue
       for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items():
         res.setdefault(k, {}).update(v)
-  print(f"{args.images} photo-like JPEGs (2048x1536 and 1024x768, quality 90) and the same "
-        "ingested to short side 256; us per image on one core (best of 3; max |diff| vs "
-        "Pillow's pixels in brackets)")
-  print(f"{'decoder':24s} {'256px':>14s} {'full':>14s} {'full_to_256':>14s} "
-        f"{'crop+resize':>12s}")
+  print(
+      f"{args.images} photo-like JPEGs (2048x1536 and 1024x768, quality 90) and the same "
+      "ingested to short side 256; us per image on one core (best of 3; max |diff| vs "
+      "Pillow's pixels in brackets)"
+  )
+  print(
+      f"{'decoder':24s} {'256px':>14s} {'full':>14s} {'full_to_256':>14s} " f"{'crop+resize':>12s}"
+  )
   for k, v in res.items():
-    cells = [f"{v[t]:8.0f} [{v[t + '_max_abs_diff']:3d}]" if t in v else f"{'-':>14s}"
-             for t in ("256px", "full", "full_to_256")]
+    cells = [
+        f"{v[t]:8.0f} [{v[t + '_max_abs_diff']:3d}]" if t in v else f"{'-':>14s}"
+        for t in ("256px", "full", "full_to_256")
+    ]
     rs = v.get("resize_160_to_224")
     print(f"{k:24s} " + " ".join(cells) + (f" {rs:12.0f}" if rs else f" {'-':>12s}"))
   print(json.dumps(res))

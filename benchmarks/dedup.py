@@ -9,6 +9,7 @@ the hashes it kept. The last line is one JSON object.
 
     python benchmarks/dedup.py                      # --images 1000000 --processes 1,4,16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 CHILD = """
 import json, sys, time, tracemalloc
@@ -45,6 +45,7 @@ def main():
   ap.add_argument("--processes", default="1,4,16")
   a = ap.parse_args()
   from bssl import workdir
+
   rng = np.random.default_rng(0)
   size = 4096
   with tempfile.TemporaryDirectory() as out:
@@ -54,22 +55,40 @@ def main():
     ns = -(-a.images // size)
     for s in range(ns):
       sl = slice(s * size, (s + 1) * size)
-      workdir.write_npz(os.path.join(out, "shards", f"u-{s:05d}.npz"), hash=h[sl],
-                        reason=np.asarray([""] * len(h[sl])))
-    json.dump({"num_shards": ns, "shard_size": size, "num_images": a.images,
-               "placeholder_min": 100}, open(os.path.join(out, "header.json"), "w"))
+      workdir.write_npz(
+          os.path.join(out, "shards", f"u-{s:05d}.npz"),
+          hash=h[sl],
+          reason=np.asarray([""] * len(h[sl])),
+      )
+    json.dump(
+        {"num_shards": ns, "shard_size": size, "num_images": a.images, "placeholder_min": 100},
+        open(os.path.join(out, "header.json"), "w"),
+    )
     res = {}
     for n in (int(x) for x in a.processes.split(",")):
-      r = subprocess.run([sys.executable, "-c", CHILD, out, str(n)], capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(
-                             os.path.dirname(os.path.abspath(__file__)))))
+      r = subprocess.run(
+          [sys.executable, "-c", CHILD, out, str(n)],
+          capture_output=True,
+          text=True,
+          env=dict(
+              os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+          ),
+      )
       got = json.loads(r.stdout.strip().splitlines()[-1])
       res[n] = got
-      print(f"{a.images:,} images, {n} process(es): partition 0 in {got['seconds']:.1f} s, "
-            f"peak numpy memory {got['peak_mb']:.0f} MB, {got['dups']:,} duplicates in it")
-  print(json.dumps({"images": a.images, **{f"p{n}_seconds": round(v["seconds"], 2)
-                                          for n, v in res.items()},
-                    **{f"p{n}_peak_mb": round(v["peak_mb"], 1) for n, v in res.items()}}))
+      print(
+          f"{a.images:,} images, {n} process(es): partition 0 in {got['seconds']:.1f} s, "
+          f"peak numpy memory {got['peak_mb']:.0f} MB, {got['dups']:,} duplicates in it"
+      )
+  print(
+      json.dumps(
+          {
+              "images": a.images,
+              **{f"p{n}_seconds": round(v["seconds"], 2) for n, v in res.items()},
+              **{f"p{n}_peak_mb": round(v["peak_mb"], 1) for n, v in res.items()},
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ Runs (``configs/demo.py`` on that data; ``bssl.main`` each, in ``--root/runs``):
 Prints the table (student test top-1 of each run, D-hat's share of planted copies, the
 copies the filter removed, clean images it removed); the last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from bssl.data import planted, sources  # noqa: E402
+from bssl.data import planted, sources
 
 SIZE = 32
 PER_CLASS = {"train": 70, "big": 600, "test": 200}
@@ -58,7 +59,7 @@ def composite(garment: np.ndarray, seed: int) -> np.ndarray:
   tint = rng.uniform(0.5, 1.0, 3) * 255
   y, x = rng.integers(0, SIZE - 28 + 1, 2)
   out = bg.copy()
-  out[y:y + 28, x:x + 28] = bg[y:y + 28, x:x + 28] * (1 - m) + m * tint
+  out[y : y + 28, x : x + 28] = bg[y : y + 28, x : x + 28] * (1 - m) + m * tint
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -90,7 +91,8 @@ def make_data(root: str, copies: int = 1) -> dict:
       for i in ids:
         seed += 1
         Image.fromarray(composite(train.images[i], seed)).save(
-            os.path.join(root, split, f"c{c}", f"{i:05d}.png"))
+            os.path.join(root, split, f"c{c}", f"{i:05d}.png")
+        )
   test_imgs = []
   per = {c: 0 for c in range(10)}
   for i in range(len(test)):
@@ -104,50 +106,74 @@ def make_data(root: str, copies: int = 1) -> dict:
       test_imgs.append(img)
   for d in ("u_clean", "u_planted"):
     os.makedirs(os.path.join(root, d), exist_ok=True)
-  rest = [int(i) for i in order[used:used + U_CLEAN]]
+  rest = [int(i) for i in order[used : used + U_CLEAN]]
   u_labels = []
   for j, i in enumerate(rest):
     seed += 1
     name = f"a{j:06d}.png"
     Image.fromarray(composite(train.images[i], 2_000_000 + seed)).save(
-        os.path.join(root, "u_clean", name))
+        os.path.join(root, "u_clean", name)
+    )
     os.symlink(os.path.join("..", "u_clean", name), os.path.join(root, "u_planted", name))
     u_labels.append(int(labels[i]))
   crng = np.random.default_rng(1)
   for j, img in enumerate(test_imgs):  # b* sort after a*: ids U_CLEAN.. are the copies
     for r in range(copies):  # the web holds some images many times over
       copy = planted.transform(img, crng, out_size=int(crng.integers(24, 49)))
-      Image.fromarray(copy).save(os.path.join(root, "u_planted", f"b{j:06d}_{r}.jpg"),
-                                 quality=95)
-  big = np.stack([np.asarray(Image.open(os.path.join(root, "big", c, f)))
-                  for c in sorted(os.listdir(os.path.join(root, "big")))
-                  for f in sorted(os.listdir(os.path.join(root, "big", c)))]).astype(np.float64)
-  info = {"mean": [round(float(v), 2) for v in big.mean((0, 1, 2))],
-          "std": [round(float(v), 2) for v in big.std((0, 1, 2))],
-          "num_test": len(test_imgs), "u_clean": len(rest), "copies": copies}
+      Image.fromarray(copy).save(os.path.join(root, "u_planted", f"b{j:06d}_{r}.jpg"), quality=95)
+  big = np.stack(
+      [
+          np.asarray(Image.open(os.path.join(root, "big", c, f)))
+          for c in sorted(os.listdir(os.path.join(root, "big")))
+          for f in sorted(os.listdir(os.path.join(root, "big", c)))
+      ]
+  ).astype(np.float64)
+  info = {
+      "mean": [round(float(v), 2) for v in big.mean((0, 1, 2))],
+      "std": [round(float(v), 2) for v in big.std((0, 1, 2))],
+      "num_test": len(test_imgs),
+      "u_clean": len(rest),
+      "copies": copies,
+  }
   json.dump(info, open(os.path.join(root, "data.json"), "w"))
   return info
 
 
 def run(root: str, name: str, extra: list[str], info: dict) -> dict:
   wd = os.path.join(root, "runs", name)
-  common = [f"--config.data.kind=image_folder", f"--config.data.test_dir={root}/test",
-            f"--config.data.num_classes=10", "--config.data.channels=3",
-            f"--config.data.image_size={SIZE}", "--config.data.augment=pad_crop_flip",
-            "--config.data.eval_transform=none", "--config.data.val_per_class=50",
-            "--config.data.mean=" + ",".join(map(str, info["mean"])),
-            "--config.data.std=" + ",".join(map(str, info["std"])),
-            "--config.data.eval_batch_size=500"]
-  cmd = [sys.executable, "-m", "bssl.main", "--config=configs/demo.py", f"--workdir={wd}",
-         *common, *extra]
+  common = [
+      "--config.data.kind=image_folder",
+      f"--config.data.test_dir={root}/test",
+      "--config.data.num_classes=10",
+      "--config.data.channels=3",
+      f"--config.data.image_size={SIZE}",
+      "--config.data.augment=pad_crop_flip",
+      "--config.data.eval_transform=none",
+      "--config.data.val_per_class=50",
+      "--config.data.mean=" + ",".join(map(str, info["mean"])),
+      "--config.data.std=" + ",".join(map(str, info["std"])),
+      "--config.data.eval_batch_size=500",
+  ]
+  cmd = [
+      sys.executable,
+      "-m",
+      "bssl.main",
+      "--config=configs/demo.py",
+      f"--workdir={wd}",
+      *common,
+      *extra,
+  ]
   t0 = time.time()
   log = open(os.path.join(root, f"{name}.log"), "a")
   r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
   if r.returncode:
     raise SystemExit(f"{name}: exit {r.returncode}; see {root}/{name}.log")
   print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
-  return json.load(open(os.path.join(wd, "report", "results.json"))) if os.path.exists(
-      os.path.join(wd, "report", "results.json")) else {}
+  return (
+      json.load(open(os.path.join(wd, "report", "results.json")))
+      if os.path.exists(os.path.join(wd, "report", "results.json"))
+      else {}
+  )
 
 
 def main():
@@ -155,46 +181,78 @@ def main():
   ap.add_argument("--root", default="runs/inflation")
   ap.add_argument("--copies", type=int, default=1, help="copies of each test image in U")
   ap.add_argument("--seed", type=int, default=0, help="the recipe runs' config.seed")
-  ap.add_argument("--runs", default="clean,planted_off,planted_exclude",
-                  help="which of the three recipe runs")
-  ap.add_argument("--pretrain_steps", type=int, default=None,
-                  help="the student's pre-training length (demo: 1,000 steps of 64)")
-  ap.add_argument("--teacher", default=None,
-                  help="a strong teacher's final/ folder from an earlier run (else trained)")
+  ap.add_argument(
+      "--runs", default="clean,planted_off,planted_exclude", help="which of the three recipe runs"
+  )
+  ap.add_argument(
+      "--pretrain_steps",
+      type=int,
+      default=None,
+      help="the student's pre-training length (demo: 1,000 steps of 64)",
+  )
+  ap.add_argument(
+      "--teacher",
+      default=None,
+      help="a strong teacher's final/ folder from an earlier run (else trained)",
+  )
   a = ap.parse_args()
   root = os.path.abspath(a.root)
   t0 = time.time()
   info = make_data(root, a.copies)
   print(f"data in {root}: {time.time() - t0:.0f} s", flush=True)
   if a.teacher is None:
-    run(root, "teacher", [f"--config.data.train_dir={root}/big",
-                        "--config.data.labelled_per_class=550", "--config.stages=baseline",
-                        "--config.unlabelled.kind=image_folder",
-                          f"--config.unlabelled.path={root}/u_clean"],  # not read: no score
-        info)
+    run(
+        root,
+        "teacher",
+        [
+            f"--config.data.train_dir={root}/big",
+            "--config.data.labelled_per_class=550",
+            "--config.stages=baseline",
+            "--config.unlabelled.kind=image_folder",
+            f"--config.unlabelled.path={root}/u_clean",
+        ],  # not read: no score
+        info,
+    )
   teacher = a.teacher or os.path.join(root, "runs", "teacher", "baseline", "final")
-  recipe = [f"--config.data.train_dir={root}/train", "--config.data.labelled_per_class=20",
-            f"--config.teacher.init_from={teacher}", "--config.teacher.steps=0",
-            "--config.unlabelled.kind=image_folder", "--config.select.k=1500",
-            f"--config.seed={a.seed}"]
+  recipe = [
+      f"--config.data.train_dir={root}/train",
+      "--config.data.labelled_per_class=20",
+      f"--config.teacher.init_from={teacher}",
+      "--config.teacher.steps=0",
+      "--config.unlabelled.kind=image_folder",
+      "--config.select.k=1500",
+      f"--config.seed={a.seed}",
+  ]
   if a.pretrain_steps:
     recipe.append(f"--config.pretrain.steps={a.pretrain_steps}")
   res = {}
-  for name, u, ec in (("clean", "u_clean", "off"), ("planted_off", "u_planted", "off"),
-                      ("planted_exclude", "u_planted", "exclude")):
+  for name, u, ec in (
+      ("clean", "u_clean", "off"),
+      ("planted_off", "u_planted", "off"),
+      ("planted_exclude", "u_planted", "exclude"),
+  ):
     if name not in a.runs.split(","):
       continue
-    res[name] = run(root, name, recipe + [f"--config.unlabelled.path={root}/{u}",
-                                          f"--config.score.eval_copies={ec}"], info)
+    res[name] = run(
+        root,
+        name,
+        recipe + [f"--config.unlabelled.path={root}/{u}", f"--config.score.eval_copies={ec}"],
+        info,
+    )
   out = {}
   from bssl import selection
+
   for name, r in res.items():
-    sel = selection.read_selection(os.path.join(root, "runs", name, "select", "dhat"),
-                                   mmap=False)
+    sel = selection.read_selection(os.path.join(root, "runs", name, "select", "dhat"), mmap=False)
     copies_in_dhat = int((sel.ids >= info["u_clean"]).sum())
-    row = {"baseline": r["baseline"]["top1"], "teacher": r["teacher"]["top1"],
-           "student": r["student"]["top1"], "gain": r["gain_top1"],
-           "dhat": len(sel.ids), "copies_in_dhat": copies_in_dhat}
+    row = {
+        "baseline": r["baseline"]["top1"],
+        "teacher": r["teacher"]["top1"],
+        "student": r["student"]["top1"],
+        "gain": r["gain_top1"],
+        "dhat": len(sel.ids),
+        "copies_in_dhat": copies_in_dhat,
+    }
     ec = os.path.join(root, "runs", name, "select", "eval_copies.json")
     if os.path.exists(ec):
       removed = [c for c in json.load(open(ec)) if c["removed"]]
@@ -202,24 +260,35 @@ def main():
       row["copies_removed"] = int((ids >= info["u_clean"]).sum())
       row["clean_removed"] = int((ids < info["u_clean"]).sum())
     out[name] = row
-  print("\n| U | filter | baseline | teacher | student | gain | D̂ | planted copies in D̂ "
-        "| copies removed | clean images removed |")
+  print(
+      "\n| U | filter | baseline | teacher | student | gain | D̂ | planted copies in D̂ "
+      "| copies removed | clean images removed |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name, row in out.items():
-    u = "clean" if name == "clean" else (
-        f"+ {info['copies']} cop{'y' if info['copies'] == 1 else 'ies'} of each of the "
-        f"{info['num_test']:,} test images")
+    u = (
+        "clean"
+        if name == "clean"
+        else (
+            f"+ {info['copies']} cop{'y' if info['copies'] == 1 else 'ies'} of each of the "
+            f"{info['num_test']:,} test images"
+        )
+    )
     f = "exclude" if name.endswith("exclude") else "off"
-    print(f"| {u} | {f} | {100 * row['baseline']:.2f} | {100 * row['teacher']:.2f} | "
-          f"**{100 * row['student']:.2f}** | {100 * row['gain']:+.2f} | {row['dhat']:,} | "
-          f"{row['copies_in_dhat']:,} | {row.get('copies_removed', '–')} | "
-          f"{row.get('clean_removed', '–')} |")
+    print(
+        f"| {u} | {f} | {100 * row['baseline']:.2f} | {100 * row['teacher']:.2f} | "
+        f"**{100 * row['student']:.2f}** | {100 * row['gain']:+.2f} | {row['dhat']:,} | "
+        f"{row['copies_in_dhat']:,} | {row.get('copies_removed', '–')} | "
+        f"{row.get('clean_removed', '–')} |"
+    )
   if "planted_off" in out and "clean" in out:
-    out["inflation_points"] = round(100 * (out["planted_off"]["student"]
-                                           - out["clean"]["student"]), 2)
+    out["inflation_points"] = round(
+        100 * (out["planted_off"]["student"] - out["clean"]["student"]), 2
+    )
   if "planted_exclude" in out and "clean" in out:
-    out["filtered_minus_clean_points"] = round(100 * (out["planted_exclude"]["student"]
-                                                      - out["clean"]["student"]), 2)
+    out["filtered_minus_clean_points"] = round(
+        100 * (out["planted_exclude"]["student"] - out["clean"]["student"]), 2
+    )
   print(json.dumps(out))
 
 

@@ -21,6 +21,7 @@ to one CPU core:
 
 The last line printed is one JSON object with the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from bssl.data import ingest, pipelines  # noqa: E402
+from bssl.data import ingest, pipelines
 
 
 def photo_like(w: int, h: int, rng: np.random.Generator) -> bytes:
   """A JPEG (quality 90) with the statistics of a photo rather than of white noise."""
   low = rng.normal(0, 1, (h // 32 + 2, w // 32 + 2, 3))
-  field = np.asarray(Image.fromarray(((low - low.min()) / np.ptp(low) * 255).astype(np.uint8))
-                     .resize((w, h), Image.BICUBIC), np.float32)
+  field = np.asarray(
+      Image.fromarray(((low - low.min()) / np.ptp(low) * 255).astype(np.uint8)).resize(
+          (w, h), Image.BICUBIC
+      ),
+      np.float32,
+  )
   yy, xx = np.mgrid[0:h, 0:w]
   edges = 60 * (np.sin(xx / rng.uniform(5, 30)) > 0.7)[..., None]
   img = field * 0.8 + edges + rng.normal(0, 10, (h, w, 3))
@@ -79,8 +84,9 @@ def main():
       with open(sub, "w") as f:
         f.writelines(f"{src}/{w}x{h}_{i:05d}.jpg\n" for i in range(args.images))
       t0 = time.perf_counter()
-      ingest.run_ingest(sub, os.path.join(tmp, f"out_{w}"), ingest.Params(shard_size=256),
-                        log=lambda m: None)
+      ingest.run_ingest(
+          sub, os.path.join(tmp, f"out_{w}"), ingest.Params(shard_size=256), log=lambda m: None
+      )
       per_size[f"{w}x{h}"] = args.images / (time.perf_counter() - t0)
     out = os.path.join(tmp, "out")
     t0 = time.perf_counter()
@@ -89,17 +95,27 @@ def main():
 
     # the same images as img2dataset-style tar shards (256 samples each)
     import tarfile
+
     names = sorted(os.listdir(src))
     tars = os.path.join(tmp, "tars")
     os.makedirs(tars)
     for s in range(0, len(names), 256):
       with tarfile.open(os.path.join(tars, f"{s // 256:05d}.tar"), "w") as tf:
-        for j, name in enumerate(names[s:s + 256]):
+        for j, name in enumerate(names[s : s + 256]):
           key = f"{s // 256:05d}{j:04d}"
-          meta = json.dumps({"url": f"https://example.com/{name}", "key": key,
-                             "status": "success", "caption": f"a photo {name}"}).encode()
-          for ext, data in (("jpg", open(os.path.join(src, name), "rb").read()),
-                            ("json", meta), ("txt", f"a photo {name}".encode())):
+          meta = json.dumps(
+              {
+                  "url": f"https://example.com/{name}",
+                  "key": key,
+                  "status": "success",
+                  "caption": f"a photo {name}",
+              }
+          ).encode()
+          for ext, data in (
+              ("jpg", open(os.path.join(src, name), "rb").read()),
+              ("json", meta),
+              ("txt", f"a photo {name}".encode()),
+          ):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -107,20 +123,26 @@ def main():
     folder_rates, tar_rates = [ingest_rate], []
     for r in range(3):
       t0 = time.perf_counter()
-      mt = ingest.run_ingest(tars, os.path.join(tmp, f"out_tar{r}"), ingest.Params(),
-                             log=lambda m: None)
+      mt = ingest.run_ingest(
+          tars, os.path.join(tmp, f"out_tar{r}"), ingest.Params(), log=lambda m: None
+      )
       tar_rates.append(mt["num_images"] / (time.perf_counter() - t0))
       assert mt["num_images"] == m["num_images"] and mt["num_bad"] == 0
       if r < 2:
         t0 = time.perf_counter()
-        ingest.run_ingest(src, os.path.join(tmp, f"out_again{r}"),
-                          ingest.Params(shard_size=256), log=lambda m: None)
+        ingest.run_ingest(
+            src,
+            os.path.join(tmp, f"out_again{r}"),
+            ingest.Params(shard_size=256),
+            log=lambda m: None,
+        )
         folder_rates.append(m["num_images"] / (time.perf_counter() - t0))
     ingest_rate, tar_rate = float(np.median(folder_rates)), float(np.median(tar_rates))
 
     unl = ingest.ShardSource(out, channels=3)
-    spec = pipelines.ImageSpec(size=args.size, channels=3, augment="none",
-                               eval_transform="resize_center_crop")
+    spec = pipelines.ImageSpec(
+        size=args.size, channels=3, augment="none", eval_transform="resize_center_crop"
+    )
     for i in range(min(20, len(unl))):  # warm (opens the readers)
       pipelines.eval_image(unl[i]["image"], spec)
     t0 = time.perf_counter()
@@ -129,21 +151,33 @@ def main():
       assert x is not None and x.shape == (args.size, args.size, 3)
     decode_rate = len(unl) / (time.perf_counter() - t0)
     stored = os.path.getsize(os.path.join(out, "shards", "u-00000.array_record")) / 256
-  print(f"{cores}; {args.images} images of each size; source JPEG sizes "
-        + ", ".join(f"{k}: {np.mean(v) / 1e3:.0f} KB" for k, v in sizes.items())
-        + f"; stored at short side 256: {stored / 1e3:.0f} KB/image")
-  print(f"ingest: {ingest_rate:.0f} images/s (500x375 alone {per_size['500x375']:.0f}, "
-        f"1024x768 alone {per_size['1024x768']:.0f}); decode of ingested shards to "
-        f"{args.size}: {decode_rate:.0f} images/s")
-  print(f"tar ingest (the same images in img2dataset-style tar shards): {tar_rate:.0f} "
-        f"images/s, {tar_rate / ingest_rate:.2f}x the folder ingest")
-  print(json.dumps({"ingest_images_per_s_per_core": round(ingest_rate, 1),
-                    "tar_ingest_images_per_s_per_core": round(tar_rate, 1),
-                    "tar_over_folder": round(tar_rate / ingest_rate, 3),
-                    "decode_images_per_s_per_core": round(decode_rate, 1),
-                    "ingest_500x375_per_s": round(per_size["500x375"], 1),
-                    "ingest_1024x768_per_s": round(per_size["1024x768"], 1),
-                    "stored_kb_per_image": round(stored / 1e3, 1)}))
+  print(
+      f"{cores}; {args.images} images of each size; source JPEG sizes "
+      + ", ".join(f"{k}: {np.mean(v) / 1e3:.0f} KB" for k, v in sizes.items())
+      + f"; stored at short side 256: {stored / 1e3:.0f} KB/image"
+  )
+  print(
+      f"ingest: {ingest_rate:.0f} images/s (500x375 alone {per_size['500x375']:.0f}, "
+      f"1024x768 alone {per_size['1024x768']:.0f}); decode of ingested shards to "
+      f"{args.size}: {decode_rate:.0f} images/s"
+  )
+  print(
+      f"tar ingest (the same images in img2dataset-style tar shards): {tar_rate:.0f} "
+      f"images/s, {tar_rate / ingest_rate:.2f}x the folder ingest"
+  )
+  print(
+      json.dumps(
+          {
+              "ingest_images_per_s_per_core": round(ingest_rate, 1),
+              "tar_ingest_images_per_s_per_core": round(tar_rate, 1),
+              "tar_over_folder": round(tar_rate / ingest_rate, 3),
+              "decode_images_per_s_per_core": round(decode_rate, 1),
+              "ingest_500x375_per_s": round(per_size["500x375"], 1),
+              "ingest_1024x768_per_s": round(per_size["1024x768"], 1),
+              "stored_kb_per_image": round(stored / 1e3, 1),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ The last line printed is one JSON object: ``train_input_over_torchvision`` and
 ``score_input_over_torchvision`` (bssl's images/s per core / torchvision's),
 ``score_ceiling_shards_per_core``, ``score_ceiling_memory`` and every rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ((500, 375), (375, 500), (640, 480), (1024, 768))
@@ -91,7 +92,9 @@ print(json.dumps({"rates": rates, "torch": torch.__version__,
 def make_data(tmp: str, n: int, rng) -> tuple[str, str, str]:
   """(original folder, ingested shards, folder of the ingested 256-px JPEGs)."""
   from ingest import photo_like  # benchmarks/ingest.py
+
   from bssl.data import ingest
+
   folder = os.path.join(tmp, "folder")
   for i in range(n):
     w, h = SIZES[i % len(SIZES)]
@@ -123,26 +126,42 @@ def _rate(it, batch: int, batches: int, shape) -> float:
 
 def bssl_train(shards, cores, batch, batches, round_, workers=None):
   from bssl.data import ingest, pipelines
-  spec = pipelines.ImageSpec(size=224, channels=3, augment="random_resized_crop_flip",
-                             eval_transform="resize_center_crop", pad=0)
-  ds = pipelines.train_dataset(ingest.ShardSource(shards, channels=3), spec,
-                               local_batch_size=batch, seed=round_,
-                               num_threads=cores if not workers else 1,
-                               num_workers=workers or 0)
+
+  spec = pipelines.ImageSpec(
+      size=224,
+      channels=3,
+      augment="random_resized_crop_flip",
+      eval_transform="resize_center_crop",
+      pad=0,
+  )
+  ds = pipelines.train_dataset(
+      ingest.ShardSource(shards, channels=3),
+      spec,
+      local_batch_size=batch,
+      seed=round_,
+      num_threads=cores if not workers else 1,
+      num_workers=workers or 0,
+  )
   return _rate(iter(ds), batch, batches, (batch, 224, 224, 3))
 
 
 def bssl_score(shards, cores, batch, batches, round_, workers=None):
   from bssl.data import ingest, pipelines, sources
+
   src = ingest.ShardSource(shards, channels=3)
   n = (batches + 1) * batch
   u = sources.SubsetView(src, np.arange(n) % len(src), reindex=True)
-  spec = pipelines.ImageSpec(size=224, channels=3, augment="none",
-                             eval_transform="resize_center_crop")
-  ds = pipelines.ranges_dataset(u, spec, batch_size=batch,
-                                bounds=pipelines.range_batches(0, n, batch),
-                                num_threads=cores if not workers else 1,
-                                num_workers=workers or 0)
+  spec = pipelines.ImageSpec(
+      size=224, channels=3, augment="none", eval_transform="resize_center_crop"
+  )
+  ds = pipelines.ranges_dataset(
+      u,
+      spec,
+      batch_size=batch,
+      bounds=pipelines.range_batches(0, n, batch),
+      num_threads=cores if not workers else 1,
+      num_workers=workers or 0,
+  )
   return _rate(iter(ds), batch, batches, (batch, 224, 224, 3))
 
 
@@ -156,11 +175,16 @@ def grain_plain(shards, cores, batch, batches, round_):
     a = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     h, w = a.shape[:2]
     top, left = (h - 224) // 2, (w - 224) // 2
-    return {"image": a[top:top + 224, left:left + 224]}
+    return {"image": a[top : top + 224, left : left + 224]}
 
   src = grain.sources.ArrayRecordDataSource(sorted(glob.glob(f"{shards}/shards/*.array_record")))
-  ds = (grain.MapDataset.source(src).repeat().map(decode).batch(batch, drop_remainder=True)
-        .to_iter_dataset(grain.ReadOptions(num_threads=cores, prefetch_buffer_size=2 * batch)))
+  ds = (
+      grain.MapDataset.source(src)
+      .repeat()
+      .map(decode)
+      .batch(batch, drop_remainder=True)
+      .to_iter_dataset(grain.ReadOptions(num_threads=cores, prefetch_buffer_size=2 * batch))
+  )
   return _rate(iter(ds), batch, batches, (batch, 224, 224, 3))
 
 
@@ -168,6 +192,7 @@ def decode_alone(shards, cores, batch, batches, round_):
   """The shard images' JPEG decode alone (bssl.data.decode.decode: simplejpeg where it
   applies), one thread: the floor of every shard pipeline's cost per image."""
   from bssl.data import decode, ingest
+
   src = ingest.ShardSource(shards, channels=3)
   data = [src.record_bytes(i) for i in range(len(src))]
   decode.decode(data[0], 3)
@@ -184,9 +209,11 @@ def score_breakdown(shards, batch) -> dict:
   (``ImageRecordsBatch.map``: the three, the per-record Python and the copy into the
   batch)."""
   from bssl.data import decode, ingest, pipelines, sources
+
   src = ingest.ShardSource(shards, channels=3)
-  spec = pipelines.ImageSpec(size=224, channels=3, augment="none",
-                             eval_transform="resize_center_crop")
+  spec = pipelines.ImageSpec(
+      size=224, channels=3, augment="none", eval_transform="resize_center_crop"
+  )
   n = len(src)
   data = [src.record_bytes(i) for i in range(n)]
   imgs = [decode.decode(d, 3) for d in data]
@@ -197,11 +224,16 @@ def score_breakdown(shards, batch) -> dict:
     for i in range(n):
       fn(i)
     return round((time.perf_counter() - t0) / n * 1e6, 1)
-  out = {"read": per_image(src.record_bytes), "decode": per_image(lambda i: decode.decode(data[i], 3)),
-         "view": per_image(lambda i: pipelines.eval_image(imgs[i], spec))}
+
+  out = {
+      "read": per_image(src.record_bytes),
+      "decode": per_image(lambda i: decode.decode(data[i], 3)),
+      "view": per_image(lambda i: pipelines.eval_image(imgs[i], spec)),
+  }
   u = sources.SubsetView(src, np.arange(n), reindex=True)
-  b = pipelines.ImageRecordsBatch(u, spec, batch_size=batch,
-                                  bounds=pipelines.range_batches(0, n, batch))
+  b = pipelines.ImageRecordsBatch(
+      u, spec, batch_size=batch, bounds=pipelines.range_batches(0, n, batch)
+  )
   b.map(0)
   t0 = time.perf_counter()
   for j in range(len(b.bounds)):
@@ -214,16 +246,23 @@ def torchvision(python, folder, mode, cores, batch, batches, rounds):
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(TORCHVISION)
   try:
-    out = subprocess.run([python, f.name, folder, mode, str(cores), str(batch), str(batches),
-                          str(rounds)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [python, f.name, folder, mode, str(cores), str(batch), str(batches), str(rounds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
   finally:
     os.unlink(f.name)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def find_torchvision(arg):
-  for p in (arg, os.environ.get("BSSL_TORCHVISION_PYTHON"),
-            os.path.join(ROOT, ".venv-torchvision", "bin", "python")):
+  for p in (
+      arg,
+      os.environ.get("BSSL_TORCHVISION_PYTHON"),
+      os.path.join(ROOT, ".venv-torchvision", "bin", "python"),
+  ):
     if p and os.path.exists(p):
       return p
   return None
@@ -235,11 +274,18 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=256)
   ap.add_argument("--batches", type=int, default=12, help="timed batches per round")
   ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--torchvision_python", default=None,
-                  help="Python with torchvision (default: $BSSL_TORCHVISION_PYTHON, then "
-                       ".venv-torchvision made by benchmarks/torchvision_env.sh)")
-  ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
-                  help="also measure the scoring stage's ceiling (benchmarks/scoring.py)")
+  ap.add_argument(
+      "--torchvision_python",
+      default=None,
+      help="Python with torchvision (default: $BSSL_TORCHVISION_PYTHON, then "
+      ".venv-torchvision made by benchmarks/torchvision_env.sh)",
+  )
+  ap.add_argument(
+      "--ceiling",
+      action=argparse.BooleanOptionalAction,
+      default=True,
+      help="also measure the scoring stage's ceiling (benchmarks/scoring.py)",
+  )
   args = ap.parse_args(argv)
   cores = len(os.sched_getaffinity(0))
   tv = find_torchvision(args.torchvision_python)
@@ -248,45 +294,65 @@ def main(argv=None):
   with tempfile.TemporaryDirectory(prefix="bssl_input_") as tmp:
     t0 = time.perf_counter()
     folder, shards, small = make_data(tmp, args.images, rng)
-    print(f"{args.images} photo-like JPEGs {', '.join(f'{w}x{h}' for w, h in SIZES)} made and "
-          f"ingested in {time.perf_counter() - t0:.0f} s; {cores} cores; batch {args.batch}, "
-          f"{args.batches} timed batches x {args.rounds} rounds", flush=True)
+    print(
+        f"{args.images} photo-like JPEGs {', '.join(f'{w}x{h}' for w, h in SIZES)} made and "
+        f"ingested in {time.perf_counter() - t0:.0f} s; {cores} cores; batch {args.batch}, "
+        f"{args.batches} timed batches x {args.rounds} rounds",
+        flush=True,
+    )
     if tv is None:
-      print("torchvision: no environment (make it with: bash benchmarks/torchvision_env.sh); "
-            "its rows and the ratios are left out", flush=True)
+      print(
+          "torchvision: no environment (make it with: bash benchmarks/torchvision_env.sh); "
+          "its rows and the ratios are left out",
+          flush=True,
+      )
     tv_info = {}
     for r in range(args.rounds):
-      runs = {"bssl_train": lambda: bssl_train(shards, cores, args.batch, args.batches, r),
-              "bssl_train_workers": lambda: bssl_train(shards, cores, args.batch, args.batches,
-                                                       r, workers=cores),
-              "bssl_score": lambda: bssl_score(shards, cores, args.batch, args.batches, r),
-              "bssl_score_workers": lambda: bssl_score(shards, cores, args.batch, args.batches,
-                                                       r, workers=cores),
-              "grain_plain": lambda: grain_plain(shards, cores, args.batch, args.batches, r),
-              "decode_alone_1_thread": lambda: decode_alone(shards, cores, args.batch,
-                                                            args.batches, r)}
+      runs = {
+          "bssl_train": lambda: bssl_train(shards, cores, args.batch, args.batches, r),
+          "bssl_train_workers": lambda: bssl_train(
+              shards, cores, args.batch, args.batches, r, workers=cores
+          ),
+          "bssl_score": lambda: bssl_score(shards, cores, args.batch, args.batches, r),
+          "bssl_score_workers": lambda: bssl_score(
+              shards, cores, args.batch, args.batches, r, workers=cores
+          ),
+          "grain_plain": lambda: grain_plain(shards, cores, args.batch, args.batches, r),
+          "decode_alone_1_thread": lambda: decode_alone(shards, cores, args.batch, args.batches, r),
+      }
       if tv:
         for mode in ("train", "score"):
           for name, f in ((f"torchvision_{mode}", folder), (f"torchvision_{mode}_256", small)):
-            runs[name] = (lambda f=f, mode=mode: torchvision(
-                tv, f, mode, cores, args.batch, args.batches, 1))
+            runs[name] = lambda f=f, mode=mode: torchvision(
+                tv, f, mode, cores, args.batch, args.batches, 1
+            )
       for name, fn in runs.items():
         res = fn()
         if isinstance(res, dict):
           tv_info = {k: v for k, v in res.items() if k != "rates"}
           res = res["rates"][0]
         rates.setdefault(name, []).append(res)
-        print(f"round {r + 1}/{args.rounds} {name:24s} {res:8.1f} images/s "
-              f"({res / cores:.1f} per core)", flush=True)
+        print(
+            f"round {r + 1}/{args.rounds} {name:24s} {res:8.1f} images/s "
+            f"({res / cores:.1f} per core)",
+            flush=True,
+        )
     parts = score_breakdown(shards, args.batch)
-    print("scoring input, one image, one thread (us): " + ", ".join(
-        f"{k} {v:.0f}" for k, v in parts.items()), flush=True)
+    print(
+        "scoring input, one image, one thread (us): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()),
+        flush=True,
+    )
   med = {k: float(np.median(v)) for k, v in rates.items()}
   per_core = {k: v / cores for k, v in med.items()}
-  out = {"cores": cores, "images": args.images, "batch": args.batch,
-         "score_input_us_per_image": parts,
-         "per_core": {k: round(v, 1) for k, v in per_core.items()},
-         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()}}
+  out = {
+      "cores": cores,
+      "images": args.images,
+      "batch": args.batch,
+      "score_input_us_per_image": parts,
+      "per_core": {k: round(v, 1) for k, v in per_core.items()},
+      "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+  }
   # bssl's better way on this machine of the two it offers: read threads (num_threads;
   # simplejpeg and Pillow's resize release the GIL) or decode worker processes
   # (num_workers, score.num_workers); both rows are shown
@@ -297,31 +363,36 @@ def main(argv=None):
     print(f"  {k:24s} {v:8.1f}")
   if tv:
     out["torchvision_env"] = tv_info
-    out["train_input_over_torchvision"] = round(bssl_train_rate /
-                                                per_core["torchvision_train"], 3)
-    out["score_input_over_torchvision"] = round(bssl_score_best /
-                                                per_core["torchvision_score"], 3)
-    out["train_input_over_torchvision_256"] = round(bssl_train_rate /
-                                                    per_core["torchvision_train_256"], 3)
-    out["score_input_over_torchvision_256"] = round(bssl_score_best /
-                                                    per_core["torchvision_score_256"], 3)
-    print(f"bssl / torchvision per core: training input {out['train_input_over_torchvision']}x"
-          f" (same 256-px images: {out['train_input_over_torchvision_256']}x), scoring input "
-          f"{out['score_input_over_torchvision']}x (same 256-px images: "
-          f"{out['score_input_over_torchvision_256']}x)")
+    out["train_input_over_torchvision"] = round(bssl_train_rate / per_core["torchvision_train"], 3)
+    out["score_input_over_torchvision"] = round(bssl_score_best / per_core["torchvision_score"], 3)
+    out["train_input_over_torchvision_256"] = round(
+        bssl_train_rate / per_core["torchvision_train_256"], 3
+    )
+    out["score_input_over_torchvision_256"] = round(
+        bssl_score_best / per_core["torchvision_score_256"], 3
+    )
+    print(
+        f"bssl / torchvision per core: training input {out['train_input_over_torchvision']}x"
+        f" (same 256-px images: {out['train_input_over_torchvision_256']}x), scoring input "
+        f"{out['score_input_over_torchvision']}x (same 256-px images: "
+        f"{out['score_input_over_torchvision_256']}x)"
+    )
   else:
     out["train_input_over_torchvision"] = out["score_input_over_torchvision"] = None
   out["bssl_over_grain_plain_score"] = round(bssl_score_best / per_core["grain_plain"], 3)
   if args.ceiling:
     import scoring as scoring_bench  # benchmarks/scoring.py
+
     mem = scoring_bench.bench("null", num_images=16384, rounds=args.rounds, from_shards=False)
     # from shards: decode in read threads (simplejpeg releases the GIL) and in worker
     # processes; the better of the two is the ceiling
-    sh_t = scoring_bench.bench("null", num_images=4096, rounds=args.rounds, from_shards=True,
-                               threads=cores)
+    sh_t = scoring_bench.bench(
+        "null", num_images=4096, rounds=args.rounds, from_shards=True, threads=cores
+    )
     # (worker processes start in seconds — they import bssl — so they get 3x the images)
-    sh_w = scoring_bench.bench("null", num_images=12288, rounds=args.rounds, from_shards=True,
-                               workers=cores)
+    sh_w = scoring_bench.bench(
+        "null", num_images=12288, rounds=args.rounds, from_shards=True, workers=cores
+    )
     best = max(sh_t["stage_images_per_s"], sh_w["stage_images_per_s"])
     out["score_ceiling_memory"] = round(mem["stage_images_per_s"], 1)
     out["score_ceiling_shards"] = round(best, 1)
@@ -329,13 +400,16 @@ def main(argv=None):
     out["score_ceiling_shards_workers"] = round(sh_w["stage_images_per_s"], 1)
     out["score_ceiling_shards_per_core"] = round(best / cores, 1)
     out["score_ceiling_over_decode_alone"] = round(
-        out["score_ceiling_shards_per_core"] / per_core["decode_alone_1_thread"], 3)
-    print(f"scoring stage ceiling (null model): U in memory {out['score_ceiling_memory']:,.0f}"
-          f" images/s; U from shards {out['score_ceiling_shards']:,.0f} images/s = "
-          f"{out['score_ceiling_shards_per_core']:,.0f} per core (threads "
-          f"{out['score_ceiling_shards_threads']:,.0f}, workers "
-          f"{out['score_ceiling_shards_workers']:,.0f} images/s), "
-          f"{100 * out['score_ceiling_over_decode_alone']:.0f}% of the JPEG decode alone")
+        out["score_ceiling_shards_per_core"] / per_core["decode_alone_1_thread"], 3
+    )
+    print(
+        f"scoring stage ceiling (null model): U in memory {out['score_ceiling_memory']:,.0f}"
+        f" images/s; U from shards {out['score_ceiling_shards']:,.0f} images/s = "
+        f"{out['score_ceiling_shards_per_core']:,.0f} per core (threads "
+        f"{out['score_ceiling_shards_threads']:,.0f}, workers "
+        f"{out['score_ceiling_shards_workers']:,.0f} images/s), "
+        f"{100 * out['score_ceiling_over_decode_alone']:.0f}% of the JPEG decode alone"
+    )
   print(json.dumps(out))
   return out
 

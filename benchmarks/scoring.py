@@ -17,6 +17,7 @@ the medians over ``--rounds`` are reported (this VM's speed drifts between runs)
 
 The last line printed is one JSON object with the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bssl.hostmem import tune_malloc  # noqa: E402  (imports nothing heavy)
+from bssl.hostmem import tune_malloc
 
 # As bssl.main does, before JAX starts its threads; BSSL_MALLOC=default measures glibc's.
 MALLOC_TUNED = tune_malloc()
@@ -74,28 +75,49 @@ class NullModel:
 def _ingested(num: int, workers: int, rng):
   """A ShardSource over ``num`` photo-like 500x375 JPEGs ingested to short side 256."""
   from ingest import photo_like  # benchmarks/ingest.py
+
   from bssl.data import ingest
+
   d = tempfile.mkdtemp(prefix="bssl_bench_u_")
   os.makedirs(os.path.join(d, "in"))
   for i in range(num):
     with open(os.path.join(d, "in", f"{i:06d}.jpg"), "wb") as f:
       f.write(photo_like(500, 375, rng))
-  ingest.run_ingest(os.path.join(d, "in"), os.path.join(d, "out"),
-                    ingest.Params(shard_size=256), log=lambda m: None)
+  ingest.run_ingest(
+      os.path.join(d, "in"),
+      os.path.join(d, "out"),
+      ingest.Params(shard_size=256),
+      log=lambda m: None,
+  )
   return ingest.ShardSource(os.path.join(d, "out"), channels=3), d
 
 
-def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=1,
-          from_shards=None, workers=0):
+def bench(
+    name,
+    num_images=None,
+    batch=None,
+    dtype="float32",
+    rounds=3,
+    threads=1,
+    from_shards=None,
+    workers=0,
+):
   arch, kwargs, size, ch, classes, gbs, n, top_p, k = MODELS[name]
   from_shards = (ch == 3) if from_shards is None else from_shards
   n = num_images or n
   gbs = batch or gbs
-  model = NullModel(classes) if arch == "null" else create_model(
-      arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kwargs)
+  model = (
+      NullModel(classes)
+      if arch == "null"
+      else create_model(
+          arch, classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **kwargs
+      )
+  )
   mesh = parallel.make_mesh()
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, ch)), train=False),
-                      out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
+  variables = jax.jit(
+      lambda r: model.init(r, jnp.zeros((1, size, size, ch)), train=False),
+      out_shardings=parallel.replicated(mesh),
+  )(jax.random.key(0, impl="rbg"))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n, size, size, ch), dtype=np.uint8)
   mean, std = (120.0,) * ch, (60.0,) * ch
@@ -105,8 +127,9 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
     # photo-like 500x375 JPEGs by the ingest path), decoded and centre-cropped to ``size``.
     unl, shard_dir = _ingested(min(n, 512), workers, rng)
     unl = sources.SubsetView(unl, np.arange(n) % len(unl), reindex=True)  # repeat to n
-    spec = pipelines.ImageSpec(size=size, channels=ch, augment="none",
-                               eval_transform="resize_center_crop")
+    spec = pipelines.ImageSpec(
+        size=size, channels=ch, augment="none", eval_transform="resize_center_crop"
+    )
   else:
     unl = sources.ArraySource(images)
     spec = pipelines.ImageSpec(size=size, channels=ch, augment="none")
@@ -132,11 +155,24 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
     t0 = time.perf_counter()
     parts = os.path.join(score_dir, "parts")
     gen, chunks = scoring.plan_chunks(parts, len(src), checkpoint_every * gbs)
-    out = scoring.score_process(scorer=scorer, source=src, spec=spec, parts_dir=parts,
-                                gen=gen, chunks=chunks, process_index=0, process_count=1,
-                                num_classes=classes, k=k, p=top_p, local_batch_size=gbs,
-                                num_threads=threads, num_workers=workers,
-                                log=lambda m: None, log_every=10**9)
+    out = scoring.score_process(
+        scorer=scorer,
+        source=src,
+        spec=spec,
+        parts_dir=parts,
+        gen=gen,
+        chunks=chunks,
+        process_index=0,
+        process_count=1,
+        num_classes=classes,
+        k=k,
+        p=top_p,
+        local_batch_size=gbs,
+        num_threads=threads,
+        num_workers=workers,
+        log=lambda m: None,
+        log_every=10**9,
+    )
     assert out["num_scored"] == len(src)
     return time.perf_counter() - t0
 
@@ -150,26 +186,45 @@ def bench(name, num_images=None, batch=None, dtype="float32", rounds=3, threads=
       stage_ips.append(n / st)
       shares.append(max(0.0, 1.0 - f * n / st))
       ratios.append(stage_ips[-1] / fwd_ips[-1])
-      print(f"[{name}] round {r + 1}/{rounds}: forward alone {fwd_ips[-1]:,.1f} img/s, "
-            f"stage {stage_ips[-1]:,.1f} img/s, outside the forward pass "
-            f"{100 * shares[-1]:.1f}%, stage/forward {ratios[-1]:.3f}", flush=True)
+      print(
+          f"[{name}] round {r + 1}/{rounds}: forward alone {fwd_ips[-1]:,.1f} img/s, "
+          f"stage {stage_ips[-1]:,.1f} img/s, outside the forward pass "
+          f"{100 * shares[-1]:.1f}%, stage/forward {ratios[-1]:.3f}",
+          flush=True,
+      )
   if shard_dir:
     import shutil
+
     shutil.rmtree(shard_dir, ignore_errors=True)
   share = float(np.median(shares))
   src = "ingested 256-px JPEG shards" if from_shards else "in-memory uint8 arrays"
-  print(f"[{name}] {arch} {size}px {dtype} batch {gbs}, U from {src}, {threads} read "
-        f"thread(s), {workers} decode worker process(es): forward alone "
-        f"{np.median(fwd_ips):,.1f} img/s; scoring stage {np.median(stage_ips):,.1f} img/s over "
-        f"{n:,} images; time outside the forward pass {100 * share:.1f}% (median of {rounds} "
-        f"rounds)", flush=True)
-  return {"model": arch, "image_size": size, "dtype": dtype, "batch": gbs, "images": n,
-          "forward_images_per_s": float(np.median(fwd_ips)),
-          "stage_images_per_s": float(np.median(stage_ips)), "share_outside_forward": share,
-          "stage_over_forward": float(np.median(ratios)), "from_shards": bool(from_shards),
-          "threads": threads, "workers": workers,
-          "rounds": {"forward_images_per_s": fwd_ips, "stage_images_per_s": stage_ips,
-                     "share_outside_forward": shares}}
+  print(
+      f"[{name}] {arch} {size}px {dtype} batch {gbs}, U from {src}, {threads} read "
+      f"thread(s), {workers} decode worker process(es): forward alone "
+      f"{np.median(fwd_ips):,.1f} img/s; scoring stage {np.median(stage_ips):,.1f} img/s over "
+      f"{n:,} images; time outside the forward pass {100 * share:.1f}% (median of {rounds} "
+      f"rounds)",
+      flush=True,
+  )
+  return {
+      "model": arch,
+      "image_size": size,
+      "dtype": dtype,
+      "batch": gbs,
+      "images": n,
+      "forward_images_per_s": float(np.median(fwd_ips)),
+      "stage_images_per_s": float(np.median(stage_ips)),
+      "share_outside_forward": share,
+      "stage_over_forward": float(np.median(ratios)),
+      "from_shards": bool(from_shards),
+      "threads": threads,
+      "workers": workers,
+      "rounds": {
+          "forward_images_per_s": fwd_ips,
+          "stage_images_per_s": stage_ips,
+          "share_outside_forward": shares,
+      },
+  }
 
 
 def main(argv=None):
@@ -178,21 +233,41 @@ def main(argv=None):
   ap.add_argument("--images", type=int, default=None)
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--rounds", type=int, default=3,
-                  help="interleaved (forward alone, whole stage) rounds; medians reported")
-  ap.add_argument("--threads", type=int, default=1,
-                  help="grain read threads of the scoring pipeline (config num_threads)")
-  ap.add_argument("--workers", type=int, default=0,
-                  help="decode worker processes (config score.num_workers; 0: threads only)")
-  ap.add_argument("--source", default="auto", choices=("auto", "shards", "memory"),
-                  help="U: ingested shards (RGB models by default) or in-memory arrays")
+  ap.add_argument(
+      "--rounds",
+      type=int,
+      default=3,
+      help="interleaved (forward alone, whole stage) rounds; medians reported",
+  )
+  ap.add_argument(
+      "--threads",
+      type=int,
+      default=1,
+      help="grain read threads of the scoring pipeline (config num_threads)",
+  )
+  ap.add_argument(
+      "--workers",
+      type=int,
+      default=0,
+      help="decode worker processes (config score.num_workers; 0: threads only)",
+  )
+  ap.add_argument(
+      "--source",
+      default="auto",
+      choices=("auto", "shards", "memory"),
+      help="U: ingested shards (RGB models by default) or in-memory arrays",
+  )
   args = ap.parse_args(argv)
-  print(f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}",
-        flush=True)
+  print(
+      f"devices: {jax.devices()}; malloc {'tuned' if MALLOC_TUNED else 'glibc default'}", flush=True
+  )
   shards = {"auto": None, "shards": True, "memory": False}[args.source]
-  res = {m: bench(m, args.images, args.batch, args.dtype, args.rounds, args.threads, shards,
-                  args.workers)
-         for m in args.models.split(",")}
+  res = {
+      m: bench(
+          m, args.images, args.batch, args.dtype, args.rounds, args.threads, shards, args.workers
+      )
+      for m in args.models.split(",")
+  }
   res["device"] = str(jax.devices()[0].device_kind)
   res["stage_over_forward"] = res[args.models.split(",")[-1]]["stage_over_forward"]
   print(json.dumps(res))

@@ -11,6 +11,7 @@ Times, per batch of ``--batch`` random uint8 images of ``--size`` px, each part 
 
     python benchmarks/scoring_parts.py --model resnet50 --batch 512 --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bssl import parallel  # noqa: E402
-from bssl.backend import JaxScorer  # noqa: E402
-from bssl.data import pipelines, sources  # noqa: E402
-from bssl.models import create_model  # noqa: E402
+from bssl import parallel
+from bssl.backend import JaxScorer
+from bssl.data import pipelines, sources
+from bssl.models import create_model
 
 
 def _ms(fn, reps):
@@ -47,11 +48,14 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=10)
   args = ap.parse_args(argv)
   b, size = args.batch, args.size
-  model = create_model(args.model, 1000,
-                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+  model = create_model(
+      args.model, 1000, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  )
   mesh = parallel.make_mesh()
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False),
-                      out_shardings=parallel.replicated(mesh))(jax.random.key(0, impl="rbg"))
+  variables = jax.jit(
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False),
+      out_shardings=parallel.replicated(mesh),
+  )(jax.random.key(0, impl="rbg"))
   images = np.random.default_rng(0).integers(0, 256, (4 * b, size, size, 3), dtype=np.uint8)
   spec = pipelines.ImageSpec(size=size, channels=3, augment="none")
   src = sources.ArraySource(images)
@@ -62,19 +66,26 @@ def main(argv=None):
   bounds = pipelines.range_batches(0, len(src), b)
 
   def make_input():
-    return next(iter(pipelines.ranges_dataset(src, spec, batch_size=b, bounds=bounds[:1],
-                                              prefetch=0, num_threads=0)))
+    return next(
+        iter(
+            pipelines.ranges_dataset(
+                src, spec, batch_size=b, bounds=bounds[:1], prefetch=0, num_threads=0
+            )
+        )
+    )
 
   parts = {
       "input": _ms(make_input, max(2, args.reps // 3)),
-      "transfer": _ms(lambda: jax.block_until_ready(
-          jax.device_put(images[:b], scorer.in_sharding)), args.reps),
-      "score": _ms(lambda: jax.block_until_ready(scorer.step(scorer.variables, x)),
-                   args.reps),
+      "transfer": _ms(
+          lambda: jax.block_until_ready(jax.device_put(images[:b], scorer.in_sharding)), args.reps
+      ),
+      "score": _ms(lambda: jax.block_until_ready(scorer.step(scorer.variables, x)), args.reps),
       "fetch": _ms(lambda: scorer.fetch(out), args.reps),
   }
-  print(f"[scoring_parts] {jax.devices()[0].device_kind}, {args.model} {size}px "
-        f"{args.dtype}, batch {b} ({images[:b].nbytes / 2**20:.0f} MiB of uint8):")
+  print(
+      f"[scoring_parts] {jax.devices()[0].device_kind}, {args.model} {size}px "
+      f"{args.dtype}, batch {b} ({images[:b].nbytes / 2**20:.0f} MiB of uint8):"
+  )
   for k, v in parts.items():
     print(f"  {k:9s} {v:8.1f} ms/batch  ({b / v * 1000:,.0f} images/s alone)")
 

@@ -19,6 +19,7 @@ and generation time is excluded from the measured time (reported separately).
 The last line printed is one JSON object with images_per_s, naive_images_per_s,
 peak_rss_mb_10m and peak_rss_mb_30m (plus details).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,7 @@ def run_naive(n, c, p, k, batch, seed):
   t1 = time.perf_counter()
   ids, classes, scores = (np.concatenate(x) for x in (ids_l, cls_l, sc_l))
   del ids_l, cls_l, sc_l
-  order = np.lexsort((tie_hash(ids, 0), -scores, classes))   # ties: TopKPerClass's rule
+  order = np.lexsort((tie_hash(ids, 0), -scores, classes))  # ties: TopKPerClass's rule
   cs = classes[order]
   counts = np.bincount(cs, minlength=c)
   starts = np.cumsum(counts) - counts
@@ -132,16 +133,29 @@ def memory_child(n, c, p, k, batch, seed) -> dict:
   base = _proc_status_mb("VmRSS")
   sel, t = run_streaming(n, c, p, k, batch, seed)
   peak = _proc_status_mb("VmHWM")
-  if peak != peak:                                    # no /proc: fall back to ru_maxrss
+  if peak != peak:  # no /proc: fall back to ru_maxrss
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  return {"n": n, "baseline_rss_mb": base, "peak_rss_mb": peak, "rows": int(sel.ids.size),
-          **t}
+  return {"n": n, "baseline_rss_mb": base, "peak_rss_mb": peak, "rows": int(sel.ids.size), **t}
 
 
 def measure_memory(n, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--n", str(n),
-         "--classes", str(args.classes), "--p", str(args.p), "--k", str(args.k),
-         "--batch", str(args.batch), "--seed", str(args.seed)]
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--memory-child",
+      "--n",
+      str(n),
+      "--classes",
+      str(args.classes),
+      "--p",
+      str(args.p),
+      "--k",
+      str(args.k),
+      "--batch",
+      str(args.batch),
+      "--seed",
+      str(args.seed),
+  ]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -154,14 +168,25 @@ def main(argv=None) -> dict:
   ap.add_argument("--k", type=int, default=16000, help="images kept per class")
   ap.add_argument("--batch", type=int, default=100_000, help="images per update")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--pending-slots", type=int, default=None,
-                  help="TopKPerClass pending slots per class (default max(K // 2, 256))")
-  ap.add_argument("--naive-n", type=int, default=10_000_000,
-                  help="stream size for the naive baseline (0: skip)")
-  ap.add_argument("--mem-n", type=int, nargs=2, default=[10_000_000, 30_000_000],
-                  help="stream sizes for the two peak-memory subprocesses")
-  ap.add_argument("--quick", action="store_true",
-                  help="smoke run: N = naive N = 200k, memory at 200k and 600k")
+  ap.add_argument(
+      "--pending-slots",
+      type=int,
+      default=None,
+      help="TopKPerClass pending slots per class (default max(K // 2, 256))",
+  )
+  ap.add_argument(
+      "--naive-n", type=int, default=10_000_000, help="stream size for the naive baseline (0: skip)"
+  )
+  ap.add_argument(
+      "--mem-n",
+      type=int,
+      nargs=2,
+      default=[10_000_000, 30_000_000],
+      help="stream sizes for the two peak-memory subprocesses",
+  )
+  ap.add_argument(
+      "--quick", action="store_true", help="smoke run: N = naive N = 200k, memory at 200k and 600k"
+  )
   ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
@@ -173,20 +198,35 @@ def main(argv=None) -> dict:
     args.n, args.naive_n, args.mem_n = 200_000, 200_000, [200_000, 600_000]
 
   c, p, k, b = args.classes, args.p, args.k, args.batch
-  print(f"[selection] C={c} P={p} K={k} batch={b} images "
-        f"({b * p:,} candidates), N={args.n:,}", flush=True)
+  print(
+      f"[selection] C={c} P={p} K={k} batch={b} images " f"({b * p:,} candidates), N={args.n:,}",
+      flush=True,
+  )
   sel, t = run_streaming(args.n, c, p, k, b, args.seed, args.pending_slots)
   stream_s = t["update_s"] + t["result_s"]
   cpu_s = t["update_cpu_s"] + t["result_cpu_s"]
   ips = args.n / stream_s
-  print(f"[streaming] update {t['update_s']:.2f} s + result {t['result_s']:.2f} s = "
-        f"{stream_s:.2f} s wall -> {ips / 1e6:.2f}M images/s ({ips * p / 1e6:.1f}M "
-        f"candidates/s); CPU time {cpu_s:.2f} s -> {args.n / cpu_s / 1e6:.2f}M images per "
-        f"CPU-second; batch generation {t['gen_s']:.2f} s excluded; {sel.ids.size:,} rows "
-        f"selected", flush=True)
-  result = {"images_per_s": ips, "naive_images_per_s": None, "peak_rss_mb_10m": None,
-            "peak_rss_mb_30m": None, "n": args.n, "classes": c, "p": p, "k": k, "batch": b,
-            "images_per_cpu_s": args.n / cpu_s, **t}
+  print(
+      f"[streaming] update {t['update_s']:.2f} s + result {t['result_s']:.2f} s = "
+      f"{stream_s:.2f} s wall -> {ips / 1e6:.2f}M images/s ({ips * p / 1e6:.1f}M "
+      f"candidates/s); CPU time {cpu_s:.2f} s -> {args.n / cpu_s / 1e6:.2f}M images per "
+      f"CPU-second; batch generation {t['gen_s']:.2f} s excluded; {sel.ids.size:,} rows "
+      f"selected",
+      flush=True,
+  )
+  result = {
+      "images_per_s": ips,
+      "naive_images_per_s": None,
+      "peak_rss_mb_10m": None,
+      "peak_rss_mb_30m": None,
+      "n": args.n,
+      "classes": c,
+      "p": p,
+      "k": k,
+      "batch": b,
+      "images_per_cpu_s": args.n / cpu_s,
+      **t,
+  }
 
   mems = []
   for n_mem, key in zip(args.mem_n, ("peak_rss_mb_10m", "peak_rss_mb_30m")):
@@ -194,27 +234,37 @@ def main(argv=None) -> dict:
     mems.append(m)
     result[key] = m["peak_rss_mb"]
     result[key.replace("peak", "baseline")] = m["baseline_rss_mb"]
-    print(f"[memory] N={n_mem:,}: peak RSS {m['peak_rss_mb']:.0f} MB (absolute; process "
-          f"baseline after imports {m['baseline_rss_mb']:.0f} MB, growth "
-          f"{m['peak_rss_mb'] - m['baseline_rss_mb']:.0f} MB); "
-          f"{n_mem / (m['update_s'] + m['result_s']) / 1e6:.2f}M images/s in that run",
-          flush=True)
+    print(
+        f"[memory] N={n_mem:,}: peak RSS {m['peak_rss_mb']:.0f} MB (absolute; process "
+        f"baseline after imports {m['baseline_rss_mb']:.0f} MB, growth "
+        f"{m['peak_rss_mb'] - m['baseline_rss_mb']:.0f} MB); "
+        f"{n_mem / (m['update_s'] + m['result_s']) / 1e6:.2f}M images/s in that run",
+        flush=True,
+    )
   result["mem_n"] = list(args.mem_n)
   ratio = mems[1]["peak_rss_mb"] / mems[0]["peak_rss_mb"]
   result["peak_rss_ratio"] = ratio
-  print(f"[memory] peak at N={args.mem_n[1]:,} / peak at N={args.mem_n[0]:,} = {ratio:.3f}",
-        flush=True)
+  print(
+      f"[memory] peak at N={args.mem_n[1]:,} / peak at N={args.mem_n[0]:,} = {ratio:.3f}",
+      flush=True,
+  )
   if args.naive_n:
     if args.naive_n != args.n:
       sel, t = run_streaming(args.naive_n, c, p, k, b, args.seed, args.pending_slots)
     (nids, ncls, nsc), tn = run_naive(args.naive_n, c, p, k, b, args.seed)
     naive_s = tn["keep_s"] + tn["sort_s"]
     nips = args.naive_n / naive_s
-    same = (np.array_equal(nids, sel.ids) and np.array_equal(ncls, sel.classes)
-            and np.array_equal(nsc, sel.scores))
-    print(f"[naive] N={args.naive_n:,}: keep {tn['keep_s']:.2f} s + sort {tn['sort_s']:.2f} s "
-          f"-> {nips / 1e6:.3f}M images/s; streaming is {ips / nips:.1f}x faster; "
-          f"same answer: {same}", flush=True)
+    same = (
+        np.array_equal(nids, sel.ids)
+        and np.array_equal(ncls, sel.classes)
+        and np.array_equal(nsc, sel.scores)
+    )
+    print(
+        f"[naive] N={args.naive_n:,}: keep {tn['keep_s']:.2f} s + sort {tn['sort_s']:.2f} s "
+        f"-> {nips / 1e6:.3f}M images/s; streaming is {ips / nips:.1f}x faster; "
+        f"same answer: {same}",
+        flush=True,
+    )
     if not same:
       raise SystemExit("naive and streaming selections differ")
     result.update(naive_images_per_s=nips, naive_n=args.naive_n, speedup=ips / nips)

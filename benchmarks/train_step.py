@@ -33,6 +33,7 @@ starts (one malloc arena, no mmap, no trimming), so freed pages are reused, as
 
 The last line printed is one JSON object with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,17 +76,29 @@ def _forward_flops(fn, *args) -> float:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--models", default="small,small_deep,resnet50,data",
-                 help="comma-separated: small, small_deep, resnet50, data")
-  p.add_argument("--impls", default="xla,im2col_grad",
-                 help="conv_impl values to compare (comma-separated)")
+  p.add_argument(
+      "--models",
+      default="small,small_deep,resnet50,data",
+      help="comma-separated: small, small_deep, resnet50, data",
+  )
+  p.add_argument(
+      "--impls", default="xla,im2col_grad", help="conv_impl values to compare (comma-separated)"
+  )
   p.add_argument("--steps", type=int, default=20, help="train steps per timed run")
   p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
-  p.add_argument("--batch", type=int, default=None,
-                 help="batch size (default: 128 for small models, 8 for resnet50 on CPU)")
+  p.add_argument(
+      "--batch",
+      type=int,
+      default=None,
+      help="batch size (default: 128 for small models, 8 for resnet50 on CPU)",
+  )
   p.add_argument("--dtypes", default="float32,bfloat16", help="resnet50 compute dtypes")
-  p.add_argument("--peak_tflops", type=float, default=None,
-                 help="device peak TFLOP/s for model FLOPs utilisation")
+  p.add_argument(
+      "--peak_tflops",
+      type=float,
+      default=None,
+      help="device peak TFLOP/s for model FLOPs utilisation",
+  )
   p.add_argument("--malloc", choices=("tuned", "default"), default="default")
   a = p.parse_args(argv)
   if a.steps <= 0 or a.repeats <= 0:
@@ -109,11 +122,19 @@ def main(argv=None):
 
   mesh = parallel.make_mesh()
   backend = jax.default_backend()
-  print(f"[train_step] jax {jax.__version__} on {backend} ({jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPUs); malloc {'tuned' if malloc_tuned else 'glibc default'}; "
-        f"{args.repeats} runs x {args.steps} steps, median reported", flush=True)
-  results = {"backend": backend, "malloc_tuned": malloc_tuned, "steps": args.steps,
-             "repeats": args.repeats, "cases": {}}
+  print(
+      f"[train_step] jax {jax.__version__} on {backend} ({jax.device_count()} device(s), "
+      f"{os.cpu_count()} CPUs); malloc {'tuned' if malloc_tuned else 'glibc default'}; "
+      f"{args.repeats} runs x {args.steps} steps, median reported",
+      flush=True,
+  )
+  results = {
+      "backend": backend,
+      "malloc_tuned": malloc_tuned,
+      "steps": args.steps,
+      "repeats": args.repeats,
+      "cases": {},
+  }
 
   def bench_case(key, name, num_classes, image_shape, batch, dtype, impl, **model_kwargs):
     model = models.create_model(name, num_classes, dtype=dtype, conv_impl=impl, **model_kwargs)
@@ -122,19 +143,24 @@ def main(argv=None):
     tx = train.make_optimizer(opt_cfg, schedule)
     state = train.init_state(model, tx, 0, image_shape, mesh)
     mean, std = (127.5,) * image_shape[-1], (64.0,) * image_shape[-1]
-    step = train.make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
-                                 schedule=schedule)
+    step = train.make_train_step(
+        model, tx, mesh, num_classes=num_classes, mean=mean, std=std, schedule=schedule
+    )
     rng = np.random.RandomState(0)
-    batch_np = {"image": rng.randint(0, 256, (batch, *image_shape)).astype(np.uint8),
-                "label": rng.randint(0, num_classes, batch).astype(np.int32)}
+    batch_np = {
+        "image": rng.randint(0, 256, (batch, *image_shape)).astype(np.uint8),
+        "label": rng.randint(0, num_classes, batch).astype(np.int32),
+    }
     data = parallel.global_batch_from_local(mesh, batch_np)
 
     # Model FLOPs: XLA's count for one forward pass (train mode) of the batch, x3, on the
     # lowered (not compiled) program: GPU compiles turn convolutions into cuDNN calls
     # that the compiled cost analysis does not count.
     def fwd(params, batch_stats, x):
-      return model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                         mutable=["batch_stats"])
+      return model.apply(
+          {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
+
     x = jnp.zeros((batch, *image_shape), jnp.float32)
     model_flops = 3 * _forward_flops(fwd, state.params, state.batch_stats, x)
 
@@ -157,20 +183,31 @@ def main(argv=None):
     ips = float(np.median(runs))
     step_s = batch / ips
     mfu = (model_flops / step_s / (args.peak_tflops * 1e12)) if args.peak_tflops else None
-    rec = {"images_per_s": ips, "runs_images_per_s": runs, "step_ms": 1e3 * step_s,
-           "batch": batch, "dtype": jnp.dtype(dtype).name, "conv_impl": impl,
-           "compile_s": compile_s, "model_gflops_per_step": model_flops / 1e9, "mfu": mfu,
-           "cpu_ms_per_step": 1e3 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
-                              / n_steps,
-           "sys_ms_per_step": 1e3 * (ru1.ru_stime - ru0.ru_stime) / n_steps,
-           "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps,
-           "max_rss_mb": ru1.ru_maxrss / 1024}
+    rec = {
+        "images_per_s": ips,
+        "runs_images_per_s": runs,
+        "step_ms": 1e3 * step_s,
+        "batch": batch,
+        "dtype": jnp.dtype(dtype).name,
+        "conv_impl": impl,
+        "compile_s": compile_s,
+        "model_gflops_per_step": model_flops / 1e9,
+        "mfu": mfu,
+        "cpu_ms_per_step": 1e3
+        * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
+        / n_steps,
+        "sys_ms_per_step": 1e3 * (ru1.ru_stime - ru0.ru_stime) / n_steps,
+        "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps,
+        "max_rss_mb": ru1.ru_maxrss / 1024,
+    }
     results["cases"][key] = rec
-    print(f"[train_step] {key:36s} {_fmt(ips):>8s} img/s  ({rec['step_ms']:.1f} ms/step; runs "
-          f"{', '.join(_fmt(r) for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "
-          f"which kernel {rec['sys_ms_per_step']:.0f}; MFU "
-          f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}; compile {compile_s:.1f} s)",
-          flush=True)
+    print(
+        f"[train_step] {key:36s} {_fmt(ips):>8s} img/s  ({rec['step_ms']:.1f} ms/step; runs "
+        f"{', '.join(_fmt(r) for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "
+        f"which kernel {rec['sys_ms_per_step']:.0f}; MFU "
+        f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}; compile {compile_s:.1f} s)",
+        flush=True,
+    )
     return rec
 
   impls = [s for s in args.impls.split(",") if s]
@@ -178,14 +215,23 @@ def main(argv=None):
   for case, kwargs in (("small", {}), ("small_deep", {"depths": (2, 2, 2)})):
     if case in wanted:
       for impl in impls:
-        bench_case(f"{case}/{impl}", "resnet_small", 10, (28, 28, 1), args.batch or 128,
-                   jnp.float32, impl, **kwargs)
+        bench_case(
+            f"{case}/{impl}",
+            "resnet_small",
+            10,
+            (28, 28, 1),
+            args.batch or 128,
+            jnp.float32,
+            impl,
+            **kwargs,
+        )
   if "resnet50" in wanted:
     batch = args.batch or (8 if backend == "cpu" else 128)
     for dt in args.dtypes.split(","):
       for impl in impls:
-        bench_case(f"resnet50/{dt}/{impl}", "resnet50", 1000, (224, 224, 3), batch,
-                   jnp.dtype(dt), impl)
+        bench_case(
+            f"resnet50/{dt}/{impl}", "resnet50", 1000, (224, 224, 3), batch, jnp.dtype(dt), impl
+        )
   if "data" in wanted:
     results["cases"]["data"] = bench_data(args.batch or 128, args.repeats)
 
@@ -211,6 +257,7 @@ def bench_data(batch: int, repeats: int, n_batches: int = 50) -> dict:
   images = rng.randint(0, 256, (6000, 28, 28, 1)).astype(np.uint8)
 
   class Source:
+
     def __len__(self):
       return len(images)
 
@@ -227,8 +274,11 @@ def bench_data(batch: int, repeats: int, n_batches: int = 50) -> dict:
       next(it)
     runs.append(n_batches * batch / (time.perf_counter() - t0))
   ips = float(np.median(runs))
-  print(f"[train_step] {'data (grain input pipeline)':36s} {_fmt(ips):>8s} img/s  (runs "
-        f"{', '.join(_fmt(r) for r in runs)})", flush=True)
+  print(
+      f"[train_step] {'data (grain input pipeline)':36s} {_fmt(ips):>8s} img/s  (runs "
+      f"{', '.join(_fmt(r) for r in runs)})",
+      flush=True,
+  )
   return {"images_per_s": ips, "runs_images_per_s": runs, "batch": batch}
 
 

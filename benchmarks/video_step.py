@@ -3,6 +3,7 @@ ones (bssl/models/video.py, Conv3D). Prints one line per setting, then one JSON 
 
   python benchmarks/video_step.py [--frames 8 --size 32 --batch 32 --model r2plus1d_small]
 """
+
 import argparse
 import json
 import time
@@ -28,6 +29,7 @@ def bench(name, impl, frames, size, batch, channels, kwargs, reps=5):
     def f(p):
       out, nv = m.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), nv
+
     (loss, nv), g = jax.value_and_grad(f, has_aux=True)(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), nv["batch_stats"], o, loss
@@ -47,8 +49,14 @@ def bench(name, impl, frames, size, batch, channels, kwargs, reps=5):
   for _ in range(reps):
     jax.block_until_ready(fwd(p, bs, x))
   tf = (time.perf_counter() - t) / reps
-  return {"impl": impl, "params": count_params(p), "train_step_ms": 1000 * ts,
-          "train_clips_per_s": batch / ts, "forward_ms": 1000 * tf, "forward_clips_per_s": batch / tf}
+  return {
+      "impl": impl,
+      "params": count_params(p),
+      "train_step_ms": 1000 * ts,
+      "train_clips_per_s": batch / ts,
+      "forward_ms": 1000 * tf,
+      "forward_clips_per_s": batch / tf,
+  }
 
 
 def main():
@@ -58,16 +66,26 @@ def main():
   ap.add_argument("--size", type=int, default=32)
   ap.add_argument("--channels", type=int, default=1)
   ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--kwargs", default="{'widths': (8, 16, 32), 'depths': (1, 1, 1), "
-                  "'stem_mid': 8, 'stem_stride': 2}", help="model kwargs (r2plus1d_small: the demo's)")
+  ap.add_argument(
+      "--kwargs",
+      default="{'widths': (8, 16, 32), 'depths': (1, 1, 1), " "'stem_mid': 8, 'stem_stride': 2}",
+      help="model kwargs (r2plus1d_small: the demo's)",
+  )
   a = ap.parse_args()
-  kwargs = eval(a.kwargs) if a.model == "r2plus1d_small" else {}  # noqa: S307 - a CLI literal
-  out = {"backend": jax.default_backend(), "model": a.model, "clip": [a.frames, a.size, a.size,
-         a.channels], "batch": a.batch}
+  kwargs = eval(a.kwargs) if a.model == "r2plus1d_small" else {}
+  out = {
+      "backend": jax.default_backend(),
+      "model": a.model,
+      "clip": [a.frames, a.size, a.size, a.channels],
+      "batch": a.batch,
+  }
   for impl in ("xla", "factored"):
     r = bench(a.model, impl, a.frames, a.size, a.batch, a.channels, kwargs)
-    print(f"{impl:9s} train step {r['train_step_ms']:.0f} ms ({r['train_clips_per_s']:.0f} clips/s)"
-          f", forward {r['forward_ms']:.0f} ms ({r['forward_clips_per_s']:.0f} clips/s)", flush=True)
+    print(
+        f"{impl:9s} train step {r['train_step_ms']:.0f} ms ({r['train_clips_per_s']:.0f} clips/s)"
+        f", forward {r['forward_ms']:.0f} ms ({r['forward_clips_per_s']:.0f} clips/s)",
+        flush=True,
+    )
     out[impl] = r
   out["factored_speedup_train"] = out["xla"]["train_step_ms"] / out["factored"]["train_step_ms"]
   print(json.dumps(out))

@@ -5,12 +5,14 @@ offers the same four methods, so :mod:`bssl.stages` is written once for both.
 Variables of a stage live in ``<workdir>/<stage>/final`` (orbax: params + batch_stats)
 and are restored onto the current mesh whatever the device count they were saved on.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bssl import config, deps, models, parallel, train
 from bssl.train import normalize
@@ -28,8 +30,9 @@ def _dtype(name: str):
 
 
 def make_model(scfg, num_classes: int):
-  return models.create_model(scfg.model, num_classes, dtype=_dtype(scfg.dtype),
-                             **dict(scfg.get("model_kwargs") or {}))
+  return models.create_model(
+      scfg.model, num_classes, dtype=_dtype(scfg.dtype), **dict(scfg.get("model_kwargs") or {})
+  )
 
 
 def new_head(variables, model, spec, *, seed: int, log=print, reset=()) -> dict:
@@ -37,8 +40,9 @@ def new_head(variables, model, spec, *, seed: int, log=print, reset=()) -> dict:
   head of another label space), and every leaf under the top-level params ``reset``
   (e.g. ``("fc",)``: a new head even for as many classes), taken from a fresh
   initialisation of ``model``."""
-  fresh = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, *train.spec_shape(spec))),
-                                    train=False))
+  fresh = jax.device_get(
+      model.init(jax.random.key(seed), jnp.zeros((1, *train.spec_shape(spec))), train=False)
+  )
   old = jax.device_get(variables)
   replaced = []
 
@@ -55,8 +59,12 @@ def new_head(variables, model, spec, *, seed: int, log=print, reset=()) -> dict:
 
 
 def variable_shapes(model, spec) -> dict:
-  return dict(jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, *train.spec_shape(spec))),
-                                                  train=False), jax.random.key(0)))
+  return dict(
+      jax.eval_shape(
+          lambda r: model.init(r, jnp.zeros((1, *train.spec_shape(spec))), train=False),
+          jax.random.key(0),
+      )
+  )
 
 
 class JaxBackend:
@@ -72,11 +80,15 @@ class JaxBackend:
 
   def load(self, ctx, stage: str, model):
     """The variables of ``stage`` (following a teacher that is the baseline)."""
-    return train.load_variables(ctx.wd.stage(ctx.variables_stage(stage)) / "final", self.mesh,
-                                variable_shapes(model, ctx.data.spec))
+    return train.load_variables(
+        ctx.wd.stage(ctx.variables_stage(stage)) / "final",
+        self.mesh,
+        variable_shapes(model, ctx.data.spec),
+    )
 
   def load_folder(self, ctx, folder: str, model):
     from bssl import deps
+
     deps.note_input(f"{config.section_of(ctx.stage)}.init_from", "checkpoint", folder)
     return train.load_variables(folder, self.mesh, variable_shapes(model, ctx.data.spec))
 
@@ -95,21 +107,37 @@ class JaxBackend:
       source_classes = ctx.num_classes(where) if kind == "stage" else num_classes
       if source_classes != num_classes:
         # another label space (weak tags -> classes): its body, a new classifier head
-        variables = new_head(self.load(ctx, where, make_model(scfg, source_classes)),
-                             model, ctx.data.spec, seed=seed,
-                             log=ctx.log)
+        variables = new_head(
+            self.load(ctx, where, make_model(scfg, source_classes)),
+            model,
+            ctx.data.spec,
+            seed=seed,
+            log=ctx.log,
+        )
       else:
-        variables = (self.load(ctx, where, model) if kind == "stage"
-                     else self.load_folder(ctx, where, model))
+        variables = (
+            self.load(ctx, where, model) if kind == "stage" else self.load_folder(ctx, where, model)
+        )
     mean, std = self.norm
     if scfg.steps == 0:  # variables used as they are
       out = {"steps": 0, "train_seconds": 0.0}
     else:
-      out = train.fit(name=ctx.stage, model=model, cfg=scfg, source=source, spec=ctx.data.spec,
-                      mesh=self.mesh, workdir=ctx.dir, num_classes=num_classes,
-                      mean=mean, std=std, init_variables=variables,
-                      seed=seed, num_threads=cfg.num_threads,
-                      num_workers=int(cfg.num_workers))
+      out = train.fit(
+          name=ctx.stage,
+          model=model,
+          cfg=scfg,
+          source=source,
+          spec=ctx.data.spec,
+          mesh=self.mesh,
+          workdir=ctx.dir,
+          num_classes=num_classes,
+          mean=mean,
+          std=std,
+          init_variables=variables,
+          seed=seed,
+          num_threads=cfg.num_threads,
+          num_workers=int(cfg.num_workers),
+      )
       variables = out.pop("variables")
     train.save_variables(ctx.dir / "final", variables)
     out["num_params"] = models.count_params(variables["params"])
@@ -119,11 +147,18 @@ class JaxBackend:
     cfg = ctx.cfg
     model = make_model(cfg[config.section_of(stage)], cfg.data.num_classes)
     mean, std = self.norm
-    ev = train.make_eval_step(model, self.mesh, num_classes=cfg.data.num_classes, mean=mean,
-                              std=std)
-    return train.evaluate(ev, self.load(ctx, stage, model), source, ctx.data.spec, self.mesh,
-                          global_batch_size=cfg.data.eval_batch_size,
-                          num_threads=cfg.num_threads)
+    ev = train.make_eval_step(
+        model, self.mesh, num_classes=cfg.data.num_classes, mean=mean, std=std
+    )
+    return train.evaluate(
+        ev,
+        self.load(ctx, stage, model),
+        source,
+        ctx.data.spec,
+        self.mesh,
+        global_batch_size=cfg.data.eval_batch_size,
+        num_threads=cfg.num_threads,
+    )
 
   def scorer(self, ctx, stage: str, top_p: int):
     model = make_model(ctx.cfg[config.section_of(stage)], ctx.cfg.data.num_classes)
@@ -132,36 +167,64 @@ class JaxBackend:
   def transfer(self, ctx, stage: str, key: str, mode: str, target) -> dict:
     """``stage``'s model on ``target``: fc_only or full_ft (see bssl/transfer.py)."""
     from bssl import transfer as transfer_lib
+
     cfg = ctx.cfg
     scfg = cfg[config.section_of(stage)]
     model = make_model(scfg, cfg.data.num_classes)
     variables = self.load(ctx, stage, model)
     mean, std = self.norm
     if mode == "fc_only":
-      xy = [transfer_lib.features(model, variables, s, ctx.data.spec, mean, std)
-            for s in (target.train, target.val, target.test)]
+      xy = [
+          transfer_lib.features(model, variables, s, ctx.data.spec, mean, std)
+          for s in (target.train, target.val, target.test)
+      ]
       return transfer_lib.fc_only(*xy, target.num_classes)
     t = cfg.transfer
     # fine-tuning's optimiser settings (momentum, weight decay, ...) with transfer's length,
     # rate and batch: only the finetune.* fields fit reads enter the record
-    ft = deps.derive(cfg.finetune, model=scfg.model, model_kwargs=dict(scfg.model_kwargs or {}),
-                     steps=int(t.ft_steps), epochs=None, lr=float(t.ft_lr),
-                     batch_size=int(t.ft_batch_size), schedule="cosine",
-                     warmup_fraction=0.0, warmup_steps=0, init_from=None)
+    ft = deps.derive(
+        cfg.finetune,
+        model=scfg.model,
+        model_kwargs=dict(scfg.model_kwargs or {}),
+        steps=int(t.ft_steps),
+        epochs=None,
+        lr=float(t.ft_lr),
+        batch_size=int(t.ft_batch_size),
+        schedule="cosine",
+        warmup_fraction=0.0,
+        warmup_steps=0,
+        init_from=None,
+    )
     tmodel = make_model(ft, target.num_classes)
     seed = cfg.seed * 100 + 50 + sorted(("baseline", "teacher", "student")).index(key)
     init = new_head(variables, tmodel, ctx.data.spec, seed=seed, log=ctx.log, reset=("fc",))
-    out = train.fit(name=f"transfer/{key}", model=tmodel, cfg=ft, source=target.train,
-                    spec=ctx.data.spec, mesh=self.mesh, workdir=ctx.dir / key / "full_ft",
-                    num_classes=target.num_classes, mean=mean, std=std, init_variables=init,
-                    seed=seed, num_threads=cfg.num_threads, num_workers=int(cfg.num_workers))
-    ev = train.make_eval_step(tmodel, self.mesh, num_classes=target.num_classes, mean=mean,
-                              std=std)
+    out = train.fit(
+        name=f"transfer/{key}",
+        model=tmodel,
+        cfg=ft,
+        source=target.train,
+        spec=ctx.data.spec,
+        mesh=self.mesh,
+        workdir=ctx.dir / key / "full_ft",
+        num_classes=target.num_classes,
+        mean=mean,
+        std=std,
+        init_variables=init,
+        seed=seed,
+        num_threads=cfg.num_threads,
+        num_workers=int(cfg.num_workers),
+    )
+    ev = train.make_eval_step(tmodel, self.mesh, num_classes=target.num_classes, mean=mean, std=std)
     kw = dict(global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
     test = train.evaluate(ev, out["variables"], target.test, ctx.data.spec, self.mesh, **kw)
     val = train.evaluate(ev, out["variables"], target.val, ctx.data.spec, self.mesh, **kw)
-    return {"top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
-            "steps": int(t.ft_steps), "train_seconds": out.get("train_seconds")}
+    return {
+        "top1": test["top1"],
+        "top5": test["top5"],
+        "val_top1": val["top1"],
+        "steps": int(t.ft_steps),
+        "train_seconds": out.get("train_seconds"),
+    }
 
   def local_batch_size(self, global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()

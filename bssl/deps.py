@@ -21,6 +21,7 @@ How the recording works:
 A recorder is flushed (``flush``) whenever it gains an entry, before the value is
 returned: partial state a stage writes afterwards is always covered by the record on disk.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,8 @@ import hashlib
 import json
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -36,7 +38,7 @@ RECORD_VERSION = 2  # 1: fingerprints of declared sections (before 2026-12-03)
 ABSENT = {"__absent__": True}  # the value noted for a field the config does not have
 
 _lock = threading.RLock()
-_stack: list["Recorder"] = []
+_stack: list[Recorder] = []
 
 
 def plain(v):
@@ -60,22 +62,21 @@ class Recorder:
   ``fields``: {dotted name: JSON value}; ``files``: {key: {"kind", "path", "id"}}.
   ``flush(record)`` is called with :meth:`to_dict` after every new entry."""
 
-  def __init__(self, initial: dict | None = None,
-               flush: Callable[[dict], None] | None = None):
+  def __init__(self, initial: dict | None = None, flush: Callable[[dict], None] | None = None):
     self.fields: dict[str, Any] = dict((initial or {}).get("fields") or {})
     self.files: dict[str, dict] = dict((initial or {}).get("files") or {})
     self.flush = flush
 
   def to_dict(self) -> dict:
-    return {"fields": dict(sorted(self.fields.items())),
-            "files": dict(sorted(self.files.items()))}
+    return {"fields": dict(sorted(self.fields.items())), "files": dict(sorted(self.files.items()))}
 
   def _field(self, name: str, value) -> bool:
     if name in self.fields:
       if self.fields[name] != value:
         raise ChangedDuringStage(
             f"config field {name} was read as {self.fields[name]!r} and now as {value!r} "
-            f"within one stage")
+            f"within one stage"
+        )
       return False
     self.fields[name] = value
     return True
@@ -84,13 +85,15 @@ class Recorder:
     old = self.files.get(key)
     if old is not None:
       if old["id"] != entry["id"]:
-        raise ChangedDuringStage(f"input {entry['path']} changed while a stage read it "
-                                 f"({old['id']} -> {entry['id']})")
+        raise ChangedDuringStage(
+            f"input {entry['path']} changed while a stage read it "
+            f"({old['id']} -> {entry['id']})"
+        )
       return False
     self.files[key] = dict(entry)
     return True
 
-  def merge(self, other: "Recorder | dict") -> bool:
+  def merge(self, other: Recorder | dict) -> bool:
     d = other.to_dict() if isinstance(other, Recorder) else other
     new = False
     for k, v in (d.get("fields") or {}).items():
@@ -139,6 +142,7 @@ def _schema() -> dict:
   global _SCHEMA
   if _SCHEMA is None:
     from bssl import config as config_lib
+
     _SCHEMA = {f.name: f for f in config_lib.all_fields()}
   return _SCHEMA
 
@@ -222,15 +226,16 @@ class Tracked:
     self._read_all()
     return self._node.copy_and_resolve_references()
 
-  def derive(self, **overrides) -> "Tracked":
+  def derive(self, **overrides) -> Tracked:
     """This section with ``overrides`` in place of (or beside) its fields, e.g. a training
     config made from another stage's: an overridden field is not read from the config
     (not noted); the others are noted when, and only when, they are read."""
     return _Derived(self._node, self._prefix, overrides)
 
   def __setattr__(self, key, value):
-    raise TypeError(f"the config is read-only while a stage runs (setting "
-                    f"{self._prefix + key!r})")
+    raise TypeError(
+        f"the config is read-only while a stage runs (setting " f"{self._prefix + key!r})"
+    )
 
   __setitem__ = __setattr__
 
@@ -275,7 +280,7 @@ class _Derived(Tracked):
     out.update(self._over)
     return out
 
-  def derive(self, **overrides) -> "Tracked":
+  def derive(self, **overrides) -> Tracked:
     return _Derived(self._node, self._prefix, {**self._over, **overrides})
 
   def __reduce__(self):
@@ -325,6 +330,7 @@ def _blake(data_iter) -> str:
 
 def _file_chunks(p):
   from bssl import workdir as workdir_lib
+
   with workdir_lib.path(p).open("rb") as fh:
     while chunk := fh.read(1 << 22):
       yield chunk
@@ -333,18 +339,21 @@ def _file_chunks(p):
 def _stat(p) -> tuple[int, int]:
   """(size, mtime in ns) of a local or remote file."""
   from bssl import workdir as workdir_lib
+
   s = str(p)
   if not workdir_lib.is_remote(s):
     st = os.stat(s)
     return st.st_size, st.st_mtime_ns
   import fsspec
+
   fs, rel = fsspec.core.url_to_fs(s)
   info = fs.info(rel)
   m = info.get("mtime") or info.get("updated") or info.get("generation") or 0
   # a stable digest of the store's timestamp or generation (Python's hash() of a string is
   # salted per process: another process, or a rerun, would see another "mtime")
   return int(info.get("size") or 0), int.from_bytes(
-      hashlib.blake2b(str(m).encode(), digest_size=7).digest(), "big")
+      hashlib.blake2b(str(m).encode(), digest_size=7).digest(), "big"
+  )
 
 
 def file_identity(path: str) -> str:
@@ -355,11 +364,13 @@ def file_identity(path: str) -> str:
 def _tree_files(path: str) -> list[str]:
   """Every file under ``path`` (recursive, sorted relative paths; local or gs://)."""
   from bssl import workdir as workdir_lib
+
   root = str(workdir_lib.path(path)).rstrip("/")
   if workdir_lib.is_remote(root):
     import fsspec
+
     fs, rel = fsspec.core.url_to_fs(root)
-    return sorted(f[len(rel.rstrip("/")) + 1:] for f in fs.find(rel))
+    return sorted(f[len(rel.rstrip("/")) + 1 :] for f in fs.find(rel))
   out = []
   for d, dirs, files in os.walk(root, followlinks=True):
     dirs.sort()
@@ -376,7 +387,7 @@ def files_identity(files, root: str | None = None, content: bool = False) -> str
   n = 0
   for f in files:
     f = str(f)
-    rel = f[len(base):] if base and f.startswith(base) else f
+    rel = f[len(base) :] if base and f.startswith(base) else f
     try:
       meta = file_identity(f) if content else "%d:%d" % _stat(f)
     except (OSError, FileNotFoundError):
@@ -388,14 +399,14 @@ def files_identity(files, root: str | None = None, content: bool = False) -> str
 
 def tree_identity(path: str) -> str:
   """A folder by (relative path, size, mtime) of every file in it (a TFDS build)."""
-  return files_identity([os.path.join(str(path), r) for r in _tree_files(path)],
-                        root=str(path))
+  return files_identity([os.path.join(str(path), r) for r in _tree_files(path)], root=str(path))
 
 
 def checkpoint_identity(path: str) -> str:
   """A folder of variables (a converted checkpoint, another run's ``final/``) by the
   content of every file in it."""
   from bssl import workdir as workdir_lib
+
   p = workdir_lib.path(path)
   if not p.exists():
     return "missing"
@@ -413,6 +424,7 @@ def shards_identity(path: str) -> str:
   shards' manifests for an ingest that does not have it)."""
   from bssl import workdir as workdir_lib
   from bssl.data import ingest
+
   root = workdir_lib.path(path)
   m = workdir_lib.read_json(root / "manifest.json")
   if m.get("content_digest"):
@@ -423,8 +435,9 @@ def shards_identity(path: str) -> str:
 def filelist_identity(path: str) -> str:
   """An image folder or file list (as :class:`bssl.data.sources.ImageFileSource` lists
   it) by (relative path, size, mtime) of its files."""
-  from bssl.data import sources
   from bssl import workdir as workdir_lib
+  from bssl.data import sources
+
   files = sources.ImageFileSource(path).files
   p = workdir_lib.path(path)
   listed = "" if p.is_dir() else file_identity(path) + "|"
@@ -433,10 +446,13 @@ def filelist_identity(path: str) -> str:
 
 IDENTITY: dict[str, Callable[[str], str]] = {
     "filelist": filelist_identity,
-    "file": file_identity, "tree": tree_identity, "checkpoint": checkpoint_identity,
+    "file": file_identity,
+    "tree": tree_identity,
+    "checkpoint": checkpoint_identity,
     "shards": shards_identity,
     "tree_content": lambda p: files_identity(
-        [os.path.join(str(p), r) for r in _tree_files(p)], root=str(p), content=True),
+        [os.path.join(str(p), r) for r in _tree_files(p)], root=str(p), content=True
+    ),
 }
 
 _cache: dict[tuple, str] = {}
@@ -481,7 +497,7 @@ class Memo:
     self.value, self.rec = value, rec
 
   @classmethod
-  def compute(cls, fn: Callable[[], Any], *replayed: "Memo") -> "Memo":
+  def compute(cls, fn: Callable[[], Any], *replayed: Memo) -> Memo:
     rec = Recorder()
     for m in replayed:
       rec.merge(m.rec)
@@ -510,15 +526,18 @@ def current_files(data) -> dict[str, str]:
   return out
 
 
-def check_record(record: dict, cfg, data=None, input_ids: dict | None = None,
-                 backend: str | None = None) -> list[str]:
+def check_record(
+    record: dict, cfg, data=None, input_ids: dict | None = None, backend: str | None = None
+) -> list[str]:
   """What differs between ``record`` (of a finished or started stage) and now, as lines
   naming each field, input file or input stage: empty when the record still holds.
   ``input_ids``: {stage: artifact id now} (None for a stage being recomputed)."""
   if not record or record.get("version") != RECORD_VERSION:
-    return ["made by an older bssl, which recorded its dependencies differently (record "
-            f"version {(record or {}).get('version', 1)}, this bssl writes "
-            f"{RECORD_VERSION})"]
+    return [
+        "made by an older bssl, which recorded its dependencies differently (record "
+        f"version {(record or {}).get('version', 1)}, this bssl writes "
+        f"{RECORD_VERSION})"
+    ]
   out = []
   for name, old in sorted((record.get("fields") or {}).items()):
     new = current_value(cfg, name)
@@ -531,16 +550,19 @@ def check_record(record: dict, cfg, data=None, input_ids: dict | None = None,
     else:
       new = identity(e["kind"], e["path"])
     if new != e["id"]:
-      out.append(f"{e['path']} ({key}): its contents changed since (identity {e['id']} -> "
-                 f"{new})")
+      out.append(
+          f"{e['path']} ({key}): its contents changed since (identity {e['id']} -> " f"{new})"
+      )
   for up, old in sorted((record.get("inputs") or {}).items()):
     if up not in (input_ids or {}):
       out.append(f"input {up!r} is not read with this config")
       continue
     new = input_ids[up]
     if new != old:
-      out.append(f"input {up!r} was recomputed since (artifact {old} -> "
-                 f"{new if new is not None else '(recomputed in this run)'})")
+      out.append(
+          f"input {up!r} was recomputed since (artifact {old} -> "
+          f"{new if new is not None else '(recomputed in this run)'})"
+      )
   if backend is not None and record.get("backend") != backend:
     out.append(f"backend: {record.get('backend')!r} -> {backend!r}")
   return out

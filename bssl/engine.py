@@ -26,14 +26,16 @@ Processes: every process runs every stage (the stage functions split the work); 
 records its own reads; only process 0 writes ``started.json`` / ``done.json`` (the union of
 the processes' records), between barriers.
 """
+
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from bssl import config as config_lib
-from bssl import deps, parallel, workdir as workdir_lib
+from bssl import deps, parallel
+from bssl import workdir as workdir_lib
 from bssl.stages.base import Context, Stage
 
 
@@ -60,8 +62,12 @@ def partial_record(wd: workdir_lib.Workdir, name: str) -> dict | None:
   for f in workdir_lib.listdir(folder):
     if f.startswith("p") and f.endswith(".json"):
       rec.merge(workdir_lib.read_json(folder / f))
-  return dict(rec.to_dict(), version=st.get("version", 1), inputs=st.get("inputs") or {},
-              backend=st.get("backend"))
+  return dict(
+      rec.to_dict(),
+      version=st.get("version", 1),
+      inputs=st.get("inputs") or {},
+      backend=st.get("backend"),
+  )
 
 
 def _dependents(table: dict[str, Stage], cfg, names) -> list[str]:
@@ -74,12 +80,20 @@ def _dependents(table: dict[str, Stage], cfg, names) -> list[str]:
 
 
 def _input_ids(table, cfg, wd, name: str, recomputed: set[str]) -> dict:
-  return {up: (None if up in recomputed else (wd.done(up) or {}).get("artifact_id"))
-          for up in table[name].reads(cfg)}
+  return {
+      up: (None if up in recomputed else (wd.done(up) or {}).get("artifact_id"))
+      for up in table[name].reads(cfg)
+  }
 
 
-def stale_stages(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
-                 data=None, run: set[str] = frozenset()) -> dict[str, list[str]]:
+def stale_stages(
+    table: dict[str, Stage],
+    cfg,
+    wd: workdir_lib.Workdir,
+    backend: str,
+    data=None,
+    run: set[str] = frozenset(),
+) -> dict[str, list[str]]:
   """{stage: what changed} of every finished or started stage of ``wd`` whose record no
   longer holds, or which reads such a stage or one of ``run`` (stages this run makes
   afresh), in table order."""
@@ -98,9 +112,16 @@ def stale_stages(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend:
   return out
 
 
-def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
-         requested: tuple[str, ...], data=None, recompute_stale: bool = False,
-         log=print) -> list[str]:
+def plan(
+    table: dict[str, Stage],
+    cfg,
+    wd: workdir_lib.Workdir,
+    backend: str,
+    requested: tuple[str, ...],
+    data=None,
+    recompute_stale: bool = False,
+    log=print,
+) -> list[str]:
   """Checks the whole run before any work; returns the stages to run, in table order.
 
   Every stage a requested stage reads (directly or not, and the optional inputs present)
@@ -115,8 +136,7 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
       st = table[name]
       needed |= set(st.reads(cfg))
       needed |= {s for s in st.optional_reads if wd.done(s) is not None}
-  missing = {n for n in needed if table[n].fingerprinted and wd.done(n) is None
-             and n in requested}
+  missing = {n for n in needed if table[n].fingerprinted and wd.done(n) is None and n in requested}
   stale = stale_stages(table, cfg, wd, backend, data, missing)
   if stale:
     folders = [n for n in reversed(_dependents(table, cfg, stale)) if wd.stage(n).exists()]
@@ -125,10 +145,13 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
       raise RefusedError(
           f"{wd} holds results made with a different config or inputs ({why}). Use a new "
           f"--workdir, or delete {', '.join(str(wd.stage(n)) for n in folders)} (in this "
-          f"order) to recompute them, or rerun with --recompute_stale to do exactly that.")
+          f"order) to recompute them, or rerun with --recompute_stale to do exactly that."
+      )
     if parallel.is_main_process():
       for n in folders:
-        log(f"bssl: recomputing {n}: deleting {wd.stage(n)} ({'; '.join(stale.get(n, ['reads a stage recomputed now']))})")
+        log(
+            f"bssl: recomputing {n}: deleting {wd.stage(n)} ({'; '.join(stale.get(n, ['reads a stage recomputed now']))})"
+        )
         workdir_lib.rmtree(wd.stage(n))
     parallel.sync("bssl_recompute_stale")
     requested = tuple(n for n in names if n in requested or (n in folders and n in needed))
@@ -144,8 +167,10 @@ def plan(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, backend: str,
     if wd.done(name) is None:
       if name not in requested:
         users = [s for s in requested if name in table[s].reads(cfg)] or list(requested)
-        raise RefusedError(f"stage {users[0]!r} needs the output of stage {name!r}, which is "
-                           f"not complete in {wd}; include {name!r} in --config.stages")
+        raise RefusedError(
+            f"stage {users[0]!r} needs the output of stage {name!r}, which is "
+            f"not complete in {wd}; include {name!r} in --config.stages"
+        )
       to_run.append(name)
   return to_run
 
@@ -167,9 +192,17 @@ def _flusher(wd: workdir_lib.Workdir, name: str) -> Callable[[dict], None]:
   return lambda rec: workdir_lib.write_json(path, rec)
 
 
-def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
-        requested: tuple[str, ...], on_accepted: Callable[[], None] = lambda: None,
-        share: ShareHook | None = None, recompute_stale: bool = False) -> dict:
+def run(
+    table: dict[str, Stage],
+    cfg,
+    wd: workdir_lib.Workdir,
+    data,
+    backend,
+    requested: tuple[str, ...],
+    on_accepted: Callable[[], None] = lambda: None,
+    share: ShareHook | None = None,
+    recompute_stale: bool = False,
+) -> dict:
   """Runs ``requested`` stages in table order; returns {stage: info} of those run.
 
   ``on_accepted`` runs once every check has passed, before the first stage (it writes
@@ -180,8 +213,7 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
   """
   tracked = deps.Tracked(deps.raw(cfg))
   requested = tuple(s for s in table if s in requested)
-  to_run = plan(table, cfg, wd, backend.name, requested, data, recompute_stale,
-                log=parallel.log)
+  to_run = plan(table, cfg, wd, backend.name, requested, data, recompute_stale, log=parallel.log)
   parallel.sync("bssl_plan")
   if parallel.is_main_process():
     on_accepted()
@@ -209,9 +241,16 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
     initial = partial_record(wd, name)
     parallel.sync(f"bssl_{name}_read_partial")
     if parallel.is_main_process() and wd.started(name) is None:
-      workdir_lib.write_json(wd.started_path(name), {
-          "version": deps.RECORD_VERSION, "started": time.time(), "inputs": inputs,
-          "backend": backend.name, "owner": parallel.owner()})
+      workdir_lib.write_json(
+          wd.started_path(name),
+          {
+              "version": deps.RECORD_VERSION,
+              "started": time.time(),
+              "inputs": inputs,
+              "backend": backend.name,
+              "owner": parallel.owner(),
+          },
+      )
     parallel.sync(f"bssl_{name}_started")
     if share is not None and hasattr(share, "started"):
       share.started(name)
@@ -223,8 +262,12 @@ def run(table: dict[str, Stage], cfg, wd: workdir_lib.Workdir, data, backend,
       info = st.run(ctx) or {}
     _check_reads(st, cfg, ctx)
     parallel.sync(f"bssl_{name}_before_done")
-    info = dict(info, stage_seconds=time.time() - t0, finished=time.time(),
-                artifact_id=uuid.uuid4().hex[:12])
+    info = dict(
+        info,
+        stage_seconds=time.time() - t0,
+        finished=time.time(),
+        artifact_id=uuid.uuid4().hex[:12],
+    )
     if parallel.is_main_process():
       merged = partial_record(wd, name)
       info["record"] = dict(merged, version=deps.RECORD_VERSION)
@@ -242,8 +285,9 @@ def _run_unrecorded(st: Stage, ctx: Context, wd, name: str) -> dict:
   ctx.log("starting")
   info = st.run(ctx) or {}
   parallel.sync(f"bssl_{name}_before_done")
-  info = dict(info, stage_seconds=time.time() - t0, finished=time.time(),
-              artifact_id=uuid.uuid4().hex[:12])
+  info = dict(
+      info, stage_seconds=time.time() - t0, finished=time.time(), artifact_id=uuid.uuid4().hex[:12]
+  )
   if parallel.is_main_process():
     workdir_lib.write_json(wd.done_path(name), info)
   parallel.sync(f"bssl_{name}_done")
@@ -258,11 +302,13 @@ def _check_reads(st: Stage, cfg, ctx: Context) -> None:
   if extra:
     raise InternalDependencyError(
         f"stage {st.name!r} read the output of {sorted(extra)}, which its entry in the "
-        f"stage table does not list: add them to its reads")
+        f"stage table does not list: add them to its reads"
+    )
 
 
-def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
-               recompute_stale: bool = False) -> dict:
+def run_recipe(
+    cfg, workdir, backend=None, share: ShareHook | None = None, recompute_stale: bool = False
+) -> dict:
   """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``.
 
   Checks the config (fields, batch sizes against the devices), the work directory and the
@@ -273,6 +319,7 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
   from bssl import stages
   from bssl.backend import JaxBackend
   from bssl.data import recipe
+
   config_lib.validate(cfg)
   deps.forget_identities()  # inputs are identified afresh by every run
   if backend is None:
@@ -281,6 +328,7 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
   wd.check_usable()
   data = recipe.build_data(cfg)
   from bssl.data import checks
+
   checks.check_num_classes(data, cfg)  # classes of the data = data.num_classes
   backend = backend or JaxBackend(deps.Tracked(cfg))
   if isinstance(getattr(backend, "cfg", None), config_lib.ml_collections.ConfigDict):
@@ -289,16 +337,20 @@ def run_recipe(cfg, workdir, backend=None, share: ShareHook | None = None,
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   if "transfer" in requested:  # a missing target stops the run now, not after training
     from bssl.data import targets
+
     targets.build(cfg)
   from bssl.data import video as video_lib
+
   for note in getattr(data, "notes", ()):
     parallel.log(f"bssl: note: {note}")
-  parallel.log(f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
-               f"{len(data.test)} test "
-               f"{'videos' if video_lib.is_video(data.spec) else 'images'}; "
-               f"{jax.device_count()} devices on "
-               f"{jax.process_count()} process(es); backend {backend.name}; stages "
-               f"{', '.join(requested)}; workdir {wd}")
+  parallel.log(
+      f"bssl: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, "
+      f"{len(data.test)} test "
+      f"{'videos' if video_lib.is_video(data.spec) else 'images'}; "
+      f"{jax.device_count()} devices on "
+      f"{jax.process_count()} process(es); backend {backend.name}; stages "
+      f"{', '.join(requested)}; workdir {wd}"
+  )
   # every undecodable file of D, validation, test (stop, all named at once) and of U from
   # the training folder (skipped, listed) found now, before any training
   checks.scan_decodable(data, cfg, parallel.log)

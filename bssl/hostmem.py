@@ -11,6 +11,7 @@ per train step. Never ``mmap``-ing and never trimming lets freed pages be reused
 ``one_arena`` (also a single malloc arena for all threads) or ``default`` (glibc's own).
 This module imports nothing heavy, so it can run before JAX starts its threads.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -9,6 +9,7 @@ crash or preemption continues where the work directory (local or ``gs://``) left
 Exit codes: 0 done; 2 a user error (bad flag, config, data or work directory: one line on
 stderr, nothing written); 143 preempted by SIGTERM (a checkpoint was saved; rerun).
 """
+
 import os
 import sys
 
@@ -21,16 +22,22 @@ from ml_collections import config_flags  # noqa: E402
 
 from bssl import parallel  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory for all artifacts "
-                               "(a local folder or gs://bucket/prefix).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:preset]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Work directory for all artifacts " "(a local folder or gs://bucket/prefix)."
+)
 _RECOMPUTE_STALE = flags.DEFINE_bool(
-    "recompute_stale", False, "Delete the stages of --workdir that are stale (made with "
+    "recompute_stale",
+    False,
+    "Delete the stages of --workdir that are stale (made with "
     "another config or other inputs, or reading such a stage), printing each, and rerun "
-    "them; without it such a run is refused, naming every stale folder.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1).")
+    "them; without it such a run is refused, naming every stale folder.",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1)."
+)
 
 
 def fail(msg: str, code: int = 2):
@@ -43,8 +50,16 @@ def user_errors() -> tuple[type, ...]:
   from bssl import config, train, workdir
   from bssl.data.sources import DataError
   from bssl.scoring import IncompleteScoringError
-  return (config.ConfigError, DataError, FileNotFoundError, NotADirectoryError,
-          workdir.CorruptArtifactError, train.VariablesMismatchError, IncompleteScoringError)
+
+  return (
+      config.ConfigError,
+      DataError,
+      FileNotFoundError,
+      NotADirectoryError,
+      workdir.CorruptArtifactError,
+      train.VariablesMismatchError,
+      IncompleteScoringError,
+  )
 
 
 def config_and_workdir(no_workdir: str):
@@ -54,7 +69,7 @@ def config_and_workdir(no_workdir: str):
     cfg = _CONFIG.value
     if cfg is not None:
       cfg.keys()  # a config file that failed to load raises here
-  except Exception as e:  # noqa: BLE001 - the config file itself failed
+  except Exception as e:
     fail("--config: " + " ".join(str(e).split())[:600])
   if cfg is None:
     fail("--config is required, e.g. --config=configs/demo.py")
@@ -82,7 +97,7 @@ def _resolve_config_flag(argv: list[str]) -> list[str]:
   out = list(argv)
   for i, a in enumerate(out):
     if a.startswith("--config="):
-      out[i] = "--config=" + resolve_config_path(a[len("--config="):])
+      out[i] = "--config=" + resolve_config_path(a[len("--config=") :])
     elif a == "--config" and i + 1 < len(out):
       out[i + 1] = resolve_config_path(out[i + 1])
   return out
@@ -101,7 +116,7 @@ def parse_flags(argv):
     fail(f"{flag}: {text}"[:600])
   except (FileNotFoundError, OSError) as e:
     fail(f"--config: {e}")
-  except Exception as e:  # noqa: BLE001 - a config file that raises (bad preset, ...)
+  except Exception as e:
     fail(f"--config: {type(e).__name__}: {e}")
 
 
@@ -112,11 +127,13 @@ def main(argv):
   # progress lines. `--verbosity=0` (absl's flag) brings their logs back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  cfg = config_and_workdir("--workdir is required, e.g. --workdir=/tmp/bssl_demo or "
-                           "gs://bucket/run")
+  cfg = config_and_workdir(
+      "--workdir is required, e.g. --workdir=/tmp/bssl_demo or " "gs://bucket/run"
+  )
   # Multi-host init happens before anything touches devices.
   parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
   from bssl import engine, train
+
   try:
     engine.run_recipe(cfg, _WORKDIR.value, recompute_stale=_RECOMPUTE_STALE.value)
   except user_errors() as e:

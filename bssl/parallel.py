@@ -7,14 +7,17 @@ before anything touches devices. ``BSSL_COORDINATOR_ADDRESS``,
 passed through when set; otherwise JAX auto-detects the cluster (Cloud TPU
 metadata, SLURM environment).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bssl.procs import owner, owner_alive, proc_stat, process_start  # noqa: F401
 
@@ -63,8 +66,9 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_mesh(mesh_shape: Sequence[int] | None = None,
-              axis_names: Sequence[str] = (DATA_AXIS,)) -> Mesh:
+def make_mesh(
+    mesh_shape: Sequence[int] | None = None, axis_names: Sequence[str] = (DATA_AXIS,)
+) -> Mesh:
   """A mesh over all devices of all hosts; by default one data axis.
 
   ``mesh_shape`` may contain one -1, which takes the remaining devices.
@@ -75,16 +79,19 @@ def make_mesh(mesh_shape: Sequence[int] | None = None,
     mesh_shape = (n,)
   shape = list(mesh_shape)
   if len(shape) != len(axis_names):
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} must have one entry per axis "
-                     f"{tuple(axis_names)}")
+    raise ValueError(
+        f"mesh_shape {tuple(mesh_shape)} must have one entry per axis " f"{tuple(axis_names)}"
+    )
   if shape.count(-1) > 1:
     raise ValueError(f"mesh_shape {tuple(mesh_shape)} may contain at most one -1")
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = n // max(rest, 1)
   if int(np.prod(shape)) != n:
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
-                     f"but {n} are present")
+    raise ValueError(
+        f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
+        f"but {n} are present"
+    )
   arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, tuple(axis_names))
 
@@ -118,21 +125,27 @@ def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   """The per-process share of a global batch; errors name the offending sizes."""
   pc = jax.process_count()
   if global_batch_size % pc:
-    raise ValueError(f"batch_size {global_batch_size} must be divisible by the number of "
-                     f"processes ({pc})")
+    raise ValueError(
+        f"batch_size {global_batch_size} must be divisible by the number of " f"processes ({pc})"
+    )
   if mesh is not None and global_batch_size % num_batch_shards(mesh):
-    raise ValueError(f"batch_size {global_batch_size} must be divisible by the number of "
-                     f"devices on the data axis ({num_batch_shards(mesh)})")
+    raise ValueError(
+        f"batch_size {global_batch_size} must be divisible by the number of "
+        f"devices on the data axis ({num_batch_shards(mesh)})"
+    )
   return global_batch_size // pc
 
 
 def to_host(x: Any) -> Any:
   """Fetches (fully replicated or addressable) arrays to numpy on every process."""
+
   def get(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       from jax.experimental import multihost_utils
+
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(a)
+
   return jax.tree.map(get, x)
 
 
@@ -140,6 +153,7 @@ def sync(name: str) -> None:
   """Barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -152,5 +166,9 @@ def log(msg: str) -> None:
 def local_copy(tree, sharding):
   """``tree`` (arrays replicated on the global mesh, or host arrays) placed with ``sharding``
   on this process's devices: this process's own copy, no collective."""
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(
-      x.addressable_data(0) if hasattr(x, "addressable_data") else x), sharding), tree)
+  return jax.tree.map(
+      lambda x: jax.device_put(
+          np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x), sharding
+      ),
+      tree,
+  )

@@ -29,7 +29,7 @@ def proc_stat(pid: int):
   try:
     with open(f"/proc/{pid}/stat") as fh:
       text = fh.read()
-    fields = text[text.rindex(")") + 2:].split()  # the name (field 2) may hold spaces
+    fields = text[text.rindex(")") + 2 :].split()  # the name (field 2) may hold spaces
     return fields[0], int(fields[1]), fields[19]
   except (OSError, ValueError, IndexError):
     return None

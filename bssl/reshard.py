@@ -15,19 +15,20 @@ Keys are the 10-digit image id (a source key may hold dots, which WebDataset rea
 split on). A shard is written whole (atomically) and skipped when present, so a rerun
 after a kill finishes the rest; shards are byte-identical across runs. ``dhat.parquet``
 in ``<workdir>/select/`` is the same selection as a table. Exit 2 on a user error."""
+
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import sys
 import tarfile
 import time
 
 import numpy as np
 
-from bssl import selection, workdir as workdir_lib
+from bssl import selection
+from bssl import workdir as workdir_lib
 
 
 class ReshardError(ValueError):
@@ -43,11 +44,16 @@ def _add(tf, name: str, data: bytes) -> None:
 def _source(wd: workdir_lib.Workdir):
   """(U, class names) of the run in ``wd``, from its config.json."""
   import ml_collections
+
   from bssl.data import ingest, recipe
+
   cfg = ml_collections.ConfigDict(workdir_lib.read_json(wd.config_path))
   data = recipe.build_data(cfg)
-  src = (ingest.ShardSource(cfg.unlabelled.path, channels=int(cfg.data.channels))
-         if cfg.unlabelled.kind == "shards" else data.unlabelled)
+  src = (
+      ingest.ShardSource(cfg.unlabelled.path, channels=int(cfg.data.channels))
+      if cfg.unlabelled.kind == "shards"
+      else data.unlabelled
+  )
   return src, list(data.class_names)
 
 
@@ -56,6 +62,7 @@ def _image_bytes(src, i: int) -> tuple[bytes, str]:
     data = src.record_bytes(i)
     return data, "jpg" if data[:2] == b"\xff\xd8" else "png"
   from PIL import Image
+
   img = np.asarray(src[int(i)]["image"])
   buf = io.BytesIO()
   Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
@@ -67,8 +74,10 @@ def reshard(workdir: str, out: str, shard_size: int = 10_000, log=print) -> dict
     raise ReshardError(f"--shard_size must be >= 1, got {shard_size}")
   wd = workdir_lib.Workdir(workdir)
   if wd.done("select") is None:
-    raise ReshardError(f"--workdir {workdir}: no complete selection (select/done.json); run "
-                       f"the recipe's select stage first")
+    raise ReshardError(
+        f"--workdir {workdir}: no complete selection (select/done.json); run "
+        f"the recipe's select stage first"
+    )
   sel = selection.read_selection(wd.stage("select") / "dhat", mmap=False)
   src, names = _source(wd)
   order = np.lexsort((sel.ranks, sel.ids))  # by image, then its best rank first
@@ -76,8 +85,11 @@ def reshard(workdir: str, out: str, shard_size: int = 10_000, log=print) -> dict
   images, starts = np.unique(ids, return_index=True)
   bounds = np.append(starts, len(ids))
   keys, urls = selection.image_keys(src, images)
-  caps = (src.fields(images, "caption").astype(str) if hasattr(src, "fields")
-          else np.full(len(images), "", dtype=object))
+  caps = (
+      src.fields(images, "caption").astype(str)
+      if hasattr(src, "fields")
+      else np.full(len(images), "", dtype=object)
+  )
   n_shards = -(-len(images) // shard_size)
   out_p = workdir_lib.path(out)
   t0, made = time.time(), 0
@@ -88,16 +100,25 @@ def reshard(workdir: str, out: str, shard_size: int = 10_000, log=print) -> dict
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
       for u in range(s * shard_size, min((s + 1) * shard_size, len(images))):
-        rows = order[bounds[u]:bounds[u + 1]]
+        rows = order[bounds[u] : bounds[u + 1]]
         i = int(images[u])
         data, ext = _image_bytes(src, i)
-        meta = {"id": i, "key": str(keys[u]), "url": str(urls[u]) or None,
-                "caption": str(caps[u]) or None,
-                "selections": [{"class": int(sel.classes[r]),
-                                "class_name": names[int(sel.classes[r])],
-                                "score": float(sel.scores[r]),
-                                "log_odds": float(sel.rank_scores[r]),
-                                "rank": int(sel.ranks[r])} for r in rows]}
+        meta = {
+            "id": i,
+            "key": str(keys[u]),
+            "url": str(urls[u]) or None,
+            "caption": str(caps[u]) or None,
+            "selections": [
+                {
+                    "class": int(sel.classes[r]),
+                    "class_name": names[int(sel.classes[r])],
+                    "score": float(sel.scores[r]),
+                    "log_odds": float(sel.rank_scores[r]),
+                    "rank": int(sel.ranks[r]),
+                }
+                for r in rows
+            ],
+        }
         k = f"{i:010d}"
         _add(tf, f"{k}.{ext}", data)
         _add(tf, f"{k}.json", json.dumps(meta, sort_keys=True).encode())
@@ -106,15 +127,15 @@ def reshard(workdir: str, out: str, shard_size: int = 10_000, log=print) -> dict
     workdir_lib.write_bytes(dst, buf.getvalue())
     el = time.time() - t0
     log(f"reshard: {dst} ({s + 1}/{n_shards}), {made / max(el, 1e-9):.0f} img/s")
-  log(f"reshard: {len(images)} images of D̂ ({len(sel.ids)} rows) in {n_shards} shard(s) "
-      f"under {out}")
-  return {"num_images": int(len(images)), "num_rows": int(len(sel.ids)),
-          "num_shards": n_shards}
+  log(
+      f"reshard: {len(images)} images of D̂ ({len(sel.ids)} rows) in {n_shards} shard(s) "
+      f"under {out}"
+  )
+  return {"num_images": int(len(images)), "num_rows": int(len(sel.ids)), "num_shards": n_shards}
 
 
 def _fail(message: str) -> int:
-  print(f"bssl.reshard: error: {' '.join(str(message).split())[:800]}", file=sys.stderr,
-        flush=True)
+  print(f"bssl.reshard: error: {' '.join(str(message).split())[:800]}", file=sys.stderr, flush=True)
   return 2
 
 

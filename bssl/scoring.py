@@ -30,6 +30,7 @@ there too), and on a confident teacher about half of U tied at 1.0, which the pe
 then broke by image id, i.e. by U's path order. Exact ties left are broken by a seeded hash of
 the id (:func:`bssl.selection.tie_hash`, the config's ``seed``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,7 +38,8 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -67,12 +69,14 @@ class Scorer(Protocol):
   [B,P], finite bool [B]) as numpy: each image's P most probable classes, best first, with
   their log-odds (:func:`top_log_odds`), and whether its logits are all finite."""
 
-  def dispatch(self, images: np.ndarray) -> Any: ...
+  def dispatch(self, images: np.ndarray) -> Any:
+    ...
 
   # optional: ``put(images)`` starts the host->device copy (called from a feeder thread,
   # ahead of ``dispatch``, which then receives what ``put`` returned)
 
-  def fetch(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+  def fetch(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ...
 
 
 def _parts(parts_dir) -> list[tuple[int, int, dict]]:
@@ -80,8 +84,13 @@ def _parts(parts_dir) -> list[tuple[int, int, dict]]:
   for name in workdir_lib.listdir(parts_dir):
     m = _PART.match(name)
     if m:
-      out.append((int(m.group(1)), int(m.group(2)),
-                  workdir_lib.read_json(workdir_lib.path(parts_dir) / name)))
+      out.append(
+          (
+              int(m.group(1)),
+              int(m.group(2)),
+              workdir_lib.read_json(workdir_lib.path(parts_dir) / name),
+          )
+      )
   return out
 
 
@@ -128,40 +137,78 @@ def _check_format(parts_dir, g: int, i: int, meta: dict) -> None:
   """Refuses a part of another format than this version's (its scores rank differently)."""
   got = meta.get("format", 1)
   if got != PARTS_FORMAT:
-    why = (" (format 1 ranked by the float32 probability, which saturates at 1.0, and broke "
-           "ties by image id; format 2 ranks by the log-odds and breaks ties by a seeded hash "
-           "of the id)" if got == 1 else "")
+    why = (
+        " (format 1 ranked by the float32 probability, which saturates at 1.0, and broke "
+        "ties by image id; format 2 ranks by the log-odds and breaks ties by a seeded hash "
+        "of the id)"
+        if got == 1
+        else ""
+    )
     stage_dir = workdir_lib.path(parts_dir).parent  # a done stage must go too, not its parts
     raise IncompleteScoringError(
         f"scoring part g{g}_p{i} in {parts_dir} has format {got}, this version writes format "
         f"{PARTS_FORMAT}{why}: the two cannot be mixed; delete {stage_dir} (the score stage's "
-        f"folder) to rescore")
+        f"folder) to rescore"
+    )
 
 
-def check_parts(parts_dir, *, num_images: int, num_classes: int, k: int, p: int,
-                ranked: bool = False, balanced: bool = True, seed: int = 0) -> None:
+def check_parts(
+    parts_dir,
+    *,
+    num_images: int,
+    num_classes: int,
+    k: int,
+    p: int,
+    ranked: bool = False,
+    balanced: bool = True,
+    seed: int = 0,
+) -> None:
   """Every part is of this version's format (:data:`PARTS_FORMAT`: what it ranks by) and was
   made for this U, K, P and tie seed (the engine's fingerprint guards the config; this
   catches parts of an older bssl, and files copied in by hand)."""
   absent = {"ranked": False, "balanced": True}  # parts older than these keys
   for g, i, meta in _parts(parts_dir):
     _check_format(parts_dir, g, i, meta)
-    want = dict(num_images=num_images, num_classes=num_classes, k=k, p=p, ranked=ranked,
-                balanced=balanced, seed=int(seed))
+    want = dict(
+        num_images=num_images,
+        num_classes=num_classes,
+        k=k,
+        p=p,
+        ranked=ranked,
+        balanced=balanced,
+        seed=int(seed),
+    )
     got = {key: meta.get(key, absent.get(key)) for key in want}
     if got != want:
       raise IncompleteScoringError(
           f"scoring part g{g}_p{i} in {parts_dir} was made for {got}, this run is {want}; "
-          f"delete {parts_dir} to rescore")
+          f"delete {parts_dir} to rescore"
+      )
 
 
-def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_dir,
-                  gen: int, chunks: list, process_index: int, process_count: int,
-                  num_classes: int, k: int, p: int, local_batch_size: int,
-                  num_threads: int = 1, num_workers: int = 0, in_flight: int = 2,
-                  ranked: bool = False, balanced: bool = True, seed: int = 0,
-                  log: Callable[[str], None] = print,
-                  log_every: int = 20) -> dict:
+def score_process(
+    *,
+    scorer: Scorer,
+    source,
+    spec: pipelines.ImageSpec,
+    parts_dir,
+    gen: int,
+    chunks: list,
+    process_index: int,
+    process_count: int,
+    num_classes: int,
+    k: int,
+    p: int,
+    local_batch_size: int,
+    num_threads: int = 1,
+    num_workers: int = 0,
+    in_flight: int = 2,
+    ranked: bool = False,
+    balanced: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    log_every: int = 20,
+) -> dict:
   """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
   checkpointing after each chunk into part ``g<gen>_p<process_index>``.
 
@@ -176,8 +223,11 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   parts_dir = workdir_lib.path(parts_dir)
   mine = chunks[process_index::process_count]
   kind = _accumulator_kind(ranked, balanced)
-  acc = (TopKPerClass(num_classes, k, seed=seed) if kind is TopKPerClass
-         else kind(num_classes, k, p, seed=seed))
+  acc = (
+      TopKPerClass(num_classes, k, seed=seed)
+      if kind is TopKPerClass
+      else kind(num_classes, k, p, seed=seed)
+  )
   ranges, bad, scored, seq = [], [], 0, 0
   stem = f"g{gen:04d}_p{process_index:05d}"
   bounds, chunk_of = [], []
@@ -190,22 +240,43 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
   bounds = np.concatenate(bounds)
   left = [int(np.sum(np.asarray(chunk_of) == c)) for c in range(len(mine))]
   total_images = sum(b - a for a, b in mine)
-  ds = pipelines.ranges_dataset(source, spec, batch_size=local_batch_size, bounds=bounds,
-                                num_threads=num_threads, num_workers=num_workers)
+  ds = pipelines.ranges_dataset(
+      source,
+      spec,
+      batch_size=local_batch_size,
+      bounds=bounds,
+      num_threads=num_threads,
+      num_workers=num_workers,
+  )
   t0, done_images = time.time(), 0
 
   def checkpoint(chunk: int):
     nonlocal seq
     seq += 1
     ranges.append(list(mine[chunk]))
-    workdir_lib.write_npz(parts_dir / _npz_name(gen, process_index, seq),
-                          bad_ids=np.asarray(bad, np.int64),
-                          **{f"acc__{key}": v for key, v in acc.state_dict().items()})
-    workdir_lib.write_json(parts_dir / f"{stem}.json", {
-        "seq": seq, "npz": _npz_name(gen, process_index, seq), "ranges": ranges,
-        "num_scored": scored, "num_bad": len(bad), "num_images": len(source),
-        "num_classes": num_classes, "k": k, "p": p, "ranked": bool(ranked),
-        "balanced": bool(balanced), "format": PARTS_FORMAT, "seed": int(seed)})
+    workdir_lib.write_npz(
+        parts_dir / _npz_name(gen, process_index, seq),
+        bad_ids=np.asarray(bad, np.int64),
+        **{f"acc__{key}": v for key, v in acc.state_dict().items()},
+    )
+    workdir_lib.write_json(
+        parts_dir / f"{stem}.json",
+        {
+            "seq": seq,
+            "npz": _npz_name(gen, process_index, seq),
+            "ranges": ranges,
+            "num_scored": scored,
+            "num_bad": len(bad),
+            "num_images": len(source),
+            "num_classes": num_classes,
+            "k": k,
+            "p": p,
+            "ranked": bool(ranked),
+            "balanced": bool(balanced),
+            "format": PARTS_FORMAT,
+            "seed": int(seed),
+        },
+    )
     if seq > 1:
       old = parts_dir / _npz_name(gen, process_index, seq - 1)
       if old.exists():
@@ -217,9 +288,11 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
     ids, mask = batch["id"], batch["mask"].astype(bool)
     bad.extend(int(i) for i in ids[(~batch["valid"]) & (ids >= 0)])
     if np.any(mask & ~finite):
-      raise NonFiniteLogitsError(f"[score] the teacher's logits are NaN/inf for image ids "
-                                 f"{ids[mask & ~finite][:20].tolist()}; the teacher "
-                                 f"checkpoint is likely diverged.")
+      raise NonFiniteLogitsError(
+          f"[score] the teacher's logits are NaN/inf for image ids "
+          f"{ids[mask & ~finite][:20].tolist()}; the teacher "
+          f"checkpoint is likely diverged."
+      )
     if kind is TopKPerClass:
       acc.update(np.repeat(ids[mask], p), classes[mask].reshape(-1), scores[mask].reshape(-1))
     else:
@@ -233,9 +306,11 @@ def score_process(*, scorer: Scorer, source, spec: pipelines.ImageSpec, parts_di
     if (j + 1) % log_every == 0 or j + 1 == len(bounds):
       rate = done_images / max(time.time() - t0, 1e-9)
       eta = (total_images - done_images) / max(rate, 1e-9)
-      log(f"{done_images}/{total_images} images of this process "
+      log(
+          f"{done_images}/{total_images} images of this process "
           f"({100 * done_images / total_images:.0f}%) {rate * process_count:.0f} img/s "
-          f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+          f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+      )
 
   # A bounded queue of dispatched batches: the device works on the next ones while the
   # host folds the oldest one's results; a feeder thread reads batches from grain and
@@ -275,7 +350,7 @@ def _feed(ds, put: Callable | None, depth: int):
         if not offer((batch, put(batch["image"]) if put else batch["image"])):
           return
       offer(_END)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+    except BaseException as e:
       offer(e)
 
   t = threading.Thread(target=work, name="bssl-score-feed", daemon=True)
@@ -305,22 +380,27 @@ def coverage(parts_dir, num_images: int, parts=None) -> dict:
   overlap = np.flatnonzero(cov[1:, 0] < cov[:-1, 1])
   if len(overlap):
     a, b = cov[overlap[0]], cov[overlap[0] + 1]
-    raise IncompleteScoringError(f"scoring parts in {parts_dir} overlap: ids {a.tolist()} "
-                                 f"and {b.tolist()}; delete the folder to rescore")
+    raise IncompleteScoringError(
+        f"scoring parts in {parts_dir} overlap: ids {a.tolist()} "
+        f"and {b.tolist()}; delete the folder to rescore"
+    )
   gaps = _gaps(cov, num_images)
   if gaps:
-    raise IncompleteScoringError(f"scoring parts in {parts_dir} miss ids {gaps[:5]} of "
-                                 f"[0, {num_images}); rerun the score stage")
+    raise IncompleteScoringError(
+        f"scoring parts in {parts_dir} miss ids {gaps[:5]} of "
+        f"[0, {num_images}); rerun the score stage"
+    )
   scored = sum(int(m["num_scored"]) for _, _, m in parts)
   bad = sum(int(m["num_bad"]) for _, _, m in parts)
   if scored + bad != num_images:
-    raise IncompleteScoringError(f"scoring parts in {parts_dir} count {scored} scored + "
-                                 f"{bad} bad images, expected {num_images}")
+    raise IncompleteScoringError(
+        f"scoring parts in {parts_dir} count {scored} scored + "
+        f"{bad} bad images, expected {num_images}"
+    )
   return {"num_scored": scored, "num_bad": bad, "num_parts": len(parts)}
 
 
-def merge_parts(parts_dir, num_images: int
-                ) -> tuple[TopKPerClass | RankedTopK | GlobalTopK, dict]:
+def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK | GlobalTopK, dict]:
   """Exact merge of every part, after :func:`coverage` has checked them (and that every part
   is of this version's format)."""
   parts = _parts(parts_dir)
@@ -331,15 +411,20 @@ def merge_parts(parts_dir, num_images: int
   for _, _, meta in parts:
     d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
     state = {k[5:]: v for k, v in d.items() if k.startswith("acc__")}
-    a = _accumulator_kind(bool(meta.get("ranked", False)),
-                          bool(meta.get("balanced", True))).from_state_dict(state)
+    a = _accumulator_kind(
+        bool(meta.get("ranked", False)), bool(meta.get("balanced", True))
+    ).from_state_dict(state)
     bad.extend(int(x) for x in d["bad_ids"])
     acc = a if acc is None else acc.merge(a)
   if len(bad) != info["num_bad"]:
-    raise IncompleteScoringError(f"scoring parts in {parts_dir}: {len(bad)} bad ids stored, "
-                                 f"{info['num_bad']} counted")
-  return acc, {"num_scored": info["num_scored"], "bad_ids": sorted(bad),
-               "num_parts": info["num_parts"]}
+    raise IncompleteScoringError(
+        f"scoring parts in {parts_dir}: {len(bad)} bad ids stored, " f"{info['num_bad']} counted"
+    )
+  return acc, {
+      "num_scored": info["num_scored"],
+      "bad_ids": sorted(bad),
+      "num_parts": info["num_parts"],
+  }
 
 
 # ----------------------------------------------------------------------------- ranking scores
@@ -379,6 +464,7 @@ def top_log_odds(logits, p: int):
   which does not saturate where the float32 softmax is exactly 1.0."""
   import jax
   import jax.numpy as jnp
+
   z = logits.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(z), axis=-1)
   _, classes = jax.lax.top_k(z, p)
@@ -399,14 +485,15 @@ def video_top_log_odds(clip_logits, p: int):
   ``classes`` are the ``p`` largest ``log pbar``."""
   import jax
   import jax.numpy as jnp
+
   z = clip_logits.astype(jnp.float32)
   b, n, c = z.shape
   finite = jnp.all(jnp.isfinite(z), axis=(-2, -1))
-  log_p = jax.nn.log_softmax(z, axis=-1)                         # [B, N, C]
+  log_p = jax.nn.log_softmax(z, axis=-1)  # [B, N, C]
   _, classes = jax.lax.top_k(jax.nn.logsumexp(log_p, axis=1), p)  # by log pbar
   if c == 1:
     return classes.astype(jnp.int32), jnp.full(classes.shape, jnp.inf, jnp.float32), finite
   zc, lse, excl = _lse_parts(z, jnp.broadcast_to(classes[:, None, :], (b, n, p)))
-  log_pc = jax.nn.logsumexp(zc - lse, axis=1)                    # [B, P]
+  log_pc = jax.nn.logsumexp(zc - lse, axis=1)  # [B, P]
   log_1m = jax.nn.logsumexp(excl - lse, axis=1)
   return classes.astype(jnp.int32), log_pc - log_1m, finite

@@ -65,6 +65,7 @@ orders every row exactly (``scores == sigmoid(rank_scores)``, :func:`with_probab
 written before ``rank_scores.npy`` existed (format_version 1) reads with ``rank_scores`` equal
 to ``scores``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,26 +76,41 @@ import numpy as np
 
 from bssl import workdir as workdir_lib
 
-__all__ = ["Selection", "TopKPerClass", "RankedTopK", "GlobalTopK", "write_selection",
-           "read_selection", "class_statistics", "tie_hash", "untie_hash",
-           "with_probabilities", "MAX_ID"]
+__all__ = [
+    "Selection",
+    "TopKPerClass",
+    "RankedTopK",
+    "GlobalTopK",
+    "write_selection",
+    "read_selection",
+    "class_statistics",
+    "tie_hash",
+    "untie_hash",
+    "with_probabilities",
+    "MAX_ID",
+]
 
-MAX_ID = (1 << 32) - 1          # largest accepted image id
-_SENTINEL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)   # desc(score) == 0xFFFFFFFF only for NaN
+MAX_ID = (1 << 32) - 1  # largest accepted image id
+_SENTINEL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # desc(score) == 0xFFFFFFFF only for NaN
 _LOW32 = np.uint64(0xFFFF_FFFF)
 # 2: keys order ties by tie_hash(id, seed) and state dicts carry the seed (1: ties by id).
 # Also the D̂ summary's format_version (2: rank_scores.npy added).
 _FORMAT_VERSION = 2
 _LITTLE_ENDIAN = sys.byteorder == "little"
-_CHUNK = 1 << 15          # candidates per internal step of update() (cache-sized pieces)
-_BLOCK_ELEMS = 1 << 19    # keys per block when reading the state out (4 MB)
-_DTYPES = {"ids": np.int64, "classes": np.int32, "scores": np.float32, "ranks": np.int32,
-           "rank_scores": np.float32}
+_CHUNK = 1 << 15  # candidates per internal step of update() (cache-sized pieces)
+_BLOCK_ELEMS = 1 << 19  # keys per block when reading the state out (4 MB)
+_DTYPES = {
+    "ids": np.int64,
+    "classes": np.int32,
+    "scores": np.float32,
+    "ranks": np.int32,
+    "rank_scores": np.float32,
+}
 
 
 # ----------------------------------------------------------------------------- tie hash
 _MASK64 = (1 << 64) - 1
-_M1, _M2 = 0x7FEB352D, 0x846CA68B                     # lowbias32 (C. Wellons' hash prospector)
+_M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (C. Wellons' hash prospector)
 _M1_INV, _M2_INV = pow(_M1, -1, 1 << 32), pow(_M2, -1, 1 << 32)
 
 
@@ -133,7 +149,7 @@ def tie_hash(ids, seed: int) -> np.ndarray:
   id decodes back (:func:`untie_hash`), and which of tied images wins does not follow their
   id (U's path order) but is a fixed pseudo-random draw per seed."""
   a, b = _seed_words(seed)
-  x = np.asarray(ids).astype(np.uint32)            # a copy, wrapped to 32 bits
+  x = np.asarray(ids).astype(np.uint32)  # a copy, wrapped to 32 bits
   x ^= a
   _mix32(x)
   x += b
@@ -155,7 +171,7 @@ def untie_hash(h, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- key encoding
 def _desc_bits(scores: np.ndarray) -> np.ndarray:
   """float32 -> uint32, strictly decreasing in the score (-0.0 counts as +0.0)."""
-  s = np.asarray(scores, np.float32) + np.float32(0.0)   # -0.0 + 0.0 == +0.0
+  s = np.asarray(scores, np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
   bits = s.view(np.uint32)
   # positive: flip the 31 low bits (larger value -> smaller code, codes < 2**31);
   # negative: keep the bits (more negative -> larger magnitude -> larger code, >= 2**31).
@@ -193,7 +209,7 @@ def _decode_keys(keys: np.ndarray, ids_out: np.ndarray, scores_out: np.ndarray) 
 
   ``keys`` may be a strided view whose last axis is contiguous; nothing is allocated.
   """
-  if _LITTLE_ENDIAN:                     # read the 32-bit halves in place
+  if _LITTLE_ENDIAN:  # read the 32-bit halves in place
     halves = keys.view(np.uint32)
     low, high = halves[..., 0::2], halves[..., 1::2]
   else:
@@ -240,14 +256,14 @@ class _Workspace:
     self.t = np.empty(n, np.float32)
     self.keep = np.empty(n, np.bool_)
     self.eq = np.empty(n, np.bool_)
-    self.cls = np.empty(n, np.intp)        # the chunk's classes, as index type
-    self.gcls = np.empty(n, np.intp)       # survivors' classes
-    self.gsc = np.empty(n, np.float32)     # survivors' scores
-    self.keys = np.empty(n, np.uint64)     # survivors' keys
-    self.h32 = np.empty(n, np.uint32)      # survivors' tie hashes
-    self.comp = np.empty(n, cdt)           # class << pbits | position, sorted to group
+    self.cls = np.empty(n, np.intp)  # the chunk's classes, as index type
+    self.gcls = np.empty(n, np.intp)  # survivors' classes
+    self.gsc = np.empty(n, np.float32)  # survivors' scores
+    self.keys = np.empty(n, np.uint64)  # survivors' keys
+    self.h32 = np.empty(n, np.uint32)  # survivors' tie hashes
+    self.comp = np.empty(n, cdt)  # class << pbits | position, sorted to group
     self.order = np.empty(n, np.intp)
-    self.skeys = np.empty(n, np.uint64)    # keys grouped by class
+    self.skeys = np.empty(n, np.uint64)  # keys grouped by class
     self.iota = np.arange(n, dtype=cdt)
     self.iota_p = np.arange(n, dtype=np.intp)
     self.bounds = np.arange(num_classes + 1, dtype=cdt) << cdt(self.pbits)
@@ -277,8 +293,10 @@ def _validate(ids, classes, scores, num_classes: int):
   if scores.ndim != 1:
     raise ValueError(f"scores must be a 1-D array, got shape {scores.shape}")
   if not (ids.shape[0] == classes.shape[0] == scores.shape[0]):
-    raise ValueError(f"ids, classes and scores must have equal lengths, got "
-                     f"{ids.shape[0]}, {classes.shape[0]} and {scores.shape[0]}")
+    raise ValueError(
+        f"ids, classes and scores must have equal lengths, got "
+        f"{ids.shape[0]}, {classes.shape[0]} and {scores.shape[0]}"
+    )
   if scores.dtype.kind not in "fiub":
     raise ValueError(f"scores must be numbers, got dtype {scores.dtype}")
   scores = scores.astype(np.float32, copy=False)
@@ -292,13 +310,19 @@ def _validate(ids, classes, scores, num_classes: int):
   if imin < 0 or imax > MAX_ID:
     bad = imin if imin < 0 else imax
     raise ValueError(f"id {bad} out of range: ids must be in 0..{MAX_ID} (row indices into U)")
-  smin = scores.min()                   # NaN propagates through min: one pass for both checks
+  smin = scores.min()  # NaN propagates through min: one pass for both checks
   if np.isnan(smin):
     bad_ids = ids[np.isnan(scores)]
-    raise ValueError(f"NaN score for id(s) {bad_ids[:10].tolist()}"
-                     + (f" and {bad_ids.size - 10} more" if bad_ids.size > 10 else ""))
-  return (ids.astype(np.int64, copy=False), classes.astype(np.int32, copy=False), scores,
-          bool(smin >= 0))
+    raise ValueError(
+        f"NaN score for id(s) {bad_ids[:10].tolist()}"
+        + (f" and {bad_ids.size - 10} more" if bad_ids.size > 10 else "")
+    )
+  return (
+      ids.astype(np.int64, copy=False),
+      classes.astype(np.int32, copy=False),
+      scores,
+      bool(smin >= 0),
+  )
 
 
 # ----------------------------------------------------------------------------- result type
@@ -309,13 +333,14 @@ class Selection:
   ``rank_scores`` is the score the rows were ranked by, ``scores`` the one shown to people;
   from an accumulator both are the scores it was fed (``rank_scores=None`` means that), in
   the recipe's D̂ the teacher's log-odds and probability (:func:`with_probabilities`)."""
-  ids: np.ndarray       # int64
-  classes: np.ndarray   # int32
-  scores: np.ndarray    # float32
-  ranks: np.ndarray     # int32, 0-based rank within its class
+
+  ids: np.ndarray  # int64
+  classes: np.ndarray  # int32
+  scores: np.ndarray  # float32
+  ranks: np.ndarray  # int32, 0-based rank within its class
   num_classes: int
   k: int
-  rank_scores: np.ndarray | None = None   # float32; None: the same as scores
+  rank_scores: np.ndarray | None = None  # float32; None: the same as scores
 
   def __post_init__(self):
     if self.rank_scores is None:
@@ -329,8 +354,10 @@ class Selection:
       setattr(self, name, a)
     n = {len(getattr(self, name)) for name in _DTYPES}
     if len(n) != 1:
-      raise ValueError(f"Selection columns must have equal lengths, got "
-                       + ", ".join(f"{name}={len(getattr(self, name))}" for name in _DTYPES))
+      raise ValueError(
+          "Selection columns must have equal lengths, got "
+          + ", ".join(f"{name}={len(getattr(self, name))}" for name in _DTYPES)
+      )
     self.num_classes, self.k = int(self.num_classes), int(self.k)
 
   def __len__(self) -> int:
@@ -338,7 +365,7 @@ class Selection:
 
   def counts(self) -> np.ndarray:
     """Rows per class, shape ``[num_classes]``."""
-    return np.bincount(np.asarray(self.classes), minlength=self.num_classes)[:self.num_classes]
+    return np.bincount(np.asarray(self.classes), minlength=self.num_classes)[: self.num_classes]
 
 
 def probabilities_from_log_odds(r) -> np.ndarray:
@@ -352,13 +379,20 @@ def probabilities_from_log_odds(r) -> np.ndarray:
 def with_probabilities(sel: Selection) -> Selection:
   """The recipe's D̂ from an accumulator fed the teacher's log-odds: ``rank_scores`` the
   log-odds the rows were ranked by, ``scores`` the probability (for people and reports)."""
-  return dataclasses.replace(sel, scores=probabilities_from_log_odds(sel.rank_scores),
-                             rank_scores=sel.rank_scores)
+  return dataclasses.replace(
+      sel, scores=probabilities_from_log_odds(sel.rank_scores), rank_scores=sel.rank_scores
+  )
 
 
 def _empty_selection(num_classes: int, k: int) -> Selection:
-  return Selection(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
-                   np.zeros(0, np.int32), num_classes, k)
+  return Selection(
+      np.zeros(0, np.int64),
+      np.zeros(0, np.int32),
+      np.zeros(0, np.float32),
+      np.zeros(0, np.int32),
+      num_classes,
+      k,
+  )
 
 
 # ----------------------------------------------------------------------------- accumulator
@@ -373,8 +407,7 @@ class TopKPerClass:
   accumulators of the same seed merge.
   """
 
-  def __init__(self, num_classes: int, k: int, *, pending_slots: int | None = None,
-               seed: int = 0):
+  def __init__(self, num_classes: int, k: int, *, pending_slots: int | None = None, seed: int = 0):
     num_classes, k = int(num_classes), int(k)
     if num_classes <= 0:
       raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -390,12 +423,12 @@ class TopKPerClass:
     self._seed_words = _seed_words(self.seed)
     self._width = k + slots
     self._buf = np.full((num_classes, self._width), _SENTINEL, np.uint64)
-    self._fill = np.zeros(num_classes, np.int64)       # valid keys occupy [0, fill) of a row
+    self._fill = np.zeros(num_classes, np.int64)  # valid keys occupy [0, fill) of a row
     self._thresh_key = np.full(num_classes, _SENTINEL, np.uint64)
     self._thresh_score = np.full(num_classes, -np.inf, np.float32)
     self._thresh_hash = np.full(num_classes, MAX_ID + 1, np.int64)  # tie hash of the K-th
     self._seen = 0
-    self._any_full = False       # some class has a threshold (else every candidate is kept)
+    self._any_full = False  # some class has a threshold (else every candidate is kept)
     self._work = _Workspace(_CHUNK, num_classes)
 
   # -- public API --------------------------------------------------------------------------
@@ -450,20 +483,25 @@ class TopKPerClass:
     _set_score_halves(keys, scores, nonneg)
     self._insert(keys, cls)
 
-  def merge(self, other: "TopKPerClass") -> "TopKPerClass":
+  def merge(self, other: TopKPerClass) -> TopKPerClass:
     """Adds ``other``'s candidates to this accumulator (in place; ``other`` is unchanged)."""
     if not isinstance(other, TopKPerClass):
       raise TypeError(f"can only merge a TopKPerClass, got {type(other).__name__}")
     if other is self:
-      raise ValueError("cannot merge an accumulator with itself (every candidate would count "
-                       "twice)")
+      raise ValueError(
+          "cannot merge an accumulator with itself (every candidate would count " "twice)"
+      )
     if other.num_classes != self.num_classes or other.k != self.k:
-      raise ValueError(f"cannot merge accumulators with different shapes: num_classes="
-                       f"{self.num_classes}, k={self.k} vs num_classes={other.num_classes}, "
-                       f"k={other.k}")
+      raise ValueError(
+          f"cannot merge accumulators with different shapes: num_classes="
+          f"{self.num_classes}, k={self.k} vs num_classes={other.num_classes}, "
+          f"k={other.k}"
+      )
     if other.seed != self.seed:
-      raise ValueError(f"cannot merge accumulators with different tie seeds ({self.seed} vs "
-                       f"{other.seed}): their keys order ties differently")
+      raise ValueError(
+          f"cannot merge accumulators with different tie seeds ({self.seed} vs "
+          f"{other.seed}): their keys order ties differently"
+      )
     for r0, r1, counts, blk in other._topk_blocks(sort=False):
       keys = blk[np.arange(blk.shape[1]) < counts[:, None]]
       if keys.size:
@@ -477,7 +515,7 @@ class TopKPerClass:
     ids, scores, counts = self._kept(sort=True)
     total = ids.shape[0]
     classes = np.repeat(np.arange(self.num_classes, dtype=np.int32), counts)
-    if total and total == self.num_classes * self.k:      # every class full
+    if total and total == self.num_classes * self.k:  # every class full
       ranks = np.tile(np.arange(self.k, dtype=np.int32), self.num_classes)
     else:
       starts = np.cumsum(counts) - counts
@@ -499,33 +537,49 @@ class TopKPerClass:
     }
 
   @classmethod
-  def from_state_dict(cls, d) -> "TopKPerClass":
+  def from_state_dict(cls, d) -> TopKPerClass:
     if "format_version" in d and int(np.asarray(d["format_version"])) != _FORMAT_VERSION:
       version = int(np.asarray(d["format_version"]))
-      raise ValueError(f"unsupported TopKPerClass state format_version {version} (this code "
-                       f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id, "
-                       f"version 2 by a seeded hash of the id: they cannot be mixed)")
-    missing = {"format_version", "num_classes", "k", "tie_seed", "num_candidates_seen", "ids",
-               "classes", "scores"} - set(d)
+      raise ValueError(
+          f"unsupported TopKPerClass state format_version {version} (this code "
+          f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id, "
+          f"version 2 by a seeded hash of the id: they cannot be mixed)"
+      )
+    missing = {
+        "format_version",
+        "num_classes",
+        "k",
+        "tie_seed",
+        "num_candidates_seen",
+        "ids",
+        "classes",
+        "scores",
+    } - set(d)
     if missing:
       raise ValueError(f"not a TopKPerClass state dict: missing {sorted(missing)}")
-    acc = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["k"])),
-              seed=int(np.asarray(d["tie_seed"])))
-    ids, classes, scores, nonneg = _validate(d["ids"], d["classes"], d["scores"],
-                                             acc.num_classes)
+    acc = cls(
+        int(np.asarray(d["num_classes"])),
+        int(np.asarray(d["k"])),
+        seed=int(np.asarray(d["tie_seed"])),
+    )
+    ids, classes, scores, nonneg = _validate(d["ids"], d["classes"], d["scores"], acc.num_classes)
     if ids.size:
       counts = np.bincount(classes, minlength=acc.num_classes)
       if counts.max() > acc.k:
-        raise ValueError(f"corrupt state: class {int(counts.argmax())} has {int(counts.max())} "
-                         f"rows, more than k={acc.k}")
+        raise ValueError(
+            f"corrupt state: class {int(counts.argmax())} has {int(counts.max())} "
+            f"rows, more than k={acc.k}"
+        )
       acc._insert(_make_keys(tie_hash(ids, acc.seed), scores, nonneg), classes)
       acc._compact(acc._fill >= acc.k)
     acc._seen = int(np.asarray(d["num_candidates_seen"]))
     return acc
 
   def __repr__(self) -> str:
-    return (f"TopKPerClass(num_classes={self.num_classes}, k={self.k}, seed={self.seed}, "
-            f"kept={int(np.minimum(self._fill, self.k).sum())}, seen={self._seen})")
+    return (
+        f"TopKPerClass(num_classes={self.num_classes}, k={self.k}, seed={self.seed}, "
+        f"kept={int(np.minimum(self._fill, self.k).sum())}, seen={self._seen})"
+    )
 
   # -- internals ---------------------------------------------------------------------------
   def _hash_in_place(self, h: np.ndarray) -> None:
@@ -544,7 +598,7 @@ class TopKPerClass:
     w = self._work
     if keys.shape[0] > w.n:
       for lo in range(0, keys.shape[0], w.n):
-        self._insert(keys[lo:lo + w.n], classes[lo:lo + w.n])
+        self._insert(keys[lo : lo + w.n], classes[lo : lo + w.n])
       return
     C, K, S, W = self.num_classes, self.k, self._slots, self._width
     m = keys.shape[0]
@@ -555,7 +609,7 @@ class TopKPerClass:
     comp |= w.iota[:m]
     comp.sort()
     counts = np.diff(np.searchsorted(comp, w.bounds))
-    if counts.max() > S:               # more than a row can take even after compaction
+    if counts.max() > S:  # more than a row can take even after compaction
       h = m // 2
       self._insert(keys[:h], classes[:h])
       self._insert(keys[h:], classes[h:])
@@ -568,7 +622,7 @@ class TopKPerClass:
       # at least half full, so that one compaction serves many rows.
       self._compact(over | (self._fill >= K + (S + 1) // 2))
       cs = (comp >> w.cdt(w.pbits)).astype(np.intp)
-      exact = skeys < self._thresh_key[cs]        # thresholds moved: drop what is now out
+      exact = skeys < self._thresh_key[cs]  # thresholds moved: drop what is now out
       if not exact.all():
         skeys, cs = skeys[exact], cs[exact]
         counts = np.bincount(cs, minlength=C)
@@ -591,7 +645,7 @@ class TopKPerClass:
     width = int(self._fill[r].max())
     if r.size == self.num_classes:
       view = self._buf[:, :width]
-      view.partition(K - 1, axis=1)             # in place, linear time per row
+      view.partition(K - 1, axis=1)  # in place, linear time per row
       kth = view[:, K - 1].copy()
       view[:, K:] = _SENTINEL
     else:
@@ -621,9 +675,9 @@ class TopKPerClass:
       fill = self._fill[r0:r1]
       counts = np.minimum(fill, K)
       width = int(fill.max())
-      blk = scratch[:r1 - r0, :width]
+      blk = scratch[: r1 - r0, :width]
       np.copyto(blk, self._buf[r0:r1, :width])
-      if width > K:                       # rows with more than K keys: their K best first
+      if width > K:  # rows with more than K keys: their K best first
         big = fill > K
         if big.all():
           blk.partition(K - 1, axis=1)
@@ -633,7 +687,7 @@ class TopKPerClass:
           blk[big] = sub
         blk = blk[:, :K]
       if sort:
-        blk.sort(axis=1)                  # sentinels sort last
+        blk.sort(axis=1)  # sentinels sort last
       yield r0, r1, counts, blk
 
   def _kept(self, sort: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -644,12 +698,12 @@ class TopKPerClass:
     scores = np.empty(int(offsets[-1]), np.float32)
     for r0, r1, cnt, blk in self._topk_blocks(sort):
       a, b = int(offsets[r0]), int(offsets[r1])
-      if b - a == blk.size:               # full rows: decode the block in place
+      if b - a == blk.size:  # full rows: decode the block in place
         rows, w = blk.shape
         _decode_keys(blk, ids[a:b].reshape(rows, w), scores[a:b].reshape(rows, w))
       elif b > a:
         _decode_keys(blk[np.arange(blk.shape[1]) < cnt[:, None]], ids[a:b], scores[a:b])
-    ids[...] = untie_hash(ids, self.seed)     # the keys hold tie hashes: back to ids
+    ids[...] = untie_hash(ids, self.seed)  # the keys hold tie hashes: back to ids
     return ids, scores, counts
 
 
@@ -720,26 +774,36 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
   directory = workdir_lib.path(directory)
   stats = class_statistics(sel)
   summary = {
-      "format": "bssl.selection", "format_version": _FORMAT_VERSION,
-      "num_classes": sel.num_classes, "k": sel.k, "num_selected": int(len(sel.ids)),
+      "format": "bssl.selection",
+      "format_version": _FORMAT_VERSION,
+      "num_classes": sel.num_classes,
+      "k": sel.k,
+      "num_selected": int(len(sel.ids)),
       "classes_short_of_k": stats["classes_short_of_k"],
       "num_classes_short_of_k": len(stats["classes_short_of_k"]),
-      "min_per_class": int(min(stats["count"])), "max_per_class": int(max(stats["count"])),
+      "min_per_class": int(min(stats["count"])),
+      "max_per_class": int(max(stats["count"])),
       "files": {f"{c}.npy": np.dtype(dt).name for c, dt in _DTYPES.items()},
   }
   for key, v in (extra_summary or {}).items():
     if key in summary and _json_normal(summary[key]) != _json_normal(v):
-      raise ValueError(f"extra_summary[{key!r}] = {v!r} conflicts with the value computed "
-                       f"from the selection ({summary[key]!r})")
+      raise ValueError(
+          f"extra_summary[{key!r}] = {v!r} conflicts with the value computed "
+          f"from the selection ({summary[key]!r})"
+      )
     summary[key] = v
   if (directory / "summary.json").exists():
     (directory / "summary.json").unlink()
   for col in _DTYPES:
     workdir_lib.write_npy(directory / f"{col}.npy", getattr(sel, col))
-  workdir_lib.write_text(directory / "class_stats.json",
-                         json.dumps(stats, indent=1, sort_keys=True, default=_json_default))
-  workdir_lib.write_text(directory / "summary.json",                  # last: complete
-                         json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
+  workdir_lib.write_text(
+      directory / "class_stats.json",
+      json.dumps(stats, indent=1, sort_keys=True, default=_json_default),
+  )
+  workdir_lib.write_text(
+      directory / "summary.json",  # last: complete
+      json.dumps(summary, indent=1, sort_keys=True, default=_json_default),
+  )
 
 
 def image_keys(source, ids) -> tuple[np.ndarray, np.ndarray]:
@@ -756,7 +820,7 @@ def image_keys(source, ids) -> tuple[np.ndarray, np.ndarray]:
   return keys, np.full(len(ids), "", dtype=object).astype(str)
 
 
-def write_table(path, sel: "Selection", source, class_names=None):
+def write_table(path, sel: Selection, source, class_names=None):
   """D̂ as one Parquet table (``path``, local or gs://), one row per selection, in D̂'s
   order (class, then rank): ``id``, ``key`` and ``url`` of the image (see
   :func:`image_keys`), ``class`` and ``class_name``, ``score`` (the teacher's probability),
@@ -765,16 +829,21 @@ def write_table(path, sel: "Selection", source, class_names=None):
   img2dataset family, so a selection can be published and joined back to its shards."""
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   keys, urls = image_keys(source, sel.ids)
-  names = list(class_names) if class_names is not None else [
-      str(c) for c in range(sel.num_classes)]
-  t = pa.table({"id": pa.array(sel.ids, pa.int64()), "key": pa.array(keys, pa.string()),
-                "url": pa.array(urls, pa.string()),
-                "class": pa.array(sel.classes, pa.int32()),
-                "class_name": pa.array([names[c] for c in sel.classes], pa.string()),
-                "score": pa.array(sel.scores, pa.float32()),
-                "log_odds": pa.array(sel.rank_scores, pa.float32()),
-                "rank": pa.array(sel.ranks, pa.int32())})
+  names = list(class_names) if class_names is not None else [str(c) for c in range(sel.num_classes)]
+  t = pa.table(
+      {
+          "id": pa.array(sel.ids, pa.int64()),
+          "key": pa.array(keys, pa.string()),
+          "url": pa.array(urls, pa.string()),
+          "class": pa.array(sel.classes, pa.int32()),
+          "class_name": pa.array([names[c] for c in sel.classes], pa.string()),
+          "score": pa.array(sel.scores, pa.float32()),
+          "log_odds": pa.array(sel.rank_scores, pa.float32()),
+          "rank": pa.array(sel.ranks, pa.int32()),
+      }
+  )
   buf = pa.BufferOutputStream()
   pq.write_table(t, buf, compression="zstd")
   workdir_lib.write_bytes(path, buf.getvalue().to_pybytes())
@@ -793,11 +862,13 @@ def read_selection(directory, mmap: bool = True) -> Selection:
   cols = {}
   for col, dt in _DTYPES.items():
     if col == "rank_scores" and f"{col}.npy" not in summary.get("files", {}):
-      continue                                        # format_version 1: scores ranked
+      continue  # format_version 1: scores ranked
     a = workdir_lib.read_npy(directory / f"{col}.npy", mmap=mmap)
     if a.dtype != dt or a.ndim != 1 or a.shape[0] != summary["num_selected"]:
-      raise ValueError(f"{directory}/{col}.npy: expected {summary['num_selected']} rows of "
-                       f"{np.dtype(dt).name}, got shape {a.shape} of {a.dtype}")
+      raise ValueError(
+          f"{directory}/{col}.npy: expected {summary['num_selected']} rows of "
+          f"{np.dtype(dt).name}, got shape {a.shape} of {a.dtype}"
+      )
     cols[col] = a
   return Selection(num_classes=summary["num_classes"], k=summary["k"], **cols)
 
@@ -809,13 +880,15 @@ class RankedTopK:
   the candidates of ranks ``< p'`` is in the top-``k'`` of its own rank's candidates, which
   this keeps. Memory is ``p`` times a :class:`TopKPerClass`'s."""
 
-  def __init__(self, num_classes: int, k: int, p: int, *, pending_slots: int | None = None,
-               seed: int = 0):
+  def __init__(
+      self, num_classes: int, k: int, p: int, *, pending_slots: int | None = None, seed: int = 0
+  ):
     if int(p) <= 0:
       raise ValueError(f"p must be positive, got {p}")
     self.num_classes, self.k, self.p = int(num_classes), int(k), int(p)
-    self.by_rank = [TopKPerClass(num_classes, k, pending_slots=pending_slots, seed=seed)
-                    for _ in range(self.p)]
+    self.by_rank = [
+        TopKPerClass(num_classes, k, pending_slots=pending_slots, seed=seed) for _ in range(self.p)
+    ]
 
   @property
   def seed(self) -> int:
@@ -829,14 +902,18 @@ class RankedTopK:
     """``ids`` [B]; ``classes``, ``scores`` [B, p]: column r is each image's rank-r class."""
     classes, scores = np.asarray(classes), np.asarray(scores)
     if classes.ndim != 2 or classes.shape[1] != self.p or scores.shape != classes.shape:
-      raise ValueError(f"classes and scores must be [B, {self.p}], got {classes.shape} and "
-                       f"{scores.shape}")
+      raise ValueError(
+          f"classes and scores must be [B, {self.p}], got {classes.shape} and " f"{scores.shape}"
+      )
     for r, acc in enumerate(self.by_rank):
       acc.update(ids, classes[:, r], scores[:, r])
 
-  def merge(self, other: "RankedTopK") -> "RankedTopK":
+  def merge(self, other: RankedTopK) -> RankedTopK:
     if not isinstance(other, RankedTopK) or (other.num_classes, other.k, other.p) != (
-        self.num_classes, self.k, self.p):
+        self.num_classes,
+        self.k,
+        self.p,
+    ):
       raise ValueError("can only merge a RankedTopK of the same num_classes, k and p")
     for a, b in zip(self.by_rank, other.by_rank):
       a.merge(b)
@@ -853,8 +930,15 @@ class RankedTopK:
       acc.merge(self.by_rank[r])
     sel = acc.result()
     keep = sel.ranks < k
-    return Selection(sel.ids[keep], sel.classes[keep], sel.scores[keep], sel.ranks[keep],
-                     self.num_classes, k, sel.rank_scores[keep])
+    return Selection(
+        sel.ids[keep],
+        sel.classes[keep],
+        sel.scores[keep],
+        sel.ranks[keep],
+        self.num_classes,
+        k,
+        sel.rank_scores[keep],
+    )
 
   def state_dict(self) -> dict[str, np.ndarray]:
     out = {"ranked_p": np.asarray(self.p, np.int64)}
@@ -863,12 +947,16 @@ class RankedTopK:
     return out
 
   @classmethod
-  def from_state_dict(cls, d) -> "RankedTopK":
+  def from_state_dict(cls, d) -> RankedTopK:
     if "ranked_p" not in d:
       raise ValueError("not a RankedTopK state dict: missing 'ranked_p'")
     p = int(np.asarray(d["ranked_p"]))
-    accs = [TopKPerClass.from_state_dict({key[len(f"r{r}__"):]: v for key, v in d.items()
-                                          if key.startswith(f"r{r}__")}) for r in range(p)]
+    accs = [
+        TopKPerClass.from_state_dict(
+            {key[len(f"r{r}__") :]: v for key, v in d.items() if key.startswith(f"r{r}__")}
+        )
+        for r in range(p)
+    ]
     out = cls.__new__(cls)
     out.num_classes, out.k, out.p, out.by_rank = accs[0].num_classes, accs[0].k, p, accs
     return out
@@ -913,12 +1001,11 @@ class GlobalTopK:
   def _compact(self, r: int) -> None:
     """Folds rank ``r``'s pending batches into its kept rows: the ``n`` best remain."""
     if self._pending[r]:
-      self._rows[r] = tuple(np.concatenate(cols) for cols in zip(self._rows[r],
-                                                                 *self._pending[r]))
+      self._rows[r] = tuple(np.concatenate(cols) for cols in zip(self._rows[r], *self._pending[r]))
       self._pending[r], self._pending_n[r] = [], 0
     ids, classes, scores = self._rows[r]
     if len(ids) > self.n:
-      order = self._order(ids, classes, scores)[:self.n]
+      order = self._order(ids, classes, scores)[: self.n]
       self._rows[r] = (ids[order], classes[order], scores[order])
     if len(self._rows[r][0]) == self.n:
       self._thresh[r] = float(self._rows[r][2].min())
@@ -931,10 +1018,16 @@ class GlobalTopK:
     """``ids`` [B]; ``classes``, ``scores`` [B, p]: column r is each image's rank-r class."""
     ids = np.asarray(ids, np.int64)
     classes, scores = np.asarray(classes), np.asarray(scores, np.float32)
-    if classes.ndim != 2 or classes.shape[1] != self.p or scores.shape != classes.shape \
-        or ids.shape != classes.shape[:1]:
-      raise ValueError(f"ids [B] and classes, scores [B, {self.p}] expected, got {ids.shape}, "
-                       f"{classes.shape} and {scores.shape}")
+    if (
+        classes.ndim != 2
+        or classes.shape[1] != self.p
+        or scores.shape != classes.shape
+        or ids.shape != classes.shape[:1]
+    ):
+      raise ValueError(
+          f"ids [B] and classes, scores [B, {self.p}] expected, got {ids.shape}, "
+          f"{classes.shape} and {scores.shape}"
+      )
     if np.isnan(scores).any():
       raise ValueError("NaN score")
     if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
@@ -946,16 +1039,18 @@ class GlobalTopK:
       keep = scores[:, r] >= self._thresh[r]
       if not keep.any():
         continue
-      self._pending[r].append((ids[keep], classes[keep, r].astype(np.int32),
-                               scores[keep, r]))
+      self._pending[r].append((ids[keep], classes[keep, r].astype(np.int32), scores[keep, r]))
       self._pending_n[r] += int(keep.sum())
       if self._pending_n[r] > self.n:
         self._compact(r)
 
-  def merge(self, other: "GlobalTopK") -> "GlobalTopK":
-    if not isinstance(other, GlobalTopK) or (other.num_classes, other.k, other.p,
-                                              other.seed) != (self.num_classes, self.k,
-                                                              self.p, self.seed):
+  def merge(self, other: GlobalTopK) -> GlobalTopK:
+    if not isinstance(other, GlobalTopK) or (other.num_classes, other.k, other.p, other.seed) != (
+        self.num_classes,
+        self.k,
+        self.p,
+        self.seed,
+    ):
       raise ValueError("can only merge a GlobalTopK of the same num_classes, k, p and seed")
     for r in range(self.p):
       other._compact(r)
@@ -975,7 +1070,7 @@ class GlobalTopK:
     for r in range(p):
       self._compact(r)
     ids, classes, scores = (np.concatenate(col) for col in zip(*self._rows[:p]))
-    top = self._order(ids, classes, scores)[:k * self.num_classes]
+    top = self._order(ids, classes, scores)[: k * self.num_classes]
     ids, classes, scores = ids[top], classes[top], scores[top]
     by_class = np.lexsort((ids, self._tie(ids), -scores.astype(np.float64), classes))
     ids, classes, scores = ids[by_class], classes[by_class], scores[by_class]
@@ -985,11 +1080,14 @@ class GlobalTopK:
     return Selection(ids, classes, scores, ranks, self.num_classes, k)
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    out = {"global_p": np.asarray(self.p, np.int64), "global_k": np.asarray(self.k, np.int64),
-           "global_format_version": np.asarray(_FORMAT_VERSION, np.int64),
-           "tie_seed": np.asarray(self.seed, np.int64),
-           "num_classes": np.asarray(self.num_classes, np.int64),
-           "num_candidates_seen": np.asarray(self._seen, np.int64)}
+    out = {
+        "global_p": np.asarray(self.p, np.int64),
+        "global_k": np.asarray(self.k, np.int64),
+        "global_format_version": np.asarray(_FORMAT_VERSION, np.int64),
+        "tie_seed": np.asarray(self.seed, np.int64),
+        "num_classes": np.asarray(self.num_classes, np.int64),
+        "num_candidates_seen": np.asarray(self._seen, np.int64),
+    }
     for r in range(self.p):
       self._compact(r)
       for name, col in zip(("ids", "classes", "scores"), self._rows[r]):
@@ -997,18 +1095,29 @@ class GlobalTopK:
     return out
 
   @classmethod
-  def from_state_dict(cls, d) -> "GlobalTopK":
+  def from_state_dict(cls, d) -> GlobalTopK:
     if "global_p" not in d:
       raise ValueError("not a GlobalTopK state dict: missing 'global_p'")
     version = int(np.asarray(d.get("global_format_version", 1)))
     if version != _FORMAT_VERSION:
-      raise ValueError(f"unsupported GlobalTopK state format_version {version} (this code "
-                       f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id)")
-    out = cls(int(np.asarray(d["num_classes"])), int(np.asarray(d["global_k"])),
-              int(np.asarray(d["global_p"])), seed=int(np.asarray(d["tie_seed"])))
-    out._rows = [(np.asarray(d[f"r{r}__ids"], np.int64), np.asarray(d[f"r{r}__classes"],
-                  np.int32), np.asarray(d[f"r{r}__scores"], np.float32))
-                 for r in range(out.p)]
+      raise ValueError(
+          f"unsupported GlobalTopK state format_version {version} (this code "
+          f"reads {_FORMAT_VERSION}; version 1 broke ties by the smaller id)"
+      )
+    out = cls(
+        int(np.asarray(d["num_classes"])),
+        int(np.asarray(d["global_k"])),
+        int(np.asarray(d["global_p"])),
+        seed=int(np.asarray(d["tie_seed"])),
+    )
+    out._rows = [
+        (
+            np.asarray(d[f"r{r}__ids"], np.int64),
+            np.asarray(d[f"r{r}__classes"], np.int32),
+            np.asarray(d[f"r{r}__scores"], np.float32),
+        )
+        for r in range(out.p)
+    ]
     for r in range(out.p):
       out._compact(r)  # sets the threshold
     out._seen = int(np.asarray(d["num_candidates_seen"]))

@@ -32,6 +32,7 @@ See docs/reproduction.md, "Running the sweeps".
 
 Exit codes: 0 done, 2 a user error (one line), 143 preempted (rerun to continue).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,10 +40,10 @@ import itertools
 import json
 import os
 import re
-import socket
-import subprocess
 import shlex
 import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -74,12 +75,23 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
       out = json.loads(values)
     except json.JSONDecodeError as e:
       raise SweepError(f"--sweep: {name}={values!r} is not a JSON list ({e})") from None
-    kinds = {dict: (dict,), tuple: (list,), bool: (bool,), int: (int,), float: (int, float),
-             str: (str,)}.get(f.type, (object,))
-    if not isinstance(out, list) or not out or not all(
-        (v is None and f.optional) or (
-            isinstance(v, kinds) and not (f.type is not bool and isinstance(v, bool)))
-        for v in out):
+    kinds = {
+        dict: (dict,),
+        tuple: (list,),
+        bool: (bool,),
+        int: (int,),
+        float: (int, float),
+        str: (str,),
+    }.get(f.type, (object,))
+    if (
+        not isinstance(out, list)
+        or not out
+        or not all(
+            (v is None and f.optional)
+            or (isinstance(v, kinds) and not (f.type is not bool and isinstance(v, bool)))
+            for v in out
+        )
+    ):
       raise SweepError(f"--sweep: {name} takes {f.type.__name__} values; got {values!r}")
     if f.type is tuple:
       out = [None if v is None else tuple(v) for v in out]
@@ -87,8 +99,10 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
       raise SweepError(f"--sweep: repeated values for {name!r}: {out}")
     return name, out
   if f.type not in (bool, int, float, str):
-    raise SweepError(f"--sweep: field {name!r} ({f.type.__name__}) takes a JSON list, "
-                     f"e.g. --sweep='{name}=[{{...}},{{...}}]'")
+    raise SweepError(
+        f"--sweep: field {name!r} ({f.type.__name__}) takes a JSON list, "
+        f"e.g. --sweep='{name}=[{{...}},{{...}}]'"
+    )
   out = []
   for v in values.split(","):
     v = v.strip()
@@ -148,8 +162,7 @@ def points(cfg, axes: list[tuple[str, list]], seeds: list[int]) -> list[dict]:
   for seed in seeds:
     for combo in itertools.product(*[vals for _, vals in axes]):
       overrides = {name: v for (name, _), v in zip(axes, combo)}
-      out.append({"name": _name(overrides, seed, labels), "overrides": overrides,
-                  "seed": seed})
+      out.append({"name": _name(overrides, seed, labels), "overrides": overrides, "seed": seed})
   if len({p["name"] for p in out}) != len(out):  # cannot happen after _labels; a guard
     raise SweepError("--sweep: two points of the grid would share a folder name")
   return out
@@ -186,6 +199,7 @@ def _copy_stage(src, dst) -> None:
         copy(child, b / child.name, False)
       else:
         workdir_lib.write_bytes(b / child.name, child.read_bytes())
+
   copy(src, dst, True)
   workdir_lib.write_bytes(dst / "done.json", (src / "done.json").read_bytes())
 
@@ -227,7 +241,8 @@ class Sharer:
 
   def _running(self, name: str, check):
     """Another live point computing ``name`` whose record so far holds here."""
-    from bssl import engine, parallel
+    from bssl import engine
+
     for d in self._others():
       wd = workdir_lib.Workdir(str(d))
       st = wd.started(name)
@@ -239,6 +254,7 @@ class Sharer:
 
   def __call__(self, name: str, check) -> bool:
     from bssl import parallel
+
     if parallel.process_count() > 1:  # one decision for every host: process 0's
       if parallel.is_main_process():
         self._share(name, check)
@@ -275,8 +291,11 @@ class Sharer:
           owner = {} if time.time() - os.stat(lock).st_mtime < 10 else {"pid": -1}
         except OSError:
           continue
-      if owner.get("pid") == me["pid"] and owner.get("host") == me["host"] or (
-          owner and not procs.owner_alive(owner)):
+      if (
+          owner.get("pid") == me["pid"]
+          and owner.get("host") == me["host"]
+          or (owner and not procs.owner_alive(owner))
+      ):
         lock.unlink(missing_ok=True)  # ours (a point that stopped), or its process is gone
         continue
       time.sleep(0.2)
@@ -313,13 +332,21 @@ class Sharer:
 
 
 def _row(point: dict, res: dict) -> dict:
-  models = {k: res[k]["top1"] for k in ("baseline", "teacher", "student_pretrained",
-                                        "student") if k in res}
+  models = {
+      k: res[k]["top1"]
+      for k in ("baseline", "teacher", "student_pretrained", "student")
+      if k in res
+  }
   sel = res.get("selection") or {}
-  return {"name": point["name"], "seed": point["seed"], "overrides": point["overrides"],
-          "top1": models, "dhat_rows": sel.get("num_selected"),
-          "dhat_label_precision": sel.get("label_precision"),
-          "unlabelled_images": (res.get("scoring") or {}).get("num_unlabelled")}
+  return {
+      "name": point["name"],
+      "seed": point["seed"],
+      "overrides": point["overrides"],
+      "top1": models,
+      "dhat_rows": sel.get("num_selected"),
+      "dhat_label_precision": sel.get("label_precision"),
+      "unlabelled_images": (res.get("scoring") or {}).get("num_unlabelled"),
+  }
 
 
 def _group(rows, name, v) -> list[dict]:
@@ -334,8 +361,11 @@ def _top1s(group, key) -> list[float]:
 
 def _gains(group) -> list[float]:
   """The paired gain (points): each seed's student against the same seed's baseline."""
-  return [100 * (r["top1"]["student"] - r["top1"]["baseline"]) for r in group
-          if {"student", "baseline"} <= set(r["top1"])]
+  return [
+      100 * (r["top1"]["student"] - r["top1"]["baseline"])
+      for r in group
+      if {"student", "baseline"} <= set(r["top1"])
+  ]
 
 
 def _mean_std(xs) -> tuple[float, float]:
@@ -377,24 +407,39 @@ def collect(root, axes, pts) -> dict:
       if gone:
         stale.append({"name": p["name"], "replaced": gone})
       rows.append(_row(p, res))
-  summary = {"axes": [{"field": n, "values": v} for n, v in axes],
-             "seeds": sorted({p["seed"] for p in pts}), "num_points": len(pts),
-             "num_done": len(rows), "points": rows, "stale": stale}
+  summary = {
+      "axes": [{"field": n, "values": v} for n, v in axes],
+      "seeds": sorted({p["seed"] for p in pts}),
+      "num_points": len(pts),
+      "num_done": len(rows),
+      "points": rows,
+      "stale": stale,
+  }
   workdir_lib.write_json(root / "sweep.json", summary)
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
   if stale:
-    md += ["Not shown (replaced since the point's report; rerun the sweep to measure them "
-           "again): " + "; ".join(f"{e['name']}: {', '.join(e['replaced'])}" for e in stale),
-           ""]
+    md += [
+        "Not shown (replaced since the point's report; rerun the sweep to measure them "
+        "again): " + "; ".join(f"{e['name']}: {', '.join(e['replaced'])}" for e in stale),
+        "",
+    ]
   evaluated = any(r["top1"] for r in rows)
   if not evaluated:  # nothing to tabulate or plot (and no figure to draw)
-    md += ["No point is done yet: run the sweep (or `--emit`'s commands), then `--collect` "
-           "again." if not rows else "No done point has a test evaluation (`evaluate` is "
-           "not among `--config.stages`): nothing to compare.", ""]
+    md += [
+        "No point is done yet: run the sweep (or `--emit`'s commands), then `--collect` " "again."
+        if not rows
+        else "No done point has a test evaluation (`evaluate` is "
+        "not among `--config.stages`): nothing to compare.",
+        "",
+    ]
   for name, values in (axes if evaluated else []):
-    md += [f"## {name}", "", "| " + name + " | points | baseline | teacher | student, "
-           "pre-trained | student | student − baseline (paired) | D̂ rows | D̂ precision |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    md += [
+        f"## {name}",
+        "",
+        "| " + name + " | points | baseline | teacher | student, "
+        "pre-trained | student | student − baseline (paired) | D̂ rows | D̂ precision |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for v in values:
       group = _group(rows, name, v)
 
@@ -404,13 +449,16 @@ def collect(root, axes, pts) -> dict:
 
       def model(key, group=group):
         return ms(_top1s(group, key))
+
       prec = [r["dhat_label_precision"] for r in group if r["dhat_label_precision"] is not None]
       size = [r["dhat_rows"] for r in group if r["dhat_rows"] is not None]
       gain = ms(_gains(group), "+")
-      md.append(f"| {_label(v)} | {len(group)} | {model('baseline')} | {model('teacher')} | "
-                f"{model('student_pretrained')} | {model('student')} | {gain} | "
-                f"{int(np.mean(size)) if size else '—'} | "
-                f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |")
+      md.append(
+          f"| {_label(v)} | {len(group)} | {model('baseline')} | {model('teacher')} | "
+          f"{model('student_pretrained')} | {model('student')} | {gain} | "
+          f"{int(np.mean(size)) if size else '—'} | "
+          f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |"
+      )
     md.append("")
     _figure(root / f"{name}.png", name, values, rows)
     md += [f"![{name}]({name}.png)", ""]
@@ -420,32 +468,57 @@ def collect(root, axes, pts) -> dict:
 
 def _figure(path, name, values, rows) -> None:
   import io
+
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
-                for v in values)
+
+  numeric = all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in values
+  )
   xs = list(range(len(values)))
   if numeric:  # None on a size axis (unlabelled.limit=None: all of U) at U's size
-    xs = [v if v is not None else np.mean(
-        [r["unlabelled_images"] for r in rows if r["overrides"].get(name) is None
-         and r.get("unlabelled_images")] or [np.nan]) for v in values]
+    xs = [
+        v
+        if v is not None
+        else np.mean(
+            [
+                r["unlabelled_images"]
+                for r in rows
+                if r["overrides"].get(name) is None and r.get("unlabelled_images")
+            ]
+            or [np.nan]
+        )
+        for v in values
+    ]
     numeric = not any(np.isnan(x) for x in xs)
     if not numeric:
       xs = list(range(len(values)))
   fig, (ax, gx) = plt.subplots(1, 2, figsize=(9, 3.5))
   for key, style in (("student", "o-"), ("student_pretrained", "^:"), ("baseline", "s--")):
     means, stds = zip(*[_mean_std(_top1s(_group(rows, name, v), key)) for v in values])
-    ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3,
-                label={"student_pretrained": "student, pre-trained only"}.get(key, key))
+    ax.errorbar(
+        xs,
+        means,
+        yerr=stds,
+        fmt=style,
+        capsize=3,
+        label={"student_pretrained": "student, pre-trained only"}.get(key, key),
+    )
   # the paired gain: each seed's student against the same seed's baseline (same D)
   means, stds = zip(*[_mean_std(_gains(_group(rows, name, v))) for v in values])
   gx.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, color="C2")
   gx.axhline(0, color="gray", lw=0.8)
   gx.set_ylabel("student − baseline, same seed (points)")
-  has_data = {ax: any(_top1s(_group(rows, name, v), k) for v in values
-                      for k in ("student", "student_pretrained", "baseline")),
-              gx: any(_gains(_group(rows, name, v)) for v in values)}
+  has_data = {
+      ax: any(
+          _top1s(_group(rows, name, v), k)
+          for v in values
+          for k in ("student", "student_pretrained", "baseline")
+      ),
+      gx: any(_gains(_group(rows, name, v)) for v in values),
+  }
   for a in (ax, gx):
     if numeric and name in LOG_AXES and min(xs) > 0 and has_data[a]:  # (log of no data fails)
       a.set_xscale("log")
@@ -465,6 +538,7 @@ def _figure(path, name, values, rows) -> None:
 def run_point(base, root: str, axes, point: dict, share_from=(), log=print) -> list[str]:
   """One point as an engine run sharing stages; returns the stages it copied."""
   from bssl import engine
+
   cfg = point_config(base, point, axes)
   wd = workdir_lib.Workdir(str(workdir_lib.path(root) / "points" / point["name"]))
   sharer = Sharer(root, point["name"], share_from, log)
@@ -522,9 +596,9 @@ def _exit_preempted(msg: str) -> None:
   """Exits 143 (after ``finally`` blocks and atexit work); if a thread keeps the
   interpreter from exiting, a watchdog ends it after 60 s."""
   import threading
+
   signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a repeat changes nothing
-  print(f"bssl.sweep: {msg}; rerun the same command to continue", file=sys.stderr,
-        flush=True)
+  print(f"bssl.sweep: {msg}; rerun the same command to continue", file=sys.stderr, flush=True)
   t = threading.Timer(60.0, os._exit, (143,))
   t.daemon = True
   t.start()
@@ -546,20 +620,30 @@ def _die_with_parent() -> None:
     return
   try:
     import ctypes
+
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
   except (OSError, AttributeError):
     return
   if os.getppid() != int(parent):  # it died before prctl: no signal will come
-    print("bssl.sweep: the sweep that started this point is gone; rerun the sweep to "
-          "continue", file=sys.stderr, flush=True)
+    print(
+        "bssl.sweep: the sweep that started this point is gone; rerun the sweep to " "continue",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(143)
 
 
 def _process_entry() -> dict:
   """This process, as a ``running/`` entry names it."""
   me, parent = procs.proc_stat(os.getpid()), os.getppid()
-  return {"pid": os.getpid(), "host": socket.gethostname(), "start": me and me[2],
-          "ppid": parent, "argv": sys.argv, "since": time.time()}
+  return {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "start": me and me[2],
+      "ppid": parent,
+      "argv": sys.argv,
+      "since": time.time(),
+  }
 
 
 def _orphaned(e: dict) -> bool:
@@ -587,7 +671,7 @@ def check_running(root, names=None, wait_s: float = STOP_WAIT_S, log=print) -> N
   while True:
     live, stopping = [], []
     for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-      name = f.name[:-len(".json")]
+      name = f.name[: -len(".json")]
       if names is not None and name not in names:
         continue
       try:
@@ -603,17 +687,20 @@ def check_running(root, names=None, wait_s: float = STOP_WAIT_S, log=print) -> N
       else:
         live.append((name, e))
     if live or (stopping and time.time() > deadline):
-      what = ", ".join(("a sweep" if n == "_sweep" else f"point {n}") + f" (pid {e['pid']})"
-                       for n, e in live + stopping)
-      raise SweepError(f"--workdir {root} is in use by processes still running: {what}; "
-                       f"wait for them to end or stop them (kill PID), then rerun")
+      what = ", ".join(
+          ("a sweep" if n == "_sweep" else f"point {n}") + f" (pid {e['pid']})"
+          for n, e in live + stopping
+      )
+      raise SweepError(
+          f"--workdir {root} is in use by processes still running: {what}; "
+          f"wait for them to end or stop them (kill PID), then rerun"
+      )
     if not stopping:
       return
     for n, e in stopping:
       if n not in told:
         told.add(n)
-        log(f"sweep: waiting for point {n} (pid {e['pid']}) of a sweep that was killed to "
-            f"stop")
+        log(f"sweep: waiting for point {n} (pid {e['pid']}) of a sweep that was killed to " f"stop")
     time.sleep(0.5)
 
 
@@ -654,8 +741,17 @@ def release_running(f) -> None:
     _ENTRIES.remove(f)
 
 
-def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int = 1,
-              point_argv: list[str] | None = None, guard: bool = True) -> dict:
+def run_sweep(
+    base,
+    root: str,
+    axes,
+    seeds,
+    log=print,
+    share_from=(),
+    jobs: int = 1,
+    point_argv: list[str] | None = None,
+    guard: bool = True,
+) -> dict:
   """Runs every point (sharing stages), then collects. Resumable. ``jobs`` > 1 runs points
   in that many processes (``point_argv``: this command's arguments, rerun with
   ``--point=<name>`` for each; each point's log in ``points/<name>/sweep.log``), which get
@@ -674,20 +770,26 @@ def run_sweep(base, root: str, axes, seeds, log=print, share_from=(), jobs: int 
 def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard) -> dict:
   pts = points(base, axes, seeds)
   root_p = workdir_lib.path(root)
-  workdir_lib.write_json(root_p / "grid.json", {"axes": [[n, v] for n, v in axes],
-                                                "seeds": seeds})
-  todo = [p for p in pts
-          if workdir_lib.Workdir(str(root_p / "points" / p["name"])).done("report") is None]
-  log(f"sweep: {len(pts)} points, {len(pts) - len(todo)} complete, {len(todo)} to run"
-      + (f" in {jobs} parallel processes" if jobs > 1 and todo else ""))
+  workdir_lib.write_json(root_p / "grid.json", {"axes": [[n, v] for n, v in axes], "seeds": seeds})
+  todo = [
+      p
+      for p in pts
+      if workdir_lib.Workdir(str(root_p / "points" / p["name"])).done("report") is None
+  ]
+  log(
+      f"sweep: {len(pts)} points, {len(pts) - len(todo)} complete, {len(todo)} to run"
+      + (f" in {jobs} parallel processes" if jobs > 1 and todo else "")
+  )
   t0, finished = time.time(), 0
 
   def progress(p, what):
     nonlocal finished
     finished += 1
     rate = (time.time() - t0) / finished
-    log(f"sweep: point {p['name']} {what}; {finished}/{len(todo)} run, "
-        f"eta {int(rate * (len(todo) - finished)) // 60}m{int(rate * (len(todo) - finished)) % 60:02d}s")
+    log(
+        f"sweep: point {p['name']} {what}; {finished}/{len(todo)} run, "
+        f"eta {int(rate * (len(todo) - finished)) // 60}m{int(rate * (len(todo) - finished)) % 60:02d}s"
+    )
 
   if jobs <= 1 or len(todo) <= 1:
     for p in todo:
@@ -711,6 +813,7 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
     queue.clear()
     for q in list(running):
       terminate(q)
+
   previous = signal.signal(signal.SIGTERM, on_term)
   env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
   try:
@@ -720,9 +823,12 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
         logf = root_p / "points" / p["name"] / "sweep.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
         fh = open(logf, "a")
-        proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *point_argv,
-                                 f"--point={p['name']}"], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bssl.sweep", *point_argv, f"--point={p['name']}"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         running[proc] = (p, fh)
         if stop:  # SIGTERM came while it started
           terminate(proc)
@@ -736,8 +842,10 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
           progress(p, "done")
         else:
           failed.append((p["name"], code))
-          log(f"sweep: point {p['name']} failed (exit {code}); see "
-              f"{root_p / 'points' / p['name'] / 'sweep.log'}")
+          log(
+              f"sweep: point {p['name']} failed (exit {code}); see "
+              f"{root_p / 'points' / p['name'] / 'sweep.log'}"
+          )
           if code in (2, 143):  # a user error or preemption: stop launching
             queue.clear()
   finally:
@@ -746,11 +854,12 @@ def _run_grid(base, root, axes, seeds, log, share_from, jobs, point_argv, guard)
     collect(root, axes, pts)
     codes = {c for _, c in failed}
     code = 143 if stop or codes == {143} else 2 if 2 in codes else 1
-    log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to "
-        f"continue")
+    log(f"sweep: {len(failed)} point(s) failed: {failed}; rerun the same command to " f"continue")
     if code == 143:  # preempted: exits 143 with the line on stderr, as one process does
-      raise Terminated(f"{'SIGTERM; ' if stop else ''}points stopped: "
-                       f"{', '.join(n for n, _ in failed) or 'none'}")
+      raise Terminated(
+          f"{'SIGTERM; ' if stop else ''}points stopped: "
+          f"{', '.join(n for n, _ in failed) or 'none'}"
+      )
     sys.exit(code)
   return collect(root, axes, pts)
 
@@ -759,28 +868,37 @@ def emit(base, axes, seeds, argv: list[str]) -> list[str]:
   """One command per point (grid order): this command with ``--point=<name>``; each
   shares the finished stages of the points before it (run them in grid order; points run
   at once on one machine wait for a stage another is computing)."""
-  return [" ".join(shlex.quote(a) for a in [sys.executable, "-m", "bssl.sweep", *argv,
-                                            f"--point={p['name']}"])
-          for p in points(base, axes, seeds)]
+  return [
+      " ".join(
+          shlex.quote(a)
+          for a in [sys.executable, "-m", "bssl.sweep", *argv, f"--point={p['name']}"]
+      )
+      for p in points(base, axes, seeds)
+  ]
 
 
 def _main(argv):
-  from absl import flags
-  from bssl import main as bssl_main, train
-  from absl import logging
+  from absl import flags, logging
+
+  from bssl import main as bssl_main
+  from bssl import train
+
   f, fail = flags.FLAGS, bssl_main.fail
   if len(argv) > 1:
     fail(f"unexpected arguments: {argv[1:]}")
   if not f["verbosity"].present:  # orbax logs every checkpoint at INFO, as in bssl.main
     logging.set_verbosity(logging.WARNING)
-  base = bssl_main.config_and_workdir("--workdir is required (the sweep's folder, local or "
-                                      "gs://)")
+  base = bssl_main.config_and_workdir(
+      "--workdir is required (the sweep's folder, local or " "gs://)"
+  )
   if not f.sweep:
     fail("--sweep is required, e.g. --sweep=select.k=1000,2000,5000")
   try:
     if any(a.split("=", 1)[0].strip() == "seed" for a in f.sweep):
-      raise SweepError("--sweep=seed=... and --seeds both set the seed: give the seeds with "
-                       "--seeds=0,1,2 (every point runs once per seed)")
+      raise SweepError(
+          "--sweep=seed=... and --seeds both set the seed: give the seeds with "
+          "--seeds=0,1,2 (every point runs once per seed)"
+      )
     axes = [parse_axis(a, base) for a in f.sweep]
     if len({n for n, _ in axes}) != len(axes):
       raise SweepError("--sweep: a field is given twice")
@@ -813,8 +931,10 @@ def _main(argv):
     if f.jobs < 1:
       raise SweepError(f"--jobs must be a positive integer, got {f.jobs}")
     if f.jobs > 1 and workdir_lib.is_remote(f.workdir):
-      raise SweepError("--jobs > 1 runs points as processes on this machine and needs a "
-                       "local --workdir; on a cluster use --emit")
+      raise SweepError(
+          "--jobs > 1 runs points as processes on this machine and needs a "
+          "local --workdir; on a cluster use --emit"
+      )
     # SIGTERM exits 143 wherever it lands (a training loop saves a checkpoint first)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if f.point:
@@ -822,9 +942,9 @@ def _main(argv):
       if f.point not in pts:
         raise SweepError(f"--point: {f.point!r} is not a point of this grid")
       from bssl import parallel
+
       parallel.maybe_initialize_distributed(force=f.distributed)
-      entry = (claim_running(f.workdir, f.point) if parallel.process_count() == 1
-               else None)
+      entry = claim_running(f.workdir, f.point) if parallel.process_count() == 1 else None
       try:
         run_point(base, f.workdir, axes, pts[f.point], share_from)
       finally:
@@ -834,11 +954,20 @@ def _main(argv):
       s = collect(f.workdir, axes, points(base, axes, seeds))
     else:
       from bssl import parallel
+
       parallel.maybe_initialize_distributed(force=f.distributed)
       if f.jobs > 1 and parallel.process_count() > 1:
         raise SweepError("--jobs > 1 cannot be combined with a multi-process launch")
-      s = run_sweep(base, f.workdir, axes, seeds, share_from=share_from, jobs=f.jobs,
-                    point_argv=point_argv, guard=parallel.process_count() == 1)
+      s = run_sweep(
+          base,
+          f.workdir,
+          axes,
+          seeds,
+          share_from=share_from,
+          jobs=f.jobs,
+          point_argv=point_argv,
+          guard=parallel.process_count() == 1,
+      )
     print(json.dumps({k: s[k] for k in ("num_points", "num_done")}))
   except (SweepError, *bssl_main.user_errors()) as e:
     fail(str(e))
@@ -849,15 +978,25 @@ def _main(argv):
 def main():
   _die_with_parent()  # a point worker: before the imports (seconds) that follow
   from absl import app, flags
+
   from bssl import main as bssl_main  # --config, --workdir (and malloc tuning)
+
   flags.DEFINE_multi_string("sweep", [], "<field>=<v1>,<v2>,... (repeat for a grid)")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
   flags.DEFINE_bool("emit", False, "Print one command per point instead of running.")
   flags.DEFINE_bool("collect", False, "Only write sweep.json/md and figures.")
-  flags.DEFINE_integer("jobs", 1, "Points run at once, each in its own process (local "
-                       "--workdir); points that share a stage wait for it.")
-  flags.DEFINE_string("share_from", "", "Comma-separated --workdir folders of other sweeps "
-                      "whose finished stages may be copied (e.g. one baseline for all axes).")
+  flags.DEFINE_integer(
+      "jobs",
+      1,
+      "Points run at once, each in its own process (local "
+      "--workdir); points that share a stage wait for it.",
+  )
+  flags.DEFINE_string(
+      "share_from",
+      "",
+      "Comma-separated --workdir folders of other sweeps "
+      "whose finished stages may be copied (e.g. one baseline for all axes).",
+  )
   flags.DEFINE_string("point", "", "Run one point of the grid (what --jobs runs).")
   app.run(_main, flags_parser=bssl_main.parse_flags)
 

@@ -37,11 +37,12 @@ bookkeeping (done.json, fingerprints, refusal) and the report are the engine's o
 (:mod:`bssl.engine`, :mod:`bssl.stages`); only how a stage trains, evaluates and scores
 is PyTorch. Trained stages write ``<workdir>/<stage>/model.pt``.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -49,13 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bssl import config
-from bssl import workdir as workdir_lib
 from bssl import train as jax_train
+from bssl import workdir as workdir_lib
+from bssl.backend import stage_seed
 from bssl.data import pipelines
 from bssl.torch_models import create_torch_model
-
-from bssl.backend import stage_seed  # noqa: E402  (the same stage seeds as JAX)
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -74,13 +73,15 @@ def init_like_flax(model: nn.Module) -> nn.Module:
   return model
 
 
-def make_model(scfg, num_classes: int, in_channels: int, seed: int | None = None,
-               channels_last: bool = True) -> nn.Module:
+def make_model(
+    scfg, num_classes: int, in_channels: int, seed: int | None = None, channels_last: bool = True
+) -> nn.Module:
   """The PyTorch twin of ``bssl.backend.make_model(scfg, num_classes)``."""
   if seed is not None:
     torch.manual_seed(seed)
-  model = create_torch_model(scfg.model, num_classes, in_channels=in_channels,
-                             **dict(scfg.get("model_kwargs") or {}))
+  model = create_torch_model(
+      scfg.model, num_classes, in_channels=in_channels, **dict(scfg.get("model_kwargs") or {})
+  )
   init_like_flax(model)
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
@@ -103,14 +104,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
   ``bssl.train._decay_mask``; none on BatchNorm scales/biases or biases."""
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  return [{"params": decay, "weight_decay": float(weight_decay)},
-          {"params": no_decay, "weight_decay": 0.0}]
+  return [
+      {"params": decay, "weight_decay": float(weight_decay)},
+      {"params": no_decay, "weight_decay": 0.0},
+  ]
 
 
 def make_optimizer(model: nn.Module, scfg) -> torch.optim.SGD:
   momentum = float(scfg.get("momentum", 0.9))
-  return torch.optim.SGD(param_groups(model, scfg.get("weight_decay", 1e-4)), lr=0.0,
-                         momentum=momentum, nesterov=bool(scfg.get("nesterov", False)))
+  return torch.optim.SGD(
+      param_groups(model, scfg.get("weight_decay", 1e-4)),
+      lr=0.0,
+      momentum=momentum,
+      nesterov=bool(scfg.get("nesterov", False)),
+  )
 
 
 def lr_values(scfg, total_steps: int, batch_size: int) -> np.ndarray:
@@ -118,6 +125,7 @@ def lr_values(scfg, total_steps: int, batch_size: int) -> np.ndarray:
   as the JAX optimizer sees them)."""
   import jax
   import jax.numpy as jnp
+
   base_lr = jax_train.learning_rate(scfg, batch_size)
   schedule = jax_train.make_schedule(scfg, total_steps, base_lr)
   if total_steps == 0:
@@ -134,13 +142,18 @@ def grad_norm(model: nn.Module) -> float:
   grads = [p.grad for p in model.parameters() if p.grad is not None]
   if not grads:
     return 0.0
-  return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
-                                                     for g in grads])))
+  return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, lr: float, label_smoothing: float = 0.0,
-               with_grad_norm: bool = True) -> dict:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    label_smoothing: float = 0.0,
+    with_grad_norm: bool = True,
+) -> dict:
   """One SGD step at learning rate ``lr``; returns loss, top-1 and the gradient norm
   (of the loss gradient, before weight decay, as bssl.train reports it)."""
   model.train()
@@ -164,9 +177,20 @@ def _print(name: str) -> Callable[[str], None]:
   return lambda msg: print(f"[torch {name}] {msg}", flush=True)
 
 
-def fit(*, name: str, model: nn.Module, scfg, source, spec: pipelines.ImageSpec,
-        num_classes: int, mean, std, seed: int, num_threads: int = 1,
-        log: Callable[[str], None] | None = None) -> dict:
+def fit(
+    *,
+    name: str,
+    model: nn.Module,
+    scfg,
+    source,
+    spec: pipelines.ImageSpec,
+    num_classes: int,
+    mean,
+    std,
+    seed: int,
+    num_threads: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict:
   """Trains ``model`` in place on the same batches as ``bssl.train.fit`` with the same
   ``seed`` would see (``pipelines.train_dataset``, one process)."""
   del num_classes
@@ -177,12 +201,15 @@ def fit(*, name: str, model: nn.Module, scfg, source, spec: pipelines.ImageSpec,
   opt = make_optimizer(model, scfg)
   smoothing = float(scfg.get("label_smoothing", 0.0))
   autocast = scfg.get("dtype", "float32") == "bfloat16"
-  ds = pipelines.train_dataset(source, spec, local_batch_size=gbs, seed=seed,
-                               num_threads=num_threads)
+  ds = pipelines.train_dataset(
+      source, spec, local_batch_size=gbs, seed=seed, num_threads=num_threads
+  )
   it = iter(ds)
   log_every = max(1, int(scfg.get("log_every", 50)))
-  log(f"{total} steps, batch {gbs}, base lr {jax_train.learning_rate(scfg, gbs):g}, "
-      f"{len(source)} examples, {torch.get_num_threads()} threads")
+  log(
+      f"{total} steps, batch {gbs}, base lr {jax_train.learning_rate(scfg, gbs):g}, "
+      f"{len(source)} examples, {torch.get_num_threads()} threads"
+  )
   t_start = t_last = time.time()
   pending: list[dict] = []
   last: dict = {}
@@ -191,11 +218,19 @@ def fit(*, name: str, model: nn.Module, scfg, source, spec: pipelines.ImageSpec,
     x = to_input(batch["image"], mean, std)
     y = torch.from_numpy(np.asarray(batch["label"], np.int64))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-      m = train_step(model, opt, x, y, lrs[step], smoothing,
-                     with_grad_norm=(step + 1) % log_every == 0 or step + 1 == total)
+      m = train_step(
+          model,
+          opt,
+          x,
+          y,
+          lrs[step],
+          smoothing,
+          with_grad_norm=(step + 1) % log_every == 0 or step + 1 == total,
+      )
     if not math.isfinite(m["loss"]):
-      raise jax_train.NonFiniteLossError(f"[torch {name}] loss is {m['loss']} at step "
-                                         f"{step + 1}; stopping")
+      raise jax_train.NonFiniteLossError(
+          f"[torch {name}] loss is {m['loss']} at step " f"{step + 1}; stopping"
+      )
     pending.append(m)
     if (step + 1) % log_every == 0 or step + 1 == total:
       now = time.time()
@@ -203,22 +238,34 @@ def fit(*, name: str, model: nn.Module, scfg, source, spec: pipelines.ImageSpec,
       last = {k: float(np.mean([p[k] for p in pending])) for k in ("loss", "top1", "lr")}
       last.update(grad_norm=m["grad_norm"], images_per_s=rate)
       eta = (total - step - 1) * gbs / max(rate, 1e-9)
-      log(f"step {step + 1}/{total} loss {last['loss']:.4f} top1 {last['top1']:.3f} "
-          f"lr {last['lr']:.4g} |g| {m['grad_norm']:.3g} {rate:.0f} img/s eta {eta:.0f}s")
+      log(
+          f"step {step + 1}/{total} loss {last['loss']:.4f} top1 {last['top1']:.3f} "
+          f"lr {last['lr']:.4g} |g| {m['grad_norm']:.3g} {rate:.0f} img/s eta {eta:.0f}s"
+      )
       pending, t_last = [], now
   return {"steps": total, "train_seconds": time.time() - t_start, "last_train_metrics": last}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, source, spec: pipelines.ImageSpec, *, num_classes: int,
-             mean, std, batch_size: int, num_threads: int = 1) -> dict:
+def evaluate(
+    model: nn.Module,
+    source,
+    spec: pipelines.ImageSpec,
+    *,
+    num_classes: int,
+    mean,
+    std,
+    batch_size: int,
+    num_threads: int = 1,
+) -> dict:
   """top1/top5/loss over every example of ``source`` exactly once (same padded and
   masked batches as ``bssl.train.evaluate``)."""
   model.eval()
   k5 = min(5, num_classes)
   c1 = c5 = loss_sum = n = 0.0
-  for batch in pipelines.eval_dataset(source, spec, local_batch_size=batch_size,
-                                      num_threads=num_threads):
+  for batch in pipelines.eval_dataset(
+      source, spec, local_batch_size=batch_size, num_threads=num_threads
+  ):
     mask = torch.from_numpy(np.asarray(batch["mask"], bool))
     if not bool(mask.any()):
       continue
@@ -243,22 +290,27 @@ def check_config(cfg) -> None:
     raise config.ConfigError(
         f"data.kind={cfg.data.kind!r}: the PyTorch lane trains image models; the video "
         f"recipe runs on the JAX backend (PyTorch interop for video: python -m bssl.convert "
-        f"--model=r2plus1d_18, checked against a PyTorch twin in tests/test_video.py)")
+        f"--model=r2plus1d_18, checked against a PyTorch twin in tests/test_video.py)"
+    )
   if "weak_pretrain" in config.parse_stages(cfg.stages):
-    raise config.ConfigError("stages: the PyTorch lane has no weak_pretrain stage (the "
-                             "semi-weak recipe runs on the JAX backend)")
+    raise config.ConfigError(
+        "stages: the PyTorch lane has no weak_pretrain stage (the "
+        "semi-weak recipe runs on the JAX backend)"
+    )
   for stage in config.TRAIN_SECTIONS:
     init = cfg[stage].get("init_from")
     if init is not None and not (stage == "teacher" and init == "baseline"):
       raise config.ConfigError(
           f"{stage}.init_from={init!r}: the PyTorch lane trains every stage itself; only the "
           f"teacher may start from its own baseline ('baseline'), not from a folder of JAX "
-          f"variables")
+          f"variables"
+      )
 
 
 class TorchBackend:
   """The engine's PyTorch backend (one process, CPU): the same stages, data, batches and
   schedules as :class:`bssl.backend.JaxBackend`; variables in ``<stage>/model.pt``."""
+
   name = "torch"
 
   def __init__(self, cfg, threads: int | None = None):
@@ -269,9 +321,12 @@ class TorchBackend:
     self.norm = tuple(cfg.data.mean), tuple(cfg.data.std)
 
   def _model(self, stage: str, seed: int | None = None) -> nn.Module:
-    return make_model(self.cfg[config.section_of(stage)], self.cfg.data.num_classes,
-                      self.cfg.data.channels,
-                      seed=seed)
+    return make_model(
+        self.cfg[config.section_of(stage)],
+        self.cfg.data.num_classes,
+        self.cfg.data.channels,
+        seed=seed,
+    )
 
   def load(self, ctx, stage: str) -> nn.Module:
     model = self._model(stage)
@@ -291,10 +346,21 @@ class TorchBackend:
     out = {"steps": 0, "train_seconds": 0.0}
     if scfg.steps:
       mean, std = self.norm
-      out = fit(name=stage, model=model, scfg=scfg, source=source, spec=ctx.data.spec,
-                num_classes=cfg.data.num_classes, mean=mean, std=std, seed=seed,
-                num_threads=cfg.num_threads, log=_print(stage))
+      out = fit(
+          name=stage,
+          model=model,
+          scfg=scfg,
+          source=source,
+          spec=ctx.data.spec,
+          num_classes=cfg.data.num_classes,
+          mean=mean,
+          std=std,
+          seed=seed,
+          num_threads=cfg.num_threads,
+          log=_print(stage),
+      )
     import io
+
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     workdir_lib.write_bytes(ctx.dir / "model.pt", buf.getvalue())
@@ -303,9 +369,16 @@ class TorchBackend:
 
   def evaluate(self, ctx, stage: str, source) -> dict:
     mean, std = self.norm
-    return evaluate(self.load(ctx, stage), source, ctx.data.spec,
-                    num_classes=self.cfg.data.num_classes, mean=mean, std=std,
-                    batch_size=self.cfg.data.eval_batch_size, num_threads=self.cfg.num_threads)
+    return evaluate(
+        self.load(ctx, stage),
+        source,
+        ctx.data.spec,
+        num_classes=self.cfg.data.num_classes,
+        mean=mean,
+        std=std,
+        batch_size=self.cfg.data.eval_batch_size,
+        num_threads=self.cfg.num_threads,
+    )
 
   def scorer(self, ctx, stage: str, top_p: int):
     return _TorchScorer(self.load(ctx, stage), top_p, *self.norm)

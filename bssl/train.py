@@ -4,13 +4,15 @@ iterator, NaN stop, SIGTERM save, exact resume).
 
 Sections follow the order things happen in :func:`fit`.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -51,16 +53,19 @@ def make_schedule(cfg, total_steps: int, base_lr: float) -> optax.Schedule:
   ``warmup_fraction`` says), else ``round(warmup_fraction x total_steps)``; at most
   ``total_steps - 1``."""
   steps = cfg.get("warmup_steps")
-  warmup = (int(steps) if steps is not None
-            else int(round(cfg.get("warmup_fraction", 0.0) * total_steps)))
+  warmup = (
+      int(steps) if steps is not None else int(round(cfg.get("warmup_fraction", 0.0) * total_steps))
+  )
   warmup = min(warmup, max(total_steps - 1, 0))
   rest = max(total_steps - warmup, 1)
   kind = cfg.get("schedule", "cosine")
   if kind == "cosine":
     main = optax.cosine_decay_schedule(base_lr, rest)
   elif kind == "step":
-    bounds = {int(round(f * rest)): cfg.get("step_decay", 0.1)
-              for f in cfg.get("step_boundaries", (1 / 3, 2 / 3, 8 / 9))}
+    bounds = {
+        int(round(f * rest)): cfg.get("step_decay", 0.1)
+        for f in cfg.get("step_boundaries", (1 / 3, 2 / 3, 8 / 9))
+    }
     main = optax.piecewise_constant_schedule(base_lr, bounds)
   elif kind == "constant":
     main = optax.constant_schedule(base_lr)
@@ -69,7 +74,8 @@ def make_schedule(cfg, total_steps: int, base_lr: float) -> optax.Schedule:
   if warmup == 0:
     return main
   return optax.join_schedules(
-      [optax.linear_schedule(base_lr / max(warmup, 1), base_lr, warmup), main], [warmup])
+      [optax.linear_schedule(base_lr / max(warmup, 1), base_lr, warmup), main], [warmup]
+  )
 
 
 def _decay_mask(params):
@@ -81,8 +87,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
   """SGD with momentum; decay added to the gradient before momentum, as in PyTorch."""
   return optax.chain(
       optax.add_decayed_weights(cfg.get("weight_decay", 1e-4), mask=_decay_mask),
-      optax.sgd(schedule, momentum=cfg.get("momentum", 0.9),
-                nesterov=cfg.get("nesterov", False)))
+      optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)),
+  )
 
 
 # ----------------------------------------------------------------------------- state
@@ -121,8 +127,12 @@ def init_state(model, tx, seed: int, image_shape, mesh, variables=None) -> Train
     params = jax.device_put(variables["params"], repl)
     batch_stats = jax.device_put(variables["batch_stats"], repl)
   opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
-                    batch_stats=batch_stats, opt_state=opt_state)
+  return TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+  )
 
 
 def abstract_state(model, tx, image_shape, mesh) -> TrainState:
@@ -131,8 +141,12 @@ def abstract_state(model, tx, image_shape, mesh) -> TrainState:
 
   def _make(rng):
     v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=v["params"],
+        batch_stats=v["batch_stats"],
+        opt_state=tx.init(v["params"]),
+    )
 
   shapes = jax.eval_shape(_make, jax.random.key(0))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
@@ -177,8 +191,18 @@ def _top1(logits, labels):
   return jnp.mean(pred == labels)
 
 
-def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
-                    bn_mode: str = "sync", label_smoothing: float = 0.0) -> Callable:
+def make_train_step(
+    model,
+    tx,
+    mesh,
+    *,
+    num_classes: int,
+    mean,
+    std,
+    schedule,
+    bn_mode: str = "sync",
+    label_smoothing: float = 0.0,
+) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted over ``mesh``.
 
   ``batch``: ``image`` uint8 [B,H,W,C] and ``label`` int32 [B], sharded on the batch dim.
@@ -195,38 +219,54 @@ def make_train_step(model, tx, mesh, *, num_classes: int, mean, std, schedule,
 
   def forward(params, batch_stats, images, labels):
     x = normalize(images, mean, std)
-    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                   train=True, mutable=["batch_stats"])
+    logits, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     loss = _xent(logits, labels, num_classes, label_smoothing).mean()
     top1 = _top1(logits, labels)
     return loss, (top1, new_vars["batch_stats"])
 
   if bn_mode == "sync":
+
     def loss_grads(params, batch_stats, images, labels):
       (loss, (top1, bs)), grads = jax.value_and_grad(forward, has_aux=True)(
-          params, batch_stats, images, labels)
+          params, batch_stats, images, labels
+      )
       return loss, top1, bs, grads
+
   else:
+
     def local(params, batch_stats, images, labels):
       def f(p):
         loss, (top1, bs) = forward(p, batch_stats, images, labels)
         return jax.lax.pmean(loss, axes), (top1, bs)
+
       # With check_vma, the gradient w.r.t. the replicated params is already summed over
       # the data axis: differentiating the pmean-ed loss gives the global-mean gradient.
       (loss, (top1, bs)), grads = jax.value_and_grad(f, has_aux=True)(params)
       return loss, jax.lax.pmean(top1, axes), jax.lax.pmean(bs, axes), grads
-    loss_grads = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)),
-                               out_specs=(P(), P(), P(), P()))
+
+    loss_grads = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)), out_specs=(P(), P(), P(), P())
+    )
 
   def step(state: TrainState, batch):
-    loss, top1, bs, grads = loss_grads(state.params, state.batch_stats, batch["image"],
-                                       batch["label"])
+    loss, top1, bs, grads = loss_grads(
+        state.params, state.batch_stats, batch["image"], batch["label"]
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "top1": top1, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, batch_stats=bs,
-                      opt_state=opt_state), metrics
+    metrics = {
+        "loss": loss,
+        "top1": top1,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "lr": schedule(state.step),
+    }
+    return (
+        TrainState(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state),
+        metrics,
+    )
 
   repl = parallel.replicated(mesh)
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
@@ -236,8 +276,10 @@ def video_probs(model, variables, videos, mean, std) -> jax.Array:
   """Video-level class probabilities of ``videos`` uint8 [B, N, T, H, W, C]: the mean of
   the N clips' softmax (the paper's 10-clip evaluation), on the device."""
   from bssl.data.clips import video_level_probs
+
   return video_level_probs(
-      lambda clip: model.apply(variables, normalize(clip, mean, std), train=False), videos)
+      lambda clip: model.apply(variables, normalize(clip, mean, std), train=False), videos
+  )
 
 
 def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
@@ -248,8 +290,7 @@ def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
 
   def step(variables, batch):
     if batch["image"].ndim == 6:  # videos: log of the clip-averaged softmax as logits
-      logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std),
-                                   1e-30))
+      logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std), 1e-30))
     else:
       logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
     mask = batch["mask"].astype(jnp.float32)
@@ -258,19 +299,36 @@ def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
     correct5 = jnp.any(top5 == labels[:, None], axis=-1)
     correct1 = top5[:, 0] == labels
     loss = _xent(logits, jnp.maximum(labels, 0), num_classes, 0.0)
-    return {"top1": jnp.sum(correct1 * mask), "top5": jnp.sum(correct5 * mask),
-            "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+    return {
+        "top1": jnp.sum(correct1 * mask),
+        "top5": jnp.sum(correct5 * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+    }
 
   return jax.jit(step, out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(eval_step, variables, source, spec: pipelines.ImageSpec, mesh, *,
-             global_batch_size: int, num_threads: int = 1) -> dict:
+def evaluate(
+    eval_step,
+    variables,
+    source,
+    spec: pipelines.ImageSpec,
+    mesh,
+    *,
+    global_batch_size: int,
+    num_threads: int = 1,
+) -> dict:
   """top1/top5/loss over every example of ``source`` exactly once."""
   lbs = parallel.local_batch_size(global_batch_size, mesh)
-  ds = pipelines.eval_dataset(source, spec, local_batch_size=lbs,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), num_threads=num_threads)
+  ds = pipelines.eval_dataset(
+      source,
+      spec,
+      local_batch_size=lbs,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_threads=num_threads,
+  )
   totals = None
   bad: list[int] = []
   for batch in ds:
@@ -285,12 +343,18 @@ def evaluate(eval_step, variables, source, spec: pipelines.ImageSpec, mesh, *,
     # video files: ids are positions, so they name files; other sources: record ids
     name_of = getattr(source, "name_of", None) if hasattr(source, "reason_of") else None
     names = [name_of(i) if name_of else f"record id {i}" for i in bad[:5]]
-    raise DataError(f"evaluation: {len(source) - int(round(n))} of {len(source)} examples "
-                    f"cannot be decoded or made the model's input"
-                    + (f" (e.g. {', '.join(names)})" if names else "")
-                    + "; an evaluation set must be whole: fix or remove them")
-  return {"top1": float(t["top1"]) / n, "top5": float(t["top5"]) / n,
-          "loss": float(t["loss"]) / n, "num_examples": int(round(n))}
+    raise DataError(
+        f"evaluation: {len(source) - int(round(n))} of {len(source)} examples "
+        f"cannot be decoded or made the model's input"
+        + (f" (e.g. {', '.join(names)})" if names else "")
+        + "; an evaluation set must be whole: fix or remove them"
+    )
+  return {
+      "top1": float(t["top1"]) / n,
+      "top5": float(t["top5"]) / n,
+      "loss": float(t["loss"]) / n,
+      "num_examples": int(round(n)),
+  }
 
 
 # ----------------------------------------------------------------------------- variables on disk
@@ -300,9 +364,11 @@ def save_variables(directory, variables) -> None:
   """Writes {'params','batch_stats'} as an orbax checkpoint (the format bssl.convert writes);
   ``directory`` may be local or ``gs://``."""
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(workdir_lib.path(directory),
-             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-             force=True)
+  ckptr.save(
+      workdir_lib.path(directory),
+      {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+      force=True,
+  )
   ckptr.wait_until_finished()
 
 
@@ -320,14 +386,17 @@ def load_variables(directory, mesh=None, target=None) -> dict:
   if target is None:
     return ckptr.restore(directory)
   repl = parallel.replicated(mesh) if mesh is not None else None
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          {"params": target["params"], "batch_stats": target["batch_stats"]})
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+      {"params": target["params"], "batch_stats": target["batch_stats"]},
+  )
   try:
     return ckptr.restore(directory, abstract)
   except (ValueError, KeyError, TypeError) as e:
     raise VariablesMismatchError(
         f"the variables in {directory} do not fit the model ({type(e).__name__}: "
-        f"{str(e)[:400]}); check the stage's model/model_kwargs and data.num_classes") from None
+        f"{str(e)[:400]}); check the stage's model/model_kwargs and data.num_classes"
+    ) from None
 
 
 class VariablesMismatchError(ValueError):
@@ -360,12 +429,14 @@ class _Writer:
       local = os.fspath(logdir)
       if workdir_lib.is_remote(logdir):
         import tempfile
+
         self.remote, local = logdir, tempfile.mkdtemp(prefix="bssl_tb_")
       try:
         from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(local)
         self.local = local
-      except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+      except Exception as e:
         print(f"[{name}] TensorBoard disabled: {e}", flush=True)
 
   def scalars(self, step: int, values: dict) -> None:
@@ -384,9 +455,11 @@ class _Writer:
     self.tb.close()
     if self.remote is not None:
       import shutil
+
       for fname in os.listdir(self.local):
-        workdir_lib.write_bytes(self.remote / fname,
-                                open(os.path.join(self.local, fname), "rb").read())
+        workdir_lib.write_bytes(
+            self.remote / fname, open(os.path.join(self.local, fname), "rb").read()
+        )
       shutil.rmtree(self.local, ignore_errors=True)
 
 
@@ -421,16 +494,31 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
+
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 # ----------------------------------------------------------------------------- fit
 
 
-def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workdir,
-        num_classes: int, mean, std, init_variables=None, seed: int = 0,
-        num_threads: int = 1, stop_after_steps: int | None = None,
-        num_workers: int = 0) -> dict:
+def fit(
+    *,
+    name: str,
+    model,
+    cfg,
+    source,
+    spec: pipelines.ImageSpec,
+    mesh,
+    workdir,
+    num_classes: int,
+    mean,
+    std,
+    init_variables=None,
+    seed: int = 0,
+    num_threads: int = 1,
+    stop_after_steps: int | None = None,
+    num_workers: int = 0,
+) -> dict:
   """Trains ``model`` on ``source`` for ``cfg.steps`` steps and returns its variables.
 
   Checkpoints (the train state) go to ``workdir/checkpoints`` (local or ``gs://``) every
@@ -450,32 +538,52 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
   writer = _Writer(name, workdir / "tb")
 
   # State: restore the latest checkpoint or initialise.
-  options = ocp.CheckpointManagerOptions(max_to_keep=int(cfg.get("keep_checkpoints", 2)),
-                                         enable_async_checkpointing=True, create=True)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(cfg.get("keep_checkpoints", 2)), enable_async_checkpointing=True, create=True
+  )
   ckpt_dir = workdir / "checkpoints"
   mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state",), options=options)
   latest = mngr.latest_step()
   if latest is not None:
     target = abstract_state(model, tx, spec_shape(spec), mesh)
-    state = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    state = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+        "state"
+    ]
     writer.print(f"resumed from checkpoint at step {latest}")
   else:
     state = init_state(model, tx, seed, spec_shape(spec), mesh, init_variables)
   start = int(jax.device_get(state.step))
 
   # Input, from the global batch of step `start` on.
-  it = iter(pipelines.train_dataset(source, spec, local_batch_size=lbs, seed=seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
-                                    num_threads=num_threads, start_batch=start,
-                                    num_workers=num_workers))
+  it = iter(
+      pipelines.train_dataset(
+          source,
+          spec,
+          local_batch_size=lbs,
+          seed=seed,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          num_threads=num_threads,
+          start_batch=start,
+          num_workers=num_workers,
+      )
+  )
 
-  train_step = make_train_step(model, tx, mesh, num_classes=num_classes, mean=mean, std=std,
-                               schedule=schedule, bn_mode=cfg.get("bn_mode", "sync"),
-                               label_smoothing=cfg.get("label_smoothing", 0.0))
-  writer.print(f"{total} steps, global batch {gbs}, base lr {base_lr:g}, "
-               f"{len(source)} examples, {mesh.devices.size} devices, starting at step {start}")
+  train_step = make_train_step(
+      model,
+      tx,
+      mesh,
+      num_classes=num_classes,
+      mean=mean,
+      std=std,
+      schedule=schedule,
+      bn_mode=cfg.get("bn_mode", "sync"),
+      label_smoothing=cfg.get("label_smoothing", 0.0),
+  )
+  writer.print(
+      f"{total} steps, global batch {gbs}, base lr {base_lr:g}, "
+      f"{len(source)} examples, {mesh.devices.size} devices, starting at step {start}"
+  )
 
   def save(step: int):
     """Saves ``step`` unless it is saved already (a SIGTERM on a checkpoint step)."""
@@ -503,16 +611,19 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
       mngr.wait_until_finished()  # the last good checkpoint must be complete on disk
       raise NonFiniteLossError(
           f"[{name}] loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. "
-          f"The last good checkpoint (step {mngr.latest_step()}) is kept in {ckpt_dir}.")
+          f"The last good checkpoint (step {mngr.latest_step()}) is kept in {ckpt_dir}."
+      )
     mean_vals = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
     now = time.time()
     rate = (step - step_last) * gbs / max(now - t_last, 1e-9)
     mean_vals["images_per_s"] = rate
     eta = (total - step) * gbs / rate if rate > 0 else float("inf")
     writer.scalars(step, {f"train/{k}": v for k, v in mean_vals.items()})
-    writer.print(f"step {step}/{total} ({100 * step / total:.0f}%) loss {mean_vals['loss']:.4f} "
-                 f"top1 {mean_vals['top1']:.3f} lr {mean_vals['lr']:.4g} "
-                 f"|g| {mean_vals['grad_norm']:.3g} {rate:.0f} img/s eta {_fmt_time(eta)}")
+    writer.print(
+        f"step {step}/{total} ({100 * step / total:.0f}%) loss {mean_vals['loss']:.4f} "
+        f"top1 {mean_vals['top1']:.3f} lr {mean_vals['lr']:.4g} "
+        f"|g| {mean_vals['grad_norm']:.3g} {rate:.0f} img/s eta {_fmt_time(eta)}"
+    )
     last_metrics = mean_vals
     t_last, step_last = now, step
 
@@ -522,7 +633,8 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
       while step < total:
         batch = next(it)
         batch = parallel.global_batch_from_local(
-            mesh, {"image": batch["image"], "label": batch["label"]})
+            mesh, {"image": batch["image"], "label": batch["label"]}
+        )
         state, metrics = train_step(state, batch)
         pending.append(metrics)
         step += 1
@@ -540,8 +652,9 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
           flush(step)
           save(step)
           mngr.wait_until_finished()
-          writer.print(f"SIGTERM: saved checkpoint at step {step}; rerun the same command "
-                       f"to resume")
+          writer.print(
+              f"SIGTERM: saved checkpoint at step {step}; rerun the same command " f"to resume"
+          )
           raise Preempted(f"{name} preempted at step {step}")
       flush(step)
       save(total)
@@ -550,8 +663,12 @@ def fit(*, name: str, model, cfg, source, spec: pipelines.ImageSpec, mesh, workd
       writer.close()
   elapsed = time.time() - t_start
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return {"variables": variables, "steps": total, "train_seconds": elapsed,
-          "last_train_metrics": last_metrics}
+  return {
+      "variables": variables,
+      "steps": total,
+      "train_seconds": elapsed,
+      "last_train_metrics": last_metrics,
+  }
 
 
 def spec_shape(spec) -> tuple[int, ...]:

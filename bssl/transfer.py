@@ -7,6 +7,7 @@ standardised with the train split's mean/std; a multinomial logistic regression 
 each ``lam`` of a grid; the one with the best validation accuracy (ties: the larger) is
 refit on train + validation and measured on the test split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,17 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bssl import parallel
 from bssl.data import pipelines
 from bssl.train import normalize
 
-LAMBDAS = tuple(10.0 ** e for e in range(-6, 2))
+LAMBDAS = tuple(10.0**e for e in range(-6, 2))
 
 
-def features(model, variables, source, spec: pipelines.ImageSpec, mean, std,
-             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def features(
+    model, variables, source, spec: pipelines.ImageSpec, mean, std, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
   """(features [N, D] float32, labels [N]) of every record of ``source``, on this
   process's own devices (small target sets: every process computes all of them)."""
   local = Mesh(np.asarray(jax.local_devices()), ("data",))
@@ -34,8 +37,10 @@ def features(model, variables, source, spec: pipelines.ImageSpec, mean, std,
   v = parallel.local_copy(variables, repl)
   nd = len(local.devices.reshape(-1))
   bs = max(nd, batch_size // nd * nd)
-  f = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), train=False,
-                                       features=True), out_shardings=shard)
+  f = jax.jit(
+      lambda v, x: model.apply(v, normalize(x, mean, std), train=False, features=True),
+      out_shardings=shard,
+  )
   feats, labels = [], []
   ds = pipelines.eval_dataset(source, spec, local_batch_size=bs)
   for batch in ds:
@@ -48,15 +53,18 @@ def features(model, variables, source, spec: pipelines.ImageSpec, mean, std,
 
 def _loss(p, x, y, lam):
   w, b = p
-  return (optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y).mean()
-          + 0.5 * lam * jnp.sum(w * w))
+  return optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y).mean() + 0.5 * lam * jnp.sum(
+      w * w
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "iterations"))
 def _lbfgs(x, y, lam, *, num_classes: int, iterations: int):
   """L-BFGS (optax, zoom line search) from zeros; one compilation per data shape, any lam."""
-  params = (jnp.zeros((x.shape[1], num_classes), jnp.float32),
-            jnp.zeros((num_classes,), jnp.float32))
+  params = (
+      jnp.zeros((x.shape[1], num_classes), jnp.float32),
+      jnp.zeros((num_classes,), jnp.float32),
+  )
   loss = functools.partial(_loss, x=x, y=y, lam=lam)
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -71,11 +79,17 @@ def _lbfgs(x, y, lam, *, num_classes: int, iterations: int):
   return p
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, lam: float,
-                 iterations: int = 300) -> tuple[np.ndarray, np.ndarray]:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, num_classes: int, lam: float, iterations: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
   """(W [D, C], b [C]) minimising mean softmax cross-entropy + lam/2 ||W||^2 (L-BFGS)."""
-  w, b = _lbfgs(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32),
-                jnp.float32(lam), num_classes=int(num_classes), iterations=int(iterations))
+  w, b = _lbfgs(
+      jnp.asarray(x, jnp.float32),
+      jnp.asarray(y, jnp.int32),
+      jnp.float32(lam),
+      num_classes=int(num_classes),
+      iterations=int(iterations),
+  )
   return np.asarray(w), np.asarray(b)
 
 
@@ -88,7 +102,7 @@ def fc_only(train_xy, val_xy, test_xy, num_classes: int, lambdas=LAMBDAS) -> dic
   test accuracy; also the validation accuracy of every lam."""
   (xt, yt), (xv, yv), (xs, ys) = train_xy, val_xy, test_xy
   mu, sd = xt.mean(0), xt.std(0) + 1e-6
-  z = lambda a: (a - mu) / sd  # noqa: E731
+  z = lambda a: (a - mu) / sd
   val = {}
   for lam in lambdas:
     w, b = fit_logistic(z(xt), yt, num_classes, lam)
@@ -97,7 +111,13 @@ def fc_only(train_xy, val_xy, test_xy, num_classes: int, lambdas=LAMBDAS) -> dic
   xa, ya = np.concatenate([xt, xv]), np.concatenate([yt, yv])
   mu, sd = xa.mean(0), xa.std(0) + 1e-6
   w, b = fit_logistic(z(xa), ya, num_classes, best)
-  return {"top1": accuracy(z(xs), ys, w, b), "lambda": best, "val_top1": val[best],
-          "val_top1_by_lambda": {f"{lam:g}": a for lam, a in val.items()},
-          "num_train": int(len(yt)), "num_val": int(len(yv)), "num_test": int(len(ys)),
-          "feature_dim": int(xt.shape[1])}
+  return {
+      "top1": accuracy(z(xs), ys, w, b),
+      "lambda": best,
+      "val_top1": val[best],
+      "val_top1_by_lambda": {f"{lam:g}": a for lam, a in val.items()},
+      "num_train": int(len(yt)),
+      "num_val": int(len(yv)),
+      "num_test": int(len(ys)),
+      "feature_dim": int(xt.shape[1]),
+  }

@@ -16,6 +16,7 @@ Layout (``<stage>`` is any stage of the engine's table)::
                               every config field and input it read, bssl.deps)
   <stage>/...                 the stage's own artifact (final/, checkpoints/, parts/, dhat/)
 """
+
 from __future__ import annotations
 
 import io
@@ -37,6 +38,7 @@ def _no_listing_cache() -> None:
   wrote after it first looked. Every host must see the others' writes, so no cache."""
   try:
     import fsspec
+
     for proto in ("gcs", "gs"):
       fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
   except ImportError:
@@ -103,8 +105,10 @@ def read_json(p: PathLike) -> Any:
   try:
     return json.loads(p.read_text())
   except json.JSONDecodeError as e:
-    raise CorruptArtifactError(f"{p} is not valid JSON ({e}); it was not written by bssl "
-                               f"or was damaged: delete it to recompute") from None
+    raise CorruptArtifactError(
+        f"{p} is not valid JSON ({e}); it was not written by bssl "
+        f"or was damaged: delete it to recompute"
+    ) from None
 
 
 def exists(p: PathLike) -> bool:
@@ -134,8 +138,9 @@ def read_npz(p: PathLike, keys=None) -> dict[str, np.ndarray]:
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     if isinstance(e, FileNotFoundError):
       raise
-    raise CorruptArtifactError(f"{p} cannot be read ({type(e).__name__}: {e}); delete it "
-                               f"to recompute what it held") from None
+    raise CorruptArtifactError(
+        f"{p} cannot be read ({type(e).__name__}: {e}); delete it " f"to recompute what it held"
+    ) from None
 
 
 def write_npy(p: PathLike, array: np.ndarray) -> None:
@@ -200,5 +205,7 @@ class Workdir:
   def check_usable(self) -> None:
     """Raises NotADirectoryError when the work directory names an existing file."""
     if self.root.exists() and not self.root.is_dir():
-      raise NotADirectoryError(f"--workdir={self.root} is an existing file, not a directory; "
-                               f"accepted: a new or existing folder, local or gs://")
+      raise NotADirectoryError(
+          f"--workdir={self.root} is an existing file, not a directory; "
+          f"accepted: a new or existing folder, local or gs://"
+      )

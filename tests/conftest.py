@@ -1,4 +1,5 @@
 """Test set-up: CPU only, 8 fake devices so sharding code runs as on a pod slice."""
+
 import os
 import sys
 
@@ -15,15 +16,16 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The `gcs` fixture (a local GCS emulator, one per session) for every test file.
+import pytest  # noqa: E402
 from gcs_emulator import gcs  # noqa: E402,F401
 
 
-import pytest  # noqa: E402
-
-
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: minutes on 2 cores, run with BSSL_SLOW_TESTS=1 "
-                          "(what it checks is also checked, in part, by a faster test)")
+  config.addinivalue_line(
+      "markers",
+      "slow: minutes on 2 cores, run with BSSL_SLOW_TESTS=1 "
+      "(what it checks is also checked, in part, by a faster test)",
+  )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,8 +41,9 @@ def pytest_collection_modifyitems(config, items):
 def demo_tiny_run(tmp_path_factory):
   """One run of configs/demo.py:tiny through every default stage, shared by the test files
   (read it, or copy its stages out: never change it)."""
-  from bssl.configs import demo
   from bssl import engine
+  from bssl.configs import demo
+
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
   cfg = demo.get_config("tiny")  # the demo's path: the teacher is the baseline
   engine.run_recipe(cfg, workdir)

@@ -12,10 +12,12 @@ Usage: ``from gcs_emulator import gcs`` in a test file or conftest, then take
 ``gcs`` as a fixture argument.  The pytest process itself is left on local disk
 unless a test calls ``gcs.apply_env(monkeypatch)``.
 """
+
 import logging
 
 import pytest
-from gcp_storage_emulator import server as _srv, settings as _settings
+from gcp_storage_emulator import server as _srv
+from gcp_storage_emulator import settings as _settings
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects as _objects
 
@@ -27,8 +29,14 @@ def _move(request, response, storage, *args, **kwargs):
   gcsfs retries for ~30 s before its copy+delete fallback): do copy+delete here."""
   p = request.params
   try:
-    obj = _objects._copy(request.base_url, storage, p["bucket_name"], p["object_id"],
-                         p["bucket_name"], p["dest_object_id"])
+    obj = _objects._copy(
+        request.base_url,
+        storage,
+        p["bucket_name"],
+        p["object_id"],
+        p["bucket_name"],
+        p["dest_object_id"],
+    )
   except NotFound:
     response.status = _objects.HTTPStatus.NOT_FOUND
     return
@@ -55,11 +63,16 @@ if not getattr(_srv, "_bssl_move_patched", False):
   _objects.download = _download
   _srv.HANDLERS = tuple(
       (pattern, {m: (_download if h is _original_download else h) for m, h in methods.items()})
-      for pattern, methods in _srv.HANDLERS)
+      for pattern, methods in _srv.HANDLERS
+  )
   _srv.HANDLERS = tuple(
-      (rf"^{pre}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-       rf"(?P<dest_object_id>.*[^/]+)$", {_srv.POST: _move})
-      for pre in (_settings.API_ENDPOINT, "")) + tuple(_srv.HANDLERS)
+      (
+          rf"^{pre}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+          rf"(?P<dest_object_id>.*[^/]+)$",
+          {_srv.POST: _move},
+      )
+      for pre in (_settings.API_ENDPOINT, "")
+  ) + tuple(_srv.HANDLERS)
   _srv._bssl_move_patched = True
 
 
@@ -74,9 +87,13 @@ def start(port=None, quiet=True):
   if quiet:  # clients that hang up early print BrokenPipe tracebacks otherwise
     server._api._httpd.handle_error = lambda request, client_address: None
   url = "http://127.0.0.1:%d" % server._api._httpd.server_address[1]
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GOOGLE_CLOUD_PROJECT": "test",
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  env = {
+      "STORAGE_EMULATOR_HOST": url,
+      "TENSORSTORE_GCS_HTTP_URL": url,
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+      "GOOGLE_CLOUD_PROJECT": "test",
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
   return server, env
 
 

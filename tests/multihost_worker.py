@@ -4,21 +4,22 @@ Launched as 2 processes x 2 fake devices by launch/local.sh, or as 1 process x 4
 devices for the reference. Writes OUT/params.npz and OUT/dhat (process 0).
 usage: multihost_worker.py OUT
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bssl import parallel  # noqa: E402
+from bssl import parallel
 
 parallel.maybe_initialize_distributed()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 import train_worker as tw  # noqa: E402
+
 from bssl import scoring, selection  # noqa: E402
 from bssl.backend import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
@@ -34,8 +35,10 @@ def main(out):
   # Scoring + selection of 90 fake images with a fixed model.
   model = create_model("resnet_small", 4, widths=(4,), depths=(1,))
   mesh = parallel.make_mesh()
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
-                      out_shardings=parallel.replicated(mesh))(jax.random.key(1, impl="rbg"))
+  variables = jax.jit(
+      lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
+      out_shardings=parallel.replicated(mesh),
+  )(jax.random.key(1, impl="rbg"))
   src = sources.fake_source(90, (8, 8, 1), 4, seed=5)
   unl = sources.SubsetView(src, np.arange(90), hide_labels=True, reindex=True)
   # Scoring: each process scores its own chunks of U on its own devices (the score stage's
@@ -46,9 +49,19 @@ def main(out):
   gen, chunks = scoring.plan_chunks(parts, len(unl), 32)
   parallel.sync("planned")
   res = scoring.score_process(
-      scorer=scorer, source=unl, spec=spec, parts_dir=parts, gen=gen, chunks=chunks,
-      process_index=jax.process_index(), process_count=jax.process_count(), num_classes=4,
-      k=6, p=2, local_batch_size=16 // jax.process_count())
+      scorer=scorer,
+      source=unl,
+      spec=spec,
+      parts_dir=parts,
+      gen=gen,
+      chunks=chunks,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_classes=4,
+      k=6,
+      p=2,
+      local_batch_size=16 // jax.process_count(),
+  )
   print("SCORED", jax.process_index(), res["num_scored"], flush=True)
   parallel.sync("scored")
   if parallel.is_main_process():

@@ -18,6 +18,7 @@ out, the transfer stage does not read the fine-tuned student, so that what full
 fine-tuning reads of ``finetune.*`` is checked on its own). configs/demo.py:tiny runs
 exactly as tests/conftest.py's shared ``demo_tiny_run`` (which the tests reuse).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +49,7 @@ def preset_config(name: str):
   if name == "demo":  # exactly tests/conftest.py's demo_tiny_run
     return cfg
   from bssl import config as config_lib
+
   stages = config_lib.parse_stages(cfg.stages)
   cfg.stages = ",".join(s for s in stages if s not in ("evaluate", "report"))
   for s in TRAINED:
@@ -68,14 +70,18 @@ def compilation_cache(folder: str | None):
     yield
     return
   import jax
+
   try:
     from jax.experimental.compilation_cache import compilation_cache as cc
+
     cc.reset_cache  # noqa: B018
   except (ImportError, AttributeError):  # another JAX: run without
     yield
     return
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
+  old = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   os.makedirs(folder, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -91,6 +97,7 @@ def compilation_cache(folder: str | None):
 def run_preset(name: str, workdir: str, cache: str | None = None):
   """Runs the preset's stages in ``workdir`` (in this process); returns its config."""
   from bssl import deps, engine
+
   cfg = preset_config(name)
   deps.forget_identities()
   with compilation_cache(cache):
@@ -100,7 +107,9 @@ def run_preset(name: str, workdir: str, cache: str | None = None):
 
 def records(cfg, workdir: str) -> dict[str, dict]:
   """{stage: record} of the fingerprinted stages of ``workdir``, in table order."""
-  from bssl import stages, workdir as workdir_lib
+  from bssl import stages
+  from bssl import workdir as workdir_lib
+
   wd = workdir_lib.Workdir(workdir)
   out = {}
   for name, st in stages.table(cfg).items():
@@ -115,6 +124,7 @@ def readers(all_records) -> dict[str, list[str]]:
   """{field: stages that recorded it in any of ``all_records`` (a list of {stage:
   record}), in recipe order}."""
   from bssl import config as config_lib
+
   order = {s: i for i, s in enumerate(config_lib.ALL_STAGES)}
   out: dict[str, set] = {}
   for recs in all_records:
@@ -122,14 +132,16 @@ def readers(all_records) -> dict[str, list[str]]:
       base = config_lib.section_of(stage)
       for field in rec.get("fields") or {}:
         out.setdefault(field, set()).add(base)
-  return {f: sorted(s, key=lambda x: (order.get(x, len(order)), x))
-          for f, s in sorted(out.items())}
+  return {f: sorted(s, key=lambda x: (order.get(x, len(order)), x)) for f, s in sorted(out.items())}
 
 
 def dumps(rd: dict) -> str:
   """bssl/readers.json's text: one field a line, sorted."""
-  return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
-                             for k, v in sorted(rd.items())) + "\n}\n"
+  return (
+      "{\n"
+      + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(rd.items()))
+      + "\n}\n"
+  )
 
 
 def committed() -> dict:
@@ -139,6 +151,7 @@ def committed() -> dict:
 
 def main() -> None:
   import tempfile
+
   t = tempfile.mkdtemp(prefix="bssl_record_presets_")
   all_records = []
   for name in PRESETS:

@@ -1,5 +1,6 @@
 """The PyTorch twin of the recipe (bssl.torch_train) against the JAX one (bssl.train), and
 the side-by-side comparison (bssl.compare) end to end on a tiny run."""
+
 import json
 import os
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bssl.configs import demo  # noqa: E402
 from bssl import backend, compare, config, convert, parallel, torch_train, train  # noqa: E402
+from bssl.configs import demo  # noqa: E402
 from bssl.data import recipe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +31,10 @@ def _stage_cfg(**extra):
 
 def _batch(n=16, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-          rng.integers(0, 10, n).astype(np.int32))
+  return (
+      rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+      rng.integers(0, 10, n).astype(np.int32),
+  )
 
 
 MEAN, STD = (72.94,), (90.02,)
@@ -54,14 +57,15 @@ def test_optimizer_groups_and_schedule_follow_the_jax_recipe():
   model = torch_train.make_model(s, 10, 1, seed=0)
   decay, no_decay = torch_train.make_optimizer(model, s).param_groups
   assert decay["weight_decay"] == s.weight_decay and no_decay["weight_decay"] == 0.0
-  assert all(p.ndim > 1 for p in decay["params"])       # conv kernels and the fc matrix
-  assert all(p.ndim == 1 for p in no_decay["params"])   # BatchNorm scales/biases, fc bias
+  assert all(p.ndim > 1 for p in decay["params"])  # conv kernels and the fc matrix
+  assert all(p.ndim == 1 for p in no_decay["params"])  # BatchNorm scales/biases, fc bias
   assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
   bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   assert all(m.momentum == pytest.approx(0.1) and m.eps == pytest.approx(1e-5) for m in bn)
   sched = train.make_schedule(s, 8, train.learning_rate(s, s.batch_size))
-  np.testing.assert_allclose(torch_train.lr_values(s, 8, s.batch_size),
-                             [float(sched(i)) for i in range(8)], rtol=1e-7)
+  np.testing.assert_allclose(
+      torch_train.lr_values(s, 8, s.batch_size), [float(sched(i)) for i in range(8)], rtol=1e-7
+  )
 
 
 def _jax_side(s):
@@ -73,8 +77,16 @@ def _jax_side(s):
   schedule = train.make_schedule(s, s.steps, s.lr)
   tx = train.make_optimizer(s, schedule)
   state = train.init_state(model, tx, 0, (28, 28, 1), mesh)
-  step = train.make_train_step(model, tx, mesh, num_classes=10, mean=MEAN, std=STD,
-                               schedule=schedule, label_smoothing=s.label_smoothing)
+  step = train.make_train_step(
+      model,
+      tx,
+      mesh,
+      num_classes=10,
+      mean=MEAN,
+      std=STD,
+      schedule=schedule,
+      label_smoothing=s.label_smoothing,
+  )
 
   def to_torch_sd(st):
     v = jax.device_get({"params": st.params, "batch_stats": st.batch_stats})
@@ -130,31 +142,45 @@ def test_agreement_rule():
   close = compare.agreement(a, compare.summarize([0.815, 0.805, 0.825]))
   far = compare.agreement(a, compare.summarize([0.90, 0.91, 0.92]))
   assert close["agree"] is True and far["agree"] is False
-  assert far["se"] == pytest.approx(np.sqrt(0.01 ** 2 / 3 * 2))
+  assert far["se"] == pytest.approx(np.sqrt(0.01**2 / 3 * 2))
   assert compare.agreement(compare.summarize([0.8]), a)["agree"] is None  # n < 2
   j = compare.jaccard(np.array([1, 2, 3, 4]), np.array([3, 4, 5]))
   assert j["jaccard"] == pytest.approx(2 / 5) and j["intersection"] == 2
 
 
-@pytest.mark.skipif(not HAVE_FASHION_MNIST,
-                    reason="needs Debian's dataset-fashion-mnist (the README's commands "
-                           "install it)")
-@pytest.mark.skipif(not os.environ.get("BSSL_SLOW_TESTS"),
-                    reason="~4 minutes on 2 cores; set BSSL_SLOW_TESTS=1 to run")
+@pytest.mark.skipif(
+    not HAVE_FASHION_MNIST,
+    reason="needs Debian's dataset-fashion-mnist (the README's commands " "install it)",
+)
+@pytest.mark.skipif(
+    not os.environ.get("BSSL_SLOW_TESTS"),
+    reason="~4 minutes on 2 cores; set BSSL_SLOW_TESTS=1 to run",
+)
 def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
   # The tiny preset, lighter still: a teacher of the student's architecture (so the XLA
   # compilation cache serves the teacher, pre-training and the second seed) and no
   # intermediate checkpoints.
   wd = tmp_path / "cmp"
   overrides = ["--config.teacher.model_kwargs.depths=(1,1,1)"] + [
-      f"--config.{s}.checkpoint_every=0" for s in ("baseline", "teacher", "pretrain",
-                                                    "finetune")]
+      f"--config.{s}.checkpoint_every=0" for s in ("baseline", "teacher", "pretrain", "finetune")
+  ]
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device, quick compiles
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, "-m", "bssl.compare", "--config=configs/demo.py:tiny",
-         f"--workdir={wd}", "--seeds=0,1", "--speed_threads=all", "--speed_batch=32",
-         "--speed_steps=2", "--speed_warmup=1", "--speed_repeats=1", *overrides]
+  cmd = [
+      sys.executable,
+      "-m",
+      "bssl.compare",
+      "--config=configs/demo.py:tiny",
+      f"--workdir={wd}",
+      "--seeds=0,1",
+      "--speed_threads=all",
+      "--speed_batch=32",
+      "--speed_steps=2",
+      "--speed_warmup=1",
+      "--speed_repeats=1",
+      *overrides,
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rep = json.loads((wd / "compare.json").read_text())
@@ -191,8 +217,10 @@ def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
   assert json.loads((wd / "torch" / "seed_1" / "splits.json").read_text()) == splits
   # The PyTorch lane's report is the engine's, in the same place as JAX's.
   for s in ("0", "1"):
-    assert json.loads((wd / "torch" / f"seed_{s}" / "report" / "results.json").read_text()
-                      ) == rep["per_seed"]["torch"][s]
+    assert (
+        json.loads((wd / "torch" / f"seed_{s}" / "report" / "results.json").read_text())
+        == rep["per_seed"]["torch"][s]
+    )
 
 
 def test_compare_preset_is_the_measured_lighter_recipe():
@@ -230,16 +258,23 @@ def test_jax_step_matches_a_float64_reference_on_the_deeper_teacher():
 
   before = to_torch_sd(state)
   ref = torch_train.make_model(s, 10, 1).double()
-  ref.load_state_dict({k: torch.from_numpy(v).double() if v.dtype.kind == "f"
-                       else torch.from_numpy(v) for k, v in before.items()})
+  ref.load_state_dict(
+      {
+          k: torch.from_numpy(v).double() if v.dtype.kind == "f" else torch.from_numpy(v)
+          for k, v in before.items()
+      }
+  )
   opt = torch_train.make_optimizer(ref, s)
   images, labels = _batch(16)
-  t = torch_train.train_step(ref, opt, torch_train.to_input(images, MEAN, STD).double(),
-                             torch.from_numpy(labels.astype(np.int64)),
-                             torch_train.lr_values(s, s.steps, s.batch_size)[0],
-                             s.label_smoothing)
-  state, m = step(state, parallel.global_batch_from_local(mesh, {"image": images,
-                                                                 "label": labels}))
+  t = torch_train.train_step(
+      ref,
+      opt,
+      torch_train.to_input(images, MEAN, STD).double(),
+      torch.from_numpy(labels.astype(np.int64)),
+      torch_train.lr_values(s, s.steps, s.batch_size)[0],
+      s.label_smoothing,
+  )
+  state, m = step(state, parallel.global_batch_from_local(mesh, {"image": images, "label": labels}))
   assert t["loss"] == pytest.approx(float(m["loss"]), rel=1e-5)
   got, want = to_torch_sd(state), {k: v.numpy() for k, v in ref.state_dict().items()}
   ratios = {}
@@ -265,7 +300,7 @@ def test_torch_scorer_matches_the_jax_scorer_from_the_same_weights():
   jscorer = backend.JaxScorer(backend.make_model(s, 10), variables, 3, MEAN, STD)
   tmodel = torch_train.make_model(s, 10, 1)
   tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_sd(state).items()})
-  tscorer = torch_train._TorchScorer(tmodel, 3, MEAN, STD)  # noqa: SLF001
+  tscorer = torch_train._TorchScorer(tmodel, 3, MEAN, STD)
   images, _ = _batch(16)
   jc, js, jf = jscorer.fetch(jscorer.dispatch(images))
   tc, ts, tf = tscorer.fetch(tscorer.dispatch(images))

@@ -4,6 +4,7 @@ Every code path of the custom convolution is covered: stride 1 and 2 x kernels 1
 feature groups 1 and 4 in float32 and bfloat16; in float32 also even and odd input sizes,
 one input channel (the stem path) and batches above ``DW_CHUNK`` with a remainder chunk.
 """
+
 import itertools
 
 import jax
@@ -33,8 +34,8 @@ def _rel_err(a, b):
 PRODUCT = [(2, 9, 8, 8, k, s, g) for k, s, g in itertools.product((1, 3, 7), (1, 2), (1, 4))]
 EXTRA = [
     (4, 10, 8, 16, 3, 2, 1),  # even size, stride 2
-    (3, 11, 4, 8, 1, 2, 1),   # strided 1x1 on an odd size
-    (4, 12, 1, 8, 3, 1, 1),   # one input channel (the stem path)
+    (3, 11, 4, 8, 1, 2, 1),  # strided 1x1 on an odd size
+    (4, 12, 1, 8, 3, 1, 1),  # one input channel (the stem path)
     (4, 13, 1, 8, 3, 2, 1),
     (conv.DW_CHUNK + 5, 6, 8, 8, 3, 1, 1),  # kernel gradient in chunks, with a remainder
     (conv.DW_CHUNK + 5, 7, 8, 16, 3, 2, 4),
@@ -53,8 +54,9 @@ def _case_errors(cases, dtype):
     w = jnp.asarray(rng.randn(k, k, cin // g, cout) / np.sqrt(k * k * cin / g), dtype)
 
     def ref(x, w, s=s, pad=pad, g=g):
-      return lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=DN,
-                                      feature_group_count=g)
+      return lax.conv_general_dilated(
+          x, w, (s, s), pad, dimension_numbers=DN, feature_group_count=g
+      )
 
     def mine(x, w, s=s, pad=pad, g=g):
       return conv.conv_im2col_grad(x, w, (s, s), pad, g)
@@ -76,14 +78,16 @@ def _case_errors(cases, dtype):
   return np.asarray(errors(args))
 
 
-@pytest.mark.parametrize("dtype,cases", [(jnp.float32, PRODUCT + EXTRA), (jnp.bfloat16, PRODUCT)],
-                         ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,cases", [(jnp.float32, PRODUCT + EXTRA), (jnp.bfloat16, PRODUCT)], ids=["f32", "bf16"]
+)
 def test_values_and_gradients_match_xla(dtype, cases):
   errs = _case_errors(cases, dtype)
   # float32: summation order only. bfloat16: both round their float32 sums to 8 bits.
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  bad = [(case, dict(zip(("y", "dx", "dw"), e))) for case, e in zip(cases, errs)
-         if not np.all(e < tol)]
+  bad = [
+      (case, dict(zip(("y", "dx", "dw"), e))) for case, e in zip(cases, errs) if not np.all(e < tol)
+  ]
   assert not bad, bad
 
 
@@ -103,14 +107,21 @@ def test_resnet_small_gradients_equal_across_conv_impls():
   x = jnp.asarray(np.random.RandomState(0).randn(conv.DW_CHUNK + 4, 10, 10, 1), jnp.float32)
   labels = jnp.arange(x.shape[0]) % 10
   out = {}
-  v = jax.jit(lambda r: models.create_model("resnet_small", 10, widths=(8, 16), depths=(1, 1)).init(
-      r, x[:1], train=False))(jax.random.key(0, impl="rbg"))
+  v = jax.jit(
+      lambda r: models.create_model("resnet_small", 10, widths=(8, 16), depths=(1, 1)).init(
+          r, x[:1], train=False
+      )
+  )(jax.random.key(0, impl="rbg"))
   for impl in ("xla", "im2col_grad"):
     m = models.create_model("resnet_small", 10, conv_impl=impl, widths=(8, 16), depths=(1, 1))
 
     def loss(params, m=m, v=v):
-      logits, _ = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                          mutable=["batch_stats"])
+      logits, _ = m.apply(
+          {"params": params, "batch_stats": v["batch_stats"]},
+          x,
+          train=True,
+          mutable=["batch_stats"],
+      )
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
     out[impl] = jax.jit(jax.value_and_grad(loss))(v["params"])

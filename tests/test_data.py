@@ -3,6 +3,7 @@ source, processes split global batches exactly, the stream restarts at any globa
 (``start_batch``, what a resumed training run uses) on any process count, the iterator
 resumes at the same position, an undecodable labelled image stops training with its id,
 and evaluation / scoring ranges see every record once."""
+
 import numpy as np
 import pytest
 
@@ -22,14 +23,26 @@ class _Source:
     return len(self.x)
 
   def __getitem__(self, i):
-    return {"image": self.x[i], "label": np.int32(i % 3), "id": np.int64(1000 + i),
-            "valid": i not in self.bad}
+    return {
+        "image": self.x[i],
+        "label": np.int32(i % 3),
+        "id": np.int64(1000 + i),
+        "valid": i not in self.bad,
+    }
 
 
 def _batches(n_batches, *, lbs=8, pi=0, pc=1, seed=3, spec=None, src=None):
   spec = spec or pipelines.ImageSpec(size=S, channels=1, pad=2)
-  it = iter(pipelines.train_dataset(src or _Source(), spec, local_batch_size=lbs, seed=seed,
-                                    process_index=pi, process_count=pc))
+  it = iter(
+      pipelines.train_dataset(
+          src or _Source(),
+          spec,
+          local_batch_size=lbs,
+          seed=seed,
+          process_index=pi,
+          process_count=pc,
+      )
+  )
   return [next(it) for _ in range(n_batches)]
 
 
@@ -37,7 +50,7 @@ def _variants(img, pad):
   padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
   for dy in range(2 * pad + 1):
     for dx in range(2 * pad + 1):
-      crop = padded[dy:dy + S, dx:dx + S]
+      crop = padded[dy : dy + S, dx : dx + S]
       yield crop
       yield crop[:, ::-1]
 
@@ -45,9 +58,9 @@ def _variants(img, pad):
 def test_each_epoch_is_a_permutation_and_seeds_differ():
   ids = np.concatenate([b["id"] for b in _batches(4 * N // 8 + 1)])
   for e in range(4):
-    assert sorted(ids[e * N:(e + 1) * N] - 1000) == list(range(N))
+    assert sorted(ids[e * N : (e + 1) * N] - 1000) == list(range(N))
   other = np.concatenate([b["id"] for b in _batches(5, seed=4)])
-  assert not np.array_equal(other, ids[:len(other)])
+  assert not np.array_equal(other, ids[: len(other)])
 
 
 def test_every_image_is_a_pad_crop_flip_of_its_source_with_varied_draws():
@@ -86,15 +99,24 @@ def test_start_batch_restarts_at_that_global_batch_on_any_process_count(pc):
   for start in (1, 6):
     parts = []
     for i in range(pc):
-      it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=8 // pc, seed=3,
-                                        process_index=i, process_count=pc,
-                                        start_batch=start))
+      it = iter(
+          pipelines.train_dataset(
+              _Source(),
+              spec,
+              local_batch_size=8 // pc,
+              seed=3,
+              process_index=i,
+              process_count=pc,
+              start_batch=start,
+          )
+      )
       parts.append([next(it) for _ in range(10 - start)])
     for k, g in enumerate(whole[start:]):
       for key in ("image", "label", "id"):
         local = np.stack([parts[i][k][key] for i in range(pc)], axis=1)
-        np.testing.assert_array_equal(local.reshape(g[key].shape), g[key],
-                                      err_msg=f"{key} of batch {start + k}")
+        np.testing.assert_array_equal(
+            local.reshape(g[key].shape), g[key], err_msg=f"{key} of batch {start + k}"
+        )
 
 
 def test_iterator_state_resumes_at_the_same_position():
@@ -121,26 +143,29 @@ def test_an_undecodable_labelled_image_stops_training_with_its_id():
 def test_evaluation_sees_every_record_once_in_order_with_masked_padding(pc):
   src = _Source(bad={4})
   spec = pipelines.ImageSpec(size=S, channels=1, augment="none")
-  per_process = [list(pipelines.eval_dataset(src, spec, local_batch_size=4, process_index=i,
-                                             process_count=pc)) for i in range(pc)]
+  per_process = [
+      list(pipelines.eval_dataset(src, spec, local_batch_size=4, process_index=i, process_count=pc))
+      for i in range(pc)
+  ]
   nb = pipelines.num_eval_batches(N, 4 * pc)
   assert all(len(p) == nb for p in per_process)
   # Global batch b = the processes' slices side by side.
   ids = np.concatenate([np.concatenate([p[b]["id"] for p in per_process]) for b in range(nb)])
-  mask = np.concatenate([np.concatenate([p[b]["mask"] for p in per_process])
-                         for b in range(nb)])
-  images = np.concatenate([np.concatenate([p[b]["image"] for p in per_process])
-                           for b in range(nb)])
+  mask = np.concatenate([np.concatenate([p[b]["mask"] for p in per_process]) for b in range(nb)])
+  images = np.concatenate([np.concatenate([p[b]["image"] for p in per_process]) for b in range(nb)])
   assert len(ids) == nb * 4 * pc >= N
   np.testing.assert_array_equal(ids[:N], 1000 + np.arange(N))  # in order, each once
-  assert np.all(ids[N:] == -1) and not mask[N:].any()          # padding
-  assert not mask[4] and mask[:N].sum() == N - 1                # the undecodable one
+  assert np.all(ids[N:] == -1) and not mask[N:].any()  # padding
+  assert not mask[4] and mask[:N].sum() == N - 1  # the undecodable one
   np.testing.assert_array_equal(images[:N][mask[:N]], src.x[mask[:N]])
   # Resuming at a batch gives the same later batches.
-  later = list(pipelines.eval_dataset(src, spec, local_batch_size=4, process_index=pc - 1,
-                                      process_count=pc, start_batch=nb - 2))
+  later = list(
+      pipelines.eval_dataset(
+          src, spec, local_batch_size=4, process_index=pc - 1, process_count=pc, start_batch=nb - 2
+      )
+  )
   assert len(later) == 2
-  for got, want in zip(later, per_process[pc - 1][nb - 2:]):
+  for got, want in zip(later, per_process[pc - 1][nb - 2 :]):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
 
@@ -150,8 +175,10 @@ class _VariableSizeSource:
 
   def __init__(self, n=13):
     rng = np.random.default_rng(1)
-    self.x = [rng.integers(0, 256, (10 + 3 * i, 16 + i, 3 if i % 2 else 1), dtype=np.uint8)
-              for i in range(n)]
+    self.x = [
+        rng.integers(0, 256, (10 + 3 * i, 16 + i, 3 if i % 2 else 1), dtype=np.uint8)
+        for i in range(n)
+    ]
 
   def __len__(self):
     return len(self.x)
@@ -165,8 +192,11 @@ def test_random_resized_crop_path_gives_fixed_size_batches_split_exactly():
   src = _VariableSizeSource()
 
   def batches(lbs, pi, pc):
-    it = iter(pipelines.train_dataset(src, spec, local_batch_size=lbs, seed=0,
-                                      process_index=pi, process_count=pc))
+    it = iter(
+        pipelines.train_dataset(
+            src, spec, local_batch_size=lbs, seed=0, process_index=pi, process_count=pc
+        )
+    )
     return [next(it) for _ in range(4)]
 
   whole = batches(4, 0, 1)
@@ -191,10 +221,15 @@ def test_training_input_in_worker_processes_is_the_same_stream():
   pcf = pipelines.ImageSpec(size=S, channels=1, augment="pad_crop_flip", pad=2)
   for spec, src in ((rrc, _VariableSizeSource()), (pcf, _Source())):
     for start in (3,):
+
       def batches(workers):
-        it = iter(pipelines.train_dataset(src, spec, local_batch_size=4, seed=5,
-                                          start_batch=start, num_workers=workers))
+        it = iter(
+            pipelines.train_dataset(
+                src, spec, local_batch_size=4, seed=5, start_batch=start, num_workers=workers
+            )
+        )
         return [next(it) for _ in range(5)]
+
       want, got = batches(0), batches(2)
       for w, g in zip(want, got):
         for key in ("image", "label", "id"):
@@ -208,11 +243,12 @@ def test_training_input_workers_outlive_a_sigterm_to_the_process_group():
   import os
   import signal
   import time
+
   import psutil
+
   spec = pipelines.ImageSpec(size=S, channels=1, augment="pad_crop_flip", pad=2)
   earlier = {k.pid for k in psutil.Process().children(recursive=True)}  # other tests'
-  it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1,
-                                    num_workers=2))
+  it = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1, num_workers=2))
   head = [next(it)["image"] for _ in range(2)]  # one batch from each worker: both started
   kids = [k for k in psutil.Process().children(recursive=True) if k.pid not in earlier]
   assert len(kids) >= 2
@@ -220,8 +256,7 @@ def test_training_input_workers_outlive_a_sigterm_to_the_process_group():
   for k in kids:
     os.kill(k.pid, signal.SIGTERM)
   time.sleep(1.0)
-  dead = [names[k.pid] for k in kids
-          if not k.is_running() or k.status() == psutil.STATUS_ZOMBIE]
+  dead = [names[k.pid] for k in kids if not k.is_running() or k.status() == psutil.STATUS_ZOMBIE]
   assert not dead, dead
   got = head + [next(it)["image"] for _ in range(10)]  # past the buffers
   ref = iter(pipelines.train_dataset(_Source(), spec, local_batch_size=4, seed=1))
@@ -231,6 +266,7 @@ def test_training_input_workers_outlive_a_sigterm_to_the_process_group():
 
 def test_worker_count_minus_one_is_the_cores_but_one():
   import os
+
   cores = len(os.sched_getaffinity(0))
   assert pipelines.resolve_workers(-1) == max(0, cores - 1)
   assert pipelines.resolve_workers(3) == 3 and pipelines.resolve_workers(0) == 0
@@ -238,8 +274,7 @@ def test_worker_count_minus_one_is_the_cores_but_one():
 
 
 def test_range_batches_cover_a_range_once():
-  np.testing.assert_array_equal(pipelines.range_batches(5, 23, 8),
-                                [[5, 13], [13, 21], [21, 23]])
+  np.testing.assert_array_equal(pipelines.range_batches(5, 23, 8), [[5, 13], [13, 21], [21, 23]])
   np.testing.assert_array_equal(pipelines.range_batches(0, 16, 8), [[0, 8], [8, 16]])
   assert pipelines.range_batches(7, 7, 8).shape == (0, 2)
 
@@ -247,8 +282,7 @@ def test_range_batches_cover_a_range_once():
 def test_ranges_dataset_reads_exactly_the_given_ranges_with_masked_padding():
   src = _Source(bad={4, 20})
   spec = pipelines.ImageSpec(size=S, channels=1, augment="none")
-  bounds = np.concatenate([pipelines.range_batches(0, 10, 4),
-                           pipelines.range_batches(18, 25, 4)])
+  bounds = np.concatenate([pipelines.range_batches(0, 10, 4), pipelines.range_batches(18, 25, 4)])
   got = list(pipelines.ranges_dataset(src, spec, batch_size=4, bounds=bounds))
   assert len(got) == len(bounds) == 5
   for b, (first, stop) in zip(got, bounds):
@@ -268,13 +302,16 @@ def test_images_as_tall_as_the_model_input_but_wider_train_and_evaluate(tmp_path
   """28 x 40 images with image_size=28 (the height already fits): made square for training
   as for evaluation (training used to keep them 40 wide and stop on their shape)."""
   from PIL import Image
+
   from bssl.data import sources
+
   rng = np.random.default_rng(0)
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     for i in range(3):
       Image.fromarray(rng.integers(0, 255, (28, 40), dtype=np.uint8)).save(
-          tmp_path / c / f"{i}.png")
+          tmp_path / c / f"{i}.png"
+      )
   src = sources.LabelledFolderSource(str(tmp_path), channels=1)
   assert src[0]["image"].shape == (28, 40, 1)
   spec = pipelines.ImageSpec(size=28, channels=1, augment=augment, pad=2)
@@ -290,18 +327,22 @@ def test_batched_rows_of_in_memory_sources_equal_the_per_record_path():
   scoring batch in one gather; it must be the per-record batch, bit for bit, hidden
   labels, renumbered ids, unreadable and excluded rows included."""
   from bssl.stages import eval_copies
+
   rng = np.random.default_rng(0)
-  base = sources.ArraySource(rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8),
-                             rng.integers(0, 3, 50))
+  base = sources.ArraySource(
+      rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 50)
+  )
   view = sources.SubsetView(base, rng.permutation(50)[:37], hide_labels=True, reindex=True)
   marked = sources.SubsetView(base, np.arange(20), reindex=True)
   marked.unreadable[3] = "bad"
   excl = eval_copies.Excluding(view, {5: "copy", 30: "copy"})
   import pickle  # to decode worker processes (score.num_workers > 0)
+
   back = pickle.loads(pickle.dumps(excl))
   assert back.reasons == excl.reasons and not back[5]["valid"] and back.reason_of(5) == "copy"
 
   class PerRecord:  # the same records without ``take``
+
     def __init__(self, s):
       self.s = s
 
@@ -321,6 +362,9 @@ def test_batched_rows_of_in_memory_sources_equal_the_per_record_path():
       for k in ("label", "id", "mask", "valid"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
       np.testing.assert_array_equal(a["image"][a["mask"]], b["image"][b["mask"]])
-  assert not [b for b in pipelines.ranges_dataset(excl, spec, batch_size=64,
-                                                  bounds=pipelines.range_batches(0, 37, 64))
-              ][0]["valid"][[5, 30]].any()
+  assert not [
+      b
+      for b in pipelines.ranges_dataset(
+          excl, spec, batch_size=64, bounds=pipelines.range_batches(0, 37, 64)
+      )
+  ][0]["valid"][[5, 30]].any()

@@ -1,6 +1,7 @@
 """The documentation that is generated or checked: docs/config.md is what
 ``python -m bssl.config`` prints (regenerate it when a field changes), and the README stays
 a reference of modest size whose two set-up commands are the ones CI runs."""
+
 import os
 import subprocess
 import sys
@@ -10,22 +11,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_config_reference_is_up_to_date():
   from bssl import config
+
   want = config.reference_markdown()
   with open(os.path.join(ROOT, "docs", "config.md")) as f:
     got = f.read()
-  assert got == want, ("docs/config.md is out of date: run "
-                       "`python -m bssl.config > docs/config.md`")
+  assert got == want, (
+      "docs/config.md is out of date: run " "`python -m bssl.config > docs/config.md`"
+  )
   for field in config.all_fields():  # every field is documented
     name = field.name
     for s in config.TRAIN_SECTIONS:
       if name.startswith(s + "."):
-        name = "<stage>." + name[len(s) + 1:]
+        name = "<stage>." + name[len(s) + 1 :]
     assert f"| `{name}` |" in got, name
 
 
 def test_config_reference_command_prints_it():
-  r = subprocess.run([sys.executable, "-m", "bssl.config"], cwd=ROOT, capture_output=True,
-                     text=True, timeout=120)
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.config"], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert r.returncode == 0 and r.stdout.startswith("# Config reference")
 
 
@@ -36,8 +40,13 @@ def test_readme_is_a_reference_and_ci_runs_its_test_command():
   assert test_cmd in readme.split("\n\n")[1]  # among the opening two commands
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert ci.strip().splitlines()[-1] == test_cmd
-  for link in ("docs/config.md", "docs/reproduction.md", "docs/demo.md",
-               "docs/performance.md", "docs/video.md"):
+  for link in (
+      "docs/config.md",
+      "docs/reproduction.md",
+      "docs/demo.md",
+      "docs/performance.md",
+      "docs/video.md",
+  ):
     assert link in readme and os.path.exists(os.path.join(ROOT, link)), link
   video_doc = open(os.path.join(ROOT, "docs", "video.md")).read()
   assert "figures/video_dhat.png" in video_doc

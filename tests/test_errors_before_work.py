@@ -2,6 +2,7 @@
 class count, and undecodable files of an image or video folder, are found before any
 training - every bad labelled file in one error, U's bad files marked so scoring skips and
 lists them - and the scan is not repeated for files that have not changed."""
+
 import os
 import types
 
@@ -14,7 +15,8 @@ from bssl.data import checks, recipe, sources
 
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
 
 
 # ----------------------------------------------------------------------------- classes
@@ -25,8 +27,10 @@ def test_fashion_mnist_with_another_num_classes_is_refused_naming_the_count():
   cfg = demo.get_config("tiny")
   cfg.data.num_classes = 5  # used to train a 5-way head on classes 0-4, test on 0-9
   data = recipe.build_data(cfg)
-  with pytest.raises(sources.DataError, match=r"data.num_classes=5 but Fashion-MNIST has 10 "
-                     r"classes .*num_classes=10"):
+  with pytest.raises(
+      sources.DataError,
+      match=r"data.num_classes=5 but Fashion-MNIST has 10 " r"classes .*num_classes=10",
+  ):
     checks.check_num_classes(data, cfg)
   cfg.data.num_classes = 10
   checks.check_num_classes(recipe.build_data(cfg), cfg)  # the right count passes
@@ -36,10 +40,22 @@ def test_fashion_mnist_with_another_num_classes_is_refused_naming_the_count():
 def test_the_command_refuses_another_num_classes_before_any_work(tmp_path):
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny",
-                      f"--workdir={tmp_path / 'run'}", "--config.data.num_classes=5"],
-                     cwd=root, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bssl.main",
+          "--config=configs/demo.py:tiny",
+          f"--workdir={tmp_path / 'run'}",
+          "--config.data.num_classes=5",
+      ],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "data.num_classes=5 but Fashion-MNIST has 10 classes" in r.stderr
   assert not (tmp_path / "run").exists()
@@ -53,15 +69,17 @@ def _data(labels, class_names=(), **kw):
 def test_labels_outside_num_classes_and_a_tfds_class_count_are_refused():
   cfg = demo.get_config("tiny")
   cfg.data.kind, cfg.data.num_classes = "fake", 3
-  with pytest.raises(sources.DataError, match=r"D \(the labelled set\).*labels \[3, 7\] "
-                     r"outside \[0, 3\)"):
+  with pytest.raises(
+      sources.DataError, match=r"D \(the labelled set\).*labels \[3, 7\] " r"outside \[0, 3\)"
+  ):
     checks.check_num_classes(_data([0, 2, 3, 7]), cfg)
   checks.check_num_classes(_data([0, 2, 1]), cfg)
   cfg.data.kind, cfg.data.tfds_name = "tfds", "imagenet2012"
   tfds_like = types.SimpleNamespace(num_classes=1000)  # the dataset info's ClassLabel
   with pytest.raises(sources.DataError, match="has 1000 classes"):
-    checks.check_num_classes(types.SimpleNamespace(labelled=tfds_like, val=None,
-                                                   test=tfds_like, class_names=()), cfg)
+    checks.check_num_classes(
+        types.SimpleNamespace(labelled=tfds_like, val=None, test=tfds_like, class_names=()), cfg
+    )
 
 
 # ----------------------------------------------------------------------------- decodable
@@ -84,7 +102,8 @@ def _folder_cfg(root):
 
 
 def test_every_bad_file_of_d_val_and_test_in_one_error_and_u_skipped_and_cached(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   root = tmp_path / "shapes"
   for c in ("a", "b"):
     for i in range(6):
@@ -148,8 +167,17 @@ def test_a_long_scan_says_its_progress_and_other_data_is_not_scanned(tmp_path, m
   lines = []
   # progress every 0 s: a line per chunk of 2 files with the rate and ETA (whatever the speed)
   monkeypatch.setattr(checks, "_CHUNK", 2)
-  assert checks.scan_decodable(data, cfg, log=lines.append, cache_dir=str(tmp_path / "c"),
-                               workers=1, progress_seconds=0.0) == {}
+  assert (
+      checks.scan_decodable(
+          data,
+          cfg,
+          log=lines.append,
+          cache_dir=str(tmp_path / "c"),
+          workers=1,
+          progress_seconds=0.0,
+      )
+      == {}
+  )
   progress = [l for l in lines if l.startswith("data check: decoded ") and "eta" in l]
   assert progress and "files/s" in progress[0]
   cfg.data.kind = "fashion_mnist"  # not files: nothing to scan
@@ -158,6 +186,7 @@ def test_a_long_scan_says_its_progress_and_other_data_is_not_scanned(tmp_path, m
 
 def _write_video(path, frames=6, size=(20, 16)):
   import av
+
   with av.open(str(path), "w") as out:
     s = out.add_stream("mpeg4", rate=8)
     s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
@@ -171,6 +200,7 @@ def _write_video(path, frames=6, size=(20, 16)):
 
 def test_undecodable_videos_of_d_and_test_are_named_before_training(tmp_path):
   from bssl.data import video
+
   for name in ("a0", "b0", "a1"):
     _write_video(tmp_path / f"{name}.mp4")
   (tmp_path / "broken.mp4").write_bytes(b"nope")
@@ -182,11 +212,16 @@ def test_undecodable_videos_of_d_and_test_are_named_before_training(tmp_path):
   cfg.unlabelled.kind = "video_list"
   spec = video.VideoSpec(size=8, channels=3, clip_len=2, num_clips=1)
   train = video.VideoFolderSource(cfg.data.train_csv, spec)
-  test = video.VideoFolderSource(cfg.data.test_csv, spec, class_names=train.class_names,
-                                 field="data.test_csv")
-  data = types.SimpleNamespace(labelled=train, val=None, test=test, unlabelled=None,
-                               spec=spec, class_names=train.class_names)
-  with pytest.raises(sources.DataError, match=r"D \(data.train_csv\): 1 of 3 examples cannot "
-                     r"be decoded: .*broken.mp4.* \| test \(data.test_csv\): 1 of 2 examples "
-                     r"cannot be decoded: .*broken.mp4"):
+  test = video.VideoFolderSource(
+      cfg.data.test_csv, spec, class_names=train.class_names, field="data.test_csv"
+  )
+  data = types.SimpleNamespace(
+      labelled=train, val=None, test=test, unlabelled=None, spec=spec, class_names=train.class_names
+  )
+  with pytest.raises(
+      sources.DataError,
+      match=r"D \(data.train_csv\): 1 of 3 examples cannot "
+      r"be decoded: .*broken.mp4.* \| test \(data.test_csv\): 1 of 2 examples "
+      r"cannot be decoded: .*broken.mp4",
+  ):
     checks.scan_decodable(data, cfg, log=lambda m: None, cache_dir=str(tmp_path / "c"))

@@ -1,21 +1,28 @@
 """The local GCS emulator (tests/gcs_emulator.py) works for child processes."""
+
 import os
 import subprocess
 import sys
 import textwrap
 
 
-
 def _run(gcs, code, timeout=60):
-  r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **gcs.env},
-                     capture_output=True, text=True, timeout=timeout)
+  r = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(code)],
+      env={**os.environ, **gcs.env},
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   return r.stdout
 
 
 def test_epath_round_trip_across_processes(gcs):
   root = gcs.url("epath")
-  _run(gcs, f"""
+  _run(
+      gcs,
+      f"""
       import io, numpy as np
       from etils import epath
       root = epath.Path({root!r})
@@ -26,8 +33,11 @@ def test_epath_round_trip_across_processes(gcs):
       with (root / "s.bin").open("wb") as f:
         f.write(b"ab"); f.write(b"cd")
       (root / "s.bin").rename(root / "t.bin")
-  """)
-  out = _run(gcs, f"""
+  """,
+  )
+  out = _run(
+      gcs,
+      f"""
       import io, numpy as np
       from etils import epath
       root = epath.Path({root!r})
@@ -37,12 +47,15 @@ def test_epath_round_trip_across_processes(gcs):
       print(sorted(p.name for p in root.iterdir()), (root / "sub" / "a.txt").read_text())
       root.rmtree()
       assert not root.exists()
-  """)
+  """,
+  )
   assert out.split() == ["['sub',", "'t.bin',", "'x.npz']", "hello"]
 
 
 def test_orbax_standard_checkpointer_round_trip(gcs):
-  out = _run(gcs, f"""
+  out = _run(
+      gcs,
+      f"""
       import jax, jax.numpy as jnp, orbax.checkpoint as ocp
       tree = {{"w": jnp.arange(6.0).reshape(2, 3), "n": {{"b": jnp.ones(2, jnp.int32)}}}}
       ck = ocp.StandardCheckpointer()
@@ -52,5 +65,6 @@ def test_orbax_standard_checkpointer_round_trip(gcs):
       back = ck.restore({gcs.url('orbax/v')!r}, abstract)
       assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), tree, back)))
       print("ok", float(back["w"].sum()))
-  """)
+  """,
+  )
   assert out.split()[-2:] == ["ok", "15.0"]

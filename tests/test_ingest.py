@@ -1,6 +1,7 @@
 """Ingest (bssl/data/ingest.py, python -m bssl.ingest) and the one decoder
 (bssl/data/decode.py): a hostile folder, resume after a kill, processes splitting the
 shards, duplicates, and scoring from shards = scoring the original folder."""
+
 import io
 import json
 import os
@@ -45,11 +46,11 @@ def hostile(tmp_path_factory):
     _save(im, os.path.join(root, rel), fmt, **kw)
     want[rel] = None
 
-  ok("big.jpg", _photo(600, 520, 1), quality=90)               # DCT-downscaled at ingest
-  ok("small.jpg", _photo(60, 40, 2), quality=90)               # stored as it is
+  ok("big.jpg", _photo(600, 520, 1), quality=90)  # DCT-downscaled at ingest
+  ok("small.jpg", _photo(60, 40, 2), quality=90)  # stored as it is
   ok("grey.jpg", _photo(50, 40, 3).convert("L"), quality=90)
   g16 = (np.arange(40 * 30, dtype=np.uint32).reshape(30, 40) * 50).astype(np.uint16)
-  ok("grey16.png", Image.fromarray(g16))                       # 16-bit: scaled, not clipped
+  ok("grey16.png", Image.fromarray(g16))  # 16-bit: scaled, not clipped
   ok("rgba.png", _photo(30, 20, 4).convert("RGBA"))
   la = _photo(30, 20, 5).convert("LA")
   ok("la.png", la)
@@ -67,8 +68,9 @@ def hostile(tmp_path_factory):
   # the real folder is linked in: its files are listed once, under the link's name
   os.makedirs(os.path.join(root, "..", "outside_hostile"), exist_ok=True)
   _save(_photo(20, 20, 12), os.path.join(root, "..", "outside_hostile", "linked.png"))
-  os.symlink(os.path.realpath(os.path.join(root, "..", "outside_hostile")),
-             os.path.join(root, "symlinked"))
+  os.symlink(
+      os.path.realpath(os.path.join(root, "..", "outside_hostile")), os.path.join(root, "symlinked")
+  )
   want["symlinked/linked.png"] = None
   # bad files
   with open(os.path.join(root, "zero.jpg"), "wb"):
@@ -80,13 +82,16 @@ def hostile(tmp_path_factory):
   buf = io.BytesIO()
   _photo(200, 150, 13).save(buf, "JPEG", quality=90)
   with open(os.path.join(root, "truncated.jpg"), "wb") as f:
-    f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
   want["truncated.jpg"] = "truncated"
   with open(os.path.join(root, "notes.txt"), "w") as f:  # not an image extension: not listed
     f.write("ignore me")
   # planted duplicates: byte copies of two images, elsewhere in the tree
-  for src, dst in (("small.jpg", "nested/copy_of_small.jpg"), ("big.jpg", "zz/big_again.jpg"),
-                   ("small.jpg", "zz/small_again.jpg")):
+  for src, dst in (
+      ("small.jpg", "nested/copy_of_small.jpg"),
+      ("big.jpg", "zz/big_again.jpg"),
+      ("small.jpg", "zz/small_again.jpg"),
+  ):
     os.makedirs(os.path.dirname(os.path.join(root, dst)), exist_ok=True)
     with open(os.path.join(root, src), "rb") as a, open(os.path.join(root, dst), "wb") as b:
       b.write(a.read())
@@ -118,8 +123,9 @@ def test_decode_matches_pillow_after_exif_and_mode_conversion(hostile):
         with pytest.raises(decode.DecodeError, match=bad):
           decode.decode(data, ch)
         continue
-      np.testing.assert_array_equal(decode.decode(data, ch), _reference(os.path.join(root, rel),
-                                                                        ch), err_msg=rel)
+      np.testing.assert_array_equal(
+          decode.decode(data, ch), _reference(os.path.join(root, rel), ch), err_msg=rel
+      )
   g = decode.decode(open(os.path.join(root, "grey16.png"), "rb").read(), 1)
   assert (g == 255).mean() < 0.01 and g.max() > 200  # scaled, not clipped to white
   r = decode.decode(open(os.path.join(root, "rotated.jpg"), "rb").read(), 3)
@@ -132,10 +138,15 @@ def test_fast_jpeg_path_gives_pillows_pixels_and_leaves_the_rest_to_pillow():
   (truncated) goes to Pillow's path."""
   assert decode._simplejpeg is not None, "simplejpeg is a pinned dependency"
   cases = []
-  for (w, h), kw in (((256, 341), dict(quality=90)), ((17, 9), dict(quality=30)),
-                     ((1, 1), {}), ((301, 257), dict(subsampling=0)),
-                     ((200, 120), dict(subsampling=1)), ((200, 120), dict(progressive=True)),
-                     ((160, 96), dict(restart_marker_blocks=2))):
+  for (w, h), kw in (
+      ((256, 341), dict(quality=90)),
+      ((17, 9), dict(quality=30)),
+      ((1, 1), {}),
+      ((301, 257), dict(subsampling=0)),
+      ((200, 120), dict(subsampling=1)),
+      ((200, 120), dict(progressive=True)),
+      ((160, 96), dict(restart_marker_blocks=2)),
+  ):
     buf = io.BytesIO()
     _photo(w, h, w * h).save(buf, "JPEG", **kw)
     cases.append((buf.getvalue(), True))
@@ -143,10 +154,15 @@ def test_fast_jpeg_path_gives_pillows_pixels_and_leaves_the_rest_to_pillow():
   _photo(70, 50, 3).convert("L").save(buf, "JPEG", quality=80)
   cases.append((buf.getvalue(), True))
   rot = _photo(64, 48, 8)
-  for extra in (dict(exif=rot.getexif()), dict(xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/">'
-                b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-                b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-                b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')):
+  for extra in (
+      dict(exif=rot.getexif()),
+      dict(
+          xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+          b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+          b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+          b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+      ),
+  ):
     buf = io.BytesIO()
     rot.save(buf, "JPEG", **extra)
     cases.append((buf.getvalue(), False))  # APP1: Pillow applies any orientation
@@ -188,11 +204,10 @@ def test_32_bit_integer_images_are_scaled_from_their_range_not_clipped():
   assert decode.decode(_tiff(v), 1)[0, :, 0].tolist() == want
   assert decode.decode(_tiff(v), 3)[0, :, 1].tolist() == want  # and as RGB greys
   # uint32 (an unsigned 32-bit TIFF): 0..2^32-1 -> 0..255 (Pillow reads it as int32)
-  u = np.array([[0, 2**31 - 1, -1, -2**31]], np.int32)  # bits of 0, 2^31-1, 2^32-1, 2^31
+  u = np.array([[0, 2**31 - 1, -1, -(2**31)]], np.int32)  # bits of 0, 2^31-1, 2^32-1, 2^31
   assert decode.decode(_tiff(u, unsigned=True), 1)[0, :, 0].tolist() == [0, 127, 255, 128]
   # arrays (a TFDS image feature that is not uint8): by their dtype's range
-  assert decode.scale_to_uint8(np.array([0, 2**31 - 1, 2**30], np.int32)).tolist() == [
-      0, 255, 128]
+  assert decode.scale_to_uint8(np.array([0, 2**31 - 1, 2**30], np.int32)).tolist() == [0, 255, 128]
   assert decode.scale_to_uint8(np.array([0, 257, 65535], np.uint16)).tolist() == [0, 1, 255]
 
 
@@ -209,8 +224,9 @@ def test_ids_are_positions_in_the_whole_path_order_for_a_folder_and_its_file_lis
   # the same files in a list, shuffled, relative to the list's folder (some with ./)
   order = np.random.default_rng(0).permutation(len(names))
   lst = root / "list.txt"
-  lst.write_text("# my images\n" + "\n".join(("./" if k % 2 else "") + names[k]
-                                              for k in order) + "\n")
+  lst.write_text(
+      "# my images\n" + "\n".join(("./" if k % 2 else "") + names[k] for k in order) + "\n"
+  )
   assert ingest.list_inputs(str(lst)) == listed
   a, b = sources.ImageFileSource(str(root)), sources.ImageFileSource(str(lst))
   assert a.files == b.files and a.identity() == b.identity()
@@ -245,7 +261,8 @@ def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
   assert sorted(rels) == sorted(want) and rels == sorted(rels)  # notes.txt is not listed
   bad = json.load(open(os.path.join(out, "bad.json")))
   assert {os.path.relpath(b["path"], root): b["id"] for b in bad} == {
-      r: rels.index(r) for r, w in want.items() if w}
+      r: rels.index(r) for r, w in want.items() if w
+  }
   for b in bad:
     assert want[os.path.relpath(b["path"], root)] in b["reason"], b
   assert man["num_bad"] == 3 and man["num_images"] == len(want)
@@ -285,8 +302,11 @@ def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
 
 
 def _all_bytes(out):
-  return {f: open(os.path.join(out, "shards", f), "rb").read()
-          for f in sorted(os.listdir(os.path.join(out, "shards"))) if f.endswith(".array_record")}
+  return {
+      f: open(os.path.join(out, "shards", f), "rb").read()
+      for f in sorted(os.listdir(os.path.join(out, "shards")))
+      if f.endswith(".array_record")
+  }
 
 
 def test_killed_ingest_resumes_to_byte_identical_shards_on_any_split(hostile, tmp_path):
@@ -296,13 +316,13 @@ def test_killed_ingest_resumes_to_byte_identical_shards_on_any_split(hostile, tm
   ingest.run_ingest(root, ref, params, log=lambda m: None)
   # killed after 2 shards, then rerun as 2 processes (one after the other, as two hosts)
   out = str(tmp_path / "out")
-  assert ingest.run_ingest(root, out, params, log=lambda m: None,
-                           stop_after_shards=2) == {"interrupted": True}
+  assert ingest.run_ingest(root, out, params, log=lambda m: None, stop_after_shards=2) == {
+      "interrupted": True
+  }
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   with pytest.raises(ingest.IngestError, match="not complete"):
     ingest.ShardSource(out)
-  r0 = ingest.run_ingest(root, out, params, process_index=0, process_count=2,
-                         log=lambda m: None)
+  r0 = ingest.run_ingest(root, out, params, process_index=0, process_count=2, log=lambda m: None)
   assert r0.get("complete") is False
   ingest.run_ingest(root, out, params, process_index=1, process_count=2, log=lambda m: None)
   assert _all_bytes(out) == _all_bytes(ref)
@@ -319,18 +339,41 @@ def test_killed_ingest_resumes_to_byte_identical_shards_on_any_split(hostile, tm
 def test_cli_two_processes_through_local_sh_and_errors(hostile, tmp_path):
   root, want = hostile
   out = str(tmp_path / "cli")
-  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--num_processes", "2",
-                      "--module", "bssl.ingest", "--log_dir", str(tmp_path / "logs"), "--",
-                      f"--input={root}", f"--out={out}", "--shard_size=5"],
-                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  r = subprocess.run(
+      [
+          "bash",
+          os.path.join(ROOT, "launch", "local.sh"),
+          "--num_processes",
+          "2",
+          "--module",
+          "bssl.ingest",
+          "--log_dir",
+          str(tmp_path / "logs"),
+          "--",
+          f"--input={root}",
+          f"--out={out}",
+          "--shard_size=5",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   assert json.load(open(os.path.join(out, "manifest.json")))["num_images"] == len(want)
-  for args, msg in ((["--input=/nonexistent", f"--out={tmp_path}/x"], "does not exist"),
-                    ([f"--input={root}", f"--out={out}", "--shard_size=7"], "shard_size"),
-                    ([f"--input={root}", f"--out={tmp_path}/y", "--quality=0"], "--quality"),
-                    ([f"--input={root}"], "--out is required")):
-    r = subprocess.run([sys.executable, "-m", "bssl.ingest", *args], capture_output=True,
-                       text=True, timeout=120, cwd=ROOT)
+  for args, msg in (
+      (["--input=/nonexistent", f"--out={tmp_path}/x"], "does not exist"),
+      ([f"--input={root}", f"--out={out}", "--shard_size=7"], "shard_size"),
+      ([f"--input={root}", f"--out={tmp_path}/y", "--quality=0"], "--quality"),
+      ([f"--input={root}"], "--out is required"),
+  ):
+    r = subprocess.run(
+        [sys.executable, "-m", "bssl.ingest", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
   assert not os.path.exists(f"{tmp_path}/y")
@@ -341,26 +384,45 @@ def test_scoring_from_shards_equals_scoring_the_folder(tmp_path):
   the D̂ of scoring the shards (1 or 2 processes) is the D̂ of scoring the folder."""
   folder = tmp_path / "u"
   for i in range(40):
-    _save(_photo(12 + i % 5, 10 + i % 3, 100 + i), str(folder / f"sub{i % 3}" / f"{i:03d}.jpg"),
-          quality=85)
+    _save(
+        _photo(12 + i % 5, 10 + i % 3, 100 + i),
+        str(folder / f"sub{i % 3}" / f"{i:03d}.jpg"),
+        quality=85,
+    )
   out = str(tmp_path / "shards")
   ingest.run_ingest(str(folder), out, ingest.Params(shard_size=7), log=lambda m: None)
-  spec = pipelines.ImageSpec(size=8, channels=3, augment="none",
-                             eval_transform="resize_center_crop")
+  spec = pipelines.ImageSpec(
+      size=8, channels=3, augment="none", eval_transform="resize_center_crop"
+  )
   model = create_model("resnet_small", 4, widths=(4,), depths=(1,))
   mesh = parallel.make_mesh()
-  v = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 3)), train=False),
-              out_shardings=parallel.replicated(mesh))(jax.random.key(3, impl="rbg"))
+  v = jax.jit(
+      lambda r: model.init(r, jnp.zeros((1, 8, 8, 3)), train=False),
+      out_shardings=parallel.replicated(mesh),
+  )(jax.random.key(3, impl="rbg"))
   scorer = JaxScorer(model, v, 2, (120.0,) * 3, (60.0,) * 3)
 
   def dhat(source, pc, name, workers=0):
     parts = tmp_path / name
     gen, chunks = scoring.plan_chunks(parts, len(source), 16)
     for pi in range(pc):
-      scoring.score_process(scorer=scorer, source=source, spec=spec, parts_dir=parts,
-                            gen=gen, chunks=chunks, process_index=pi, process_count=pc,
-                            num_classes=4, k=5, p=2, local_batch_size=8, log=lambda m: None,
-                            num_workers=workers, in_flight=1 + pi)
+      scoring.score_process(
+          scorer=scorer,
+          source=source,
+          spec=spec,
+          parts_dir=parts,
+          gen=gen,
+          chunks=chunks,
+          process_index=pi,
+          process_count=pc,
+          num_classes=4,
+          k=5,
+          p=2,
+          local_batch_size=8,
+          log=lambda m: None,
+          num_workers=workers,
+          in_flight=1 + pi,
+      )
     return scoring.merge_parts(parts, len(source))[0].result()
 
   want = dhat(sources.ImageFileSource(str(folder)), 1, "folder")
@@ -395,8 +457,14 @@ for name in ("a/b.png", "a.png", "a-c.png"):
 print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
                         for f in ingest.list_inputs({gcs.url('ingest/order')!r})))
 """
-  r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **gcs.env},
-                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  r = subprocess.run(
+      [sys.executable, "-c", code],
+      env={**os.environ, **gcs.env},
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   n_ok = sum(1 for w in want.values() if w is None) - 3  # 3 planted duplicates dropped
   out = r.stdout.strip().splitlines()
@@ -406,8 +474,10 @@ print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
   for name in ("a/b.png", "a.png", "a-c.png"):
     os.makedirs(os.path.dirname(local / name), exist_ok=True)
     (local / name).write_bytes(b"x")
-  assert ",".join(os.path.relpath(f, local) for f in ingest.list_inputs(str(local))) == \
-      "a-c.png,a.png,a/b.png"
+  assert (
+      ",".join(os.path.relpath(f, local) for f in ingest.list_inputs(str(local)))
+      == "a-c.png,a.png,a/b.png"
+  )
   src = ingest.ShardSource(str(tmp_path / "from_gcs"))
   assert [os.path.basename(src.name_of(i)) for i in range(2)] == ["x.png", "small.jpg"]
   (sub,) = os.listdir(tmp_path / "c")  # a folder per ingest, named by its content digest
@@ -417,8 +487,9 @@ print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
 def test_recipe_scores_u_from_shards(tmp_path):
   """The engine with U = ingested shards (resnext:tiny on 32-px images, up to selection):
   bad files and duplicates are skipped and listed with their reasons."""
-  from bssl.configs import resnext
   from bssl import engine
+  from bssl.configs import resnext
+
   folder = tmp_path / "u"
   for i in range(30):
     _save(_photo(40 + i % 7, 36, 200 + i), str(folder / f"{i:03d}.jpg"), quality=90)
@@ -438,10 +509,12 @@ def test_recipe_scores_u_from_shards(tmp_path):
   assert "duplicate of id 3" in bad["reasons"][1]
   # the same --out ingested again from other files: the stages that read U are refused
   import shutil
+
   shutil.rmtree(out)
   _save(_photo(40, 36, 999), str(folder / "new.jpg"), quality=90)
   ingest.run_ingest(str(folder), out, ingest.Params(shard_size=8), log=lambda m: None)
   from bssl import deps
+
   deps.forget_identities()  # (identities are computed once per process: a new run here)
   with pytest.raises(engine.RefusedError, match=r"unlabelled\.path\): its contents changed"):
     engine.run_recipe(cfg, wd)

@@ -1,6 +1,7 @@
 """Tests of the launchers in launch/: --help, --dry_run output, argument validation, a real
 2-process CPU run of local.sh, and the non-dry paths of tpu_pod.sh / gpu_slurm.sbatch with
 fake `gcloud` / `srun` executables on PATH (nothing leaves this machine)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def _env(**extra):
 
 
 def run(script, *args, env=None, timeout=60, cwd=None):
-  return subprocess.run(["bash", str(script), *map(str, args)], capture_output=True, text=True,
-                        env=env or _env(), timeout=timeout, cwd=cwd)
+  return subprocess.run(
+      ["bash", str(script), *map(str, args)],
+      capture_output=True,
+      text=True,
+      env=env or _env(),
+      timeout=timeout,
+      cwd=cwd,
+  )
 
 
 def commands(stdout):
@@ -60,18 +67,47 @@ def env_of(cmd):
       break
     k, v = word.split("=", 1)
     env[k] = v
-  return env, cmd[1 + len(env):]
+  return env, cmd[1 + len(env) :]
 
 
 # ------------------------------------------------------------------- --help
 
-@pytest.mark.parametrize("script,options", [
-    (LOCAL, ["--num_processes", "--devices_per_process", "--port", "--log_dir", "--module",
-             "--python_script", "--dry_run"]),
-    (TPU, ["--name", "--zone", "--accelerator_type", "--version", "--project", "--spot",
-           "--preemptible", "--reuse", "--repo_dir", "--teardown", "--dry_run", "re-attach"]),
-    (SLURM, ["--dry_run", "--python", "--module", "sbatch", "BSSL_LOCAL_DEVICE_IDS"]),
-])
+
+@pytest.mark.parametrize(
+    "script,options",
+    [
+        (
+            LOCAL,
+            [
+                "--num_processes",
+                "--devices_per_process",
+                "--port",
+                "--log_dir",
+                "--module",
+                "--python_script",
+                "--dry_run",
+            ],
+        ),
+        (
+            TPU,
+            [
+                "--name",
+                "--zone",
+                "--accelerator_type",
+                "--version",
+                "--project",
+                "--spot",
+                "--preemptible",
+                "--reuse",
+                "--repo_dir",
+                "--teardown",
+                "--dry_run",
+                "re-attach",
+            ],
+        ),
+        (SLURM, ["--dry_run", "--python", "--module", "sbatch", "BSSL_LOCAL_DEVICE_IDS"]),
+    ],
+)
 def test_help(script, options):
   for flag in ("--help", "-h"):
     r = run(script, flag)
@@ -90,18 +126,41 @@ def test_scripts_are_strict_bash():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
-  r = subprocess.run(["shellcheck", "-x", "-P", str(LAUNCH), str(LOCAL), str(TPU), str(SLURM),
-                      str(LAUNCH / "_lib.sh")], capture_output=True,
-                     text=True, timeout=60)
+  r = subprocess.run(
+      [
+          "shellcheck",
+          "-x",
+          "-P",
+          str(LAUNCH),
+          str(LOCAL),
+          str(TPU),
+          str(SLURM),
+          str(LAUNCH / "_lib.sh"),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------ local.sh
 
+
 def test_local_dry_run_three_processes(tmp_path):
   workdir = tmp_path / "run"
-  r = run(LOCAL, "--num_processes", 3, "--devices_per_process", 4, "--dry_run", "--",
-          "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--config.name=a b")
+  r = run(
+      LOCAL,
+      "--num_processes",
+      3,
+      "--devices_per_process",
+      4,
+      "--dry_run",
+      "--",
+      "--config=configs/demo.py:tiny",
+      f"--workdir={workdir}",
+      "--config.name=a b",
+  )
   assert r.returncode == 0, r.stderr
   assert not workdir.exists(), "a dry run must not create anything"
   cmds = commands(r.stdout)
@@ -116,8 +175,13 @@ def test_local_dry_run_three_processes(tmp_path):
     assert "--xla_force_host_platform_device_count=4" in env["XLA_FLAGS"].split()
     assert str(REPO) in env["PYTHONPATH"].split(":")
     coordinators.add(env["BSSL_COORDINATOR_ADDRESS"])
-    assert argv[1:] == ["-m", "bssl.main", "--config=configs/demo.py:tiny",
-                        f"--workdir={workdir}", "--config.name=a b"]
+    assert argv[1:] == [
+        "-m",
+        "bssl.main",
+        "--config=configs/demo.py:tiny",
+        f"--workdir={workdir}",
+        "--config.name=a b",
+    ]
     assert f"{workdir}/logs/process_{i}.log" in r.stdout
   (coordinator,) = coordinators
   host, port = coordinator.rsplit(":", 1)
@@ -125,8 +189,20 @@ def test_local_dry_run_three_processes(tmp_path):
 
 
 def test_local_dry_run_options(tmp_path):
-  r = run(LOCAL, "--dry_run", "--port=12345", "--module", "bssl.other", "--log_dir", tmp_path,
-          "--python", sys.executable, "--", "--workdir", "gs://bucket/x")
+  r = run(
+      LOCAL,
+      "--dry_run",
+      "--port=12345",
+      "--module",
+      "bssl.other",
+      "--log_dir",
+      tmp_path,
+      "--python",
+      sys.executable,
+      "--",
+      "--workdir",
+      "gs://bucket/x",
+  )
   assert r.returncode == 0, r.stderr
   cmds = commands(r.stdout)
   assert len(cmds) == 2  # default --num_processes
@@ -142,25 +218,35 @@ def test_local_dry_run_options(tmp_path):
 
 
 def test_local_dry_run_keeps_other_xla_flags():
-  r = run(LOCAL, "--dry_run", "--devices_per_process", 8,
-          env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2"))
+  r = run(
+      LOCAL,
+      "--dry_run",
+      "--devices_per_process",
+      8,
+      env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2"),
+  )
   env, _ = env_of(commands(r.stdout)[0])
-  assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d",
-                                      "--xla_force_host_platform_device_count=8"]
+  assert env["XLA_FLAGS"].split() == [
+      "--xla_dump_to=/tmp/d",
+      "--xla_force_host_platform_device_count=8",
+  ]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--num_processes", "0"], "'0'"),
-    (["--num_processes", "two"], "'two'"),
-    (["--devices_per_process", "-1"], "'-1'"),
-    (["--port", "70000"], "'70000'"),
-    (["--module", "not a module"], "'not a module'"),
-    (["--python_script", "/nonexistent/x.py"], "/nonexistent/x.py"),
-    (["--module", "a.b", "--python_script", __file__], "mutually exclusive"),
-    (["--bogus"], "'--bogus'"),
-    (["--num_processes"], "--num_processes needs a value"),
-    (["--python", "/nonexistent/python"], "/nonexistent/python"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--num_processes", "0"], "'0'"),
+        (["--num_processes", "two"], "'two'"),
+        (["--devices_per_process", "-1"], "'-1'"),
+        (["--port", "70000"], "'70000'"),
+        (["--module", "not a module"], "'not a module'"),
+        (["--python_script", "/nonexistent/x.py"], "/nonexistent/x.py"),
+        (["--module", "a.b", "--python_script", __file__], "mutually exclusive"),
+        (["--bogus"], "'--bogus'"),
+        (["--num_processes"], "--num_processes needs a value"),
+        (["--python", "/nonexistent/python"], "/nonexistent/python"),
+    ],
+)
 def test_local_invalid_arguments(args, needle):
   r = run(LOCAL, *args, "--dry_run")
   assert r.returncode != 0
@@ -188,8 +274,21 @@ def test_local_real_run_cross_process_sum(tmp_path):
   script = tmp_path / "allgather.py"
   script.write_text(ALLGATHER.replace("REPO", repr(str(REPO))))
   logs = tmp_path / "logs"
-  args = ("--num_processes", 2, "--devices_per_process", 2, "--log_dir", logs, "--python",
-          sys.executable, "--python_script", script, "--", "hello", "a b")
+  args = (
+      "--num_processes",
+      2,
+      "--devices_per_process",
+      2,
+      "--log_dir",
+      logs,
+      "--python",
+      sys.executable,
+      "--python_script",
+      script,
+      "--",
+      "hello",
+      "a b",
+  )
   # gloo's CPU collectives very rarely hang after the allgather on a loaded CI machine
   # (process 0 prints its RESULT, the shutdown barrier never completes): one retry, with both
   # processes' logs in the failure message if it hangs twice.
@@ -238,8 +337,19 @@ def test_local_failing_process_stops_the_others(tmp_path):
   script.write_text(FAIL_ONE)
   logs = tmp_path / "logs"
   t0 = time.monotonic()
-  r = run(LOCAL, "--num_processes", 3, "--log_dir", logs, "--python", sys.executable,
-          "--python_script", script, env=_env(FAIL_ID="1", LOG_DIR=str(logs)), timeout=60)
+  r = run(
+      LOCAL,
+      "--num_processes",
+      3,
+      "--log_dir",
+      logs,
+      "--python",
+      sys.executable,
+      "--python_script",
+      script,
+      env=_env(FAIL_ID="1", LOG_DIR=str(logs)),
+      timeout=60,
+  )
   assert time.monotonic() - t0 < 30
   assert r.returncode == 3, r.stdout + r.stderr
   assert f"process 1 failed with exit code 3; log: {logs}/process_1.log" in r.stderr
@@ -252,14 +362,30 @@ def test_local_forwards_sigterm(tmp_path):
   script = tmp_path / "wait.py"
   script.write_text(FAIL_ONE)
   logs = tmp_path / "logs"
-  p = subprocess.Popen(["bash", str(LOCAL), "--log_dir", str(logs), "--python", sys.executable,
-                        "--python_script", str(script)], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=_env())
+  p = subprocess.Popen(
+      [
+          "bash",
+          str(LOCAL),
+          "--log_dir",
+          str(logs),
+          "--python",
+          sys.executable,
+          "--python_script",
+          str(script),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=_env(),
+  )
   try:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-      if all((logs / f"process_{i}.log").exists() and "started" in
-             (logs / f"process_{i}.log").read_text() for i in range(2)):
+      if all(
+          (logs / f"process_{i}.log").exists()
+          and "started" in (logs / f"process_{i}.log").read_text()
+          for i in range(2)
+      ):
         break
       time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
@@ -274,6 +400,7 @@ def test_local_forwards_sigterm(tmp_path):
 
 # --------------------------------------------------------------- tpu_pod.sh
 
+
 def _gcloud_cmds(stdout):
   return [c for c in commands(stdout) if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
 
@@ -284,12 +411,22 @@ def _verb(cmds, verb):
 
 def _command_of(cmd):
   (c,) = [w for w in cmd if w.startswith("--command=")]
-  return c[len("--command="):]
+  return c[len("--command=") :]
 
 
 def test_tpu_dry_run_full(tmp_path):
-  r = run(TPU, *TPU_REQUIRED, "--spot", "--project", "my-proj", "--dry_run", "--",
-          "--config=configs/resnext.py", "--workdir=gs://bucket/run1", "--config.note=a b")
+  r = run(
+      TPU,
+      *TPU_REQUIRED,
+      "--spot",
+      "--project",
+      "my-proj",
+      "--dry_run",
+      "--",
+      "--config=configs/resnext.py",
+      "--workdir=gs://bucket/run1",
+      "--config.note=a b",
+  )
   assert r.returncode == 0, r.stderr
   assert "warning" not in r.stderr
   cmds = _gcloud_cmds(r.stdout)
@@ -316,31 +453,55 @@ def test_tpu_dry_run_full(tmp_path):
   # The program arguments reach bssl.main intact through the remote shell.
   (line,) = [l for l in script.splitlines() if "bssl.main" in l]
   argv = shlex.split(line.split(" -m bssl.main", 1)[1].split(">", 1)[0])
-  assert argv == ["--config=configs/resnext.py", "--workdir=gs://bucket/run1",
-                  "--config.note=a b"]
+  assert argv == ["--config=configs/resnext.py", "--workdir=gs://bucket/run1", "--config.note=a b"]
   assert not _verb(cmds, "delete")
 
 
 def test_tpu_dry_run_teardown_reuse_preemptible():
-  r = run(TPU, *TPU_REQUIRED, "--teardown", "--reuse", "--preemptible", "--version=v2-alpha-tpuv5",
-          "--dry_run", "--", "--config=c.py", "--workdir=gs://b/r")
+  r = run(
+      TPU,
+      *TPU_REQUIRED,
+      "--teardown",
+      "--reuse",
+      "--preemptible",
+      "--version=v2-alpha-tpuv5",
+      "--dry_run",
+      "--",
+      "--config=c.py",
+      "--workdir=gs://b/r",
+  )
   assert r.returncode == 0, r.stderr
   cmds = _gcloud_cmds(r.stdout)
   assert [c[4] for c in cmds] == ["describe", "ssh", "scp", "ssh", "ssh", "delete"]
   assert not _verb(cmds, "create")
   (delete,) = _verb(cmds, "delete")
   assert delete[5] == "bssl-test" and "--zone=us-central2-b" in delete and "--quiet" in delete
-  r = run(TPU, *TPU_REQUIRED, "--preemptible", "--version=v2-alpha-tpuv5", "--skip_install",
-          "--dry_run", "--", "--workdir=gs://b/r")
+  r = run(
+      TPU,
+      *TPU_REQUIRED,
+      "--preemptible",
+      "--version=v2-alpha-tpuv5",
+      "--skip_install",
+      "--dry_run",
+      "--",
+      "--workdir=gs://b/r",
+  )
   cmds = _gcloud_cmds(r.stdout)
   (create,) = _verb(cmds, "create")
   assert "--preemptible" in create and "--version=v2-alpha-tpuv5" in create
   assert len(_verb(cmds, "ssh")) == 2  # prepare + run, no install
 
 
-@pytest.mark.parametrize("workdir,warned", [
-    ("gs://bucket/run", False), ("/mnt/shared/run", False), ("/tmp/run", True),
-    ("relative/run", True), (None, True)])
+@pytest.mark.parametrize(
+    "workdir,warned",
+    [
+        ("gs://bucket/run", False),
+        ("/mnt/shared/run", False),
+        ("/tmp/run", True),
+        ("relative/run", True),
+        (None, True),
+    ],
+)
 def test_tpu_workdir_warning(workdir, warned):
   args = [f"--workdir={workdir}"] if workdir else []
   r = run(TPU, *TPU_REQUIRED, "--dry_run", "--", "--config=c.py", *args)
@@ -350,18 +511,21 @@ def test_tpu_workdir_warning(workdir, warned):
     assert workdir in r.stderr
 
 
-@pytest.mark.parametrize("args,needles", [
-    (TPU_REQUIRED[2:], ["--name is required"]),
-    (TPU_REQUIRED[:2] + TPU_REQUIRED[4:], ["--zone is required", "us-central2-b"]),
-    (TPU_REQUIRED[:4], ["--accelerator_type is required", "v5p-128"]),
-    (TPU_REQUIRED[:4] + ["--accelerator_type", "v4"], ["'v4'", "v5litepod-16"]),
-    (TPU_REQUIRED[:4] + ["--accelerator_type", "tpu-v4-8"], ["'tpu-v4-8'"]),
-    (["--name", "Bad_Name"] + TPU_REQUIRED[2:], ["'Bad_Name'"]),
-    (TPU_REQUIRED[:2] + ["--zone", "uscentral"] + TPU_REQUIRED[4:], ["'uscentral'"]),
-    (TPU_REQUIRED + ["--spot", "--preemptible"], ["mutually exclusive"]),
-    (TPU_REQUIRED + ["--repo_dir", "/nonexistent"], ["/nonexistent"]),
-    (TPU_REQUIRED + ["--frobnicate"], ["'--frobnicate'"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (TPU_REQUIRED[2:], ["--name is required"]),
+        (TPU_REQUIRED[:2] + TPU_REQUIRED[4:], ["--zone is required", "us-central2-b"]),
+        (TPU_REQUIRED[:4], ["--accelerator_type is required", "v5p-128"]),
+        (TPU_REQUIRED[:4] + ["--accelerator_type", "v4"], ["'v4'", "v5litepod-16"]),
+        (TPU_REQUIRED[:4] + ["--accelerator_type", "tpu-v4-8"], ["'tpu-v4-8'"]),
+        (["--name", "Bad_Name"] + TPU_REQUIRED[2:], ["'Bad_Name'"]),
+        (TPU_REQUIRED[:2] + ["--zone", "uscentral"] + TPU_REQUIRED[4:], ["'uscentral'"]),
+        (TPU_REQUIRED + ["--spot", "--preemptible"], ["mutually exclusive"]),
+        (TPU_REQUIRED + ["--repo_dir", "/nonexistent"], ["/nonexistent"]),
+        (TPU_REQUIRED + ["--frobnicate"], ["'--frobnicate'"]),
+    ],
+)
 def test_tpu_invalid_arguments(args, needles):
   r = run(TPU, *args, "--dry_run", "--", "--workdir=gs://b/r")
   assert r.returncode != 0
@@ -371,8 +535,18 @@ def test_tpu_invalid_arguments(args, needles):
 
 def test_tpu_accepts_known_types():
   for t in ("v2-8", "v4-8", "v5litepod-16", "v5p-128", "v6e-64"):
-    r = run(TPU, "--name", "x", "--zone", "europe-west4-a", "--accelerator_type", t, "--dry_run",
-            "--", "--workdir=gs://b/r")
+    r = run(
+        TPU,
+        "--name",
+        "x",
+        "--zone",
+        "europe-west4-a",
+        "--accelerator_type",
+        t,
+        "--dry_run",
+        "--",
+        "--workdir=gs://b/r",
+    )
     assert r.returncode == 0, (t, r.stderr)
 
 
@@ -400,8 +574,10 @@ sys.exit(int(os.environ.get("FAKE_MAIN_RC", "0")))
 """
 
 
-@pytest.mark.skipif(not all(shutil.which(t) for t in ("setsid", "nohup", "tail", "sed")),
-                    reason="needs setsid/nohup/tail/sed")
+@pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("setsid", "nohup", "tail", "sed")),
+    reason="needs setsid/nohup/tail/sed",
+)
 @pytest.mark.parametrize("exists,main_rc", [(False, 0), (True, 5)])
 def test_tpu_real_run_with_fake_gcloud(tmp_path, exists, main_rc):
   # A tiny "checkout" with a fake bssl.main, a fake worker home with a venv python.
@@ -420,18 +596,40 @@ def test_tpu_real_run_with_fake_gcloud(tmp_path, exists, main_rc):
   (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
   (bin_dir / "gcloud").chmod(0o755)
   log = tmp_path / "gcloud.log"
-  env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_HOME=str(home),
-             FAKE_PYTHON=sys.executable, FAKE_MAIN_RC=str(main_rc))
+  env = _env(
+      PATH=f"{bin_dir}:{os.environ['PATH']}",
+      FAKE_LOG=str(log),
+      FAKE_HOME=str(home),
+      FAKE_PYTHON=sys.executable,
+      FAKE_MAIN_RC=str(main_rc),
+  )
   if exists:
     env["FAKE_EXISTS"] = "1"
-  r = run(TPU, *TPU_REQUIRED, "--reuse", "--teardown", "--skip_install", "--repo_dir", repo,
-          "--", "--config=c.py", "--workdir=gs://b/r", "--x=a b", env=env, timeout=60)
+  r = run(
+      TPU,
+      *TPU_REQUIRED,
+      "--reuse",
+      "--teardown",
+      "--skip_install",
+      "--repo_dir",
+      repo,
+      "--",
+      "--config=c.py",
+      "--workdir=gs://b/r",
+      "--x=a b",
+      env=env,
+      timeout=60,
+  )
   assert r.returncode == main_rc, r.stdout + r.stderr
   verbs = [json.loads(l)[3] for l in log.read_text().splitlines()]
   assert verbs == ["describe"] + ([] if exists else ["create"]) + ["ssh", "scp", "ssh", "delete"]
   # The job ran with the protocol and the arguments, its output streamed with a host prefix.
-  assert re.search(r"^\[[^]]+\] fake main: distributed=1 args=\['--config=c.py', "
-                   r"'--workdir=gs://b/r', '--x=a b'\]$", r.stdout, re.M), r.stdout
+  assert re.search(
+      r"^\[[^]]+\] fake main: distributed=1 args=\['--config=c.py', "
+      r"'--workdir=gs://b/r', '--x=a b'\]$",
+      r.stdout,
+      re.M,
+  ), r.stdout
   assert "fake main" in (home / "bssl_logs" / "latest.log").read_text()
   assert not (home / "bssl" / "stale.txt").exists()  # the old copy was replaced
   assert (home / "bssl" / "bssl" / "main.py").exists()
@@ -440,17 +638,30 @@ def test_tpu_real_run_with_fake_gcloud(tmp_path, exists, main_rc):
 
 # --------------------------------------------------------- gpu_slurm.sbatch
 
+
 def test_slurm_header():
   text = SLURM.read_text()
   header = text.split("set -euo pipefail")[0]
-  for option in ("--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=",
-                 "--signal=TERM@", "--requeue"):
+  for option in (
+      "--nodes=8",
+      "--ntasks-per-node=8",
+      "--gpus-per-node=8",
+      "--cpus-per-task=",
+      "--signal=TERM@",
+      "--requeue",
+  ):
     assert re.search(rf"^#SBATCH {re.escape(option)}", header, re.M), option
 
 
 def test_slurm_dry_run_outside_slurm():
-  r = run(SLURM, "--dry_run", "--", "--config=configs/resnext.py", "--workdir=/shared/run1",
-          "--config.note=a b")
+  r = run(
+      SLURM,
+      "--dry_run",
+      "--",
+      "--config=configs/resnext.py",
+      "--workdir=/shared/run1",
+      "--config.note=a b",
+  )
   assert r.returncode == 0, r.stderr
   cmds = commands(r.stdout)
   assert ["export", "BSSL_DISTRIBUTED=1"] in cmds
@@ -460,22 +671,37 @@ def test_slurm_dry_run_outside_slurm():
   i = srun.index("bash")
   assert srun[i + 1] == "-c" and "BSSL_LOCAL_DEVICE_IDS=$SLURM_LOCALID" in srun[i + 2]
   py = os.environ.get("PYTHON", "python3")  # conftest: this interpreter (the venv's)
-  assert srun[i + 4:] == [py, "-u", "-m", "bssl.main", "--config=configs/resnext.py",
-                          "--workdir=/shared/run1", "--config.note=a b"]
+  assert srun[i + 4 :] == [
+      py,
+      "-u",
+      "-m",
+      "bssl.main",
+      "--config=configs/resnext.py",
+      "--workdir=/shared/run1",
+      "--config.note=a b",
+  ]
   # Without `--`, the first non-launcher argument starts the program arguments.
-  r2 = run(SLURM, "--dry_run", "--config=configs/resnext.py", "--workdir=/shared/run1",
-           "--config.note=a b")
+  r2 = run(
+      SLURM,
+      "--dry_run",
+      "--config=configs/resnext.py",
+      "--workdir=/shared/run1",
+      "--config.note=a b",
+  )
   assert r2.stdout == r.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--", "--config=c.py", "--workdir=/shared/r"], "sbatch"),  # not in SLURM, not a dry run
-    (["--dry_run", "--", "--workdir=/shared/r"], "--config"),
-    (["--dry_run", "--", "--config=c.py"], "--workdir"),
-    (["--dry_run", "--module", "no way", "--", "x"], "'no way'"),
-    (["--dry_run", "--python_script", "/nonexistent.py"], "/nonexistent.py"),
-    (["--dry_run", "--python"], "--python needs a value"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--", "--config=c.py", "--workdir=/shared/r"], "sbatch"),  # not in SLURM, not a dry run
+        (["--dry_run", "--", "--workdir=/shared/r"], "--config"),
+        (["--dry_run", "--", "--config=c.py"], "--workdir"),
+        (["--dry_run", "--module", "no way", "--", "x"], "'no way'"),
+        (["--dry_run", "--python_script", "/nonexistent.py"], "/nonexistent.py"),
+        (["--dry_run", "--python"], "--python needs a value"),
+    ],
+)
 def test_slurm_invalid(args, needle):
   r = run(SLURM, *args)
   assert r.returncode != 0
@@ -500,8 +726,9 @@ print(f"task {os.environ['SLURM_PROCID']}: distributed={os.environ['BSSL_DISTRIB
 """
 
 
-@pytest.mark.parametrize("visible,expected", [(None, ["0", "1"]), ("0,1,2,3,4,5,6,7", ["0", "1"]),
-                                              ("5", ["0", "0"])])
+@pytest.mark.parametrize(
+    "visible,expected", [(None, ["0", "1"]), ("0,1,2,3,4,5,6,7", ["0", "1"]), ("5", ["0", "0"])]
+)
 def test_slurm_inside_job_with_fake_srun(tmp_path, visible, expected):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -510,13 +737,28 @@ def test_slurm_inside_job_with_fake_srun(tmp_path, visible, expected):
   task = tmp_path / "task.py"
   task.write_text(TASK)
   log = tmp_path / "srun.log"
-  env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log),
-             FAKE_PYTHON=sys.executable, SLURM_JOB_ID="4242", SLURM_NTASKS="2",
-             SLURM_SUBMIT_DIR=str(REPO))
+  env = _env(
+      PATH=f"{bin_dir}:{os.environ['PATH']}",
+      FAKE_LOG=str(log),
+      FAKE_PYTHON=sys.executable,
+      SLURM_JOB_ID="4242",
+      SLURM_NTASKS="2",
+      SLURM_SUBMIT_DIR=str(REPO),
+  )
   if visible is not None:
     env["CUDA_VISIBLE_DEVICES"] = visible
-  r = run(SLURM, "--python", sys.executable, "--python_script", task, "--", "--a=1", "b c",
-          env=env, cwd=tmp_path)
+  r = run(
+      SLURM,
+      "--python",
+      sys.executable,
+      "--python_script",
+      task,
+      "--",
+      "--a=1",
+      "b c",
+      env=env,
+      cwd=tmp_path,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   for i, ids in enumerate(expected):
     assert f"task {i}: distributed=1 local_device_ids={ids} args=['--a=1', 'b c']" in r.stdout

@@ -1,5 +1,6 @@
 """2 processes x 2 fake CPU devices (gloo collectives on loopback) train and score
 exactly like 1 process x 4 devices; each process scores its own chunks of U."""
+
 import json
 import os
 import subprocess
@@ -23,17 +24,39 @@ def _env(devices):
 
 def test_two_hosts_equal_one_host(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  ref = subprocess.Popen([sys.executable, WORKER, one], env=_env(4), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+  ref = subprocess.Popen(
+      [sys.executable, WORKER, one],
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   multi = subprocess.run(
-      ["bash", os.path.join(ROOT, "launch", "local.sh"), "--num_processes", "2",
-       "--devices_per_process", "2", "--log_dir", str(tmp_path / "logs"),
-       "--python_script", WORKER, "--", two],
-      env=_env(2), capture_output=True, text=True, timeout=600)
+      [
+          "bash",
+          os.path.join(ROOT, "launch", "local.sh"),
+          "--num_processes",
+          "2",
+          "--devices_per_process",
+          "2",
+          "--log_dir",
+          str(tmp_path / "logs"),
+          "--python_script",
+          WORKER,
+          "--",
+          two,
+      ],
+      env=_env(2),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   ref_out = ref.communicate(timeout=600)[0]
   assert ref.returncode == 0, ref_out[-3000:]
-  logs = "".join(open(os.path.join(tmp_path, "logs", f)).read()[-2000:]
-                 for f in sorted(os.listdir(tmp_path / "logs")))
+  logs = "".join(
+      open(os.path.join(tmp_path, "logs", f)).read()[-2000:]
+      for f in sorted(os.listdir(tmp_path / "logs"))
+  )
   assert multi.returncode == 0, multi.stdout[-2000:] + multi.stderr[-2000:] + logs
   assert "MULTIHOST_DONE 2 90" in multi.stdout + logs
   assert "MULTIHOST_DONE 1 90" in ref_out

@@ -4,6 +4,7 @@ saturation) are found and clean look-alikes are not, on photo-like synthetic sce
 Fashion-MNIST the planted copies are found too, but its garments are so alike that clean
 images match as well (measured in benchmarks/neardup.py, docs/webdataset.md). And the
 recipe keeps the copies out of D̂ and lists them."""
+
 import json
 import os
 
@@ -35,27 +36,32 @@ def test_each_transform_alone_is_found():
   ev = [planted.scene(i, family=i % 10) for i in range(40)]
   index = neardup.Index(ev)
   from PIL import Image
+
   for name, f in (
       ("flip", lambda a: a[:, ::-1]),
       ("crop 20%", lambda a: a[5:91, 5:91]),
       ("resize", lambda a: np.asarray(Image.fromarray(a).resize((200, 200)))),
       ("jpeg 30", lambda a: planted.transform(a, rng, min_area=1.0, min_quality=30)),
-      ("darker", lambda a: (a * 0.85).astype(np.uint8))):
+      ("darker", lambda a: (a * 0.85).astype(np.uint8)),
+  ):
     m = index.match([f(e) for e in ev])
     assert (m.index == np.arange(40)).all() and (m.similarity >= 0.95).all(), name
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist"),
-                    reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.exists("/usr/share/datasets/fashion-mnist"),
+    reason="needs Debian's dataset-fashion-mnist",
+)
 def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
   """demo:tiny with copies of 40 test images planted into U (an image folder): none of
   them is scored or selected; each is listed with the test image it copies; the report
   counts them by split."""
   from PIL import Image
+
   from bssl import engine
   from bssl.configs import demo
-  from bssl.data import sources
-  from bssl.data import recipe
+  from bssl.data import recipe, sources
+
   cfg = demo.get_config("tiny")
   test = recipe.build_data(cfg).test  # the run's test split: matched ids are its positions
   rng = np.random.default_rng(0)
@@ -67,7 +73,8 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
   src = rng.choice(len(test), 40, replace=False)
   for j, t in enumerate(src):
     Image.fromarray(planted.transform(test[int(t)]["image"], rng)[..., 0]).save(
-        folder / f"b{j:04d}.jpg")
+        folder / f"b{j:04d}.jpg"
+    )
   cfg.unlabelled.kind, cfg.unlabelled.path = "image_folder", str(folder)
   cfg.score.eval_copies = "exclude"
   cfg.stages = "baseline,teacher,score,select,report"
@@ -76,20 +83,29 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
   copies = json.load(open(os.path.join(wd, "select", "eval_copies.json")))
   removed = {c["id"]: c for c in copies if c["removed"]}
   planted_ids = set(range(120, 160))  # b* after a* in the sorted paths
-  found = {i for i in planted_ids if i in removed and removed[i]["split"] == "test"
-           and removed[i]["matched_id"] == int(src[i - 120])}
+  found = {
+      i
+      for i in planted_ids
+      if i in removed
+      and removed[i]["split"] == "test"
+      and removed[i]["matched_id"] == int(src[i - 120])
+  }
   # Fashion-MNIST: about 80% of the copies are matched to their own source (the rest to a
   # look-alike, or below the threshold; measured in benchmarks/neardup.py), and clean
   # garments match too: the method's figures come from photo-like scenes (above)
   assert len(found) >= 26, len(found)
   assert len(planted_ids & set(removed)) >= 34, len(planted_ids & set(removed))
   from bssl import selection
+
   sel = selection.read_selection(os.path.join(wd, "select", "dhat"), mmap=False)
   assert not set(sel.ids.tolist()) & set(removed)
   bad = json.load(open(os.path.join(wd, "select", "bad_images.json")))
   assert set(removed) <= set(bad["ids"])
-  assert all("near-duplicate of test image" in r or "validation" in r
-             for i, r in zip(bad["ids"], bad["reasons"]) if i in removed)
+  assert all(
+      "near-duplicate of test image" in r or "validation" in r
+      for i, r in zip(bad["ids"], bad["reasons"])
+      if i in removed
+  )
   res = json.load(open(os.path.join(wd, "report", "results.json")))
   assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
   md = open(os.path.join(wd, "report", "results.md")).read()
@@ -102,25 +118,37 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
   an uninterrupted run; progress lines come with a rate and an ETA; the single part per
   process of earlier versions is still read."""
   import types
+
+  from bssl import workdir as workdir_lib
   from bssl.data import sources
   from bssl.stages import eval_copies
-  from bssl import workdir as workdir_lib
+
   monkeypatch.setattr(eval_copies, "BLOCK", 4)
   monkeypatch.setattr(eval_copies, "CHUNK", 2)
   rng = np.random.default_rng(3)
   ev = [planted.scene(i, size=48, family=i % 6) for i in range(30)]
-  u = [planted.transform(ev[i // 3], rng) if i % 3 == 0 else planted.scene(500 + i, size=48)
-       for i in range(37)]
+  u = [
+      planted.transform(ev[i // 3], rng) if i % 3 == 0 else planted.scene(500 + i, size=48)
+      for i in range(37)
+  ]
   logs = []
   ctx = types.SimpleNamespace(
       cfg=types.SimpleNamespace(score=types.SimpleNamespace(copy_threshold=0.95)),
-      data=types.SimpleNamespace(test=sources.ArraySource(np.stack(ev)), val=None,
-                                 labelled=None, unlabelled=sources.ArraySource(np.stack(u))),
-      log=logs.append)
+      data=types.SimpleNamespace(
+          test=sources.ArraySource(np.stack(ev)),
+          val=None,
+          labelled=None,
+          unlabelled=sources.ArraySource(np.stack(u)),
+      ),
+      log=logs.append,
+  )
   calls = []
   real = neardup.Index.match
-  monkeypatch.setattr(neardup.Index, "match", lambda self, imgs, **kw: (
-      calls.append(len(imgs)), real(self, imgs, **kw))[1])
+  monkeypatch.setattr(
+      neardup.Index,
+      "match",
+      lambda self, imgs, **kw: (calls.append(len(imgs)), real(self, imgs, **kw))[1],
+  )
   folder = workdir_lib.path(tmp_path / "ec")
   want = eval_copies.find(ctx, folder)
   parts = sorted(os.listdir(folder))
@@ -145,27 +173,37 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
 
 
 def test_matching_split_between_processes_equals_one_and_survives_a_count_change(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   """Two processes each search their share of U (simulated one after the other): the
   union is the one-process answer; rerun on one process, the two-process parts are
   dropped and the answer is the same."""
   import types
+
   from bssl import parallel
   from bssl import workdir as workdir_lib
   from bssl.data import sources
   from bssl.stages import eval_copies
+
   monkeypatch.setattr(eval_copies, "BLOCK", 4)
   monkeypatch.setattr(eval_copies, "CHUNK", 2)
   monkeypatch.setattr(parallel, "sync", lambda name: None)
   rng = np.random.default_rng(4)
   ev = [planted.scene(i, size=48, family=i % 6) for i in range(20)]
-  u = [planted.transform(ev[i // 2], rng) if i % 2 == 0 else planted.scene(700 + i, size=48)
-       for i in range(29)]
+  u = [
+      planted.transform(ev[i // 2], rng) if i % 2 == 0 else planted.scene(700 + i, size=48)
+      for i in range(29)
+  ]
   ctx = types.SimpleNamespace(
       cfg=types.SimpleNamespace(score=types.SimpleNamespace(copy_threshold=0.95)),
-      data=types.SimpleNamespace(test=sources.ArraySource(np.stack(ev)), val=None,
-                                 labelled=None, unlabelled=sources.ArraySource(np.stack(u))),
-      log=lambda m: None)
+      data=types.SimpleNamespace(
+          test=sources.ArraySource(np.stack(ev)),
+          val=None,
+          labelled=None,
+          unlabelled=sources.ArraySource(np.stack(u)),
+      ),
+      log=lambda m: None,
+  )
   one = eval_copies.find(ctx, workdir_lib.path(tmp_path / "one"))
   assert len(one["id"]) >= 12
   folder = workdir_lib.path(tmp_path / "two")
@@ -174,8 +212,7 @@ def test_matching_split_between_processes_equals_one_and_survives_a_count_change
     monkeypatch.setattr(parallel, "process_index", lambda pi=pi: pi)
     two = eval_copies.find(ctx, folder)
   assert all(np.array_equal(two[k], one[k]) for k in one)
-  assert {n.split("-c")[0] for n in os.listdir(folder)} == {"p00000-of-00002",
-                                                            "p00001-of-00002"}
+  assert {n.split("-c")[0] for n in os.listdir(folder)} == {"p00000-of-00002", "p00001-of-00002"}
   monkeypatch.setattr(parallel, "process_count", lambda: 1)
   monkeypatch.setattr(parallel, "process_index", lambda: 0)
   again = eval_copies.find(ctx, folder)

@@ -2,6 +2,7 @@
 the README's "Your own data" shows) runs the whole recipe end to end through
 ``python -m bssl.main``; files added afterwards make the finished stages stale (refused,
 not silently reused); bad folders are one-line errors before any work."""
+
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def make_folder(root, per_class):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   colours = {"blue": (50, 70, 210), "green": (40, 180, 60), "red": (200, 40, 40)}
   for split, n in per_class.items():
@@ -27,17 +29,32 @@ def make_folder(root, per_class):
 
 
 def flags(root, **extra):
-  f = dict(kind="image_folder", train_dir=f"{root}/train", test_dir=f"{root}/test",
-           num_classes=3, channels=3, image_size=16, mean="128,128,128", std="64,64,64",
-           augment="random_resized_crop_flip", eval_transform="resize_center_crop",
-           labelled_per_class=4, val_per_class=3)
+  f = dict(
+      kind="image_folder",
+      train_dir=f"{root}/train",
+      test_dir=f"{root}/test",
+      num_classes=3,
+      channels=3,
+      image_size=16,
+      mean="128,128,128",
+      std="64,64,64",
+      augment="random_resized_crop_flip",
+      eval_transform="resize_center_crop",
+      labelled_per_class=4,
+      val_per_class=3,
+  )
   f.update(extra)
   return [f"--config.data.{k}={v}" for k, v in f.items()] + ["--config.select.k=8"]
 
 
 def bssl_main(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny",
-                         *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def test_class_per_subfolder_images_run_the_recipe_end_to_end(tmp_path):
@@ -63,8 +80,9 @@ def test_class_per_subfolder_images_run_the_recipe_end_to_end(tmp_path):
   assert "data (files)" in r.stderr or "(data.train_dir): its contents changed" in r.stderr
 
 
-@pytest.mark.parametrize("case", ["num_classes", "unknown_test_class", "not_a_folder",
-                                  "no_test_dir", "undecodable"])
+@pytest.mark.parametrize(
+    "case", ["num_classes", "unknown_test_class", "not_a_folder", "no_test_dir", "undecodable"]
+)
 def test_bad_folders_are_one_line_errors_before_any_work(tmp_path, case):
   data = tmp_path / "shapes"
   make_folder(str(data), {"train": 8 if case == "undecodable" else 2, "test": 1})
@@ -87,5 +105,6 @@ def test_bad_folders_are_one_line_errors_before_any_work(tmp_path, case):
   assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "run").exists()
   if case == "undecodable":
-    assert r.stderr.count("not an image") == 2 and "blue/0.png" in r.stderr \
-        and "red/0.png" in r.stderr
+    assert (
+        r.stderr.count("not an image") == 2 and "blue/0.png" in r.stderr and "red/0.png" in r.stderr
+    )

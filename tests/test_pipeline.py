@@ -1,5 +1,6 @@
 """The whole recipe on a tiny Fashion-MNIST subset through the engine, its bookkeeping
 (skip, refuse, resume) and config errors raised before any training starts."""
+
 import json
 import os
 import subprocess
@@ -8,16 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from bssl.configs import demo
 from bssl import config as config_lib
 from bssl import engine, selection
+from bssl.configs import demo
 from bssl.data import recipe, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
 
 
 @pytest.fixture
@@ -92,18 +94,27 @@ def test_changed_config_is_refused_not_silently_reused(tiny_run):
 
 def test_check_record_names_fields_inputs_and_backend():
   from bssl import deps
+
   cfg = demo.get_config("tiny")
-  rec = {"version": deps.RECORD_VERSION, "fields": {"seed": 0, "pretrain.lr": cfg.pretrain.lr},
-         "files": {}, "inputs": {"select": "a1"}, "backend": "jax"}
+  rec = {
+      "version": deps.RECORD_VERSION,
+      "fields": {"seed": 0, "pretrain.lr": cfg.pretrain.lr},
+      "files": {},
+      "inputs": {"select": "a1"},
+      "backend": "jax",
+  }
   assert engine.check_record(rec, cfg, None, {"select": "a1"}, "jax") == []
   cfg.pretrain.lr = 0.5
   assert engine.check_record(rec, cfg, None, {"select": "b2"}, "torch") == [
       f"pretrain.lr: {rec['fields']['pretrain.lr']!r} -> 0.5",
-      "input 'select' was recomputed since (artifact a1 -> b2)", "backend: 'jax' -> 'torch'"]
+      "input 'select' was recomputed since (artifact a1 -> b2)",
+      "backend: 'jax' -> 'torch'",
+  ]
   # a field the config does not have (any more) is a change, never ignored
   rec["fields"]["unlabelled.no_such_field"] = True
   assert "unlabelled.no_such_field: True -> (absent)" in engine.check_record(
-      rec, cfg, None, {"select": "a1"}, "jax")
+      rec, cfg, None, {"select": "a1"}, "jax"
+  )
   # a record of the old format (declared sections) is refused as such
   assert "older bssl" in engine.check_record({"config": {}}, cfg)[0]
 
@@ -123,11 +134,18 @@ def test_self_training_teacher_is_the_baseline_and_depends_on_it(tiny_run):
     engine.run_recipe(cfg, workdir)
 
 
-@pytest.mark.parametrize("stage,kwargs,message", [
-    ("teacher", dict(depths=(2, 2, 2)), r"teacher.init_from='baseline' needs the teacher's "
-     r"architecture to be the baseline's"),
-    ("pretrain", None, r"pretrain.init_from='baseline': only the teacher may start from"),
-])
+@pytest.mark.parametrize(
+    "stage,kwargs,message",
+    [
+        (
+            "teacher",
+            dict(depths=(2, 2, 2)),
+            r"teacher.init_from='baseline' needs the teacher's "
+            r"architecture to be the baseline's",
+        ),
+        ("pretrain", None, r"pretrain.init_from='baseline': only the teacher may start from"),
+    ],
+)
 def test_init_from_a_stage_is_checked(tmp_path, stage, kwargs, message):
   cfg = demo.get_config("tiny")
   cfg[stage].init_from = "baseline"
@@ -138,21 +156,44 @@ def test_init_from_a_stage_is_checked(tmp_path, stage, kwargs, message):
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("select.k", 0, r"select.k must be a positive integer, got 0"),
-    ("select.k", -3, r"select.k must be a positive integer, got -3"),
-    ("select.p", 11, r"select.p must be an integer between 1 and data.num_classes \(10\), got 11"),
-    ("teacher.model", "resnet_huge", r"teacher.model: unknown model 'resnet_huge'; accepted: .*resnet50"),
-    ("stages", "teacher,distill", r"stages: unknown stage\(s\) \['distill'\]"),
-    ("baseline.bn_mode", "global", r"baseline.bn_mode must be 'sync' or 'per_device', got 'global'"),
-    ("unlabelled.limit", 0, r"unlabelled.limit must be a positive integer, got 0"),
-    ("data.subset", 0, r"data.subset must be a positive integer, got 0"),
-    ("pretrain.batch_size", 12, r"pretrain.batch_size=12 must be a multiple of the number of "
-     r"devices \(8 on 1 process"),
-    ("score.batch_size", 100, r"score.batch_size=100 must be a multiple of the number of devices"),
-    ("finetune.init_from", "/x", r"finetune.init_from must be None"),
-    ("teacher.steps", 0, r"teacher.steps=0 trains nothing, so teacher.init_from must name"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("select.k", 0, r"select.k must be a positive integer, got 0"),
+        ("select.k", -3, r"select.k must be a positive integer, got -3"),
+        (
+            "select.p",
+            11,
+            r"select.p must be an integer between 1 and data.num_classes \(10\), got 11",
+        ),
+        (
+            "teacher.model",
+            "resnet_huge",
+            r"teacher.model: unknown model 'resnet_huge'; accepted: .*resnet50",
+        ),
+        ("stages", "teacher,distill", r"stages: unknown stage\(s\) \['distill'\]"),
+        (
+            "baseline.bn_mode",
+            "global",
+            r"baseline.bn_mode must be 'sync' or 'per_device', got 'global'",
+        ),
+        ("unlabelled.limit", 0, r"unlabelled.limit must be a positive integer, got 0"),
+        ("data.subset", 0, r"data.subset must be a positive integer, got 0"),
+        (
+            "pretrain.batch_size",
+            12,
+            r"pretrain.batch_size=12 must be a multiple of the number of "
+            r"devices \(8 on 1 process",
+        ),
+        (
+            "score.batch_size",
+            100,
+            r"score.batch_size=100 must be a multiple of the number of devices",
+        ),
+        ("finetune.init_from", "/x", r"finetune.init_from must be None"),
+        ("teacher.steps", 0, r"teacher.steps=0 trains nothing, so teacher.init_from must name"),
+    ],
+)
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   cfg = demo.get_config("tiny")
   section, _, name = field.rpartition(".")
@@ -174,6 +215,7 @@ def test_missing_data_folder_names_the_field(tmp_path):
 
 def test_resnext_config_without_imagenet_fails_fast_and_says_how(tmp_path):
   from bssl.configs import resnext
+
   cfg = resnext.get_config()
   with pytest.raises(config_lib.ConfigError, match="unlabelled.path"):
     engine.run_recipe(cfg, str(tmp_path / "w"))
@@ -191,7 +233,9 @@ def test_every_field_that_defaults_to_none_can_be_set_from_the_command_line(conf
   into), which made e.g. --config.unlabelled.path unusable: such fields must be typed
   placeholders (config_lib.optional)."""
   import importlib
+
   import ml_collections
+
   cfg = importlib.import_module(f"bssl.configs.{config_name}").get_config(preset)
 
   def none_leaves(c, prefix=""):
@@ -213,11 +257,22 @@ def test_command_line_sets_optional_fields_and_resnext_says_what_is_missing(tmp_
   (tmp_path / "u" / "a.png").write_bytes(b"not really")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run(
-      [sys.executable, "-m", "bssl.main", "--config=configs/resnext.py",
-       f"--workdir={tmp_path / 'w'}", f"--config.unlabelled.path={tmp_path / 'u'}",
-       f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.pretrain.steps=10",
-       "--config.teacher.init_from=/nowhere"],
-      cwd=repo, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "bssl.main",
+          "--config=configs/resnext.py",
+          f"--workdir={tmp_path / 'w'}",
+          f"--config.unlabelled.path={tmp_path / 'u'}",
+          f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+          "--config.pretrain.steps=10",
+          "--config.teacher.init_from=/nowhere",
+      ],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 2, r.stdout + r.stderr
   assert "imagenet2012" in r.stderr and "manual" in r.stderr, r.stderr
   assert "Flags parsing error" not in r.stderr
@@ -230,6 +285,7 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   their last bit)."""
   import shutil
   import time
+
   cfg, ref_dir = tiny_run
   wd = tmp_path / "killed"
   wd.mkdir()
@@ -238,8 +294,15 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for stage in ("baseline", "teacher"):
     shutil.copytree(os.path.join(ref_dir, stage), wd / stage)
-  cmd = [sys.executable, "-m", "bssl.main", "--config=configs/demo.py:tiny", f"--workdir={wd}",
-         "--config.stages=score,select", "--config.score.checkpoint_every=1"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "bssl.main",
+      "--config=configs/demo.py:tiny",
+      f"--workdir={wd}",
+      "--config.stages=score,select",
+      "--config.score.checkpoint_every=1",
+  ]
   state = wd / "score" / "parts" / "g0001_p00000.json"
   p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
@@ -250,11 +313,12 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   finally:
     p.kill()
   out = p.communicate()[0]
-  assert p.returncode == -9, out          # it was killed, not finished
+  assert p.returncode == -9, out  # it was killed, not finished
   assert not (wd / "score" / "done.json").exists(), "killed too late to test a resume"
   r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stdout + r.stderr
   import re
+
   start = re.search(r"(\d+) scored by earlier runs", r.stdout)
   assert start and int(start.group(1)) >= 80, r.stdout  # resumed, not restarted
   with open(wd / "score" / "done.json") as f:
@@ -267,6 +331,7 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
 
 def _copy_stages(src, dst, stages):
   import shutil
+
   os.makedirs(dst, exist_ok=True)
   for name in ("config.json", "splits.json"):
     shutil.copy(os.path.join(src, name), os.path.join(dst, name))
@@ -280,6 +345,7 @@ def test_changing_p_after_scoring_is_refused_then_rescored_correctly(tiny_run, t
   scoring pass: with P = 1 no image appears twice."""
   import re
   import shutil
+
   _, ref = tiny_run
   wd = str(tmp_path / "w")
   _copy_stages(ref, wd, ("baseline", "teacher", "score", "select"))
@@ -308,8 +374,7 @@ def test_recomputed_input_makes_downstream_stale(tiny_run, tmp_path):
   _copy_stages(ref, wd, ("baseline", "score"))
   cfg = demo.get_config("tiny")
   cfg.stages = "teacher,score"
-  with pytest.raises(config_lib.ConfigError, match=r"score: .*input 'teacher' was "
-                     r"recomputed"):
+  with pytest.raises(config_lib.ConfigError, match=r"score: .*input 'teacher' was " r"recomputed"):
     engine.run_recipe(cfg, wd)
 
 
@@ -330,26 +395,35 @@ def test_partial_state_of_another_config_is_refused(tiny_run, tmp_path):
   cfg = demo.get_config("tiny")
   cfg.baseline.steps = 7
   cfg.stages = "baseline"
-  with pytest.raises(config_lib.ConfigError, match=r"baseline: .*"
-                     r"baseline\.steps: 6 -> 7"):
+  with pytest.raises(config_lib.ConfigError, match=r"baseline: .*" r"baseline\.steps: 6 -> 7"):
     engine.run_recipe(cfg, wd)
 
 
 def _cli(args, env=None, timeout=300):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, "-m", "bssl.main", *args], cwd=repo,
-                        capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
+  return subprocess.run(
+      [sys.executable, "-m", "bssl.main", *args],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env={**os.environ, **(env or {})},
+  )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/demo.py:tiny", "--config.nonexistent_field=1"], "nonexistent_field"),
-    (["--config=configs/nowhere.py"], "nowhere.py"),
-    (["--config=configs/demo.py:huge"], "unknown preset"),
-    (["--config=configs/demo.py:tiny", "--config.select.k=zero"], "select.k"),
-    (["--config=configs/demo.py:tiny", "--config.unlabelled.limit=0"],
-     "unlabelled.limit must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=configs/demo.py:tiny", "--config.nonexistent_field=1"], "nonexistent_field"),
+        (["--config=configs/nowhere.py"], "nowhere.py"),
+        (["--config=configs/demo.py:huge"], "unknown preset"),
+        (["--config=configs/demo.py:tiny", "--config.select.k=zero"], "select.k"),
+        (
+            ["--config=configs/demo.py:tiny", "--config.unlabelled.limit=0"],
+            "unlabelled.limit must be a positive integer, got 0",
+        ),
+    ],
+)
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
   r = _cli([*args, f"--workdir={tmp_path / 'w'}"])
   assert r.returncode == 2, r.stdout + r.stderr
@@ -368,10 +442,15 @@ def test_cli_workdir_that_is_a_file(tmp_path):
 def test_init_from_variables_saved_on_another_device_count(tiny_run, tmp_path):
   """The tiny run saved its baseline on 8 devices; a 2-device process uses it as a teacher."""
   _, ref = tiny_run
-  r = _cli(["--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'w'}",
-            f"--config.teacher.init_from={os.path.join(ref, 'baseline', 'final')}",
-            "--config.stages=teacher,evaluate"],
-           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  r = _cli(
+      [
+          "--config=configs/demo.py:tiny",
+          f"--workdir={tmp_path / 'w'}",
+          f"--config.teacher.init_from={os.path.join(ref, 'baseline', 'final')}",
+          "--config.stages=teacher,evaluate",
+      ],
+      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+  )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   ev = json.load(open(tmp_path / "w" / "evaluate" / "done.json"))
   ref_ev = json.load(open(os.path.join(ref, "evaluate", "done.json")))
@@ -383,16 +462,33 @@ def test_resnext_tiny_runs_every_stage_on_gcs(tmp_path, gcs):
   on a gs:// bucket (the local emulator): grouped bottlenecks, random-resized crops,
   per-device BatchNorm, a teacher of its own; every stage completes."""
   wd = gcs.url(f"resnext_tiny/{tmp_path.name}")
-  env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  r = subprocess.run([sys.executable, "-m", "bssl.main", "--config=configs/resnext.py:tiny",
-                      f"--workdir={wd}"], env=env, capture_output=True, text=True,
-                     timeout=600, cwd=ROOT)
+  env = {
+      **os.environ,
+      **gcs.env,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.main", "--config=configs/resnext.py:tiny", f"--workdir={wd}"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=ROOT,
+  )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  r = subprocess.run([sys.executable, "-c", "from etils import epath; import sys; "
-                      "print(epath.Path(sys.argv[1]).read_text())",
-                      f"{wd}/report/results.json"], env=env, capture_output=True, text=True,
-                     timeout=120)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "from etils import epath; import sys; " "print(epath.Path(sys.argv[1]).read_text())",
+          f"{wd}/report/results.json",
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(r.stdout)
   for key in ("baseline", "teacher", "student_pretrained", "student"):
@@ -406,8 +502,7 @@ def test_every_demo_preset_validates(preset):
   config_lib.validate(demo.get_config(preset), num_devices=8)
 
 
-def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
-    tiny_run, tmp_path):
+def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(tiny_run, tmp_path):
   """rounds=2 over a complete 1-round work directory: round 1 is reused, round 2 scores U
   with round 1's student (its D̂ equals scoring U with that model directly), both rounds'
   models and D̂ are kept and reported."""
@@ -420,8 +515,10 @@ def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
   for s in ("select", "select_r2"):
     assert os.path.exists(os.path.join(wd, s, "dhat"))
   fin = json.load(open(os.path.join(wd, "finetune", "done.json")))
-  assert json.load(open(os.path.join(src, "finetune", "done.json")))["artifact_id"] == \
-      fin["artifact_id"]  # round 1 was reused, not retrained
+  assert (
+      json.load(open(os.path.join(src, "finetune", "done.json")))["artifact_id"]
+      == fin["artifact_id"]
+  )  # round 1 was reused, not retrained
   sc2 = json.load(open(os.path.join(wd, "score_r2", "done.json")))
   assert sc2["record"]["inputs"] == {"finetune": fin["artifact_id"]}
   res = json.load(open(os.path.join(wd, "report", "results.json")))
@@ -432,18 +529,34 @@ def test_two_rounds_keep_both_and_round_two_scores_with_the_round_one_student(
   # round 2's D̂ = the exact top-K of U scored by round 1's student, computed here directly
   from bssl import backend, parallel, scoring
   from bssl.data import recipe
+
   data = recipe.build_data(cfg2)
   model = backend.make_model(cfg2.finetune, cfg2.data.num_classes)
   from bssl import train as train_lib
-  v = train_lib.load_variables(os.path.join(wd, "finetune", "final"), parallel.make_mesh(),
-                               backend.variable_shapes(model, data.spec))
+
+  v = train_lib.load_variables(
+      os.path.join(wd, "finetune", "final"),
+      parallel.make_mesh(),
+      backend.variable_shapes(model, data.spec),
+  )
   scorer = backend.JaxScorer(model, v, cfg2.select.p, cfg2.data.mean, cfg2.data.std)
   parts = tmp_path / "direct"
   gen, chunks = scoring.plan_chunks(parts, len(data.unlabelled), 10**9)
-  scoring.score_process(scorer=scorer, source=data.unlabelled, spec=data.spec, parts_dir=parts,
-                        gen=gen, chunks=chunks, process_index=0, process_count=1,
-                        num_classes=cfg2.data.num_classes, k=cfg2.select.k, p=cfg2.select.p,
-                        local_batch_size=cfg2.score.batch_size, log=lambda m: None)
+  scoring.score_process(
+      scorer=scorer,
+      source=data.unlabelled,
+      spec=data.spec,
+      parts_dir=parts,
+      gen=gen,
+      chunks=chunks,
+      process_index=0,
+      process_count=1,
+      num_classes=cfg2.data.num_classes,
+      k=cfg2.select.k,
+      p=cfg2.select.p,
+      local_batch_size=cfg2.score.batch_size,
+      log=lambda m: None,
+  )
   want = scoring.merge_parts(parts, len(data.unlabelled))[0].result()
   got = selection.read_selection(os.path.join(wd, "select_r2", "dhat"))
   np.testing.assert_array_equal(got.ids, want.ids)

@@ -10,6 +10,7 @@ The learning rates are lowered from the demo's 0.2: at 0.2 with batch 32 the flo
 rounding differences of another reduction order (2 processes vs 1) grow to ~1e-3 in six
 steps (measured: 1.5e-8 after one step, 7e-7 after six at lr 0.001), which would hide a
 real difference behind a loose tolerance."""
+
 import json
 import os
 import re
@@ -20,35 +21,64 @@ import time
 import numpy as np
 import pytest
 
-
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 # Longer pre-training than :tiny gives the kill a window in the middle of a stage.
-ARGS = [f"--config={DEMO}:tiny", "--config.pretrain.steps=30",
-        "--config.pretrain.checkpoint_every=5", "--config.pretrain.log_every=5",
-        "--config.baseline.lr=0.01", "--config.pretrain.lr=0.01"]
+ARGS = [
+    f"--config={DEMO}:tiny",
+    "--config.pretrain.steps=30",
+    "--config.pretrain.checkpoint_every=5",
+    "--config.pretrain.log_every=5",
+    "--config.baseline.lr=0.01",
+    "--config.pretrain.lr=0.01",
+]
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
 
 
 def _env(gcs_env, devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith("BSSL_")}
-  env.update(gcs_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.update(
+      gcs_env,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=ROOT,
+  )
   return env
 
 
 def _pod(workdir, logs, hosts, env, extra=(), wait=True):
-  cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--num_processes", "2",
-         "--devices_per_process", "2", "--log_dir", str(logs), "--host_dirs", str(hosts),
-         "--grace_period", "20", "--", *ARGS, f"--workdir={workdir}", *extra]
+  cmd = [
+      "bash",
+      os.path.join(ROOT, "launch", "local.sh"),
+      "--num_processes",
+      "2",
+      "--devices_per_process",
+      "2",
+      "--log_dir",
+      str(logs),
+      "--host_dirs",
+      str(hosts),
+      "--grace_period",
+      "20",
+      "--",
+      *ARGS,
+      f"--workdir={workdir}",
+      *extra,
+  ]
   if not wait:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -76,17 +106,21 @@ np.savez({out!r} + '/params.npz', **flat)
 open({out!r} + '/results.json', 'w').write((wd.stage('report') / 'results.json').read_text())
 """
   env = dict(env, PYTHONPATH=f"{ROOT}:{os.path.join(ROOT, 'configs')}")
-  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                     timeout=300)
+  r = subprocess.run(
+      [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0, r.stderr[-3000:]
-  return {"dhat": dict(np.load(os.path.join(out, "dhat.npz"))),
-          "params": dict(np.load(os.path.join(out, "params.npz"))),
-          "results": json.load(open(os.path.join(out, "results.json")))}
+  return {
+      "dhat": dict(np.load(os.path.join(out, "dhat.npz"))),
+      "params": dict(np.load(os.path.join(out, "params.npz"))),
+      "results": json.load(open(os.path.join(out, "results.json"))),
+  }
 
 
 def _logs(logs):
-  return "".join(f"--- {f}\n" + open(os.path.join(logs, f)).read()[-3000:]
-                 for f in sorted(os.listdir(logs)))
+  return "".join(
+      f"--- {f}\n" + open(os.path.join(logs, f)).read()[-3000:] for f in sorted(os.listdir(logs))
+  )
 
 
 def _same_dhat(a, b):
@@ -118,31 +152,53 @@ def test_pod_equals_one_process_and_survives_kill_9(tmp_path, gcs):
   # bits, so they are compared given the same teacher, below) ...
   env4 = _env(gcs.env, 4)
   local = tmp_path / "local"
-  r = subprocess.run([sys.executable, "-m", "bssl.main", *ARGS, f"--workdir={local}"],
-                     env=env4, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.main", *ARGS, f"--workdir={local}"],
+      env=env4,
+      capture_output=True,
+      text=True,
+      timeout=900,
+      cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   (tmp_path / "one").mkdir()
   one = _dump(local, str(tmp_path / "one"), env4)
   _close_params(pod["params"], one["params"], "baseline")
   # ... and given the pod's teacher, exactly the pod's D̂.
   same_teacher = tmp_path / "same_teacher"
-  script = (f"from bssl import workdir as W\n"
-            f"src, dst = W.path({url!r}), W.path({str(same_teacher)!r})\n"
-            f"def cp(a, b):\n"
-            f"  if a.is_dir():\n"
-            f"    [cp(c, b / c.name) for c in a.iterdir()]\n"
-            f"  else:\n"
-            f"    W.write_bytes(b, a.read_bytes())\n"
-            f"for n in ('config.json', 'splits.json', 'baseline', 'teacher'):\n"
-            f"  cp(src / n, dst / n)\n")
-  r = subprocess.run([sys.executable, "-c", script], env=env4, capture_output=True, text=True,
-                     timeout=300)
+  script = (
+      f"from bssl import workdir as W\n"
+      f"src, dst = W.path({url!r}), W.path({str(same_teacher)!r})\n"
+      f"def cp(a, b):\n"
+      f"  if a.is_dir():\n"
+      f"    [cp(c, b / c.name) for c in a.iterdir()]\n"
+      f"  else:\n"
+      f"    W.write_bytes(b, a.read_bytes())\n"
+      f"for n in ('config.json', 'splits.json', 'baseline', 'teacher'):\n"
+      f"  cp(src / n, dst / n)\n"
+  )
+  r = subprocess.run(
+      [sys.executable, "-c", script], env=env4, capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0, r.stderr[-3000:]
-  r = subprocess.run([sys.executable, "-m", "bssl.main", *ARGS, f"--workdir={same_teacher}",
-                      "--config.stages=score,select"], env=env4, capture_output=True,
-                     text=True, timeout=600, cwd=ROOT)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bssl.main",
+          *ARGS,
+          f"--workdir={same_teacher}",
+          "--config.stages=score,select",
+      ],
+      env=env4,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   from bssl import selection
+
   sel = selection.read_selection(same_teacher / "select" / "dhat")
   _same_dhat(pod["dhat"], {"ids": sel.ids, "classes": sel.classes, "scores": sel.scores})
 
@@ -190,7 +246,10 @@ def _pid_of_process(index: int, workdir: str) -> int | None:
       environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
     except OSError:
       continue
-    if (f"--workdir={workdir}".encode() in cmdline
-        and f"BSSL_PROCESS_ID={index}".encode() in environ and b"bssl.main" in cmdline):
+    if (
+        f"--workdir={workdir}".encode() in cmdline
+        and f"BSSL_PROCESS_ID={index}".encode() in environ
+        and b"bssl.main" in cmdline
+    ):
       return int(pid)
   return None

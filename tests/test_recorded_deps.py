@@ -15,21 +15,24 @@ The presets run with fewer training steps, no evaluate/report and, in semiweak, 
 of the baseline and teacher only (tests/record_presets.py says why that records the same
 fields); configs/demo.py:tiny is the session's shared run of tests/conftest.py.
 """
+
 import json
 import os
 import shutil
 
 import ml_collections
 import pytest
-
 import record_presets as rp
+
 from bssl import config as config_lib
-from bssl import deps, engine, stages, workdir as workdir_lib
+from bssl import deps, engine, stages
+from bssl import workdir as workdir_lib
 from bssl.data import recipe
 
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
 BACKEND = "jax"
 
 
@@ -52,6 +55,7 @@ def _run_fixture(name):
   def run(tmp_path_factory, jax_cache):
     wd = str(tmp_path_factory.mktemp(f"recorded_{name}"))
     return rp.run_preset(name, wd, cache=jax_cache), wd
+
   return run
 
 
@@ -94,11 +98,20 @@ def other_value(field: config_lib.Field, value):
   candidates = []
   if field.choices:
     i = list(field.choices).index(value) if value in field.choices else -1
-    candidates += [field.choices[(i + 1 + j) % len(field.choices)]
-                   for j in range(len(field.choices))]
+    candidates += [
+        field.choices[(i + 1 + j) % len(field.choices)] for j in range(len(field.choices))
+    ]
   if value is None:
-    candidates += [{int: int(field.minimum or 0) + 1, float: 0.5, str: "x", bool: True,
-                    tuple: (1,), dict: {"widths": (8,)}}[t]]
+    candidates += [
+        {
+            int: int(field.minimum or 0) + 1,
+            float: 0.5,
+            str: "x",
+            bool: True,
+            tuple: (1,),
+            dict: {"widths": (8,)},
+        }[t]
+    ]
   else:
     if isinstance(value, str) and "," in value:  # a comma-separated list: one less
       candidates.append(value.rsplit(",", 1)[0])
@@ -168,8 +181,10 @@ def test_a_changed_field_makes_stale_exactly_the_stages_that_recorded_it(preset,
     counts["cosmetic" if f.cosmetic else "recorded" if direct else "not recorded"] += 1
     what = f"{f.name}: {old!r} -> {deps.plain(new)!r}"
     if set(got) != want:
-      failures.append(f"{what}: stale {sorted(got)}, expected {sorted(want)} (recorded by "
-                      f"{sorted(direct)}): {got}")
+      failures.append(
+          f"{what}: stale {sorted(got)}, expected {sorted(want)} (recorded by "
+          f"{sorted(direct)}): {got}"
+      )
       continue
     for s in direct:  # a stage that recorded the field names it
       if not any(line.startswith(f"{f.name}: ") for line in got[s]):
@@ -185,8 +200,11 @@ def test_a_changed_field_makes_stale_exactly_the_stages_that_recorded_it(preset,
 
 
 def _tree(folder) -> dict:
-  return {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
-          for d, _, fs in os.walk(folder) for f in fs}
+  return {
+      os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+      for d, _, fs in os.walk(folder)
+      for f in fs
+  }
 
 
 @needs_fmnist
@@ -202,12 +220,14 @@ def test_a_smaller_U_refuses_the_weak_pretraining_done_on_the_larger(semiweak_ru
   small = rp.preset_config("semiweak")
   small.stages = "weak_pretrain"
   small.unlabelled.limit = n // 2
-  with pytest.raises(engine.RefusedError,
-                     match=rf"weak_pretrain: unlabelled\.limit: None -> {n // 2}"):
+  with pytest.raises(
+      engine.RefusedError, match=rf"weak_pretrain: unlabelled\.limit: None -> {n // 2}"
+  ):
     engine.run_recipe(small, w2)
   assert _tree(w2) == before  # refused before writing anything
-  stale = engine.stale_stages(stages.table(small), small, workdir_lib.Workdir(w2), BACKEND,
-                              recipe.build_data(small))
+  stale = engine.stale_stages(
+      stages.table(small), small, workdir_lib.Workdir(w2), BACKEND, recipe.build_data(small)
+  )
   assert list(stale) == ["weak_pretrain"]
   # the control: the same U skips it
   same = rp.preset_config("semiweak")
@@ -229,8 +249,18 @@ def test_transfer_full_ft_records_the_finetune_fields_it_trains_with(semiweak_ru
     assert f"transfer.{f}" in rec["fields"], f
   # ... and not those transfer sets itself (its own length, rate, batch, schedule, start):
   # changing them must not make transfer stale (the old code recorded all of finetune)
-  for f in ("steps", "epochs", "lr", "batch_size", "schedule", "warmup_fraction",
-            "warmup_steps", "init_from", "model", "model_kwargs"):
+  for f in (
+      "steps",
+      "epochs",
+      "lr",
+      "batch_size",
+      "schedule",
+      "warmup_fraction",
+      "warmup_steps",
+      "init_from",
+      "model",
+      "model_kwargs",
+  ):
     assert f"finetune.{f}" not in rec["fields"], f
   w2 = str(tmp_path / "w")
   shutil.copytree(wd, w2)
@@ -247,15 +277,21 @@ def test_transfer_full_ft_records_the_finetune_fields_it_trains_with(semiweak_ru
 
 
 @needs_fmnist
-def test_readers_json_is_what_the_tiny_presets_record(demo_run, semiweak_run, video_run,
-                                                      resnext_run):
+def test_readers_json_is_what_the_tiny_presets_record(
+    demo_run, semiweak_run, video_run, resnext_run
+):
   runs = (demo_run, semiweak_run, video_run, resnext_run)
   got = rp.readers([rp.records(cfg, wd) for cfg, wd in runs])
   want = rp.committed()
-  diff = [f"{f}: committed {want.get(f)}, recorded {got.get(f)}"
-          for f in sorted(set(got) | set(want)) if got.get(f) != want.get(f)]
-  assert not diff, (f"bssl/readers.json is not what the tiny presets record; regenerate it "
-                    f"with `{rp.REGENERATE}` (then `.venv/bin/python -m bssl.config > "
-                    f"docs/config.md`):\n" + "\n".join(diff))
+  diff = [
+      f"{f}: committed {want.get(f)}, recorded {got.get(f)}"
+      for f in sorted(set(got) | set(want))
+      if got.get(f) != want.get(f)
+  ]
+  assert not diff, (
+      f"bssl/readers.json is not what the tiny presets record; regenerate it "
+      f"with `{rp.REGENERATE}` (then `.venv/bin/python -m bssl.config > "
+      f"docs/config.md`):\n" + "\n".join(diff)
+  )
   schema = {f.name: f for f in config_lib.all_fields()}
   assert all(f in schema and not schema[f].cosmetic for f in got)

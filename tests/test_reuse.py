@@ -2,6 +2,7 @@
 naming the artifact they measured, one refusal naming every stale folder, and
 --recompute_stale. Each case here passed silently (exit 0, old results reused) before the
 engine recorded what stages read."""
+
 import json
 import os
 import re
@@ -9,16 +10,18 @@ import shutil
 
 import numpy as np
 import pytest
+from test_pipeline import _copy_stages as _copy
 
 from bssl import deps, engine
 from bssl.configs import demo
 from bssl.data import sources
-from test_pipeline import _copy_stages as _copy
 
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(sources.FASHION_MNIST_DEFAULT_DIRS[0],
-                                    "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist")
+    not os.path.exists(
+        os.path.join(sources.FASHION_MNIST_DEFAULT_DIRS[0], "train-images-idx3-ubyte.gz")
+    ),
+    reason="needs Debian's dataset-fashion-mnist",
+)
 
 
 def _done(wd, stage):
@@ -41,8 +44,10 @@ def test_teacher_init_from_is_identified_by_content(demo_tiny_run, tmp_path, cap
   assert "[teacher] complete" in capsys.readouterr().out
   shutil.rmtree(ckpt)  # other variables behind the same path
   shutil.copytree(os.path.join(ref, "finetune", "final"), ckpt)
-  with pytest.raises(engine.RefusedError, match=re.escape(ckpt) + r" \(teacher\.init_from\): "
-                     r"its contents changed"):
+  with pytest.raises(
+      engine.RefusedError,
+      match=re.escape(ckpt) + r" \(teacher\.init_from\): " r"its contents changed",
+  ):
     engine.run_recipe(cfg, wd)
 
 
@@ -51,8 +56,7 @@ def test_report_never_shows_a_replaced_model(demo_tiny_run, tmp_path, capsys):
   not shown; the new student is measured (evaluate is run with report)."""
   _, ref = demo_tiny_run
   wd = str(tmp_path / "w")
-  _copy(ref, wd, ("baseline", "teacher", "score", "select", "pretrain", "finetune",
-                  "evaluate"))
+  _copy(ref, wd, ("baseline", "teacher", "score", "select", "pretrain", "finetune", "evaluate"))
   old = _done(wd, "evaluate")["student"]
   shutil.rmtree(os.path.join(wd, "finetune"))
   cfg = demo.get_config("tiny")
@@ -69,8 +73,7 @@ def test_report_never_shows_a_replaced_model(demo_tiny_run, tmp_path, capsys):
   assert res["gain_top1"] == pytest.approx(res["student"]["top1"] - res["baseline"]["top1"])
 
 
-def test_one_refusal_names_every_stale_folder_and_recompute_stale(demo_tiny_run, tmp_path,
-                                                                   capsys):
+def test_one_refusal_names_every_stale_folder_and_recompute_stale(demo_tiny_run, tmp_path, capsys):
   """A change that makes two roots stale (the baseline and a trained teacher both read D)
   is refused once, naming every stale folder in deletion order; deleting exactly those
   lets the run through; --recompute_stale does that itself and keeps what is valid."""
@@ -111,9 +114,11 @@ def test_one_refusal_names_every_stale_folder_and_recompute_stale(demo_tiny_run,
 
 def test_tags_file_is_identified_by_content(tmp_path):
   from bssl.data import weak
+
   img = tmp_path / "imgs"
   img.mkdir()
   from PIL import Image
+
   for i in range(3):
     Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(img / f"{i}.png")
   tags = tmp_path / "tags.txt"
@@ -122,6 +127,7 @@ def test_tags_file_is_identified_by_content(tmp_path):
   cfg.weak.kind, cfg.weak.path, cfg.weak.tags_file = "tags_file", str(img), str(tags)
   rec = deps.Recorder()
   from bssl.data import recipe
+
   data = recipe.build_data(cfg)
   with deps.recording(rec):
     weak.build(deps.Tracked(cfg), data)

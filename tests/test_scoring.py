@@ -2,6 +2,7 @@
 stage, and scoring interrupted at any point resumes -- with another batch size and
 another number of processes -- to exactly the selection of one uninterrupted pass.
 Parts that miss or overlap ids, and parts that cannot be read, are clear errors."""
+
 import os
 import re
 import zipfile  # noqa: F401
@@ -33,8 +34,10 @@ def _unlabelled(n=N):
 def setup():
   model = create_model("resnet_small", C, widths=(4,), depths=(1,))
   mesh = parallel.make_mesh()
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
-                      out_shardings=parallel.replicated(mesh))(jax.random.key(1, impl="rbg"))
+  variables = jax.jit(
+      lambda r: model.init(r, jnp.zeros((1, 8, 8, 1)), train=False),
+      out_shardings=parallel.replicated(mesh),
+  )(jax.random.key(1, impl="rbg"))
   return model, variables, _unlabelled(), mesh
 
 
@@ -51,10 +54,24 @@ def _score(scorer, source, parts, *, lbs=16, chunk=32, pc=1, only=None, **kw):
   kw.setdefault("in_flight", 1)
   outs = []
   for pi in (range(pc) if only is None else only):
-    outs.append(scoring.score_process(
-        scorer=scorer, source=source, spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks,
-        process_index=pi, process_count=pc, num_classes=C, k=K, p=P, local_batch_size=lbs,
-        log=lambda m: None, **kw))
+    outs.append(
+        scoring.score_process(
+            scorer=scorer,
+            source=source,
+            spec=SPEC,
+            parts_dir=parts,
+            gen=gen,
+            chunks=chunks,
+            process_index=pi,
+            process_count=pc,
+            num_classes=C,
+            k=K,
+            p=P,
+            local_batch_size=lbs,
+            log=lambda m: None,
+            **kw,
+        )
+    )
   return gen, chunks, outs
 
 
@@ -126,13 +143,16 @@ def _log_odds64(logits):
 def _brute_force(setup):
   model, variables, unl, _ = setup
   images = np.stack([unl[i]["image"] for i in range(len(unl))])
-  logits = model.apply(jax.device_get(variables), train.normalize(images, MEAN, STD),
-                       train=False)
+  logits = model.apply(jax.device_get(variables), train.normalize(images, MEAN, STD), train=False)
   r = _log_odds64(logits)
   top = np.argsort(-r, axis=1, kind="stable")[:, :P]
   ids = np.repeat(np.arange(len(unl)), P)
-  return [(c, i) for c, i, _ in _top_k_by_class(ids, top.reshape(-1),
-                                                np.take_along_axis(r, top, 1).reshape(-1))]
+  return [
+      (c, i)
+      for c, i, _ in _top_k_by_class(
+          ids, top.reshape(-1), np.take_along_axis(r, top, 1).reshape(-1)
+      )
+  ]
 
 
 def test_scoring_then_selection_matches_brute_force(setup, tmp_path):
@@ -191,7 +211,7 @@ def test_bad_images_are_skipped_counted_and_listed(setup, tmp_path):
   rng = np.random.default_rng(0)
   for i in range(20):
     Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
-  (folder / "img05.png").write_bytes(b"\x89PNG broken")          # undecodable
+  (folder / "img05.png").write_bytes(b"\x89PNG broken")  # undecodable
   # another size is still an image (resized, as the issue asks), not a bad one
   Image.fromarray(rng.integers(0, 255, (5, 9), dtype=np.uint8)).save(folder / "img11.png")
   unl = sources.ImageFileSource(str(folder), channels=1)
@@ -244,13 +264,16 @@ def test_fake_scorer_full_pass_matches_brute_force(tmp_path):
   assert _rows(scoring.merge_parts(tmp_path / "p", N)[0].result()) == want
 
 
-@pytest.mark.parametrize("first,then", [
-    # (process count, local batch, chunk, processes that run, dispatches before the kill)
-    ((1, 8, 24, [0], 5), (2, 16, 40)),
-    ((2, 16, 16, [0, 1], 2), (3, 8, 8)),  # process 1 is killed, process 0 completes
-], ids=["1proc-b8-then-2proc-b16", "2proc-b16-then-3proc-b8"])
-def test_interrupted_then_resharded_rerun_gives_the_single_pass_selection(tmp_path, first,
-                                                                          then):
+@pytest.mark.parametrize(
+    "first,then",
+    [
+        # (process count, local batch, chunk, processes that run, dispatches before the kill)
+        ((1, 8, 24, [0], 5), (2, 16, 40)),
+        ((2, 16, 16, [0, 1], 2), (3, 8, 8)),  # process 1 is killed, process 0 completes
+    ],
+    ids=["1proc-b8-then-2proc-b16", "2proc-b16-then-3proc-b8"],
+)
+def test_interrupted_then_resharded_rerun_gives_the_single_pass_selection(tmp_path, first, then):
   unl = _unlabelled()
   _score(FakeScorer(), unl, tmp_path / "ref", lbs=16, chunk=32)
   ref = scoring.merge_parts(tmp_path / "ref", N)[0].result()
@@ -262,10 +285,21 @@ def test_interrupted_then_resharded_rerun_gives_the_single_pass_selection(tmp_pa
   for pi in procs:
     # the last process listed is killed after ``fail_after`` dispatches; others complete
     fake = FakeScorer(fail_after=fail_after if pi == procs[-1] else None)
-    run = lambda: scoring.score_process(  # noqa: E731
-        scorer=fake, source=unl, spec=SPEC, parts_dir=parts, gen=gen1, chunks=chunks1,
-        process_index=pi, process_count=pc, num_classes=C, k=K, p=P, local_batch_size=lbs,
-        log=lambda m: None)
+    run = lambda: scoring.score_process(
+        scorer=fake,
+        source=unl,
+        spec=SPEC,
+        parts_dir=parts,
+        gen=gen1,
+        chunks=chunks1,
+        process_index=pi,
+        process_count=pc,
+        num_classes=C,
+        k=K,
+        p=P,
+        local_batch_size=lbs,
+        log=lambda m: None,
+    )
     if pi == procs[-1]:
       with pytest.raises(Killed):
         run()
@@ -282,10 +316,23 @@ def test_interrupted_then_resharded_rerun_gives_the_single_pass_selection(tmp_pa
   fakes = [FakeScorer() for _ in range(pc2)]
   scored = []
   for pi in range(pc2):
-    scored.append(scoring.score_process(
-        scorer=fakes[pi], source=unl, spec=SPEC, parts_dir=parts, gen=gen2, chunks=chunks2,
-        process_index=pi, process_count=pc2, num_classes=C, k=K, p=P, local_batch_size=lbs2,
-        log=lambda m: None)["num_scored"])
+    scored.append(
+        scoring.score_process(
+            scorer=fakes[pi],
+            source=unl,
+            spec=SPEC,
+            parts_dir=parts,
+            gen=gen2,
+            chunks=chunks2,
+            process_index=pi,
+            process_count=pc2,
+            num_classes=C,
+            k=K,
+            p=P,
+            local_batch_size=lbs2,
+            log=lambda m: None,
+        )["num_scored"]
+    )
   assert all(set(f.batch_sizes) == {lbs2} for f in fakes if f.batch_sizes)
   assert sum(bool(f.batch_sizes) for f in fakes) >= 2  # the work really was split
   assert sum(scored) == N - done_before  # only what was missing was scored
@@ -319,12 +366,25 @@ def test_a_missing_part_is_incomplete_scoring(tmp_path):
 def test_overlapping_parts_are_incomplete_scoring(tmp_path):
   parts = _complete_parts(tmp_path)
   # A later generation that scored ids 40..56 again (e.g. files copied in by hand).
-  scoring.score_process(scorer=FakeScorer(), source=_unlabelled(), spec=SPEC, parts_dir=parts,
-                        gen=2, chunks=[(40, 56)], process_index=0, process_count=1,
-                        num_classes=C, k=K, p=P, local_batch_size=8, log=lambda m: None)
+  scoring.score_process(
+      scorer=FakeScorer(),
+      source=_unlabelled(),
+      spec=SPEC,
+      parts_dir=parts,
+      gen=2,
+      chunks=[(40, 56)],
+      process_index=0,
+      process_count=1,
+      num_classes=C,
+      k=K,
+      p=P,
+      local_batch_size=8,
+      log=lambda m: None,
+  )
   for check in (scoring.coverage, scoring.merge_parts):
-    with pytest.raises(scoring.IncompleteScoringError,
-                       match=r"overlap: ids \[\d+, \d+\] and \[40, 56\]"):
+    with pytest.raises(
+        scoring.IncompleteScoringError, match=r"overlap: ids \[\d+, \d+\] and \[40, 56\]"
+    ):
       check(parts, N)
 
 
@@ -348,12 +408,16 @@ def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
   assert meta["format"] == scoring.PARTS_FORMAT == 2
   old = {key: v for key, v in meta.items() if key not in ("format", "seed")}
   workdir_lib.write_json(parts / name, old)
-  for check in (lambda: scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P),
-                lambda: scoring.merge_parts(parts, N)):
-    with pytest.raises(scoring.IncompleteScoringError,
-                       match=rf"g1_p1 .* format 1, this version writes format 2.*ranked by "
-                             rf"the float32 probability.*delete {re.escape(str(tmp_path))} \(the "
-                             rf"score stage's folder\) to rescore"):
+  for check in (
+      lambda: scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P),
+      lambda: scoring.merge_parts(parts, N),
+  ):
+    with pytest.raises(
+        scoring.IncompleteScoringError,
+        match=rf"g1_p1 .* format 1, this version writes format 2.*ranked by "
+        rf"the float32 probability.*delete {re.escape(str(tmp_path))} \(the "
+        rf"score stage's folder\) to rescore",
+    ):
       check()
   # a format this version does not know (a newer bssl's) is refused the same way
   workdir_lib.write_json(parts / name, dict(meta, format=3))
@@ -377,7 +441,7 @@ def test_a_truncated_part_npz_is_a_corrupt_artifact_naming_the_file(tmp_path):
   parts = _complete_parts(tmp_path)
   npz = _npz_of(parts)
   data = npz.read_bytes()
-  npz.write_bytes(data[:len(data) // 2])  # a kill mid-copy on a store without renames
+  npz.write_bytes(data[: len(data) // 2])  # a kill mid-copy on a store without renames
   with pytest.raises(workdir_lib.CorruptArtifactError, match=os.path.basename(npz)):
     scoring.merge_parts(parts, N)
 
@@ -396,10 +460,22 @@ def test_one_ranked_scoring_pass_serves_every_smaller_k_and_p_exactly(setup, tmp
   parts = tmp_path / "ranked"
   gen, chunks = scoring.plan_chunks(parts, N, 32)
   for pi in range(2):  # two processes' parts, merged
-    scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
-                          spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks, process_index=pi,
-                          process_count=2, num_classes=C, k=K, p=P, local_batch_size=16,
-                          ranked=True, log=lambda m: None)
+    scoring.score_process(
+        scorer=JaxScorer(model, variables, P, MEAN, STD),
+        source=unl,
+        spec=SPEC,
+        parts_dir=parts,
+        gen=gen,
+        chunks=chunks,
+        process_index=pi,
+        process_count=2,
+        num_classes=C,
+        k=K,
+        p=P,
+        local_batch_size=16,
+        ranked=True,
+        log=lambda m: None,
+    )
   scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P, ranked=True)
   with pytest.raises(scoring.IncompleteScoringError, match="made for"):
     scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)  # not ranked
@@ -407,10 +483,21 @@ def test_one_ranked_scoring_pass_serves_every_smaller_k_and_p_exactly(setup, tmp
   for k, p in ((K // 2, 1), (K, 1), (K // 2, P)):
     direct = tmp_path / f"direct_{k}_{p}"
     gen, chunks = scoring.plan_chunks(direct, N, 32)
-    scoring.score_process(scorer=JaxScorer(model, variables, p, MEAN, STD), source=unl,
-                          spec=SPEC, parts_dir=direct, gen=gen, chunks=chunks, process_index=0,
-                          process_count=1, num_classes=C, k=k, p=p, local_batch_size=16,
-                          log=lambda m: None)
+    scoring.score_process(
+        scorer=JaxScorer(model, variables, p, MEAN, STD),
+        source=unl,
+        spec=SPEC,
+        parts_dir=direct,
+        gen=gen,
+        chunks=chunks,
+        process_index=0,
+        process_count=1,
+        num_classes=C,
+        k=k,
+        p=p,
+        local_batch_size=16,
+        log=lambda m: None,
+    )
     want = scoring.merge_parts(direct, N)[0].result()
     _same_selection(acc.result(k, p), want)
   with pytest.raises(ValueError, match="k and p must be"):
@@ -424,24 +511,48 @@ def test_unbalanced_scoring_keeps_the_global_top_pairs_of_two_processes(setup, t
   parts = tmp_path / "unbalanced"
   gen, chunks = scoring.plan_chunks(parts, N, 32)
   for pi in range(2):
-    scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
-                          spec=SPEC, parts_dir=parts, gen=gen, chunks=chunks, process_index=pi,
-                          process_count=2, num_classes=C, k=K, p=P, local_batch_size=16,
-                          balanced=False, log=lambda m: None)
+    scoring.score_process(
+        scorer=JaxScorer(model, variables, P, MEAN, STD),
+        source=unl,
+        spec=SPEC,
+        parts_dir=parts,
+        gen=gen,
+        chunks=chunks,
+        process_index=pi,
+        process_count=2,
+        num_classes=C,
+        k=K,
+        p=P,
+        local_batch_size=16,
+        balanced=False,
+        log=lambda m: None,
+    )
   with pytest.raises(scoring.IncompleteScoringError, match="made for"):
     scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)  # balanced
   acc, _ = scoring.merge_parts(parts, N)
   assert isinstance(acc, selection.GlobalTopK)
   everything = tmp_path / "all"  # per-class top-N of every rank keeps every pair
   gen, chunks = scoring.plan_chunks(everything, N, 32)
-  scoring.score_process(scorer=JaxScorer(model, variables, P, MEAN, STD), source=unl,
-                        spec=SPEC, parts_dir=everything, gen=gen, chunks=chunks,
-                        process_index=0, process_count=1, num_classes=C, k=N, p=P,
-                        local_batch_size=16, log=lambda m: None)
+  scoring.score_process(
+      scorer=JaxScorer(model, variables, P, MEAN, STD),
+      source=unl,
+      spec=SPEC,
+      parts_dir=everything,
+      gen=gen,
+      chunks=chunks,
+      process_index=0,
+      process_count=1,
+      num_classes=C,
+      k=N,
+      p=P,
+      local_batch_size=16,
+      log=lambda m: None,
+  )
   full = scoring.merge_parts(everything, N)[0].result()
   assert len(full) == N * P
-  best = sorted(zip(-full.scores.astype(np.float64), full.ids, full.classes))[:K * C]
+  best = sorted(zip(-full.scores.astype(np.float64), full.ids, full.classes))[: K * C]
   got = acc.result()
   assert sorted(zip(got.classes.tolist(), got.ids.tolist())) == sorted(
-      (int(c), int(i)) for _, i, c in best)
+      (int(c), int(i)) for _, i, c in best
+  )
   assert len(set(np.bincount(got.classes, minlength=C).tolist())) > 1  # not K per class

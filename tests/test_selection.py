@@ -1,4 +1,5 @@
 """Tests of bssl.selection: exact streaming per-class top-K and the D̂ file format."""
+
 import importlib.util
 import json
 import os
@@ -36,13 +37,17 @@ def ref_tie_hash(i: int, seed: int) -> int:
 def brute_force(ids, classes, scores, num_classes, k, seed=0):
   """Reference: per class, sort all candidates by (-score, tie_hash(id, seed)) and keep the
   first k."""
-  ids, classes, scores = (np.asarray(ids, np.int64), np.asarray(classes, np.int64),
-                          np.asarray(scores, np.float32))
+  ids, classes, scores = (
+      np.asarray(ids, np.int64),
+      np.asarray(classes, np.int64),
+      np.asarray(scores, np.float32),
+  )
   out = {"ids": [], "classes": [], "scores": [], "ranks": []}
   for c in range(num_classes):
     m = classes == c
-    rows = sorted((-float(s), ref_tie_hash(i, seed), i)
-                  for s, i in zip(scores[m].tolist(), ids[m].tolist()))[:k]
+    rows = sorted(
+        (-float(s), ref_tie_hash(i, seed), i) for s, i in zip(scores[m].tolist(), ids[m].tolist())
+    )[:k]
     out["ids"] += [i for _, _, i in rows]
     out["scores"] += [-s for s, _, _ in rows]
     out["classes"] += [c] * len(rows)
@@ -91,8 +96,26 @@ def feed(acc, ids, classes, scores, rng, max_batches=8):
 
 # ----------------------------------------------------------------------------- key encoding
 def test_score_keys_are_strictly_decreasing_and_invertible():
-  v = np.array([-np.inf, -3e38, -2.5, -1e-30, -1e-45, 0.0, 1e-45, 1e-38, 1e-30, 0.25, 0.5,
-                0.5000001, 1.0, 3e38, np.inf], np.float32)
+  v = np.array(
+      [
+          -np.inf,
+          -3e38,
+          -2.5,
+          -1e-30,
+          -1e-45,
+          0.0,
+          1e-45,
+          1e-38,
+          1e-30,
+          0.25,
+          0.5,
+          0.5000001,
+          1.0,
+          3e38,
+          np.inf,
+      ],
+      np.float32,
+  )
   d = selection._desc_bits(v)
   assert np.all(np.diff(d.astype(np.int64)) < 0)
   np.testing.assert_array_equal(selection._scores_from_desc(d), v)
@@ -124,7 +147,7 @@ def _by_hash(ids, seed=0):
 
 def test_tie_hash_is_a_seeded_bijection_matching_the_reference():
   ids = np.concatenate([np.arange(2000), [MAX_ID - 1, MAX_ID, 1 << 31, 12345678]])
-  for seed in (0, 1, 2, -7, 2 ** 40 + 3):
+  for seed in (0, 1, 2, -7, 2**40 + 3):
     h = selection.tie_hash(ids, seed)
     assert h.dtype == np.uint32
     assert h.tolist() == [ref_tie_hash(int(i), seed) for i in ids]
@@ -146,10 +169,11 @@ def test_matches_brute_force_with_ties_random_batches_and_orders(seed):
   p = int(rng.integers(1, 4))
   distinct = [2, 3, 7, None][seed % 4]
   ids, classes, scores = make_stream(rng, n, num_classes, p, distinct, negative=seed % 3 == 0)
-  slots = [None, 1, 2, 5][seed % 4]          # tiny pending areas force many compactions
-  tie_seed = [0, 1, -3, 10 ** 12][seed % 4]
-  acc = feed(TopKPerClass(num_classes, k, pending_slots=slots, seed=tie_seed), ids, classes,
-             scores, rng)
+  slots = [None, 1, 2, 5][seed % 4]  # tiny pending areas force many compactions
+  tie_seed = [0, 1, -3, 10**12][seed % 4]
+  acc = feed(
+      TopKPerClass(num_classes, k, pending_slots=slots, seed=tie_seed), ids, classes, scores, rng
+  )
   assert_matches(acc.result(), brute_force(ids, classes, scores, num_classes, k, tie_seed))
   assert acc.num_candidates_seen == len(ids)
 
@@ -163,8 +187,9 @@ def test_all_equal_scores_ranked_by_the_seeded_hash_of_the_id(tie_seed):
     acc.update(ids[part], ids[part] % 2, np.full(part.size, 0.5, np.float32))
   sel = acc.result()
   for c in (0, 1):
-    np.testing.assert_array_equal(sel.ids[sel.classes == c],
-                                  _by_hash(range(c, 1000, 2), tie_seed)[:10])
+    np.testing.assert_array_equal(
+        sel.ids[sel.classes == c], _by_hash(range(c, 1000, 2), tie_seed)[:10]
+    )
   # not the smallest ids (the old rule, which made D̂ the alphabetically first files)
   assert sel.ids.max() > 100
 
@@ -182,11 +207,11 @@ def test_negative_zero_ties_with_zero_and_infinities():
 def test_classes_short_of_k_and_k_larger_than_stream():
   rng = np.random.default_rng(1)
   ids, classes, scores = make_stream(rng, 50, 6, 2, 4)
-  classes[classes == 5] = 4                  # class 5 gets nothing
+  classes[classes == 5] = 4  # class 5 gets nothing
   acc = feed(TopKPerClass(6, 1000), ids, classes, scores, rng)
   sel = acc.result()
   assert_matches(sel, brute_force(ids, classes, scores, 6, 1000))
-  assert len(sel) == len(ids)                # K larger than the stream: everything kept
+  assert len(sel) == len(ids)  # K larger than the stream: everything kept
   assert sel.counts()[5] == 0
   np.testing.assert_array_equal(sel.counts(), np.bincount(classes, minlength=6))
 
@@ -213,12 +238,13 @@ def test_threshold_filter_rejects_without_storing():
   assert int(acc._fill[0]) == 3 and acc._thresh_score[0] == 0.5
   assert acc._thresh_hash[0] == ref_tie_hash(best[2], 0)
   later = [i for i in range(20, 2000) if ref_tie_hash(i, 0) > acc._thresh_hash[0]][:2]
-  acc.update(later + [40], [0, 0, 0], [0.5, 0.5, 0.4])    # ties that lose, and a lower score
+  acc.update(later + [40], [0, 0, 0], [0.5, 0.5, 0.4])  # ties that lose, and a lower score
   assert int(acc._fill[0]) == 3
   acc.update([25, later[0] + 5000, 11], [0, 0, 0], [0.6, 0.5, -1.0])
   assert int(acc._fill[0]) == 4 + (ref_tie_hash(later[0] + 5000, 0) < acc._thresh_hash[0])
   np.testing.assert_array_equal(
-      acc.result().ids, [25] + _by_hash(list(range(10)) + [later[0] + 5000])[:2])
+      acc.result().ids, [25] + _by_hash(list(range(10)) + [later[0] + 5000])[:2]
+  )
 
 
 def test_empty_accumulator_and_empty_updates():
@@ -259,16 +285,23 @@ def test_largest_id_is_accepted():
 def test_merge_of_partitions_equals_single_accumulator(seed):
   rng = np.random.default_rng(100 + seed)
   num_classes, k = int(rng.integers(1, 7)), int(rng.integers(1, 30))
-  ids, classes, scores = make_stream(rng, int(rng.integers(0, 250)), num_classes, 3,
-                                     [2, 5, None][seed % 3])
+  ids, classes, scores = make_stream(
+      rng, int(rng.integers(0, 250)), num_classes, 3, [2, 5, None][seed % 3]
+  )
   tie_seed = seed * 11 - 20
-  single = feed(TopKPerClass(num_classes, k, seed=tie_seed), ids, classes, scores,
-                rng).result()
+  single = feed(TopKPerClass(num_classes, k, seed=tie_seed), ids, classes, scores, rng).result()
   parts = int(rng.integers(2, 6))
   owner = rng.integers(0, parts, len(ids))
-  accs = [feed(TopKPerClass(num_classes, k, pending_slots=[None, 3][seed % 2], seed=tie_seed),
-               ids[owner == i], classes[owner == i], scores[owner == i], rng)
-          for i in range(parts)]
+  accs = [
+      feed(
+          TopKPerClass(num_classes, k, pending_slots=[None, 3][seed % 2], seed=tie_seed),
+          ids[owner == i],
+          classes[owner == i],
+          scores[owner == i],
+          rng,
+      )
+      for i in range(parts)
+  ]
   before = [a.result() for a in accs]
   merged = accs[0]
   for other in rng.permutation(accs[1:]) if parts > 2 else accs[1:]:
@@ -276,11 +309,11 @@ def test_merge_of_partitions_equals_single_accumulator(seed):
   assert_same(merged.result(), single)
   assert_matches(single, brute_force(ids, classes, scores, num_classes, k, tie_seed))
   assert merged.num_candidates_seen == len(ids)
-  for a, b in zip(accs[1:], before[1:]):     # the merged-in accumulators are unchanged
+  for a, b in zip(accs[1:], before[1:]):  # the merged-in accumulators are unchanged
     assert_same(a.result(), b)
   # merging keeps working: more data after a merge still gives the exact answer
   more = make_stream(rng, 40, num_classes, 2, 3)
-  more = (more[0] + 10 ** 6, more[1], more[2])
+  more = (more[0] + 10**6, more[1], more[2])
   merged.update(*more)
   allc = [np.concatenate([a, b]) for a, b in zip((ids, classes, scores), more)]
   assert_matches(merged.result(), brute_force(*allc, num_classes, k, tie_seed))
@@ -335,7 +368,7 @@ def test_state_dict_round_trip_mid_stream(tmp_path, through_npz):
   assert restored.num_candidates_seen == done
   assert_same(restored.result(), half.result())
   for lo in range(done, len(ids), 97):
-    restored.update(ids[lo:lo + 97], classes[lo:lo + 97], scores[lo:lo + 97])
+    restored.update(ids[lo : lo + 97], classes[lo : lo + 97], scores[lo : lo + 97])
   assert_same(restored.result(), full.result())
   assert restored.num_candidates_seen == full.num_candidates_seen == len(ids)
   assert_matches(full.result(), brute_force(ids, classes, scores, 5, 40, 9))
@@ -431,9 +464,15 @@ def test_write_read_round_trip(tmp_path):
   sel = _some_selection()
   d = tmp_path / "select" / "dhat"
   selection.write_selection(d, sel, extra_summary={"p": 2, "k": 20, "note": "x"})
-  assert sorted(os.listdir(d)) == ["class_stats.json", "classes.npy", "ids.npy",
-                                   "rank_scores.npy", "ranks.npy", "scores.npy",
-                                   "summary.json"]
+  assert sorted(os.listdir(d)) == [
+      "class_stats.json",
+      "classes.npy",
+      "ids.npy",
+      "rank_scores.npy",
+      "ranks.npy",
+      "scores.npy",
+      "summary.json",
+  ]
   back = selection.read_selection(d)
   assert isinstance(back.ids, np.memmap)
   assert_same(back, sel)
@@ -454,7 +493,7 @@ def test_write_read_round_trip(tmp_path):
   sel2 = _some_selection(seed=6)
   selection.write_selection(d, sel2)
   assert_same(selection.read_selection(d), sel2)
-  assert [n for n in os.listdir(d.parent)] == ["dhat"]   # no temporary or old dirs left
+  assert [n for n in os.listdir(d.parent)] == ["dhat"]  # no temporary or old dirs left
 
 
 def test_extra_summary_conflict_is_refused(tmp_path):
@@ -534,6 +573,7 @@ def test_summary_is_written_last(tmp_path, monkeypatch, rewrite):
   # while the arrays and stats are being written, no summary.json exists (not even the
   # previous D̂'s, when one is replaced)
   from bssl import workdir as workdir_lib
+
   sel = _some_selection()
   d = tmp_path / "dhat"
   if rewrite:
@@ -550,11 +590,22 @@ def test_summary_is_written_last(tmp_path, monkeypatch, rewrite):
   selection.write_selection(d, sel)
   names = [name for name, _ in seen]
   assert names[-2:] == ["class_stats.json", "summary.json"]
-  assert sorted(names[:-2]) == ["classes.npy", "ids.npy", "rank_scores.npy", "ranks.npy",
-                                "scores.npy"]
+  assert sorted(names[:-2]) == [
+      "classes.npy",
+      "ids.npy",
+      "rank_scores.npy",
+      "ranks.npy",
+      "scores.npy",
+  ]
   assert all("summary.json" not in listing for _, listing in seen)
-  assert {"ids.npy", "classes.npy", "scores.npy", "ranks.npy", "rank_scores.npy",
-          "class_stats.json"} <= set(seen[-1][1])
+  assert {
+      "ids.npy",
+      "classes.npy",
+      "scores.npy",
+      "ranks.npy",
+      "rank_scores.npy",
+      "class_stats.json",
+  } <= set(seen[-1][1])
   assert_same(selection.read_selection(d), sel)
 
 
@@ -563,12 +614,13 @@ def test_probability_and_rank_scores_on_disk_and_an_old_dhat_still_reads(tmp_pat
   was ranked by in rank_scores.npy; a D̂ written before rank_scores.npy existed reads with
   rank_scores = scores."""
   acc = TopKPerClass(2, 3)
-  acc.update([0, 1, 2, 3], [0, 0, 1, 1], [30.0, 2.0, -1.0, 0.0])    # log-odds
+  acc.update([0, 1, 2, 3], [0, 0, 1, 1], [30.0, 2.0, -1.0, 0.0])  # log-odds
   sel = selection.with_probabilities(acc.result())
   np.testing.assert_array_equal(sel.rank_scores, [30.0, 2.0, 0.0, -1.0])
-  np.testing.assert_allclose(sel.scores, 1 / (1 + np.exp(-sel.rank_scores.astype(float))),
-                             rtol=1e-7)
-  assert sel.scores[0] == 1.0          # saturated as a float32 probability, not as log-odds
+  np.testing.assert_allclose(
+      sel.scores, 1 / (1 + np.exp(-sel.rank_scores.astype(float))), rtol=1e-7
+  )
+  assert sel.scores[0] == 1.0  # saturated as a float32 probability, not as log-odds
   d = tmp_path / "dhat"
   selection.write_selection(d, sel)
   assert_same(selection.read_selection(d), sel)
@@ -609,8 +661,9 @@ def test_class_statistics():
       assert st["min_score"][c] is None and st["median_score"][c] is None
   # rows in any order give the same statistics
   perm = np.random.default_rng(0).permutation(len(sel))
-  shuffled = Selection(sel.ids[perm], sel.classes[perm], sel.scores[perm], sel.ranks[perm],
-                       sel.num_classes, sel.k)
+  shuffled = Selection(
+      sel.ids[perm], sel.classes[perm], sel.scores[perm], sel.ranks[perm], sel.num_classes, sel.k
+  )
   assert selection.class_statistics(shuffled) == st
   empty = selection.class_statistics(TopKPerClass(3, 2).result())
   assert empty["count"] == [0, 0, 0] and empty["classes_short_of_k"] == [0, 1, 2]
@@ -626,7 +679,8 @@ def test_selection_validates_columns():
 # ----------------------------------------------------------------------------- benchmark
 def test_benchmark_quick_runs(capsys):
   spec = importlib.util.spec_from_file_location(
-      "bench_selection", os.path.join(_ROOT, "benchmarks", "selection.py"))
+      "bench_selection", os.path.join(_ROOT, "benchmarks", "selection.py")
+  )
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   out = bench.main(["--quick", "--classes", "100", "--k", "500", "--batch", "20000"])
@@ -640,10 +694,14 @@ def test_benchmark_quick_runs(capsys):
 def _global_brute_force(ids, classes, scores, ranks, n, p, seed):
   """The n best (id, class) pairs of ranks < p: score descending, then the tie hash of the
   id's low 32 bits, then id, then class."""
-  rows = sorted((-float(s), ref_tie_hash(int(i) & MAX_ID, seed), int(i), int(c))
-                for i, c, s, r in zip(ids, classes, scores, ranks) if r < p)[:n]
-  return [(c, -s, i) for c, s, _, i in
-          sorted((c, s, h, i) for s, h, i, c in rows)]  # by class, then selection order
+  rows = sorted(
+      (-float(s), ref_tie_hash(int(i) & MAX_ID, seed), int(i), int(c))
+      for i, c, s, r in zip(ids, classes, scores, ranks)
+      if r < p
+  )[:n]
+  return [
+      (c, -s, i) for c, s, _, i in sorted((c, s, h, i) for s, h, i, c in rows)
+  ]  # by class, then selection order
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -652,6 +710,7 @@ def test_unbalanced_global_top_matches_brute_force_with_ties_merges_and_smaller_
   then class), fed in random batches into two accumulators that are merged and round-tripped
   through a state dict; every smaller (k, p) derived from it equals the brute force."""
   from bssl.selection import GlobalTopK
+
   rng = np.random.default_rng(seed)
   n_img, num_classes, p, k = 300, 4, 3, 25
   logits = rng.integers(0, 12, size=(n_img, num_classes)).astype(np.float32)  # many ties
@@ -659,14 +718,17 @@ def test_unbalanced_global_top_matches_brute_force_with_ties_merges_and_smaller_
   sc = np.take_along_axis(logits, cls, 1) / 5.0
   ids = rng.permutation(10 * n_img)[:n_img].astype(np.int64) + (1 << 33)  # > 32-bit ids
   tie_seed = seed - 2
-  a, b = GlobalTopK(num_classes, k, p, seed=tie_seed), GlobalTopK(num_classes, k, p,
-                                                                  seed=tie_seed)
+  a, b = GlobalTopK(num_classes, k, p, seed=tie_seed), GlobalTopK(num_classes, k, p, seed=tie_seed)
   order = rng.permutation(n_img)
   for part in np.array_split(order, 7):
     (a if rng.random() < 0.5 else b).update_ranked(ids[part], cls[part], sc[part])
   acc = GlobalTopK.from_state_dict(a.merge(b).state_dict())
-  flat = dict(ids=np.repeat(ids, p), classes=cls.reshape(-1), scores=sc.reshape(-1),
-              ranks=np.tile(np.arange(p), n_img))
+  flat = dict(
+      ids=np.repeat(ids, p),
+      classes=cls.reshape(-1),
+      scores=sc.reshape(-1),
+      ranks=np.tile(np.arange(p), n_img),
+  )
   for kk, pp in ((k, p), (k // 2, 1), (k, 1), (3, 2)):
     sel = acc.result(kk, pp)
     want = _global_brute_force(**flat, n=kk * num_classes, p=pp, seed=tie_seed)

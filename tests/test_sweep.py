@@ -2,6 +2,7 @@
 the scoring pass across points (counted from the work directory); the same grid in two
 parallel processes, killed with SIGKILL at a random moment, then rerun in one, gives the
 same sweep.json."""
+
 import json
 import os
 import subprocess
@@ -14,29 +15,44 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
-ARGS = ["--config=configs/demo.py:tiny", "--sweep=select.k=20,50", "--sweep=select.p=1,2",
-        "--seeds=0,1", "--config.pretrain.steps=2", "--config.finetune.steps=2"]
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
+ARGS = [
+    "--config=configs/demo.py:tiny",
+    "--sweep=select.k=20,50",
+    "--sweep=select.p=1,2",
+    "--seeds=0,1",
+    "--config.pretrain.steps=2",
+    "--config.finetune.steps=2",
+]
 
 
 def _env(tmp_path):
   # a persistent compilation cache: the points compile the same steps (results unchanged)
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _points(path):
-  return json.dumps(json.load(open(os.path.join(path, "sweep.json")))["points"],
-                    sort_keys=True)
+  return json.dumps(json.load(open(os.path.join(path, "sweep.json")))["points"], sort_keys=True)
 
 
 @pytest.fixture(scope="module")
 def ref_sweep(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("sweep")
   ref = tmp_path / "ref"
-  r = subprocess.run([sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={ref}"], cwd=ROOT,
-                     env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={ref}"],
+      cwd=ROOT,
+      env=_env(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout.strip().splitlines()[-1]) == {"num_points": 8, "num_done": 8}
   return tmp_path, ref
@@ -48,8 +64,8 @@ def test_sweep_shares_the_teacher_and_the_scoring_pass(ref_sweep):
   assert len(pts) == 8
 
   def artifacts(stage):
-    return {json.load(open(ref / "points" / p / stage / "done.json"))["artifact_id"]
-            for p in pts}
+    return {json.load(open(ref / "points" / p / stage / "done.json"))["artifact_id"] for p in pts}
+
   # one baseline (= teacher) and one scoring pass per seed; a selection per point
   assert len(artifacts("baseline")) == 2 and len(artifacts("score")) == 2
   assert len(artifacts("select")) == 8
@@ -69,12 +85,18 @@ def test_parallel_sweep_killed_at_a_random_moment_resumes_to_the_same_sweep_json
   same sweep.json as the uninterrupted one-process sweep, and still one baseline and one
   scoring pass per seed."""
   import signal
+
   tmp_path, ref = ref_sweep
   wd = tmp_path / "killed"
   cmd = [sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={wd}"]
-  proc = subprocess.Popen(cmd + ["--jobs=2"], cwd=ROOT, env=_env(tmp_path),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+      cmd + ["--jobs=2"],
+      cwd=ROOT,
+      env=_env(tmp_path),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+  )
   delay = float(np.random.default_rng().uniform(4, 25))
   try:
     proc.wait(timeout=delay)
@@ -82,14 +104,12 @@ def test_parallel_sweep_killed_at_a_random_moment_resumes_to_the_same_sweep_json
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
   print(f"killed after {delay:.1f}s")
-  r = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
-                     timeout=900)
+  r = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert _points(wd) == _points(ref)
   pts = sorted(os.listdir(wd / "points"))
   for stage in ("baseline", "score"):
-    ids = {json.load(open(wd / "points" / p / stage / "done.json"))["artifact_id"]
-           for p in pts}
+    ids = {json.load(open(wd / "points" / p / stage / "done.json"))["artifact_id"] for p in pts}
     assert len(ids) <= 3, (stage, ids)  # 2 seeds; a killed claim may be recomputed once
 
 
@@ -102,49 +122,98 @@ def test_sweep_cli_errors_are_one_line(tmp_path):
       ([], "--sweep is required"),
       (["--sweep=select.k=20", "--jobs=0"], "--jobs must be a positive integer"),
       (["--sweep=select.k=20", "--share_from=/nonexistent/sweep"], "is not a folder"),
-      (["--sweep=teacher.model_kwargs=[{]"], "is not a JSON list")):
-    r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
-                        f"--workdir={tmp_path / 'w'}", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+      (["--sweep=teacher.model_kwargs=[{]"], "is not a JSON list"),
+  ):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bssl.sweep",
+            "--config=configs/demo.py:tiny",
+            f"--workdir={tmp_path / 'w'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, (args, r.stderr[-2000:])
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert not (tmp_path / "w").exists()
 
 
 def test_emit_prints_one_command_per_point(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
-                      f"--workdir={tmp_path}", "--sweep=select.k=20,50", "--seeds=0,1",
-                      "--emit"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bssl.sweep",
+          "--config=configs/demo.py:tiny",
+          f"--workdir={tmp_path}",
+          "--sweep=select.k=20,50",
+          "--seeds=0,1",
+          "--emit",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 4 and all("-m bssl.sweep" in l and "--emit" not in l for l in lines)
   assert [l.split("--point=")[1] for l in lines] == [
-      "select.k=20,seed=0", "select.k=50,seed=0", "select.k=20,seed=1", "select.k=50,seed=1"]
-  r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
-                      f"--workdir={tmp_path}", "--sweep=select.k=20,50", "--point=nope"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+      "select.k=20,seed=0",
+      "select.k=50,seed=0",
+      "select.k=20,seed=1",
+      "select.k=50,seed=1",
+  ]
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bssl.sweep",
+          "--config=configs/demo.py:tiny",
+          f"--workdir={tmp_path}",
+          "--sweep=select.k=20,50",
+          "--point=nope",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert r.returncode == 2 and "not a point of this grid" in r.stderr
 
 
 def test_dict_fields_are_swept_as_json_lists():
   from bssl import config, sweep
+
   cfg = config.base()
-  name, vals = sweep.parse_axis('teacher.model_kwargs=[{"widths": [8, 16, 32]}, '
-                                '{"widths": [32, 64, 128], "depths": [2, 2, 2]}]', cfg)
+  name, vals = sweep.parse_axis(
+      'teacher.model_kwargs=[{"widths": [8, 16, 32]}, '
+      '{"widths": [32, 64, 128], "depths": [2, 2, 2]}]',
+      cfg,
+  )
   assert name == "teacher.model_kwargs" and vals[1]["depths"] == [2, 2, 2]
   pts = sweep.points(cfg, [(name, vals)], [0])
-  assert [p["name"] for p in pts] == ["teacher.model_kwargs=widths-8-16-32,seed=0",
-                                      "teacher.model_kwargs=depths-2-2-2-widths-32-64-128,seed=0"]
+  assert [p["name"] for p in pts] == [
+      "teacher.model_kwargs=widths-8-16-32,seed=0",
+      "teacher.model_kwargs=depths-2-2-2-widths-32-64-128,seed=0",
+  ]
   got = sweep.point_config(cfg, pts[1], [(name, vals)]).teacher.model_kwargs
   assert dict(got) == {"widths": [32, 64, 128], "depths": [2, 2, 2]}  # replaced, not merged
   # values whose readable labels collide get distinct folders
   name, vals = sweep.parse_axis('teacher.model_kwargs=[{"x": -1}, {"x": 1}, {"x": 2}]', cfg)
   names = [p["name"] for p in sweep.points(cfg, [(name, vals)], [0])]
   assert len(set(names)) == 3 and names[2] == "teacher.model_kwargs=x-2,seed=0", names
-  for bad, msg in (("teacher.model_kwargs=[1, 2]", "takes dict values"),
-                   ("teacher.model_kwargs=[{]", "not a JSON list"),
-                   ("teacher.model_kwargs={}", "takes a JSON list"),
-                   ("select.k=[1, 1]", "repeated values")):
+  for bad, msg in (
+      ("teacher.model_kwargs=[1, 2]", "takes dict values"),
+      ("teacher.model_kwargs=[{]", "not a JSON list"),
+      ("teacher.model_kwargs={}", "takes a JSON list"),
+      ("select.k=[1, 1]", "repeated values"),
+  ):
     with pytest.raises(sweep.SweepError, match=msg):
       sweep.parse_axis(bad, cfg)
 
@@ -152,8 +221,13 @@ def test_dict_fields_are_swept_as_json_lists():
 # ----------------------------------------------------------------- the sweep's processes
 # (issue #21 item 8: sweeps as robust as single runs)
 
-TWO = ["--config=configs/demo.py:tiny", "--sweep=select.k=20", "--seeds=0,1",
-       "--config.pretrain.steps=2", "--config.finetune.steps=2"]  # two points, nothing shared
+TWO = [
+    "--config=configs/demo.py:tiny",
+    "--sweep=select.k=20",
+    "--seeds=0,1",
+    "--config.pretrain.steps=2",
+    "--config.finetune.steps=2",
+]  # two points, nothing shared
 
 
 def _stat(pid):
@@ -162,7 +236,7 @@ def _stat(pid):
     text = open(f"/proc/{pid}/stat").read()
   except OSError:
     return None
-  f = text[text.rindex(")") + 2:].split()
+  f = text[text.rindex(")") + 2 :].split()
   return f[0], int(f[1]), int(f[2])
 
 
@@ -183,8 +257,11 @@ def _group(pgid):
 
 def _point_entries(wd):
   d = wd / "running"
-  return {f.name[:-5]: json.load(open(f)) for f in d.glob("*.json")
-          if not f.name.startswith("_")} if d.is_dir() else {}
+  return (
+      {f.name[:-5]: json.load(open(f)) for f in d.glob("*.json") if not f.name.startswith("_")}
+      if d.is_dir()
+      else {}
+  )
 
 
 def _until(cond, what, timeout=240, proc=None):
@@ -195,8 +272,9 @@ def _until(cond, what, timeout=240, proc=None):
     if got:
       return got
     if proc is not None and proc.poll() is not None:
-      raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}: "
-                           f"{open(proc.out).read()[-3000:]}")
+      raise AssertionError(
+          f"the sweep exited ({proc.returncode}) before {what}: " f"{open(proc.out).read()[-3000:]}"
+      )
     time.sleep(0.2)
   raise AssertionError(f"timed out waiting for {what}")
 
@@ -206,9 +284,15 @@ def _start(tmp_path, wd, *extra):
   env = dict(_env(tmp_path), PYTHONUNBUFFERED="1")
   out = tmp_path / "out.txt"
   with open(out, "w") as fh:
-    proc = subprocess.Popen([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={wd}",
-                             *extra], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={wd}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
   proc.out = out
   return proc
 
@@ -221,6 +305,7 @@ def _at_work(proc, wd):
 
 def _kill_group(proc):
   import signal
+
   try:
     os.killpg(proc.pid, signal.SIGKILL)
   except ProcessLookupError:
@@ -233,6 +318,7 @@ def test_kill_9_of_a_parallel_sweep_stops_its_point_workers(tmp_path):
   the kernel (parent-death signal), checkpoint and exit 143 instead of running on beside a
   rerun."""
   import signal
+
   wd = tmp_path / "w"
   proc = _start(tmp_path, wd, "--jobs=2")
   try:
@@ -245,8 +331,12 @@ def test_kill_9_of_a_parallel_sweep_stops_its_point_workers(tmp_path):
     # stopped by the SIGTERM (exit 143), not run to the end. (At least one: a SIGTERM that
     # lands in a training stage's final checkpoint save, after the loop's last poll, is
     # not acted on by train.fit; the other worker may be there.)
-    stopped = [log for log in working if "rerun the same command to continue" in
-               open(log).read() and not (log.parent / "report" / "done.json").exists()]
+    stopped = [
+        log
+        for log in working
+        if "rerun the same command to continue" in open(log).read()
+        and not (log.parent / "report" / "done.json").exists()
+    ]
     assert stopped, [open(log).read()[-2000:] for log in working]
     assert not _point_entries(wd)  # each worker removed its running/ entry
   finally:
@@ -259,6 +349,7 @@ def test_sigterm_before_any_point_finishes_exits_143(tmp_path, jobs):
   143 with one line saying to rerun; the point workers (--jobs=2) stop with it and every
   process leaves the work directory's running/ entries behind it."""
   import signal
+
   wd = tmp_path / "w"
   proc = _start(tmp_path, wd, f"--jobs={jobs}")
   try:
@@ -283,14 +374,22 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
   refused at once (exit 2, named); a worker whose sweep was killed is waited for; entries
   of dead processes, of reused pids or of other machines do not stop a rerun."""
   import socket
+
   from bssl import procs, sweep
+
   run = tmp_path / "running"
   run.mkdir()
 
   def entry(name, pid, **kw):
-    e = dict({"pid": pid, "host": socket.gethostname(),
-              "start": procs.proc_stat(pid)[2] if procs.proc_stat(pid) else None,
-              "ppid": os.getpid()}, **kw)
+    e = dict(
+        {
+            "pid": pid,
+            "host": socket.gethostname(),
+            "start": procs.proc_stat(pid)[2] if procs.proc_stat(pid) else None,
+            "ppid": os.getpid(),
+        },
+        **kw,
+    )
     (run / f"{name}.json").write_text(json.dumps(e))
 
   dead = subprocess.Popen(["true"])
@@ -307,9 +406,14 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
       sweep.check_running(tmp_path, wait_s=60)
     with pytest.raises(sweep.SweepError, match="in use by processes still running"):
       sweep.claim_running(tmp_path, "select.k=20,seed=0", wait_s=60)
-    r = subprocess.run([sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={tmp_path}"],
-                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and f"(pid {live.pid})" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # a worker that lost its sweep (its recorded parent is not its parent): waited for,
@@ -338,8 +442,14 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
 
 def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp_path):
   from bssl import config, sweep, workdir
-  r = subprocess.run([sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={tmp_path}",
-                      "--collect"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+  r = subprocess.run(
+      [sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={tmp_path}", "--collect"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout.strip().splitlines()[-1]) == {"num_points": 8, "num_done": 0}
   s = json.load(open(tmp_path / "sweep.json"))
@@ -350,16 +460,25 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   axes = [sweep.parse_axis("select.k=20,50", cfg), sweep.parse_axis("select.p=1,2", cfg)]
   pts = sweep.points(cfg, axes, [0, 1])
   stage_of = {"baseline": "baseline", "teacher": "teacher", "student": "finetune"}
-  for models, md in (({}, "No done point has a test evaluation"),  # stages without evaluate
-                     ({"baseline": {"top1": 0.5}}, "## select.k"),  # no student: no gain
-                     ({"teacher": {"top1": 0.5}}, "## select.p")):  # nothing on the plot
+  for models, md in (
+      ({}, "No done point has a test evaluation"),  # stages without evaluate
+      ({"baseline": {"top1": 0.5}}, "## select.k"),  # no student: no gain
+      ({"teacher": {"top1": 0.5}}, "## select.p"),
+  ):  # nothing on the plot
     for p in pts:
       for key in models:
-        workdir.write_json(tmp_path / "points" / p["name"] / stage_of[key] / "done.json",
-                           {"artifact_id": f"{key}-1"})
-      workdir.write_json(tmp_path / "points" / p["name"] / "report" / "results.json",
-                         {"name": "tiny", "seed": p["seed"],
-                          **{k: dict(v, artifact_id=f"{k}-1") for k, v in models.items()}})
+        workdir.write_json(
+            tmp_path / "points" / p["name"] / stage_of[key] / "done.json",
+            {"artifact_id": f"{key}-1"},
+        )
+      workdir.write_json(
+          tmp_path / "points" / p["name"] / "report" / "results.json",
+          {
+              "name": "tiny",
+              "seed": p["seed"],
+              **{k: dict(v, artifact_id=f"{k}-1") for k, v in models.items()},
+          },
+      )
     s = sweep.collect(tmp_path, axes, pts)
     assert s["num_done"] == 8 and md in open(tmp_path / "sweep.md").read()
     assert bool(models) == (tmp_path / "select.k.png").exists()
@@ -367,21 +486,30 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   # A model replaced since a point's report (another artifact in its done.json), or a
   # result naming no artifact (an older report): never shown, and the point is listed.
   for p in pts:
-    workdir.write_json(tmp_path / "points" / p["name"] / "finetune" / "done.json",
-                       {"artifact_id": "student-1"})
-    workdir.write_json(tmp_path / "points" / p["name"] / "report" / "results.json",
-                       {"name": "tiny", "seed": p["seed"],
-                        "baseline": {"top1": 0.5, "artifact_id": "baseline-1"},
-                        "student": {"top1": 0.9, "artifact_id": "student-1"}})
+    workdir.write_json(
+        tmp_path / "points" / p["name"] / "finetune" / "done.json", {"artifact_id": "student-1"}
+    )
+    workdir.write_json(
+        tmp_path / "points" / p["name"] / "report" / "results.json",
+        {
+            "name": "tiny",
+            "seed": p["seed"],
+            "baseline": {"top1": 0.5, "artifact_id": "baseline-1"},
+            "student": {"top1": 0.9, "artifact_id": "student-1"},
+        },
+    )
   first, second = pts[0]["name"], pts[1]["name"]
-  workdir.write_json(tmp_path / "points" / first / "finetune" / "done.json",
-                     {"artifact_id": "student-2"})
+  workdir.write_json(
+      tmp_path / "points" / first / "finetune" / "done.json", {"artifact_id": "student-2"}
+  )
   res = json.load(open(tmp_path / "points" / second / "report" / "results.json"))
   del res["baseline"]["artifact_id"]
   workdir.write_json(tmp_path / "points" / second / "report" / "results.json", res)
   s = sweep.collect(tmp_path, axes, pts)
-  assert s["stale"] == [{"name": first, "replaced": ["student"]},
-                        {"name": second, "replaced": ["baseline"]}]
+  assert s["stale"] == [
+      {"name": first, "replaced": ["student"]},
+      {"name": second, "replaced": ["baseline"]},
+  ]
   rows = {r["name"]: r for r in s["points"]}
   assert rows[first]["top1"] == {"baseline": 0.5}
   assert rows[second]["top1"] == {"student": 0.9}
@@ -390,9 +518,20 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
 
 def test_seed_is_swept_with_seeds_only(tmp_path):
   for args in (["--sweep=seed=0,1"], ["--sweep=select.k=20", "--sweep=seed=0,1", "--seeds=2"]):
-    r = subprocess.run([sys.executable, "-m", "bssl.sweep", "--config=configs/demo.py:tiny",
-                        f"--workdir={tmp_path / 'w'}", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bssl.sweep",
+            "--config=configs/demo.py:tiny",
+            f"--workdir={tmp_path / 'w'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--sweep=seed" in lines[0] and "--seeds=0,1,2" in lines[0], lines
@@ -404,13 +543,16 @@ def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
   owner is gone, or an unreadable one (an older bssl's empty file) after a few seconds, is
   taken over instead of waited on forever; a live owner's lock is waited on."""
   import threading
+
   from bssl import procs, sweep
+
   claims = tmp_path / "claims"
   claims.mkdir()
   dead = subprocess.Popen(["true"])
   dead.wait()
-  (claims / "teacher").write_text(json.dumps({"pid": dead.pid, "host": os.uname()[1],
-                                              "start": "1"}))
+  (claims / "teacher").write_text(
+      json.dumps({"pid": dead.pid, "host": os.uname()[1], "start": "1"})
+  )
   (claims / "scoring").write_text("")
   old = time.time() - 60
   os.utime(claims / "scoring", (old, old))
@@ -420,6 +562,7 @@ def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
     got = threading.Event()
     threading.Thread(target=lambda: (s._lock(name), got.set()), daemon=True).start()
     return got
+
   for name in ("teacher", "scoring"):
     assert acquire(name).wait(10), name
     assert json.loads((claims / name).read_text())["pid"] == os.getpid()
@@ -428,8 +571,9 @@ def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
   # a live owner (another process of this machine): waited on until it releases
   live = subprocess.Popen(["sleep", "30"])
   try:
-    (claims / "select").write_text(json.dumps({"pid": live.pid, "host": os.uname()[1],
-                                               "start": procs.process_start(live.pid)}))
+    (claims / "select").write_text(
+        json.dumps({"pid": live.pid, "host": os.uname()[1], "start": procs.process_start(live.pid)})
+    )
     got = acquire("select")
     assert not got.wait(1.0)
     live.kill()

@@ -3,6 +3,7 @@ devices, NaN stops the run keeping the last good checkpoint, a run killed with S
 (also exactly on a checkpoint step) or SIGKILL resumes to exactly the parameters of an
 uninterrupted run, and a checkpoint resumes on another device count (same mesh size or
 a fresh process with fewer devices) to the same parameters up to reduction order."""
+
 import os
 import signal
 import subprocess
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 import train_worker as tw
+
 from bssl import parallel, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,8 +33,16 @@ def _state_and_step(mesh, bn_mode, lr=0.1):
   sched = optax.constant_schedule(lr)
   tx = train.make_optimizer(tw.tiny_cfg(bn_mode=bn_mode), sched)
   state = train.init_state(model, tx, 0, (8, 8, 1), mesh)
-  step = train.make_train_step(model, tx, mesh, num_classes=tw.NUM_CLASSES, mean=MEAN, std=STD,
-                               schedule=sched, bn_mode=bn_mode)
+  step = train.make_train_step(
+      model,
+      tx,
+      mesh,
+      num_classes=tw.NUM_CLASSES,
+      mean=MEAN,
+      std=STD,
+      schedule=sched,
+      bn_mode=bn_mode,
+  )
   return model, tx, state, step
 
 
@@ -55,8 +64,15 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
 
 def test_warmup_steps_zero_overrides_warmup_fraction():
   import ml_collections
-  lrs = lambda **kw: [float(train.make_schedule(ml_collections.ConfigDict(
-      dict(schedule="constant", **kw)), 10, 0.4)(i)) for i in range(4)]
+
+  lrs = lambda **kw: [
+      float(
+          train.make_schedule(ml_collections.ConfigDict(dict(schedule="constant", **kw)), 10, 0.4)(
+              i
+          )
+      )
+      for i in range(4)
+  ]
   # 0 is a value, not "unset": no warm-up whatever warmup_fraction says
   assert lrs(warmup_steps=0, warmup_fraction=0.5) == pytest.approx([0.4] * 4)
   # (linear from lr / warmup to lr over the warm-up steps)
@@ -74,8 +90,9 @@ def test_sync_bn_equals_one_device_on_the_full_batch():
   s8, m8 = step8(s8, _put(mesh8, batch))
   s1, m1 = step1(s1, _put(mesh1, batch))
   assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
-  for a, b in zip(jax.tree.leaves((s8.params, s8.batch_stats)),
-                  jax.tree.leaves((s1.params, s1.batch_stats))):
+  for a, b in zip(
+      jax.tree.leaves((s8.params, s8.batch_stats)), jax.tree.leaves((s1.params, s1.batch_stats))
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
 
 
@@ -86,11 +103,13 @@ def test_per_device_bn_equals_average_of_per_shard_computations():
   params0 = jax.device_get(s8.params)
   stats0 = jax.device_get(s8.batch_stats)
   opt0 = tx.init(params0)
+
   # Reference: each of the 8 shards (2 images) on its own, statistics over its 2 images.
   def loss_fn(p, images, labels):
     x = train.normalize(images, MEAN, STD)
-    logits, new = model.apply({"params": p, "batch_stats": stats0}, x, train=True,
-                              mutable=["batch_stats"])
+    logits, new = model.apply(
+        {"params": p, "batch_stats": stats0}, x, train=True, mutable=["batch_stats"]
+    )
     onehot = jax.nn.one_hot(labels, tw.NUM_CLASSES)
     return optax.softmax_cross_entropy(logits, onehot).mean(), new["batch_stats"]
 
@@ -114,8 +133,10 @@ def test_per_device_bn_equals_average_of_per_shard_computations():
   # And per-device statistics really differ from synchronised ones on this batch.
   _, _, ss, steps_ = _state_and_step(mesh8, "sync")
   ss, _ = steps_(ss, _put(mesh8, batch))
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(ss.params), jax.tree.leaves(s8.params)))
+  diff = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(ss.params), jax.tree.leaves(s8.params))
+  )
   assert diff > 1e-4
 
 
@@ -153,6 +174,7 @@ def _sigterm_after_step(monkeypatch, at: int):
       if int(out[0].step) == at:
         os.kill(os.getpid(), signal.SIGTERM)
       return out
+
     return step
 
   monkeypatch.setattr(train, "make_train_step", step_then_sigterm)
@@ -172,7 +194,8 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted, monkeypatch)
 
 @pytest.mark.parametrize("orbax_skips_saved_steps", [True, False])
 def test_sigterm_exactly_at_a_checkpoint_step_is_preempted_and_resume_is_exact(
-    tmp_path, uninterrupted, monkeypatch, orbax_skips_saved_steps):
+    tmp_path, uninterrupted, monkeypatch, orbax_skips_saved_steps
+):
   """SIGTERM during step 4 with checkpoint_every=2: the loop's periodic save of step 4 and
   the SIGTERM save of step 4 are the same checkpoint; the run must stop as preempted (exit
   143 in bssl.main), not crash with orbax's StepAlreadyExistsError. orbax 0.12 itself
@@ -181,6 +204,7 @@ def test_sigterm_exactly_at_a_checkpoint_step_is_preempted_and_resume_is_exact(
   wd = str(tmp_path / "w")
   if not orbax_skips_saved_steps:
     import orbax.checkpoint as ocp
+
     monkeypatch.setattr(ocp.CheckpointManager, "should_save", lambda self, step: True)
   real_step = _sigterm_after_step(monkeypatch, 4)
   with pytest.raises(train.Preempted, match="step 4"):
@@ -196,12 +220,14 @@ def test_sigterm_during_the_final_save_is_passed_on_not_swallowed(tmp_path, monk
   swallowed: the run went on to its next stage. It is delivered again to the handler that
   was there before training, once the final checkpoint is whole."""
   import orbax.checkpoint as ocp
+
   wd = str(tmp_path / "w")
   real_wait = ocp.CheckpointManager.wait_until_finished
 
   def wait_then_sigterm(self):
     os.kill(os.getpid(), signal.SIGTERM)
     return real_wait(self)
+
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_then_sigterm)
   got = []
   old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
@@ -222,8 +248,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
   assert steps, "a checkpoint before the divergence should exist"
   import orbax.checkpoint as ocp
+
   restored = ocp.StandardCheckpointer().restore(
-      os.path.join(wd, "checkpoints", str(steps[-1]), "state"))
+      os.path.join(wd, "checkpoints", str(steps[-1]), "state")
+  )
   for leaf in jax.tree.leaves(restored):
     assert np.all(np.isfinite(np.asarray(leaf)))
   assert f"step {steps[-1]}" in str(e.value)
@@ -234,8 +262,7 @@ def test_sigkill_then_rerun_gives_identical_parameters(tmp_path, uninterrupted):
   wd, out = str(tmp_path / "w"), str(tmp_path / "final.npz")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   cmd = [sys.executable, os.path.join(HERE, "train_worker.py"), wd, out]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   seen = []
   for line in proc.stdout:
     seen.append(line)
@@ -276,8 +303,9 @@ def test_resume_in_a_process_with_another_device_count(tmp_path, uninterrupted):
   def env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
-  first = subprocess.run(cmd + ["--stop_after_steps", "7"], capture_output=True, text=True,
-                         env=env(4), timeout=300)
+  first = subprocess.run(
+      cmd + ["--stop_after_steps", "7"], capture_output=True, text=True, env=env(4), timeout=300
+  )
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   assert "DEVICES 4" in first.stdout and "INTERRUPTED 7" in first.stdout
   assert not os.path.exists(out)

@@ -1,5 +1,6 @@
 """Transfer: fc-only's logistic regression against a reference solver, and the transfer
 stage end to end (fc-only and full fine-tuning of every model) on the demo's tiny run."""
+
 import json
 import os
 
@@ -10,7 +11,8 @@ from bssl import transfer
 
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
-    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)")
+    reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",
+)
 
 
 def _separable(n, d, c, seed):
@@ -22,6 +24,7 @@ def _separable(n, d, c, seed):
 
 def test_logistic_regression_separable_features_and_reference_solver():
   from sklearn.linear_model import LogisticRegression
+
   x, y = _separable(600, 16, 5, 0)
   xt, yt = x[:400], y[:400]
   xv, yv = x[400:500], y[400:500]
@@ -40,6 +43,7 @@ def test_logistic_regression_separable_features_and_reference_solver():
     z = z - z.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     return -logp[np.arange(len(yt)), yt].mean() + 0.5 * lam * np.sum(np.square(w))
+
   assert objective(w, b) <= objective(ref.coef_.T, ref.intercept_) + 1e-5
   # noisy features: accuracy equals the reference solver's on the test split
   xn, yn = _separable(900, 8, 4, 1)
@@ -47,14 +51,17 @@ def test_logistic_regression_separable_features_and_reference_solver():
   w, b = transfer.fit_logistic(xn[:600], yn[:600], 4, lam)
   ref = LogisticRegression(C=1.0 / (600 * lam), max_iter=5000, tol=1e-10).fit(xn[:600], yn[:600])
   assert transfer.accuracy(xn[600:], yn[600:], w, b) == pytest.approx(
-      ref.score(xn[600:], yn[600:]), abs=1 / 300)
+      ref.score(xn[600:], yn[600:]), abs=1 / 300
+  )
 
 
 @needs_fmnist
 def test_transfer_stage_on_the_tiny_run(tmp_path, demo_tiny_run):
   import shutil
-  from bssl.configs import demo
+
   from bssl import engine
+  from bssl.configs import demo
+
   cfg = demo.get_config("tiny")
   wd = str(tmp_path / "w")
   shutil.copytree(demo_tiny_run[1], wd)
@@ -81,13 +88,16 @@ def test_transfer_stage_on_the_tiny_run(tmp_path, demo_tiny_run):
 
 @needs_fmnist
 def test_missing_tfds_target_stops_before_any_training(tmp_path):
-  from bssl.configs import demo
   from bssl import engine
+  from bssl.configs import demo
   from bssl.data import sources
+
   cfg = demo.get_config("tiny")
   cfg.stages = "baseline,teacher,score,select,pretrain,finetune,transfer"
   cfg.transfer.target = "tfds"
   cfg.transfer.tfds_data_dir = str(tmp_path / "tfds")
-  with pytest.raises(sources.DataError, match="tfds build caltech_birds2011.*transfer.tfds_data_dir"):
+  with pytest.raises(
+      sources.DataError, match="tfds build caltech_birds2011.*transfer.tfds_data_dir"
+  ):
     engine.run_recipe(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "baseline")

@@ -1,6 +1,7 @@
 """R(2+1)D models (both layouts of the intermediate width M), PyTorch parity and
 conversion both ways, a train step that lowers the loss, clip sampling, and the
 10-clip video-level prediction."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,18 +22,17 @@ def _by_hand(depths, layout, num_classes, widths=(64, 128, 256, 512), stem_mid=4
     for j in range(d):
       m1 = mid_channels(cin, w)
       m2 = m1 if layout == "torchvision" else mid_channels(w, w)
-      n += cin * m1 * 9 + 2 * m1 + m1 * w * 3 + 2 * w      # conv1 (2+1)D + bn1
-      n += w * m2 * 9 + 2 * m2 + m2 * w * 3 + 2 * w        # conv2 (2+1)D + bn2
+      n += cin * m1 * 9 + 2 * m1 + m1 * w * 3 + 2 * w  # conv1 (2+1)D + bn1
+      n += w * m2 * 9 + 2 * m2 + m2 * w * 3 + 2 * w  # conv2 (2+1)D + bn2
       if (i > 0 and j == 0) or cin != w:
-        n += cin * w + 2 * w                                # 1x1x1 downsample + BN
+        n += cin * w + 2 * w  # 1x1x1 downsample + BN
       cin = w
   return n + cin * num_classes + num_classes
 
 
 def _params(name, num_classes=400, **kw):
   m = create_video_model(name, num_classes, **kw)
-  v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3)),
-                                    train=False))
+  v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3)), train=False))
   return count_params(v["params"])
 
 
@@ -49,16 +49,22 @@ def test_parameter_counts_of_both_layouts():
     create_video_model("r2plus1d_small", 10, widths=(8, 0), depths=(1, 1))
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("r2plus1d_small", dict(widths=(8, 16), depths=(1, 2), stem_mid=6)),
-    ("r2plus1d_small", dict(widths=(8, 16), depths=(2, 1), stem_mid=6, layout="vmz",
-                            stem_stride=2)),
-    ("r2plus1d_18", {}),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("r2plus1d_small", dict(widths=(8, 16), depths=(1, 2), stem_mid=6)),
+        (
+            "r2plus1d_small",
+            dict(widths=(8, 16), depths=(2, 1), stem_mid=6, layout="vmz", stem_stride=2),
+        ),
+        ("r2plus1d_18", {}),
+    ],
+)
 def test_pytorch_parity_and_conversion_both_directions(name, kw):
   torch = pytest.importorskip("torch")
   from bssl import convert
   from bssl.torch_models import create_torch_video_model
+
   c = 1 if name == "r2plus1d_small" else 3
   twin = create_torch_video_model(name, 5, in_channels=c, **kw)
   g = torch.Generator().manual_seed(0)
@@ -100,8 +106,9 @@ def test_a_train_step_lowers_the_loss_on_a_fixed_clip_batch():
   state = opt.init(params)
 
   def loss_fn(p, s):
-    logits, new = model.apply({"params": p, "batch_stats": s}, x, train=True,
-                              mutable=["batch_stats"])
+    logits, new = model.apply(
+        {"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"]
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
   @jax.jit
@@ -117,18 +124,20 @@ def test_a_train_step_lowers_the_loss_on_a_fixed_clip_batch():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("t,clip_len,stride,n", [(100, 8, 2, 10), (30, 16, 1, 10),
-                                                 (8, 8, 1, 3), (5, 8, 2, 4), (64, 8, 4, 1)])
+@pytest.mark.parametrize(
+    "t,clip_len,stride,n",
+    [(100, 8, 2, 10), (30, 16, 1, 10), (8, 8, 1, 3), (5, 8, 2, 4), (64, 8, 4, 1)],
+)
 def test_uniform_clips_cover_the_video_as_documented(t, clip_len, stride, n):
   starts = clips_lib.uniform_starts(t, clip_len, stride, n)
   span = (clip_len - 1) * stride + 1
   assert len(starts) == n and (np.diff(starts) >= 0).all()
   if t >= span and n > 1:
-    assert starts[0] == 0 and starts[-1] + span == t       # first and last clip in range
+    assert starts[0] == 0 and starts[-1] + span == t  # first and last clip in range
     gaps = np.diff(starts)
-    assert gaps.max() - gaps.min() <= 1                      # uniform spacing (rounded)
+    assert gaps.max() - gaps.min() <= 1  # uniform spacing (rounded)
   elif t < span:
-    assert (starts == 0).all()                               # short video: looped
+    assert (starts == 0).all()  # short video: looped
   for s in starts:
     idx = clips_lib.clip_indices(s, t, clip_len, stride)
     assert idx.min() >= 0 and idx.max() < t and len(idx) == clip_len
@@ -142,8 +151,8 @@ def test_ten_clip_prediction_is_the_mean_of_ten_single_clip_predictions():
   rng = np.random.default_rng(1)
   videos = rng.normal(size=(3, 40, 10, 10, 1)).astype(np.float32)
   variables = model.init(jax.random.key(0), videos[:1, :4], train=False)
-  apply_fn = lambda c: model.apply(variables, c, train=False)  # noqa: E731
-  batch = np.stack([clips_lib.clips_of(v, 4, 2, 10) for v in videos])   # [3, 10, 4, H, W, C]
+  apply_fn = lambda c: model.apply(variables, c, train=False)
+  batch = np.stack([clips_lib.clips_of(v, 4, 2, 10) for v in videos])  # [3, 10, 4, H, W, C]
   got = np.asarray(jax.jit(lambda c: clips_lib.video_level_probs(apply_fn, c))(batch))
   for b in range(3):
     single = [np.asarray(jax.nn.softmax(apply_fn(batch[b, i][None])))[0] for i in range(10)]

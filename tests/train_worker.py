@@ -6,31 +6,46 @@ The device count is XLA_FLAGS=--xla_force_host_platform_device_count (default 2 
 With --stop_after_steps the run stops (as a crash would, without a final save) after N
 steps of this call and OUT is not written.
 """
+
 import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=2").strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  ).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import ml_collections
+import numpy as np
 
-from bssl import models, parallel, train  # noqa: E402
-from bssl.data import pipelines, sources  # noqa: E402
+from bssl import models, parallel, train
+from bssl.data import pipelines, sources
 
 SPEC = pipelines.ImageSpec(size=8, channels=1, augment="pad_crop_flip", pad=1)
 NUM_CLASSES = 4
 
 
 def tiny_cfg(steps=12, checkpoint_every=2, bn_mode="sync", lr=0.1):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=16, lr=lr, schedule="cosine", warmup_fraction=0.1,
-      momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.1, bn_mode=bn_mode,
-      log_every=1, checkpoint_every=checkpoint_every, keep_checkpoints=2))
+  return ml_collections.ConfigDict(
+      dict(
+          steps=steps,
+          batch_size=16,
+          lr=lr,
+          schedule="cosine",
+          warmup_fraction=0.1,
+          momentum=0.9,
+          nesterov=True,
+          weight_decay=5e-4,
+          label_smoothing=0.1,
+          bn_mode=bn_mode,
+          log_every=1,
+          checkpoint_every=checkpoint_every,
+          keep_checkpoints=2,
+      )
+  )
 
 
 def tiny_model():
@@ -42,9 +57,20 @@ def tiny_source():
 
 
 def run(workdir, cfg, mesh=None, **kw):
-  return train.fit(name="tiny", model=tiny_model(), cfg=cfg, source=tiny_source(), spec=SPEC,
-                   mesh=mesh or parallel.make_mesh(), workdir=workdir, num_classes=NUM_CLASSES,
-                   mean=(100.0,), std=(60.0,), seed=3, **kw)
+  return train.fit(
+      name="tiny",
+      model=tiny_model(),
+      cfg=cfg,
+      source=tiny_source(),
+      spec=SPEC,
+      mesh=mesh or parallel.make_mesh(),
+      workdir=workdir,
+      num_classes=NUM_CLASSES,
+      mean=(100.0,),
+      std=(60.0,),
+      seed=3,
+      **kw,
+  )
 
 
 def flat(variables):
@@ -54,6 +80,7 @@ def flat(variables):
 
 if __name__ == "__main__":
   import argparse
+
   ap = argparse.ArgumentParser()
   ap.add_argument("workdir")
   ap.add_argument("out")

@@ -5,6 +5,7 @@ width, height, sha256) and ``<key>.txt`` (the caption), as img2dataset writes th
 every hostile case of issue 22: a failed row (status ``failed_to_download``, no image), a
 corrupt image member, an exact duplicate of another sample, and a placeholder image (one
 dead-link picture) repeated many times across shards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
   tf.addfile(info, io.BytesIO(data))
 
 
-def make_shards(root: str, num_shards: int = 3, per_shard: int = 12, placeholder_every: int = 3,
-                size: int = 40) -> dict:
+def make_shards(
+    root: str, num_shards: int = 3, per_shard: int = 12, placeholder_every: int = 3, size: int = 40
+) -> dict:
   """Writes ``root/{00000..}.tar`` (+ a parquet-free listing). Returns what a correct
   ingest must find: ``samples`` (in id order: key, url, caption, expected bad reason word
   or None, image bytes), ``skipped`` (failed rows), ``duplicates`` ({key: key of the
@@ -58,11 +60,11 @@ def make_shards(root: str, num_shards: int = 3, per_shard: int = 12, placeholder
         caption = " ".join(rng.choice(WORDS, 3)) + f" #{WORDS[g % len(WORDS)]}"
         url = f"https://example.com/img/{g}.jpg"
         status, ext, bad = "success", "jpg", None
-        if g == 5:                       # a failed download: no image, status says so
+        if g == 5:  # a failed download: no image, status says so
           status, img = "failed_to_download", None
-        elif g == 7:                     # a corrupt image member
+        elif g == 7:  # a corrupt image member
           img, bad = b"\xff\xd8\xff\xe0 this is not a jpeg", "corrupt"
-        elif g == 14:                    # an exact copy of sample 2's image
+        elif g == 14:  # an exact copy of sample 2's image
           img = samples[2]["image"]
           duplicates[key] = samples[2]["key"]
         elif placeholder_every and g % placeholder_every == 1 and g not in (1,):
@@ -74,10 +76,16 @@ def make_shards(root: str, num_shards: int = 3, per_shard: int = 12, placeholder
           img, ext = encode(photo(size, size + 6, g), "WEBP", quality=90), "webp"
         else:
           img = encode(photo(size + (g % 3) * 4, size, g), quality=90)
-        meta = {"url": url, "caption": caption, "key": key, "status": status,
-                "error_message": None if img is not None else "404 Not Found",
-                "width": size, "height": size,
-                "sha256": hashlib.sha256(img).hexdigest() if img is not None else None}
+        meta = {
+            "url": url,
+            "caption": caption,
+            "key": key,
+            "status": status,
+            "error_message": None if img is not None else "404 Not Found",
+            "width": size,
+            "height": size,
+            "sha256": hashlib.sha256(img).hexdigest() if img is not None else None,
+        }
         if img is not None:
           _add(tf, f"{key}.{ext}", img)
         _add(tf, f"{key}.json", json.dumps(meta).encode())
@@ -87,8 +95,11 @@ def make_shards(root: str, num_shards: int = 3, per_shard: int = 12, placeholder
         else:
           if img is not None and img not in first_bytes:
             first_bytes[img] = key
-          samples.append({"key": key, "url": url, "caption": caption, "bad": bad,
-                          "image": img})
+          samples.append({"key": key, "url": url, "caption": caption, "bad": bad, "image": img})
         g += 1
-  return {"samples": samples, "skipped": skipped, "duplicates": duplicates,
-          "placeholders": placeholders}
+  return {
+      "samples": samples,
+      "skipped": skipped,
+      "duplicates": duplicates,
+      "placeholders": placeholders,
+  }

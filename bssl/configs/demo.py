@@ -21,14 +21,25 @@ Presets (``--config=configs/demo.py:<preset>``; combine with commas):
              batch 64 and lr 0.05 (0.01 fine-tuning); U cut to its first 20,000 images,
              K = 1,000; 50 validation images per class.
 """
+
 from bssl import config
 
 
 def train_stage(c, model_kwargs, steps, lr, **extra):
   """The demo's training stage: SGD Nesterov, weight decay 5e-4, cosine with 5% warm-up."""
-  fields = dict(model="resnet_small", model_kwargs=model_kwargs, steps=steps, epochs=None,
-                batch_size=128, lr=lr, schedule="cosine", warmup_fraction=0.05,
-                nesterov=True, weight_decay=5e-4, checkpoint_every=500)
+  fields = dict(
+      model="resnet_small",
+      model_kwargs=model_kwargs,
+      steps=steps,
+      epochs=None,
+      batch_size=128,
+      lr=lr,
+      schedule="cosine",
+      warmup_fraction=0.05,
+      nesterov=True,
+      weight_decay=5e-4,
+      checkpoint_every=500,
+  )
   return config.override(c, **{**fields, **extra})
 
 
@@ -36,9 +47,21 @@ def get_config(arg: str | None = None):
   presets = config.presets(arg, accepted=("tiny", "seed1", "own_teacher", "compare"))
   c = config.base()
   c.name = "demo"
-  config.override(c.data, kind="fashion_mnist", num_classes=10, image_size=28, channels=1,
-                  augment="pad_crop_flip", eval_transform="none", pad=2, mean=(72.94,),
-                  std=(90.02,), labelled_per_class=20, val_per_class=500, eval_batch_size=1000)
+  config.override(
+      c.data,
+      kind="fashion_mnist",
+      num_classes=10,
+      image_size=28,
+      channels=1,
+      augment="pad_crop_flip",
+      eval_transform="none",
+      pad=2,
+      mean=(72.94,),
+      std=(90.02,),
+      labelled_per_class=20,
+      val_per_class=500,
+      eval_batch_size=1000,
+  )
   c.unlabelled.kind = "rest_of_train"
 
   small = dict(widths=(16, 32, 64), depths=(1, 1, 1), block="basic")
@@ -63,7 +86,7 @@ def get_config(arg: str | None = None):
   if "seed1" in presets:
     c.seed = 1
   if "tiny" in presets:
-    c.data.subset = 2000          # take the first 2000 training / 500 test images
+    c.data.subset = 2000  # take the first 2000 training / 500 test images
     c.data.labelled_per_class = 10
     c.data.val_per_class = 10
     c.data.eval_batch_size = 80

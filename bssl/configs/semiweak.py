@@ -21,13 +21,14 @@ of the baseline, the weak teacher and the student).
 Presets: ``tiny`` (seconds, for tests), ``seed1`` / ``seed2`` (other labelled subsets
 and initialisations), combinable (``tiny,seed1``).
 """
+
 import os
 import sys
 
 from bssl import config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ (loaded by path)
-import demo  # noqa: E402
+import demo
 
 
 def get_config(arg: str | None = None):
@@ -36,14 +37,22 @@ def get_config(arg: str | None = None):
   c.name = "semiweak"
   c.seed = 1 if "seed1" in presets else 2 if "seed2" in presets else 0
   c.stages = ",".join(config.ALL_STAGES)
-  config.override(c.weak, kind="synthetic", synonyms_per_class=3, distractors=20,
-                  p_class_tag=0.7, max_noise_tags=2, resample="sqrt")
+  config.override(
+      c.weak,
+      kind="synthetic",
+      synonyms_per_class=3,
+      distractors=20,
+      p_class_tag=0.7,
+      max_noise_tags=2,
+      resample="sqrt",
+  )
   model_kwargs = dict(c.baseline.model_kwargs)
   # Weak pre-training: 2,000 steps at batch 128 (~4.7 passes over the tagged images).
   demo.train_stage(c.weak_pretrain, model_kwargs, steps=2000, lr=0.2, batch_size=128)
   # The teacher: the weakly supervised model with a new head, fine-tuned on D.
-  demo.train_stage(c.teacher, model_kwargs, steps=300, lr=0.02, batch_size=32,
-                   init_from="weak_pretrain")
+  demo.train_stage(
+      c.teacher, model_kwargs, steps=300, lr=0.02, batch_size=32, init_from="weak_pretrain"
+  )
   if "tiny" in presets:
     c.transfer.ft_steps, c.transfer.ft_batch_size = 4, 32
     for s in ("weak_pretrain", "teacher"):

@@ -37,15 +37,23 @@ Presets (``--config=configs/video.py:<preset>``):
             P chosen on the validation split (docs/video.md).
   ``seed1``, ``seed2``  other seeds (another D, initialisation and augmentation).
 """
+
 from bssl import config
 
-KINETICS_MEAN = (110.2, 100.6, 96.0)   # torchvision's video normalisation x 255
+KINETICS_MEAN = (110.2, 100.6, 96.0)  # torchvision's video normalisation x 255
 KINETICS_STD = (58.7, 57.2, 57.6)
 
 
 def train_stage(c, model, **extra):
-  fields = dict(model=model, batch_size=256, schedule="step", bn_mode="per_device",
-                checkpoint_every=2000, keep_checkpoints=3, dtype="bfloat16")
+  fields = dict(
+      model=model,
+      batch_size=256,
+      schedule="step",
+      bn_mode="per_device",
+      checkpoint_every=2000,
+      keep_checkpoints=3,
+      dtype="bfloat16",
+  )
   return config.override(c, **{**fields, **extra})
 
 
@@ -54,9 +62,21 @@ def get_config(arg: str | None = None):
   c = config.base()
   c.name = "video"
   c.num_threads = 16
-  config.override(c.data, kind="video_folder", num_classes=400, image_size=112, channels=3,
-                  clip_len=32, frame_stride=1, num_clips=10, augment="pad_crop_flip", pad=0,
-                  mean=KINETICS_MEAN, std=KINETICS_STD, eval_batch_size=256)
+  config.override(
+      c.data,
+      kind="video_folder",
+      num_classes=400,
+      image_size=112,
+      channels=3,
+      clip_len=32,
+      frame_stride=1,
+      num_clips=10,
+      augment="pad_crop_flip",
+      pad=0,
+      mean=KINETICS_MEAN,
+      std=KINETICS_STD,
+      eval_batch_size=256,
+  )
   c.unlabelled.kind = "video_list"
 
   train_stage(c.baseline, "r2plus1d_18", epochs=45.0, warmup_steps=2000)
@@ -69,19 +89,47 @@ def get_config(arg: str | None = None):
   if "demo" in presets or "seed1" in presets or "seed2" in presets:
     c.name = "video_demo"
     c.num_threads = 1
-    config.override(c.data, kind="moving_fashion_mnist", num_classes=20, image_size=32,
-                    channels=1, garment_size=20, video_frames=16, clip_len=8, frame_stride=1,
-                    num_clips=4, augment="pad_crop", pad=2, mean=(28.5,), std=(64.0,),
-                    labelled_per_class=25, val_per_class=25, eval_batch_size=200)
+    config.override(
+        c.data,
+        kind="moving_fashion_mnist",
+        num_classes=20,
+        image_size=32,
+        channels=1,
+        garment_size=20,
+        video_frames=16,
+        clip_len=8,
+        frame_stride=1,
+        num_clips=4,
+        augment="pad_crop",
+        pad=2,
+        mean=(28.5,),
+        std=(64.0,),
+        labelled_per_class=25,
+        val_per_class=25,
+        eval_batch_size=200,
+    )
     c.unlabelled.kind = "rest_of_train"
     c.unlabelled.limit = 30000
     small = dict(widths=(8, 16, 32), depths=(1, 1, 1), stem_mid=8, stem_stride=2)
 
     def demo_stage(s, steps, lr, batch_size, **extra):
-      fields = dict(model="r2plus1d_small", model_kwargs=small, steps=steps, epochs=None,
-                    batch_size=batch_size, lr=lr, schedule="cosine", warmup_fraction=0.05,
-                    warmup_steps=None, nesterov=True, weight_decay=5e-4, bn_mode="sync",
-                    dtype="float32", log_every=100, checkpoint_every=500)
+      fields = dict(
+          model="r2plus1d_small",
+          model_kwargs=small,
+          steps=steps,
+          epochs=None,
+          batch_size=batch_size,
+          lr=lr,
+          schedule="cosine",
+          warmup_fraction=0.05,
+          warmup_steps=None,
+          nesterov=True,
+          weight_decay=5e-4,
+          bn_mode="sync",
+          dtype="float32",
+          log_every=100,
+          checkpoint_every=500,
+      )
       config.override(c[s], **{**fields, **extra})
 
     demo_stage("baseline", 1500, 0.1, 32)
@@ -96,15 +144,35 @@ def get_config(arg: str | None = None):
       c.seed = 2
   if "tiny" in presets:
     c.num_threads = 1
-    config.override(c.data, kind="fake_video", num_classes=4, image_size=16, channels=3,
-                    video_frames=6, clip_len=4, frame_stride=1, num_clips=3, pad=2,
-                    augment="pad_crop_flip", fake_train_size=48, fake_test_size=16,
-                    eval_batch_size=16)
+    config.override(
+        c.data,
+        kind="fake_video",
+        num_classes=4,
+        image_size=16,
+        channels=3,
+        video_frames=6,
+        clip_len=4,
+        frame_stride=1,
+        num_clips=3,
+        pad=2,
+        augment="pad_crop_flip",
+        fake_train_size=48,
+        fake_test_size=16,
+        eval_batch_size=16,
+    )
     config.override(c.unlabelled, kind="fake", size=64, limit=None)
-    tiny = dict(model="r2plus1d_small",
-                model_kwargs=dict(widths=(8, 16), depths=(1, 1), stem_mid=8, stem_stride=1),
-                steps=4, epochs=None, batch_size=8, log_every=2, checkpoint_every=2,
-                dtype="float32", warmup_steps=1, init_from=None)
+    tiny = dict(
+        model="r2plus1d_small",
+        model_kwargs=dict(widths=(8, 16), depths=(1, 1), stem_mid=8, stem_stride=1),
+        steps=4,
+        epochs=None,
+        batch_size=8,
+        log_every=2,
+        checkpoint_every=2,
+        dtype="float32",
+        warmup_steps=1,
+        init_from=None,
+    )
     for s in ("baseline", "teacher", "pretrain", "finetune"):
       c[s].update(tiny)
     c.teacher.model_kwargs = dict(tiny["model_kwargs"], depths=(2, 1))

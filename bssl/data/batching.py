@@ -3,6 +3,7 @@
 random draws, grain read options, and the two batchers both build on — the training
 stream (:class:`StreamBatch`) and the evaluation / scoring batch of records
 (:class:`RecordsBatch`)."""
+
 from __future__ import annotations
 
 import threading
@@ -20,8 +21,9 @@ def fix_channels(img: np.ndarray, channels: int) -> np.ndarray:
   if img.shape[-1] == 1 and channels == 3:
     return np.repeat(img, 3, axis=-1)
   if img.shape[-1] == 3 and channels == 1:
-    return np.round(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])
-                    ).astype(np.uint8)[..., None]
+    return np.round(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[
+        ..., None
+    ]
   raise ValueError(f"cannot convert an image with {img.shape[-1]} channels to {channels}")
 
 
@@ -57,8 +59,16 @@ class StreamBatch(grain.transforms.Map):
   union of the processes' batches the single-process global batch, and a resumed run at
   step ``s`` see the batches an uninterrupted one would."""
 
-  def __init__(self, source, spec, *, local_batch_size: int, seed: int,
-               process_index: int, process_count: int):
+  def __init__(
+      self,
+      source,
+      spec,
+      *,
+      local_batch_size: int,
+      seed: int,
+      process_index: int,
+      process_count: int,
+  ):
     self.source, self.spec, self.seed = source, spec, seed
     self.lbs, self.pi, self.pc = local_batch_size, process_index, process_count
     self._perms: dict[int, np.ndarray] = {}
@@ -84,8 +94,7 @@ class StreamBatch(grain.transforms.Map):
     g = self.lbs * self.pc
     pos = int(k) * g + np.arange(self.pi, g, self.pc, dtype=np.int64)
     n = len(self.source)
-    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n]
-                          for e in np.unique(pos // n)])
+    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n] for e in np.unique(pos // n)])
     return pos, idx
 
   def map(self, k):
@@ -118,9 +127,13 @@ class RecordsBatch(grain.transforms.Map):
   def map(self, j):
     lbs = self.lbs
     first, stop = (int(x) for x in self.bounds[int(j)])
-    out = {"image": np.zeros((lbs,) + tuple(self.view_shape()), np.uint8),
-           "label": np.full(lbs, -1, np.int32), "id": np.full(lbs, -1, np.int64),
-           "mask": np.zeros(lbs, bool), "valid": np.zeros(lbs, bool)}
+    out = {
+        "image": np.zeros((lbs,) + tuple(self.view_shape()), np.uint8),
+        "label": np.full(lbs, -1, np.int32),
+        "id": np.full(lbs, -1, np.int64),
+        "mask": np.zeros(lbs, bool),
+        "valid": np.zeros(lbs, bool),
+    }
     rows = self.fast_rows(first, stop)
     if rows is not None:  # one copy of the whole batch, no per-record Python
       n = stop - first

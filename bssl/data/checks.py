@@ -20,6 +20,7 @@ not a run's, so reruns into new work directories and the runs of a sweep share i
 decoding again. Bad files are never cached: they are decoded (and their reason read) on
 every run, and there are few of them.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,7 +28,7 @@ import hashlib
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from bssl.data.sources import DataError
 FILE_KINDS = ("image_folder", "video_folder")
 # Part of every cache key: bump when what "decodes" means changes (decoder, conversions).
 _SCAN_VERSION = 1
-_CHUNK = 1024          # files decoded between progress checks
+_CHUNK = 1024  # files decoded between progress checks
 _PROGRESS_SECONDS = 15.0
 _SAVE_SECONDS = 120.0  # a long first scan saves what it learnt as it goes (a kill keeps it)
 
@@ -76,28 +77,39 @@ def check_num_classes(data, cfg) -> None:
   d = cfg.data
   want = int(d.num_classes)
   have = data_num_classes(data, cfg)
-  what = {"fashion_mnist": "Fashion-MNIST", "tfds": f"TFDS dataset {d.get('tfds_name')!r}",
-          "image_folder": f"data.train_dir {d.get('train_dir')!r}",
-          "video_folder": f"data.train_csv {d.get('train_csv')!r}",
-          "moving_fashion_mnist": "moving Fashion-MNIST"}.get(d.kind, f"data.kind={d.kind!r}")
+  what = {
+      "fashion_mnist": "Fashion-MNIST",
+      "tfds": f"TFDS dataset {d.get('tfds_name')!r}",
+      "image_folder": f"data.train_dir {d.get('train_dir')!r}",
+      "video_folder": f"data.train_csv {d.get('train_csv')!r}",
+      "moving_fashion_mnist": "moving Fashion-MNIST",
+  }.get(d.kind, f"data.kind={d.kind!r}")
   if have is not None and have != want:
     names = list(data.class_names or ())
-    shown = f" ({', '.join(map(str, names[:10]))}{', ...' if len(names) > 10 else ''})" \
-        if names else ""
-    raise DataError(f"data.num_classes={want} but {what} has {have} classes{shown}; set "
-                    f"--config.data.num_classes={have} (the model's head has one output per "
-                    f"class, and every class is trained and tested)")
-  for name, src in (("D (the labelled set)", data.labelled), ("the validation set", data.val),
-                    ("the test set", data.test)):
+    shown = (
+        f" ({', '.join(map(str, names[:10]))}{', ...' if len(names) > 10 else ''})" if names else ""
+    )
+    raise DataError(
+        f"data.num_classes={want} but {what} has {have} classes{shown}; set "
+        f"--config.data.num_classes={have} (the model's head has one output per "
+        f"class, and every class is trained and tested)"
+    )
+  for name, src in (
+      ("D (the labelled set)", data.labelled),
+      ("the validation set", data.val),
+      ("the test set", data.test),
+  ):
     labels = _labels(src)
     if labels is None or not len(labels):
       continue
     out = np.unique(labels[(labels < 0) | (labels >= want)])
     if out.size:
-      raise DataError(f"data.num_classes={want} but {name} of {what} has labels "
-                      f"{out[:10].tolist()}{'...' if out.size > 10 else ''} outside "
-                      f"[0, {want}); set --config.data.num_classes to the data's class count "
-                      f"(labels 0..{int(labels.max())} seen)")
+      raise DataError(
+          f"data.num_classes={want} but {name} of {what} has labels "
+          f"{out[:10].tolist()}{'...' if out.size > 10 else ''} outside "
+          f"[0, {want}); set --config.data.num_classes to the data's class count "
+          f"(labels 0..{int(labels.max())} seen)"
+      )
 
 
 # ----------------------------------------------------------------------------- decodable
@@ -106,10 +118,18 @@ def check_num_classes(data, cfg) -> None:
 def _field_names(cfg) -> dict[str, str]:
   d = cfg.data
   if d.kind == "video_folder":
-    return {"D": "data.train_csv", "validation": "data.val_csv" if d.get("val_csv")
-            else "data.train_csv", "test": "data.test_csv", "U": "data.train_csv"}
-  return {"D": "data.train_dir", "validation": "data.val_dir" if d.get("val_dir")
-          else "data.train_dir", "test": "data.test_dir", "U": "data.train_dir"}
+    return {
+        "D": "data.train_csv",
+        "validation": "data.val_csv" if d.get("val_csv") else "data.train_csv",
+        "test": "data.test_csv",
+        "U": "data.train_csv",
+    }
+  return {
+      "D": "data.train_dir",
+      "validation": "data.val_dir" if d.get("val_dir") else "data.train_dir",
+      "test": "data.test_dir",
+      "U": "data.train_dir",
+  }
 
 
 def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
@@ -118,6 +138,7 @@ def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
   d = cfg.data
   if d.kind == "video_folder":
     from bssl.data import video as video_lib
+
     short, ch, mf = data.spec.decode_short_side, int(d.channels), d.get("max_frames")
 
     def video(path: str) -> str:
@@ -126,9 +147,11 @@ def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
       except (ValueError, OSError) as e:
         return str(e)[:300] or type(e).__name__
       return ""
+
     return video, f"video:{short}:{ch}:{mf}"
 
   from bssl.data import decode
+
   ch = int(d.channels)
 
   def image(path: str) -> str:
@@ -137,6 +160,7 @@ def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
     except decode.DecodeError as e:
       return e.reason
     return ""
+
   return image, f"image:{ch}"
 
 
@@ -146,20 +170,27 @@ def _stat(path: str) -> str | None:
   try:
     if workdir_lib.is_remote(path):
       import fsspec
+
       fs, p = fsspec.core.url_to_fs(path)
       info = fs.info(p)
-      when = info.get("generation") or info.get("mtime") or info.get("updated") or \
-          info.get("etag") or info.get("ETag")
+      when = (
+          info.get("generation")
+          or info.get("mtime")
+          or info.get("updated")
+          or info.get("etag")
+          or info.get("ETag")
+      )
       return None if when is None else f"{info.get('size')}:{when}"
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"
-  except Exception:  # noqa: BLE001 - missing or unreadable: decoded, and named as bad
+  except Exception:
     return None
 
 
 def _key(params: str, path: str, stat: str) -> int:
-  h = hashlib.blake2b(f"{_SCAN_VERSION}|{params}|{path}|{stat}".encode("utf-8", "surrogateescape"),
-                      digest_size=8)
+  h = hashlib.blake2b(
+      f"{_SCAN_VERSION}|{params}|{path}|{stat}".encode("utf-8", "surrogateescape"), digest_size=8
+  )
   return int.from_bytes(h.digest(), "little")
 
 
@@ -174,10 +205,17 @@ def _cache_file(cfg, cache_dir: str) -> str:
   """One file per data set (the configured roots, made absolute), so it holds about as many
   keys as the data set has files."""
   d = cfg.data
-  fields = (("train_csv", "val_csv", "test_csv", "video_dir") if d.kind == "video_folder"
-            else ("train_dir", "val_dir", "test_dir"))
-  roots = [str(d.get(f)) if d.get(f) is None or workdir_lib.is_remote(str(d.get(f)))
-           else os.path.abspath(str(d.get(f))) for f in fields]
+  fields = (
+      ("train_csv", "val_csv", "test_csv", "video_dir")
+      if d.kind == "video_folder"
+      else ("train_dir", "val_dir", "test_dir")
+  )
+  roots = [
+      str(d.get(f))
+      if d.get(f) is None or workdir_lib.is_remote(str(d.get(f)))
+      else os.path.abspath(str(d.get(f)))
+      for f in fields
+  ]
   name = hashlib.sha256("|".join([d.kind] + roots).encode()).hexdigest()[:24]
   return os.path.join(cache_dir, f"{name}.npz")
 
@@ -186,7 +224,7 @@ def _load_keys(path: str) -> np.ndarray:
   try:
     with np.load(path) as z:
       return np.asarray(z["good"], np.uint64)
-  except Exception:  # noqa: BLE001 - absent, or damaged: start over
+  except Exception:
     return np.zeros(0, np.uint64)
 
 
@@ -213,9 +251,15 @@ def _fmt_eta(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
-                   cache_dir: str | None = None, workers: int | None = None,
-                   progress_seconds: float = _PROGRESS_SECONDS) -> dict[int, str]:
+def scan_decodable(
+    data,
+    cfg,
+    log: Callable[[str], None] = print,
+    *,
+    cache_dir: str | None = None,
+    workers: int | None = None,
+    progress_seconds: float = _PROGRESS_SECONDS,
+) -> dict[int, str]:
   """Decodes every file of D, validation, test and (``unlabelled.kind='rest_of_train'``) U
   once, before any training, when the data is files (``data.kind`` in :data:`FILE_KINDS`;
   otherwise returns ``{}`` at once).
@@ -248,25 +292,31 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
 
   # which files changed since they last decoded (stat in threads: a remote file is a request)
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-    stats = [s for c in range(0, len(paths), 8 * _CHUNK)
-             for s in ex.map(_stat, paths[c:c + 8 * _CHUNK])]
-  keys = np.array([_key(params, p, s) if s is not None else 0 for p, s in zip(paths, stats)],
-                  np.uint64)
+    stats = [
+        s
+        for c in range(0, len(paths), 8 * _CHUNK)
+        for s in ex.map(_stat, paths[c : c + 8 * _CHUNK])
+    ]
+  keys = np.array(
+      [_key(params, p, s) if s is not None else 0 for p, s in zip(paths, stats)], np.uint64
+  )
   cached = np.isin(keys, known) & np.array([s is not None for s in stats], bool)
   todo = [j for j in range(len(paths)) if not cached[j]]
   reasons: dict[str, str] = {}
   good_new: list[int] = []
   big = len(todo) >= 1000
   if big:
-    log(f"data check: {len(paths)} files of {', '.join(k for k, _ in sets if k in names)}: "
+    log(
+        f"data check: {len(paths)} files of {', '.join(k for k, _ in sets if k in names)}: "
         f"{int(cached.sum())} unchanged since they last decoded, {len(todo)} to decode "
-        f"({workers} threads; cache {cache})")
+        f"({workers} threads; cache {cache})"
+    )
   t0 = t_log = t_save = time.time()
   done = 0
   if todo:
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
       for c in range(0, len(todo), _CHUNK):
-        chunk = todo[c:c + _CHUNK]
+        chunk = todo[c : c + _CHUNK]
         for j, why in zip(chunk, ex.map(lambda j: decode_one(paths[j]), chunk)):
           if why:
             reasons[paths[j]] = why
@@ -275,23 +325,32 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
         done += len(chunk)
         now = time.time()
         if now - t_save >= _SAVE_SECONDS and done < len(todo):
-          _save_keys(cache, np.concatenate([keys[cached], np.asarray(good_new, np.uint64)]),
-                     2 * len(paths) + 1000)
+          _save_keys(
+              cache,
+              np.concatenate([keys[cached], np.asarray(good_new, np.uint64)]),
+              2 * len(paths) + 1000,
+          )
           t_save = now
         if now - t_log >= progress_seconds and done < len(todo):
           rate = done / max(now - t0, 1e-9)
-          log(f"data check: decoded {done}/{len(todo)} files "
+          log(
+              f"data check: decoded {done}/{len(todo)} files "
               f"({100 * done / len(todo):.0f}%), {len(reasons)} bad, {rate:.0f} files/s, "
-              f"eta {_fmt_eta((len(todo) - done) / max(rate, 1e-9))}")
+              f"eta {_fmt_eta((len(todo) - done) / max(rate, 1e-9))}"
+          )
           t_log = now
     good = np.concatenate([keys[cached], np.asarray(good_new, np.uint64)])
     if not _save_keys(cache, good, 2 * len(paths) + 1000) and big:
-      log(f"data check: note: cannot write the cache {cache} (set BSSL_CACHE_DIR to a "
-          f"writable folder); these files will be decoded again next run")
+      log(
+          f"data check: note: cannot write the cache {cache} (set BSSL_CACHE_DIR to a "
+          f"writable folder); these files will be decoded again next run"
+      )
     if big:
       rate = done / max(time.time() - t0, 1e-9)
-      log(f"data check: decoded {done} files in {_fmt_eta(time.time() - t0)} "
-          f"({rate:.0f} files/s), {len(reasons)} bad")
+      log(
+          f"data check: decoded {done} files in {_fmt_eta(time.time() - t0)} "
+          f"({rate:.0f} files/s), {len(reasons)} bad"
+      )
 
   # the labelled sets must be whole: one error naming every bad file
   parts, total = [], 0
@@ -299,12 +358,16 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
     bad = [p for p in names.get(k, ()) if p in reasons]
     if bad:
       total += len(bad)
-      parts.append(f"{k} ({fields[k]}): {len(bad)} of {len(names[k])} examples cannot be "
-                   f"decoded: " + "; ".join(f"{p} ({reasons[p]})" for p in bad))
+      parts.append(
+          f"{k} ({fields[k]}): {len(bad)} of {len(names[k])} examples cannot be "
+          f"decoded: " + "; ".join(f"{p} ({reasons[p]})" for p in bad)
+      )
   if parts:
-    raise DataError(f"data: {total} file(s) of the labelled sets cannot be decoded (found "
-                    f"before any training; D, validation and test must be whole: remove or "
-                    f"replace each, then rerun): " + " | ".join(parts))
+    raise DataError(
+        f"data: {total} file(s) of the labelled sets cannot be decoded (found "
+        f"before any training; D, validation and test must be whole: remove or "
+        f"replace each, then rerun): " + " | ".join(parts)
+    )
   # U: marked, skipped by scoring, listed by select
   out: dict[int, str] = {}
   if "U" in names:
@@ -314,7 +377,9 @@ def scan_decodable(data, cfg, log: Callable[[str], None] = print, *,
       if isinstance(unl, sources.SubsetView):
         unl.unreadable.update(out)
       shown = "; ".join(f"{names['U'][i]} ({r})" for i, r in list(out.items())[:5])
-      log(f"data check: {len(out)} of U's {len(names['U'])} files (the rest of "
+      log(
+          f"data check: {len(out)} of U's {len(names['U'])} files (the rest of "
           f"{fields['U']}) cannot be decoded: they are not scored, and the select stage lists "
-          f"them in bad_images.json (e.g. {shown})")
+          f"them in bad_images.json (e.g. {shown})"
+      )
   return out

@@ -32,6 +32,7 @@ docs/performance.md): what scoring and D-hat training decode per image. Everythi
 and anything simplejpeg refuses (it is strict: a truncated file is refused, then Pillow
 names the reason), takes Pillow's path; without simplejpeg installed, everything does.
 """
+
 from __future__ import annotations
 
 import io
@@ -80,10 +81,10 @@ def _int_range(im: Image.Image) -> tuple[int, bool]:
     bits = int(bits[0] if isinstance(bits, tuple) else bits)
     signed = int(signed[0] if isinstance(signed, tuple) else signed) == 2
     if 1 <= bits <= 32:
-      return (2 ** (bits - 1) - 1 if signed else 2 ** bits - 1), (bits == 32 and not signed)
+      return (2 ** (bits - 1) - 1 if signed else 2**bits - 1), (bits == 32 and not signed)
   if im.format in ("PNG", "PPM"):
     return 65535, False
-  return 2 ** 31 - 1, False
+  return 2**31 - 1, False
 
 
 def scale_to_uint8(a: np.ndarray, maximum: float | None = None) -> np.ndarray:
@@ -110,8 +111,9 @@ def scale_to_uint8(a: np.ndarray, maximum: float | None = None) -> np.ndarray:
   return np.clip(np.rint(f), 0, 255).astype(np.uint8)
 
 
-def _to_mode(im: Image.Image, channels: int,
-             int_range: tuple[int, bool] | None = None) -> Image.Image:
+def _to_mode(
+    im: Image.Image, channels: int, int_range: tuple[int, bool] | None = None
+) -> Image.Image:
   """``im`` as an ``L`` (channels 1) or ``RGB`` (channels 3) image, scaled correctly;
   ``int_range``: :func:`_int_range` of the opened file (a transposed copy has lost the
   file's format and tags)."""
@@ -136,8 +138,9 @@ def _to_mode(im: Image.Image, channels: int,
   return im.convert(want)
 
 
-def open_image(data: bytes, channels: int = 3, short_side: int | None = None,
-               name: str = "") -> Image.Image:
+def open_image(
+    data: bytes, channels: int = 3, short_side: int | None = None, name: str = ""
+) -> Image.Image:
   """Decodes ``data`` into a loaded ``L``/``RGB`` PIL image (steps 1-4 of the module
   docstring; no resize). ``short_side`` only enables JPEG DCT downscaling."""
   if not data:
@@ -147,8 +150,7 @@ def open_image(data: bytes, channels: int = 3, short_side: int | None = None,
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       im = Image.open(io.BytesIO(data))
       if short_side and im.format == "JPEG" and min(im.size) >= 2 * short_side:
-        im.draft(im.mode if im.mode in ("L", "RGB") else None,
-                 _draft_size(*im.size, short_side))
+        im.draft(im.mode if im.mode in ("L", "RGB") else None, _draft_size(*im.size, short_side))
       im.load()
   except UnidentifiedImageError:
     raise DecodeError("not an image (Pillow cannot identify the format)") from None
@@ -161,7 +163,7 @@ def open_image(data: bytes, channels: int = 3, short_side: int | None = None,
   int_range = _int_range(im) if im.mode in _GREY_INT_MODES else None
   try:
     im = ImageOps.exif_transpose(im)
-  except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+  except Exception:
     pass
   try:
     return _to_mode(im, channels, int_range)
@@ -197,7 +199,7 @@ def _has_app1(data: bytes) -> bool:
       return False
     if marker == 0xE1:
       return True
-    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
   return True
 
 
@@ -237,6 +239,7 @@ def read_bytes(path) -> bytes:
   """The bytes of a local or remote (gs://) file; a missing or unreadable file is a
   :class:`DecodeError` with the reason."""
   from bssl import workdir as workdir_lib
+
   try:
     return workdir_lib.path(path).read_bytes()
   except (OSError, ValueError) as e:

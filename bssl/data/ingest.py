@@ -19,6 +19,7 @@ shard is complete when its ``.npz`` exists: it is written after the ``.array_rec
 killed ingest leaves each shard complete or absent, and a rerun makes only the missing
 ones (byte-identical to what an uninterrupted run writes: encoding is deterministic).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,8 +41,10 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # 2: ids are positions in the whole-path-sorted list (1: a local folder's ids followed its
 # per-folder walk, so ``a/b.jpg`` came before ``a.jpg``; file lists and gs:// did not).
 FORMAT_VERSION = 2
-_FORMAT_CHANGE = ("the id rule changed in format 2: ids are now positions in the input "
-                  "list sorted as whole paths, so an input folder's ids may differ")
+_FORMAT_CHANGE = (
+    "the id rule changed in format 2: ids are now positions in the input "
+    "list sorted as whole paths, so an input folder's ids may differ"
+)
 _GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -58,9 +61,11 @@ class Params:
 
   def check(self):
     if self.placeholder_min != 0 and self.placeholder_min < 2:
-      raise IngestError(f"--placeholder_min must be 0 (off) or >= 2 (images sharing one "
-                        f"content hash to be flagged as placeholders), got "
-                        f"{self.placeholder_min}")
+      raise IngestError(
+          f"--placeholder_min must be 0 (off) or >= 2 (images sharing one "
+          f"content hash to be flagged as placeholders), got "
+          f"{self.placeholder_min}"
+      )
     if not 16 <= self.short_side <= 4096:
       raise IngestError(f"--short_side must be in 16..4096, got {self.short_side}")
     if not 1 <= self.quality <= 100:
@@ -90,9 +95,11 @@ def _walk_local(root: str, extensions) -> list[str]:
       r = f"{rel}{e.name}"
       if e.is_dir(follow_symlinks=True):
         walk(e.path, r + "/")
-      elif _wanted(e.name, extensions) and (e.is_file(follow_symlinks=True)
-                                            or not os.path.exists(e.path)):
+      elif _wanted(e.name, extensions) and (
+          e.is_file(follow_symlinks=True) or not os.path.exists(e.path)
+      ):
         out.append(r)  # (a dangling link is kept: listed as bad, with its reason)
+
   walk(root, "")
   return out
 
@@ -115,16 +122,20 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
   ``gs://`` copy of it give the same ids; a tags file "in id order" is in this order."""
   p = workdir_lib.path(input_path)
   if not p.exists():
-    raise IngestError(f"--input: {input_path!r} does not exist. Accepted: a folder of images "
-                      f"(searched recursively) or a text file listing one path per line.")
+    raise IngestError(
+        f"--input: {input_path!r} does not exist. Accepted: a folder of images "
+        f"(searched recursively) or a text file listing one path per line."
+    )
   if p.is_dir():
     if workdir_lib.is_remote(input_path):
       # one paginated listing of the prefix (epath refuses recursive globs on GCS)
       import fsspec
+
       fs, root = fsspec.core.url_to_fs(str(p))
       proto = str(p).split("://", 1)[0]
-      files = sorted(f"{proto}://{f}" for f in fs.find(root)
-                     if _wanted(f.rsplit("/", 1)[-1], extensions))
+      files = sorted(
+          f"{proto}://{f}" for f in fs.find(root) if _wanted(f.rsplit("/", 1)[-1], extensions)
+      )
     else:
       root = str(p)
       files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions))]
@@ -135,8 +146,10 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
     try:
       text = p.read_text()
     except UnicodeDecodeError:
-      raise IngestError(f"--input: {input_path!r} is a file but not a text list of paths "
-                        f"(one per line); give the folder that holds it, or a list") from None
+      raise IngestError(
+          f"--input: {input_path!r} is a file but not a text list of paths "
+          f"(one per line); give the folder that holds it, or a list"
+      ) from None
     for line in text.splitlines():
       line = line.strip()
       if not line or line.startswith("#"):
@@ -151,8 +164,10 @@ def list_inputs(input_path: str, extensions=EXTENSIONS) -> list[str]:
         files.append(os.path.normpath(os.path.join(base, line)))
     files.sort()
   if not files:
-    raise IngestError(f"--input: no image files in {input_path!r} (extensions "
-                      f"{', '.join(extensions or ['any'])})")
+    raise IngestError(
+        f"--input: no image files in {input_path!r} (extensions "
+        f"{', '.join(extensions or ['any'])})"
+    )
   return files
 
 
@@ -178,8 +193,13 @@ def encode_one(data: bytes, params: Params) -> tuple[bytes, tuple, tuple]:
 
   Greyscale sources stay greyscale (L); everything else becomes RGB. Raises DecodeError."""
   info = _probe(data)
-  if (info and info["format"] == "JPEG" and info["mode"] in ("L", "RGB")
-      and info["orientation"] == 1 and min(info["size"]) <= params.short_side):
+  if (
+      info
+      and info["format"] == "JPEG"
+      and info["mode"] in ("L", "RGB")
+      and info["orientation"] == 1
+      and min(info["size"]) <= params.short_side
+  ):
     decode_lib.open_image(data, 1 if info["mode"] == "L" else 3)  # it must decode
     w, h = info["size"]
     return data, (h, w), (h, w)
@@ -205,11 +225,10 @@ def _probe(data: bytes) -> dict | None:
     with Image.open(io.BytesIO(data)) as im:
       try:
         orientation = int(im.getexif().get(0x0112, 1))
-      except Exception:  # noqa: BLE001 - a broken EXIF block
+      except Exception:
         orientation = 1
-      return {"format": im.format, "mode": im.mode, "size": im.size,
-              "orientation": orientation}
-  except Exception:  # noqa: BLE001 - open_image gives the reason
+      return {"format": im.format, "mode": im.mode, "size": im.size, "orientation": orientation}
+  except Exception:
     return None
 
 
@@ -232,6 +251,7 @@ def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: in
   """Writes shard ``s`` (``files`` = its inputs, ids from ``first_id``): the array_record,
   then its manifest npz. Returns counts."""
   from array_record.python import array_record_module as ar
+
   out = workdir_lib.path(out)
   n = len(files)
   orig = np.zeros((n, 2), np.int32)
@@ -255,10 +275,15 @@ def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: in
       w.close()
     with open(local, "rb") as fh:
       workdir_lib.write_bytes(out / "shards" / f"{shard_name(s)}.array_record", fh.read())
-  workdir_lib.write_npz(out / "shards" / f"{shard_name(s)}.npz",
-                        ids=np.arange(first_id, first_id + n, dtype=np.int64),
-                        path=np.asarray(files, dtype=str), orig_hw=orig, stored_hw=stored,
-                        hash=hashes, reason=np.asarray(reasons, dtype=str))
+  workdir_lib.write_npz(
+      out / "shards" / f"{shard_name(s)}.npz",
+      ids=np.arange(first_id, first_id + n, dtype=np.int64),
+      path=np.asarray(files, dtype=str),
+      orig_hw=orig,
+      stored_hw=stored,
+      hash=hashes,
+      reason=np.asarray(reasons, dtype=str),
+  )
   return {"images": n, "bad": sum(1 for r in reasons if r)}
 
 
@@ -279,11 +304,18 @@ def _done_shards(out) -> set[int]:
 
 def _header(files, params: Params) -> dict:
   n = len(files)
-  return {"format_version": FORMAT_VERSION, "num_images": n,
-          "input_fingerprint": fingerprint(files), "short_side": params.short_side,
-          "quality": params.quality, "shard_size": params.shard_size,
-          "num_shards": -(-n // params.shard_size), "encoding": "jpeg",
-          "writer_options": _writer_options(), "placeholder_min": params.placeholder_min}
+  return {
+      "format_version": FORMAT_VERSION,
+      "num_images": n,
+      "input_fingerprint": fingerprint(files),
+      "short_side": params.short_side,
+      "quality": params.quality,
+      "shard_size": params.shard_size,
+      "num_shards": -(-n // params.shard_size),
+      "encoding": "jpeg",
+      "writer_options": _writer_options(),
+      "placeholder_min": params.placeholder_min,
+  }
 
 
 def check_or_write_header(out, header: dict, write: bool) -> None:
@@ -292,14 +324,18 @@ def check_or_write_header(out, header: dict, write: bool) -> None:
   if p.exists():
     old = workdir_lib.read_json(p)
     if old.get("format_version") != header["format_version"]:
-      raise IngestError(f"--out {out} holds an ingest of format {old.get('format_version')}, "
-                        f"this bssl writes format {header['format_version']} "
-                        f"({_FORMAT_CHANGE}); use another --out, or delete it to ingest again")
+      raise IngestError(
+          f"--out {out} holds an ingest of format {old.get('format_version')}, "
+          f"this bssl writes format {header['format_version']} "
+          f"({_FORMAT_CHANGE}); use another --out, or delete it to ingest again"
+      )
     diff = {k: (old.get(k), v) for k, v in header.items() if old.get(k) != v}
     if diff:
       what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-      raise IngestError(f"--out {out} holds an ingest of another input or with other "
-                        f"parameters ({what}); use another --out, or delete it to redo it")
+      raise IngestError(
+          f"--out {out} holds an ingest of another input or with other "
+          f"parameters ({what}); use another --out, or delete it to redo it"
+      )
   elif write:
     workdir_lib.write_json(p, header)
 
@@ -309,9 +345,11 @@ def _content_digest(header: dict, shard_hashes) -> str:
   (format, short side, quality) and every id's content hash [n, 16], in id order (a file
   that could not be read: zeros)."""
   h = hashlib.blake2b(digest_size=16)
-  h.update(f"format={header['format_version']}:short={header['short_side']}:"
-           f"q={header['quality']}:n={header['num_images']}:"
-           f"placeholders={header.get('placeholder_min')}\n".encode())
+  h.update(
+      f"format={header['format_version']}:short={header['short_side']}:"
+      f"q={header['quality']}:n={header['num_images']}:"
+      f"placeholders={header.get('placeholder_min')}\n".encode()
+  )
   for a in shard_hashes:
     h.update(np.ascontiguousarray(a, np.uint8).tobytes())
   return h.hexdigest()
@@ -323,9 +361,13 @@ def content_digest(out, num_shards: int) -> str:
   the same parameters have the same digest, wherever they are and whatever their names."""
   out = workdir_lib.path(out)
   header = workdir_lib.read_json(out / "manifest.json")
-  return _content_digest(header, (
-      workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz", keys=("hash",))["hash"]
-      for s in range(int(num_shards))))
+  return _content_digest(
+      header,
+      (
+          workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz", keys=("hash",))["hash"]
+          for s in range(int(num_shards))
+      ),
+  )
 
 
 def shard_offsets(out, header: dict) -> np.ndarray:
@@ -336,8 +378,10 @@ def shard_offsets(out, header: dict) -> np.ndarray:
     n = int(header["num_images"])
     return np.minimum(np.arange(ns + 1, dtype=np.int64) * int(header["shard_size"]), n)
   out = workdir_lib.path(out)
-  sizes = [len(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz",
-                                    keys=("hash",))["hash"]) for s in range(ns)]
+  sizes = [
+      len(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz", keys=("hash",))["hash"])
+      for s in range(ns)
+  ]
   return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
@@ -355,8 +399,9 @@ def dedup_partition(out, header: dict, offsets: np.ndarray, k: int, n: int) -> d
   ids, hs = [], []
   for s in range(int(header["num_shards"])):
     # only the two columns needed (not paths, urls, captions): read in place
-    m = workdir_lib.read_npz(workdir_lib.path(out) / "shards" / f"{shard_name(s)}.npz",
-                             keys=("hash", "reason"))
+    m = workdir_lib.read_npz(
+        workdir_lib.path(out) / "shards" / f"{shard_name(s)}.npz", keys=("hash", "reason")
+    )
     h = np.ascontiguousarray(m["hash"]).view(">u8").reshape(-1, 2)
     sel = (m["reason"] == "") & (h[:, 0] % np.uint64(n) == k)
     ids.append(offsets[s] + np.flatnonzero(sel))
@@ -374,10 +419,13 @@ def dedup_partition(out, header: dict, offsets: np.ndarray, k: int, n: int) -> d
   pmin = int(header.get("placeholder_min") or 0)
   placeholder = (sizes[group] >= pmin) if pmin else np.zeros(len(order), bool)
   dup = ~new_group & ~placeholder
-  part = {"dup_ids": i_sorted[dup], "dup_first": first[dup],
-          "placeholder_ids": i_sorted[placeholder],
-          "placeholder_count": sizes[group][placeholder].astype(np.int64),
-          "placeholder_first": first[placeholder]}
+  part = {
+      "dup_ids": i_sorted[dup],
+      "dup_first": first[dup],
+      "placeholder_ids": i_sorted[placeholder],
+      "placeholder_count": sizes[group][placeholder].astype(np.int64),
+      "placeholder_first": first[placeholder],
+  }
   workdir_lib.write_npz(_part_path(out, k, n), **part)
   return part
 
@@ -395,21 +443,28 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
   offsets = shard_offsets(out, header)
   header = dict(header, num_images=int(offsets[-1]))
   if header["num_images"] == 0:
-    errs = [str(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["tar_error"])
-            for s in range(int(header["num_shards"]))]
+    errs = [
+        str(workdir_lib.read_npz(out / "shards" / f"{shard_name(s)}.npz")["tar_error"])
+        for s in range(int(header["num_shards"]))
+    ]
     errs = [e for e in errs if e]
-    raise IngestError("--input holds no image (no sample, or every sample's json status "
-                      "is not success)" + (f"; {len(errs)} tar shard(s) are damaged: {errs[0]}"
-                                          if errs else ""))
+    raise IngestError(
+        "--input holds no image (no sample, or every sample's json status "
+        "is not success)" + (f"; {len(errs)} tar shard(s) are damaged: {errs[0]}" if errs else "")
+    )
   parts = []
   for k in range(n_parts):
     p = _part_path(out, k, n_parts)
-    parts.append(workdir_lib.read_npz(p) if p.exists() else
-                 dedup_partition(out, header, offsets, k, n_parts))
+    parts.append(
+        workdir_lib.read_npz(p) if p.exists() else dedup_partition(out, header, offsets, k, n_parts)
+    )
   cat = {key: np.concatenate([q[key] for q in parts]) for key in parts[0]}
   o = np.argsort(cat["dup_ids"], kind="stable")
-  workdir_lib.write_npz(out / "duplicates.npz", ids=cat["dup_ids"][o].astype(np.int64),
-                        first=cat["dup_first"][o].astype(np.int64))
+  workdir_lib.write_npz(
+      out / "duplicates.npz",
+      ids=cat["dup_ids"][o].astype(np.int64),
+      first=cat["dup_first"][o].astype(np.int64),
+  )
   o = np.argsort(cat["placeholder_ids"], kind="stable")
   ph = {k: cat[f"placeholder_{k}"][o].astype(np.int64) for k in ("ids", "count", "first")}
   workdir_lib.write_npz(out / "placeholders.npz", **ph)
@@ -432,21 +487,36 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
         bad.append({"id": i, "path": path, "reason": str(m["reason"][j])})
       else:
         c, f = ph_of[i]
-        bad.append({"id": i, "path": path, "reason": f"placeholder: the same content as "
-                    f"{c - 1} other images (first id {f}), as a dead link's placeholder is"})
+        bad.append(
+            {
+                "id": i,
+                "path": path,
+                "reason": f"placeholder: the same content as "
+                f"{c - 1} other images (first id {f}), as a dead link's placeholder is",
+            }
+        )
   bad.sort(key=lambda b: b["id"])
   workdir_lib.write_json(out / "bad.json", bad)
   ndup = int(len(cat["dup_ids"]))
-  manifest = dict(header, num_ok=num_ok, num_bad=len(bad), num_duplicates=ndup,
-                  num_placeholders=int(len(ph["ids"])), num_skipped=skipped,
-                  tar_errors=tar_errors, shard_offsets=offsets.tolist(),
-                  content_digest=_content_digest(header, all_hashes))
+  manifest = dict(
+      header,
+      num_ok=num_ok,
+      num_bad=len(bad),
+      num_duplicates=ndup,
+      num_placeholders=int(len(ph["ids"])),
+      num_skipped=skipped,
+      tar_errors=tar_errors,
+      shard_offsets=offsets.tolist(),
+      content_digest=_content_digest(header, all_hashes),
+  )
   workdir_lib.write_json(out / "manifest.json", manifest)
-  log(f"ingest: complete: {header['num_images']} images, {len(bad)} bad (listed in "
+  log(
+      f"ingest: complete: {header['num_images']} images, {len(bad)} bad (listed in "
       f"{out / 'bad.json'}; {len(ph['ids'])} of them placeholders), {ndup} exact "
       f"duplicates ({out / 'duplicates.npz'})"
       + (f", {skipped} samples skipped (json status not success)" if skipped else "")
-      + (f"; {len(tar_errors)} damaged tar shard(s): {tar_errors[0]}" if tar_errors else ""))
+      + (f"; {len(tar_errors)} damaged tar shard(s): {tar_errors[0]}" if tar_errors else "")
+  )
   return manifest
 
 
@@ -456,10 +526,19 @@ def _eta(done: float, total: float, elapsed: float) -> str:
   return f"{int(eta) // 60}m{int(eta) % 60:02d}s"
 
 
-def run_ingest(input_path: str, out: str, params: Params = Params(), *,
-               process_index: int = 0, process_count: int = 1, extensions=EXTENSIONS,
-               log: Callable[[str], None] = print, stop_after_shards: int | None = None,
-               wait_for_others: bool = False, poll_s: float = 2.0) -> dict:
+def run_ingest(
+    input_path: str,
+    out: str,
+    params: Params = Params(),
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    extensions=EXTENSIONS,
+    log: Callable[[str], None] = print,
+    stop_after_shards: int | None = None,
+    wait_for_others: bool = False,
+    poll_s: float = 2.0,
+) -> dict:
   """Ingests this process's shards of ``input_path`` (image files, or WebDataset tar
   shards: :mod:`bssl.data.webdataset`) into ``out``. Then exact duplicates are found
   partitioned by content hash, one partition per process (memory O(N / processes)):
@@ -469,6 +548,7 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
   finds every shard complete does the partitions left. ``stop_after_shards`` (tests)
   simulates a kill."""
   from bssl.data import webdataset
+
   params.check()
   if not 0 <= process_index < process_count:
     raise IngestError(f"process index {process_index} is not in [0, {process_count})")
@@ -485,7 +565,7 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
     files = list_inputs(input_path, extensions)
     header = _header(files, params)
     size = params.shard_size
-    units = [files[s * size:(s + 1) * size] for s in range(header["num_shards"])]
+    units = [files[s * size : (s + 1) * size] for s in range(header["num_shards"])]
   check_or_write_header(out, header, write=(process_index == 0))
   if process_index != 0:  # wait for process 0's header, then check it
     for _ in range(600):
@@ -501,9 +581,11 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
   else:
     work, unit = [len(units[s]) for s in mine], "images"
   total = sum(work)
-  log(f"ingest: {('%d tar shard(s)' % ns) if tar else ('%d images in %d shard(s) of %d' % (len(files), ns, params.shard_size))}; "
+  log(
+      f"ingest: {('%d tar shard(s)' % ns) if tar else ('%d images in %d shard(s) of %d' % (len(files), ns, params.shard_size))}; "
       f"process {process_index} of {process_count}: {len(mine)} shard(s) to write "
-      f"({total} {unit}), {len(done)} shard(s) already complete")
+      f"({total} {unit}), {len(done)} shard(s) already complete"
+  )
   t0, made, bad, progress = time.time(), 0, 0, 0
   for c, s in enumerate(mine):
     if stop_after_shards is not None and c >= stop_after_shards:
@@ -516,20 +598,26 @@ def run_ingest(input_path: str, out: str, params: Params = Params(), *,
     bad += got["bad"]
     progress += work[c]
     el = time.time() - t0
-    log(f"ingest: shard {s} done ({c + 1}/{len(mine)} of this process), {made} images, "
+    log(
+        f"ingest: shard {s} done ({c + 1}/{len(mine)} of this process), {made} images, "
         f"{bad} bad, {made / max(el, 1e-9):.0f} img/s, {progress}/{total} {unit}, eta "
-        f"{_eta(progress, total, el)}")
+        f"{_eta(progress, total, el)}"
+    )
   if wait_for_others and process_count > 1:
     told = 0.0
     while not _all_shards_done(out, header):
       if time.time() - told > 60:
-        log(f"ingest: process {process_index} waiting for "
-            f"{ns - len(_done_shards(out))} shard(s) of other processes")
+        log(
+            f"ingest: process {process_index} waiting for "
+            f"{ns - len(_done_shards(out))} shard(s) of other processes"
+        )
         told = time.time()
       time.sleep(poll_s)
   if not _all_shards_done(out, header):
-    log(f"ingest: process {process_index} done; {ns - len(_done_shards(out))} shard(s) of "
-        f"other processes remain (the last process to finish writes manifest.json)")
+    log(
+        f"ingest: process {process_index} done; {ns - len(_done_shards(out))} shard(s) of "
+        f"other processes remain (the last process to finish writes manifest.json)"
+    )
     return dict(header, complete=False)
   offsets = shard_offsets(out, header)
   full = dict(header, num_images=int(offsets[-1]))
@@ -549,11 +637,19 @@ def _tar_header(tars, stats, params: Params) -> dict:
   h = hashlib.sha256()
   for t, (size, mtime) in zip(tars, stats):
     h.update(f"{t}\0{size}\0{mtime}\0".encode("utf-8", "surrogateescape"))
-  return {"format_version": FORMAT_VERSION, "input_kind": "webdataset", "num_images": None,
-          "input_fingerprint": h.hexdigest()[:32], "short_side": params.short_side,
-          "quality": params.quality, "shard_size": None, "num_shards": len(tars),
-          "encoding": "jpeg", "writer_options": _writer_options(),
-          "placeholder_min": params.placeholder_min}
+  return {
+      "format_version": FORMAT_VERSION,
+      "input_kind": "webdataset",
+      "num_images": None,
+      "input_fingerprint": h.hexdigest()[:32],
+      "short_side": params.short_side,
+      "quality": params.quality,
+      "shard_size": None,
+      "num_shards": len(tars),
+      "encoding": "jpeg",
+      "writer_options": _writer_options(),
+      "placeholder_min": params.placeholder_min,
+  }
 
 
 def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
@@ -562,7 +658,9 @@ def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
   url, caption, sizes, content hash, bad reason, the count of skipped samples and the
   tar's damage, if any)."""
   from array_record.python import array_record_module as ar
+
   from bssl.data import webdataset
+
   out = workdir_lib.path(out)
   keys, urls, captions, reasons, paths = [], [], [], [], []
   orig, stored, hashes = [], [], []
@@ -579,8 +677,9 @@ def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
         o = st = (0, 0)
         hsh = np.zeros(16, np.uint8)
         if smp.image is None:
-          reason = (f"no image member in the sample (members: "
-                    f"{', '.join(smp.members) or 'none'})")
+          reason = (
+              f"no image member in the sample (members: " f"{', '.join(smp.members) or 'none'})"
+          )
         else:
           hsh = np.frombuffer(content_hash(smp.image), np.uint8)
           try:
@@ -602,13 +701,18 @@ def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
       workdir_lib.write_bytes(out / "shards" / f"{shard_name(s)}.array_record", fh.read())
   n = len(keys)
   workdir_lib.write_npz(
-      out / "shards" / f"{shard_name(s)}.npz", path=np.asarray(paths, dtype=str),
-      key=np.asarray(keys, dtype=str), url=np.asarray(urls, dtype=str),
+      out / "shards" / f"{shard_name(s)}.npz",
+      path=np.asarray(paths, dtype=str),
+      key=np.asarray(keys, dtype=str),
+      url=np.asarray(urls, dtype=str),
       caption=np.asarray(captions, dtype=str),
       orig_hw=np.asarray(orig, np.int32).reshape(n, 2),
       stored_hw=np.asarray(stored, np.int32).reshape(n, 2),
-      hash=np.asarray(hashes, np.uint8).reshape(n, 16), reason=np.asarray(reasons, dtype=str),
-      skipped=np.int64(skipped), tar_error=np.asarray(errors[0] if errors else ""))
+      hash=np.asarray(hashes, np.uint8).reshape(n, 16),
+      reason=np.asarray(reasons, dtype=str),
+      skipped=np.int64(skipped),
+      tar_error=np.asarray(errors[0] if errors else ""),
+  )
   return {"images": n, "bad": sum(1 for r in reasons if r), "skipped": skipped}
 
 
@@ -630,35 +734,43 @@ class ShardSource:
   Remote shards are copied once into ``cache_dir`` (default: a folder under TMPDIR) on
   this host's disk; each process only fetches the shards it reads."""
 
-  def __init__(self, path: str, channels: int = 3, drop_duplicates: bool = True,
-               cache_dir: str | None = None):
+  def __init__(
+      self, path: str, channels: int = 3, drop_duplicates: bool = True, cache_dir: str | None = None
+  ):
     root = workdir_lib.path(path)
     mf = root / "manifest.json"
     if not mf.exists():
-      what = ("holds an ingest that is not complete (no manifest.json): rerun "
-              "`python -m bssl.ingest` with the same --input/--out to finish it"
-              if (root / "ingest.json").exists()
-              else "is not the output of `python -m bssl.ingest` (no manifest.json)")
+      what = (
+          "holds an ingest that is not complete (no manifest.json): rerun "
+          "`python -m bssl.ingest` with the same --input/--out to finish it"
+          if (root / "ingest.json").exists()
+          else "is not the output of `python -m bssl.ingest` (no manifest.json)"
+      )
       raise IngestError(f"unlabelled.path: {path!r} {what}")
     self.manifest = workdir_lib.read_json(mf)
     if self.manifest.get("format_version") != FORMAT_VERSION:
-      raise IngestError(f"unlabelled.path: {path!r} was written by ingest format "
-                        f"{self.manifest.get('format_version')}, this bssl reads "
-                        f"{FORMAT_VERSION} ({_FORMAT_CHANGE}): ingest again into a new "
-                        f"--out (`python -m bssl.ingest --input=<the same input> "
-                        f"--out=<new folder>`); a tags file written for the old ids must "
-                        f"follow the new order")
+      raise IngestError(
+          f"unlabelled.path: {path!r} was written by ingest format "
+          f"{self.manifest.get('format_version')}, this bssl reads "
+          f"{FORMAT_VERSION} ({_FORMAT_CHANGE}): ingest again into a new "
+          f"--out (`python -m bssl.ingest --input=<the same input> "
+          f"--out=<new folder>`); a tags file written for the old ids must "
+          f"follow the new order"
+      )
     self.root, self.channels, self.class_names = root, channels, None
     self.n = int(self.manifest["num_images"])
-    self.offsets = np.asarray(self.manifest.get("shard_offsets") or shard_offsets(
-        root, self.manifest), np.int64)
+    self.offsets = np.asarray(
+        self.manifest.get("shard_offsets") or shard_offsets(root, self.manifest), np.int64
+    )
     self.remote = workdir_lib.is_remote(path)
     # the host cache is keyed by what the shards hold (their content digest), never by
     # their path: an ingest redone behind the same path gets a cache of its own
     digest = self.manifest.get("content_digest") or fingerprint(
-        [str(root), self.manifest["input_fingerprint"]])
+        [str(root), self.manifest["input_fingerprint"]]
+    )
     self.cache_dir = os.path.join(
-        cache_dir or os.path.join(tempfile.gettempdir(), "bssl_shards"), digest[:32])
+        cache_dir or os.path.join(tempfile.gettempdir(), "bssl_shards"), digest[:32]
+    )
     # sorted id arrays, not dicts: 16-24 bytes per duplicate or placeholder (at 10^9
     # images with 10% duplicates, 1.6 GB per process rather than ~10 GB of Python dict)
     empty = np.zeros(0, np.int64)
@@ -682,8 +794,10 @@ class ShardSource:
   def identity(self) -> str:
     """What these shards hold: the input list's fingerprint and the ingest parameters."""
     m = self.manifest
-    return (f"shards:{m['input_fingerprint']}:n={m['num_images']}:short={m['short_side']}:"
-            f"q={m['quality']}:dups={'dropped' if len(self._dup_ids) else 'kept'}")
+    return (
+        f"shards:{m['input_fingerprint']}:n={m['num_images']}:short={m['short_side']}:"
+        f"q={m['quality']}:dups={'dropped' if len(self._dup_ids) else 'kept'}"
+    )
 
   def __getstate__(self):  # to decode worker processes: no open readers, no lock
     state = dict(self.__dict__)
@@ -708,6 +822,7 @@ class ShardSource:
 
   def _reader(self, s: int):
     from array_record.python import array_record_module as ar
+
     readers = getattr(self._local, "readers", None)
     if readers is None:
       readers = self._local.readers = {}
@@ -734,8 +849,11 @@ class ShardSource:
   def __getitem__(self, i: int) -> dict:
     i = int(i)
     rec = {"label": np.int32(-1), "id": np.int64(i)}
-    data = b"" if _find(self._dup_ids, i) >= 0 or _find(self._ph_ids, i) >= 0 else (
-        self.record_bytes(i))
+    data = (
+        b""
+        if _find(self._dup_ids, i) >= 0 or _find(self._ph_ids, i) >= 0
+        else (self.record_bytes(i))
+    )
     if data:
       try:
         return dict(rec, image=decode_lib.decode(data, self.channels), valid=True)
@@ -767,14 +885,16 @@ class ShardSource:
       sel = shard == s
       m = self._shard_manifest(int(s))
       col = m[field] if field in m else (m["path"] if field == "key" else None)
-      out[sel] = ("" if col is None else col[ids[sel] - self.offsets[s]].astype(object))
+      out[sel] = "" if col is None else col[ids[sel] - self.offsets[s]].astype(object)
     return out
 
   def invalid_ids(self) -> np.ndarray:
     """Sorted ids that are never valid: bad files, placeholders and (when dropped)
     duplicates."""
-    bad = [self.offsets[s] + np.flatnonzero(self._shard_manifest(s)["reason"] != "")
-           for s in range(len(self.offsets) - 1)]
+    bad = [
+        self.offsets[s] + np.flatnonzero(self._shard_manifest(s)["reason"] != "")
+        for s in range(len(self.offsets) - 1)
+    ]
     return np.unique(np.concatenate(bad + [self._dup_ids, self._ph_ids]).astype(np.int64))
 
   def reason_of(self, i: int) -> str:
@@ -783,8 +903,9 @@ class ShardSource:
       return f"exact duplicate of id {self._dup_first[k]} (same content hash)"
     if (k := _find(self._ph_ids, i)) >= 0:
       c, f = self._ph_count[k], self._ph_first[k]
-      return (f"placeholder: the same content as {c - 1} other images (first id {f}), as a "
-              f"dead link's placeholder is")
+      return (
+          f"placeholder: the same content as {c - 1} other images (first id {f}), as a "
+          f"dead link's placeholder is"
+      )
     s, j = self.locate(i)
     return str(self._shard_manifest(s)["reason"][j]) or "cannot be decoded"
-

@@ -33,6 +33,7 @@ correlations and ``c x 65`` renderings for step 2 (~0.4 ms per candidate). At 10
 over H hosts: ``10^9 / H x (3 ms + c x 0.4 ms)`` of one core; step 1 is the part to move
 to an IVF index (faiss) or the accelerator at that scale. Measured figures: docs/webdataset.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ from PIL import Image
 
 COARSE = 16
 FINE = 32
-KEEP = 64          # side of the grey thumbnail kept per evaluation image
+KEEP = 64  # side of the grey thumbnail kept per evaluation image
 SIDES = (1.0, 0.97, 0.94, 0.91, 0.88)
 STEPS = 5
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
@@ -66,11 +67,19 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 def _coarse_views(im: Image.Image) -> np.ndarray:
   w, h = im.size
-  boxes = [(0, 0, w, h), (0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h),
-           (0, 0, 0.9 * w, 0.9 * h), (0.1 * w, 0, w, 0.9 * h),
-           (0, 0.1 * h, 0.9 * w, h), (0.1 * w, 0.1 * h, w, h)]
-  return _unit(np.stack([np.asarray(im.resize((COARSE, COARSE), Image.BOX, box=b), np.float32)
-                         for b in boxes]))
+  boxes = [
+      (0, 0, w, h),
+      (0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h),
+      (0, 0, 0.9 * w, 0.9 * h),
+      (0.1 * w, 0, w, 0.9 * h),
+      (0, 0.1 * h, 0.9 * w, h),
+      (0.1 * w, 0.1 * h, w, h),
+  ]
+  return _unit(
+      np.stack(
+          [np.asarray(im.resize((COARSE, COARSE), Image.BOX, box=b), np.float32) for b in boxes]
+      )
+  )
 
 
 def _fine_views(im: Image.Image) -> np.ndarray:
@@ -82,25 +91,30 @@ def _fine_views(im: Image.Image) -> np.ndarray:
     for oy in offs:
       for ox in offs:
         x0, y0 = ox * (w - cw), oy * (h - ch)
-        out.append(np.asarray(im.resize((FINE, FINE), Image.BILINEAR,
-                                        box=(x0, y0, x0 + cw, y0 + ch)), np.float32))
+        out.append(
+            np.asarray(
+                im.resize((FINE, FINE), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)), np.float32
+            )
+        )
   return _unit(np.stack(out))
 
 
 def _query(im: Image.Image):
   """(coarse [2, 256], fine [2, 1024]) of an image and its mirror image."""
   flip = im.transpose(Image.FLIP_LEFT_RIGHT)
-  c = _unit(np.stack([np.asarray(x.resize((COARSE, COARSE), Image.BOX), np.float32)
-                      for x in (im, flip)]))
-  f = _unit(np.stack([np.asarray(x.resize((FINE, FINE), Image.BILINEAR), np.float32)
-                      for x in (im, flip)]))
+  c = _unit(
+      np.stack([np.asarray(x.resize((COARSE, COARSE), Image.BOX), np.float32) for x in (im, flip)])
+  )
+  f = _unit(
+      np.stack([np.asarray(x.resize((FINE, FINE), Image.BILINEAR), np.float32) for x in (im, flip)])
+  )
   return c, f
 
 
 @dataclasses.dataclass
 class Match:
-  similarity: np.ndarray   # [n] float32: best similarity to any evaluation image
-  index: np.ndarray        # [n] int64: position of that image in the index (-1: none)
+  similarity: np.ndarray  # [n] float32: best similarity to any evaluation image
+  index: np.ndarray  # [n] int64: position of that image in the index (-1: none)
 
 
 class Index:
@@ -118,8 +132,7 @@ class Index:
       coarse.append(_coarse_views(im))
     self.thumbs = thumbs
     self.n = len(thumbs)
-    self.coarse = (np.concatenate(coarse) if coarse else
-                   np.zeros((0, COARSE * COARSE), np.float32))
+    self.coarse = np.concatenate(coarse) if coarse else np.zeros((0, COARSE * COARSE), np.float32)
     self._fine: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -144,10 +157,10 @@ class Index:
     nv = len(self.coarse) // self.n
     k = min(self.candidates, self.n)
     for a in range(0, len(images), block):
-      qs = [_query(grey(x)) for x in images[a:a + block]]
-      c = np.stack([q[0] for q in qs])                          # [b, 2, 256]
+      qs = [_query(grey(x)) for x in images[a : a + block]]
+      c = np.stack([q[0] for q in qs])  # [b, 2, 256]
       s = (c.reshape(-1, c.shape[-1]) @ self.coarse.T).reshape(len(qs), 2, self.n, nv)
-      s = s.max(axis=(1, 3))                                    # [b, n]
+      s = s.max(axis=(1, 3))  # [b, n]
       cand = np.argpartition(-s, k - 1, axis=1)[:, :k]
       for r, (q, cs) in enumerate(zip(qs, cand)):
         best, arg = -1.0, -1

@@ -6,6 +6,7 @@ Records leave the pipelines as numpy batches ``{'image': uint8 [b,H,W,C],
 'label': int32 [b], 'id': int64 [b], 'mask': bool [b]}`` where ``b`` is this
 process's share of the global batch; normalisation happens on the device.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ EVAL_TRANSFORMS = ("none", "resize_center_crop")
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
   """What the model eats: ``size`` x ``size`` x ``channels`` uint8 images."""
+
   size: int
   channels: int
   augment: str = "pad_crop_flip"
@@ -41,13 +43,14 @@ def resize_center_crop(img: np.ndarray, size: int, crop_fraction: float) -> np.n
   nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
   top, left = (nh - size) // 2, (nw - size) // 2
   if (nh, nw) == (h, w):  # already at the working size (ingested shards): crop only
-    return np.ascontiguousarray(img[top:top + size, left:left + size])
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
   im = batching.to_pil(img).resize((nw, nh), Image.BILINEAR)
   return batching.from_pil(im.crop((left, top, left + size, top + size)), img.shape[-1])
 
 
-def _crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0),
-              ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _crop_box(
+    h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
   """Inception-style crop (top, left, height, width): random area fraction and aspect
   ratio, ten tries, then a central square."""
   area = h * w
@@ -62,15 +65,20 @@ def _crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0),
   return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False
-                        ) -> np.ndarray:
+def random_resized_crop(
+    img: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip: bool = False,
+) -> np.ndarray:
   """Inception-style crop: random area fraction and aspect ratio, resized to ``size``;
   with ``flip``, mirrored with probability 1/2 (one more draw after the crop's). The
   mirror is Pillow's (62 us at 224 px against 500 us for numpy's reversed-stride copy)."""
   top, left, ch, cw = _crop_box(*img.shape[:2], rng, scale, ratio)
   # the crop taken in numpy (a view): Pillow then copies only the crop, not the image
-  im = batching.to_pil(img[top:top + ch, left:left + cw]).resize((size, size), Image.BILINEAR)
+  im = batching.to_pil(img[top : top + ch, left : left + cw]).resize((size, size), Image.BILINEAR)
   if flip and rng.random() < 0.5:
     im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return batching.from_pil(im, img.shape[-1])
@@ -93,15 +101,19 @@ def eval_image(img: np.ndarray, spec: ImageSpec) -> np.ndarray | None:
   return img
 
 
-def random_resized_crop_flip(img: np.ndarray, spec: ImageSpec,
-                             rng: np.random.Generator) -> np.ndarray:
+def random_resized_crop_flip(
+    img: np.ndarray, spec: ImageSpec, rng: np.random.Generator
+) -> np.ndarray:
   """The ImageNet-scale training view of one image of any size (fixed-size images take
   the batched pad-crop-flip of :class:`ImageTrainBatch` instead)."""
-  img = random_resized_crop(batching.fix_channels(np.asarray(img, np.uint8), spec.channels),
-                            spec.size, rng, flip=True)
+  img = random_resized_crop(
+      batching.fix_channels(np.asarray(img, np.uint8), spec.channels), spec.size, rng, flip=True
+  )
   if img.shape != (spec.size, spec.size, spec.channels):
-    raise BadImageError(f"training image has shape {img.shape}, expected "
-                        f"{(spec.size, spec.size, spec.channels)}")
+    raise BadImageError(
+        f"training image has shape {img.shape}, expected "
+        f"{(spec.size, spec.size, spec.channels)}"
+    )
   return img
 
 
@@ -114,8 +126,11 @@ class _TrainTransform(grain.transforms.RandomMap):
   def random_map(self, rec, rng: np.random.Generator):
     if not rec.get("valid", True):
       raise BadImageError(f"training image id {int(rec['id'])} cannot be decoded")
-    return {"image": random_resized_crop_flip(rec["image"], self.spec, rng),
-            "label": np.asarray(rec["label"], np.int32), "id": np.int64(rec["id"])}
+    return {
+        "image": random_resized_crop_flip(rec["image"], self.spec, rng),
+        "label": np.asarray(rec["label"], np.int32),
+        "id": np.int64(rec["id"]),
+    }
 
 
 def pad_crop_flip_draws(positions: np.ndarray, seed: int, pad: int):
@@ -137,7 +152,7 @@ def pad_crop_flip_batch(images: np.ndarray, dy, dx, flip, pad: int) -> np.ndarra
   b, s = images.shape[0], images.shape[1]
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ar = np.arange(s)
-  rows = dy[:, None] + ar                                  # [B,S]
+  rows = dy[:, None] + ar  # [B,S]
   cols = np.where(flip[:, None], s - 1 - ar, ar) + dx[:, None]  # [B,S]
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
@@ -160,8 +175,10 @@ class ImageTrainBatch(batching.StreamBatch):
     if spec.eval_transform == "resize_center_crop" or img.shape[:2] != (spec.size, spec.size):
       img = resize_center_crop(img, spec.size, spec.crop_fraction)
     if img.shape != (spec.size, spec.size, spec.channels):
-      raise BadImageError(f"training image id {int(rec['id'])} has shape {img.shape}, "
-                          f"expected {(spec.size, spec.size, spec.channels)}")
+      raise BadImageError(
+          f"training image id {int(rec['id'])} has shape {img.shape}, "
+          f"expected {(spec.size, spec.size, spec.channels)}"
+      )
     return img
 
   def map(self, k):
@@ -174,14 +191,26 @@ class ImageTrainBatch(batching.StreamBatch):
       if self.spec.augment == "pad_crop":
         flip = np.zeros_like(flip)
       images = pad_crop_flip_batch(images, dy, dx, flip, pad)
-    return {"image": images, "label": np.array([r["label"] for r in recs], np.int32),
-            "id": np.array([r["id"] for r in recs], np.int64)}
+    return {
+        "image": images,
+        "label": np.array([r["label"] for r in recs], np.int32),
+        "id": np.array([r["id"] for r in recs], np.int64),
+    }
 
 
-def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, num_threads: int = 1,
-                  prefetch: int = 4, start_batch: int = 0,
-                  num_workers: int = 0) -> grain.IterDataset:
+def train_dataset(
+    source,
+    spec: ImageSpec,
+    *,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 1,
+    prefetch: int = 4,
+    start_batch: int = 0,
+    num_workers: int = 0,
+) -> grain.IterDataset:
   """Infinite shuffled, augmented batches of this process's shard.
 
   The permutation is global (same seed on every process) and process ``i`` takes
@@ -198,12 +227,21 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
   from bssl.data import video as video_lib
+
   if video_lib.is_video(spec):  # one clip per video at a random time (bssl/data/video.py)
-    return worker_processes(video_lib.train_dataset(
-        source, spec, local_batch_size=local_batch_size, seed=seed,
-        process_index=process_index, process_count=process_count, start_batch=start_batch,
-        read_options=batching.read_options(read_threads(num_threads, num_workers), prefetch)),
-        num_workers)
+    return worker_processes(
+        video_lib.train_dataset(
+            source,
+            spec,
+            local_batch_size=local_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            start_batch=start_batch,
+            read_options=batching.read_options(read_threads(num_threads, num_workers), prefetch),
+        ),
+        num_workers,
+    )
   if spec.augment == "random_resized_crop_flip":
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # Augment before sharding: each element's random stream is keyed by its position in
@@ -213,11 +251,20 @@ def train_dataset(source, spec: ImageSpec, *, local_batch_size: int, seed: int,
       ds = ds[process_index::process_count]
     ds = ds.batch(local_batch_size, drop_remainder=True)[start_batch:]
   else:
-    ds = grain.MapDataset.range(start_batch, 2**62).map(ImageTrainBatch(
-        source, spec, local_batch_size=local_batch_size, seed=seed,
-        process_index=process_index, process_count=process_count))
-  return worker_processes(ds.to_iter_dataset(batching.read_options(
-      read_threads(num_threads, num_workers), prefetch)), num_workers)
+    ds = grain.MapDataset.range(start_batch, 2**62).map(
+        ImageTrainBatch(
+            source,
+            spec,
+            local_batch_size=local_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
+  return worker_processes(
+      ds.to_iter_dataset(batching.read_options(read_threads(num_threads, num_workers), prefetch)),
+      num_workers,
+  )
 
 
 def resolve_workers(num_workers: int) -> int:
@@ -226,6 +273,7 @@ def resolve_workers(num_workers: int) -> int:
   if num_workers >= 0:
     return num_workers
   from bssl import procs
+
   return procs.num_cores() - 1
 
 
@@ -240,6 +288,7 @@ def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
   ``--signal``, a VM's shutdown) leaves the workers running, so the main process can
   finish its step and save its checkpoint; they end with it (daemons)."""
   import signal
+
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -252,11 +301,13 @@ def worker_processes(it: grain.IterDataset, num_workers: int) -> grain.IterDatas
   if num_workers <= 0:
     return it
   from absl import flags
+
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags (library use, tests)
     flags.FLAGS.mark_as_parsed()
-  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=2),
-                        worker_init_fn=_ignore_sigterm)
+  return it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+      worker_init_fn=_ignore_sigterm,
+  )
 
 
 class ImageRecordsBatch(batching.RecordsBatch):
@@ -282,12 +333,16 @@ class ImageRecordsBatch(batching.RecordsBatch):
 
 def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
   from bssl.data import video as video_lib
+
   bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
   batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else ImageRecordsBatch
   ds = grain.MapDataset.range(len(bounds)).map(
-      batcher(source, spec, batch_size=batch_size, bounds=bounds))
-  return worker_processes(ds.to_iter_dataset(batching.read_options(
-      read_threads(num_threads, num_workers), prefetch)), num_workers)
+      batcher(source, spec, batch_size=batch_size, bounds=bounds)
+  )
+  return worker_processes(
+      ds.to_iter_dataset(batching.read_options(read_threads(num_threads, num_workers), prefetch)),
+      num_workers,
+  )
 
 
 def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
@@ -296,24 +351,38 @@ def range_batches(start: int, stop: int, batch_size: int) -> np.ndarray:
   return np.stack([firsts, np.minimum(firsts + batch_size, stop)], axis=1).reshape(-1, 2)
 
 
-def ranges_dataset(source, spec: ImageSpec, *, batch_size: int, bounds,
-                   num_threads: int = 1, prefetch: int = 4,
-                   num_workers: int = 0) -> grain.IterDataset:
+def ranges_dataset(
+    source,
+    spec: ImageSpec,
+    *,
+    batch_size: int,
+    bounds,
+    num_threads: int = 1,
+    prefetch: int = 4,
+    num_workers: int = 0,
+) -> grain.IterDataset:
   """Batches of explicit record ranges (``bounds`` [n, 2], each at most ``batch_size``
   long), in order: the scoring input, where each process reads its own chunks of U.
   ``num_workers`` > 0 decodes in that many worker processes (grain ``mp_prefetch``; -1:
   :func:`resolve_workers`), each with one read thread."""
-  return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch,
-                          num_workers)
+  return _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
   return max(1, -(-num_examples // global_batch_size))
 
 
-def eval_dataset(source, spec: ImageSpec, *, local_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, start_batch: int = 0, num_threads: int = 1,
-                 prefetch: int = 4) -> grain.IterDataset:
+def eval_dataset(
+    source,
+    spec: ImageSpec,
+    *,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_batch: int = 0,
+    num_threads: int = 1,
+    prefetch: int = 4,
+) -> grain.IterDataset:
   """Every record exactly once, in order, padded to whole global batches.
 
   Global batch ``b`` holds records ``[b*G, (b+1)*G)`` with ``G = local_batch_size *
@@ -323,7 +392,9 @@ def eval_dataset(source, spec: ImageSpec, *, local_batch_size: int, process_inde
   """
   n = len(source)
   nb = num_eval_batches(n, local_batch_size * process_count)
-  firsts = (np.arange(min(start_batch, nb), nb, dtype=np.int64) * local_batch_size
-            * process_count + process_index * local_batch_size)
+  firsts = (
+      np.arange(min(start_batch, nb), nb, dtype=np.int64) * local_batch_size * process_count
+      + process_index * local_batch_size
+  )
   bounds = np.stack([np.minimum(firsts, n), np.minimum(firsts + local_batch_size, n)], axis=1)
   return _records_dataset(source, spec, local_batch_size, bounds, num_threads, prefetch)

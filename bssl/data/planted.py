@@ -1,6 +1,7 @@
 """Transformed copies of evaluation images, and photo-like synthetic scenes with
 look-alikes: the measurement of :mod:`bssl.data.neardup` (tests, benchmarks/neardup.py)
 and the demo's planted U."""
+
 from __future__ import annotations
 
 import io
@@ -9,8 +10,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
 
-def transform(img: np.ndarray, rng: np.random.Generator, out_size: int | None = None,
-              min_area: float = 0.8, min_quality: int = 30) -> np.ndarray:
+def transform(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    out_size: int | None = None,
+    min_area: float = 0.8,
+    min_quality: int = 30,
+) -> np.ndarray:
   """A near-duplicate of ``img`` (uint8 HxW[xC]): a random crop of ``min_area``..100% of
   the area (aspect 0.9..1.1), resized to ``out_size`` (default: the original size),
   mirrored with probability 1/2, brightness, contrast and (colour images) saturation
@@ -56,6 +62,7 @@ def scene(seed: int, size: int = 96, family: int | None = None) -> np.ndarray:
     w, h = r.uniform(0.15, 0.5, 2) * size
     col = tuple(int(v) for v in r.integers(0, 256, 3))
     (d.ellipse if r.random() < 0.5 else d.rectangle)((x0, y0, x0 + w, y0 + h), fill=col)
+
   for _ in range(2):
     shape(fam)
   for _ in range(int(own.integers(2, 6))):

@@ -1,5 +1,6 @@
 """The recipe's data: D, validation, test and U, opened from the config (cheap: no image is
 decoded here). Every source is checked to be non-empty before any work starts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,6 @@ import numpy as np
 from bssl.config import VIDEO_DATA_KINDS
 from bssl.data import pipelines, sources
 from bssl.data import video as video_lib
-
 
 
 class Data:
@@ -23,7 +23,7 @@ class Data:
 
   # the image or video view (sizes, augmentation): pipelines.ImageSpec / video.VideoSpec
   spec = property(lambda self: self._spec.get())
-  labelled = property(lambda self: self._labelled.get()["labelled"])   # D
+  labelled = property(lambda self: self._labelled.get()["labelled"])  # D
   val = property(lambda self: self._labelled.get()["val"])  # for choosing hyperparameters
   test = property(lambda self: self._labelled.get()["test"])  # never used to choose
   class_names = property(lambda self: self._labelled.get()["class_names"])
@@ -40,9 +40,9 @@ def _note_files(field: str, src, root: str | None, content: bool) -> None:
   """Notes a labelled set read from files by its files' identity (paths, labels, sizes,
   mtimes; contents with data.identify_by_content)."""
   from bssl import deps
+
   ident = f"{src.identity()}|{deps.files_identity(src.files, root, content=content)}"
   deps.note_input(field, "data", str(root), ident)
-
 
 
 def _labelled_files(d, suffix: str, counted: str, open_set, content: bool):
@@ -57,33 +57,49 @@ def _labelled_files(d, suffix: str, counted: str, open_set, content: bool):
     raise sources.DataError(
         f"data.num_classes={d.num_classes} but data.train_{suffix} {d[f'train_{suffix}']!r} "
         f"{counted.format(n=len(train.class_names))} {list(train.class_names)[:10]}; "
-        f"set --config.data.num_classes={len(train.class_names)}")
+        f"set --config.data.num_classes={len(train.class_names)}"
+    )
   test = open_set(f"test_{suffix}", train.class_names)
   val = open_set(f"val_{suffix}", train.class_names) if d.get(f"val_{suffix}") else None
   sets = (("train", train), ("test", test), ("val", val))
   for k, s in sets:
     if s is not None:
-      _note_files(f"data.{k}_{suffix}", s, getattr(s, "root", None) or d[f"{k}_{suffix}"],
-                  content)
+      _note_files(f"data.{k}_{suffix}", s, getattr(s, "root", None) or d[f"{k}_{suffix}"], content)
   notes = [n for _, s in sets if s is not None for n in getattr(s, "notes", ())]
-  return (train.subset(np.random.default_rng(0).permutation(len(train))),
-          test.subset(np.random.default_rng(1).permutation(len(test))), val, notes)
+  return (
+      train.subset(np.random.default_rng(0).permutation(len(train))),
+      test.subset(np.random.default_rng(1).permutation(len(test))),
+      val,
+      notes,
+  )
 
 
 def _spec(cfg):
   d = cfg.data
   if d.kind in VIDEO_DATA_KINDS:
-    return video_lib.VideoSpec(size=d.image_size, channels=d.channels, clip_len=d.clip_len,
-                               frame_stride=d.frame_stride, num_clips=d.num_clips,
-                               augment=d.augment, pad=d.get("pad", 0))
-  return pipelines.ImageSpec(size=d.image_size, channels=d.channels, augment=d.augment,
-                             eval_transform=d.eval_transform, pad=d.get("pad", 4))
+    return video_lib.VideoSpec(
+        size=d.image_size,
+        channels=d.channels,
+        clip_len=d.clip_len,
+        frame_stride=d.frame_stride,
+        num_clips=d.num_clips,
+        augment=d.augment,
+        pad=d.get("pad", 0),
+    )
+  return pipelines.ImageSpec(
+      size=d.image_size,
+      channels=d.channels,
+      augment=d.augment,
+      eval_transform=d.eval_transform,
+      pad=d.get("pad", 4),
+  )
 
 
 def _labelled(cfg, spec, content: bool) -> dict:
   """D, validation, test, the class names and the splits (plus, for U = the rest of the
   training set, the training set and the rest's indices)."""
   from bssl import deps
+
   d = cfg.data
   rng = np.random.default_rng(cfg.seed)
   splits: dict = {}
@@ -95,30 +111,41 @@ def _labelled(cfg, spec, content: bool) -> dict:
       for f in sources.find_fashion_mnist(d.folder).values():
         deps.note_input(f"data.folder:{f.rsplit('/', 1)[-1]}", "file", f)
       train_all, test = video_lib.moving_fashion_mnist(
-          d.folder, frames=d.video_frames, size=d.image_size, garment=d.garment_size)
+          d.folder, frames=d.video_frames, size=d.image_size, garment=d.garment_size
+      )
     elif d.kind == "fake_video":
-      train_all = video_lib.fake_videos(d.fake_train_size, spec, d.video_frames,
-                                        d.num_classes, seed=1)
-      test = video_lib.fake_videos(d.fake_test_size, spec, d.video_frames, d.num_classes,
-                                   seed=2)
+      train_all = video_lib.fake_videos(
+          d.fake_train_size, spec, d.video_frames, d.num_classes, seed=1
+      )
+      test = video_lib.fake_videos(d.fake_test_size, spec, d.video_frames, d.num_classes, seed=2)
     elif d.kind == "video_folder":
       kw = dict(video_dir=d.get("video_dir"), max_frames=d.get("max_frames"))
       for f in ("train_csv", "test_csv", "val_csv"):
         if d.get(f):
           deps.note_input(f"data.{f}:csv", "file", d[f])
       train_all, test, val, notes = _labelled_files(
-          d, "csv", "names {n} classes",
+          d,
+          "csv",
+          "names {n} classes",
           lambda field, classes: video_lib.VideoFolderSource(
-              d[field], spec, class_names=classes, field=f"data.{field}", **kw), content)
+              d[field], spec, class_names=classes, field=f"data.{field}", **kw
+          ),
+          content,
+      )
     elif d.kind == "fashion_mnist":
       for f in sources.find_fashion_mnist(d.folder).values():
         deps.note_input(f"data.folder:{f.rsplit('/', 1)[-1]}", "file", f)
       train_all, test = sources.load_fashion_mnist(d.folder)
     elif d.kind == "image_folder":
       train_all, test, val, notes = _labelled_files(
-          d, "dir", "has {n} class folders",
+          d,
+          "dir",
+          "has {n} class folders",
           lambda field, classes: sources.LabelledFolderSource(
-              d[field], d.channels, classes, field=f"data.{field}"), content)
+              d[field], d.channels, classes, field=f"data.{field}"
+          ),
+          content,
+      )
     else:
       shape = (d.image_size, d.image_size, d.channels)
       train_all = sources.fake_source(d.fake_train_size, shape, d.num_classes, seed=1)
@@ -127,19 +154,24 @@ def _labelled(cfg, spec, content: bool) -> dict:
       train_all = train_all.subset(np.arange(min(d.subset, len(train_all))))
       test = test.subset(np.arange(min(max(d.subset // 4, 1), len(test))))
     if d.labelled_per_class:
-      lab_idx = sources.class_balanced_indices(train_all.labels, d.labelled_per_class,
-                                               d.num_classes, rng)
+      lab_idx = sources.class_balanced_indices(
+          train_all.labels, d.labelled_per_class, d.num_classes, rng
+      )
     else:
       lab_idx = np.arange(len(train_all))
     val_idx = np.zeros(0, np.int64)
     if d.val_per_class and val is None:
-      val_idx = sources.class_balanced_indices(train_all.labels, d.val_per_class,
-                                               d.num_classes, rng, exclude=lab_idx)
+      val_idx = sources.class_balanced_indices(
+          train_all.labels, d.val_per_class, d.num_classes, rng, exclude=lab_idx
+      )
       val = train_all.subset(val_idx)
     labelled = train_all.subset(lab_idx)
     rest = np.setdiff1d(np.arange(len(train_all)), np.concatenate([lab_idx, val_idx]))
-    splits = {"labelled": lab_idx.tolist(), "val": val_idx.tolist(),
-              "unlabelled": "the other training images, in index order"}
+    splits = {
+        "labelled": lab_idx.tolist(),
+        "val": val_idx.tolist(),
+        "unlabelled": "the other training images, in index order",
+    }
     class_names = train_all.class_names
   else:  # tfds
     labelled = sources.TFDSSource(d.tfds_name, d.train_split, d.tfds_data_dir)
@@ -148,14 +180,22 @@ def _labelled(cfg, spec, content: bool) -> dict:
       val = sources.TFDSSource(d.tfds_name, d.val_split, d.tfds_data_dir)
     note_tfds("data.tfds", labelled)
     class_names = labelled.class_names or tuple(str(c) for c in range(d.num_classes))
-  return {"labelled": labelled, "val": val, "test": test, "class_names": tuple(
-      class_names or ()), "splits": splits, "train_all": train_all, "rest": rest,
-      "notes": notes}
+  return {
+      "labelled": labelled,
+      "val": val,
+      "test": test,
+      "class_names": tuple(class_names or ()),
+      "splits": splits,
+      "train_all": train_all,
+      "rest": rest,
+      "notes": notes,
+  }
 
 
 def note_tfds(key: str, src) -> None:
   """A TFDS dataset by its build folder's files (paths, sizes, mtimes)."""
   from bssl import deps
+
   folder = getattr(getattr(getattr(src, "_src", None), "dataset_info", None), "data_dir", None)
   if folder:
     deps.note_input(key, "tree", str(folder))
@@ -163,6 +203,7 @@ def note_tfds(key: str, src) -> None:
 
 def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
   from bssl import deps
+
   d, u = cfg.data, cfg.unlabelled
   video = d.kind in VIDEO_DATA_KINDS
   true_u = None
@@ -172,19 +213,31 @@ def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
     unl = sources.ImageFileSource(u.path, channels=d.channels)
-    deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
-        unl.files, _root_of(u.path), content=content))
+    deps.note_input(
+        "unlabelled.path",
+        "data",
+        u.path,
+        f"{unl.identity()}|" + deps.files_identity(unl.files, _root_of(u.path), content=content),
+    )
   elif u.kind == "video_list":
     unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
-    deps.note_input("unlabelled.path", "data", u.path, f"{unl.identity()}|" + deps.files_identity(
-        unl.files, _root_of(u.path), content=content))
+    deps.note_input(
+        "unlabelled.path",
+        "data",
+        u.path,
+        f"{unl.identity()}|" + deps.files_identity(unl.files, _root_of(u.path), content=content),
+    )
   elif u.kind == "shards":
     from bssl.data import ingest
+
     try:
       deps.note_input("unlabelled.path", "shards", u.path)
-      unl = ingest.ShardSource(u.path, channels=d.channels,
-                               drop_duplicates=bool(u.get("drop_duplicates", True)),
-                               cache_dir=u.get("cache_dir"))
+      unl = ingest.ShardSource(
+          u.path,
+          channels=d.channels,
+          drop_duplicates=bool(u.get("drop_duplicates", True)),
+          cache_dir=u.get("cache_dir"),
+      )
     except (ingest.IngestError, FileNotFoundError) as e:
       raise sources.DataError(str(e)) from None
   elif u.kind == "tfds":
@@ -206,6 +259,7 @@ def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
 def _root_of(path: str) -> str | None:
   """The folder that relative names are taken from: the folder itself, or a list's."""
   from bssl import workdir as workdir_lib
+
   p = workdir_lib.path(path)
   return str(p) if p.is_dir() else str(p.parent)
 
@@ -215,6 +269,7 @@ def build_data(cfg) -> Data:
   part is made under a record of the config fields and input files it read
   (:class:`Data`); ``cfg`` may be a ConfigDict or a :class:`bssl.deps.Tracked` view."""
   from bssl import deps
+
   if not isinstance(cfg, deps.Tracked):
     cfg = deps.Tracked(cfg)
   # how folders are identified (cosmetic: not a field of any record)
@@ -222,11 +277,14 @@ def build_data(cfg) -> Data:
   spec = deps.Memo.compute(lambda: _spec(cfg))
   lab = deps.Memo.compute(lambda: _labelled(cfg, spec.get(), content), spec)
   unl = deps.Memo.compute(lambda: _unlabelled(cfg, spec.get(), lab.get(), content), spec, lab)
-  for what, src, field in (("D (the labelled set)", lab.value["labelled"], "data"),
-                           ("the test set", lab.value["test"], "data"),
-                           ("U (the unlabelled set)", unl.value["unlabelled"],
-                            "unlabelled")):
+  for what, src, field in (
+      ("D (the labelled set)", lab.value["labelled"], "data"),
+      ("the test set", lab.value["test"], "data"),
+      ("U (the unlabelled set)", unl.value["unlabelled"], "unlabelled"),
+  ):
     if len(src) == 0:
-      raise sources.DataError(f"{field}: {what} is empty with this config; nothing to "
-                              f"train, score or evaluate (check {field}.* limits and sizes)")
+      raise sources.DataError(
+          f"{field}: {what} is empty with this config; nothing to "
+          f"train, score or evaluate (check {field}.* limits and sizes)"
+      )
   return Data(spec, lab, unl, lab.value["notes"])

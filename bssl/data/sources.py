@@ -7,12 +7,13 @@ Sources: the offline default Fashion-MNIST (idx files), TFDS datasets through
 YFCC-like unlabelled collections), a deterministic fake source for tests, and
 views (subsets, pseudo-labelled rows of D̂).
 """
+
 from __future__ import annotations
 
 import gzip
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,8 +26,18 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The identity tag of sources read from image files; bumped when the id rule changes (v2:
 # whole-path order, see bssl.data.ingest.list_inputs) so recorded identities go stale.
@@ -47,15 +58,19 @@ class BadImageError(DataError):
 class ArraySource:
   """In-memory arrays: images uint8 [N,H,W,C], labels int32 [N], ids int64 [N]."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
-               ids: np.ndarray | None = None, class_names: Sequence[str] | None = None):
+  def __init__(
+      self,
+      images: np.ndarray,
+      labels: np.ndarray | None = None,
+      ids: np.ndarray | None = None,
+      class_names: Sequence[str] | None = None,
+  ):
     images = np.asarray(images)
     if images.ndim == 3:
       images = images[..., None]
     self.images = images
     n = len(images)
-    self.labels = (np.full(n, -1, np.int32) if labels is None
-                   else np.asarray(labels, np.int32))
+    self.labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
     self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     self.class_names = tuple(class_names) if class_names else None
 
@@ -71,16 +86,24 @@ class ArraySource:
     the images, not a copy: read-only, for the caller to copy into its batch."""
     positions = np.asarray(positions, np.int64)
     n = len(positions)
-    if (n and positions[0] >= 0 and positions[-1] - positions[0] == n - 1
-        and (n == 1 or np.all(np.diff(positions) == 1))):
-      images = self.images[positions[0]:positions[-1] + 1].view()
+    if (
+        n
+        and positions[0] >= 0
+        and positions[-1] - positions[0] == n - 1
+        and (n == 1 or np.all(np.diff(positions) == 1))
+    ):
+      images = self.images[positions[0] : positions[-1] + 1].view()
       images.flags.writeable = False
     else:
       images = self.images[positions]
-    return {"image": images, "label": self.labels[positions],
-            "id": self.ids[positions], "valid": np.ones(len(positions), bool)}
+    return {
+        "image": images,
+        "label": self.labels[positions],
+        "id": self.ids[positions],
+        "valid": np.ones(len(positions), bool),
+    }
 
-  def subset(self, indices: np.ndarray, hide_labels: bool = False) -> "ArraySource":
+  def subset(self, indices: np.ndarray, hide_labels: bool = False) -> ArraySource:
     indices = np.asarray(indices, np.int64)
     labels = None if hide_labels else self.labels[indices]
     return ArraySource(self.images[indices], labels, self.ids[indices], self.class_names)
@@ -98,7 +121,7 @@ def _read_idx(path: str) -> np.ndarray:
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise DataError(f"{path} is not an unsigned-byte idx file")
-  dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
   arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if arr.size != int(np.prod(dims)):
     raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
@@ -122,21 +145,25 @@ def find_fashion_mnist(folder: str | None) -> dict[str, str]:
       f"data.folder: Fashion-MNIST idx files not found in {where!r}. Accepted: a folder "
       f"holding {', '.join(FASHION_MNIST_FILES.values())} (optionally .gz). Install them with "
       f"'apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DEFAULT_DIRS[0]}) "
-      f"or set --config.data.folder=<dir>.")
+      f"or set --config.data.folder=<dir>."
+  )
 
 
 def load_fashion_mnist(folder: str | None = None) -> tuple[ArraySource, ArraySource]:
   """(train 60k, test 10k) Fashion-MNIST as ArraySources, images [N,28,28,1]."""
   p = find_fashion_mnist(folder)
-  train = ArraySource(_read_idx(p["train_images"]), _read_idx(p["train_labels"]),
-                      class_names=FASHION_MNIST_CLASSES)
-  test = ArraySource(_read_idx(p["test_images"]), _read_idx(p["test_labels"]),
-                     class_names=FASHION_MNIST_CLASSES)
+  train = ArraySource(
+      _read_idx(p["train_images"]), _read_idx(p["train_labels"]), class_names=FASHION_MNIST_CLASSES
+  )
+  test = ArraySource(
+      _read_idx(p["test_images"]), _read_idx(p["test_labels"]), class_names=FASHION_MNIST_CLASSES
+  )
   return train, test
 
 
-def fake_source(num: int, image_shape: Sequence[int], num_classes: int, seed: int,
-                learnable: bool = True) -> ArraySource:
+def fake_source(
+    num: int, image_shape: Sequence[int], num_classes: int, seed: int, learnable: bool = True
+) -> ArraySource:
   """Deterministic fake images; with ``learnable`` each class has its own mean colour
   pattern so tiny runs can learn something."""
   rng = np.random.default_rng(seed)
@@ -157,8 +184,12 @@ def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
   """Decodes an encoded image (bytes or path) into uint8 [H,W,channels] with
   :func:`bssl.data.decode.decode` (EXIF orientation, any mode, 16-bit greys scaled)."""
   from bssl.data import decode
-  data = (data_or_path if isinstance(data_or_path, (bytes, bytearray))
-          else decode.read_bytes(data_or_path))
+
+  data = (
+      data_or_path
+      if isinstance(data_or_path, (bytes, bytearray))
+      else decode.read_bytes(data_or_path)
+  )
   return decode.decode(bytes(data), channels)
 
 
@@ -178,6 +209,7 @@ class ImageFileSource:
 
   def __init__(self, path: str, channels: int = 3):
     from bssl.data import ingest
+
     try:
       files = ingest.list_inputs(path, IMAGE_EXTENSIONS) if path else []
     except ingest.IngestError as e:
@@ -186,7 +218,8 @@ class ImageFileSource:
       raise DataError(
           f"unlabelled.path: {path!r} does not exist. Accepted: a folder of image files "
           f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively, or a text file listing one "
-          f"image path per line.")
+          f"image path per line."
+      )
     self.files = files
     self.channels = channels
     self.class_names = None
@@ -196,6 +229,7 @@ class ImageFileSource:
 
   def __getitem__(self, i: int) -> dict:
     from bssl.data import decode
+
     try:
       img = decode_image(self.files[i], self.channels)
       valid = True
@@ -212,11 +246,13 @@ class ImageFileSource:
     ``files-v2``: ids by whole-path order; identities recorded under the old rule
     (``files:``, a folder's walk order) never equal a new one."""
     from bssl.data import ingest
+
     return f"{FILES_IDENTITY}:{ingest.fingerprint(self.files)}:n={len(self.files)}"
 
   def reason_of(self, i: int) -> str:
     """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
     from bssl.data import decode
+
     try:
       decode_image(self.files[i], self.channels)
     except decode.DecodeError as e:
@@ -234,29 +270,44 @@ class LabelledFolderSource:
   that cannot be decoded stops training with its file named
   (:func:`bssl.data.checks.scan_decodable` finds them all before any training)."""
 
-  def __init__(self, root: str, channels: int = 3, classes: Sequence[str] | None = None,
-               field: str = "data.train_dir", *, _files=None, _labels=None):
+  def __init__(
+      self,
+      root: str,
+      channels: int = 3,
+      classes: Sequence[str] | None = None,
+      field: str = "data.train_dir",
+      *,
+      _files=None,
+      _labels=None,
+  ):
     self.root, self.channels, self.field = root, channels, field
     if _files is not None:  # a subset
       self.files, self.labels, self.class_names = _files, _labels, tuple(classes)
       self.ids = np.arange(len(self.files), dtype=np.int64)
       return
     from bssl.data import ingest
+
     p = workdir_lib.path(root) if root else None
     if p is None or not p.is_dir():
-      raise DataError(f"{field}: {root!r} is not a folder. Accepted: a folder with one "
-                      f"subfolder of images per class ({', '.join(IMAGE_EXTENSIONS)}).")
+      raise DataError(
+          f"{field}: {root!r} is not a folder. Accepted: a folder with one "
+          f"subfolder of images per class ({', '.join(IMAGE_EXTENSIONS)})."
+      )
     found = sorted(c.name for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
     if not found:
-      raise DataError(f"{field}: {root!r} has no class subfolders (expected "
-                      f"{root}/<class name>/<image files>)")
+      raise DataError(
+          f"{field}: {root!r} has no class subfolders (expected "
+          f"{root}/<class name>/<image files>)"
+      )
     if classes is None:
       classes = found
     else:
       unknown = sorted(set(found) - set(classes))
       if unknown:
-        raise DataError(f"{field}: class folders {unknown} of {root!r} are not classes of "
-                        f"data.train_dir ({len(classes)} classes: {list(classes)[:10]}...)")
+        raise DataError(
+            f"{field}: class folders {unknown} of {root!r} are not classes of "
+            f"data.train_dir ({len(classes)} classes: {list(classes)[:10]}...)"
+        )
     self.class_names = tuple(classes)
     files, labels = [], []
     for c, name in enumerate(self.class_names):
@@ -269,8 +320,10 @@ class LabelledFolderSource:
       files += fs
       labels += [c] * len(fs)
     if not files:
-      raise DataError(f"{field}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under the "
-                      f"class folders of {root!r}")
+      raise DataError(
+          f"{field}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under the "
+          f"class folders of {root!r}"
+      )
     self.files, self.labels = files, np.asarray(labels, np.int32)
     self.ids = np.arange(len(files), dtype=np.int64)
 
@@ -279,18 +332,26 @@ class LabelledFolderSource:
 
   def __getitem__(self, i: int) -> dict:
     from bssl.data import decode
+
     try:
       img = decode_image(self.files[i], self.channels)
     except decode.DecodeError as e:
-      raise BadImageError(f"{self.field}: cannot decode {self.files[i]} ({e.reason}); remove "
-                          f"or replace it") from None
+      raise BadImageError(
+          f"{self.field}: cannot decode {self.files[i]} ({e.reason}); remove " f"or replace it"
+      ) from None
     return {"image": img, "label": self.labels[i], "id": self.ids[i]}
 
-  def subset(self, indices, hide_labels: bool = False) -> "LabelledFolderSource":
+  def subset(self, indices, hide_labels: bool = False) -> LabelledFolderSource:
     idx = np.asarray(indices, np.int64)
     labels = np.full(len(idx), -1, np.int32) if hide_labels else self.labels[idx]
-    out = LabelledFolderSource(self.root, self.channels, self.class_names, self.field,
-                               _files=[self.files[j] for j in idx], _labels=labels)
+    out = LabelledFolderSource(
+        self.root,
+        self.channels,
+        self.class_names,
+        self.field,
+        _files=[self.files[j] for j in idx],
+        _labels=labels,
+    )
     out.ids = self.ids[idx]
     return out
 
@@ -301,11 +362,14 @@ class LabelledFolderSource:
     """The file list's fingerprint (files added, removed, renamed or moved between class
     folders change it)."""
     from bssl.data import ingest
+
     root = str(workdir_lib.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
-    rel = [f[len(root):] if f.startswith(root) else f for f in self.files]
-    return (f"{FILES_IDENTITY}:"
-            f"{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
-            f":n={len(self.files)}")
+    rel = [f[len(root) :] if f.startswith(root) else f for f in self.files]
+    return (
+        f"{FILES_IDENTITY}:"
+        f"{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
+        f":n={len(self.files)}"
+    )
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -314,36 +378,49 @@ class LabelledFolderSource:
 class TFDSSource:
   """A TFDS dataset read through ``tfds.data_source`` (ArrayRecord, no TensorFlow)."""
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label"):
+  def __init__(
+      self,
+      name: str,
+      split: str,
+      data_dir: str | None = None,
+      image_key: str = "image",
+      label_key: str = "label",
+  ):
     import tensorflow_datasets as tfds
+
     try:
       self._src = tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       hint = ""
       if name.startswith("imagenet2012"):
-        hint = (" ImageNet cannot be downloaded automatically: download ILSVRC2012_img_train.tar "
-                "and ILSVRC2012_img_val.tar from image-net.org, put them in "
-                "<data_dir>/downloads/manual/, then run once (needs tensorflow) "
-                "'tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record'"
-                " and set --config.data.tfds_data_dir=<data_dir>.")
+        hint = (
+            " ImageNet cannot be downloaded automatically: download ILSVRC2012_img_train.tar "
+            "and ILSVRC2012_img_val.tar from image-net.org, put them in "
+            "<data_dir>/downloads/manual/, then run once (needs tensorflow) "
+            "'tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record'"
+            " and set --config.data.tfds_data_dir=<data_dir>."
+        )
       else:
-        hint = (f" Build it once (needs tensorflow at build time only): 'tfds build {name} "
-                f"--data_dir=<data_dir> --file_format=array_record', then point the config's "
-                f"tfds_data_dir at <data_dir> (for the transfer target: "
-                f"--config.transfer.tfds_data_dir).")
-      raise DataError(f"data: TFDS dataset {name!r} split {split!r} is not available in "
-                      f"data_dir={data_dir or '~/tensorflow_datasets'}: {type(e).__name__}: "
-                      f"{str(e)[:300]}.{hint}") from e
+        hint = (
+            f" Build it once (needs tensorflow at build time only): 'tfds build {name} "
+            f"--data_dir=<data_dir> --file_format=array_record', then point the config's "
+            f"tfds_data_dir at <data_dir> (for the transfer target: "
+            f"--config.transfer.tfds_data_dir)."
+        )
+      raise DataError(
+          f"data: TFDS dataset {name!r} split {split!r} is not available in "
+          f"data_dir={data_dir or '~/tensorflow_datasets'}: {type(e).__name__}: "
+          f"{str(e)[:300]}.{hint}"
+      ) from e
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
     try:
       self.class_names = tuple(self._src.dataset_info.features[label_key].names)
-    except Exception:  # noqa: BLE001
+    except Exception:
       self.class_names = None
     try:  # the dataset's own class count (ClassLabel), when its info says it
       self.num_classes = int(self._src.dataset_info.features[label_key].num_classes)
-    except Exception:  # noqa: BLE001
+    except Exception:
       self.num_classes = len(self.class_names) if self.class_names else None
 
   def __len__(self) -> int:
@@ -358,6 +435,7 @@ class TFDSSource:
       except ValueError as e:
         raise BadImageError(f"{self.name}[{self.split}] record {i} cannot be decoded: {e}") from e
     from bssl.data import decode
+
     img = decode.scale_to_uint8(img)  # a 16-bit image feature: scaled, not wrapped
     if img.ndim == 2:
       img = img[..., None]
@@ -376,8 +454,7 @@ class SubsetView:
   whose source raises on a bad file): they are ``valid == False`` records without being
   read, which scoring skips and lists with the reason."""
 
-  def __init__(self, source, indices: np.ndarray, hide_labels: bool = False,
-               reindex: bool = False):
+  def __init__(self, source, indices: np.ndarray, hide_labels: bool = False, reindex: bool = False):
     self.source = source
     self.indices = np.asarray(indices, np.int64)
     self.hide_labels = hide_labels
@@ -391,8 +468,12 @@ class SubsetView:
   def __getitem__(self, i: int) -> dict:
     i = int(i)
     if i in self.unreadable:
-      return {"image": np.zeros((1, 1, 1), np.uint8), "label": np.int32(-1),
-              "id": np.int64(i if self.reindex else self.indices[i]), "valid": False}
+      return {
+          "image": np.zeros((1, 1, 1), np.uint8),
+          "label": np.int32(-1),
+          "id": np.int64(i if self.reindex else self.indices[i]),
+          "valid": False,
+      }
     rec = dict(self.source[int(self.indices[i])])
     if self.hide_labels:
       rec["label"] = np.int32(-1)
@@ -455,9 +536,13 @@ class PseudoLabelSource:
     return rec
 
 
-def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int,
-                           rng: np.random.Generator, exclude: np.ndarray | None = None
-                           ) -> np.ndarray:
+def class_balanced_indices(
+    labels: np.ndarray,
+    per_class: int,
+    num_classes: int,
+    rng: np.random.Generator,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
   """``per_class`` random indices of each class (sorted), skipping ``exclude``."""
   labels = np.asarray(labels)
   mask = np.ones(len(labels), bool)

@@ -11,6 +11,7 @@
   --data_dir=<dir> --file_format=array_record`` (needs TensorFlow at build time only) and
   set ``--config.transfer.tfds_data_dir=<dir>``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,12 +48,14 @@ def _digits(size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
   try:
     from sklearn.datasets import load_digits
   except ImportError as e:  # pragma: no cover - a pinned requirement
-    raise sources.DataError("transfer.target='digits' needs scikit-learn (in "
-                            "requirements.txt: run `bash setup.sh`)") from e
+    raise sources.DataError(
+        "transfer.target='digits' needs scikit-learn (in " "requirements.txt: run `bash setup.sh`)"
+    ) from e
   d = load_digits()
   imgs = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
-  out = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                  for im in imgs])[..., None]
+  out = np.stack(
+      [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in imgs]
+  )[..., None]
   if channels == 3:
     out = np.repeat(out, 3, axis=-1)
   return out, d.target.astype(np.int32)
@@ -71,14 +74,21 @@ def build(cfg) -> Target:
     train_all = sources.TFDSSource(t.tfds_name, t.train_split, t.get("tfds_data_dir"))
     test_src = sources.TFDSSource(t.tfds_name, t.test_split, t.get("tfds_data_dir"))
     from bssl.data import recipe
+
     recipe.note_tfds("transfer.tfds", train_all)
     num_classes = len(train_all.class_names or ()) or int(t.num_classes or 0)
     if not num_classes:
-      raise sources.DataError(f"transfer: {t.tfds_name!r} does not say its classes; set "
-                              f"transfer.num_classes")
+      raise sources.DataError(
+          f"transfer: {t.tfds_name!r} does not say its classes; set " f"transfer.num_classes"
+      )
   else:
     raise sources.DataError(f"transfer.target must be one of {TARGETS}, got {t.target!r}")
   labels = np.asarray([int(train_all[i]["label"]) for i in range(len(train_all))])
   tr, va = _split(labels, 0.2, rng)
-  return Target(t.target, sources.SubsetView(train_all, tr), sources.SubsetView(train_all, va),
-                test_src, num_classes)
+  return Target(
+      t.target,
+      sources.SubsetView(train_all, tr),
+      sources.SubsetView(train_all, va),
+      test_src,
+      num_classes,
+  )

@@ -18,19 +18,20 @@ draw (clip start, crop, flip) is a function of ``(seed, position)``: the union o
 processes' batches is the single-process batch, frame for frame, and a resumed run at
 step ``s`` sees the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import csv
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from bssl import workdir as workdir_lib
-from bssl.data import clips as clips_lib
 from bssl.data import batching
+from bssl.data import clips as clips_lib
 from bssl.data.sources import ArraySource, BadImageError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -44,6 +45,7 @@ class VideoSpec:
   scoring. Training crops ``size`` x ``size`` at random from frames padded by ``pad``
   (``pad_crop*``) and mirrors half of them (``*_flip``); evaluation takes the centre crop.
   Decoded files are resized to a short side of ``round(size / crop_fraction)``."""
+
   size: int
   channels: int
   clip_len: int = 8
@@ -76,8 +78,11 @@ def _frames(video: np.ndarray, spec: VideoSpec) -> np.ndarray:
     v = v[..., None]
   if v.ndim != 4 or v.shape[0] == 0:
     raise ValueError(f"a video must be [frames, height, width, channels], got {v.shape}")
-  v = np.stack([batching.fix_channels(f, spec.channels) for f in v]) if v.shape[-1] != spec.channels \
+  v = (
+      np.stack([batching.fix_channels(f, spec.channels) for f in v])
+      if v.shape[-1] != spec.channels
       else v
+  )
   h, w = v.shape[1:3]
   if min(h, w) < spec.size:
     v = _resize_frames(v, spec.size)
@@ -86,11 +91,16 @@ def _frames(video: np.ndarray, spec: VideoSpec) -> np.ndarray:
 
 def _resize_frames(v: np.ndarray, short_side: int) -> np.ndarray:
   from PIL import Image
+
   h, w = v.shape[1:3]
   scale = short_side / min(h, w)
   nh, nw = max(short_side, int(round(h * scale))), max(short_side, int(round(w * scale)))
-  return np.stack([batching.from_pil(batching.to_pil(f).resize((nw, nh), Image.BILINEAR),
-                                       f.shape[-1]) for f in v])
+  return np.stack(
+      [
+          batching.from_pil(batching.to_pil(f).resize((nw, nh), Image.BILINEAR), f.shape[-1])
+          for f in v
+      ]
+  )
 
 
 def eval_clips(video: np.ndarray, spec: VideoSpec) -> np.ndarray | None:
@@ -102,7 +112,7 @@ def eval_clips(video: np.ndarray, spec: VideoSpec) -> np.ndarray | None:
     return None
   h, w = v.shape[1:3]
   top, left = (h - spec.size) // 2, (w - spec.size) // 2
-  v = v[:, top:top + spec.size, left:left + spec.size]
+  v = v[:, top : top + spec.size, left : left + spec.size]
   return clips_lib.clips_of(v, spec.clip_len, spec.frame_stride, spec.num_clips)
 
 
@@ -111,8 +121,9 @@ def _uniforms(positions: np.ndarray, seed: int, count: int) -> np.ndarray:
   with np.errstate(over="ignore"):
     key = batching.mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
     base = np.asarray(positions, np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
-    h = batching.mix64((base + np.arange(count, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03))
-               ^ key)
+    h = batching.mix64(
+        (base + np.arange(count, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03)) ^ key
+    )
   return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -130,7 +141,7 @@ def train_clip(video: np.ndarray, spec: VideoSpec, u: np.ndarray) -> np.ndarray:
   else:
     top = min(int(u[1] * (h - spec.size + 1)), h - spec.size)
     left = min(int(u[2] * (w - spec.size + 1)), w - spec.size)
-  clip = v[idx, top:top + spec.size, left:left + spec.size]
+  clip = v[idx, top : top + spec.size, left : left + spec.size]
   if spec.augment == "pad_crop_flip" and u[3] < 0.5:
     clip = clip[:, :, ::-1]
   return np.ascontiguousarray(clip)
@@ -153,24 +164,48 @@ class _VideoTrainBatch(batching.StreamBatch):
       rec = self.source[int(i)]
       if not rec.get("valid", True):
         reason = getattr(self.source, "reason_of", lambda i: "cannot be decoded")(int(i))
-        raise BadImageError(f"training video {_name(self.source, int(i))} cannot be decoded "
-                            f"({reason}); fix or remove it from the training list")
+        raise BadImageError(
+            f"training video {_name(self.source, int(i))} cannot be decoded "
+            f"({reason}); fix or remove it from the training list"
+        )
       try:
         images.append(train_clip(rec["image"], self.spec, u[j]))
       except ValueError as e:
         raise BadImageError(f"training video {_name(self.source, int(i))}: {e}") from None
       labels.append(rec["label"])
       ids.append(rec["id"])
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
-            "id": np.asarray(ids, np.int64)}
+    return {
+        "image": np.stack(images),
+        "label": np.asarray(labels, np.int32),
+        "id": np.asarray(ids, np.int64),
+    }
 
 
-def train_dataset(source, spec: VideoSpec, *, local_batch_size: int, seed: int,
-                  process_index: int, process_count: int, start_batch: int,
-                  read_options) -> grain.IterDataset:
-  return grain.MapDataset.range(start_batch, 2**62).map(_VideoTrainBatch(
-      source, spec, local_batch_size=local_batch_size, seed=seed,
-      process_index=process_index, process_count=process_count)).to_iter_dataset(read_options)
+def train_dataset(
+    source,
+    spec: VideoSpec,
+    *,
+    local_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    start_batch: int,
+    read_options,
+) -> grain.IterDataset:
+  return (
+      grain.MapDataset.range(start_batch, 2**62)
+      .map(
+          _VideoTrainBatch(
+              source,
+              spec,
+              local_batch_size=local_batch_size,
+              seed=seed,
+              process_index=process_index,
+              process_count=process_count,
+          )
+      )
+      .to_iter_dataset(read_options)
+  )
 
 
 class VideoRecordsBatch(batching.RecordsBatch):
@@ -187,12 +222,14 @@ class VideoRecordsBatch(batching.RecordsBatch):
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_video(path: str, short_side: int | None, channels: int = 3,
-                 max_frames: int | None = None) -> np.ndarray:
+def decode_video(
+    path: str, short_side: int | None, channels: int = 3, max_frames: int | None = None
+) -> np.ndarray:
   """Frames ``[T, H, W, C]`` uint8 of a video file (local or ``gs://``) decoded with
   PyAV, each resized to a short side of ``short_side`` (None: as stored). Raises
   ValueError (with the decoder's reason) when the file is not a decodable video."""
   import av
+
   fmt = "gray" if channels == 1 else "rgb24"
   frames = []
   try:
@@ -214,7 +251,7 @@ def decode_video(path: str, short_side: int | None, channels: int = 3,
           break
   except ValueError:
     raise
-  except Exception as e:  # noqa: BLE001 - PyAV raises its own error types (FFmpegError, ...)
+  except Exception as e:
     raise ValueError(f"{type(e).__name__}: {e}") from None
   if not frames:
     raise ValueError("no frames decoded")
@@ -241,8 +278,7 @@ class _DecodingSource:
     i = int(i)
     rec = {"label": np.int32(self.labels[i]), "id": np.int64(i)}
     try:
-      rec["image"] = decode_video(self.files[i], self.short_side, self.channels,
-                                  self.max_frames)
+      rec["image"] = decode_video(self.files[i], self.short_side, self.channels, self.max_frames)
     except (ValueError, OSError) as e:
       self._reasons[i] = str(e)[:300]
       rec["image"] = np.zeros((1, 1, 1, self.channels), np.uint8)
@@ -260,16 +296,22 @@ class _DecodingSource:
 
   def identity(self) -> str:
     from bssl.data import ingest
-    return (f"videos:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
-            f":n={len(self.files)}")
+
+    return (
+        f"videos:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
+        f":n={len(self.files)}"
+    )
 
 
 def _list_videos(path: str) -> list[str]:
   """A folder's videos (recursive; local or gs://) or a file list's lines, in
   :func:`bssl.data.ingest.list_inputs`' order (paths sorted as whole strings)."""
   from bssl.data import ingest
-  accepted = (f"Accepted: a folder of video files ({', '.join(VIDEO_EXTENSIONS)}), searched "
-              f"recursively, or a text file listing one video path per line.")
+
+  accepted = (
+      f"Accepted: a folder of video files ({', '.join(VIDEO_EXTENSIONS)}), searched "
+      f"recursively, or a text file listing one video path per line."
+  )
   if not path or not workdir_lib.path(path).exists():
     raise DataError(f"unlabelled.path: {path!r} does not exist. {accepted}")
   try:
@@ -277,9 +319,11 @@ def _list_videos(path: str) -> list[str]:
   except ingest.IngestError as e:
     raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
   if not files:
-    raise DataError(f"unlabelled.path: {path!r} lists no videos. Accepted: a folder of video "
-                    f"files ({', '.join(VIDEO_EXTENSIONS)}), searched recursively, or a text "
-                    f"file listing one video path per line.")
+    raise DataError(
+        f"unlabelled.path: {path!r} lists no videos. Accepted: a folder of video "
+        f"files ({', '.join(VIDEO_EXTENSIONS)}), searched recursively, or a text "
+        f"file listing one video path per line."
+    )
   return files
 
 
@@ -297,7 +341,9 @@ class VideoListSource(_DecodingSource):
 
 
 def _kinetics_name(row: dict) -> str:
-  return f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+  return (
+      f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+  )
 
 
 class VideoFolderSource(_DecodingSource):
@@ -308,47 +354,65 @@ class VideoFolderSource(_DecodingSource):
   video extensions). Labels are class names (classes = the sorted names of the training
   CSV) or integer ids."""
 
-  def __init__(self, csv_path: str, spec: VideoSpec, *, video_dir: str | None = None,
-               class_names: Sequence[str] | None = None, field: str = "data.train_csv",
-               max_frames: int | None = None):
+  def __init__(
+      self,
+      csv_path: str,
+      spec: VideoSpec,
+      *,
+      video_dir: str | None = None,
+      class_names: Sequence[str] | None = None,
+      field: str = "data.train_csv",
+      max_frames: int | None = None,
+  ):
     p = workdir_lib.path(csv_path)
     if not p.exists():
-      raise DataError(f"{field}: no such CSV file {csv_path!r} (a header row naming 'path' "
-                      f"and 'label', or Kinetics' 'label,youtube_id,time_start,time_end')")
+      raise DataError(
+          f"{field}: no such CSV file {csv_path!r} (a header row naming 'path' "
+          f"and 'label', or Kinetics' 'label,youtube_id,time_start,time_end')"
+      )
     reader = csv.DictReader(p.read_text().splitlines())
     rows = list(reader)
     cols = set(reader.fieldnames or ())
-    if not ({"path", "label"} <= cols or
-            {"label", "youtube_id", "time_start", "time_end"} <= cols):
-      raise DataError(f"{field}: {csv_path!r} lacks the columns 'path,label' (or Kinetics' "
-                      f"'label,youtube_id,time_start,time_end'); got columns {sorted(cols)}")
+    if not ({"path", "label"} <= cols or {"label", "youtube_id", "time_start", "time_end"} <= cols):
+      raise DataError(
+          f"{field}: {csv_path!r} lacks the columns 'path,label' (or Kinetics' "
+          f"'label,youtube_id,time_start,time_end'); got columns {sorted(cols)}"
+      )
     if not rows:
       raise DataError(f"{field}: {csv_path!r} has a header but no rows")
     root = workdir_lib.path(video_dir) if video_dir else p.parent
     names = [(r.get("label") or "").strip() for r in rows]
     blank = [k + 2 for k, n in enumerate(names) if not n]
     if blank:
-      raise DataError(f"{field}: {len(blank)} row(s) of {csv_path!r} have an empty label "
-                      f"(line(s) {blank[:10]}); every row needs its class")
+      raise DataError(
+          f"{field}: {len(blank)} row(s) of {csv_path!r} have an empty label "
+          f"(line(s) {blank[:10]}); every row needs its class"
+      )
     if class_names is None:
-      class_names = (tuple(str(c) for c in range(max(int(n) for n in names) + 1))
-                     if all(n.isdigit() for n in names) else tuple(sorted(set(names))))
+      class_names = (
+          tuple(str(c) for c in range(max(int(n) for n in names) + 1))
+          if all(n.isdigit() for n in names)
+          else tuple(sorted(set(names)))
+      )
     self.class_names = tuple(class_names)
     index = {c: k for k, c in enumerate(self.class_names)}
     labels, files, missing = [], [], []
     for r, n in zip(rows, names):
       c = index.get(n, int(n) if n.isdigit() and int(n) < len(self.class_names) else None)
       if c is None:
-        raise DataError(f"{field}: label {n!r} of {csv_path!r} is not a class of the training "
-                        f"CSV ({len(self.class_names)} classes, e.g. "
-                        f"{list(self.class_names)[:5]})")
+        raise DataError(
+            f"{field}: label {n!r} of {csv_path!r} is not a class of the training "
+            f"CSV ({len(self.class_names)} classes, e.g. "
+            f"{list(self.class_names)[:5]})"
+        )
       if "path" in r and r["path"]:
         f = root / r["path"].strip()
         candidates = [f]
       else:
         stem = _kinetics_name(r)
-        candidates = [folder / (stem + ext) for folder in (root / n, root)
-                      for ext in VIDEO_EXTENSIONS]
+        candidates = [
+            folder / (stem + ext) for folder in (root / n, root) for ext in VIDEO_EXTENSIONS
+        ]
       found = next((str(c_) for c_ in candidates if c_.exists()), None)
       if found is None:
         missing.append(str(candidates[0]))
@@ -356,20 +420,29 @@ class VideoFolderSource(_DecodingSource):
       labels.append(c)
       files.append(found)
     if not files:
-      raise DataError(f"{field}: none of the {len(rows)} videos listed in {csv_path!r} exists "
-                      f"(e.g. {missing[:3]}); check data.video_dir (default: the CSV's folder)")
+      raise DataError(
+          f"{field}: none of the {len(rows)} videos listed in {csv_path!r} exists "
+          f"(e.g. {missing[:3]}); check data.video_dir (default: the CSV's folder)"
+      )
     # Downloaded Kinetics sets always have gaps: listed files that do not exist are left
     # out, counted and named (Data.notes, printed at start-up); a file that exists but does
     # not decode stops training (named) and is counted in scoring.
     self.missing = missing
-    self.notes = ([f"{field}: {len(missing)} of {len(rows)} listed videos do not exist and are "
-                   f"left out (e.g. {', '.join(missing[:3])})"] if missing else [])
+    self.notes = (
+        [
+            f"{field}: {len(missing)} of {len(rows)} listed videos do not exist and are "
+            f"left out (e.g. {', '.join(missing[:3])})"
+        ]
+        if missing
+        else []
+    )
     self.files, self.labels = files, np.asarray(labels, np.int32)
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
 
-  def subset(self, indices, hide_labels: bool = False) -> "VideoFolderSource":
+  def subset(self, indices, hide_labels: bool = False) -> VideoFolderSource:
     """Rows ``indices`` (ids become positions in the subset)."""
     import copy
+
     idx = np.asarray(indices, np.int64)
     out = copy.copy(self)
     out.files = [self.files[int(i)] for i in idx]
@@ -381,8 +454,18 @@ class VideoFolderSource(_DecodingSource):
 # ----------------------------------------------------------------------------- synthetic
 
 
-FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot")
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 DIRECTIONS = ("right", "left")
 
 
@@ -396,27 +479,51 @@ class MovingFashionSource:
   drawn on access. Flipping a clip horizontally would turn one class into another: the
   demo trains with ``augment='pad_crop'`` (no flip)."""
 
-  def __init__(self, images: np.ndarray, garments: np.ndarray, *, frames: int, size: int,
-               garment: int, seed: int, ids: np.ndarray | None = None,
-               _resized: np.ndarray | None = None, _draws: np.ndarray | None = None):
+  def __init__(
+      self,
+      images: np.ndarray,
+      garments: np.ndarray,
+      *,
+      frames: int,
+      size: int,
+      garment: int,
+      seed: int,
+      ids: np.ndarray | None = None,
+      _resized: np.ndarray | None = None,
+      _draws: np.ndarray | None = None,
+  ):
     self.frames, self.size, self.garment, self.seed = int(frames), int(size), int(garment), seed
     if garment > size:
       raise DataError(f"the garment ({garment} px) must fit the canvas ({size} px)")
     if _resized is None:
       from PIL import Image
+
       imgs = np.asarray(images, np.uint8)
       imgs = imgs[..., 0] if imgs.ndim == 4 else imgs
-      _resized = imgs if imgs.shape[1] == garment else np.stack(
-          [np.asarray(Image.fromarray(a).resize((garment, garment), Image.BILINEAR)) for a in imgs])
+      _resized = (
+          imgs
+          if imgs.shape[1] == garment
+          else np.stack(
+              [
+                  np.asarray(Image.fromarray(a).resize((garment, garment), Image.BILINEAR))
+                  for a in imgs
+              ]
+          )
+      )
     self._img = _resized
     n = len(self._img)
     self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if _draws is None:
       u = _uniforms(np.arange(n), seed, 4)
-      _draws = np.stack([(u[:, 0] < 0.5).astype(np.int64),            # direction
-                         1 + (u[:, 1] < 0.5).astype(np.int64),        # speed
-                         (u[:, 2] * size).astype(np.int64),           # start column
-                         (u[:, 3] * (size - garment + 1)).astype(np.int64)], 1)  # row
+      _draws = np.stack(
+          [
+              (u[:, 0] < 0.5).astype(np.int64),  # direction
+              1 + (u[:, 1] < 0.5).astype(np.int64),  # speed
+              (u[:, 2] * size).astype(np.int64),  # start column
+              (u[:, 3] * (size - garment + 1)).astype(np.int64),
+          ],
+          1,
+      )  # row
     self._draws = _draws
     self.garments = np.asarray(garments, np.int64)
     self.labels = (2 * self.garments + self._draws[:, 0]).astype(np.int32)
@@ -429,7 +536,7 @@ class MovingFashionSource:
     d, speed, x0, y0 = (int(v) for v in self._draws[i])
     g, s = self.garment, self.size
     canvas = np.zeros((s, s), np.uint8)
-    canvas[y0:y0 + g, :g] = self._img[i]
+    canvas[y0 : y0 + g, :g] = self._img[i]
     step = speed if d == 0 else -speed
     out = np.stack([np.roll(canvas, x0 + step * t, axis=1) for t in range(self.frames)])
     return out[..., None]
@@ -438,11 +545,19 @@ class MovingFashionSource:
     i = int(i)
     return {"image": self.video(i), "label": self.labels[i], "id": self.ids[i]}
 
-  def subset(self, indices, hide_labels: bool = False) -> "MovingFashionSource":
+  def subset(self, indices, hide_labels: bool = False) -> MovingFashionSource:
     idx = np.asarray(indices, np.int64)
-    out = MovingFashionSource(None, self.garments[idx], frames=self.frames, size=self.size,
-                              garment=self.garment, seed=self.seed, ids=self.ids[idx],
-                              _resized=self._img[idx], _draws=self._draws[idx])
+    out = MovingFashionSource(
+        None,
+        self.garments[idx],
+        frames=self.frames,
+        size=self.size,
+        garment=self.garment,
+        seed=self.seed,
+        ids=self.ids[idx],
+        _resized=self._img[idx],
+        _draws=self._draws[idx],
+    )
     if hide_labels:
       out.labels = np.full(len(idx), -1, np.int32)
     return out
@@ -451,16 +566,20 @@ class MovingFashionSource:
 def moving_fashion_mnist(folder: str | None, *, frames: int, size: int, garment: int):
   """(train, test) of the synthetic video demo, from Fashion-MNIST's idx files."""
   from bssl.data import sources
+
   train, test = sources.load_fashion_mnist(folder)
-  return (MovingFashionSource(train.images, train.labels, frames=frames, size=size,
-                              garment=garment, seed=11),
-          MovingFashionSource(test.images, test.labels, frames=frames, size=size,
-                              garment=garment, seed=12))
+  return (
+      MovingFashionSource(
+          train.images, train.labels, frames=frames, size=size, garment=garment, seed=11
+      ),
+      MovingFashionSource(
+          test.images, test.labels, frames=frames, size=size, garment=garment, seed=12
+      ),
+  )
 
 
-def fake_videos(num: int, spec: VideoSpec, frames: int, num_classes: int,
-                seed: int) -> ArraySource:
+def fake_videos(num: int, spec: VideoSpec, frames: int, num_classes: int, seed: int) -> ArraySource:
   """Deterministic fake videos ``[frames, S, S, C]`` (tests): each class its own pattern."""
   from bssl.data import sources
-  return sources.fake_source(num, (frames, spec.size, spec.size, spec.channels), num_classes,
-                             seed)
+
+  return sources.fake_source(num, (frames, spec.size, spec.size, spec.channels), num_classes, seed)

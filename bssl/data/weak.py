@@ -37,6 +37,7 @@ proportional to the mean of ``f(t)^-1/2`` over its tags, ``f(t)`` the tag's freq
 square-root sampling, so the long tail is seen) or ``inverse`` (``f(t)^-1``). The draw
 (with replacement, as many draws as tagged images) is fixed by the seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,12 +62,12 @@ class WeakDataError(DataError):
 
 @dataclasses.dataclass
 class WeakData:
-  source: object                # records with 'label' = tag ids [max_tags]
+  source: object  # records with 'label' = tag ids [max_tags]
   num_tags: int
   tag_names: tuple
-  tag_to_class: np.ndarray      # [num_tags] class id or -1
-  num_images: int               # tagged images before resampling
-  tag_frequency: np.ndarray     # [num_tags] images carrying each tag
+  tag_to_class: np.ndarray  # [num_tags] class id or -1
+  num_images: int  # tagged images before resampling
+  tag_frequency: np.ndarray  # [num_tags] images carrying each tag
 
 
 class TaggedSource:
@@ -90,13 +91,21 @@ def synthetic_vocabulary(num_classes: int, synonyms: int, distractors: int):
   names = [f"c{c}_syn{j}" for c in range(num_classes) for j in range(synonyms)]
   names += [f"noise{j}" for j in range(distractors)]
   to_class = np.full(len(names), -1, np.int64)
-  to_class[:num_classes * synonyms] = np.repeat(np.arange(num_classes), synonyms)
+  to_class[: num_classes * synonyms] = np.repeat(np.arange(num_classes), synonyms)
   return tuple(names), to_class
 
 
-def synthetic_tags(labels: np.ndarray, ids: np.ndarray, *, num_classes: int, synonyms: int,
-                   distractors: int, p_class_tag: float, max_noise_tags: int,
-                   seed: int) -> np.ndarray:
+def synthetic_tags(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    *,
+    num_classes: int,
+    synonyms: int,
+    distractors: int,
+    p_class_tag: float,
+    max_noise_tags: int,
+    seed: int,
+) -> np.ndarray:
   """Tag ids [N, max_tags] (padded with -1) of images with hidden ``labels``; image ``i``'s
   tags depend on (seed, ids[i]) only."""
   v = num_classes * synonyms + distractors
@@ -111,7 +120,7 @@ def synthetic_tags(labels: np.ndarray, ids: np.ndarray, *, num_classes: int, syn
         tags.append(int(y) * synonyms + int(rng.integers(synonyms)))
     tags += [int(t) for t in rng.integers(0, v, int(rng.integers(0, max_noise_tags + 1)))]
     tags = sorted(set(tags))
-    out[r, :len(tags)] = tags
+    out[r, : len(tags)] = tags
   return out
 
 
@@ -124,30 +133,32 @@ def resampling_weights(tags: np.ndarray, num_tags: int, mode: str) -> np.ndarray
   valid = tags >= 0
   freq = np.bincount(tags[valid], minlength=num_tags).astype(np.float64)
   per_tag = np.where(freq > 0, np.maximum(freq, 1.0) ** -alpha, 0.0)
-  w = np.where(valid, per_tag[np.where(valid, tags, 0)], 0.0).sum(1) / np.maximum(
-      valid.sum(1), 1)
+  w = np.where(valid, per_tag[np.where(valid, tags, 0)], 0.0).sum(1) / np.maximum(valid.sum(1), 1)
   return w / w.sum()
 
 
 def _read_vocab(path: str):
   """(names, tag -> class id or -1) of a vocabulary file: ``name[<TAB>class id]`` lines."""
   from bssl import workdir as workdir_lib
+
   vl = [l.split("\t") for l in workdir_lib.path(path).read_text().splitlines() if l.strip()]
   names = tuple(x[0].strip() for x in vl)
-  to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl],
-                      np.int64)
+  to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl], np.int64)
   return names, to_class
 
 
 def _read_tags_file(path: str, n: int, vocab_file: str | None):
   from bssl import workdir as workdir_lib
+
   try:
     lines = workdir_lib.path(path).read_text().splitlines()
   except OSError as e:
     raise WeakDataError(f"weak.tags_file: cannot read {path!r}: {e}") from None
   if len(lines) != n:
-    raise WeakDataError(f"weak.tags_file: {path!r} has {len(lines)} lines, the images of "
-                        f"weak.path are {n}: one line per image id, in id order, is needed")
+    raise WeakDataError(
+        f"weak.tags_file: {path!r} has {len(lines)} lines, the images of "
+        f"weak.path are {n}: one line per image id, in id order, is needed"
+    )
   words = [l.split() for l in lines]
   if vocab_file:
     names, to_class = _read_vocab(vocab_file)
@@ -162,7 +173,7 @@ def _read_tags_file(path: str, n: int, vocab_file: str | None):
   tags = np.full((n, width), -1, np.int32)
   for i, ws in enumerate(words):
     ids = sorted({index[w] for w in ws})
-    tags[i, :len(ids)] = ids
+    tags[i, : len(ids)] = ids
   return tags, names, to_class
 
 
@@ -174,8 +185,7 @@ def caption_tags(caption: str, mode: str = "words") -> list[str]:
   words = _WORD.findall(caption.lower())
   if mode == "hashtags":
     return sorted({w[1:] for w in words if w.startswith("#")})
-  return sorted({w.lstrip("#") for w in words
-                 if w.startswith("#") or w not in STOP_WORDS})
+  return sorted({w.lstrip("#") for w in words if w.startswith("#") or w not in STOP_WORDS})
 
 
 def _caption_tags(images, w):
@@ -191,9 +201,13 @@ def _caption_tags(images, w):
     names, to_class = _read_vocab(w.vocab_file)
   else:
     from collections import Counter
+
     counts = Counter(t for ts in per_image for t in ts)
-    kept = [t for t, c in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
-            if c >= int(w.min_tag_images)][:int(w.vocab_size)]
+    kept = [
+        t
+        for t, c in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
+        if c >= int(w.min_tag_images)
+    ][: int(w.vocab_size)]
     names = tuple(sorted(kept))
     to_class = np.full(len(names), -1, np.int64)
   index = {t: j for j, t in enumerate(names)}
@@ -201,7 +215,7 @@ def _caption_tags(images, w):
   width = max(1, max((len(x) for x in ids), default=1))
   tags = np.full((n, width), -1, np.int32)
   for i, x in enumerate(ids):
-    tags[i, :len(x)] = x
+    tags[i, : len(x)] = x
   return tags, names, to_class
 
 
@@ -218,55 +232,74 @@ def build(cfg, data) -> WeakData:
   w = cfg.weak
   if w.kind == "synthetic":
     if data.unlabelled_true_labels is None:
-      raise WeakDataError("weak.kind='synthetic' draws tags from U's hidden labels, which "
-                          "this U does not have (use data/unlabelled from Fashion-MNIST or "
-                          "fake data, or weak.kind='tags_file')")
+      raise WeakDataError(
+          "weak.kind='synthetic' draws tags from U's hidden labels, which "
+          "this U does not have (use data/unlabelled from Fashion-MNIST or "
+          "fake data, or weak.kind='tags_file')"
+      )
     images = data.unlabelled
     labels = np.asarray(data.unlabelled_true_labels)
     ids = np.arange(len(images))
-    tags = synthetic_tags(labels, ids, num_classes=int(cfg.data.num_classes),
-                          synonyms=int(w.synonyms_per_class), distractors=int(w.distractors),
-                          p_class_tag=float(w.p_class_tag),
-                          max_noise_tags=int(w.max_noise_tags), seed=int(cfg.seed))
-    names, to_class = synthetic_vocabulary(int(cfg.data.num_classes),
-                                           int(w.synonyms_per_class), int(w.distractors))
+    tags = synthetic_tags(
+        labels,
+        ids,
+        num_classes=int(cfg.data.num_classes),
+        synonyms=int(w.synonyms_per_class),
+        distractors=int(w.distractors),
+        p_class_tag=float(w.p_class_tag),
+        max_noise_tags=int(w.max_noise_tags),
+        seed=int(cfg.seed),
+    )
+    names, to_class = synthetic_vocabulary(
+        int(cfg.data.num_classes), int(w.synonyms_per_class), int(w.distractors)
+    )
   elif w.kind == "tags_file":
     if not (w.get("path") and w.get("tags_file")):
-      raise WeakDataError("weak.kind='tags_file' needs weak.path (the images: an ingest's "
-                          "--out or an image folder / file list) and weak.tags_file")
+      raise WeakDataError(
+          "weak.kind='tags_file' needs weak.path (the images: an ingest's "
+          "--out or an image folder / file list) and weak.tags_file"
+      )
+    from bssl import deps
+    from bssl import workdir as workdir_lib
     from bssl.data import ingest, sources
-    from bssl import deps, workdir as workdir_lib
     # the files enter the stage's record by what they contain (a rerun compares them)
     deps.note_input("weak.tags_file", "file", w.tags_file)
     if w.get("vocab_file"):
       deps.note_input("weak.vocab_file", "file", w.vocab_file)
     if (workdir_lib.path(w.path) / "manifest.json").exists():
       deps.note_input("weak.path", "shards", w.path)
-      images = ingest.ShardSource(w.path, channels=int(cfg.data.channels),
-                                  drop_duplicates=False)
+      images = ingest.ShardSource(w.path, channels=int(cfg.data.channels), drop_duplicates=False)
     else:
       deps.note_input("weak.path", "filelist", w.path)
       images = sources.ImageFileSource(w.path, channels=int(cfg.data.channels))
     tags, names, to_class = _read_tags_file(w.tags_file, len(images), w.get("vocab_file"))
     ids = np.arange(len(images))
   elif w.kind == "captions":
+    from bssl import deps
+    from bssl import workdir as workdir_lib
     from bssl.data import ingest
-    from bssl import deps, workdir as workdir_lib
+
     if not w.get("path") or not (workdir_lib.path(w.path) / "manifest.json").exists():
-      raise WeakDataError(f"weak.kind='captions' needs weak.path to be the --out of a "
-                          f"complete `python -m bssl.ingest` of tar shards, got {w.get('path')!r}")
+      raise WeakDataError(
+          f"weak.kind='captions' needs weak.path to be the --out of a "
+          f"complete `python -m bssl.ingest` of tar shards, got {w.get('path')!r}"
+      )
     deps.note_input("weak.path", "shards", w.path)
     if w.get("vocab_file"):
       deps.note_input("weak.vocab_file", "file", w.vocab_file)
     images = ingest.ShardSource(w.path, channels=int(cfg.data.channels))
     if images.manifest.get("input_kind") != "webdataset":
-      raise WeakDataError(f"weak.kind='captions': {w.path!r} is an ingest of image files, "
-                          f"which have no captions; ingest WebDataset tar shards (with .txt "
-                          f"or json captions), or use weak.kind='tags_file'")
+      raise WeakDataError(
+          f"weak.kind='captions': {w.path!r} is an ingest of image files, "
+          f"which have no captions; ingest WebDataset tar shards (with .txt "
+          f"or json captions), or use weak.kind='tags_file'"
+      )
     tags, names, to_class = _caption_tags(images, w)
     if not names:
-      raise WeakDataError(f"weak.kind='captions': no caption tag of {w.path!r} is carried by "
-                          f"weak.min_tag_images={w.min_tag_images} images or more")
+      raise WeakDataError(
+          f"weak.kind='captions': no caption tag of {w.path!r} is carried by "
+          f"weak.min_tag_images={w.min_tag_images} images or more"
+      )
     ids = np.arange(len(images))
   else:
     raise WeakDataError(f"weak.kind must be one of {KINDS}, got {w.kind!r}")

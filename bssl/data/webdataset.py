@@ -27,15 +27,15 @@ the samples of shard 0 in stream order, then those of shard 1, ...; a sample who
 (``num_skipped``); a sample with no image member, or whose image does not decode, gets an
 id and is listed as bad with its reason.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import json
-import os
 import re
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from bssl import workdir as workdir_lib
 
@@ -52,8 +52,8 @@ class TarInputError(ValueError):
 class Sample:
   key: str
   image: bytes | None = None
-  meta: dict | None = None          # the json member, parsed (None: none, or not an object)
-  caption: str | None = None        # the txt member, else json["caption"]
+  meta: dict | None = None  # the json member, parsed (None: none, or not an object)
+  caption: str | None = None  # the txt member, else json["caption"]
   members: tuple = ()
 
   @property
@@ -71,7 +71,7 @@ def expand_braces(pattern: str) -> list[str]:
   m = _BRACE.search(pattern)
   if m is None:
     return [pattern]
-  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
   r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
   if r:
     a, b = r.group(1), r.group(2)
@@ -95,6 +95,7 @@ def tar_inputs(input_path: str) -> list[str] | None:
   list_inputs`: symlinked folders once, gs:// in one paginated listing), and one holding
   both shards and images is refused."""
   from bssl.data import ingest
+
   if _BRACE.search(input_path):
     tars = expand_braces(input_path)
   elif _is_tar(input_path) and not workdir_lib.path(input_path).is_dir():
@@ -115,21 +116,26 @@ def tar_inputs(input_path: str) -> list[str] | None:
       return None  # image files (a list of other files than tars: taken as images)
     if len(tars) < len(found):
       images = [f for f in found if not _is_tar(f)]
-      raise TarInputError(f"--input: {input_path!r} holds both .tar shards ({len(tars)}) "
-                          f"and image files ({len(images)}, e.g. {images[0]!r}); give the "
-                          f"shards as a pattern or a list, or the images in a folder of "
-                          f"their own")
+      raise TarInputError(
+          f"--input: {input_path!r} holds both .tar shards ({len(tars)}) "
+          f"and image files ({len(images)}, e.g. {images[0]!r}); give the "
+          f"shards as a pattern or a list, or the images in a folder of "
+          f"their own"
+      )
   tars = sorted(set(tars))
   missing = [t for t in tars if not workdir_lib.path(t).exists()]
   if missing:
-    raise TarInputError(f"--input: {len(missing)} of {len(tars)} tar shard(s) do not exist: "
-                        f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    raise TarInputError(
+        f"--input: {len(missing)} of {len(tars)} tar shard(s) do not exist: "
+        f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+    )
   return tars
 
 
 def tar_stat(path: str) -> tuple[int, int]:
   """(size, mtime or generation) of a shard: its identity in the ingest's header."""
   from bssl import deps
+
   return deps._stat(path)
 
 
@@ -145,16 +151,17 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
   stops the stream: the reason is appended to ``errors`` (the samples before it stand)."""
   cur: Sample | None = None
   try:
-    with workdir_lib.path(tar_path).open("rb") as raw, tarfile.open(
-        fileobj=(fh := _Counting(raw)), mode="r|*") as tf:
+    with (
+        workdir_lib.path(tar_path).open("rb") as raw,
+        tarfile.open(fileobj=(fh := _Counting(raw)), mode="r|*") as tf,
+    ):
       for m in tf:
         if not m.isfile():
           continue
         key, ext = split_key(m.name)
         data = tf.extractfile(m).read()
         if len(data) != m.size:
-          raise tarfile.ReadError(f"member {m.name!r} holds {len(data)} of its {m.size} "
-                                  f"bytes")
+          raise tarfile.ReadError(f"member {m.name!r} holds {len(data)} of its {m.size} " f"bytes")
         if cur is None or key != cur.key:
           if cur is not None:
             yield _finish(cur)
@@ -176,9 +183,11 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
       if getattr(tf.fileobj, "comptype", "tar") == "tar" and not fh.zeros_at(tf.offset):
         raise tarfile.ReadError("no end-of-archive block")
   except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
-    errors.append(f"{tar_path}: the tar stream is damaged or cut short after "
-                  f"{'key ' + repr(cur.key) if cur else 'its start'} "
-                  f"({type(e).__name__}: {e}); the samples before it were ingested")
+    errors.append(
+        f"{tar_path}: the tar stream is damaged or cut short after "
+        f"{'key ' + repr(cur.key) if cur else 'its start'} "
+        f"({type(e).__name__}: {e}); the samples before it were ingested"
+    )
   if cur is not None:
     yield _finish(cur)
 
@@ -207,7 +216,7 @@ class _Counting:
     start = self.n - len(tail)
     if offset < start or offset + 512 > self.n:
       return False
-    return not any(tail[offset - start:offset - start + 512])
+    return not any(tail[offset - start : offset - start + 512])
 
 
 def _finish(s: Sample) -> Sample:
@@ -218,4 +227,5 @@ def _finish(s: Sample) -> Sample:
 
 def zlib_error():
   import zlib
+
   return zlib.error

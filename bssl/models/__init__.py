@@ -35,100 +35,144 @@ _ARCHS = {
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 # Small-image ResNet (Fashion-MNIST / CIFAR scale): 3x3 stride-1 stem, no max-pool.
-SMALL_DEFAULTS = dict(widths=(16, 32, 64), depths=(1, 1, 1), block="basic", groups=1,
-                      width_per_group=64)
+SMALL_DEFAULTS = dict(
+    widths=(16, 32, 64), depths=(1, 1, 1), block="basic", groups=1, width_per_group=64
+)
 
 IMAGE_MODEL_NAMES = tuple(_ARCHS) + ("resnet_small",)
 MODEL_NAMES = IMAGE_MODEL_NAMES + VIDEO_MODEL_NAMES
 
 
 def is_video_model(name: str) -> bool:
-    """R(2+1)D models eat clips [B, T, H, W, C]; the others images [B, H, W, C]."""
-    return name in VIDEO_MODEL_NAMES
+  """R(2+1)D models eat clips [B, T, H, W, C]; the others images [B, H, W, C]."""
+  return name in VIDEO_MODEL_NAMES
 
 
 _COMMON_KWARGS = ("zero_init_residual",)
 
 
 def arch_config(name: str, **kwargs) -> dict[str, Any]:
-    """The architecture fields (block, depths, widths, groups, width_per_group, stem,
-    zero_init_residual) of a registered name; shared with the PyTorch twin so both
-    build the same network (a video model: :func:`bssl.models.video.video_arch_config`).
-    Raises ValueError on unknown names or kwargs."""
-    if name in VIDEO_MODEL_NAMES:
-        return video_arch_config(name, **kwargs)
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
-    allowed = _COMMON_KWARGS + (tuple(SMALL_DEFAULTS) if name == "resnet_small" else ())
-    bad = sorted(set(kwargs) - set(allowed))
-    if bad:
-        raise ValueError(f"unexpected arguments for model {name!r}: {', '.join(bad)}; "
-                         f"accepted: {', '.join(allowed) or 'none'}")
-    if name == "resnet_small":
-        cfg = {**SMALL_DEFAULTS, **{k: v for k, v in kwargs.items() if k in SMALL_DEFAULTS}}
-        cfg["widths"] = tuple(int(w) for w in cfg["widths"])
-        cfg["depths"] = tuple(int(d) for d in cfg["depths"])
-        if len(cfg["widths"]) != len(cfg["depths"]) or not cfg["widths"]:
-            raise ValueError(f"widths and depths must be non-empty and of equal length, "
-                             f"got widths={cfg['widths']} depths={cfg['depths']}")
-        if any(w <= 0 for w in cfg["widths"]) or any(d <= 0 for d in cfg["depths"]):
-            raise ValueError(f"widths and depths must be positive, got "
-                             f"widths={cfg['widths']} depths={cfg['depths']}")
-        if cfg["block"] not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {cfg['block']!r}")
-        if cfg["block"] == "basic" and (cfg["groups"] != 1 or cfg["width_per_group"] != 64):
-            raise ValueError("basic blocks support only groups=1 and width_per_group=64, got "
-                             f"groups={cfg['groups']} width_per_group={cfg['width_per_group']}")
-        if cfg["block"] == "bottleneck":
-            inner = [int(w * (cfg["width_per_group"] / 64.0)) * cfg["groups"]
-                     for w in cfg["widths"]]
-            if min(inner) < 1:
-                raise ValueError(
-                    f"bottleneck width int(width x width_per_group / 64) x groups is 0 for "
-                    f"widths={cfg['widths']}, width_per_group={cfg['width_per_group']}, "
-                    f"groups={cfg['groups']}; raise width_per_group (each stage needs "
-                    f"width x width_per_group >= 64)")
-        cfg["stem"] = "small"
-    else:
-        block, depths, groups, wpg = _ARCHS[name]
-        cfg = dict(widths=IMAGENET_WIDTHS, depths=depths, block=block, groups=groups,
-                   width_per_group=wpg, stem="imagenet")
-    cfg["zero_init_residual"] = bool(kwargs.get("zero_init_residual", False))
-    return cfg
+  """The architecture fields (block, depths, widths, groups, width_per_group, stem,
+  zero_init_residual) of a registered name; shared with the PyTorch twin so both
+  build the same network (a video model: :func:`bssl.models.video.video_arch_config`).
+  Raises ValueError on unknown names or kwargs."""
+  if name in VIDEO_MODEL_NAMES:
+    return video_arch_config(name, **kwargs)
+  if name not in MODEL_NAMES:
+    raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
+  allowed = _COMMON_KWARGS + (tuple(SMALL_DEFAULTS) if name == "resnet_small" else ())
+  bad = sorted(set(kwargs) - set(allowed))
+  if bad:
+    raise ValueError(
+        f"unexpected arguments for model {name!r}: {', '.join(bad)}; "
+        f"accepted: {', '.join(allowed) or 'none'}"
+    )
+  if name == "resnet_small":
+    cfg = {**SMALL_DEFAULTS, **{k: v for k, v in kwargs.items() if k in SMALL_DEFAULTS}}
+    cfg["widths"] = tuple(int(w) for w in cfg["widths"])
+    cfg["depths"] = tuple(int(d) for d in cfg["depths"])
+    if len(cfg["widths"]) != len(cfg["depths"]) or not cfg["widths"]:
+      raise ValueError(
+          f"widths and depths must be non-empty and of equal length, "
+          f"got widths={cfg['widths']} depths={cfg['depths']}"
+      )
+    if any(w <= 0 for w in cfg["widths"]) or any(d <= 0 for d in cfg["depths"]):
+      raise ValueError(
+          f"widths and depths must be positive, got "
+          f"widths={cfg['widths']} depths={cfg['depths']}"
+      )
+    if cfg["block"] not in BLOCKS:
+      raise ValueError(f"block must be one of {BLOCKS}, got {cfg['block']!r}")
+    if cfg["block"] == "basic" and (cfg["groups"] != 1 or cfg["width_per_group"] != 64):
+      raise ValueError(
+          "basic blocks support only groups=1 and width_per_group=64, got "
+          f"groups={cfg['groups']} width_per_group={cfg['width_per_group']}"
+      )
+    if cfg["block"] == "bottleneck":
+      inner = [int(w * (cfg["width_per_group"] / 64.0)) * cfg["groups"] for w in cfg["widths"]]
+      if min(inner) < 1:
+        raise ValueError(
+            f"bottleneck width int(width x width_per_group / 64) x groups is 0 for "
+            f"widths={cfg['widths']}, width_per_group={cfg['width_per_group']}, "
+            f"groups={cfg['groups']}; raise width_per_group (each stage needs "
+            f"width x width_per_group >= 64)"
+        )
+    cfg["stem"] = "small"
+  else:
+    block, depths, groups, wpg = _ARCHS[name]
+    cfg = dict(
+        widths=IMAGENET_WIDTHS,
+        depths=depths,
+        block=block,
+        groups=groups,
+        width_per_group=wpg,
+        stem="imagenet",
+    )
+  cfg["zero_init_residual"] = bool(kwargs.get("zero_init_residual", False))
+  return cfg
 
 
 CONV_IMPLS = ("auto", "xla", "im2col_grad")
 
 
-def create_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axis_name=None,
-                 bn_momentum: float = 0.9, conv_impl: str = "auto", **kwargs) -> ResNet:
-    """Builds a registered model. `dtype` is the compute dtype (float32 or bfloat16);
-    params and BatchNorm statistics stay float32. `bn_axis_name=None` computes batch
-    statistics over the batch each call sees (per device under shard_map); a mesh axis
-    name synchronises them over that axis. kwargs: `zero_init_residual` for all models;
-    `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'; video
-    models (R(2+1)D, :mod:`bssl.models.video`) take theirs."""
-    if name in VIDEO_MODEL_NAMES:
-        return create_video_model(name, num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
-                                  bn_momentum=bn_momentum,
-                                  conv_impl="factored" if conv_impl == "im2col_grad"
-                                  else conv_impl, **kwargs)
-    cfg = arch_config(name, **kwargs)
-    if int(num_classes) <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-    if conv_impl == "auto":  # XLA:CPU's own kernel gradient is slow; see models/conv.py
-        conv_impl = "im2col_grad" if jax.default_backend() == "cpu" else "xla"
-    return ResNet(num_classes=int(num_classes), dtype=dtype, bn_axis_name=bn_axis_name,
-                  bn_momentum=bn_momentum, conv_impl=conv_impl, **cfg)
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    dtype=jnp.float32,
+    bn_axis_name=None,
+    bn_momentum: float = 0.9,
+    conv_impl: str = "auto",
+    **kwargs,
+) -> ResNet:
+  """Builds a registered model. `dtype` is the compute dtype (float32 or bfloat16);
+  params and BatchNorm statistics stay float32. `bn_axis_name=None` computes batch
+  statistics over the batch each call sees (per device under shard_map); a mesh axis
+  name synchronises them over that axis. kwargs: `zero_init_residual` for all models;
+  `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'; video
+  models (R(2+1)D, :mod:`bssl.models.video`) take theirs."""
+  if name in VIDEO_MODEL_NAMES:
+    return create_video_model(
+        name,
+        num_classes,
+        dtype=dtype,
+        bn_axis_name=bn_axis_name,
+        bn_momentum=bn_momentum,
+        conv_impl="factored" if conv_impl == "im2col_grad" else conv_impl,
+        **kwargs,
+    )
+  cfg = arch_config(name, **kwargs)
+  if int(num_classes) <= 0:
+    raise ValueError(f"num_classes must be positive, got {num_classes}")
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+  if conv_impl == "auto":  # XLA:CPU's own kernel gradient is slow; see models/conv.py
+    conv_impl = "im2col_grad" if jax.default_backend() == "cpu" else "xla"
+  return ResNet(
+      num_classes=int(num_classes),
+      dtype=dtype,
+      bn_axis_name=bn_axis_name,
+      bn_momentum=bn_momentum,
+      conv_impl=conv_impl,
+      **cfg,
+  )
 
 
 def count_params(params) -> int:
-    """Total number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
-    return int(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
+  """Total number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
+  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["MODEL_NAMES", "IMAGE_MODEL_NAMES", "VIDEO_MODEL_NAMES", "is_video_model",
-           "create_model", "count_params", "arch_config", "ResNet", "BasicBlock", "Bottleneck",
-           "EXPANSION"]
+__all__ = [
+    "MODEL_NAMES",
+    "IMAGE_MODEL_NAMES",
+    "VIDEO_MODEL_NAMES",
+    "is_video_model",
+    "create_model",
+    "count_params",
+    "arch_config",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "EXPANSION",
+]

@@ -32,6 +32,7 @@ Forward convolutions and stride-1 input gradients stay XLA's. Results equal XLA'
 to float32 summation order (``tests/test_conv.py``). GPU and TPU keep XLA's own
 gradients (``create_model(conv_impl='auto')``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,9 +50,15 @@ DW_CHUNK = 16
 
 
 def _xla_conv(x, w, strides, padding, groups, preferred=None):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN,
-                                  feature_group_count=groups,
-                                  preferred_element_type=preferred)
+  return lax.conv_general_dilated(
+      x,
+      w,
+      strides,
+      padding,
+      dimension_numbers=_DN,
+      feature_group_count=groups,
+      preferred_element_type=preferred,
+  )
 
 
 def _out_size(size, k, s, lo, hi):
@@ -73,8 +80,11 @@ def _shifted_windows(x2, kh, kw, strides, padding, ho, wo):
   (pt, pb), (pl, pr) = padding
   sh, sw = strides
   xp = lax.pad(x2, jnp.zeros((), x2.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0)))
-  return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-          for i in range(kh) for j in range(kw)]
+  return [
+      xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+      for i in range(kh)
+      for j in range(kw)
+  ]
 
 
 def _forward_one_channel(x, w, strides, padding):
@@ -97,8 +107,9 @@ def _forward_one_channel(x, w, strides, padding):
 def _input_grad(dy, w, x_shape, strides, padding, groups):
   kh, kw, _, _ = w.shape
   if strides == (1, 1):
-    _, vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups),
-                     jnp.zeros(x_shape, dy.dtype))
+    _, vjp = jax.vjp(
+        lambda x_: _xla_conv(x_, w, strides, padding, groups), jnp.zeros(x_shape, dy.dtype)
+    )
     return vjp(dy)[0]
   if kh == kw == 1 and padding == ((0, 0), (0, 0)) and groups == 1:
     return _input_grad_1x1(dy, w, x_shape, strides)
@@ -111,9 +122,16 @@ def _input_grad_1x1(dy, w, x_shape, strides):
   sh, sw = strides
   ho, wo = dy.shape[1:3]
   z = lax.dot_general(dy, w[0, 0], (((3,), (1,)), ((), ())))  # [N,Ho,Wo,Cin]
-  return lax.pad(z, jnp.zeros((), z.dtype),
-                 ((0, 0, 0), (0, h - (sh * (ho - 1) + 1), sh - 1),
-                  (0, wd - (sw * (wo - 1) + 1), sw - 1), (0, 0, 0)))
+  return lax.pad(
+      z,
+      jnp.zeros((), z.dtype),
+      (
+          (0, 0, 0),
+          (0, h - (sh * (ho - 1) + 1), sh - 1),
+          (0, wd - (sw * (wo - 1) + 1), sw - 1),
+          (0, 0, 0),
+      ),
+  )
 
 
 def _phase_taps(k, s, p_lo, size, out):
@@ -123,8 +141,9 @@ def _phase_taps(k, s, p_lo, size, out):
   Returns (idx [R, s]: the tap at offset r = d - dmin for phase a, k where none),
   R, M = ceil(size / s) output rows per phase, and the low/high padding of dy.
   """
-  taps = {(a, t): (a + p_lo - t) // s for a in range(s) for t in range(k)
-          if (a + p_lo - t) % s == 0}
+  taps = {
+      (a, t): (a + p_lo - t) // s for a in range(s) for t in range(k) if (a + p_lo - t) % s == 0
+  }
   dmin, dmax = min(taps.values()), max(taps.values())
   r = dmax - dmin + 1
   idx = np.full((r, s), k, np.int32)
@@ -155,8 +174,9 @@ def _input_grad_phases(dy, w, x_shape, strides, padding, groups):
   k = wext[ih[:, :, None, None], iw[None, None, :, :]]  # [Rh, sh, Rw, sw, cig, G, cog]
   k = jnp.transpose(k, (0, 2, 6, 5, 1, 3, 4)).reshape(rh, rw, cog, groups * sh * sw * cig)
   dyq = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (loh, hih, 0), (low, hiw, 0), (0, 0, 0)))
-  z = lax.conv_general_dilated(dyq, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=_DN,
-                               feature_group_count=groups)  # [N, Mh, Mw, G*sh*sw*cig]
+  z = lax.conv_general_dilated(
+      dyq, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=_DN, feature_group_count=groups
+  )  # [N, Mh, Mw, G*sh*sw*cig]
   z = z.reshape(n, mh, mw, groups, sh, sw, cig).transpose(0, 1, 4, 2, 5, 3, 6)
   return z.reshape(n, mh * sh, mw * sw, cin)[:, :h, :wd, :]
 
@@ -168,21 +188,27 @@ def _kernel_grad(x, dy, w_shape, strides, padding, groups):
   """dW in float32 (the caller casts to the kernel's dtype)."""
   kh, kw, cig, cout = w_shape
   if kh == kw == 1 and padding == ((0, 0), (0, 0)) and groups == 1:
-    xs = x[:, ::strides[0], ::strides[1], :][:, :dy.shape[1], :dy.shape[2], :]
-    return lax.dot_general(xs.reshape(-1, cig), dy.reshape(-1, cout), (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).reshape(w_shape)
+    xs = x[:, :: strides[0], :: strides[1], :][:, : dy.shape[1], : dy.shape[2], :]
+    return lax.dot_general(
+        xs.reshape(-1, cig),
+        dy.reshape(-1, cout),
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    ).reshape(w_shape)
   if cig == 1 and groups == 1:
     ho, wo = dy.shape[1:3]
     cols = jnp.stack(_shifted_windows(x[..., 0], kh, kw, strides, padding, ho, wo), 0)
-    return lax.dot_general(cols.reshape(kh * kw, -1), dy.reshape(-1, cout),
-                           (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).reshape(w_shape)
+    return lax.dot_general(
+        cols.reshape(kh * kw, -1),
+        dy.reshape(-1, cout),
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    ).reshape(w_shape)
   n = x.shape[0]
   chunk = DW_CHUNK
   total = None
   for i in range(0, n, chunk):
-    part = _kernel_grad_conv(x[i:i + chunk], dy[i:i + chunk], w_shape, strides, padding,
-                             groups)
+    part = _kernel_grad_conv(x[i : i + chunk], dy[i : i + chunk], w_shape, strides, padding, groups)
     total = part if total is None else total + part
   return total
 
@@ -195,9 +221,15 @@ def _kernel_grad_conv(x, dy, w_shape, strides, padding, groups):
   for size, k, s, (lo, _), o in zip(x.shape[1:3], (kh, kw), strides, padding, dy.shape[1:3]):
     pads.append((lo, (s * (o - 1) + 1 - size) + (k - lo - 1)))
   return lax.conv_general_dilated(
-      x, dy, window_strides=(1, 1), padding=pads, rhs_dilation=strides,
-      dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=groups,
-      preferred_element_type=jnp.float32)
+      x,
+      dy,
+      window_strides=(1, 1),
+      padding=pads,
+      rhs_dilation=strides,
+      dimension_numbers=("CHWN", "IHWO", "HWNC"),
+      batch_group_count=groups,
+      preferred_element_type=jnp.float32,
+  )
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -224,18 +256,47 @@ def _bwd(strides, padding, groups, res, dy):
 conv_im2col_grad.defvjp(_fwd, _bwd)
 
 
-def flax_conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+def flax_conv_fn(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **unused,
+):
   """Drop-in for ``lax.conv_general_dilated`` as flax.linen.Conv calls it."""
-  if (lhs_dilation and any(d != 1 for d in lhs_dilation)) or (
-      rhs_dilation and any(d != 1 for d in rhs_dilation)) or isinstance(padding, str) or (
-      dimension_numbers is not None and lax.conv_dimension_numbers(
-          lhs.shape, rhs.shape, dimension_numbers) != lax.conv_dimension_numbers(
-          lhs.shape, rhs.shape, _DN)) or lhs.ndim != 4 or unused:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers,
-                                    feature_group_count=feature_group_count, precision=precision,
-                                    **unused)
-  return conv_im2col_grad(lhs, rhs, tuple(int(s) for s in window_strides),
-                          tuple((int(lo), int(hi)) for lo, hi in padding),
-                          int(feature_group_count))
+  if (
+      (lhs_dilation and any(d != 1 for d in lhs_dilation))
+      or (rhs_dilation and any(d != 1 for d in rhs_dilation))
+      or isinstance(padding, str)
+      or (
+          dimension_numbers is not None
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+      )
+      or lhs.ndim != 4
+      or unused
+  ):
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **unused,
+    )
+  return conv_im2col_grad(
+      lhs,
+      rhs,
+      tuple(int(s) for s in window_strides),
+      tuple((int(lo), int(hi)) for lo, hi in padding),
+      int(feature_group_count),
+  )

@@ -32,9 +32,11 @@ Flax names and torchvision's state_dict keys (``bssl.convert`` maps one onto the
   layerI.J.downsample.0 / .1               layerI_J/downsample_conv / downsample_bn
   fc                                       fc
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,9 +72,11 @@ class Conv3D(nn.Module):
     x, w = jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
     pad = [((k - 1) // 2, (k - 1) // 2) for k in self.kernel]
     if self.impl == "xla" or (kt > 1 and (kh > 1 or kw > 1)):
-      return jax.lax.conv_general_dilated(x, w, self.strides, pad,
-                                          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      return jax.lax.conv_general_dilated(
+          x, w, self.strides, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+      )
     from bssl.models.conv import conv_im2col_grad
+
     b, t, h, wd, c = x.shape
     if kt == kh == kw == 1:  # 1x1x1 (the strided shortcut): subsample, then a matmul
       y = x[:, ::st, ::sh, ::sw]
@@ -85,6 +89,7 @@ class Conv3D(nn.Module):
     h2, w2 = y.shape[2], y.shape[3]
     y = conv_im2col_grad(y.reshape(b, t, h2 * w2, c), w[:, 0], (st, 1), (pad[0], (0, 0)), 1)
     return y.reshape(b, y.shape[1], h2, w2, y.shape[-1])
+
 
 LAYOUTS = ("torchvision", "vmz")
 
@@ -101,13 +106,20 @@ class _Common3D(nn.Module):
   conv_impl: str = "xla"
 
   def conv(self, features, kernel, strides, name):
-    return Conv3D(features, tuple(kernel), tuple(strides), impl=self.conv_impl,
-                  dtype=self.dtype, name=name)
+    return Conv3D(
+        features, tuple(kernel), tuple(strides), impl=self.conv_impl, dtype=self.dtype, name=name
+    )
 
   def bn(self, train, name):
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
-                        axis_name=self.bn_axis_name, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        axis_name=self.bn_axis_name,
+        name=name,
+    )
 
   def conv2plus1d(self, x, train, mid, out, stride, prefix):
     y = self.conv(mid, (1, 3, 3), (1, stride, stride), f"{prefix}_spatial")(x)
@@ -154,8 +166,9 @@ class R2Plus1D(_Common3D):
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if x.ndim != 5:
-      raise ValueError(f"clips must be [batch, time, height, width, channels], got shape "
-                       f"{x.shape}")
+      raise ValueError(
+          f"clips must be [batch, time, height, width, channels], got shape " f"{x.shape}"
+      )
     x = jnp.asarray(x, self.dtype)
     s = self.stem_stride
     x = self.conv(self.stem_mid, (1, 7, 7), (1, s, s), "stem_spatial")(x)
@@ -164,15 +177,26 @@ class R2Plus1D(_Common3D):
     x = nn.relu(self.bn(train, "stem_bn2")(x))
     for i, (w, n) in enumerate(zip(self.widths, self.depths)):
       for j in range(n):
-        x = Block2Plus1D(planes=w, stride=2 if (i > 0 and j == 0) else 1,
-                         layout=self.layout, dtype=self.dtype, conv_impl=self.conv_impl,
-                         bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum,
-                         name=f"layer{i + 1}_{j}")(x, train)
+        x = Block2Plus1D(
+            planes=w,
+            stride=2 if (i > 0 and j == 0) else 1,
+            layout=self.layout,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            bn_axis_name=self.bn_axis_name,
+            bn_momentum=self.bn_momentum,
+            name=f"layer{i + 1}_{j}",
+        )(x, train)
     x = jnp.mean(x, axis=(1, 2, 3))
     if features:
       return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=nn.initializers.normal(0.01), name="fc")(x)
+    x = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.01),
+        name="fc",
+    )(x)
     return x.astype(jnp.float32)
 
 
@@ -183,8 +207,9 @@ VIDEO_ARCHS = {
     "r2plus1d_vmz_18": ((2, 2, 2, 2), "vmz"),
     "r2plus1d_vmz_34": ((3, 4, 6, 3), "vmz"),
 }
-SMALL_VIDEO_DEFAULTS = dict(widths=(16, 32, 64), depths=(1, 1, 1), stem_mid=16,
-                            stem_stride=1, layout="torchvision")
+SMALL_VIDEO_DEFAULTS = dict(
+    widths=(16, 32, 64), depths=(1, 1, 1), stem_mid=16, stem_stride=1, layout="torchvision"
+)
 VIDEO_MODEL_NAMES = tuple(VIDEO_ARCHS) + ("r2plus1d_small",)
 
 
@@ -196,30 +221,47 @@ def video_arch_config(name: str, **kwargs) -> dict:
     if kwargs:
       raise ValueError(f"model {name!r} takes no arguments, got {sorted(kwargs)}")
     depths, layout = VIDEO_ARCHS[name]
-    return dict(widths=(64, 128, 256, 512), depths=depths, stem_mid=45, stem_stride=2,
-                layout=layout)
+    return dict(
+        widths=(64, 128, 256, 512), depths=depths, stem_mid=45, stem_stride=2, layout=layout
+    )
   bad = sorted(set(kwargs) - set(SMALL_VIDEO_DEFAULTS))
   if bad:
-    raise ValueError(f"unexpected arguments for model 'r2plus1d_small': {', '.join(bad)}; "
-                     f"accepted: {', '.join(SMALL_VIDEO_DEFAULTS)}")
+    raise ValueError(
+        f"unexpected arguments for model 'r2plus1d_small': {', '.join(bad)}; "
+        f"accepted: {', '.join(SMALL_VIDEO_DEFAULTS)}"
+    )
   cfg = {**SMALL_VIDEO_DEFAULTS, **kwargs}
   cfg["widths"] = tuple(int(w) for w in cfg["widths"])
   cfg["depths"] = tuple(int(d) for d in cfg["depths"])
-  if not cfg["widths"] or len(cfg["widths"]) != len(cfg["depths"]) or min(
-      cfg["widths"] + cfg["depths"]) <= 0:
-    raise ValueError(f"widths and depths must be positive and of equal length, got "
-                     f"widths={cfg['widths']} depths={cfg['depths']}")
+  if (
+      not cfg["widths"]
+      or len(cfg["widths"]) != len(cfg["depths"])
+      or min(cfg["widths"] + cfg["depths"]) <= 0
+  ):
+    raise ValueError(
+        f"widths and depths must be positive and of equal length, got "
+        f"widths={cfg['widths']} depths={cfg['depths']}"
+    )
   if int(cfg["stem_mid"]) <= 0 or int(cfg["stem_stride"]) not in (1, 2):
-    raise ValueError(f"stem_mid must be positive and stem_stride 1 or 2, got "
-                     f"{cfg['stem_mid']} and {cfg['stem_stride']}")
+    raise ValueError(
+        f"stem_mid must be positive and stem_stride 1 or 2, got "
+        f"{cfg['stem_mid']} and {cfg['stem_stride']}"
+    )
   if cfg["layout"] not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {cfg['layout']!r}")
   return cfg
 
 
-def create_video_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axis_name=None,
-                       bn_momentum: float = 0.9, conv_impl: str = "auto",
-                       **kwargs) -> R2Plus1D:
+def create_video_model(
+    name: str,
+    num_classes: int,
+    *,
+    dtype=jnp.float32,
+    bn_axis_name=None,
+    bn_momentum: float = 0.9,
+    conv_impl: str = "auto",
+    **kwargs,
+) -> R2Plus1D:
   """A registered video model; ``conv_impl='auto'`` is ``factored`` on CPU (faster
   gradients, see :class:`Conv3D`) and XLA's 3-D convolution elsewhere."""
   cfg = video_arch_config(name, **kwargs)
@@ -229,5 +271,11 @@ def create_video_model(name: str, num_classes: int, *, dtype=jnp.float32, bn_axi
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
   if conv_impl == "auto":
     conv_impl = "factored" if jax.default_backend() == "cpu" else "xla"
-  return R2Plus1D(num_classes=int(num_classes), dtype=dtype, bn_axis_name=bn_axis_name,
-                  bn_momentum=bn_momentum, conv_impl=conv_impl, **cfg)
+  return R2Plus1D(
+      num_classes=int(num_classes),
+      dtype=dtype,
+      bn_axis_name=bn_axis_name,
+      bn_momentum=bn_momentum,
+      conv_impl=conv_impl,
+      **cfg,
+  )

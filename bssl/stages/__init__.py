@@ -3,6 +3,7 @@ that makes it. What a stage's result depends on in the config and in input files
 declared here: :mod:`bssl.engine` records it while the stage runs (:mod:`bssl.deps`).
 Adding a stage is adding one entry.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,34 +19,55 @@ def _teacher_reads(cfg) -> tuple[str, ...]:
   return (init,) if init in ("baseline", "weak_pretrain") else ()
 
 
-TABLE: dict[str, Stage] = {s.name: s for s in (
-    Stage("weak_pretrain", training.weak_pretrain),
-    Stage("baseline", training.baseline),
-    Stage("teacher", training.teacher, reads=_teacher_reads),
-    Stage("score", score_select.score,
-          reads=lambda cfg: ("teacher",)),
-    Stage("select", score_select.select,
-          reads=lambda cfg: ("score",)),
-    Stage("pretrain", training.pretrain,
-          reads=lambda cfg: ("select",)),
-    Stage("finetune", training.finetune,
-          reads=lambda cfg: ("pretrain",)),
-    Stage("transfer", transfer.transfer, reads=transfer.reads),
-    Stage("evaluate", evaluate.evaluate, fingerprinted=False,
-          optional_reads=evaluate.MODEL_STAGES),
-    Stage("report", report.report, fingerprinted=False,
-          optional_reads=("score", "select", "evaluate", "transfer")),
-)}
+TABLE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("weak_pretrain", training.weak_pretrain),
+        Stage("baseline", training.baseline),
+        Stage("teacher", training.teacher, reads=_teacher_reads),
+        Stage("score", score_select.score, reads=lambda cfg: ("teacher",)),
+        Stage("select", score_select.select, reads=lambda cfg: ("score",)),
+        Stage("pretrain", training.pretrain, reads=lambda cfg: ("select",)),
+        Stage("finetune", training.finetune, reads=lambda cfg: ("pretrain",)),
+        Stage("transfer", transfer.transfer, reads=transfer.reads),
+        Stage(
+            "evaluate", evaluate.evaluate, fingerprinted=False, optional_reads=evaluate.MODEL_STAGES
+        ),
+        Stage(
+            "report",
+            report.report,
+            fingerprinted=False,
+            optional_reads=("score", "select", "evaluate", "transfer"),
+        ),
+    )
+}
 
 
 def _round(r: int) -> tuple[Stage, ...]:
   """Round ``r`` > 1 of self-training: round r-1's student is the teacher."""
-  n = lambda base, rr=r: round_stage(base, rr)  # noqa: E731
+  n = lambda base, rr=r: round_stage(base, rr)
   return (
-      Stage(n("score"), functools.partial(score_select.score, teacher=n("finetune", r - 1)), reads=lambda cfg: (n("finetune", r - 1),)),
-      Stage(n("select"), functools.partial(score_select.select, score=n("score")), reads=lambda cfg: (n("score"),)),
-      Stage(n("pretrain"), functools.partial(training.pretrain, select=n("select")), reads=lambda cfg: (n("select"),)),
-      Stage(n("finetune"), functools.partial(training.finetune, pretrain=n("pretrain")), reads=lambda cfg: (n("pretrain"),)))
+      Stage(
+          n("score"),
+          functools.partial(score_select.score, teacher=n("finetune", r - 1)),
+          reads=lambda cfg: (n("finetune", r - 1),),
+      ),
+      Stage(
+          n("select"),
+          functools.partial(score_select.select, score=n("score")),
+          reads=lambda cfg: (n("score"),),
+      ),
+      Stage(
+          n("pretrain"),
+          functools.partial(training.pretrain, select=n("select")),
+          reads=lambda cfg: (n("select"),),
+      ),
+      Stage(
+          n("finetune"),
+          functools.partial(training.finetune, pretrain=n("pretrain")),
+          reads=lambda cfg: (n("pretrain"),),
+      ),
+  )
 
 
 def table(cfg) -> dict[str, Stage]:
@@ -64,8 +86,11 @@ def table(cfg) -> dict[str, Stage]:
     if name == "evaluate":
       st = dataclasses.replace(st, optional_reads=tuple(evaluate.model_stages(cfg)))
     elif name == "report":
-      st = dataclasses.replace(st, optional_reads=st.optional_reads + tuple(
-          round_stage(b, r) for r in range(2, rounds + 1) for b in ("score", "select")))
+      st = dataclasses.replace(
+          st,
+          optional_reads=st.optional_reads
+          + tuple(round_stage(b, r) for r in range(2, rounds + 1) for b in ("score", "select")),
+      )
     out[name] = st
   return out
 

@@ -1,26 +1,31 @@
 """What every stage is made of: its entry in the table (:class:`Stage`) and what its
 function receives (:class:`Context`)."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from bssl import parallel, workdir as workdir_lib
+from bssl import parallel
+from bssl import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One entry of the recipe's table."""
+
   name: str
-  run: Callable[["Context"], dict]        # makes the artifact; returns info for done.json
+  run: Callable[[Context], dict]  # makes the artifact; returns info for done.json
   reads: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # stages it needs, complete
-  optional_reads: tuple[str, ...] = ()    # stages it uses when present (evaluate, report)
-  fingerprinted: bool = True              # False: cheap, rerun every time (evaluate, report)
+  optional_reads: tuple[str, ...] = ()  # stages it uses when present (evaluate, report)
+  fingerprinted: bool = True  # False: cheap, rerun every time (evaluate, report)
 
 
 @dataclasses.dataclass
 class Context:
   """What a stage function gets: the config, the work directory, the data, the backend."""
+
   cfg: Any
   wd: workdir_lib.Workdir
   data: Any
@@ -53,6 +58,7 @@ class Context:
       if done is not None and "num_tags" in done:
         return int(done["num_tags"])
       from bssl.data import weak
+
       return weak.num_tags(self.cfg, self.data)
     return int(self.cfg.data.num_classes)
 

@@ -6,6 +6,7 @@ wrong, but the user may want to know). Done once, by process 0, at the start of 
 stage (``<score>/eval_copies.npz``: resumable, and part of the stage's output);
 ``score.eval_copies`` = ``exclude`` (default) or ``off``; ``score.copy_threshold`` the
 similarity from which an image is a copy."""
+
 from __future__ import annotations
 
 import time
@@ -45,6 +46,7 @@ def find(ctx, folder) -> dict:
   and the ``similarity``. Memory: the indexes, their cache of rendered views (at most
   4,096 evaluation images x 65 x 32 x 32 float32: 1.1 GB) and one block of U."""
   from bssl.data import neardup
+
   cfg = ctx.cfg
   pi, pc = parallel.process_index(), parallel.process_count()
   if pi == 0:  # parts of a run with another process count (resumed on other hosts)
@@ -53,10 +55,13 @@ def find(ctx, folder) -> dict:
         (folder / name).unlink()
   unl = ctx.data.unlabelled
   blocks = list(range(pi * BLOCK, len(unl), pc * BLOCK))
-  chunks = [blocks[c:c + CHUNK] for c in range(0, len(blocks), CHUNK)]
+  chunks = [blocks[c : c + CHUNK] for c in range(0, len(blocks), CHUNK)]
   whole = folder / f"p{pi:05d}-of-{pc:05d}.npz"  # one part per process (bssl <= 0.4.0)
-  todo = [] if whole.exists() else [c for c in range(len(chunks))
-                                    if not _part(folder, pi, pc, c).exists()]
+  todo = (
+      []
+      if whole.exists()
+      else [c for c in range(len(chunks)) if not _part(folder, pi, pc, c).exists()]
+  )
   if todo:
     thr = float(cfg.score.copy_threshold)
     t0 = time.time()
@@ -66,16 +71,20 @@ def find(ctx, folder) -> dict:
       if src is None or len(src) == 0:
         continue
       if name == "labelled" and len(src) > MAX_D:
-        ctx.log(f"eval copies: D has {len(src)} images (> {MAX_D}); its copies in U are not "
-                f"searched")
+        ctx.log(
+            f"eval copies: D has {len(src)} images (> {MAX_D}); its copies in U are not "
+            f"searched"
+        )
         continue
       eids, eimgs = zip(*_images(src, range(len(src))))
       indexes.append((split, np.asarray(eids), neardup.Index(eimgs)))
     against = ", ".join(f"{len(e)} {SPLITS[s]}" for s, e, _ in indexes)
     total = sum(min(BLOCK, len(unl) - b) for c in todo for b in chunks[c])
-    ctx.log(f"eval copies: {total} images of U (this process; "
-            f"{len(chunks) - len(todo)} of {len(chunks)} parts done earlier) against "
-            f"{against} images (index {time.time() - t0:.0f} s)")
+    ctx.log(
+        f"eval copies: {total} images of U (this process; "
+        f"{len(chunks) - len(todo)} of {len(chunks)} parts done earlier) against "
+        f"{against} images (index {time.time() - t0:.0f} s)"
+    )
 
     def one_block(a):  # (this process's threads: decoding, resizing and products)
       got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
@@ -91,11 +100,11 @@ def find(ctx, folder) -> dict:
         for j, m in enumerate(parts):
           sim[j::THREADS], idx[j::THREADS] = m.similarity, m.index
         hit = np.flatnonzero(sim >= thr)
-        out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(),
-                    sim[hit].tolist()))
+        out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(), sim[hit].tolist()))
       return min(BLOCK, len(unl) - a), out
 
     from concurrent.futures import ThreadPoolExecutor
+
     done, t1, t_log = 0, time.time(), time.time()
     with ThreadPoolExecutor(THREADS) as pool:
       for c in todo:
@@ -111,20 +120,27 @@ def find(ctx, folder) -> dict:
           now = time.time()
           if now - t_log >= 30 or done == total:
             t_log, rate = now, done / max(now - t1, 1e-9)
-            ctx.log(f"eval copies: {done}/{total} images of U (this process) "
-                    f"({100 * done / max(total, 1):.0f}%) {rate:.0f} img/s eta "
-                    f"{int((total - done) / max(rate, 1e-9))} s")
-        workdir_lib.write_npz(_part(folder, pi, pc, c), **{
-            k: np.asarray(v, np.float32 if k == "similarity" else np.int64)
-            for k, v in found.items()})
+            ctx.log(
+                f"eval copies: {done}/{total} images of U (this process) "
+                f"({100 * done / max(total, 1):.0f}%) {rate:.0f} img/s eta "
+                f"{int((total - done) / max(rate, 1e-9))} s"
+            )
+        workdir_lib.write_npz(
+            _part(folder, pi, pc, c),
+            **{
+                k: np.asarray(v, np.float32 if k == "similarity" else np.int64)
+                for k, v in found.items()
+            },
+        )
   parallel.sync("bssl_eval_copies")
   return read(folder, pc)
 
 
 def read(folder, pc: int) -> dict:
   """Every part of a run by ``pc`` processes (one per process, or per 16 blocks)."""
-  names = sorted(n for n in workdir_lib.listdir(folder)
-                 if n.endswith(".npz") and f"-of-{pc:05d}" in n)
+  names = sorted(
+      n for n in workdir_lib.listdir(folder) if n.endswith(".npz") and f"-of-{pc:05d}" in n
+  )
   parts = [workdir_lib.read_npz(folder / n) for n in names]
   keys = ("id", "split", "match", "similarity")
   if not parts:
@@ -146,12 +162,18 @@ def excluded(found: dict) -> dict[int, str]:
   """id -> reason of the U images kept out of scoring: the best test/validation match of
   each (copies of D stay)."""
   out, best = {}, {}
-  for i, s, e, v in zip(found["id"].tolist(), found["split"].tolist(),
-                        found["match"].tolist(), found["similarity"].tolist()):
+  for i, s, e, v in zip(
+      found["id"].tolist(),
+      found["split"].tolist(),
+      found["match"].tolist(),
+      found["similarity"].tolist(),
+  ):
     if s < 2 and v > best.get(i, -1.0):
       best[i] = v
-      out[i] = (f"near-duplicate of {SPLITS[s]} image {e} (similarity {v:.3f}); kept out "
-                f"of D̂ so that the {'test' if s == 0 else 'validation'} accuracy is honest")
+      out[i] = (
+          f"near-duplicate of {SPLITS[s]} image {e} (similarity {v:.3f}); kept out "
+          f"of D̂ so that the {'test' if s == 0 else 'validation'} accuracy is honest"
+      )
   return out
 
 
@@ -182,23 +204,26 @@ class Excluding:
     rows = inner(positions) if inner is not None else None
     if rows is not None:
       rows = dict(rows)
-      rows["valid"] = rows["valid"] & ~np.isin(np.asarray(positions, np.int64),
-                                               self.excluded)
+      rows["valid"] = rows["valid"] & ~np.isin(np.asarray(positions, np.int64), self.excluded)
     return rows
 
   def reason_of(self, i) -> str:
     r = self.reasons.get(int(i))
     if r is not None:
       return r
-    return self.source.reason_of(i) if hasattr(self.source, "reason_of") else (
-        "cannot be made the model's input")
+    return (
+        self.source.reason_of(i)
+        if hasattr(self.source, "reason_of")
+        else ("cannot be made the model's input")
+    )
 
 
 def summary(found: dict) -> dict:
   """Counts for done.json and the report: U images kept out by split, and D's copies."""
   ex = excluded(found)
   split = found["split"]
-  return {"num_removed": len(ex),
-          "removed_by_split": {SPLITS[s]: int(len(np.unique(found["id"][split == s])))
-                               for s in (0, 1)},
-          "num_copies_of_labelled": int(len(np.unique(found["id"][split == 2])))}
+  return {
+      "num_removed": len(ex),
+      "removed_by_split": {SPLITS[s]: int(len(np.unique(found["id"][split == s]))) for s in (0, 1)},
+      "num_copies_of_labelled": int(len(np.unique(found["id"][split == 2]))),
+  }

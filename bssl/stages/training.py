@@ -1,6 +1,7 @@
 """The training stages: baseline and teacher on D, the student's pre-training on D̂ and its
 fine-tuning on D. Each trains through the backend, then measures the model on the
 validation split (never the test split) for the record."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,11 @@ from bssl.data import sources
 def _init(scfg) -> tuple | None:
   if not scfg.init_from:
     return None
-  return (("stage", scfg.init_from) if scfg.init_from in ("baseline", "weak_pretrain")
-          else ("folder", scfg.init_from))
+  return (
+      ("stage", scfg.init_from)
+      if scfg.init_from in ("baseline", "weak_pretrain")
+      else ("folder", scfg.init_from)
+  )
 
 
 def _train(ctx, source, init) -> dict:
@@ -35,17 +39,23 @@ def teacher(ctx) -> dict:
     # Self-training at no cost: the teacher *is* the baseline; its artifact points there.
     b = ctx.done("baseline")
     ctx.log("the teacher is the baseline (teacher.init_from='baseline', steps=0)")
-    return {"variables_from": "baseline", "steps": 0, "train_seconds": 0.0,
-            "num_params": b.get("num_params"), "num_train_examples": len(ctx.data.labelled),
-            **({"val": b["val"]} if "val" in b else {})}
+    return {
+        "variables_from": "baseline",
+        "steps": 0,
+        "train_seconds": 0.0,
+        "num_params": b.get("num_params"),
+        "num_train_examples": len(ctx.data.labelled),
+        **({"val": b["val"]} if "val" in b else {}),
+    }
   return _train(ctx, ctx.data.labelled, _init(t))
 
 
 def pseudo_labelled(ctx, select: str = "select") -> sources.PseudoLabelSource:
   ctx.opened.add(select)
   sel = selection.read_selection(ctx.wd.stage(select) / "dhat")
-  return sources.PseudoLabelSource(ctx.data.unlabelled, np.asarray(sel.ids),
-                                   np.asarray(sel.classes))
+  return sources.PseudoLabelSource(
+      ctx.data.unlabelled, np.asarray(sel.ids), np.asarray(sel.classes)
+  )
 
 
 def pretrain(ctx, select: str = "select") -> dict:
@@ -64,11 +74,15 @@ def weak_pretrain(ctx) -> dict:
   on each tag + s/num_tags everywhere, :func:`bssl.train._xent`), images resampled by tag
   frequency; the teacher stage then fine-tunes it on D with a new head."""
   from bssl.data import weak
+
   w = weak.build(ctx.cfg, ctx.data)
-  ctx.log(f"{w.num_images} tagged images, {w.num_tags} tags (resampling "
-          f"{ctx.cfg.weak.resample}: {len(w.source)} draws); tags per image "
-          f"{(w.source.tags >= 0).sum(1).mean():.2f} on average")
+  ctx.log(
+      f"{w.num_images} tagged images, {w.num_tags} tags (resampling "
+      f"{ctx.cfg.weak.resample}: {len(w.source)} draws); tags per image "
+      f"{(w.source.tags >= 0).sum(1).mean():.2f} on average"
+  )
   info = _train(ctx, w.source, _init(ctx.cfg.weak_pretrain))
-  info.update(num_tags=w.num_tags, num_tagged_images=w.num_images,
-              resample=str(ctx.cfg.weak.resample))
+  info.update(
+      num_tags=w.num_tags, num_tagged_images=w.num_images, resample=str(ctx.cfg.weak.resample)
+  )
   return info

@@ -2,6 +2,7 @@
 student) on a target data set, fc-only (frozen features + L2 logistic regression, the
 penalty chosen on a validation split of the target's train set) and full fine-tuning
 (every layer, a new head). Test accuracy of the target's test split."""
+
 from __future__ import annotations
 
 from bssl.config import TRANSFER_MODELS
@@ -11,17 +12,18 @@ STAGE_OF = {"baseline": "baseline", "teacher": "teacher", "student": "finetune"}
 
 
 def reads(cfg) -> tuple[str, ...]:
-  return tuple(STAGE_OF[m] for m in str(cfg.transfer.models).split(",")
-               if m in TRANSFER_MODELS)
+  return tuple(STAGE_OF[m] for m in str(cfg.transfer.models).split(",") if m in TRANSFER_MODELS)
 
 
 def transfer(ctx) -> dict:
   t = ctx.cfg.transfer
   target = targets.build(ctx.cfg)
   modes = [m for m in str(t.modes).split(",") if m]
-  ctx.log(f"target {target.name}: {len(target.train)} train, {len(target.val)} validation, "
-          f"{len(target.test)} test images, {target.num_classes} classes; modes "
-          f"{', '.join(modes)}")
+  ctx.log(
+      f"target {target.name}: {len(target.train)} train, {len(target.val)} validation, "
+      f"{len(target.test)} test images, {target.num_classes} classes; modes "
+      f"{', '.join(modes)}"
+  )
   out, measured = {"target": target.name, "num_classes": target.num_classes}, {}
   for key in str(t.models).split(","):
     stage = STAGE_OF[key]

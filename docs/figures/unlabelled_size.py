@@ -3,6 +3,7 @@ scaled with |U|, from the sweeps of docs/reproduction.md ("The size of U").
 
   python docs/figures/unlabelled_size.py runs/repro
 """
+
 import json
 import sys
 
@@ -10,12 +11,15 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def gains(path, key=None, val=None):
-  g = [100 * (p["top1"]["student"] - p["top1"]["baseline"])
-       for p in json.load(open(path))["points"] if key is None or p["overrides"].get(key) == val]
+  g = [
+      100 * (p["top1"]["student"] - p["top1"]["baseline"])
+      for p in json.load(open(path))["points"]
+      if key is None or p["overrides"].get(key) == val
+  ]
   return np.mean(g), np.std(g, ddof=1)
 
 
@@ -25,10 +29,13 @@ def main(root):
   scaled = [gains(f"{root}/u_scaled_{n}/sweep.json") for n in (6850, 13700, 27400)]
   scaled.append(gains(f"{root}/k/sweep.json", "select.k", 5000))
   fig, ax = plt.subplots(figsize=(5.5, 3.5))
-  for data, label, style in ((fixed, "K = 5,000 fixed", "s--"),
-                             (scaled, "K = |U| / 11 (625 ... 5,000)", "o-")):
-    ax.errorbar(sizes, [m for m, _ in data], yerr=[s for _, s in data], fmt=style, capsize=3,
-                label=label)
+  for data, label, style in (
+      (fixed, "K = 5,000 fixed", "s--"),
+      (scaled, "K = |U| / 11 (625 ... 5,000)", "o-"),
+  ):
+    ax.errorbar(
+        sizes, [m for m, _ in data], yerr=[s for _, s in data], fmt=style, capsize=3, label=label
+    )
   ax.axhline(0, color="gray", lw=0.8)
   ax.set_xscale("log")
   ax.set_xlabel("|U| (first N images of U)")
