@@ -162,6 +162,7 @@ def make_images(folder: str, n: int) -> None:
   from ingest import photo_like  # benchmarks/ingest.py
 
   from bssl.data import ingest
+  from bssl.data.shards import ShardSource
 
   rng = np.random.default_rng(0)
   os.makedirs(f"{folder}/full")
@@ -170,7 +171,7 @@ def make_images(folder: str, n: int) -> None:
     with open(f"{folder}/full/{i:04d}.jpg", "wb") as f:
       f.write(photo_like(w, h, rng))
   ingest.run_ingest(f"{folder}/full", f"{folder}/shards", ingest.Params(), log=lambda m: None)
-  src = ingest.ShardSource(f"{folder}/shards", channels=3)
+  src = ShardSource(f"{folder}/shards", channels=3)
   os.makedirs(f"{folder}/small")
   for i in range(len(src)):
     with open(f"{folder}/small/{i:04d}.jpg", "wb") as f:

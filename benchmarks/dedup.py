@@ -27,9 +27,10 @@ CHILD = """
 import json, sys, time, tracemalloc
 import numpy as np
 from bssl.data import ingest
+from bssl.data.shards import shard_offsets
 out, n = sys.argv[1], int(sys.argv[2])
 header = json.load(open(out + "/header.json"))
-offsets = ingest.shard_offsets(out, header)
+offsets = shard_offsets(out, header)
 tracemalloc.start()
 t0 = time.perf_counter()
 part = ingest.dedup_partition(out, header, offsets, 0, n)
@@ -44,7 +45,7 @@ def main():
   ap.add_argument("--images", type=int, default=1_000_000)
   ap.add_argument("--processes", default="1,4,16")
   a = ap.parse_args()
-  from bssl import workdir
+  from bssl import storage
 
   rng = np.random.default_rng(0)
   size = 4096
@@ -55,7 +56,7 @@ def main():
     ns = -(-a.images // size)
     for s in range(ns):
       sl = slice(s * size, (s + 1) * size)
-      workdir.write_npz(
+      storage.write_npz(
           os.path.join(out, "shards", f"u-{s:05d}.npz"),
           hash=h[sl],
           reason=np.asarray([""] * len(h[sl])),

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from bssl.data import ingest, pipelines
+from bssl.data.shards import ShardSource
 
 
 def photo_like(w: int, h: int, rng: np.random.Generator) -> bytes:
@@ -139,7 +140,7 @@ def main():
         folder_rates.append(m["num_images"] / (time.perf_counter() - t0))
     ingest_rate, tar_rate = float(np.median(folder_rates)), float(np.median(tar_rates))
 
-    unl = ingest.ShardSource(out, channels=3)
+    unl = ShardSource(out, channels=3)
     spec = pipelines.ImageSpec(
         size=args.size, channels=3, augment="none", eval_transform="resize_center_crop"
     )

@@ -94,6 +94,7 @@ def make_data(tmp: str, n: int, rng) -> tuple[str, str, str]:
   from ingest import photo_like  # benchmarks/ingest.py
 
   from bssl.data import ingest
+  from bssl.data.shards import ShardSource
 
   folder = os.path.join(tmp, "folder")
   for i in range(n):
@@ -105,7 +106,7 @@ def make_data(tmp: str, n: int, rng) -> tuple[str, str, str]:
   shards = os.path.join(tmp, "shards")
   ingest.run_ingest(folder, shards, ingest.Params(shard_size=256), log=lambda m: None)
   small = os.path.join(tmp, "folder256")
-  src = ingest.ShardSource(shards, channels=3)
+  src = ShardSource(shards, channels=3)
   for i in range(len(src)):
     d = os.path.join(small, f"class{i % CLASSES}")
     os.makedirs(d, exist_ok=True)
@@ -125,7 +126,8 @@ def _rate(it, batch: int, batches: int, shape) -> float:
 
 
 def bssl_train(shards, cores, batch, batches, round_, workers=None):
-  from bssl.data import ingest, pipelines
+  from bssl.data import pipelines
+  from bssl.data.shards import ShardSource
 
   spec = pipelines.ImageSpec(
       size=224,
@@ -135,7 +137,7 @@ def bssl_train(shards, cores, batch, batches, round_, workers=None):
       pad=0,
   )
   ds = pipelines.train_dataset(
-      ingest.ShardSource(shards, channels=3),
+      ShardSource(shards, channels=3),
       spec,
       local_batch_size=batch,
       seed=round_,
@@ -146,9 +148,10 @@ def bssl_train(shards, cores, batch, batches, round_, workers=None):
 
 
 def bssl_score(shards, cores, batch, batches, round_, workers=None):
-  from bssl.data import ingest, pipelines, sources
+  from bssl.data import pipelines, sources
+  from bssl.data.shards import ShardSource
 
-  src = ingest.ShardSource(shards, channels=3)
+  src = ShardSource(shards, channels=3)
   n = (batches + 1) * batch
   u = sources.SubsetView(src, np.arange(n) % len(src), reindex=True)
   spec = pipelines.ImageSpec(
@@ -191,9 +194,10 @@ def grain_plain(shards, cores, batch, batches, round_):
 def decode_alone(shards, cores, batch, batches, round_):
   """The shard images' JPEG decode alone (bssl.data.decode.decode: simplejpeg where it
   applies), one thread: the floor of every shard pipeline's cost per image."""
-  from bssl.data import decode, ingest
+  from bssl.data import decode
+  from bssl.data.shards import ShardSource
 
-  src = ingest.ShardSource(shards, channels=3)
+  src = ShardSource(shards, channels=3)
   data = [src.record_bytes(i) for i in range(len(src))]
   decode.decode(data[0], 3)
   n = batches * batch
@@ -208,9 +212,10 @@ def score_breakdown(shards, batch) -> dict:
   record's read, its JPEG decode, its view (centre crop), and the whole batcher per image
   (``ImageRecordsBatch.map``: the three, the per-record Python and the copy into the
   batch)."""
-  from bssl.data import decode, ingest, pipelines, sources
+  from bssl.data import decode, pipelines, sources
+  from bssl.data.shards import ShardSource
 
-  src = ingest.ShardSource(shards, channels=3)
+  src = ShardSource(shards, channels=3)
   spec = pipelines.ImageSpec(
       size=224, channels=3, augment="none", eval_transform="resize_center_crop"
   )

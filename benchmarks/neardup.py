@@ -74,7 +74,7 @@ def scale(n: int, n_eval: int) -> dict:
   import tempfile
   import types
 
-  from bssl import workdir as workdir_lib
+  from bssl import storage
   from bssl.stages import eval_copies
 
   rng = np.random.default_rng(1)
@@ -102,7 +102,7 @@ def scale(n: int, n_eval: int) -> dict:
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
   with tempfile.TemporaryDirectory() as d:
     t0 = time.perf_counter()
-    found = eval_copies.find(ctx, workdir_lib.path(d) / "ec")
+    found = eval_copies.find(ctx, storage.path(d) / "ec")
     wall = time.perf_counter() - t0
   planted_ids = np.flatnonzero(np.arange(n) % 100 == 0)
   hits = np.isin(planted_ids, found["id"]).mean()

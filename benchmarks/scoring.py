@@ -3,7 +3,7 @@
 For each model: (1) the forward pass alone — the jitted ``model.apply`` on a batch
 already on the device, repeated; (2) the whole stage as the engine's score stage runs it
 on one process — ``bssl.scoring.plan_chunks`` + ``bssl.scoring.score_process`` with the
-JAX backend's scorer (``bssl.backend.JaxScorer``) over an in-memory U of random uint8
+JAX backend's scorer (``bssl.backends.jax.JaxScorer``) over an in-memory U of random uint8
 images: grain input, host->device transfer, forward, softmax + top-P on device,
 device->host (one batch in flight), streaming top-K selection, a checkpointed part after
 each chunk of ``50`` batches. The share outside the forward pass is
@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bssl import parallel, scoring  # noqa: E402
-from bssl.backend import JaxScorer  # noqa: E402
+from bssl.backends.jax import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
 from bssl.models import create_model  # noqa: E402
 from bssl.train import normalize  # noqa: E402
@@ -77,6 +77,7 @@ def _ingested(num: int, workers: int, rng):
   from ingest import photo_like  # benchmarks/ingest.py
 
   from bssl.data import ingest
+  from bssl.data.shards import ShardSource
 
   d = tempfile.mkdtemp(prefix="bssl_bench_u_")
   os.makedirs(os.path.join(d, "in"))
@@ -89,7 +90,7 @@ def _ingested(num: int, workers: int, rng):
       ingest.Params(shard_size=256),
       log=lambda m: None,
   )
-  return ingest.ShardSource(os.path.join(d, "out"), channels=3), d
+  return ShardSource(os.path.join(d, "out"), channels=3), d
 
 
 def bench(

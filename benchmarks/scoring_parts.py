@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bssl import parallel
-from bssl.backend import JaxScorer
+from bssl.backends.jax import JaxScorer
 from bssl.data import pipelines, sources
 from bssl.models import create_model
 

@@ -14,7 +14,7 @@ How the recording works:
   result by definition (``bssl.config.Field.cosmetic``).
 * an input file or folder enters the record by what it contains
   (:func:`note_input`): its kind, its path and an identity that a rerun computes again.
-* work done once and used by many stages (the data of :mod:`bssl.data.recipe`) is made
+* work done once and used by many stages (the recipe's data: D, U, ...) is made
   under a recorder of its own (a :class:`Memo`); every later use replays that record into
   the stage's, so the stage records what the cached object was made from.
 
@@ -33,6 +33,9 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+
+from bssl import storage
+from bssl.config.fields import all_fields
 
 RECORD_VERSION = 2  # 1: fingerprints of declared sections (before 2026-12-03)
 ABSENT = {"__absent__": True}  # the value noted for a field the config does not have
@@ -141,9 +144,7 @@ _SCHEMA: dict[str, Any] | None = None
 def _schema() -> dict:
   global _SCHEMA
   if _SCHEMA is None:
-    from bssl import config as config_lib
-
-    _SCHEMA = {f.name: f for f in config_lib.all_fields()}
+    _SCHEMA = {f.name: f for f in all_fields()}
   return _SCHEMA
 
 
@@ -328,55 +329,9 @@ def _blake(data_iter) -> str:
   return h.hexdigest()
 
 
-def _file_chunks(p):
-  from bssl import workdir as workdir_lib
-
-  with workdir_lib.path(p).open("rb") as fh:
-    while chunk := fh.read(1 << 22):
-      yield chunk
-
-
-def _stat(p) -> tuple[int, int]:
-  """(size, mtime in ns) of a local or remote file."""
-  from bssl import workdir as workdir_lib
-
-  s = str(p)
-  if not workdir_lib.is_remote(s):
-    st = os.stat(s)
-    return st.st_size, st.st_mtime_ns
-  import fsspec
-
-  fs, rel = fsspec.core.url_to_fs(s)
-  info = fs.info(rel)
-  m = info.get("mtime") or info.get("updated") or info.get("generation") or 0
-  # a stable digest of the store's timestamp or generation (Python's hash() of a string is
-  # salted per process: another process, or a rerun, would see another "mtime")
-  return int(info.get("size") or 0), int.from_bytes(
-      hashlib.blake2b(str(m).encode(), digest_size=7).digest(), "big"
-  )
-
-
 def file_identity(path: str) -> str:
   """One file by content (blake2b-128): tags, vocabularies, CSVs, idx files."""
-  return "blake2b:" + _blake(_file_chunks(path))
-
-
-def _tree_files(path: str) -> list[str]:
-  """Every file under ``path`` (recursive, sorted relative paths; local or gs://)."""
-  from bssl import workdir as workdir_lib
-
-  root = str(workdir_lib.path(path)).rstrip("/")
-  if workdir_lib.is_remote(root):
-    import fsspec
-
-    fs, rel = fsspec.core.url_to_fs(root)
-    return sorted(f[len(rel.rstrip("/")) + 1 :] for f in fs.find(rel))
-  out = []
-  for d, dirs, files in os.walk(root, followlinks=True):
-    dirs.sort()
-    for f in files:
-      out.append(os.path.relpath(os.path.join(d, f), root))
-  return sorted(out)
+  return "blake2b:" + _blake(storage.read_chunks(path))
 
 
 def files_identity(files, root: str | None = None, content: bool = False) -> str:
@@ -389,7 +344,7 @@ def files_identity(files, root: str | None = None, content: bool = False) -> str
     f = str(f)
     rel = f[len(base) :] if base and f.startswith(base) else f
     try:
-      meta = file_identity(f) if content else "%d:%d" % _stat(f)
+      meta = file_identity(f) if content else "%d:%d" % storage.stat(f)
     except (OSError, FileNotFoundError):
       meta = "missing"
     h.update(f"{rel}\0{meta}\n".encode())
@@ -399,61 +354,42 @@ def files_identity(files, root: str | None = None, content: bool = False) -> str
 
 def tree_identity(path: str) -> str:
   """A folder by (relative path, size, mtime) of every file in it (a TFDS build)."""
-  return files_identity([os.path.join(str(path), r) for r in _tree_files(path)], root=str(path))
+  return files_identity([os.path.join(str(path), r) for r in storage.find(path)], root=str(path))
 
 
 def checkpoint_identity(path: str) -> str:
   """A folder of variables (a converted checkpoint, another run's ``final/``) by the
   content of every file in it."""
-  from bssl import workdir as workdir_lib
-
-  p = workdir_lib.path(path)
+  p = storage.path(path)
   if not p.exists():
     return "missing"
   if not p.is_dir():
     return file_identity(path)
   h = hashlib.blake2b(digest_size=16)
-  for rel in _tree_files(path):
+  for rel in storage.find(path):
     h.update(f"{rel}\0{file_identity(str(p / rel))}\n".encode())
   return "content:" + h.hexdigest()
 
 
-def shards_identity(path: str) -> str:
-  """An ingest (``python -m bssl.ingest --out``) by its images' content: the digest of the
-  per-image content hashes, written by the ingest in ``manifest.json`` (computed from the
-  shards' manifests for an ingest that does not have it)."""
-  from bssl import workdir as workdir_lib
-  from bssl.data import ingest
-
-  root = workdir_lib.path(path)
-  m = workdir_lib.read_json(root / "manifest.json")
-  if m.get("content_digest"):
-    return f"ingest:{m['content_digest']}"
-  return f"ingest:{ingest.content_digest(root, int(m['num_shards']))}"
-
-
-def filelist_identity(path: str) -> str:
-  """An image folder or file list (as :class:`bssl.data.sources.ImageFileSource` lists
-  it) by (relative path, size, mtime) of its files."""
-  from bssl import workdir as workdir_lib
-  from bssl.data import sources
-
-  files = sources.ImageFileSource(path).files
-  p = workdir_lib.path(path)
-  listed = "" if p.is_dir() else file_identity(path) + "|"
-  return listed + files_identity(files, str(p if p.is_dir() else p.parent))
-
-
+# How a recorded input of each kind is identified again by a rerun: files and folders here;
+# the data layer adds the kinds of the data formats it reads (:func:`register_identity`),
+# so the record itself knows no data format.
 IDENTITY: dict[str, Callable[[str], str]] = {
-    "filelist": filelist_identity,
     "file": file_identity,
     "tree": tree_identity,
     "checkpoint": checkpoint_identity,
-    "shards": shards_identity,
     "tree_content": lambda p: files_identity(
-        [os.path.join(str(p), r) for r in _tree_files(p)], root=str(p), content=True
+        [os.path.join(str(p), r) for r in storage.find(p)], root=str(p), content=True
     ),
 }
+
+
+def register_identity(kind: str, fn: Callable[[str], str]) -> None:
+  """Teaches the record to identify inputs of ``kind`` (a data format: ``shards``,
+  ``filelist``) again from their path: ``fn(path)`` is what the source at ``path`` says it
+  is, the value :func:`note_input` was given when the stage read it."""
+  IDENTITY[kind] = fn
+
 
 _cache: dict[tuple, str] = {}
 
@@ -464,8 +400,14 @@ def identity(kind: str, path: str) -> str:
   with _lock:
     if key in _cache:
       return _cache[key]
+  fn = IDENTITY.get(kind)
+  if fn is None:
+    raise KeyError(
+        f"no identity for inputs of kind {kind!r} (kinds: {sorted(IDENTITY)}); the data "
+        f"modules register theirs when imported"
+    )
   try:
-    v = IDENTITY[kind](str(path))
+    v = fn(str(path))
   except FileNotFoundError:
     v = "missing"
   with _lock:
@@ -480,9 +422,10 @@ def forget_identities() -> None:
 
 
 def note_input(key: str, kind: str, path: str, ident: str | None = None) -> str:
-  """Notes input ``key`` (e.g. ``weak.tags_file``) at ``path`` with its identity (computed
-  with :data:`IDENTITY` ``[kind]`` unless given: ``kind='data'`` identities are given by
-  the data sources, which a rerun opens again)."""
+  """Notes input ``key`` (e.g. ``weak.tags_file``) at ``path`` with its identity: ``ident``
+  when the caller has it (a data source's own ``identity()``), else computed with
+  :data:`IDENTITY` ``[kind]``. A rerun checks a ``kind='data'`` input against the data it
+  opens again (:func:`current_files`), any other kind by :data:`IDENTITY` ``[kind]``."""
   v = ident if ident is not None else identity(kind, path)
   entry = {"kind": kind, "path": str(path), "id": v}
   _notify(lambda r: r._file(key, entry))

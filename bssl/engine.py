@@ -33,9 +33,13 @@ import time
 import uuid
 from collections.abc import Callable
 
+import jax
+
+from bssl import backends, deps, parallel, stages, storage
 from bssl import config as config_lib
-from bssl import deps, parallel
 from bssl import workdir as workdir_lib
+from bssl.data import checks, recipe, targets
+from bssl.data import video as video_lib
 from bssl.stages.base import Context, Stage
 
 
@@ -59,9 +63,9 @@ def partial_record(wd: workdir_lib.Workdir, name: str) -> dict | None:
     return None
   rec = deps.Recorder()
   folder = wd.stage(name) / "reads"
-  for f in workdir_lib.listdir(folder):
+  for f in storage.listdir(folder):
     if f.startswith("p") and f.endswith(".json"):
-      rec.merge(workdir_lib.read_json(folder / f))
+      rec.merge(storage.read_json(folder / f))
   return dict(
       rec.to_dict(),
       version=st.get("version", 1),
@@ -152,7 +156,7 @@ def plan(
         log(
             f"bssl: recomputing {n}: deleting {wd.stage(n)} ({'; '.join(stale.get(n, ['reads a stage recomputed now']))})"
         )
-        workdir_lib.rmtree(wd.stage(n))
+        storage.rmtree(wd.stage(n))
     parallel.sync("bssl_recompute_stale")
     requested = tuple(n for n in names if n in requested or (n in folders and n in needed))
   to_run = []
@@ -189,7 +193,7 @@ class ShareHook:
 
 def _flusher(wd: workdir_lib.Workdir, name: str) -> Callable[[dict], None]:
   path = wd.stage(name) / "reads" / f"p{parallel.process_index()}.json"
-  return lambda rec: workdir_lib.write_json(path, rec)
+  return lambda rec: storage.write_json(path, rec)
 
 
 def run(
@@ -241,7 +245,7 @@ def run(
     initial = partial_record(wd, name)
     parallel.sync(f"bssl_{name}_read_partial")
     if parallel.is_main_process() and wd.started(name) is None:
-      workdir_lib.write_json(
+      storage.write_json(
           wd.started_path(name),
           {
               "version": deps.RECORD_VERSION,
@@ -271,8 +275,8 @@ def run(
     if parallel.is_main_process():
       merged = partial_record(wd, name)
       info["record"] = dict(merged, version=deps.RECORD_VERSION)
-      workdir_lib.write_json(wd.done_path(name), info)
-      workdir_lib.rmtree(wd.stage(name) / "reads")
+      storage.write_json(wd.done_path(name), info)
+      storage.rmtree(wd.stage(name) / "reads")
     parallel.sync(f"bssl_{name}_done")
     ctx.log(f"done in {time.time() - t0:.1f}s")
     results[name] = info
@@ -289,7 +293,7 @@ def _run_unrecorded(st: Stage, ctx: Context, wd, name: str) -> dict:
       info, stage_seconds=time.time() - t0, finished=time.time(), artifact_id=uuid.uuid4().hex[:12]
   )
   if parallel.is_main_process():
-    workdir_lib.write_json(wd.done_path(name), info)
+    storage.write_json(wd.done_path(name), info)
   parallel.sync(f"bssl_{name}_done")
   ctx.log(f"done in {time.time() - t0:.1f}s")
   return info
@@ -307,40 +311,33 @@ def _check_reads(st: Stage, cfg, ctx: Context) -> None:
 
 
 def run_recipe(
-    cfg, workdir, backend=None, share: ShareHook | None = None, recompute_stale: bool = False
+    cfg,
+    workdir,
+    backend: str = "jax",
+    backend_options: dict | None = None,
+    share: ShareHook | None = None,
+    recompute_stale: bool = False,
 ) -> dict:
-  """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``.
+  """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``, on the
+  backend called ``backend`` (:func:`bssl.backends.create`, given ``backend_options``).
 
   Checks the config (fields, batch sizes against the devices), the work directory and the
   data before any work; returns {stage: info} of the stages run.
   """
-  import jax
-
-  from bssl import stages
-  from bssl.backend import JaxBackend
-  from bssl.data import recipe
-
   config_lib.validate(cfg)
   deps.forget_identities()  # inputs are identified afresh by every run
-  if backend is None:
+  if backend == "jax":
     config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
   wd = workdir_lib.Workdir(workdir)
   wd.check_usable()
   data = recipe.build_data(cfg)
-  from bssl.data import checks
-
   checks.check_num_classes(data, cfg)  # classes of the data = data.num_classes
-  backend = backend or JaxBackend(deps.Tracked(cfg))
-  if isinstance(getattr(backend, "cfg", None), config_lib.ml_collections.ConfigDict):
-    backend.cfg = deps.Tracked(backend.cfg)  # what the backend reads is recorded too
+  # built on a view of the config: what the backend reads while a stage runs is recorded too
+  backend = backends.create(backend, deps.Tracked(cfg), **(backend_options or {}))
   table = stages.table(cfg)
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   if "transfer" in requested:  # a missing target stops the run now, not after training
-    from bssl.data import targets
-
     targets.build(cfg)
-  from bssl.data import video as video_lib
-
   for note in getattr(data, "notes", ()):
     parallel.log(f"bssl: note: {note}")
   parallel.log(
@@ -356,7 +353,7 @@ def run_recipe(
   checks.scan_decodable(data, cfg, parallel.log)
 
   def accepted():
-    workdir_lib.write_text(wd.config_path, config_lib.to_json(cfg))
-    workdir_lib.write_json(wd.splits_path, data.splits)
+    storage.write_text(wd.config_path, config_lib.to_json(cfg))
+    storage.write_json(wd.splits_path, data.splits)
 
   return run(table, cfg, wd, data, backend, requested, accepted, share, recompute_stale)

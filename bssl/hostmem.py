@@ -5,7 +5,7 @@ defaults every large allocation is a new ``mmap`` whose pages fault in on first 
 are returned on ``free``: for the demo's small ResNet that is 40-150 ms of kernel time
 per train step. Never ``mmap``-ing and never trimming lets freed pages be reused.
 ``benchmarks/train_step.py --malloc tuned|default`` measures it (resnet_small, batch 64,
-2-core CPU: 552 -> 764 images/s; see README, "Speed").
+2-core CPU: 552 -> 764 images/s; see docs/performance.md, "Speed on this machine (CPU)").
 
 ``BSSL_MALLOC`` in the environment: ``tuned`` (default: no mmap, no trimming),
 ``one_arena`` (also a single malloc arena for all threads) or ``default`` (glibc's own).

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -96,6 +97,12 @@ def make_mesh(
   return Mesh(arr, tuple(axis_names))
 
 
+def local_mesh() -> Mesh:
+  """A one-axis (``"data"``) mesh over this process's own devices: for work that needs no
+  collective (scoring, transfer features), so processes never wait for each other."""
+  return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -141,8 +148,6 @@ def to_host(x: Any) -> Any:
 
   def get(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      from jax.experimental import multihost_utils
-
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(a)
 
@@ -152,8 +157,6 @@ def to_host(x: Any) -> Any:
 def sync(name: str) -> None:
   """Barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 

@@ -22,13 +22,13 @@ refused (:func:`check_parts`, :func:`merge_parts`), never mixed.
 
 **What is ranked.** The scorer gives each image's top-P classes with the teacher's
 *log-odds* of each, ``r_c = log p_c - log(1 - p_c) = z_c - logsumexp_{j != c} z_j``
-computed stably from the logits ``z`` (:func:`top_log_odds`; videos: of the clips' averaged
-softmax, :func:`video_top_log_odds`), and the selection ranks by it. It is monotone in the
-exact probability, so the ranking is the probability's, but it does not saturate: the float32
-softmax is exactly 1.0 once the top logit leads by about 17 (``log_softmax`` is exactly 0.0
-there too), and on a confident teacher about half of U tied at 1.0, which the per-class top-K
-then broke by image id, i.e. by U's path order. Exact ties left are broken by a seeded hash of
-the id (:func:`bssl.selection.tie_hash`, the config's ``seed``).
+computed stably from the logits ``z`` on the device (:mod:`bssl.ranking`), and the selection
+ranks by it. It is monotone in the exact probability, so the ranking is the probability's, but
+it does not saturate: the float32 softmax is exactly 1.0 once the top logit leads by about 17
+(``log_softmax`` is exactly 0.0 there too), and on a confident teacher about half of U tied at
+1.0, which the per-class top-K then broke by image id, i.e. by U's path order. Exact ties
+left are broken by a seeded hash of the id (:func:`bssl.selection.tie_hash`, the config's
+``seed``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import numpy as np
 
-from bssl import workdir as workdir_lib
+from bssl import progress, storage
 from bssl.data import pipelines
 from bssl.selection import GlobalTopK, RankedTopK, TopKPerClass
 
@@ -51,7 +50,7 @@ _PART = re.compile(r"^g(\d+)_p(\d+)\.json$")
 
 # What a part's accumulator ranks by, recorded in each part's JSON as "format":
 #   1 (no "format" key): the float32 softmax probability, ties by the smaller image id;
-#   2: the log-odds (top_log_odds), ties by tie_hash(id, seed) ("seed" recorded too).
+#   2: the log-odds (bssl.ranking.top_log_odds), ties by tie_hash(id, seed) ("seed" recorded too).
 PARTS_FORMAT = 2
 
 
@@ -63,32 +62,16 @@ class IncompleteScoringError(RuntimeError):
   """The parts do not cover every image of U exactly once."""
 
 
-class Scorer(Protocol):
-  """A backend's scoring step on this process's devices: ``dispatch`` starts a batch (uint8
-  [B,H,W,C]) and returns a handle; ``fetch`` returns (classes int32 [B,P], scores f32
-  [B,P], finite bool [B]) as numpy: each image's P most probable classes, best first, with
-  their log-odds (:func:`top_log_odds`), and whether its logits are all finite."""
-
-  def dispatch(self, images: np.ndarray) -> Any:
-    ...
-
-  # optional: ``put(images)`` starts the host->device copy (called from a feeder thread,
-  # ahead of ``dispatch``, which then receives what ``put`` returned)
-
-  def fetch(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ...
-
-
 def _parts(parts_dir) -> list[tuple[int, int, dict]]:
   out = []
-  for name in workdir_lib.listdir(parts_dir):
+  for name in storage.listdir(parts_dir):
     m = _PART.match(name)
     if m:
       out.append(
           (
               int(m.group(1)),
               int(m.group(2)),
-              workdir_lib.read_json(workdir_lib.path(parts_dir) / name),
+              storage.read_json(storage.path(parts_dir) / name),
           )
       )
   return out
@@ -144,7 +127,7 @@ def _check_format(parts_dir, g: int, i: int, meta: dict) -> None:
         if got == 1
         else ""
     )
-    stage_dir = workdir_lib.path(parts_dir).parent  # a done stage must go too, not its parts
+    stage_dir = storage.path(parts_dir).parent  # a done stage must go too, not its parts
     raise IncompleteScoringError(
         f"scoring part g{g}_p{i} in {parts_dir} has format {got}, this version writes format "
         f"{PARTS_FORMAT}{why}: the two cannot be mixed; delete {stage_dir} (the score stage's "
@@ -188,7 +171,7 @@ def check_parts(
 
 def score_process(
     *,
-    scorer: Scorer,
+    scorer,
     source,
     spec: pipelines.ImageSpec,
     parts_dir,
@@ -209,8 +192,9 @@ def score_process(
     log: Callable[[str], None] = print,
     log_every: int = 20,
 ) -> dict:
-  """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``,
-  checkpointing after each chunk into part ``g<gen>_p<process_index>``.
+  """Scores this process's share (chunks ``process_index::process_count``) of ``chunks``
+  with ``scorer`` (a :class:`bssl.backends.base.Scorer`), checkpointing after each chunk into
+  part ``g<gen>_p<process_index>``.
 
   The parts overlap: grain reads and decodes batches ahead (``num_threads`` threads, or
   ``num_workers`` processes), each batch's host->device copy and step are dispatched
@@ -220,7 +204,7 @@ def score_process(
   ``balanced=False`` keeps the global top ``K x num_classes`` pairs instead
   (:class:`bssl.selection.GlobalTopK`, per rank as well). ``seed`` orders exact ties
   (:func:`bssl.selection.tie_hash`; the recipe passes the config's ``seed``)."""
-  parts_dir = workdir_lib.path(parts_dir)
+  parts_dir = storage.path(parts_dir)
   mine = chunks[process_index::process_count]
   kind = _accumulator_kind(ranked, balanced)
   acc = (
@@ -254,12 +238,12 @@ def score_process(
     nonlocal seq
     seq += 1
     ranges.append(list(mine[chunk]))
-    workdir_lib.write_npz(
+    storage.write_npz(
         parts_dir / _npz_name(gen, process_index, seq),
         bad_ids=np.asarray(bad, np.int64),
         **{f"acc__{key}": v for key, v in acc.state_dict().items()},
     )
-    workdir_lib.write_json(
+    storage.write_json(
         parts_dir / f"{stem}.json",
         {
             "seq": seq,
@@ -304,12 +288,12 @@ def score_process(
     if left[c] == 0:
       checkpoint(c)
     if (j + 1) % log_every == 0 or j + 1 == len(bounds):
-      rate = done_images / max(time.time() - t0, 1e-9)
-      eta = (total_images - done_images) / max(rate, 1e-9)
+      elapsed = time.time() - t0
+      rate = done_images / max(elapsed, 1e-9)
       log(
           f"{done_images}/{total_images} images of this process "
           f"({100 * done_images / total_images:.0f}%) {rate * process_count:.0f} img/s "
-          f"(all processes, est.) eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+          f"(all processes, est.) eta {progress.eta(done_images, total_images, elapsed)}"
       )
 
   # A bounded queue of dispatched batches: the device works on the next ones while the
@@ -409,7 +393,7 @@ def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK |
   info = coverage(parts_dir, num_images, parts)
   acc, bad = None, []
   for _, _, meta in parts:
-    d = workdir_lib.read_npz(workdir_lib.path(parts_dir) / meta["npz"])
+    d = storage.read_npz(storage.path(parts_dir) / meta["npz"])
     state = {k[5:]: v for k, v in d.items() if k.startswith("acc__")}
     a = _accumulator_kind(
         bool(meta.get("ranked", False)), bool(meta.get("balanced", True))
@@ -425,75 +409,3 @@ def merge_parts(parts_dir, num_images: int) -> tuple[TopKPerClass | RankedTopK |
       "bad_ids": sorted(bad),
       "num_parts": info["num_parts"],
   }
-
-
-# ----------------------------------------------------------------------------- ranking scores
-def _lse_parts(z, classes):
-  """For logits ``z`` [..., C] (float32, C >= 2) and class indices ``classes`` [..., P]:
-  ``(z_c, logsumexp_j z_j, logsumexp_{j != c} z_j)``, each [..., P] but the middle one
-  [..., 1], computed without cancellation.
-
-  With ``m1 >= m2`` the two largest logits and ``S = sum_j exp(z_j - m1)`` (>= 1): for ``c``
-  not the argmax, ``sum_{j != c} exp(z_j - m1) = S - exp(z_c - m1)`` still holds the
-  argmax's term 1, so the subtraction loses nothing; for the argmax it would be ``S - 1``,
-  all lost once the margin passes ~17, so that sum is taken directly, masked and relative to
-  ``m2`` (>= 1, no overflow)."""
-  import jax
-  import jax.numpy as jnp
-  # The two largest by reductions, not lax.top_k: XLA:CPU fused top_k into the masked sum
-  # below and recomputed it per element (41 ms for 256 x 1,000 logits, 0.3 ms now).
-  # argmax takes the first of equal maxima, as top_k does.
-  m1 = jnp.max(z, axis=-1, keepdims=True)
-  i1 = jnp.argmax(z, axis=-1)[..., None].astype(jnp.int32)
-  iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-  others = jnp.where(iota == i1, -jnp.inf, z)
-  m2 = jnp.max(others, axis=-1, keepdims=True)
-  s = jnp.sum(jnp.exp(z - m1), axis=-1, keepdims=True)
-  rest_top = jnp.sum(jnp.exp(others - m2), axis=-1, keepdims=True)
-  zc = jnp.take_along_axis(z, classes, axis=-1)
-  rest = jnp.maximum(s - jnp.exp(zc - m1), 1.0)  # >= 1 exactly; rounding never below
-  excl = jnp.where(classes == i1, m2 + jnp.log(rest_top), m1 + jnp.log(rest))
-  return zc, m1 + jnp.log(s), excl
-
-
-def top_log_odds(logits, p: int):
-  """An image batch's ranking scores, on the device (jit-able): logits [B, C] ->
-  (classes int32 [B, P], log-odds float32 [B, P], finite bool [B]). ``classes`` are each
-  image's ``p`` largest logits (= most probable classes), best first; the score of class
-  ``c`` is ``z_c - logsumexp_{j != c} z_j = log p_c - log(1 - p_c)`` (``+inf`` when C = 1),
-  which does not saturate where the float32 softmax is exactly 1.0."""
-  import jax
-  import jax.numpy as jnp
-
-  z = logits.astype(jnp.float32)
-  finite = jnp.all(jnp.isfinite(z), axis=-1)
-  _, classes = jax.lax.top_k(z, p)
-  if z.shape[-1] == 1:
-    return classes.astype(jnp.int32), jnp.full(classes.shape, jnp.inf, jnp.float32), finite
-  zc, _, excl = _lse_parts(z, classes)
-  return classes.astype(jnp.int32), zc - excl, finite
-
-
-def video_top_log_odds(clip_logits, p: int):
-  """A video batch's ranking scores, on the device (jit-able): the N clips' logits
-  [B, N, C] -> (classes int32 [B, P], log-odds float32 [B, P], finite bool [B]) of the
-  video-level prediction, the mean of the clips' softmax ``pbar`` (the paper's video
-  evaluation, :func:`bssl.data.clips.video_level_probs`). In log space, with ``N`` clips:
-  ``log pbar_c = logsumexp_n log p_nc - log N`` and ``log(1 - pbar_c) = logsumexp_n log(1 -
-  p_nc) - log N`` (``log(1 - p_nc) = logsumexp_{j != c} z_nj - logsumexp_j z_nj``), so the
-  log-odds ``log pbar_c - log(1 - pbar_c)`` (the ``log N`` cancel) does not saturate either.
-  ``classes`` are the ``p`` largest ``log pbar``."""
-  import jax
-  import jax.numpy as jnp
-
-  z = clip_logits.astype(jnp.float32)
-  b, n, c = z.shape
-  finite = jnp.all(jnp.isfinite(z), axis=(-2, -1))
-  log_p = jax.nn.log_softmax(z, axis=-1)  # [B, N, C]
-  _, classes = jax.lax.top_k(jax.nn.logsumexp(log_p, axis=1), p)  # by log pbar
-  if c == 1:
-    return classes.astype(jnp.int32), jnp.full(classes.shape, jnp.inf, jnp.float32), finite
-  zc, lse, excl = _lse_parts(z, jnp.broadcast_to(classes[:, None, :], (b, n, p)))
-  log_pc = jax.nn.logsumexp(zc - lse, axis=1)  # [B, P]
-  log_1m = jax.nn.logsumexp(excl - lse, axis=1)
-  return classes.astype(jnp.int32), log_pc - log_1m, finite

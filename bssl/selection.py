@@ -8,7 +8,7 @@ answer is exact and does not depend on batch sizes, on the order of the updates,
 stream was split among accumulators that are later merged.
 
 The score the scoring pass feeds is the teacher's **log-odds** ``log p - log(1 - p)`` of the
-class, computed from the logits (:func:`bssl.scoring.top_log_odds`), not the probability: a
+class, computed from the logits (:func:`bssl.ranking.top_log_odds`), not the probability: a
 float32 softmax is exactly 1.0 once the top logit leads by about 17, which made about half the
 images of a confident teacher tie. The log-odds is monotone in the exact probability and does
 not saturate; the D̂ on disk keeps both (see below).
@@ -74,7 +74,7 @@ import sys
 
 import numpy as np
 
-from bssl import workdir as workdir_lib
+from bssl import storage
 
 __all__ = [
     "Selection",
@@ -750,28 +750,20 @@ def class_statistics(sel: Selection) -> dict:
 
 
 def _json_normal(v):
-  return json.loads(json.dumps(v, default=_json_default))
-
-
-def _json_default(o):
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+  return json.loads(json.dumps(v, default=storage.json_default))
 
 
 def write_selection(directory, sel: Selection, *, extra_summary: dict | None = None) -> None:
   """Writes D̂ to ``directory`` (local or ``gs://``): one ``.npy`` per column, then
   ``class_stats.json``, then ``summary.json`` last: a directory without it is not a
-  complete D̂ (each file is written atomically, :mod:`bssl.workdir`). An existing D̂ there
+  complete D̂ (each file is written atomically, :mod:`bssl.storage`). An existing D̂ there
   is replaced (its summary removed first, so a reader never pairs old and new columns).
   ``extra_summary`` adds keys to summary.json; it may repeat a built-in key (num_classes,
   k, num_selected, classes_short_of_k, ...) only with the same value. ``scores.npy`` holds
   ``sel.scores`` (the recipe's: the teacher's probability, for people and reports) and
   ``rank_scores.npy`` ``sel.rank_scores`` (the recipe's: the log-odds the rows were ranked by).
   """
-  directory = workdir_lib.path(directory)
+  directory = storage.path(directory)
   stats = class_statistics(sel)
   summary = {
       "format": "bssl.selection",
@@ -795,14 +787,14 @@ def write_selection(directory, sel: Selection, *, extra_summary: dict | None = N
   if (directory / "summary.json").exists():
     (directory / "summary.json").unlink()
   for col in _DTYPES:
-    workdir_lib.write_npy(directory / f"{col}.npy", getattr(sel, col))
-  workdir_lib.write_text(
+    storage.write_npy(directory / f"{col}.npy", getattr(sel, col))
+  storage.write_text(
       directory / "class_stats.json",
-      json.dumps(stats, indent=1, sort_keys=True, default=_json_default),
+      json.dumps(stats, indent=1, sort_keys=True, default=storage.json_default),
   )
-  workdir_lib.write_text(
+  storage.write_text(
       directory / "summary.json",  # last: complete
-      json.dumps(summary, indent=1, sort_keys=True, default=_json_default),
+      json.dumps(summary, indent=1, sort_keys=True, default=storage.json_default),
   )
 
 
@@ -846,7 +838,7 @@ def write_table(path, sel: Selection, source, class_names=None):
   )
   buf = pa.BufferOutputStream()
   pq.write_table(t, buf, compression="zstd")
-  workdir_lib.write_bytes(path, buf.getvalue().to_pybytes())
+  storage.write_bytes(path, buf.getvalue().to_pybytes())
   return path
 
 
@@ -854,7 +846,7 @@ def read_selection(directory, mmap: bool = True) -> Selection:
   """Reads a D̂ written by :func:`write_selection` (memory-mapped, read-only, by default on
   a local disk). One written before ``rank_scores.npy`` existed reads with ``rank_scores``
   equal to ``scores`` (what it was ranked by)."""
-  directory = workdir_lib.path(directory)
+  directory = storage.path(directory)
   summary_path = directory / "summary.json"
   if not summary_path.exists():
     raise FileNotFoundError(f"{directory} is not a complete selection (no summary.json)")
@@ -863,7 +855,7 @@ def read_selection(directory, mmap: bool = True) -> Selection:
   for col, dt in _DTYPES.items():
     if col == "rank_scores" and f"{col}.npy" not in summary.get("files", {}):
       continue  # format_version 1: scores ranked
-    a = workdir_lib.read_npy(directory / f"{col}.npy", mmap=mmap)
+    a = storage.read_npy(directory / f"{col}.npy", mmap=mmap)
     if a.dtype != dt or a.ndim != 1 or a.shape[0] != summary["num_selected"]:
       raise ValueError(
           f"{directory}/{col}.npy: expected {summary['num_selected']} rows of "

@@ -7,9 +7,10 @@ Sections follow the order things happen in :func:`fit`.
 
 from __future__ import annotations
 
-import math
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,15 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from bssl import parallel
-from bssl import workdir as workdir_lib
+from bssl import parallel, progress, ranking, storage
+from bssl.config.names import BN_MODES, SCHEDULES
 from bssl.data import pipelines
 from bssl.data import video as video_lib
-
-BN_MODES = ("sync", "per_device")
-SCHEDULES = ("cosine", "step", "constant")
+from bssl.data.sources import DataError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -275,9 +275,7 @@ def make_train_step(
 def video_probs(model, variables, videos, mean, std) -> jax.Array:
   """Video-level class probabilities of ``videos`` uint8 [B, N, T, H, W, C]: the mean of
   the N clips' softmax (the paper's 10-clip evaluation), on the device."""
-  from bssl.data.clips import video_level_probs
-
-  return video_level_probs(
+  return ranking.video_level_probs(
       lambda clip: model.apply(variables, normalize(clip, mean, std), train=False), videos
   )
 
@@ -289,7 +287,7 @@ def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
   k5 = min(5, num_classes)
 
   def step(variables, batch):
-    if batch["image"].ndim == 6:  # videos: log of the clip-averaged softmax as logits
+    if ranking.is_clip_batch(batch["image"]):  # videos: log of the clip-averaged softmax
       logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std), 1e-30))
     else:
       logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
@@ -339,7 +337,6 @@ def evaluate(
   t = parallel.to_host(totals)
   n = float(t["count"])
   if int(round(n)) != len(source):
-    from bssl.data.sources import DataError
     # video files: ids are positions, so they name files; other sources: record ids
     name_of = getattr(source, "name_of", None) if hasattr(source, "reason_of") else None
     names = [name_of(i) if name_of else f"record id {i}" for i in bad[:5]]
@@ -365,7 +362,7 @@ def save_variables(directory, variables) -> None:
   ``directory`` may be local or ``gs://``."""
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(
-      workdir_lib.path(directory),
+      storage.path(directory),
       {"params": variables["params"], "batch_stats": variables["batch_stats"]},
       force=True,
   )
@@ -379,7 +376,7 @@ def load_variables(directory, mesh=None, target=None) -> dict:
   placed replicated on ``mesh`` whatever the device count they were saved from; a shape
   or structure that does not match the model is a clear error, not a late crash.
   """
-  directory = workdir_lib.path(directory)
+  directory = storage.path(directory)
   if not directory.exists():
     raise FileNotFoundError(f"no variables checkpoint at {directory}")
   ckptr = ocp.StandardCheckpointer()
@@ -406,13 +403,6 @@ class VariablesMismatchError(ValueError):
 # ----------------------------------------------------------------------------- progress
 
 
-def _fmt_time(s: float) -> str:
-  if not math.isfinite(s):
-    return "?"
-  s = int(s)
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class _Writer:
   """Progress lines on stdout and TensorBoard events (process 0 only).
 
@@ -427,12 +417,10 @@ class _Writer:
     self.remote = None
     if self.main and logdir is not None:
       local = os.fspath(logdir)
-      if workdir_lib.is_remote(logdir):
-        import tempfile
-
+      if storage.is_remote(logdir):
         self.remote, local = logdir, tempfile.mkdtemp(prefix="bssl_tb_")
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # imports PyTorch when it is installed
 
         self.tb = SummaryWriter(local)
         self.local = local
@@ -454,12 +442,8 @@ class _Writer:
     self.tb.flush()
     self.tb.close()
     if self.remote is not None:
-      import shutil
-
       for fname in os.listdir(self.local):
-        workdir_lib.write_bytes(
-            self.remote / fname, open(os.path.join(self.local, fname), "rb").read()
-        )
+        storage.write_bytes(self.remote / fname, open(os.path.join(self.local, fname), "rb").read())
       shutil.rmtree(self.local, ignore_errors=True)
 
 
@@ -493,8 +477,6 @@ class _SigtermFlag:
 def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
-
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
@@ -528,7 +510,7 @@ def fit(
   iterator needs no state of its own. ``stop_after_steps`` (tests) simulates a crash
   after that many steps of this call, without a final save.
   """
-  workdir = workdir_lib.path(workdir)
+  workdir = storage.path(workdir)
   total = int(cfg.steps)
   gbs = int(cfg.batch_size)
   lbs = parallel.local_batch_size(gbs, mesh)
@@ -622,7 +604,7 @@ def fit(
     writer.print(
         f"step {step}/{total} ({100 * step / total:.0f}%) loss {mean_vals['loss']:.4f} "
         f"top1 {mean_vals['top1']:.3f} lr {mean_vals['lr']:.4g} "
-        f"|g| {mean_vals['grad_norm']:.3g} {rate:.0f} img/s eta {_fmt_time(eta)}"
+        f"|g| {mean_vals['grad_norm']:.3g} {rate:.0f} img/s eta {progress.format_duration(eta)}"
     )
     last_metrics = mean_vals
     t_last, step_last = now, step

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bssl import parallel
@@ -31,8 +31,8 @@ def features(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(features [N, D] float32, labels [N]) of every record of ``source``, on this
   process's own devices (small target sets: every process computes all of them)."""
-  local = Mesh(np.asarray(jax.local_devices()), ("data",))
-  shard = NamedSharding(local, P("data"))
+  local = parallel.local_mesh()
+  shard = NamedSharding(local, P(parallel.DATA_AXIS))
   repl = NamedSharding(local, P())
   v = parallel.local_copy(variables, repl)
   nd = len(local.devices.reshape(-1))

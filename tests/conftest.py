@@ -1,12 +1,27 @@
 """Test set-up: CPU only, 8 fake devices so sharding code runs as on a pod slice."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+# One JAX compilation cache for the session, in this process and in every process a test
+# starts (python -m bssl.main, the launcher's workers, sweeps): the tiny recipes compile the
+# same train, eval and scoring steps over and over. A cached executable is the one XLA
+# would compile again, so no result changes; the cache is fresh for each session (nothing
+# carries over from an older checkout) and removed at its end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _jax_cache = tempfile.mkdtemp(prefix="bssl_tests_jax_cache_")
+  atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # Commands the tests start (launch/local.sh, subprocesses) use this interpreter: the
 # virtual environment's when run as the README says.

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import train_worker as tw  # noqa: E402
 
 from bssl import scoring, selection  # noqa: E402
-from bssl.backend import JaxScorer  # noqa: E402
+from bssl.backends.jax import JaxScorer  # noqa: E402
 from bssl.data import pipelines, sources  # noqa: E402
 from bssl.models import create_model  # noqa: E402
 

@@ -19,8 +19,8 @@ def _one_line_exit_2(code, err, want):
 
 def test_convert_user_errors(tmp_path, capsys):
   torch = pytest.importorskip("torch")
-  from bssl import convert
-  from bssl.torch_models import create_torch_model
+  from bssl.backends.torch_models import create_torch_model
+  from bssl.cli import convert
 
   sd = create_torch_model("resnet_small", 10, in_channels=1).state_dict()
   missing = {k: v for k, v in sd.items() if "layer2" not in k}

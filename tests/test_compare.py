@@ -1,4 +1,4 @@
-"""The PyTorch twin of the recipe (bssl.torch_train) against the JAX one (bssl.train), and
+"""The PyTorch twin of the recipe (bssl.backends.torch) against the JAX one (bssl.train), and
 the side-by-side comparison (bssl.compare) end to end on a tiny run."""
 
 import json
@@ -12,7 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bssl import backend, compare, config, convert, parallel, torch_train, train  # noqa: E402
+from bssl import config, parallel, stats, train  # noqa: E402
+from bssl.backends import convert  # noqa: E402
+from bssl.backends import jax as backend  # noqa: E402
+from bssl.backends import torch as torch_train  # noqa: E402
 from bssl.configs import demo  # noqa: E402
 from bssl.data import recipe  # noqa: E402
 
@@ -137,14 +140,14 @@ def test_same_loss_gradients_and_update_as_jax_from_the_same_weights():
 
 
 def test_agreement_rule():
-  a = compare.summarize([0.80, 0.82, 0.81])
+  a = stats.summarize([0.80, 0.82, 0.81])
   assert a["mean"] == pytest.approx(0.81) and a["std"] == pytest.approx(0.01) and a["n"] == 3
-  close = compare.agreement(a, compare.summarize([0.815, 0.805, 0.825]))
-  far = compare.agreement(a, compare.summarize([0.90, 0.91, 0.92]))
+  close = stats.agreement(a, stats.summarize([0.815, 0.805, 0.825]))
+  far = stats.agreement(a, stats.summarize([0.90, 0.91, 0.92]))
   assert close["agree"] is True and far["agree"] is False
   assert far["se"] == pytest.approx(np.sqrt(0.01**2 / 3 * 2))
-  assert compare.agreement(compare.summarize([0.8]), a)["agree"] is None  # n < 2
-  j = compare.jaccard(np.array([1, 2, 3, 4]), np.array([3, 4, 5]))
+  assert stats.agreement(stats.summarize([0.8]), a)["agree"] is None  # n < 2
+  j = stats.jaccard(np.array([1, 2, 3, 4]), np.array([3, 4, 5]))
   assert j["jaccard"] == pytest.approx(2 / 5) and j["intersection"] == 2
 
 
@@ -174,15 +177,24 @@ def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
       "--config=configs/demo.py:tiny",
       f"--workdir={wd}",
       "--seeds=0,1",
-      "--speed_threads=all",
-      "--speed_batch=32",
-      "--speed_steps=2",
-      "--speed_warmup=1",
-      "--speed_repeats=1",
       *overrides,
   ]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # the speed of both frameworks: measured apart, by the benchmark (the same work in both)
+  bench = [
+      sys.executable,
+      "benchmarks/framework_speed.py",
+      "--config=configs/demo.py:tiny",
+      "--threads=all",
+      "--batch=32",
+      "--steps=2",
+      "--warmup=1",
+      "--repeats=1",
+  ]
+  bproc = subprocess.run(bench, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert bproc.returncode == 0, bproc.stdout[-3000:] + bproc.stderr[-3000:]
+  speed = json.loads(bproc.stdout.strip().splitlines()[-1])["results"]
   rep = json.loads((wd / "compare.json").read_text())
   assert rep["seeds"] == [0, 1] and rep["frameworks"] == ["jax", "torch"]
   for stage in ("baseline", "teacher", "student_pretrained", "student"):
@@ -199,7 +211,7 @@ def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
     assert 0.0 <= ov["jaccard"] <= 1.0 and ov["rows_a"] > 0 and ov["rows_b"] > 0
   assert set(rep["dhat_overlap"]["between_seeds_same_framework"]) == {"jax", "torch"}
   for fw in ("jax", "torch"):
-    sp = rep["speed"]["all"][fw]
+    sp = speed["all"][fw]
     assert sp["train"]["images_per_s"] > 0 and sp["score"]["images_per_s"] > 0
     assert sp["train_batch"] == 32
     # Both frameworks saw the same labelled set and scored the same U.
@@ -208,7 +220,7 @@ def test_compare_end_to_end_on_the_tiny_preset(tmp_path):
       assert res["baseline"]["num_examples"] == 500
       assert res["selection"]["num_scored"] == 1800
   md = (wd / "compare.md").read_text()
-  assert "| baseline | top-1 |" in md and "Jaccard" in md and "img/s" in md
+  assert "| baseline | top-1 |" in md and "Jaccard" in md and "img/s" in bproc.stdout
   # Same D for a seed in both frameworks: both lanes ran the engine on the recipe's splits.
   splits = json.loads((wd / "jax" / "seed_1" / "splits.json").read_text())
   cfg1 = demo.get_config("tiny")
@@ -233,7 +245,8 @@ def test_compare_preset_is_the_measured_lighter_recipe():
   assert light.teacher.steps > 0 and light.teacher.get("init_from") is None
   assert tuple(light.teacher.model_kwargs.depths) == (2, 2, 2)
   assert light.select.k <= light.unlabelled.limit // light.data.num_classes
-  assert demo.get_config("compare,seed1").seed == 1
+  with pytest.raises(config.ConfigError, match=r"--config\.seed=1"):  # seeds are a field
+    demo.get_config("compare,seed1")
 
 
 def test_torch_lane_takes_a_teacher_that_is_its_baseline_and_refuses_jax_folders():

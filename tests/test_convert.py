@@ -10,8 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bssl import convert, models  # noqa: E402
-from bssl.torch_models import create_torch_model  # noqa: E402
+from bssl import models  # noqa: E402
+from bssl.backends import convert  # noqa: E402
+from bssl.backends.torch_models import create_torch_model  # noqa: E402
+from bssl.cli import convert as convert_cli  # noqa: E402
 
 SMALL_VARIANTS = [
     dict(),
@@ -179,7 +181,7 @@ def test_cli_round_trip(tmp_path, capsys):
   torch.save({"state_dict": sd}, tmp_path / "in.pth")  # training wrapper is unwrapped
   out = tmp_path / "flax"
   assert (
-      convert.main(
+      convert_cli.main(
           [
               f"--from_torch={tmp_path / 'in.pth'}",
               "--model=resnet_small",
@@ -195,7 +197,7 @@ def test_cli_round_trip(tmp_path, capsys):
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
   assert convert.converted_info(str(out))["model"] == "resnet_small"
   with pytest.raises(SystemExit) as e:  # a user error: one line, exit 2
-    convert.main(
+    convert_cli.main(
         [
             f"--from_torch={tmp_path / 'in.pth'}",
             "--model=resnet_small",
@@ -206,7 +208,7 @@ def test_cli_round_trip(tmp_path, capsys):
   assert e.value.code == 2 and "already exists" in capsys.readouterr().err
 
   # Back to torch: model and kwargs default to those recorded in the directory.
-  assert convert.main([f"--to_torch={out}", f"--out={tmp_path / 'out.pth'}"]) == 0
+  assert convert_cli.main([f"--to_torch={out}", f"--out={tmp_path / 'out.pth'}"]) == 0
   back = torch.load(tmp_path / "out.pth", weights_only=True)
   assert list(back) == list(sd)
   for k in sd:
@@ -214,7 +216,7 @@ def test_cli_round_trip(tmp_path, capsys):
       assert torch.equal(back[k], sd[k]), k
 
   with pytest.raises(SystemExit) as e:
-    convert.main(["--help"])
+    convert_cli.main(["--help"])
   assert e.value.code == 0 and "--from_torch" in capsys.readouterr().out
 
 

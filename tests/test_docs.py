@@ -1,6 +1,7 @@
 """The documentation that is generated or checked: docs/config.md is what
-``python -m bssl.config`` prints (regenerate it when a field changes), and the README stays
-a reference of modest size whose two set-up commands are the ones CI runs."""
+``python -m bssl.config`` prints (regenerate it when a field changes), the README stays
+a reference of modest size whose two set-up commands are the ones CI runs, and code that
+points to a README section names one it has."""
 
 import os
 import subprocess
@@ -51,3 +52,24 @@ def test_readme_is_a_reference_and_ci_runs_its_test_command():
   video_doc = open(os.path.join(ROOT, "docs", "video.md")).read()
   assert "figures/video_dhat.png" in video_doc
   assert os.path.exists(os.path.join(ROOT, "docs", "figures", "video_dhat.png"))
+
+
+def test_pointers_to_readme_sections_name_sections_it_has():
+  """Messages and comments that send users to a README section (``README "X"``, ``README,
+  "X"``) name a section the README has: sections that moved to docs/ are pointed to there."""
+  import re
+
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  sections = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", readme, re.M)}
+  bad = []
+  for folder in ("bssl", "launch", "benchmarks", "tools"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+      for name in files:
+        if not name.endswith((".py", ".sh", ".sbatch")):
+          continue
+        path = os.path.join(dirpath, name)
+        text = " ".join(open(path, encoding="utf-8").read().replace("#", " ").split())
+        for m in re.finditer(r"""README,? (["'])(.+?)\1""", text):
+          if m.group(2) not in sections:
+            bad.append(f"{os.path.relpath(path, ROOT)}: README {m.group(2)!r}")
+  assert not bad, bad

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from bssl import parallel, scoring
-from bssl.backend import JaxScorer
+from bssl.backends.jax import JaxScorer
 from bssl.data import decode, ingest, pipelines, sources
+from bssl.data.listing import list_inputs
+from bssl.data.shards import ShardSource
 from bssl.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +220,7 @@ def test_ids_are_positions_in_the_whole_path_order_for_a_folder_and_its_file_lis
   names = ["a.png", "a/b.png", "a-c.png", "a0.png", "b/c/d.png", "b.png", "B.png", "é.png"]
   for i, n in enumerate(names):
     _save(_photo(8, 8, i), str(root / n))
-  listed = ingest.list_inputs(str(root))
+  listed = list_inputs(str(root))
   assert [os.path.relpath(f, root) for f in listed] == sorted(names)
   assert listed.index(str(root / "a.png")) < listed.index(str(root / "a/b.png"))
   # the same files in a list, shuffled, relative to the list's folder (some with ./)
@@ -227,7 +229,7 @@ def test_ids_are_positions_in_the_whole_path_order_for_a_folder_and_its_file_lis
   lst.write_text(
       "# my images\n" + "\n".join(("./" if k % 2 else "") + names[k] for k in order) + "\n"
   )
-  assert ingest.list_inputs(str(lst)) == listed
+  assert list_inputs(str(lst)) == listed
   a, b = sources.ImageFileSource(str(root)), sources.ImageFileSource(str(lst))
   assert a.files == b.files and a.identity() == b.identity()
   assert a.identity().startswith("files-v2:")  # never equal to an identity of the old rule
@@ -241,13 +243,13 @@ def test_ingests_of_the_old_id_rule_are_refused_with_the_reason(tmp_path):
     _save(_photo(20, 20, i), str(folder / f"{i}.jpg"), quality=90)
   out = tmp_path / "shards"
   ingest.run_ingest(str(folder), str(out), ingest.Params(shard_size=2), log=lambda m: None)
-  assert ingest.ShardSource(str(out)).manifest["format_version"] == 2
+  assert ShardSource(str(out)).manifest["format_version"] == 2
   for name in ("manifest.json", "ingest.json"):
     m = json.load(open(out / name))
     m["format_version"] = 1
     json.dump(m, open(out / name, "w"))
   with pytest.raises(ingest.IngestError, match="format 1.*id rule changed.*ingest again"):
-    ingest.ShardSource(str(out))
+    ShardSource(str(out))
   with pytest.raises(ingest.IngestError, match="format 1.*id rule changed"):
     ingest.run_ingest(str(folder), str(out), ingest.Params(shard_size=2), log=lambda m: None)
 
@@ -256,7 +258,7 @@ def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
   root, want = hostile
   out = str(tmp_path / "out")
   man = ingest.run_ingest(root, out, ingest.Params(shard_size=4), log=lambda m: None)
-  files = ingest.list_inputs(root)
+  files = list_inputs(root)
   rels = [os.path.relpath(f, root) for f in files]
   assert sorted(rels) == sorted(want) and rels == sorted(rels)  # notes.txt is not listed
   bad = json.load(open(os.path.join(out, "bad.json")))
@@ -269,7 +271,7 @@ def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
 
   # every valid image decodes from the shards to the reference pixels, scaled to short side
   # 256 when bigger (and re-encoded: JPEG error only), exactly when stored as it was
-  src = ingest.ShardSource(out, channels=3, drop_duplicates=False)
+  src = ShardSource(out, channels=3, drop_duplicates=False)
   assert len(src) == len(want)
   for i, rel in enumerate(rels):
     rec = src[i]
@@ -295,7 +297,7 @@ def test_ingest_hostile_folder_lists_exactly_the_bad_files(hostile, tmp_path):
   got = {rels[i]: rels[f] for i, f in zip(d["ids"], d["first"])}
   smalls = sorted(("small.jpg", "nested/copy_of_small.jpg", "zz/small_again.jpg"))
   assert got == {**{r: smalls[0] for r in smalls[1:]}, "zz/big_again.jpg": "big.jpg"}
-  dropping = ingest.ShardSource(out, channels=3)
+  dropping = ShardSource(out, channels=3)
   for r in got:
     assert not dropping[rels.index(r)]["valid"]
     assert "duplicate of id" in dropping.reason_of(rels.index(r))
@@ -321,7 +323,7 @@ def test_killed_ingest_resumes_to_byte_identical_shards_on_any_split(hostile, tm
   }
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   with pytest.raises(ingest.IngestError, match="not complete"):
-    ingest.ShardSource(out)
+    ShardSource(out)
   r0 = ingest.run_ingest(root, out, params, process_index=0, process_count=2, log=lambda m: None)
   assert r0.get("complete") is False
   ingest.run_ingest(root, out, params, process_index=1, process_count=2, log=lambda m: None)
@@ -428,7 +430,7 @@ def test_scoring_from_shards_equals_scoring_the_folder(tmp_path):
   want = dhat(sources.ImageFileSource(str(folder)), 1, "folder")
   # 2 processes, the second decoding in a worker process (the source is pickled to it)
   for pc, workers in ((1, 0), (2, 1)):
-    got = dhat(ingest.ShardSource(out, channels=3), pc, f"shards{pc}", workers)
+    got = dhat(ShardSource(out, channels=3), pc, f"shards{pc}", workers)
     for f in ("ids", "classes", "scores", "ranks"):
       np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
 
@@ -438,9 +440,11 @@ def test_shards_on_gcs_are_cached_on_the_host(hostile, tmp_path, gcs):
   code = f"""
 import numpy as np
 from bssl.data import ingest
+from bssl.data.listing import list_inputs
+from bssl.data.shards import ShardSource
 ingest.run_ingest({root!r}, {gcs.url('ingest/h')!r}, ingest.Params(shard_size=4),
                   log=lambda m: None)
-src = ingest.ShardSource({gcs.url('ingest/h')!r}, channels=3, cache_dir={str(tmp_path / 'c')!r})
+src = ShardSource({gcs.url('ingest/h')!r}, channels=3, cache_dir={str(tmp_path / 'c')!r})
 print(sum(bool(src[i]['valid']) for i in range(len(src))), len(src))
 # and an input folder on gs:// (listed recursively there), into a local --out
 from etils import epath
@@ -455,7 +459,7 @@ for name in ("a/b.png", "a.png", "a-c.png"):
   (epath.Path({gcs.url('ingest/order')!r}) / name).parent.mkdir(parents=True, exist_ok=True)
   (epath.Path({gcs.url('ingest/order')!r}) / name).write_bytes(b"x")
 print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
-                        for f in ingest.list_inputs({gcs.url('ingest/order')!r})))
+                        for f in list_inputs({gcs.url('ingest/order')!r})))
 """
   r = subprocess.run(
       [sys.executable, "-c", code],
@@ -475,10 +479,10 @@ print("ORDER", ",".join(f.split("ingest/order/", 1)[1]
     os.makedirs(os.path.dirname(local / name), exist_ok=True)
     (local / name).write_bytes(b"x")
   assert (
-      ",".join(os.path.relpath(f, local) for f in ingest.list_inputs(str(local)))
+      ",".join(os.path.relpath(f, local) for f in list_inputs(str(local)))
       == "a-c.png,a.png,a/b.png"
   )
-  src = ingest.ShardSource(str(tmp_path / "from_gcs"))
+  src = ShardSource(str(tmp_path / "from_gcs"))
   assert [os.path.basename(src.name_of(i)) for i in range(2)] == ["x.png", "small.jpg"]
   (sub,) = os.listdir(tmp_path / "c")  # a folder per ingest, named by its content digest
   assert sorted(os.listdir(tmp_path / "c" / sub))[0].startswith("u-00000")

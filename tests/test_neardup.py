@@ -119,7 +119,7 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
   process of earlier versions is still read."""
   import types
 
-  from bssl import workdir as workdir_lib
+  from bssl import storage
   from bssl.data import sources
   from bssl.stages import eval_copies
 
@@ -149,7 +149,7 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
       "match",
       lambda self, imgs, **kw: (calls.append(len(imgs)), real(self, imgs, **kw))[1],
   )
-  folder = workdir_lib.path(tmp_path / "ec")
+  folder = storage.path(tmp_path / "ec")
   want = eval_copies.find(ctx, folder)
   parts = sorted(os.listdir(folder))
   assert len(parts) == 5 and all("-of-00001-c" in p for p in parts), parts  # 10 blocks
@@ -167,7 +167,7 @@ def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, 
   assert not calls  # all parts there: nothing matched again
   for p in os.listdir(folder):  # a run of bssl <= 0.4.0: one part per process
     os.unlink(folder / p)
-  workdir_lib.write_npz(folder / "p00000-of-00001.npz", **want)
+  storage.write_npz(folder / "p00000-of-00001.npz", **want)
   got = eval_copies.read_done(folder, 1)
   assert all(np.array_equal(got[k], want[k]) for k in want)
 
@@ -180,8 +180,7 @@ def test_matching_split_between_processes_equals_one_and_survives_a_count_change
   dropped and the answer is the same."""
   import types
 
-  from bssl import parallel
-  from bssl import workdir as workdir_lib
+  from bssl import parallel, storage
   from bssl.data import sources
   from bssl.stages import eval_copies
 
@@ -204,9 +203,9 @@ def test_matching_split_between_processes_equals_one_and_survives_a_count_change
       ),
       log=lambda m: None,
   )
-  one = eval_copies.find(ctx, workdir_lib.path(tmp_path / "one"))
+  one = eval_copies.find(ctx, storage.path(tmp_path / "one"))
   assert len(one["id"]) >= 12
-  folder = workdir_lib.path(tmp_path / "two")
+  folder = storage.path(tmp_path / "two")
   monkeypatch.setattr(parallel, "process_count", lambda: 2)
   for pi in (0, 1):
     monkeypatch.setattr(parallel, "process_index", lambda pi=pi: pi)

@@ -87,7 +87,8 @@ def _dump(workdir, out, env):
   filesystem) into local ``out``, in a fresh process that can reach the emulator."""
   script = f"""
 import json, numpy as np, jax
-from bssl import backend, selection, train, workdir as W
+from bssl import selection, train, workdir as W
+from bssl.backends import jax as backend
 from bssl.configs import demo
 cfg = demo.get_config('tiny')
 wd = W.Workdir({str(workdir)!r})
@@ -167,7 +168,7 @@ def test_pod_equals_one_process_and_survives_kill_9(tmp_path, gcs):
   # ... and given the pod's teacher, exactly the pod's D̂.
   same_teacher = tmp_path / "same_teacher"
   script = (
-      f"from bssl import workdir as W\n"
+      f"from bssl import storage as W\n"
       f"src, dst = W.path({url!r}), W.path({str(same_teacher)!r})\n"
       f"def cp(a, b):\n"
       f"  if a.is_dir():\n"

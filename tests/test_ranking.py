@@ -12,16 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bssl import parallel, scoring, selection
-from bssl.backend import JaxScorer
-from bssl.data import clips as clips_lib
+from bssl import parallel, ranking, scoring, selection
+from bssl.backends.jax import JaxScorer
 from bssl.data import pipelines, sources
 
 SPEC = pipelines.ImageSpec(size=8, channels=1, augment="none")
 MEAN, STD = (0.0,), (1.0,)
 # jitted: run eagerly, every jnp op is compiled on its own (seconds on a small CPU)
-top_log_odds = jax.jit(scoring.top_log_odds, static_argnums=1)
-video_top_log_odds = jax.jit(scoring.video_top_log_odds, static_argnums=1)
+top_log_odds = jax.jit(ranking.top_log_odds, static_argnums=1)
+video_top_log_odds = jax.jit(ranking.video_top_log_odds, static_argnums=1)
 softmax = jax.jit(lambda z: jax.nn.softmax(z.astype(jnp.float32), axis=-1))
 
 
@@ -215,21 +214,21 @@ def test_video_log_odds_of_the_averaged_softmax_in_log_space():
   def apply(x):
     return jnp.reshape(x.astype(jnp.float32), (x.shape[0], -1)) @ w / 100
 
-  got = np.asarray(jax.jit(lambda v: clips_lib.clip_logits(apply, v))(videos))
+  got = np.asarray(jax.jit(lambda v: ranking.clip_logits(apply, v))(videos))
   want = np.stack([np.asarray(apply(videos[:, i])) for i in range(3)], axis=1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_torch_scorer_gives_the_same_log_odds():
   torch = pytest.importorskip("torch")
-  from bssl import torch_train
+  from bssl.backends import torch as torch_backend
 
   rng = np.random.default_rng(3)
   z = rng.normal(0, 1, (300, 7)) * np.repeat([1.0, 10.0, 40.0], 100)[:, None]
   z = z.astype(np.float32)
   z[0] = [5, 5, 0, 0, 0, 0, 0]
   jc, jr, jf = (np.asarray(a) for a in top_log_odds(z, 3))
-  tc, tr, tf = (a.numpy() for a in torch_train.top_log_odds(torch.from_numpy(z), 3))
+  tc, tr, tf = (a.numpy() for a in torch_backend.top_log_odds(torch.from_numpy(z), 3))
   np.testing.assert_array_equal(tc[1:], jc[1:])  # row 0: a tie, either order
   np.testing.assert_allclose(tr, jr, rtol=1e-6, atol=1e-5)
   assert tf.all() and jf.all()

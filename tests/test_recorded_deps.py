@@ -9,10 +9,10 @@ Also the hostile cases: a smaller U refuses the weak pre-training done on the la
 (it trains on U), and transfer's full fine-tuning records the ``finetune.*`` fields it
 trains with even when the student is not transferred (finetune is then not an input of
 transfer). And bssl/readers.json (the "read by" column of docs/config.md) is what these
-runs record (regenerate it with ``.venv/bin/python tests/record_presets.py``).
+runs record (regenerate it with ``.venv/bin/python tools/record_presets.py``).
 
 The presets run with fewer training steps, no evaluate/report and, in semiweak, transfer
-of the baseline and teacher only (tests/record_presets.py says why that records the same
+of the baseline and teacher only (tools/record_presets.py says why that records the same
 fields); configs/demo.py:tiny is the session's shared run of tests/conftest.py.
 """
 
@@ -22,12 +22,12 @@ import shutil
 
 import ml_collections
 import pytest
-import record_presets as rp
 
 from bssl import config as config_lib
 from bssl import deps, engine, stages
 from bssl import workdir as workdir_lib
 from bssl.data import recipe
+from tools import record_presets as rp
 
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
@@ -122,7 +122,7 @@ def other_value(field: config_lib.Field, value):
     if deps.plain(c) == deps.plain(value):
       continue
     try:
-      config_lib._check_field(field, c)
+      config_lib.check_field(field, c)
     except config_lib.ConfigError:
       continue
     return c

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bssl import parallel, scoring, selection, train
-from bssl import workdir as workdir_lib
-from bssl.backend import JaxScorer
+from bssl import parallel, scoring, selection, storage, train
+from bssl.backends.jax import JaxScorer
 from bssl.data import pipelines, sources
 from bssl.models import create_model
 
@@ -244,8 +243,8 @@ def test_nan_logits_stop_with_the_image_ids(setup, tmp_path):
 def test_accumulator_checkpoint_round_trip(tmp_path):
   acc = selection.TopKPerClass(3, 2)
   acc.update(np.arange(6), np.array([0, 1, 2, 0, 1, 2]), np.linspace(0, 1, 6, dtype=np.float32))
-  workdir_lib.write_npz(tmp_path / "a.npz", **acc.state_dict())
-  acc2 = selection.TopKPerClass.from_state_dict(workdir_lib.read_npz(tmp_path / "a.npz"))
+  storage.write_npz(tmp_path / "a.npz", **acc.state_dict())
+  acc2 = selection.TopKPerClass.from_state_dict(storage.read_npz(tmp_path / "a.npz"))
   assert acc2.num_candidates_seen == 6
   r1, r2 = acc.result(), acc2.result()
   for f in ("ids", "classes", "scores", "ranks"):
@@ -404,10 +403,10 @@ def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
   parts = _complete_parts(tmp_path, pc=2)
   scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
   name = "g0001_p00001.json"
-  meta = workdir_lib.read_json(parts / name)
+  meta = storage.read_json(parts / name)
   assert meta["format"] == scoring.PARTS_FORMAT == 2
   old = {key: v for key, v in meta.items() if key not in ("format", "seed")}
-  workdir_lib.write_json(parts / name, old)
+  storage.write_json(parts / name, old)
   for check in (
       lambda: scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P),
       lambda: scoring.merge_parts(parts, N),
@@ -420,20 +419,20 @@ def test_parts_of_the_old_format_are_refused_on_resume_and_merge(tmp_path):
     ):
       check()
   # a format this version does not know (a newer bssl's) is refused the same way
-  workdir_lib.write_json(parts / name, dict(meta, format=3))
+  storage.write_json(parts / name, dict(meta, format=3))
   with pytest.raises(scoring.IncompleteScoringError, match="format 3.*delete"):
     scoring.check_parts(parts, num_images=N, num_classes=C, k=K, p=P)
 
 
 def _npz_of(parts, name="g0001_p00000.json"):
-  return parts / workdir_lib.read_json(parts / name)["npz"]
+  return parts / storage.read_json(parts / name)["npz"]
 
 
 def test_a_corrupt_part_npz_is_a_corrupt_artifact_naming_the_file(tmp_path):
   parts = _complete_parts(tmp_path)
   npz = _npz_of(parts)
   npz.write_bytes(os.urandom(64) + b"garbage, not an npz" * 8)
-  with pytest.raises(workdir_lib.CorruptArtifactError, match=os.path.basename(npz)):
+  with pytest.raises(storage.CorruptArtifactError, match=os.path.basename(npz)):
     scoring.merge_parts(parts, N)
 
 
@@ -442,14 +441,14 @@ def test_a_truncated_part_npz_is_a_corrupt_artifact_naming_the_file(tmp_path):
   npz = _npz_of(parts)
   data = npz.read_bytes()
   npz.write_bytes(data[: len(data) // 2])  # a kill mid-copy on a store without renames
-  with pytest.raises(workdir_lib.CorruptArtifactError, match=os.path.basename(npz)):
+  with pytest.raises(storage.CorruptArtifactError, match=os.path.basename(npz)):
     scoring.merge_parts(parts, N)
 
 
 def test_a_corrupt_part_json_is_a_corrupt_artifact_naming_the_file(tmp_path):
   parts = _complete_parts(tmp_path)
   (parts / "g0001_p00001.json").write_bytes(b"{not json")
-  with pytest.raises(workdir_lib.CorruptArtifactError, match="g0001_p00001.json"):
+  with pytest.raises(storage.CorruptArtifactError, match="g0001_p00001.json"):
     scoring.coverage(parts, N)
 
 

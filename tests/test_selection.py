@@ -572,21 +572,21 @@ def test_failed_rename_leaves_no_temporary_file_and_nothing_complete(tmp_path, m
 def test_summary_is_written_last(tmp_path, monkeypatch, rewrite):
   # while the arrays and stats are being written, no summary.json exists (not even the
   # previous D̂'s, when one is replaced)
-  from bssl import workdir as workdir_lib
+  from bssl import storage
 
   sel = _some_selection()
   d = tmp_path / "dhat"
   if rewrite:
     selection.write_selection(d, _some_selection(seed=4))
   seen = []
-  real_write_bytes = workdir_lib.write_bytes
+  real_write_bytes = storage.write_bytes
 
   def spy(path, data):
     parent = os.fspath(path.parent)
     seen.append((path.name, sorted(os.listdir(parent)) if os.path.exists(parent) else []))
     return real_write_bytes(path, data)
 
-  monkeypatch.setattr(workdir_lib, "write_bytes", spy)
+  monkeypatch.setattr(storage, "write_bytes", spy)
   selection.write_selection(d, sel)
   names = [name for name, _ in seen]
   assert names[-2:] == ["class_stats.json", "summary.json"]

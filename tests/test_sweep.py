@@ -28,10 +28,12 @@ ARGS = [
 
 
 def _env(tmp_path):
-  # a persistent compilation cache: the points compile the same steps (results unchanged)
+  # a persistent compilation cache: the points compile the same steps (results unchanged);
+  # the session's (tests/conftest.py), shared with the other tests' runs of the demo
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path.parent / "jax_cache")
   return dict(
       os.environ,
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
+      JAX_COMPILATION_CACHE_DIR=cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
@@ -188,25 +190,26 @@ def test_emit_prints_one_command_per_point(tmp_path):
 
 
 def test_dict_fields_are_swept_as_json_lists():
-  from bssl import config, sweep
+  from bssl import config
+  from bssl.sweep import grid
 
   cfg = config.base()
-  name, vals = sweep.parse_axis(
+  name, vals = grid.parse_axis(
       'teacher.model_kwargs=[{"widths": [8, 16, 32]}, '
       '{"widths": [32, 64, 128], "depths": [2, 2, 2]}]',
       cfg,
   )
   assert name == "teacher.model_kwargs" and vals[1]["depths"] == [2, 2, 2]
-  pts = sweep.points(cfg, [(name, vals)], [0])
+  pts = grid.points(cfg, [(name, vals)], [0])
   assert [p["name"] for p in pts] == [
       "teacher.model_kwargs=widths-8-16-32,seed=0",
       "teacher.model_kwargs=depths-2-2-2-widths-32-64-128,seed=0",
   ]
-  got = sweep.point_config(cfg, pts[1], [(name, vals)]).teacher.model_kwargs
+  got = grid.point_config(cfg, pts[1], [(name, vals)]).teacher.model_kwargs
   assert dict(got) == {"widths": [32, 64, 128], "depths": [2, 2, 2]}  # replaced, not merged
   # values whose readable labels collide get distinct folders
-  name, vals = sweep.parse_axis('teacher.model_kwargs=[{"x": -1}, {"x": 1}, {"x": 2}]', cfg)
-  names = [p["name"] for p in sweep.points(cfg, [(name, vals)], [0])]
+  name, vals = grid.parse_axis('teacher.model_kwargs=[{"x": -1}, {"x": 1}, {"x": 2}]', cfg)
+  names = [p["name"] for p in grid.points(cfg, [(name, vals)], [0])]
   assert len(set(names)) == 3 and names[2] == "teacher.model_kwargs=x-2,seed=0", names
   for bad, msg in (
       ("teacher.model_kwargs=[1, 2]", "takes dict values"),
@@ -214,8 +217,8 @@ def test_dict_fields_are_swept_as_json_lists():
       ("teacher.model_kwargs={}", "takes a JSON list"),
       ("select.k=[1, 1]", "repeated values"),
   ):
-    with pytest.raises(sweep.SweepError, match=msg):
-      sweep.parse_axis(bad, cfg)
+    with pytest.raises(grid.SweepError, match=msg):
+      grid.parse_axis(bad, cfg)
 
 
 # ----------------------------------------------------------------- the sweep's processes
@@ -375,7 +378,8 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
   of dead processes, of reused pids or of other machines do not stop a rerun."""
   import socket
 
-  from bssl import procs, sweep
+  from bssl import procs
+  from bssl.sweep import grid, workers
 
   run = tmp_path / "running"
   run.mkdir()
@@ -399,13 +403,13 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
   try:
     entry("p_reused", live.pid, start="1")  # the pid of another, later process
     entry("p_far", live.pid, host="another-machine")
-    sweep.check_running(tmp_path, wait_s=0)  # none of these is at work here
+    workers.check_running(tmp_path, wait_s=0)  # none of these is at work here
     assert sorted(f.name for f in run.iterdir()) == ["p_far.json"]  # stale ones removed
     entry("select.k=20,seed=0", live.pid)  # its parent (this test) still runs
-    with pytest.raises(sweep.SweepError, match=rf"point select.k=20,seed=0 \(pid {live.pid}\)"):
-      sweep.check_running(tmp_path, wait_s=60)
-    with pytest.raises(sweep.SweepError, match="in use by processes still running"):
-      sweep.claim_running(tmp_path, "select.k=20,seed=0", wait_s=60)
+    with pytest.raises(grid.SweepError, match=rf"point select.k=20,seed=0 \(pid {live.pid}\)"):
+      workers.check_running(tmp_path, wait_s=60)
+    with pytest.raises(grid.SweepError, match="in use by processes still running"):
+      workers.claim_running(tmp_path, "select.k=20,seed=0", wait_s=60)
     r = subprocess.run(
         [sys.executable, "-m", "bssl.sweep", *TWO, f"--workdir={tmp_path}"],
         cwd=ROOT,
@@ -419,21 +423,21 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
     # a worker that lost its sweep (its recorded parent is not its parent): waited for,
     # up to wait_s, then named
     entry("select.k=20,seed=0", live.pid, ppid=dead.pid)
-    with pytest.raises(sweep.SweepError, match=f"pid {live.pid}"):
-      sweep.check_running(tmp_path, wait_s=1)
+    with pytest.raises(grid.SweepError, match=f"pid {live.pid}"):
+      workers.check_running(tmp_path, wait_s=1)
     short = subprocess.Popen(["sleep", "1"])
     entry("select.k=20,seed=0", short.pid, ppid=dead.pid)
     said = []
-    sweep.check_running(tmp_path, wait_s=120, log=said.append)
+    workers.check_running(tmp_path, wait_s=120, log=said.append)
     assert _gone(short.pid) and said and "waiting for point select.k=20,seed=0" in said[0]
     short.wait()
     entry("_sweep", live.pid)  # a live sweep: refused, never waited for
-    with pytest.raises(sweep.SweepError, match=f"a sweep \\(pid {live.pid}\\)"):
-      sweep.claim_running(tmp_path, "_sweep", wait_s=60)
+    with pytest.raises(grid.SweepError, match=f"a sweep \\(pid {live.pid}\\)"):
+      workers.claim_running(tmp_path, "_sweep", wait_s=60)
     (run / "_sweep.json").unlink()
-    f = sweep.claim_running(tmp_path, "_sweep")  # free: entered, and removed on release
+    f = workers.claim_running(tmp_path, "_sweep")  # free: entered, and removed on release
     assert json.load(open(f))["pid"] == os.getpid()
-    sweep.release_running(f)
+    workers.release_running(f)
     assert not f.exists()
   finally:
     live.kill()
@@ -441,7 +445,8 @@ def test_a_rerun_waits_for_or_refuses_processes_still_in_the_workdir(tmp_path):
 
 
 def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp_path):
-  from bssl import config, sweep, workdir
+  from bssl import config, storage
+  from bssl.sweep import grid, summary
 
   r = subprocess.run(
       [sys.executable, "-m", "bssl.sweep", *ARGS, f"--workdir={tmp_path}", "--collect"],
@@ -457,8 +462,8 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   assert "No point is done yet" in open(tmp_path / "sweep.md").read()
   assert not list(tmp_path.glob("*.png"))
   cfg = config.base()
-  axes = [sweep.parse_axis("select.k=20,50", cfg), sweep.parse_axis("select.p=1,2", cfg)]
-  pts = sweep.points(cfg, axes, [0, 1])
+  axes = [grid.parse_axis("select.k=20,50", cfg), grid.parse_axis("select.p=1,2", cfg)]
+  pts = grid.points(cfg, axes, [0, 1])
   stage_of = {"baseline": "baseline", "teacher": "teacher", "student": "finetune"}
   for models, md in (
       ({}, "No done point has a test evaluation"),  # stages without evaluate
@@ -467,11 +472,11 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   ):  # nothing on the plot
     for p in pts:
       for key in models:
-        workdir.write_json(
+        storage.write_json(
             tmp_path / "points" / p["name"] / stage_of[key] / "done.json",
             {"artifact_id": f"{key}-1"},
         )
-      workdir.write_json(
+      storage.write_json(
           tmp_path / "points" / p["name"] / "report" / "results.json",
           {
               "name": "tiny",
@@ -479,17 +484,17 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
               **{k: dict(v, artifact_id=f"{k}-1") for k, v in models.items()},
           },
       )
-    s = sweep.collect(tmp_path, axes, pts)
+    s = summary.collect(tmp_path, axes, pts)
     assert s["num_done"] == 8 and md in open(tmp_path / "sweep.md").read()
     assert bool(models) == (tmp_path / "select.k.png").exists()
     assert s["stale"] == []
   # A model replaced since a point's report (another artifact in its done.json), or a
   # result naming no artifact (an older report): never shown, and the point is listed.
   for p in pts:
-    workdir.write_json(
+    storage.write_json(
         tmp_path / "points" / p["name"] / "finetune" / "done.json", {"artifact_id": "student-1"}
     )
-    workdir.write_json(
+    storage.write_json(
         tmp_path / "points" / p["name"] / "report" / "results.json",
         {
             "name": "tiny",
@@ -499,13 +504,13 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
         },
     )
   first, second = pts[0]["name"], pts[1]["name"]
-  workdir.write_json(
+  storage.write_json(
       tmp_path / "points" / first / "finetune" / "done.json", {"artifact_id": "student-2"}
   )
   res = json.load(open(tmp_path / "points" / second / "report" / "results.json"))
   del res["baseline"]["artifact_id"]
-  workdir.write_json(tmp_path / "points" / second / "report" / "results.json", res)
-  s = sweep.collect(tmp_path, axes, pts)
+  storage.write_json(tmp_path / "points" / second / "report" / "results.json", res)
+  s = summary.collect(tmp_path, axes, pts)
   assert s["stale"] == [
       {"name": first, "replaced": ["student"]},
       {"name": second, "replaced": ["baseline"]},
@@ -544,7 +549,8 @@ def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
   taken over instead of waited on forever; a live owner's lock is waited on."""
   import threading
 
-  from bssl import procs, sweep
+  from bssl import procs
+  from bssl.sweep import share
 
   claims = tmp_path / "claims"
   claims.mkdir()
@@ -556,7 +562,7 @@ def test_share_lock_left_by_a_killed_point_is_taken_over(tmp_path):
   (claims / "scoring").write_text("")
   old = time.time() - 60
   os.utime(claims / "scoring", (old, old))
-  s = sweep.Sharer(tmp_path, "p0", log=lambda *a: None)
+  s = share.Sharer(tmp_path, "p0", log=lambda *a: None)
 
   def acquire(name):  # in a thread: the old code waited on these locks forever
     got = threading.Event()

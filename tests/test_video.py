@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from bssl import ranking
 from bssl.data import clips as clips_lib
 from bssl.models import count_params
 from bssl.models.video import create_video_model, mid_channels
@@ -62,8 +63,8 @@ def test_parameter_counts_of_both_layouts():
 )
 def test_pytorch_parity_and_conversion_both_directions(name, kw):
   torch = pytest.importorskip("torch")
-  from bssl import convert
-  from bssl.torch_models import create_torch_video_model
+  from bssl.backends import convert
+  from bssl.backends.torch_models import create_torch_video_model
 
   c = 1 if name == "r2plus1d_small" else 3
   twin = create_torch_video_model(name, 5, in_channels=c, **kw)
@@ -153,7 +154,7 @@ def test_ten_clip_prediction_is_the_mean_of_ten_single_clip_predictions():
   variables = model.init(jax.random.key(0), videos[:1, :4], train=False)
   apply_fn = lambda c: model.apply(variables, c, train=False)
   batch = np.stack([clips_lib.clips_of(v, 4, 2, 10) for v in videos])  # [3, 10, 4, H, W, C]
-  got = np.asarray(jax.jit(lambda c: clips_lib.video_level_probs(apply_fn, c))(batch))
+  got = np.asarray(jax.jit(lambda c: ranking.video_level_probs(apply_fn, c))(batch))
   for b in range(3):
     single = [np.asarray(jax.nn.softmax(apply_fn(batch[b, i][None])))[0] for i in range(10)]
     np.testing.assert_allclose(got[b], np.mean(single, axis=0), rtol=1e-5, atol=1e-6)

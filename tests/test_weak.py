@@ -114,7 +114,8 @@ def test_semiweak_tiny_pipeline_end_to_end(tmp_path):
   assert "same_as" not in res["teacher"]
   # the teacher's fine-tuning starts from the weak model's body (not from scratch): its
   # first convolution moved little from the weak model's
-  from bssl import backend, parallel
+  from bssl import parallel
+  from bssl.backends import jax as jax_backend
   from bssl.data import recipe
 
   mesh = parallel.make_mesh()
@@ -122,12 +123,12 @@ def test_semiweak_tiny_pipeline_end_to_end(tmp_path):
   wv = train.load_variables(
       os.path.join(wd, "weak_pretrain", "final"),
       mesh,
-      backend.variable_shapes(backend.make_model(cfg.weak_pretrain, 50), spec),
+      jax_backend.variable_shapes(jax_backend.make_model(cfg.weak_pretrain, 50), spec),
   )
   tv = train.load_variables(
       os.path.join(wd, "teacher", "final"),
       mesh,
-      backend.variable_shapes(backend.make_model(cfg.teacher, 10), spec),
+      jax_backend.variable_shapes(jax_backend.make_model(cfg.teacher, 10), spec),
   )
   a, b = np.asarray(wv["params"]["conv1"]["kernel"]), np.asarray(tv["params"]["conv1"]["kernel"])
   assert np.abs(a - b).mean() < 0.1 * np.abs(a).mean()
@@ -193,7 +194,7 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("preset", ["", "tiny", "seed1", "seed2", "tiny,seed2"])
+@pytest.mark.parametrize("preset", ["", "tiny"])
 def test_every_semiweak_preset_validates(preset):
   from bssl import config
   from bssl.configs import semiweak

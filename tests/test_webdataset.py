@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bssl.data import ingest, webdataset
+from bssl.data.shards import ShardSource, shard_offsets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -89,7 +90,7 @@ def test_brace_patterns_expand_in_order():
 
 def test_tar_ingest_finds_every_case_with_stable_ids(shards, ref):
   root, want = shards
-  src = ingest.ShardSource(ref, channels=3)
+  src = ShardSource(ref, channels=3)
   samples = want["samples"]
   assert len(src) == len(samples)  # the failed row has no id
   m = src.manifest
@@ -129,7 +130,7 @@ def test_tar_ingest_finds_every_case_with_stable_ids(shards, ref):
     out = os.path.join(root + "_out", os.path.basename(inp))
     ingest.run_ingest(inp, out, PARAMS, log=lambda m: None)
     if inp.endswith("00000.tar"):
-      assert ingest.ShardSource(out).n == 12 - 1  # shard 0 alone (its failed row skipped)
+      assert ShardSource(out).n == 12 - 1  # shard 0 alone (its failed row skipped)
     else:
       assert _all_bytes(out) == _all_bytes(ref)
       assert _summary(out) == _summary(ref)
@@ -227,16 +228,16 @@ def test_dedup_partitions_hold_only_their_hashes_and_agree_with_one(tmp_path):
   base[rng.integers(0, n, 2_000)] = base[copies]
   base[rng.choice(n, 300, replace=False)] = base[0]  # a placeholder: one content x 301
   for s in range(n // size):
-    from bssl import workdir
+    from bssl import storage
 
-    workdir.write_npz(
+    storage.write_npz(
         out / "shards" / f"u-{s:05d}.npz",
         hash=base[s * size : (s + 1) * size],
         reason=np.asarray([""] * size),
         path=np.asarray(["x"] * size),
     )
   header = {"num_shards": n // size, "shard_size": size, "num_images": n, "placeholder_min": 100}
-  offsets = ingest.shard_offsets(out, header)
+  offsets = shard_offsets(out, header)
   one = ingest.dedup_partition(out, header, offsets, 0, 1)
   parts = [ingest.dedup_partition(out, header, offsets, k, 4) for k in range(4)]
   for key in one:
@@ -290,13 +291,13 @@ def _check_run(wd, ingest_out, want):
   table whose keys and urls are the shards' own."""
   import pyarrow.parquet as pq
 
-  from bssl import selection, workdir
+  from bssl import selection, storage, workdir
 
   W = workdir.Workdir(wd)
   samples = want["samples"]
   ok = [s for s in samples if not s["bad"] and s["key"] not in want["duplicates"]]
   assert W.done("score")["num_scored"] == len(ok)
-  bad = workdir.read_json(W.stage("select") / "bad_images.json")
+  bad = storage.read_json(W.stage("select") / "bad_images.json")
   assert [k for k, _ in _bad_keys(bad)] == sorted(
       s["key"] for s in samples if s["bad"] or s["key"] in want["duplicates"]
   )
@@ -306,7 +307,7 @@ def _check_run(wd, ingest_out, want):
   assert t["rank"] == sel.ranks.tolist()
   np.testing.assert_array_equal(np.float32(t["score"]), sel.scores)
   by_key = {s["key"]: s for s in samples}
-  src = ingest.ShardSource(ingest_out)
+  src = ShardSource(ingest_out)
   for i, k, u in zip(t["id"], t["key"], t["url"]):
     assert src.field_of(i, "key") == k and by_key[k]["url"] == u
     assert by_key[k] in ok
@@ -349,7 +350,7 @@ def test_recipe_on_tar_shards_and_the_selection_published(one_process_run, ref, 
   byte-identically, and they ingest again."""
   root, want = shards
   sel = _check_run(one_process_run, ref, want)
-  from bssl import reshard
+  from bssl.stages import reshard
 
   out = str(tmp_path / "dhat_shards")
   info = reshard.reshard(one_process_run, out, shard_size=5, log=lambda m: None)
@@ -360,7 +361,7 @@ def test_recipe_on_tar_shards_and_the_selection_published(one_process_run, ref, 
   os.remove(os.path.join(out, sorted(first)[-1]))  # as if killed before the last shard
   reshard.reshard(one_process_run, out, shard_size=5, log=lambda m: None)
   assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == first
-  src = ingest.ShardSource(ref)
+  src = ShardSource(ref)
   got = []
   for f in sorted(first):
     errors = []
@@ -414,7 +415,7 @@ def test_recipe_on_tar_shards_on_gcs_with_two_processes(one_process_run, shards,
           [
               sys.executable,
               "-c",
-              f"from bssl import deps; print(deps._stat(" f"{base + '/in/00000.tar'!r}))",
+              f"from bssl import storage; print(storage.stat(" f"{base + '/in/00000.tar'!r}))",
           ],
           env=env,
           capture_output=True,
@@ -467,25 +468,25 @@ def test_recipe_on_tar_shards_on_gcs_with_two_processes(one_process_run, shards,
   logs = "".join(open(tmp_path / "l2" / f).read()[-2000:] for f in os.listdir(tmp_path / "l2"))
   assert r.returncode == 0, r.stderr[-2000:] + logs
   code = (
-      f"import json\nfrom bssl import workdir as W\n"
+      f"import json\nfrom bssl import storage as S\nfrom bssl import workdir as W\n"
       f"from bssl.data import ingest\n"
       f"w = W.Workdir({base + '/w'!r})\n"
       f"print(json.dumps({{'scored': w.done('score')['num_scored'],\n"
-      f"  'bad': W.read_json(w.stage('select') / 'bad_images.json'),\n"
-      f"  'digest': W.read_json(W.path({base + '/u'!r}) / 'manifest.json')['content_digest'],\n"
-      f"  'parts': W.listdir(W.path({base + '/u'!r}) / 'dedup')}}))\n"
+      f"  'bad': S.read_json(w.stage('select') / 'bad_images.json'),\n"
+      f"  'digest': S.read_json(S.path({base + '/u'!r}) / 'manifest.json')['content_digest'],\n"
+      f"  'parts': S.listdir(S.path({base + '/u'!r}) / 'dedup')}}))\n"
   )
   r = subprocess.run(
       [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
   )
   assert r.returncode == 0, r.stderr[-2000:]
   got = json.loads(r.stdout.strip().splitlines()[-1])
-  from bssl import workdir
+  from bssl import storage, workdir
 
   W = workdir.Workdir(one_process_run)
   assert got["scored"] == W.done("score")["num_scored"]
   assert _bad_keys(got["bad"]) == _bad_keys(
-      workdir.read_json(W.stage("select") / "bad_images.json")
+      storage.read_json(W.stage("select") / "bad_images.json")
   )
   ref_manifest = json.load(
       open(

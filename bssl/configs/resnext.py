@@ -1,7 +1,7 @@
 """The paper's ImageNet recipe (Yalniz et al. 2019, semi-supervised setting).
 
 D: ImageNet-1k train (TFDS ``imagenet2012``, ArrayRecord; manual download, see
-README "The paper's recipe at ImageNet scale"); test: ImageNet val (50k). U: ingested
+docs/scale.md, "The paper's recipe at ImageNet scale"); test: ImageNet val (50k). U: ingested
 once into shards (``python -m bssl.ingest --input=<folder or file list> --out=<dir>``,
 YFCC100M-like; set ``--config.unlabelled.path=<dir>``; ``--config.unlabelled.kind=
 image_folder`` reads a folder or list of original files directly instead). Teacher
@@ -78,8 +78,9 @@ def get_config(arg: str | None = None):
   if "swsl" in presets:
     # Semi-weakly supervised (the paper's best setting, the released *_swsl weights): the
     # teacher resnext101_32x48d is first pre-trained on a tagged U (IG-1B-Targeted in the
-    # paper: 940M images, 1.5k hashtags; here: an ingest plus a tags file, see README "U at
-    # scale"), then fine-tuned on ImageNet; the student is selected from U as usual.
+    # paper: 940M images, 1.5k hashtags; here: an ingest plus a tags file, see docs/scale.md,
+    # "U at scale", and docs/semiweak.md), then fine-tuned on ImageNet; the student is
+    # selected from U as usual.
     # Our readings: one pass over the tagged images with square-root tag resampling (the
     # WSL paper's resampling; its schedule is not restated in this paper), fine-tuning of
     # the teacher for 30 epochs at a tenth of the base lr, K = 64,000 per class (64M

@@ -18,8 +18,8 @@ trained on D alone: the baseline), with the same seeds, hence the same D.
 The stages include ``transfer`` (to scikit-learn's digits: fc-only and full fine-tuning
 of the baseline, the weak teacher and the student).
 
-Presets: ``tiny`` (seconds, for tests), ``seed1`` / ``seed2`` (other labelled subsets
-and initialisations), combinable (``tiny,seed1``).
+Presets: ``tiny`` (seconds, for tests). Seeds: ``--config.seed=N`` (other labelled subsets
+and initialisations; with ``tiny`` too).
 """
 
 import os
@@ -32,10 +32,9 @@ import demo
 
 
 def get_config(arg: str | None = None):
-  presets = config.presets(arg, accepted=("tiny", "seed1", "seed2"))
+  presets = config.presets(arg, accepted=("tiny",))
   c = demo.get_config("tiny" if "tiny" in presets else None)
   c.name = "semiweak"
-  c.seed = 1 if "seed1" in presets else 2 if "seed2" in presets else 0
   c.stages = ",".join(config.ALL_STAGES)
   config.override(
       c.weak,

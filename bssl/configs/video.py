@@ -35,7 +35,9 @@ Presets (``--config=configs/video.py:<preset>``):
             videos). No horizontal flip (it would swap the direction, hence the class).
             Baseline = teacher = a small R(2+1)D (8/16/32 wide, one block a stage); K and
             P chosen on the validation split (docs/video.md).
-  ``seed1``, ``seed2``  other seeds (another D, initialisation and augmentation).
+
+Seeds: ``--config.seed=N`` (another D, initialisation and augmentation); the demo's other
+seeds are ``:demo --config.seed=1`` and ``:demo --config.seed=2``.
 """
 
 from bssl import config
@@ -58,7 +60,7 @@ def train_stage(c, model, **extra):
 
 
 def get_config(arg: str | None = None):
-  presets = config.presets(arg, accepted=("tiny", "demo", "seed1", "seed2"))
+  presets = config.presets(arg, accepted=("tiny", "demo"), seed_presets_were="demo")
   c = config.base()
   c.name = "video"
   c.num_threads = 16
@@ -86,7 +88,7 @@ def get_config(arg: str | None = None):
   train_stage(c.pretrain, "r2plus1d_18", epochs=10.0, warmup_steps=2000)
   train_stage(c.finetune, "r2plus1d_18", epochs=10.0, lr=0.01, step_boundaries=(1 / 2,))
 
-  if "demo" in presets or "seed1" in presets or "seed2" in presets:
+  if "demo" in presets:
     c.name = "video_demo"
     c.num_threads = 1
     config.override(
@@ -138,10 +140,6 @@ def get_config(arg: str | None = None):
     demo_stage("finetune", 200, 0.01, 64, warmup_fraction=0.0)
     config.override(c.score, batch_size=200, checkpoint_every=20)
     config.override(c.select, k=1000, p=2)
-    if "seed1" in presets:
-      c.seed = 1
-    if "seed2" in presets:
-      c.seed = 2
   if "tiny" in presets:
     c.num_threads = 1
     config.override(

@@ -32,10 +32,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bssl import procs
-from bssl import workdir as workdir_lib
-from bssl.data import sources
+from bssl import procs, storage
+from bssl.data import decode, sources
+from bssl.data import video as video_lib
 from bssl.data.sources import DataError
+from bssl.progress import format_duration
 
 FILE_KINDS = ("image_folder", "video_folder")
 # Part of every cache key: bump when what "decodes" means changes (decoder, conversions).
@@ -137,8 +138,6 @@ def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
   sources do with the file (the image sources' decoder; videos at the spec's short side)."""
   d = cfg.data
   if d.kind == "video_folder":
-    from bssl.data import video as video_lib
-
     short, ch, mf = data.spec.decode_short_side, int(d.channels), d.get("max_frames")
 
     def video(path: str) -> str:
@@ -149,8 +148,6 @@ def _decoder(data, cfg) -> tuple[Callable[[str], str], str]:
       return ""
 
     return video, f"video:{short}:{ch}:{mf}"
-
-  from bssl.data import decode
 
   ch = int(d.channels)
 
@@ -168,7 +165,7 @@ def _stat(path: str) -> str | None:
   """What changes when the file changes: its size and modification time in ns (a remote
   file: size and generation, else its update time); None when it cannot be read."""
   try:
-    if workdir_lib.is_remote(path):
+    if storage.is_remote(path):
       import fsspec
 
       fs, p = fsspec.core.url_to_fs(path)
@@ -212,7 +209,7 @@ def _cache_file(cfg, cache_dir: str) -> str:
   )
   roots = [
       str(d.get(f))
-      if d.get(f) is None or workdir_lib.is_remote(str(d.get(f)))
+      if d.get(f) is None or storage.is_remote(str(d.get(f)))
       else os.path.abspath(str(d.get(f)))
       for f in fields
   ]
@@ -244,11 +241,6 @@ def _save_keys(path: str, keys: np.ndarray, keep_at_most: int) -> bool:
     return True
   except OSError:
     return False
-
-
-def _fmt_eta(s: float) -> str:
-  s = int(max(s, 0))
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def scan_decodable(
@@ -336,7 +328,7 @@ def scan_decodable(
           log(
               f"data check: decoded {done}/{len(todo)} files "
               f"({100 * done / len(todo):.0f}%), {len(reasons)} bad, {rate:.0f} files/s, "
-              f"eta {_fmt_eta((len(todo) - done) / max(rate, 1e-9))}"
+              f"eta {format_duration((len(todo) - done) / max(rate, 1e-9))}"
           )
           t_log = now
     good = np.concatenate([keys[cached], np.asarray(good_new, np.uint64)])
@@ -348,7 +340,7 @@ def scan_decodable(
     if big:
       rate = done / max(time.time() - t0, 1e-9)
       log(
-          f"data check: decoded {done} files in {_fmt_eta(time.time() - t0)} "
+          f"data check: decoded {done} files in {format_duration(time.time() - t0)} "
           f"({rate:.0f} files/s), {len(reasons)} bad"
       )
 

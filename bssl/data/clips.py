@@ -1,6 +1,6 @@
 """Clip sampling for video (the paper's video recipe): training clips at random times,
 evaluation and scoring with N uniformly spaced clips per video whose softmax predictions
-are averaged into the video-level prediction.
+are averaged into the video-level prediction (on the device: :mod:`bssl.ranking`).
 
 A clip is ``clip_len`` frames taken every ``frame_stride`` frames, so it spans
 ``span = (clip_len - 1) * frame_stride + 1`` frames. A video shorter than the span is
@@ -55,44 +55,3 @@ def clips_of(video: np.ndarray, clip_len: int, frame_stride: int, num_clips: int
       ]
   )
   return video[idx]
-
-
-def clip_logits(apply_fn, clips):
-  """The logits ``[B, N, num_classes]`` (float32) of a batch of videos' clips ``[B, N, T, H,
-  W, C]``, for scoring: the video-level ranking score is computed from them in log space
-  (:func:`bssl.scoring.video_top_log_odds`), since the averaged float32 softmax of
-  :func:`video_level_probs` saturates at 1.0 for confident videos. Like it, the clips go
-  through ``apply_fn`` one clip index at a time (a scan over N): device memory holds one
-  clip of every video at once, plus the logits."""
-  import jax
-  import jax.numpy as jnp
-
-  def logits(x):
-    return apply_fn(x).astype(jnp.float32)
-
-  first = logits(clips[:, 0])
-  if clips.shape[1] == 1:
-    return first[:, None]
-  rest = jnp.moveaxis(clips[:, 1:], 1, 0)
-  _, more = jax.lax.scan(lambda carry, x: (carry, logits(x)), None, rest)
-  return jnp.concatenate([first[:, None], jnp.moveaxis(more, 0, 1)], axis=1)
-
-
-def video_level_probs(apply_fn, clips):
-  """Video-level prediction of a batch of videos' clips ``[B, N, T, H, W, C]``: the mean
-  over the N clips of each clip's softmax, computed on the device (jit-able). The clips
-  go through ``apply_fn`` (clips ``[B, T, H, W, C]`` -> logits) one clip index at a time
-  (a scan over N), so device memory holds one clip of every video at once, not N."""
-  import jax
-  import jax.numpy as jnp
-
-  def probs(x):
-    return jax.nn.softmax(apply_fn(x).astype(jnp.float32), axis=-1)
-
-  n = clips.shape[1]
-  first = probs(clips[:, 0])
-  if n == 1:
-    return first
-  rest = jnp.moveaxis(clips[:, 1:], 1, 0)
-  total, _ = jax.lax.scan(lambda acc, x: (acc + probs(x), None), first, rest)
-  return total / n

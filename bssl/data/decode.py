@@ -41,6 +41,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from bssl import storage
+
 _GREY_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 try:
@@ -238,10 +240,8 @@ def decode(data: bytes, channels: int = 3, short_side: int | None = None) -> np.
 def read_bytes(path) -> bytes:
   """The bytes of a local or remote (gs://) file; a missing or unreadable file is a
   :class:`DecodeError` with the reason."""
-  from bssl import workdir as workdir_lib
-
   try:
-    return workdir_lib.path(path).read_bytes()
+    return storage.path(path).read_bytes()
   except (OSError, ValueError) as e:
     raise DecodeError(f"unreadable: {type(e).__name__}: {e}") from None
 

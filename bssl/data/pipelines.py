@@ -13,13 +13,13 @@ import dataclasses
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from bssl import procs
 from bssl.data import batching
+from bssl.data import video as video_lib
 from bssl.data.sources import BadImageError
-
-AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "random_resized_crop_flip", "none")
-EVAL_TRANSFORMS = ("none", "resize_center_crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +226,6 @@ def train_dataset(
   """
   if len(source) == 0:
     raise ValueError("cannot train on an empty data set")
-  from bssl.data import video as video_lib
-
   if video_lib.is_video(spec):  # one clip per video at a random time (bssl/data/video.py)
     return worker_processes(
         video_lib.train_dataset(
@@ -272,8 +270,6 @@ def resolve_workers(num_workers: int) -> int:
   this process may use, minus one (its own): 11 in a Slurm task of 12 CPUs."""
   if num_workers >= 0:
     return num_workers
-  from bssl import procs
-
   return procs.num_cores() - 1
 
 
@@ -300,8 +296,6 @@ def worker_processes(it: grain.IterDataset, num_workers: int) -> grain.IterDatas
   num_workers = resolve_workers(num_workers)
   if num_workers <= 0:
     return it
-  from absl import flags
-
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags (library use, tests)
     flags.FLAGS.mark_as_parsed()
   return it.mp_prefetch(
@@ -332,8 +326,6 @@ class ImageRecordsBatch(batching.RecordsBatch):
 
 
 def _records_dataset(source, spec, batch_size, bounds, num_threads, prefetch, num_workers=0):
-  from bssl.data import video as video_lib
-
   bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
   batcher = video_lib.VideoRecordsBatch if video_lib.is_video(spec) else ImageRecordsBatch
   ds = grain.MapDataset.range(len(bounds)).map(

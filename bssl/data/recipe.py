@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bssl.config import VIDEO_DATA_KINDS
-from bssl.data import pipelines, sources
+from bssl import deps
+from bssl.config.base import is_video
+from bssl.config.names import VIDEO_DATA_KINDS
+from bssl.data import images, pipelines, sources
 from bssl.data import video as video_lib
 
 
@@ -36,20 +38,17 @@ class Data:
     return [self._spec.rec, self._labelled.rec, self._unlabelled.rec]
 
 
-def _note_files(field: str, src, root: str | None, content: bool) -> None:
-  """Notes a labelled set read from files by its files' identity (paths, labels, sizes,
-  mtimes; contents with data.identify_by_content)."""
-  from bssl import deps
-
-  ident = f"{src.identity()}|{deps.files_identity(src.files, root, content=content)}"
-  deps.note_input(field, "data", str(root), ident)
+def _note_files(field: str, src, path: str, content: bool) -> None:
+  """Notes a set read from files by the source's identity (paths, labels, sizes, mtimes;
+  contents with data.identify_by_content), checked against the data opened again."""
+  deps.note_input(field, "data", str(path), src.identity(content))
 
 
 def _labelled_files(d, suffix: str, counted: str, open_set, content: bool):
   """D's, test's and (when given) validation's sources read from files: ``data.train_<suffix>``,
   ``data.test_<suffix>``, ``data.val_<suffix>``, opened by ``open_set(field, class_names)``
   (the test and validation sets take the training set's classes). Returns (train, test,
-  val, their notes); their files' identities are noted as inputs. Files are listed class
+  val, their notes); their identities are noted as inputs. Files are listed class
   by class: a fixed shuffle (the same for every seed) so that data.subset and
   unlabelled.limit (first N) take every class, nested."""
   train = open_set(f"train_{suffix}", None)
@@ -76,7 +75,7 @@ def _labelled_files(d, suffix: str, counted: str, open_set, content: bool):
 
 def _spec(cfg):
   d = cfg.data
-  if d.kind in VIDEO_DATA_KINDS:
+  if is_video(cfg):
     return video_lib.VideoSpec(
         size=d.image_size,
         channels=d.channels,
@@ -98,8 +97,6 @@ def _spec(cfg):
 def _labelled(cfg, spec, content: bool) -> dict:
   """D, validation, test, the class names and the splits (plus, for U = the rest of the
   training set, the training set and the rest's indices)."""
-  from bssl import deps
-
   d = cfg.data
   rng = np.random.default_rng(cfg.seed)
   splits: dict = {}
@@ -194,52 +191,34 @@ def _labelled(cfg, spec, content: bool) -> dict:
 
 def note_tfds(key: str, src) -> None:
   """A TFDS dataset by its build folder's files (paths, sizes, mtimes)."""
-  from bssl import deps
-
   folder = getattr(getattr(getattr(src, "_src", None), "dataset_info", None), "data_dir", None)
   if folder:
     deps.note_input(key, "tree", str(folder))
 
 
 def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
-  from bssl import deps
-
   d, u = cfg.data, cfg.unlabelled
-  video = d.kind in VIDEO_DATA_KINDS
+  video = is_video(cfg)
   true_u = None
   if u.kind == "rest_of_train":
     train_all, rest = lab["train_all"], lab["rest"]
     unl = sources.SubsetView(train_all, rest, hide_labels=True, reindex=True)
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
-    unl = sources.ImageFileSource(u.path, channels=d.channels)
-    deps.note_input(
-        "unlabelled.path",
-        "data",
-        u.path,
-        f"{unl.identity()}|" + deps.files_identity(unl.files, _root_of(u.path), content=content),
-    )
+    unl = images.open_images(u.path, d.channels, kind="files")
+    deps.note_input("unlabelled.path", "data", u.path, unl.identity(content))
   elif u.kind == "video_list":
     unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
-    deps.note_input(
-        "unlabelled.path",
-        "data",
-        u.path,
-        f"{unl.identity()}|" + deps.files_identity(unl.files, _root_of(u.path), content=content),
-    )
+    deps.note_input("unlabelled.path", "data", u.path, unl.identity(content))
   elif u.kind == "shards":
-    from bssl.data import ingest
-
-    try:
-      deps.note_input("unlabelled.path", "shards", u.path)
-      unl = ingest.ShardSource(
-          u.path,
-          channels=d.channels,
-          drop_duplicates=bool(u.get("drop_duplicates", True)),
-          cache_dir=u.get("cache_dir"),
-      )
-    except (ingest.IngestError, FileNotFoundError) as e:
-      raise sources.DataError(str(e)) from None
+    unl = images.open_images(
+        u.path,
+        d.channels,
+        kind="shards",
+        drop_duplicates=bool(u.get("drop_duplicates", True)),
+        cache_dir=u.get("cache_dir"),
+    )
+    images.note_images("unlabelled.path", u.path, unl)
   elif u.kind == "tfds":
     base = sources.TFDSSource(u.tfds_name, u.split, u.get("tfds_data_dir"))
     note_tfds("unlabelled.tfds", base)
@@ -256,20 +235,10 @@ def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
   return {"unlabelled": unl, "true_labels": true_u}
 
 
-def _root_of(path: str) -> str | None:
-  """The folder that relative names are taken from: the folder itself, or a list's."""
-  from bssl import workdir as workdir_lib
-
-  p = workdir_lib.path(path)
-  return str(p) if p.is_dir() else str(p.parent)
-
-
 def build_data(cfg) -> Data:
   """Opens the sources (cheap: no training) and fails clearly when data is missing. Each
   part is made under a record of the config fields and input files it read
   (:class:`Data`); ``cfg`` may be a ConfigDict or a :class:`bssl.deps.Tracked` view."""
-  from bssl import deps
-
   if not isinstance(cfg, deps.Tracked):
     cfg = deps.Tracked(cfg)
   # how folders are identified (cosmetic: not a field of any record)

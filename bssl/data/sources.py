@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bssl import workdir as workdir_lib
+from bssl import deps, storage
+from bssl.data import decode
+from bssl.data.listing import IMAGE_EXTENSIONS, ListingError, fingerprint, list_inputs
 
 FASHION_MNIST_DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
@@ -38,9 +40,8 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The identity tag of sources read from image files; bumped when the id rule changes (v2:
-# whole-path order, see bssl.data.ingest.list_inputs) so recorded identities go stale.
+# whole-path order, see bssl.data.listing.list_inputs) so recorded identities go stale.
 FILES_IDENTITY = "files-v2"
 
 
@@ -183,8 +184,6 @@ def fake_source(
 def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
   """Decodes an encoded image (bytes or path) into uint8 [H,W,channels] with
   :func:`bssl.data.decode.decode` (EXIF orientation, any mode, 16-bit greys scaled)."""
-  from bssl.data import decode
-
   data = (
       data_or_path
       if isinstance(data_or_path, (bytes, bytearray))
@@ -197,7 +196,7 @@ class ImageFileSource:
   """Unlabelled images from a folder (recursively, symlinked folders followed) or a file
   list (one path per line, relative paths resolved against the list's folder); local or
   gs://. Ids are positions in the list of paths sorted as whole strings
-  (:func:`bssl.data.ingest.list_inputs`: a folder's files by their path relative to it, so
+  (:func:`bssl.data.listing.list_inputs`: a folder's files by their path relative to it, so
   ``a.jpg`` comes before ``a/b.jpg``; a list's resolved paths), so a folder, a list of its
   files and its ``gs://`` copy give the same ids, stable across runs and hosts.
   For U at scale, ingest it once into shards instead (``python -m bssl.ingest``,
@@ -208,11 +207,9 @@ class ImageFileSource:
   """
 
   def __init__(self, path: str, channels: int = 3):
-    from bssl.data import ingest
-
     try:
-      files = ingest.list_inputs(path, IMAGE_EXTENSIONS) if path else []
-    except ingest.IngestError as e:
+      files = list_inputs(path, IMAGE_EXTENSIONS) if path else []
+    except ListingError as e:
       raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
     if not files:
       raise DataError(
@@ -220,7 +217,7 @@ class ImageFileSource:
           f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively, or a text file listing one "
           f"image path per line."
       )
-    self.files = files
+    self.path, self.files = path, files
     self.channels = channels
     self.class_names = None
 
@@ -228,8 +225,6 @@ class ImageFileSource:
     return len(self.files)
 
   def __getitem__(self, i: int) -> dict:
-    from bssl.data import decode
-
     try:
       img = decode_image(self.files[i], self.channels)
       valid = True
@@ -241,18 +236,21 @@ class ImageFileSource:
   def name_of(self, i: int) -> str:
     return self.files[i]
 
-  def identity(self) -> str:
-    """The sorted file list's fingerprint (files added, removed or renamed change it).
-    ``files-v2``: ids by whole-path order; identities recorded under the old rule
-    (``files:``, a folder's walk order) never equal a new one."""
-    from bssl.data import ingest
-
-    return f"{FILES_IDENTITY}:{ingest.fingerprint(self.files)}:n={len(self.files)}"
+  def identity(self, content: bool = False) -> str:
+    """What these images are, as a stage's record stores it: the sorted file list's
+    fingerprint (files added, removed or renamed change it), then each file by (path
+    relative to the folder or the list's folder, size, mtime), or by its content hash
+    (``content``: ``data.identify_by_content``). ``files-v2``: ids by whole-path order;
+    identities recorded under the old rule (``files:``, a folder's walk order) never equal
+    a new one."""
+    p = storage.path(self.path)
+    root = str(p) if p.is_dir() else str(p.parent)
+    return f"{FILES_IDENTITY}:{fingerprint(self.files)}:n={len(self.files)}|" + deps.files_identity(
+        self.files, root, content=content
+    )
 
   def reason_of(self, i: int) -> str:
     """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
-    from bssl.data import decode
-
     try:
       decode_image(self.files[i], self.channels)
     except decode.DecodeError as e:
@@ -266,7 +264,7 @@ class LabelledFolderSource:
   Classes are the sorted subfolder names (or ``classes``, to give a test folder the
   training folder's classes); label ``c`` is the c-th class. Images in subfolders of a
   class folder count for that class. Ids are positions in the list sorted by class, then
-  by whole path within the class (:func:`bssl.data.ingest.list_inputs`' order). An image
+  by whole path within the class (:func:`bssl.data.listing.list_inputs`' order). An image
   that cannot be decoded stops training with its file named
   (:func:`bssl.data.checks.scan_decodable` finds them all before any training)."""
 
@@ -285,9 +283,7 @@ class LabelledFolderSource:
       self.files, self.labels, self.class_names = _files, _labels, tuple(classes)
       self.ids = np.arange(len(self.files), dtype=np.int64)
       return
-    from bssl.data import ingest
-
-    p = workdir_lib.path(root) if root else None
+    p = storage.path(root) if root else None
     if p is None or not p.is_dir():
       raise DataError(
           f"{field}: {root!r} is not a folder. Accepted: a folder with one "
@@ -314,8 +310,8 @@ class LabelledFolderSource:
       if name not in found:
         continue
       try:
-        fs = ingest.list_inputs(str(p / name), IMAGE_EXTENSIONS)
-      except ingest.IngestError:
+        fs = list_inputs(str(p / name), IMAGE_EXTENSIONS)
+      except ListingError:
         fs = []
       files += fs
       labels += [c] * len(fs)
@@ -331,8 +327,6 @@ class LabelledFolderSource:
     return len(self.files)
 
   def __getitem__(self, i: int) -> dict:
-    from bssl.data import decode
-
     try:
       img = decode_image(self.files[i], self.channels)
     except decode.DecodeError as e:
@@ -358,17 +352,17 @@ class LabelledFolderSource:
   def name_of(self, i: int) -> str:
     return self.files[i]
 
-  def identity(self) -> str:
-    """The file list's fingerprint (files added, removed, renamed or moved between class
-    folders change it)."""
-    from bssl.data import ingest
-
-    root = str(workdir_lib.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
+  def identity(self, content: bool = False) -> str:
+    """What this labelled set is, as a stage's record stores it: the file list's
+    fingerprint with the labels (files added, removed, renamed or moved between class
+    folders change it), then each file by (path, size, mtime) or by content
+    (``content``)."""
+    root = str(storage.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
     rel = [f[len(root) :] if f.startswith(root) else f for f in self.files]
     return (
         f"{FILES_IDENTITY}:"
-        f"{ingest.fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
-        f":n={len(self.files)}"
+        f"{fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
+        f":n={len(self.files)}|" + deps.files_identity(self.files, self.root, content=content)
     )
 
 
@@ -434,8 +428,6 @@ class TFDSSource:
         img = decode_image(img)
       except ValueError as e:
         raise BadImageError(f"{self.name}[{self.split}] record {i} cannot be decoded: {e}") from e
-    from bssl.data import decode
-
     img = decode.scale_to_uint8(img)  # a 16-bit image feature: scaled, not wrapped
     if img.ndim == 2:
       img = img[..., None]

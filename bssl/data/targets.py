@@ -19,9 +19,8 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from bssl.data import sources
-
-TARGETS = ("digits", "tfds")
+from bssl.config.names import TRANSFER_TARGETS as TARGETS
+from bssl.data import recipe, sources
 
 
 @dataclasses.dataclass
@@ -73,8 +72,6 @@ def build(cfg) -> Target:
   elif t.target == "tfds":
     train_all = sources.TFDSSource(t.tfds_name, t.train_split, t.get("tfds_data_dir"))
     test_src = sources.TFDSSource(t.tfds_name, t.test_split, t.get("tfds_data_dir"))
-    from bssl.data import recipe
-
     recipe.note_tfds("transfer.tfds", train_all)
     num_classes = len(train_all.class_names or ()) or int(t.num_classes or 0)
     if not num_classes:

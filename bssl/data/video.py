@@ -29,13 +29,13 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from bssl import workdir as workdir_lib
-from bssl.data import batching
+from bssl import deps, storage
+from bssl.data import batching, sources
 from bssl.data import clips as clips_lib
+from bssl.data.listing import ListingError, fingerprint, list_inputs
 from bssl.data.sources import ArraySource, BadImageError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
-VIDEO_AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +233,8 @@ def decode_video(
   fmt = "gray" if channels == 1 else "rgb24"
   frames = []
   try:
-    p = workdir_lib.path(path)
-    fh = p.open("rb") if workdir_lib.is_remote(p) else os.fspath(p)
+    p = storage.path(path)
+    fh = p.open("rb") if storage.is_remote(p) else os.fspath(p)
     with av.open(fh) as container:
       if not container.streams.video:
         raise ValueError("no video stream")
@@ -294,29 +294,31 @@ class _DecodingSource:
       self[i]
     return self._reasons.get(i, "cannot be made the model's input")
 
-  def identity(self) -> str:
-    from bssl.data import ingest
+  # the path a video's name in the record is taken relative to (set by each source)
+  _identity_root: str | None = None
 
+  def identity(self, content: bool = False) -> str:
+    """What these videos are, as a stage's record stores it: the list of (label, path)'s
+    fingerprint, then each file by (path, size, mtime) or by content (``content``)."""
     return (
-        f"videos:{ingest.fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
-        f":n={len(self.files)}"
+        f"videos:{fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
+        f":n={len(self.files)}|"
+        + deps.files_identity(self.files, self._identity_root, content=content)
     )
 
 
 def _list_videos(path: str) -> list[str]:
   """A folder's videos (recursive; local or gs://) or a file list's lines, in
-  :func:`bssl.data.ingest.list_inputs`' order (paths sorted as whole strings)."""
-  from bssl.data import ingest
-
+  :func:`bssl.data.listing.list_inputs`' order (paths sorted as whole strings)."""
   accepted = (
       f"Accepted: a folder of video files ({', '.join(VIDEO_EXTENSIONS)}), searched "
       f"recursively, or a text file listing one video path per line."
   )
-  if not path or not workdir_lib.path(path).exists():
+  if not path or not storage.path(path).exists():
     raise DataError(f"unlabelled.path: {path!r} does not exist. {accepted}")
   try:
-    files = ingest.list_inputs(path, VIDEO_EXTENSIONS)
-  except ingest.IngestError as e:
+    files = list_inputs(path, VIDEO_EXTENSIONS)
+  except ListingError as e:
     raise DataError("unlabelled.path: " + str(e).replace("--input: ", "")) from None
   if not files:
     raise DataError(
@@ -330,11 +332,13 @@ def _list_videos(path: str) -> list[str]:
 class VideoListSource(_DecodingSource):
   """Unlabelled videos: a folder (recursive) or a file list (one path per line, relative to
   the list's folder); ids are positions in the list of paths sorted as whole strings
-  (:func:`bssl.data.ingest.list_inputs`: a folder and a list of its files agree)."""
+  (:func:`bssl.data.listing.list_inputs`: a folder and a list of its files agree)."""
 
   def __init__(self, path: str, spec: VideoSpec, max_frames: int | None = None):
     self.root = path
     self.files = _list_videos(path)
+    p = storage.path(path)
+    self._identity_root = str(p) if p.is_dir() else str(p.parent)
     self.labels = np.full(len(self.files), -1, np.int32)
     self.class_names = None
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
@@ -364,7 +368,7 @@ class VideoFolderSource(_DecodingSource):
       field: str = "data.train_csv",
       max_frames: int | None = None,
   ):
-    p = workdir_lib.path(csv_path)
+    p = storage.path(csv_path)
     if not p.exists():
       raise DataError(
           f"{field}: no such CSV file {csv_path!r} (a header row naming 'path' "
@@ -380,7 +384,7 @@ class VideoFolderSource(_DecodingSource):
       )
     if not rows:
       raise DataError(f"{field}: {csv_path!r} has a header but no rows")
-    root = workdir_lib.path(video_dir) if video_dir else p.parent
+    root = storage.path(video_dir) if video_dir else p.parent
     names = [(r.get("label") or "").strip() for r in rows]
     blank = [k + 2 for k, n in enumerate(names) if not n]
     if blank:
@@ -437,6 +441,7 @@ class VideoFolderSource(_DecodingSource):
         else []
     )
     self.files, self.labels = files, np.asarray(labels, np.int32)
+    self._identity_root = csv_path  # (as recorded before: names taken whole)
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
 
   def subset(self, indices, hide_labels: bool = False) -> VideoFolderSource:
@@ -565,8 +570,6 @@ class MovingFashionSource:
 
 def moving_fashion_mnist(folder: str | None, *, frames: int, size: int, garment: int):
   """(train, test) of the synthetic video demo, from Fashion-MNIST's idx files."""
-  from bssl.data import sources
-
   train, test = sources.load_fashion_mnist(folder)
   return (
       MovingFashionSource(
@@ -580,6 +583,4 @@ def moving_fashion_mnist(folder: str | None, *, frames: int, size: int, garment:
 
 def fake_videos(num: int, spec: VideoSpec, frames: int, num_classes: int, seed: int) -> ArraySource:
   """Deterministic fake videos ``[frames, S, S, C]`` (tests): each class its own pattern."""
-  from bssl.data import sources
-
   return sources.fake_source(num, (frames, spec.size, spec.size, spec.channels), num_classes, seed)

@@ -16,7 +16,7 @@ Sources (``weak.kind``):
   noisy, several name one class, many name none, and some images carry none of their class.
 - ``tags_file``: ``weak.path`` holds the images (an ingest's ``--out`` or a folder / file
   list) and ``weak.tags_file`` one line per image id, in id order (ids: positions in the
-  input's paths sorted as whole strings, :func:`bssl.data.ingest.list_inputs`), of
+  input's paths sorted as whole strings, :func:`bssl.data.listing.list_inputs`), of
   whitespace-separated tag names (an empty line: no tags). The vocabulary is the sorted
   set of names, or ``weak.vocab_file`` (one name per line, ``name<TAB>class id`` for the
   report's map).
@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 
 import numpy as np
 
+from bssl import deps, storage
+from bssl.config.names import RESAMPLING, WEAK_KINDS
+from bssl.data import images as images_lib
 from bssl.data.sources import DataError
 
-RESAMPLING = ("none", "sqrt", "inverse")
-KINDS = ("synthetic", "tags_file", "captions")
 # left out of caption tags (words only; a #hashtag is always kept)
 STOP_WORDS = frozenset("""a an and are as at be been but by for from has have he her his i in
 is it its of on or our she that the their them they this to was we were will with you your
@@ -139,19 +141,15 @@ def resampling_weights(tags: np.ndarray, num_tags: int, mode: str) -> np.ndarray
 
 def _read_vocab(path: str):
   """(names, tag -> class id or -1) of a vocabulary file: ``name[<TAB>class id]`` lines."""
-  from bssl import workdir as workdir_lib
-
-  vl = [l.split("\t") for l in workdir_lib.path(path).read_text().splitlines() if l.strip()]
+  vl = [l.split("\t") for l in storage.path(path).read_text().splitlines() if l.strip()]
   names = tuple(x[0].strip() for x in vl)
   to_class = np.array([int(x[1]) if len(x) > 1 and x[1].strip() else -1 for x in vl], np.int64)
   return names, to_class
 
 
 def _read_tags_file(path: str, n: int, vocab_file: str | None):
-  from bssl import workdir as workdir_lib
-
   try:
-    lines = workdir_lib.path(path).read_text().splitlines()
+    lines = storage.path(path).read_text().splitlines()
   except OSError as e:
     raise WeakDataError(f"weak.tags_file: cannot read {path!r}: {e}") from None
   if len(lines) != n:
@@ -200,8 +198,6 @@ def _caption_tags(images, w):
   if w.get("vocab_file"):
     names, to_class = _read_vocab(w.vocab_file)
   else:
-    from collections import Counter
-
     counts = Counter(t for ts in per_image for t in ts)
     kept = [
         t
@@ -259,35 +255,24 @@ def build(cfg, data) -> WeakData:
           "weak.kind='tags_file' needs weak.path (the images: an ingest's "
           "--out or an image folder / file list) and weak.tags_file"
       )
-    from bssl import deps
-    from bssl import workdir as workdir_lib
-    from bssl.data import ingest, sources
     # the files enter the stage's record by what they contain (a rerun compares them)
     deps.note_input("weak.tags_file", "file", w.tags_file)
     if w.get("vocab_file"):
       deps.note_input("weak.vocab_file", "file", w.vocab_file)
-    if (workdir_lib.path(w.path) / "manifest.json").exists():
-      deps.note_input("weak.path", "shards", w.path)
-      images = ingest.ShardSource(w.path, channels=int(cfg.data.channels), drop_duplicates=False)
-    else:
-      deps.note_input("weak.path", "filelist", w.path)
-      images = sources.ImageFileSource(w.path, channels=int(cfg.data.channels))
+    images = images_lib.open_images(w.path, int(cfg.data.channels), drop_duplicates=False)
+    images_lib.note_images("weak.path", w.path, images)
     tags, names, to_class = _read_tags_file(w.tags_file, len(images), w.get("vocab_file"))
     ids = np.arange(len(images))
   elif w.kind == "captions":
-    from bssl import deps
-    from bssl import workdir as workdir_lib
-    from bssl.data import ingest
-
-    if not w.get("path") or not (workdir_lib.path(w.path) / "manifest.json").exists():
+    if not w.get("path") or not (storage.path(w.path) / "manifest.json").exists():
       raise WeakDataError(
           f"weak.kind='captions' needs weak.path to be the --out of a "
           f"complete `python -m bssl.ingest` of tar shards, got {w.get('path')!r}"
       )
-    deps.note_input("weak.path", "shards", w.path)
+    images = images_lib.open_images(w.path, int(cfg.data.channels), kind="shards")
+    images_lib.note_images("weak.path", w.path, images)
     if w.get("vocab_file"):
       deps.note_input("weak.vocab_file", "file", w.vocab_file)
-    images = ingest.ShardSource(w.path, channels=int(cfg.data.channels))
     if images.manifest.get("input_kind") != "webdataset":
       raise WeakDataError(
           f"weak.kind='captions': {w.path!r} is an ingest of image files, "
@@ -302,7 +287,7 @@ def build(cfg, data) -> WeakData:
       )
     ids = np.arange(len(images))
   else:
-    raise WeakDataError(f"weak.kind must be one of {KINDS}, got {w.kind!r}")
+    raise WeakDataError(f"weak.kind must be one of {WEAK_KINDS}, got {w.kind!r}")
   v = len(names)
   keep = np.flatnonzero((tags >= 0).any(1))  # an image without tags teaches nothing
   if len(keep) == 0:

@@ -35,11 +35,14 @@ import dataclasses
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 
-from bssl import workdir as workdir_lib
+from bssl import storage
+from bssl.data import listing
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# a sample's image member: the image files bssl reads, by extension (without the dot)
+IMAGE_MEMBERS = frozenset(e[1:] for e in listing.IMAGE_EXTENSIONS)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -91,25 +94,23 @@ def _is_tar(name: str) -> bool:
 def tar_inputs(input_path: str) -> list[str] | None:
   """The tar shards ``--input`` names (a pattern, a .tar, a folder of them, a list of
   them), sorted as whole paths, every one existing; None when it names image files. A
-  folder is listed once, with the ingest's own listing (:func:`bssl.data.ingest.
+  folder is listed once, with the listing of image inputs (:func:`bssl.data.listing.
   list_inputs`: symlinked folders once, gs:// in one paginated listing), and one holding
   both shards and images is refused."""
-  from bssl.data import ingest
-
   if _BRACE.search(input_path):
     tars = expand_braces(input_path)
-  elif _is_tar(input_path) and not workdir_lib.path(input_path).is_dir():
+  elif _is_tar(input_path) and not storage.path(input_path).is_dir():
     tars = [input_path]
   else:
-    p = workdir_lib.path(input_path)
+    p = storage.path(input_path)
     if not p.exists():
       return None  # (list_inputs says it does not exist)
     try:
       if p.is_dir():
-        found = ingest.list_inputs(input_path, ingest.EXTENSIONS + (".tar",))
+        found = listing.list_inputs(input_path, listing.IMAGE_EXTENSIONS + (".tar",))
       else:
-        found = ingest.list_inputs(input_path)  # a list's lines, resolved as for images
-    except (ingest.IngestError, UnicodeDecodeError):
+        found = listing.list_inputs(input_path)  # a list's lines, resolved as for images
+    except (listing.ListingError, UnicodeDecodeError):
       return None
     tars = [f for f in found if _is_tar(f)]
     if not tars or (not p.is_dir() and len(tars) < len(found)):
@@ -123,7 +124,7 @@ def tar_inputs(input_path: str) -> list[str] | None:
           f"their own"
       )
   tars = sorted(set(tars))
-  missing = [t for t in tars if not workdir_lib.path(t).exists()]
+  missing = [t for t in tars if not storage.path(t).exists()]
   if missing:
     raise TarInputError(
         f"--input: {len(missing)} of {len(tars)} tar shard(s) do not exist: "
@@ -134,9 +135,7 @@ def tar_inputs(input_path: str) -> list[str] | None:
 
 def tar_stat(path: str) -> tuple[int, int]:
   """(size, mtime or generation) of a shard: its identity in the ingest's header."""
-  from bssl import deps
-
-  return deps._stat(path)
+  return storage.stat(path)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -152,7 +151,7 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
   cur: Sample | None = None
   try:
     with (
-        workdir_lib.path(tar_path).open("rb") as raw,
+        storage.path(tar_path).open("rb") as raw,
         tarfile.open(fileobj=(fh := _Counting(raw)), mode="r|*") as tf,
     ):
       for m in tf:
@@ -168,7 +167,7 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
           cur = Sample(key)
         cur.members += (ext,)
         base = ext.rsplit(".", 1)[-1]
-        if base in IMAGE_EXTENSIONS and cur.image is None:
+        if base in IMAGE_MEMBERS and cur.image is None:
           cur.image = data
         elif ext == "json":
           try:
@@ -182,7 +181,7 @@ def read_samples(tar_path: str, errors: list) -> Iterator[Sample]:
       # block of zeros (an uncompressed one can be checked)
       if getattr(tf.fileobj, "comptype", "tar") == "tar" and not fh.zeros_at(tf.offset):
         raise tarfile.ReadError("no end-of-archive block")
-  except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     errors.append(
         f"{tar_path}: the tar stream is damaged or cut short after "
         f"{'key ' + repr(cur.key) if cur else 'its start'} "
@@ -223,9 +222,3 @@ def _finish(s: Sample) -> Sample:
   if s.caption is None and s.meta is not None and isinstance(s.meta.get("caption"), str):
     s.caption = s.meta["caption"]
   return s
-
-
-def zlib_error():
-  import zlib
-
-  return zlib.error

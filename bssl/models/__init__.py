@@ -56,7 +56,7 @@ def arch_config(name: str, **kwargs) -> dict[str, Any]:
   zero_init_residual) of a registered name; shared with the PyTorch twin so both
   build the same network (a video model: :func:`bssl.models.video.video_arch_config`).
   Raises ValueError on unknown names or kwargs."""
-  if name in VIDEO_MODEL_NAMES:
+  if is_video_model(name):
     return video_arch_config(name, **kwargs)
   if name not in MODEL_NAMES:
     raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
@@ -131,7 +131,7 @@ def create_model(
   name synchronises them over that axis. kwargs: `zero_init_residual` for all models;
   `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'; video
   models (R(2+1)D, :mod:`bssl.models.video`) take theirs."""
-  if name in VIDEO_MODEL_NAMES:
+  if is_video_model(name):
     return create_video_model(
         name,
         num_classes,

@@ -42,6 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bssl.models.conv import conv_im2col_grad
+
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 CONV_IMPLS = ("auto", "xla", "factored")
@@ -75,8 +77,6 @@ class Conv3D(nn.Module):
       return jax.lax.conv_general_dilated(
           x, w, self.strides, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
       )
-    from bssl.models.conv import conv_im2col_grad
-
     b, t, h, wd, c = x.shape
     if kt == kh == kw == 1:  # 1x1x1 (the strided shortcut): subsample, then a matmul
       y = x[:, ::st, ::sh, ::sw]

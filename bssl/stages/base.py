@@ -9,6 +9,7 @@ from typing import Any
 
 from bssl import parallel
 from bssl import workdir as workdir_lib
+from bssl.data import weak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,6 @@ class Context:
       done = self.wd.done(stage)  # once trained, its done.json says (no rebuild of the tags)
       if done is not None and "num_tags" in done:
         return int(done["num_tags"])
-      from bssl.data import weak
-
       return weak.num_tags(self.cfg, self.data)
     return int(self.cfg.data.num_classes)
 

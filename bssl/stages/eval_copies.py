@@ -10,11 +10,12 @@ similarity from which an image is a copy."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from bssl import parallel, procs
-from bssl import workdir as workdir_lib
+from bssl import parallel, procs, progress, storage
+from bssl.data import neardup
 
 SPLITS = ("test", "val", "labelled")
 MAX_D = 200_000  # D bigger than this (ImageNet's 1.28M) is not searched for copies
@@ -45,12 +46,10 @@ def find(ctx, folder) -> dict:
   evaluation image (0 test, 1 validation, 2 D), that image's id in its split (``match``)
   and the ``similarity``. Memory: the indexes, their cache of rendered views (at most
   4,096 evaluation images x 65 x 32 x 32 float32: 1.1 GB) and one block of U."""
-  from bssl.data import neardup
-
   cfg = ctx.cfg
   pi, pc = parallel.process_index(), parallel.process_count()
   if pi == 0:  # parts of a run with another process count (resumed on other hosts)
-    for name in workdir_lib.listdir(folder):
+    for name in storage.listdir(folder):
       if f"-of-{pc:05d}" not in name:
         (folder / name).unlink()
   unl = ctx.data.unlabelled
@@ -103,8 +102,6 @@ def find(ctx, folder) -> dict:
         out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(), sim[hit].tolist()))
       return min(BLOCK, len(unl) - a), out
 
-    from concurrent.futures import ThreadPoolExecutor
-
     done, t1, t_log = 0, time.time(), time.time()
     with ThreadPoolExecutor(THREADS) as pool:
       for c in todo:
@@ -123,9 +120,9 @@ def find(ctx, folder) -> dict:
             ctx.log(
                 f"eval copies: {done}/{total} images of U (this process) "
                 f"({100 * done / max(total, 1):.0f}%) {rate:.0f} img/s eta "
-                f"{int((total - done) / max(rate, 1e-9))} s"
+                f"{progress.eta(done, total, now - t1)}"
             )
-        workdir_lib.write_npz(
+        storage.write_npz(
             _part(folder, pi, pc, c),
             **{
                 k: np.asarray(v, np.float32 if k == "similarity" else np.int64)
@@ -138,10 +135,8 @@ def find(ctx, folder) -> dict:
 
 def read(folder, pc: int) -> dict:
   """Every part of a run by ``pc`` processes (one per process, or per 16 blocks)."""
-  names = sorted(
-      n for n in workdir_lib.listdir(folder) if n.endswith(".npz") and f"-of-{pc:05d}" in n
-  )
-  parts = [workdir_lib.read_npz(folder / n) for n in names]
+  names = sorted(n for n in storage.listdir(folder) if n.endswith(".npz") and f"-of-{pc:05d}" in n)
+  parts = [storage.read_npz(folder / n) for n in names]
   keys = ("id", "split", "match", "similarity")
   if not parts:
     return {k: np.zeros(0, np.float32 if k == "similarity" else np.int64) for k in keys}
@@ -153,7 +148,7 @@ def read(folder, pc: int) -> dict:
 def read_done(folder, num_processes: int) -> dict | None:
   """The matches of a finished score stage run by ``num_processes`` processes (its
   done.json says), or None when it did not search for copies."""
-  if not workdir_lib.listdir(folder):
+  if not storage.listdir(folder):
     return None
   return read(folder, int(num_processes))
 

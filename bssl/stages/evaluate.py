@@ -3,6 +3,7 @@ are another's (the teacher that is the baseline) is measured once and marked so.
 
 from __future__ import annotations
 
+from bssl import deps
 from bssl.config import EVALUATED_MODELS, round_stage, section_of
 
 MODELS = EVALUATED_MODELS
@@ -43,8 +44,6 @@ def evaluate(ctx) -> dict:
   """Every trained model on the test split. Each result names the model artifact it
   measured (``artifact_id``) and keeps the record of what measuring it read: a rerun
   measures again only the models that were replaced or whose measurement would differ."""
-  from bssl import deps
-
   prev = ctx.wd.done("evaluate") or {}
   results, measured = {}, {}
   for key, stage in models(ctx.cfg):

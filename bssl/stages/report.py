@@ -8,10 +8,10 @@ import io
 
 import numpy as np
 
-from bssl import parallel, selection
-from bssl import workdir as workdir_lib
+from bssl import parallel, selection, storage
 from bssl.config import round_stage
-from bssl.data.video import is_video
+from bssl.data.pipelines import eval_image
+from bssl.data.video import eval_clips, is_video
 from bssl.stages import evaluate
 
 MODEL_KEYS = ("baseline", "teacher", "student_pretrained", "student")
@@ -81,7 +81,7 @@ def _save(fig, path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, dpi=110, format="png")
   plt.close(fig)
-  workdir_lib.write_bytes(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
 
 
 def _class_figure(
@@ -97,8 +97,6 @@ def _class_figure(
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from bssl.data.pipelines import eval_image
 
   counts = sel.counts()
   shown = [int(c) for c in np.argsort(-counts, kind="stable")[:num_classes_shown] if counts[c]]
@@ -149,8 +147,6 @@ def _video_figure(
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from bssl.data.video import eval_clips
 
   counts = sel.counts()
   shown = [int(c) for c in np.argsort(-counts, kind="stable")[:num_classes_shown] if counts[c]]
@@ -329,7 +325,7 @@ def write_report(cfg, data, wd) -> dict:
     }
   results["figures"] = figures
 
-  workdir_lib.write_json(out_dir / "results.json", results)
+  storage.write_json(out_dir / "results.json", results)
   md = [
       f"# bssl results: {results['name']} (seed {results['seed']})",
       "",
@@ -394,6 +390,6 @@ def write_report(cfg, data, wd) -> dict:
         "![images per class](class_histogram.png)",
         "",
     ]
-  workdir_lib.write_text(out_dir / "results.md", "\n".join(md))
+  storage.write_text(out_dir / "results.md", "\n".join(md))
   print("\n".join(md), flush=True)
   return {"results": str(out_dir / "results.json")}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from bssl import config as config_lib
-from bssl import parallel, scoring, selection
-from bssl import workdir as workdir_lib
+from bssl import parallel, scoring, selection, storage
 from bssl.data import sources
+from bssl.stages import eval_copies
 
 
 def score(ctx, teacher: str = "teacher") -> dict:
@@ -40,10 +40,8 @@ def score(ctx, teacher: str = "teacher") -> dict:
       + ("" if balanced else f"; unbalanced: the global top {k * nc} (image, class) " f"pairs kept")
   )
   source = unl
-  if cfg.score.eval_copies == "exclude" and cfg.data.kind not in config_lib.VIDEO_DATA_KINDS:
+  if cfg.score.eval_copies == "exclude" and not config_lib.is_video(cfg):
     # copies of test / validation images never scored: they cannot enter D̂
-    from bssl.stages import eval_copies
-
     found = eval_copies.find(ctx, ctx.dir / "eval_copies")
     reasons = eval_copies.excluded(found)
     if reasons:
@@ -87,8 +85,6 @@ def select(ctx, score: str = "score") -> dict:
   cfg, unl = ctx.cfg, ctx.data.unlabelled
   acc, merged = scoring.merge_parts(ctx.wd.stage(score) / "parts", len(unl))
   bad = merged["bad_ids"]
-  from bssl.stages import eval_copies
-
   found = eval_copies.read_done(
       ctx.wd.stage(score) / "eval_copies", ctx.wd.done(score).get("num_processes", 1)
   )
@@ -96,7 +92,7 @@ def select(ctx, score: str = "score") -> dict:
   if found is not None:
     unl = eval_copies.Excluding(unl, eval_copies.excluded(found))
     keys, _ = selection.image_keys(unl.source, found["id"])
-    workdir_lib.write_json(
+    storage.write_json(
         ctx.dir / "eval_copies.json",
         [
             {
@@ -126,9 +122,7 @@ def select(ctx, score: str = "score") -> dict:
       if hasattr(unl, "reason_of")
       else ["cannot be made the model's input"] * len(bad)
   )
-  workdir_lib.write_json(
-      ctx.dir / "bad_images.json", {"ids": bad, "files": names, "reasons": reasons}
-  )
+  storage.write_json(ctx.dir / "bad_images.json", {"ids": bad, "files": names, "reasons": reasons})
   if bad:
     ctx.log(
         f"{len(bad)} images were not scored (undecodable, exact duplicates of an "

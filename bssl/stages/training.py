@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from bssl import selection
-from bssl.data import sources
+from bssl.data import sources, weak
 
 
 def _init(scfg) -> tuple | None:
@@ -73,8 +73,6 @@ def weak_pretrain(ctx) -> dict:
   label_smoothing`` s mixes that distribution with the uniform one over the tags: (1-s)/k
   on each tag + s/num_tags everywhere, :func:`bssl.train._xent`), images resampled by tag
   frequency; the teacher stage then fine-tunes it on D with a new head."""
-  from bssl.data import weak
-
   w = weak.build(ctx.cfg, ctx.data)
   ctx.log(
       f"{w.num_images} tagged images, {w.num_tags} tags (resampling "

@@ -6,8 +6,8 @@ Exists so that torchvision / torch.hub checkpoints (e.g. the paper's released
 torchvision itself is not a dependency: the twin reproduces its layout
 (conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1, fc) and initialisation.
 
-Only this module and the conversion CLI import torch; the rest of bssl runs without it
-(`pip install -r requirements-torch.txt`).
+Only the PyTorch backend (`bssl.backends`: this module and `torch.py`) and the conversion
+CLI import torch; the rest of bssl runs without it (`pip install -r requirements-torch.txt`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ try:
   import torch
   from torch import nn
 except ImportError as e:  # pragma: no cover - exercised only without torch
-  raise ImportError("bssl.torch_models needs PyTorch: pip install -r requirements-torch.txt") from e
+  raise ImportError(
+      "bssl.backends.torch_models needs PyTorch: pip install -r requirements-torch.txt"
+  ) from e
 
-from bssl.models import arch_config
+from bssl.models import arch_config, is_video_model
+from bssl.models.video import mid_channels, video_arch_config
 
 
 def _conv(cin, cout, kernel, stride=1, groups=1):
@@ -136,9 +139,7 @@ class ResNet(nn.Module):
 
 def create_torch_model(name: str, num_classes: int, *, in_channels: int = 3, **kwargs) -> ResNet:
   """Mirror of `bssl.models.create_model` (same names, same kwargs, same errors)."""
-  from bssl.models.video import VIDEO_MODEL_NAMES
-
-  if name in VIDEO_MODEL_NAMES:
+  if is_video_model(name):
     raise ValueError(f"{name!r} is a video model: build its twin with create_torch_video_model")
   cfg = arch_config(name, **kwargs)
   if int(num_classes) <= 0:
@@ -169,8 +170,6 @@ class Block2Plus1D(nn.Module):
 
   def __init__(self, cin, planes, stride, layout):
     super().__init__()
-    from bssl.models.video import mid_channels
-
     m1 = mid_channels(cin, planes)
     m2 = m1 if layout == "torchvision" else mid_channels(planes, planes)
     self.conv1 = nn.Sequential(
@@ -234,7 +233,5 @@ class R2Plus1D(nn.Module):
 
 def create_torch_video_model(name: str, num_classes: int, *, in_channels: int = 3, **kwargs):
   """Mirror of `bssl.models.video.create_video_model`."""
-  from bssl.models.video import video_arch_config
-
   cfg = video_arch_config(name, **kwargs)
   return R2Plus1D(int(num_classes), in_channels=int(in_channels), **cfg)

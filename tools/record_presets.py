@@ -1,11 +1,11 @@
-"""The tiny presets run through the engine, and what their stages recorded: the source of
-``bssl/readers.json`` (for each config field, the stages that read it in some tiny preset,
-shown by ``python -m bssl.config`` in docs/config.md).
+"""A generator, not a test: runs the tiny presets through the engine and writes what their
+stages recorded to ``bssl/readers.json`` (for each config field, the stages that read it in
+some tiny preset, shown by ``python -m bssl.config`` in docs/config.md).
 
 Regenerate bssl/readers.json (a few minutes on 2 CPU cores) after a change to what a stage
 reads::
 
-    .venv/bin/python tests/record_presets.py
+    .venv/bin/python tools/record_presets.py
 
 ``tests/test_recorded_deps.py`` runs the same presets and fails when bssl/readers.json
 is not what they record.
@@ -38,9 +38,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 READERS = os.path.join(ROOT, "bssl", "readers.json")
-REGENERATE = ".venv/bin/python tests/record_presets.py"
+REGENERATE = ".venv/bin/python tools/record_presets.py"
 PRESETS = ("demo", "semiweak", "video", "resnext")
-TRAINED = ("weak_pretrain", "baseline", "teacher", "pretrain", "finetune")
 
 
 def preset_config(name: str):
@@ -52,7 +51,7 @@ def preset_config(name: str):
 
   stages = config_lib.parse_stages(cfg.stages)
   cfg.stages = ",".join(s for s in stages if s not in ("evaluate", "report"))
-  for s in TRAINED:
+  for s in config_lib.TRAIN_SECTIONS:
     if cfg[s].steps:
       cfg[s].steps = 2
     cfg[s].checkpoint_every = 0

@@ -1,6 +1,7 @@
-"""The JAX backend of the engine: how a stage trains, evaluates and scores with Flax
-models over the device mesh. The PyTorch backend (:class:`bssl.torch_train.TorchBackend`)
-offers the same four methods, so :mod:`bssl.stages` is written once for both.
+"""The JAX backend (:class:`bssl.backends.base.Backend`): how a stage trains, evaluates,
+scores and transfers with Flax models over the device mesh (every process). The PyTorch
+backend (:mod:`bssl.backends.torch`) offers the same methods, so :mod:`bssl.stages` is
+written once for both.
 
 Variables of a stage live in ``<workdir>/<stage>/final`` (orbax: params + batch_stats)
 and are restored onto the current mesh whatever the device count they were saved on.
@@ -11,18 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bssl import config, deps, models, parallel, train
+from bssl import config, deps, models, parallel, ranking, train
+from bssl import transfer as transfer_lib
+from bssl.backends import base
+from bssl.backends.base import stage_seed
 from bssl.train import normalize
-
-STAGE_SEED = {"baseline": 1, "teacher": 2, "pretrain": 3, "finetune": 4, "weak_pretrain": 5}
-
-
-def stage_seed(stage: str) -> int:
-  """The seed offset of a stage; a later round's stages get their own."""
-  return STAGE_SEED[config.section_of(stage)] + 10 * (config.round_of(stage) - 1)
 
 
 def _dtype(name: str):
@@ -67,7 +64,10 @@ def variable_shapes(model, spec) -> dict:
   )
 
 
-class JaxBackend:
+class JaxBackend(base.Backend):
+  """Flax models on a mesh over every device of every process (``mesh_shape``); variables
+  in ``<stage>/final`` (orbax)."""
+
   name = "jax"
 
   def __init__(self, cfg):
@@ -87,8 +87,6 @@ class JaxBackend:
     )
 
   def load_folder(self, ctx, folder: str, model):
-    from bssl import deps
-
     deps.note_input(f"{config.section_of(ctx.stage)}.init_from", "checkpoint", folder)
     return train.load_variables(folder, self.mesh, variable_shapes(model, ctx.data.spec))
 
@@ -166,8 +164,6 @@ class JaxBackend:
 
   def transfer(self, ctx, stage: str, key: str, mode: str, target) -> dict:
     """``stage``'s model on ``target``: fc_only or full_ft (see bssl/transfer.py)."""
-    from bssl import transfer as transfer_lib
-
     cfg = ctx.cfg
     scfg = cfg[config.section_of(stage)]
     model = make_model(scfg, cfg.data.num_classes)
@@ -231,27 +227,25 @@ class JaxBackend:
 
 
 class JaxScorer:
-  """Top-P classes and their log-odds (:func:`bssl.scoring.top_log_odds`: the ranking
-  score, which does not saturate like the float32 softmax) on this process's own devices (a
-  local mesh: scoring needs no collective, so processes never wait for each other)."""
+  """A :class:`bssl.backends.base.Scorer`: top-P classes and their log-odds
+  (:func:`bssl.ranking.top_log_odds`: the ranking score, which does not saturate like the
+  float32 softmax) on this process's own devices (a local mesh: scoring needs no
+  collective, so processes never wait for each other)."""
 
   def __init__(self, model, variables, top_p: int, mean, std):
-    local = Mesh(np.asarray(jax.local_devices()), ("data",))
-    self.in_sharding = NamedSharding(local, P("data"))
+    local = parallel.local_mesh()
+    self.in_sharding = NamedSharding(local, P(parallel.DATA_AXIS))
     repl = NamedSharding(local, P())
     # restored replicated on the global mesh: take this process's copy
     self.variables = parallel.local_copy(variables, repl)
-
-    from bssl import scoring
-    from bssl.data import clips
 
     def step(variables, images):
       def apply(x):
         return model.apply(variables, normalize(x, mean, std), train=False)
 
-      if images.ndim == 6:  # videos [B, N, T, H, W, C]: the mean of the N clips' softmax
-        return scoring.video_top_log_odds(clips.clip_logits(apply, images), top_p)
-      return scoring.top_log_odds(apply(images), top_p)
+      if ranking.is_clip_batch(images):  # videos: the mean of the N clips' softmax
+        return ranking.video_top_log_odds(ranking.clip_logits(apply, images), top_p)
+      return ranking.top_log_odds(apply(images), top_p)
 
     self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)
 

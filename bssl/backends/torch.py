@@ -1,13 +1,15 @@
-"""The recipe's training, evaluation and scoring steps in PyTorch, for the side-by-side
-comparison with the JAX implementation (``python -m bssl.compare``).
+"""The PyTorch backend (:class:`bssl.backends.base.Backend`): the recipe's training,
+evaluation and scoring steps in PyTorch, for the side-by-side comparison with the JAX
+implementation (``python -m bssl.compare``). Imported only when asked for
+(:func:`bssl.backends.create`), since PyTorch is an optional dependency.
 
 Everything that defines the experiment is shared with the JAX code rather than
 re-implemented: the data splits (:func:`bssl.data.recipe.build_data`), the grain pipelines
 (:mod:`bssl.data.pipelines`: the same seed gives the same numpy batches, augmentations
-included), the stage seeds (``seed * 100 + stage``, :data:`bssl.backend.STAGE_SEED`), the
+included), the stage seeds (``seed * 100 + stage``, :data:`bssl.backends.base.STAGE_SEED`), the
 learning-rate values (:func:`bssl.train.make_schedule`, evaluated once per step), the
 selection (:class:`bssl.selection.TopKPerClass`) and the model layout
-(:func:`bssl.torch_models.create_torch_model`, torchvision's names). What is PyTorch:
+(:func:`bssl.backends.torch_models.create_torch_model`, torchvision's names). What is PyTorch:
 the model, the optimizer (``torch.optim.SGD``), the loss, the BatchNorm statistics, the
 forward/backward passes.
 
@@ -40,21 +42,24 @@ is PyTorch. Trained stages write ``<workdir>/<stage>/model.pt``.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bssl import config
+from bssl import config, progress, storage
 from bssl import train as jax_train
-from bssl import workdir as workdir_lib
-from bssl.backend import stage_seed
+from bssl.backends import base
+from bssl.backends.base import stage_seed
+from bssl.backends.torch_models import create_torch_model
 from bssl.data import pipelines
-from bssl.torch_models import create_torch_model
 
 # ----------------------------------------------------------------------------- model
 
@@ -76,7 +81,7 @@ def init_like_flax(model: nn.Module) -> nn.Module:
 def make_model(
     scfg, num_classes: int, in_channels: int, seed: int | None = None, channels_last: bool = True
 ) -> nn.Module:
-  """The PyTorch twin of ``bssl.backend.make_model(scfg, num_classes)``."""
+  """The PyTorch twin of ``bssl.backends.jax.make_model(scfg, num_classes)``."""
   if seed is not None:
     torch.manual_seed(seed)
   model = create_torch_model(
@@ -123,9 +128,6 @@ def make_optimizer(model: nn.Module, scfg) -> torch.optim.SGD:
 def lr_values(scfg, total_steps: int, batch_size: int) -> np.ndarray:
   """The learning rate of every step, from the JAX code's own schedule (float32 values,
   as the JAX optimizer sees them)."""
-  import jax
-  import jax.numpy as jnp
-
   base_lr = jax_train.learning_rate(scfg, batch_size)
   schedule = jax_train.make_schedule(scfg, total_steps, base_lr)
   if total_steps == 0:
@@ -240,7 +242,8 @@ def fit(
       eta = (total - step - 1) * gbs / max(rate, 1e-9)
       log(
           f"step {step + 1}/{total} loss {last['loss']:.4f} top1 {last['top1']:.3f} "
-          f"lr {last['lr']:.4g} |g| {m['grad_norm']:.3g} {rate:.0f} img/s eta {eta:.0f}s"
+          f"lr {last['lr']:.4g} |g| {m['grad_norm']:.3g} {rate:.0f} img/s "
+          f"eta {progress.format_duration(eta)}"
       )
       pending, t_last = [], now
   return {"steps": total, "train_seconds": time.time() - t_start, "last_train_metrics": last}
@@ -307,9 +310,10 @@ def check_config(cfg) -> None:
       )
 
 
-class TorchBackend:
+class TorchBackend(base.Backend):
   """The engine's PyTorch backend (one process, CPU): the same stages, data, batches and
-  schedules as :class:`bssl.backend.JaxBackend`; variables in ``<stage>/model.pt``."""
+  schedules as :class:`bssl.backends.jax.JaxBackend`; variables in ``<stage>/model.pt``.
+  ``threads``: PyTorch's intra-op threads (``torch.set_num_threads``), when given."""
 
   name = "torch"
 
@@ -359,11 +363,9 @@ class TorchBackend:
           num_threads=cfg.num_threads,
           log=_print(stage),
       )
-    import io
-
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    workdir_lib.write_bytes(ctx.dir / "model.pt", buf.getvalue())
+    storage.write_bytes(ctx.dir / "model.pt", buf.getvalue())
     out["num_params"] = sum(p.numel() for p in model.parameters())
     return out
 
@@ -388,7 +390,7 @@ class TorchBackend:
 
 
 def top_log_odds(logits: torch.Tensor, p: int):
-  """:func:`bssl.scoring.top_log_odds` in PyTorch, the same formula step for step (so
+  """:func:`bssl.ranking.top_log_odds` in PyTorch, the same formula step for step (so
   ``python -m bssl.compare`` compares like with like): logits [B, C] -> (classes [B, P],
   log-odds ``z_c - logsumexp_{j != c} z_j`` [B, P], finite [B]), classes the ``p`` largest
   logits, best first. The argmax's sum over the other classes is taken directly, relative to
@@ -410,7 +412,8 @@ def top_log_odds(logits: torch.Tensor, p: int):
 
 
 class _TorchScorer:
-  """Top-P classes and their log-odds (the ranking score, :mod:`bssl.scoring`)."""
+  """A :class:`bssl.backends.base.Scorer`: top-P classes and their log-odds (the ranking
+  score, :mod:`bssl.ranking`)."""
 
   def __init__(self, model: nn.Module, top_p: int, mean, std):
     self.model, self.top_p, self.mean, self.std = model.eval(), top_p, mean, std

@@ -1,0 +1,218 @@
+"""What every bssl command shares: --config/--workdir, one error path, exit codes.
+
+Exit codes: 0 done; 2 a user error (a bad flag, config, data or work directory), printed
+as ONE line ``<prog>: error: <message>`` on stderr with no traceback; 143 preempted by
+SIGTERM (a checkpoint was saved; rerun the same command to resume).
+
+API (a program in bssl/cli/ defines its own flags at module top, then):
+
+- ``CONFIG, WORKDIR = define_config_flags()``: the shared ``--config`` (a config file,
+  ``configs/demo.py:tiny``, or a packaged one by name, ``demo:tiny``, from any folder;
+  ``--config.<field>=<v>`` overrides) and ``--workdir`` (local or gs://). Only programs
+  that take a recipe call it; nobody reads another program's flags.
+- ``config_and_workdir(no_workdir)``: the loaded config after checking both flags
+  (missing or broken: one line, exit 2; ``no_workdir`` is the message for a missing
+  --workdir). ``WORKDIR.value`` is then set. ``define_workdir_flag()``: --workdir alone.
+- ``DISTRIBUTED = define_distributed_flag()``: ``--distributed`` (bssl, bssl-sweep), for
+  ``parallel.maybe_initialize_distributed(force=DISTRIBUTED.value)``.
+- ``fail(msg, code=2)``: print ``<prog>: error: <msg>`` (whitespace folded to one line)
+  and exit.
+- ``user_errors()``: the exception classes that are the user's to fix (exit 2).
+- ``run(main_fn, prog=..., errors=...)``: the console command. absl's ``app.run`` with
+  flag errors as one line (exit 2), ``--help`` on stdout (exit 0), positional arguments
+  refused, ``errors`` (default ``user_errors()``) raised by ``main_fn`` as one line
+  (exit 2) and ``train.Preempted`` as exit 143.
+- ``call(main_fn, argv, prog=..., errors=...)``: the same in-process for tests (``argv``
+  without the program name; flags parsed afresh); returns ``main_fn``'s result (0 when
+  None), raises SystemExit on an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bssl import config, scoring, storage, train
+from bssl.data.sources import DataError
+
+_PROG = ["bssl"]  # the name errors are printed under (set by run() / call())
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+_SHARED: dict = {}
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+  """One line on stderr, ``<prog>: error: <msg>``, then exit ``code``."""
+  print(f"{_PROG[0]}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions that are the user's to fix: printed as one line, exit code 2."""
+  return (
+      config.ConfigError,
+      DataError,
+      FileNotFoundError,
+      NotADirectoryError,
+      storage.CorruptArtifactError,
+      train.VariablesMismatchError,
+      scoring.IncompleteScoringError,
+  )
+
+
+def define_config_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """Defines ``--config`` and ``--workdir`` (once per process); returns their holders."""
+  if "config" not in _SHARED:
+    _SHARED["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:preset]).", lock_config=True
+    )
+  return _SHARED["config"], define_workdir_flag()
+
+
+def define_workdir_flag() -> flags.FlagHolder:
+  """Defines ``--workdir`` alone (once per process; bssl-reshard reads a run's)."""
+  if "workdir" not in _SHARED:
+    _SHARED["workdir"] = flags.DEFINE_string(
+        "workdir", None, "Work directory for all artifacts (a local folder or gs://bucket/prefix)."
+    )
+  return _SHARED["workdir"]
+
+
+def define_distributed_flag() -> flags.FlagHolder:
+  """Defines ``--distributed`` (once per process); returns its holder."""
+  if "distributed" not in _SHARED:
+    _SHARED["distributed"] = flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1)."
+    )
+  return _SHARED["distributed"]
+
+
+def config_and_workdir(no_workdir: str):
+  """The loaded --config (a config file that failed, or none given: one line, exit 2) after
+  checking that --workdir is given (else ``no_workdir``, exit 2)."""
+  config_flag, workdir_flag = define_config_flags()
+  try:
+    cfg = config_flag.value
+    if cfg is not None:
+      cfg.keys()  # a config file that failed to load raises here
+  except Exception as e:
+    fail("--config: " + " ".join(str(e).split())[:600])
+  if cfg is None:
+    fail("--config is required, e.g. --config=configs/demo.py")
+  if not workdir_flag.value:
+    fail(no_workdir)
+  return cfg
+
+
+def resolve_config_path(arg: str) -> str:
+  """``--config`` value with the packaged configs found from anywhere: ``demo``,
+  ``demo.py`` or ``configs/demo.py`` (with an optional ``:preset``) that is not a file
+  here names ``bssl/configs/demo.py`` of the installed package."""
+  path, sep, preset = arg.partition(":")
+  if os.path.isfile(path):
+    return arg
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  packaged = os.path.join(here, "configs", name)
+  if os.path.dirname(path) in ("", "configs", "bssl/configs") and os.path.exists(packaged):
+    return packaged + sep + preset
+  return arg
+
+
+def _resolve_config_flag(argv: list[str]) -> list[str]:
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config_path(a[len("--config=") :])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
+def _print_help(argv: list[str], doc: str | None, module: str | None) -> NoReturn:
+  """``--help``: the program's docstring and its own flags (``--helpfull``: every flag)."""
+  f = flags.FLAGS
+  print((doc or "").strip() + "\n")
+  if "--helpfull" in argv:
+    print(f.get_help())
+  else:
+    by_module = f.flags_by_module_dict()
+    mods = [m for m in (module, __name__) if m in by_module]
+    mods += [m for m in by_module if m.startswith("ml_collections") and m not in mods]
+    print("\n".join(f.module_help(m) for m in mods if f.module_help(m).strip()))
+    print("\nTry --helpfull to get a list of all flags.")
+  sys.exit(0)
+
+
+def parse_flags(argv: Sequence[str], doc: str | None = None, module: str | None = None):
+  """absl's parser, with flag and config-file errors as one line and exit code 2."""
+  argv = _resolve_config_flag(list(argv))
+  args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in _HELP for a in args):
+    _print_help(args, doc, module)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # a config file that raised: absl embeds its traceback; its last line is the error
+    text = lines[-1] if "Traceback" in str(e) else " ".join(lines)
+    flag = lines[0].split(":")[0] if lines else "flags"
+    fail((text if text.startswith(flag) else f"{flag}: {text}")[:600])
+  except (FileNotFoundError, OSError) as e:
+    fail(f"--config: {e}")
+  except Exception as e:
+    fail(f"--config: {type(e).__name__}: {e}")
+
+
+def _guarded(main_fn: Callable, errors: tuple[type[BaseException], ...] | None):
+  caught = user_errors() if errors is None else errors
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {argv[1:]}")
+    try:
+      return main_fn(argv)
+    except caught as e:
+      fail(str(e))
+    except train.Preempted as e:
+      print(f"{_PROG[0]}: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
+      sys.exit(143)
+
+  return wrapped
+
+
+def run(
+    main_fn: Callable[[list[str]], int | None],
+    prog: str = "bssl",
+    errors: tuple[type[BaseException], ...] | None = None,
+) -> NoReturn:
+  """The console command: ``app.run(main_fn)`` with bssl's error path (module doc)."""
+  _PROG[0] = prog
+  module = sys.modules.get(main_fn.__module__)
+  doc = getattr(module, "__doc__", None)
+  app.run(
+      _guarded(main_fn, errors),
+      flags_parser=lambda argv: parse_flags(argv, doc, main_fn.__module__),
+  )
+  sys.exit(0)  # (app.run exits itself)
+
+
+def call(
+    main_fn: Callable[[list[str]], int | None],
+    argv: Sequence[str],
+    prog: str = "bssl",
+    errors: tuple[type[BaseException], ...] | None = None,
+) -> int:
+  """``run`` in-process (tests): ``argv`` without the program name, parsed afresh."""
+  _PROG[0] = prog
+  if flags.FLAGS.is_parsed():
+    flags.FLAGS.unparse_flags()
+  module = sys.modules.get(main_fn.__module__)
+  rest = parse_flags([prog, *argv], getattr(module, "__doc__", None), main_fn.__module__)
+  rc = _guarded(main_fn, errors)(rest)
+  return 0 if rc is None else rc

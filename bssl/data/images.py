@@ -1,0 +1,64 @@
+"""Images at a path, opened one way for U, the weak set and everything else: an ingest's
+shards (:class:`bssl.data.shards.ShardSource`) or image files, a folder or a file list
+(:class:`bssl.data.sources.ImageFileSource`). Both give image ``i`` the id ``i``, its
+position in :func:`bssl.data.listing.list_inputs`' order.
+
+Each source says what it is (``identity()``); that is what a stage's record stores for the
+path it read. The two kinds of a path that a rerun identifies again without opening the
+data through the recipe, ``shards`` and ``filelist``, are registered with the record here
+(:func:`bssl.deps.register_identity`), so :mod:`bssl.deps` itself knows no data format.
+"""
+
+from __future__ import annotations
+
+from bssl import deps, storage
+from bssl.data import shards, sources
+
+KINDS = ("shards", "files")
+
+
+def kind_of(path: str) -> str:
+  """``shards`` for an ingest's output folder (complete or not), else ``files``."""
+  p = storage.path(path)
+  return "shards" if (p / "manifest.json").exists() or (p / "ingest.json").exists() else "files"
+
+
+def open_images(
+    path: str,
+    channels: int = 3,
+    *,
+    kind: str | None = None,
+    drop_duplicates: bool = True,
+    cache_dir: str | None = None,
+):
+  """The images at ``path`` as a source: ``kind`` ``shards`` (an ingest's ``--out``) or
+  ``files`` (an image folder or file list); None: :func:`kind_of` the path.
+  ``drop_duplicates`` and ``cache_dir`` are the shards' (:class:`bssl.data.shards.
+  ShardSource`). An ingest that cannot be read is a :class:`bssl.data.sources.DataError`."""
+  kind = kind or kind_of(path)
+  if kind == "files":
+    return sources.ImageFileSource(path, channels=channels)
+  if kind != "shards":
+    raise ValueError(f"images at a path are one of {KINDS}, got {kind!r}")
+  try:
+    return shards.ShardSource(
+        path, channels=channels, drop_duplicates=drop_duplicates, cache_dir=cache_dir
+    )
+  except (shards.IngestError, FileNotFoundError) as e:
+    raise sources.DataError(str(e)) from None
+
+
+def record_kind(src) -> str:
+  """The kind a stage's record notes the images of ``src`` under (the name a rerun
+  identifies them again by)."""
+  return "shards" if isinstance(src, shards.ShardSource) else "filelist"
+
+
+def note_images(key: str, path: str, src) -> None:
+  """Notes the images ``src`` opened at ``path`` as input ``key`` of the running stage, by
+  the source's own identity (a rerun opens the path again, :func:`open_images`)."""
+  deps.note_input(key, record_kind(src), path, src.identity())
+
+
+deps.register_identity("shards", shards.identity_of)
+deps.register_identity("filelist", lambda p: open_images(p, kind="files").identity())
