@@ -41,7 +41,8 @@ BACKEND = "jax"
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
+  # the session's (tests/conftest.py): shared with the other tests' runs of these presets
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from array_record.python import array_record_module as ar
 from PIL import Image
 
 from bssl import storage
@@ -132,8 +133,6 @@ def _writer_options() -> str:
 def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: int) -> dict:
   """Writes shard ``s`` (``files`` = its inputs, ids from ``first_id``): the array_record,
   then its manifest npz. Returns counts."""
-  from array_record.python import array_record_module as ar
-
   out = storage.path(out)
   n = len(files)
   orig = np.zeros((n, 2), np.int32)
@@ -489,8 +488,6 @@ def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
   (stream order) whose json status, if any, is ``success``; then its manifest npz (key,
   url, caption, sizes, content hash, bad reason, the count of skipped samples and the
   tar's damage, if any)."""
-  from array_record.python import array_record_module as ar
-
   out = storage.path(out)
   keys, urls, captions, reasons, paths = [], [], [], [], []
   orig, stored, hashes = [], [], []

@@ -10,6 +10,7 @@ process's share of the global batch; normalisation happens on the device.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import grain
 import numpy as np
@@ -283,8 +284,6 @@ def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
   """In each worker process: a SIGTERM sent to the whole process group (Slurm's
   ``--signal``, a VM's shutdown) leaves the workers running, so the main process can
   finish its step and save its checkpoint; they end with it (daemons)."""
-  import signal
-
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

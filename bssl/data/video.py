@@ -21,6 +21,7 @@ step ``s`` sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import os
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from PIL import Image
 
 from bssl import deps, storage
 from bssl.data import batching, sources
@@ -90,8 +92,6 @@ def _frames(video: np.ndarray, spec: VideoSpec) -> np.ndarray:
 
 
 def _resize_frames(v: np.ndarray, short_side: int) -> np.ndarray:
-  from PIL import Image
-
   h, w = v.shape[1:3]
   scale = short_side / min(h, w)
   nh, nw = max(short_side, int(round(h * scale))), max(short_side, int(round(w * scale)))
@@ -446,8 +446,6 @@ class VideoFolderSource(_DecodingSource):
 
   def subset(self, indices, hide_labels: bool = False) -> VideoFolderSource:
     """Rows ``indices`` (ids become positions in the subset)."""
-    import copy
-
     idx = np.asarray(indices, np.int64)
     out = copy.copy(self)
     out.files = [self.files[int(i)] for i in idx]
@@ -501,8 +499,6 @@ class MovingFashionSource:
     if garment > size:
       raise DataError(f"the garment ({garment} px) must fit the canvas ({size} px)")
     if _resized is None:
-      from PIL import Image
-
       imgs = np.asarray(images, np.uint8)
       imgs = imgs[..., 0] if imgs.ndim == 4 else imgs
       _resized = (

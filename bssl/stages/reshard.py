@@ -29,6 +29,7 @@ import time
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from bssl import selection, storage
 from bssl import workdir as workdir_lib
@@ -61,8 +62,6 @@ def _image_bytes(src, i: int) -> tuple[bytes, str]:
   if hasattr(src, "record_bytes"):
     data = src.record_bytes(i)
     return data, "jpg" if data[:2] == b"\xff\xd8" else "png"
-  from PIL import Image
-
   img = np.asarray(src[int(i)]["image"])
   buf = io.BytesIO()
   Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
