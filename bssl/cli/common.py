@@ -15,6 +15,7 @@ API (a program in bssl/cli/ defines its own flags at module top, then):
   --workdir). ``WORKDIR.value`` is then set. ``define_workdir_flag()``: --workdir alone.
 - ``DISTRIBUTED = define_distributed_flag()``: ``--distributed`` (bssl, bssl-sweep), for
   ``parallel.maybe_initialize_distributed(force=DISTRIBUTED.value)``.
+- ``HELP_FLAGS``: the arguments that print the program's help (stdout, exit 0).
 - ``fail(msg, code=2)``: print ``<prog>: error: <msg>`` (whitespace folded to one line)
   and exit.
 - ``user_errors()``: the exception classes that are the user's to fix (exit 2).
@@ -41,7 +42,7 @@ from bssl import config, scoring, storage, train
 from bssl.data.sources import DataError
 
 _PROG = ["bssl"]  # the name errors are printed under (set by run() / call())
-_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")  # help on stdout, exit 0
 _SHARED: dict = {}
 
 
@@ -153,7 +154,7 @@ def parse_flags(argv: Sequence[str], doc: str | None = None, module: str | None 
   """absl's parser, with flag and config-file errors as one line and exit code 2."""
   argv = _resolve_config_flag(list(argv))
   args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
-  if any(a in _HELP for a in args):
+  if any(a in HELP_FLAGS for a in args):
     _print_help(args, doc, module)
   try:
     return flags.FLAGS(argv)

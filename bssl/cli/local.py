@@ -67,7 +67,7 @@ def _check_words(args: list[str]) -> None:
   while k < len(args):
     a = args[k]
     name = a.lstrip("-").split("=", 1)[0]
-    if a.startswith("-") and a not in common._HELP:
+    if a.startswith("-") and a not in common.HELP_FLAGS:
       if name in _VALUE_FLAGS and "=" not in a:
         if k + 1 == len(args) or args[k + 1].startswith("--"):
           common.fail(f"--{name} needs a value")

@@ -26,6 +26,7 @@ import tempfile
 import threading
 
 import numpy as np
+from array_record.python import array_record_module as ar
 
 from bssl import storage
 from bssl.data import decode, listing
@@ -205,8 +206,6 @@ class ShardSource:
     return local
 
   def _reader(self, s: int):
-    from array_record.python import array_record_module as ar
-
     readers = getattr(self._local, "readers", None)
     if readers is None:
       readers = self._local.readers = {}
