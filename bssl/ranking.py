@@ -1,7 +1,7 @@
 """The device code of scoring: what the teacher's outputs become before the host ranks them.
 
 Everything here is jit-able JAX that runs inside a backend's scoring or evaluation step
-(:class:`bssl.backends.jax.JaxScorer`, :func:`bssl.train.make_eval_step`); the host side
+(:class:`bssl.backends.jax.JaxScorer`, :func:`bssl.evaluation.make_eval_step`); the host side
 (chunks, parts, coverage, merge) is :mod:`bssl.scoring`.
 
 **What is ranked.** Each image's top-P classes with the teacher's *log-odds* of each,

@@ -24,11 +24,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from bssl import parallel, progress, ranking, storage
+from bssl import parallel, progress, storage
 from bssl.config.names import BN_MODES, SCHEDULES
 from bssl.data import pipelines
 from bssl.data import video as video_lib
-from bssl.data.sources import DataError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -164,7 +163,7 @@ def tag_targets(tags, num_classes):
   return multi_hot / jnp.maximum(k, 1.0)
 
 
-def _xent(logits, labels, num_classes, smoothing):
+def cross_entropy(logits, labels, num_classes, smoothing):
   """Softmax cross-entropy [B] against class ids [B] or, for weak labels, tag ids [B, T].
 
   Label smoothing ``s`` mixes the target with the uniform distribution: ``(1 - s) t +
@@ -222,7 +221,7 @@ def make_train_step(
     logits, new_vars = model.apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
-    loss = _xent(logits, labels, num_classes, label_smoothing).mean()
+    loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
     top1 = _top1(logits, labels)
     return loss, (top1, new_vars["batch_stats"])
 
@@ -270,88 +269,6 @@ def make_train_step(
 
   repl = parallel.replicated(mesh)
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
-
-
-def video_probs(model, variables, videos, mean, std) -> jax.Array:
-  """Video-level class probabilities of ``videos`` uint8 [B, N, T, H, W, C]: the mean of
-  the N clips' softmax (the paper's 10-clip evaluation), on the device."""
-  return ranking.video_level_probs(
-      lambda clip: model.apply(variables, normalize(clip, mean, std), train=False), videos
-  )
-
-
-def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
-  """``eval(variables, batch) -> sums`` of correct top-1/top-5, loss and count over
-  the masked batch. A batch of videos (``image`` [B, N, T, H, W, C]: N clips each) is
-  measured at the video level: top-k and loss of the mean of its clips' softmax."""
-  k5 = min(5, num_classes)
-
-  def step(variables, batch):
-    if ranking.is_clip_batch(batch["image"]):  # videos: log of the clip-averaged softmax
-      logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std), 1e-30))
-    else:
-      logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    labels = batch["label"]
-    top5 = jax.lax.top_k(logits, k5)[1]
-    correct5 = jnp.any(top5 == labels[:, None], axis=-1)
-    correct1 = top5[:, 0] == labels
-    loss = _xent(logits, jnp.maximum(labels, 0), num_classes, 0.0)
-    return {
-        "top1": jnp.sum(correct1 * mask),
-        "top5": jnp.sum(correct5 * mask),
-        "loss": jnp.sum(loss * mask),
-        "count": jnp.sum(mask),
-    }
-
-  return jax.jit(step, out_shardings=parallel.replicated(mesh))
-
-
-def evaluate(
-    eval_step,
-    variables,
-    source,
-    spec: pipelines.ImageSpec,
-    mesh,
-    *,
-    global_batch_size: int,
-    num_threads: int = 1,
-) -> dict:
-  """top1/top5/loss over every example of ``source`` exactly once."""
-  lbs = parallel.local_batch_size(global_batch_size, mesh)
-  ds = pipelines.eval_dataset(
-      source,
-      spec,
-      local_batch_size=lbs,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      num_threads=num_threads,
-  )
-  totals = None
-  bad: list[int] = []
-  for batch in ds:
-    bad += [int(i) for i in batch["id"][(batch["id"] >= 0) & ~batch["valid"]]]
-    batch = {k: batch[k] for k in ("image", "label", "mask")}
-    out = eval_step(variables, parallel.global_batch_from_local(mesh, batch))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  t = parallel.to_host(totals)
-  n = float(t["count"])
-  if int(round(n)) != len(source):
-    # video files: ids are positions, so they name files; other sources: record ids
-    name_of = getattr(source, "name_of", None) if hasattr(source, "reason_of") else None
-    names = [name_of(i) if name_of else f"record id {i}" for i in bad[:5]]
-    raise DataError(
-        f"evaluation: {len(source) - int(round(n))} of {len(source)} examples "
-        f"cannot be decoded or made the model's input"
-        + (f" (e.g. {', '.join(names)})" if names else "")
-        + "; an evaluation set must be whole: fix or remove them"
-    )
-  return {
-      "top1": float(t["top1"]) / n,
-      "top5": float(t["top5"]) / n,
-      "loss": float(t["loss"]) / n,
-      "num_examples": int(round(n)),
-  }
 
 
 # ----------------------------------------------------------------------------- variables on disk

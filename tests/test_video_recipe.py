@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bssl import config, train
+from bssl import config, evaluation, train
 from bssl.data import clips as clips_lib
 from bssl.data import video
 from bssl.models.video import create_video_model
@@ -158,9 +158,11 @@ def test_the_eval_step_measures_videos_by_their_clip_averaged_softmax():
       [jax.nn.softmax(m.apply(v, train.normalize(x[:, c], mean, std)), -1) for c in range(10)], 1
   )
   probs = per_clip.mean(1)
-  np.testing.assert_allclose(train.video_probs(m, v, x, mean, std), probs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      evaluation.video_probs(m, v, x, mean, std), probs, rtol=1e-5, atol=1e-6
+  )
   labels = np.array([int(np.argmax(probs[0])), int(np.argmin(probs[1])), 0, 1], np.int32)
-  step = train.make_eval_step(m, parallel.make_mesh(), num_classes=4, mean=mean, std=std)
+  step = evaluation.make_eval_step(m, parallel.make_mesh(), num_classes=4, mean=mean, std=std)
   out = jax.device_get(
       step(v, {"image": x, "label": labels, "mask": np.array([True, True, True, False])})
   )

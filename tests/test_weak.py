@@ -37,7 +37,7 @@ def test_weak_loss_is_cross_entropy_against_one_over_k_by_hand():
   for z, t in zip(logits.astype(np.float64), [[3], [0, 4], [0, 1, 2, 4, 5]]):
     logp = z - np.log(np.exp(z).sum())
     want.append(-sum(logp[j] for j in t) / len(t))
-  got = np.asarray(train._xent(jnp.asarray(logits), jnp.asarray(tags), 6, 0.0))
+  got = np.asarray(train.cross_entropy(jnp.asarray(logits), jnp.asarray(tags), 6, 0.0))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   tgt = np.asarray(train.tag_targets(jnp.asarray(tags), 6))
   np.testing.assert_allclose(tgt.sum(1), 1.0)
@@ -57,10 +57,10 @@ def test_weak_label_smoothing_mixes_the_tag_distribution_with_uniform_by_hand():
     # (1 - s) x (1/k on each of the k tags) + s / C everywhere; no tags: no loss
     target = np.array([(1 - s) * (j in t) / len(t) + s / c for j in range(c)]) if t else np.zeros(c)
     want.append(-(target * logp).sum())
-  got = np.asarray(train._xent(jnp.asarray(logits), jnp.asarray(tags), c, s))
+  got = np.asarray(train.cross_entropy(jnp.asarray(logits), jnp.asarray(tags), c, s))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got[0] != pytest.approx(
-      float(train._xent(jnp.asarray(logits), jnp.asarray(tags), c, 0.0)[0])
+      float(train.cross_entropy(jnp.asarray(logits), jnp.asarray(tags), c, 0.0)[0])
   )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bssl import config, deps, models, parallel, ranking, train
+from bssl import config, deps, evaluation, models, parallel, ranking, train
 from bssl import transfer as transfer_lib
 from bssl.backends import base
 from bssl.backends.base import stage_seed
@@ -145,10 +145,10 @@ class JaxBackend(base.Backend):
     cfg = ctx.cfg
     model = make_model(cfg[config.section_of(stage)], cfg.data.num_classes)
     mean, std = self.norm
-    ev = train.make_eval_step(
+    ev = evaluation.make_eval_step(
         model, self.mesh, num_classes=cfg.data.num_classes, mean=mean, std=std
     )
-    return train.evaluate(
+    return evaluation.evaluate(
         ev,
         self.load(ctx, stage, model),
         source,
@@ -210,10 +210,12 @@ class JaxBackend(base.Backend):
         num_threads=cfg.num_threads,
         num_workers=int(cfg.num_workers),
     )
-    ev = train.make_eval_step(tmodel, self.mesh, num_classes=target.num_classes, mean=mean, std=std)
+    ev = evaluation.make_eval_step(
+        tmodel, self.mesh, num_classes=target.num_classes, mean=mean, std=std
+    )
     kw = dict(global_batch_size=cfg.data.eval_batch_size, num_threads=cfg.num_threads)
-    test = train.evaluate(ev, out["variables"], target.test, ctx.data.spec, self.mesh, **kw)
-    val = train.evaluate(ev, out["variables"], target.val, ctx.data.spec, self.mesh, **kw)
+    test = evaluation.evaluate(ev, out["variables"], target.test, ctx.data.spec, self.mesh, **kw)
+    val = evaluation.evaluate(ev, out["variables"], target.val, ctx.data.spec, self.mesh, **kw)
     return {
         "top1": test["top1"],
         "top5": test["top5"],

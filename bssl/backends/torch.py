@@ -262,7 +262,7 @@ def evaluate(
     num_threads: int = 1,
 ) -> dict:
   """top1/top5/loss over every example of ``source`` exactly once (same padded and
-  masked batches as ``bssl.train.evaluate``)."""
+  masked batches as ``bssl.evaluation.evaluate``)."""
   model.eval()
   k5 = min(5, num_classes)
   c1 = c5 = loss_sum = n = 0.0

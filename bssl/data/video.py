@@ -9,7 +9,7 @@ sources' so every view of a source - subsets, U with hidden labels, D̂ - works
 unchanged); a video that cannot be decoded has ``valid == False``. Batches leave the
 pipelines as ``image`` uint8 ``[b, clip_len, S, S, C]`` (training) or
 ``[b, num_clips, clip_len, S, S, C]`` (evaluation and scoring: the device averages the
-clips' softmax into the video-level prediction, :func:`bssl.train.video_probs`).
+clips' softmax into the video-level prediction, :func:`bssl.evaluation.video_probs`).
 
 Training batches follow the image pipeline's contract (:class:`bssl.data.batching.
 StreamBatch`): global batch ``k`` is positions ``[kG, (k+1)G)`` of a stream of per-epoch

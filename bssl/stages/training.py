@@ -71,7 +71,7 @@ def weak_pretrain(ctx) -> dict:
   """The teacher's weakly supervised pre-training on tagged images (bssl/data/weak.py):
   softmax cross-entropy against each image's tags at 1/k each (``weak_pretrain.
   label_smoothing`` s mixes that distribution with the uniform one over the tags: (1-s)/k
-  on each tag + s/num_tags everywhere, :func:`bssl.train._xent`), images resampled by tag
+  on each tag + s/num_tags everywhere, :func:`bssl.train.cross_entropy`), images resampled by tag
   frequency; the teacher stage then fine-tunes it on D with a new head."""
   w = weak.build(ctx.cfg, ctx.data)
   ctx.log(
