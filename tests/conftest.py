@@ -29,6 +29,8 @@ os.environ["PYTHON"] = sys.executable
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/helpers: the GCS emulator, worker scripts and fixtures the test files import.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
 # The `gcs` fixture (a local GCS emulator, one per session) for every test file.
 import pytest  # noqa: E402

@@ -7,7 +7,7 @@ reads::
 
     .venv/bin/python tools/record_presets.py
 
-``tests/test_recorded_deps.py`` runs the same presets and fails when bssl/readers.json
+``tests/e2e/test_recorded_deps.py`` runs the same presets and fails when bssl/readers.json
 is not what they record.
 
 The presets run as their ``tiny`` configs say, except for values that change no field a

@@ -293,7 +293,7 @@ def check_config(cfg) -> None:
     raise config.ConfigError(
         f"data.kind={cfg.data.kind!r}: the PyTorch lane trains image models; the video "
         f"recipe runs on the JAX backend (PyTorch interop for video: python -m bssl.convert "
-        f"--model=r2plus1d_18, checked against a PyTorch twin in tests/test_video.py)"
+        f"--model=r2plus1d_18, checked against a PyTorch twin in tests/unit/test_video.py)"
     )
   if "weak_pretrain" in config.parse_stages(cfg.stages):
     raise config.ConfigError(

@@ -1,5 +1,5 @@
 """``python -m bssl.config``: prints the config reference (``> docs/config.md`` regenerates
-it; tests/test_docs.py fails when that file is not what this prints)."""
+it; tests/unit/test_docs.py fails when that file is not what this prints)."""
 
 from bssl.config.reference import reference_markdown
 

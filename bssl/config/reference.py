@@ -1,6 +1,6 @@
 """The config reference, docs/config.md: every field of the schema with its type, default,
 the stages that read it and what it means. ``python -m bssl.config`` prints it
-(``bssl/config/__main__.py``); ``tests/test_docs.py`` fails when docs/config.md is not what
+(``bssl/config/__main__.py``); ``tests/unit/test_docs.py`` fails when docs/config.md is not what
 it prints.
 """
 
@@ -57,9 +57,9 @@ def _readers(name: str, read: dict[str, list[str]], cosmetic: bool = False) -> s
 def reference_markdown() -> str:
   """The config reference (docs/config.md): every field of :func:`base` with its type,
   default, the stages that read it and what it means. ``python -m bssl.config`` prints it;
-  ``tests/test_docs.py`` fails when docs/config.md is not what this prints. The stages that
+  ``tests/unit/test_docs.py`` fails when docs/config.md is not what this prints. The stages that
   read a field are those whose record held it when the tiny presets ran (bssl/readers.json,
-  written by ``tools/record_presets.py``; ``tests/test_recorded_deps.py`` fails when it is
+  written by ``tools/record_presets.py``; ``tests/e2e/test_recorded_deps.py`` fails when it is
   not what they record), never a declaration."""
   read = json.loads(importlib.resources.files("bssl").joinpath("readers.json").read_text())
   lines = [

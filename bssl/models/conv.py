@@ -29,7 +29,7 @@ shapes (batch 128), medians of interleaved runs on a shared machine (see
   and its kernel gradient is a [9, N*H*W] x [N*H*W, C] matmul (8.2 -> 2.9 ms).
 
 Forward convolutions and stride-1 input gradients stay XLA's. Results equal XLA's up
-to float32 summation order (``tests/test_conv.py``). GPU and TPU keep XLA's own
+to float32 summation order (``tests/unit/test_conv.py``). GPU and TPU keep XLA's own
 gradients (``create_model(conv_impl='auto')``).
 """
 

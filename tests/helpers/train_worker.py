@@ -1,6 +1,6 @@
 """A tiny training run in its own process, for the kill -9 and device-count resume tests.
 
-python tests/train_worker.py WORKDIR OUT.npz [--bn_mode sync] [--stop_after_steps N]
+python tests/helpers/train_worker.py WORKDIR OUT.npz [--bn_mode sync] [--stop_after_steps N]
 
 The device count is XLA_FLAGS=--xla_force_host_platform_device_count (default 2 here).
 With --stop_after_steps the run stops (as a crash would, without a final save) after N
@@ -15,7 +15,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
   ).strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import ml_collections

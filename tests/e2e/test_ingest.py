@@ -21,7 +21,7 @@ from bssl.data.listing import list_inputs
 from bssl.data.shards import ShardSource
 from bssl.models import create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _photo(w, h, seed):

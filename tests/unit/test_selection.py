@@ -10,7 +10,7 @@ import pytest
 from bssl import selection
 from bssl.selection import MAX_ID, Selection, TopKPerClass
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- helpers

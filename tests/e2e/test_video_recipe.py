@@ -22,7 +22,8 @@ from bssl.data import video
 from bssl.models.video import create_video_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HELPERS = os.path.join(ROOT, "tests", "helpers")
 VIDEO = os.path.join(ROOT, "configs", "video.py")
 
 

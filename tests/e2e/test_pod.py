@@ -1,7 +1,7 @@
 """The recipe as a pod runs it: ``python -m bssl.main`` through ``launch/local.sh`` with 2
 processes x 2 fake CPU devices, each process in its own working directory and TMPDIR (its
 own "disk" and temporary folder), sharing only the work directory, a ``gs://`` bucket on
-the local GCS emulator (tests/gcs_emulator.py). Checked against 1 process x 4 devices on
+the local GCS emulator (tests/helpers/gcs_emulator.py). Checked against 1 process x 4 devices on
 local disk: the baseline's parameters to float tolerance and, given the pod's teacher,
 exactly the pod's D̂. Then ``kill -9`` of one process in the middle of pre-training and a
 rerun of both gives the results of the uninterrupted run.
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HELPERS = os.path.join(ROOT, "tests", "helpers")
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 # Longer pre-training than :tiny gives the kill a window in the middle of a stage.
 ARGS = [

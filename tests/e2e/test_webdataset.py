@@ -1,5 +1,5 @@
 """WebDataset tar shards in (issue 22): an img2dataset-style shard set made with tarfile
-(tests/wds_fixture.py: keys, json with status, captions, a failed row, a corrupt member, a
+(tests/helpers/wds_fixture.py: keys, json with status, captions, a failed row, a corrupt member, a
 duplicate, a placeholder repeated many times), ingested in one process, in two processes
 running together, from the GCS emulator, killed with SIGKILL and rerun; duplicates found
 partitioned by hash across processes."""
@@ -18,8 +18,8 @@ from bssl.data import ingest, webdataset
 from bssl.data.shards import ShardSource, shard_offsets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HELPERS = os.path.join(ROOT, "tests", "helpers")
 import wds_fixture  # noqa: E402
 
 PARAMS = ingest.Params(placeholder_min=5)

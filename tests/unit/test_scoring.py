@@ -82,7 +82,7 @@ def _same_selection(got: selection.Selection, want: selection.Selection):
 
 def _top_k_by_class(ids, classes, scores, seed=0):
   """Brute force: per class, the K best (score descending, then smaller tie hash of the id;
-  the hash itself is checked against a plain-Python reference in tests/test_selection.py)."""
+  the hash itself is checked against a plain-Python reference in tests/unit/test_selection.py)."""
   rows = []
   for c in range(C):
     m = classes == c

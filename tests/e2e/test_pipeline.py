@@ -14,7 +14,7 @@ from bssl import engine, selection
 from bssl.configs import demo
 from bssl.data import recipe, sources
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
@@ -255,7 +255,7 @@ def test_every_field_that_defaults_to_none_can_be_set_from_the_command_line(conf
 def test_command_line_sets_optional_fields_and_resnext_says_what_is_missing(tmp_path):
   (tmp_path / "u").mkdir()
   (tmp_path / "u" / "a.png").write_bytes(b"not really")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run(
       [
           sys.executable,
@@ -291,7 +291,7 @@ def test_kill_9_while_scoring_then_rerun_gives_the_same_dhat(tiny_run, tmp_path)
   wd.mkdir()
   for name in ("config.json", "splits.json"):
     shutil.copy(os.path.join(ref_dir, name), wd / name)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   for stage in ("baseline", "teacher"):
     shutil.copytree(os.path.join(ref_dir, stage), wd / stage)
   cmd = [
@@ -400,7 +400,7 @@ def test_partial_state_of_another_config_is_refused(tiny_run, tmp_path):
 
 
 def _cli(args, env=None, timeout=300):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return subprocess.run(
       [sys.executable, "-m", "bssl.main", *args],
       cwd=repo,

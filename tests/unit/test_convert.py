@@ -236,7 +236,7 @@ def test_to_torch_reads_a_stage_s_architecture_from_its_work_directory(demo_tiny
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resnet_small" in r.stdout

@@ -11,8 +11,9 @@ import numpy as np
 from bssl import selection
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HELPERS = os.path.join(ROOT, "tests", "helpers")
+WORKER = os.path.join(HELPERS, "multihost_worker.py")
 
 
 def _env(devices):

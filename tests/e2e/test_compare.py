@@ -19,7 +19,7 @@ from bssl.backends import torch as torch_train  # noqa: E402
 from bssl.configs import demo  # noqa: E402
 from bssl.data import recipe  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAVE_FASHION_MNIST = os.path.exists("/usr/share/datasets/fashion-mnist")
 
 

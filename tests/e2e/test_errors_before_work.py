@@ -41,7 +41,7 @@ def test_the_command_refuses_another_num_classes_before_any_work(tmp_path):
   import subprocess
   import sys
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run(
       [
           sys.executable,

@@ -19,6 +19,7 @@ import train_worker as tw
 from bssl import parallel, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HELPERS = os.path.join(os.path.dirname(HERE), "helpers")
 MEAN, STD = (100.0,), (60.0,)
 
 
@@ -261,7 +262,7 @@ def test_sigkill_then_rerun_gives_identical_parameters(tmp_path, uninterrupted):
   """A real kill -9 of a separate process in the middle of training."""
   wd, out = str(tmp_path / "w"), str(tmp_path / "final.npz")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  cmd = [sys.executable, os.path.join(HERE, "train_worker.py"), wd, out]
+  cmd = [sys.executable, os.path.join(HELPERS, "train_worker.py"), wd, out]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   seen = []
   for line in proc.stdout:
@@ -298,7 +299,7 @@ def test_resume_in_a_process_with_another_device_count(tmp_path, uninterrupted):
   restores onto the smaller mesh and the input restarts at the restored step's global
   batch, so the result equals the uninterrupted 8-device run up to reduction order."""
   wd, out = str(tmp_path / "w"), str(tmp_path / "final.npz")
-  cmd = [sys.executable, os.path.join(HERE, "train_worker.py"), wd, out]
+  cmd = [sys.executable, os.path.join(HELPERS, "train_worker.py"), wd, out]
 
   def env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")

@@ -2,13 +2,13 @@
 
 Launched as 2 processes x 2 fake devices by launch/local.sh, or as 1 process x 4
 devices for the reference. Writes OUT/params.npz and OUT/dhat (process 0).
-usage: multihost_worker.py OUT
+usage: tests/helpers/multihost_worker.py OUT
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bssl import parallel

@@ -1,4 +1,4 @@
-"""The local GCS emulator (tests/gcs_emulator.py) works for child processes."""
+"""The local GCS emulator (tests/helpers/gcs_emulator.py) works for child processes."""
 
 import os
 import subprocess

@@ -15,7 +15,7 @@ import pytest
 from bssl import engine, train
 from bssl.data import weak
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
     reason="needs Debian's dataset-fashion-mnist (the README's commands install it)",

@@ -23,7 +23,7 @@ import pytest
 
 from bssl.cli import local as local_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 LOCAL = LAUNCH / "local.sh"
 TPU = LAUNCH / "tpu_pod.sh"
