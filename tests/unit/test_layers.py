@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+from bssl import config, stages
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 
@@ -120,3 +122,13 @@ def test_format_and_lint():
   assert pyink.returncode == 0, "pyink --check .:\n" + pyink.stdout + pyink.stderr
   ruff = _run([sys.executable, "-m", "ruff", "check", "--no-cache", "."])
   assert ruff.returncode == 0, "ruff check .:\n" + ruff.stdout + ruff.stderr
+
+
+def test_the_stage_table_and_the_config_name_the_same_stages_in_the_same_order():
+  """A stage's name lives in two places because the config (a foundation, checked before
+  any work) may not import the stage table: adding one to the table and not to
+  ``config.names.ALL_STAGES`` (or the other way round) fails here, naming both."""
+  assert tuple(stages.TABLE) == config.ALL_STAGES, (
+      f"bssl/stages/__init__.py TABLE {tuple(stages.TABLE)} != "
+      f"bssl/config/names.py ALL_STAGES {config.ALL_STAGES}"
+  )
