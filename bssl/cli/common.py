@@ -41,9 +41,15 @@ from ml_collections import config_flags
 from bssl import config, scoring, storage, train
 from bssl.data.sources import DataError
 
-_PROG = ["bssl"]  # the name errors are printed under (set by run() / call())
+_PROG = ["bssl"]  # the name errors are printed under (set_program, by run() / call())
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")  # help on stdout, exit 0
 _SHARED: dict = {}
+
+
+def set_program(name: str) -> None:
+  """Names the program that :func:`fail` and the preemption line print under (``run`` and
+  ``call`` do it; a command with its own argument walk, like ``cli/local.py``, calls it)."""
+  _PROG[0] = name
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
@@ -193,7 +199,7 @@ def run(
     errors: tuple[type[BaseException], ...] | None = None,
 ) -> NoReturn:
   """The console command: ``app.run(main_fn)`` with bssl's error path (module doc)."""
-  _PROG[0] = prog
+  set_program(prog)
   module = sys.modules.get(main_fn.__module__)
   doc = getattr(module, "__doc__", None)
   app.run(
@@ -210,7 +216,7 @@ def call(
     errors: tuple[type[BaseException], ...] | None = None,
 ) -> int:
   """``run`` in-process (tests): ``argv`` without the program name, parsed afresh."""
-  _PROG[0] = prog
+  set_program(prog)
   if flags.FLAGS.is_parsed():
     flags.FLAGS.unparse_flags()
   module = sys.modules.get(main_fn.__module__)

@@ -114,7 +114,7 @@ def _pod(program_args: list[str]) -> launcher.LocalPod:
 def main(argv: list[str]) -> int:
   """``argv`` as sys.argv: the program name, the launcher's flags, ``--``, the program's
   arguments. Returns the exit code (module doc)."""
-  common._PROG[0] = PROG
+  common.set_program(PROG)
   k = argv.index("--") if "--" in argv else len(argv)
   ours, program_args = list(argv[:k]), list(argv[k + 1 :])
   _check_words(ours[1:])
