@@ -23,6 +23,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# The file-identity cache (bssl.fileid) of the session, not the user's ~/.cache/bssl.
+if "BSSL_CACHE_DIR" not in os.environ:
+  _id_cache = tempfile.mkdtemp(prefix="bssl_tests_fileid_")
+  atexit.register(shutil.rmtree, _id_cache, ignore_errors=True)
+  os.environ["BSSL_CACHE_DIR"] = _id_cache
+
 # Commands the tests start (launch/local.sh, subprocesses) use this interpreter: the
 # virtual environment's when run as the README says.
 os.environ["PYTHON"] = sys.executable
