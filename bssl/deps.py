@@ -34,8 +34,9 @@ from typing import Any
 
 import ml_collections
 
-from bssl import storage
+from bssl import fileid, storage
 from bssl.config.fields import all_fields
+from bssl.config.names import ALL_STAGES
 
 RECORD_VERSION = 2  # 1: fingerprints of declared sections (before 2026-12-03)
 ABSENT = {"__absent__": True}  # the value noted for a field the config does not have
@@ -322,65 +323,92 @@ def current_value(cfg, name: str):
 # --------------------------------------------------------------------------- inputs
 
 
-def _blake(data_iter) -> str:
-  h = hashlib.blake2b(digest_size=16)
-  for chunk in data_iter:
-    h.update(chunk)
-  return h.hexdigest()
+# The tag of a set of files identified by (relative path, label, content); bumped when the
+# rule changes, so identities recorded under an older rule never equal a new one (v3: by
+# content, relative paths; before: absolute paths, size and mtime).
+SET_IDENTITY = "set-v3"
 
 
 def file_identity(path: str) -> str:
-  """One file by content (blake2b-128): tags, vocabularies, CSVs, idx files."""
-  return "blake2b:" + _blake(storage.read_chunks(path))
+  """One file by content (``md5:<hex>``, :func:`bssl.fileid.content_id`: hashed once per
+  file version, then cached): tags, vocabularies, CSVs, idx files; ``missing`` when there
+  is no file."""
+  return fileid.content_id(str(path))
 
 
-def files_identity(files, root: str | None = None, content: bool = False) -> str:
-  """A list of files by (path relative to ``root``, size, mtime), or by content hash
-  (``content``): image and video folders and lists."""
+def common_folder(files) -> str:
+  """The deepest folder holding every path of ``files`` (``""`` when they share none)."""
+  files = [str(f) for f in files]
+  if not files:
+    return ""
+  prefix = os.path.commonprefix(files)
+  return prefix[: prefix.rfind("/") + 1]
+
+
+def relative_names(files, root: str | None = None) -> list[str]:
+  """``files`` relative to ``root`` (a folder given by the user), or when ``root`` is None
+  to their :func:`common_folder`: the names a set of files is identified by, the same
+  whether the set was given as a folder, a list of its files, a symlink to it, a moved
+  copy or a ``gs://`` copy. A file outside ``root`` keeps its whole path."""
+  files = [str(f) for f in files]
+  base = common_folder(files) if root is None else str(root).rstrip("/") + "/"
+  n = len(base)
+  return [f[n:] if base and f.startswith(base) else f for f in files]
+
+
+def files_identity(files, root: str | None = None, labels=None, progress=None) -> str:
+  """A set of files (in its order) by (path relative to ``root`` or, when None, to the
+  files' common folder, label when ``labels`` are given, content id): image and video
+  folders and lists, TFDS builds, checkpoints. Content ids come from
+  :func:`bssl.fileid.content_ids` (hashed once per file version); the result is kept
+  under the files' versions (:func:`bssl.fileid.stamps_digest`), so a rerun that changed
+  nothing costs one ``stat`` per file and one lookup."""
+  files = [str(f) for f in files]
+  names = relative_names(files, root)
   h = hashlib.blake2b(digest_size=16)
-  base = (str(root).rstrip("/") + "/") if root else ""
-  n = 0
-  for f in files:
-    f = str(f)
-    rel = f[len(base) :] if base and f.startswith(base) else f
-    try:
-      meta = file_identity(f) if content else "%d:%d" % storage.stat(f)
-    except (OSError, FileNotFoundError):
-      meta = "missing"
-    h.update(f"{rel}\0{meta}\n".encode())
-    n += 1
-  return f"{'content' if content else 'stat'}:{h.hexdigest()}:n={n}"
+  labs = [None] * len(files) if labels is None else [int(x) for x in labels]
+  for rel, lab in zip(names, labs):  # (the ids' order and meaning)
+    h.update(f"{rel}\0{'' if lab is None else lab}\n".encode("utf-8", "surrogateescape"))
+  listing = h.hexdigest()
+  key = fileid.stamps_digest(files, salt=f"{SET_IDENTITY}\0{listing}")
+  hit = fileid.recall(key)
+  if hit is not None:
+    return hit
+  for cid in fileid.content_ids(files, progress=progress):
+    h.update(f"{cid}\n".encode())
+  out = f"{SET_IDENTITY}:{h.hexdigest()}:n={len(files)}"
+  fileid.remember(key, out)
+  return out
 
 
 def tree_identity(path: str) -> str:
-  """A folder by (relative path, size, mtime) of every file in it (a TFDS build)."""
-  return files_identity([os.path.join(str(path), r) for r in storage.find(path)], root=str(path))
+  """A folder by (path relative to it, content) of every file in it (a TFDS build, a
+  folder of variables); ``missing`` when there is no such folder."""
+  p = storage.path(path)
+  if not p.is_dir():
+    return "missing"
+  root = str(p)
+  return files_identity([root.rstrip("/") + "/" + r for r in storage.find(root)], root=root)
 
 
 def checkpoint_identity(path: str) -> str:
-  """A folder of variables (a converted checkpoint, another run's ``final/``) by the
-  content of every file in it."""
+  """A folder of variables (a converted checkpoint, another run's ``final/``) by
+  :func:`tree_identity`; a single file by its content."""
   p = storage.path(path)
   if not p.exists():
     return "missing"
-  if not p.is_dir():
-    return file_identity(path)
-  h = hashlib.blake2b(digest_size=16)
-  for rel in storage.find(path):
-    h.update(f"{rel}\0{file_identity(str(p / rel))}\n".encode())
-  return "content:" + h.hexdigest()
+  return tree_identity(path) if p.is_dir() else file_identity(path)
 
 
 # How a recorded input of each kind is identified again by a rerun: files and folders here;
 # the data layer adds the kinds of the data formats it reads (:func:`register_identity`),
-# so the record itself knows no data format.
+# so the record itself knows no data format. (``tree_content``: the same as ``tree`` now
+# that every folder is identified by content; kept for records that name it.)
 IDENTITY: dict[str, Callable[[str], str]] = {
     "file": file_identity,
     "tree": tree_identity,
     "checkpoint": checkpoint_identity,
-    "tree_content": lambda p: files_identity(
-        [os.path.join(str(p), r) for r in storage.find(p)], root=str(p), content=True
-    ),
+    "tree_content": tree_identity,
 }
 
 
@@ -460,13 +488,94 @@ def _fmt(v) -> str:
   return "(absent)" if v == ABSENT else repr(v)
 
 
-def current_files(data) -> dict[str, str]:
-  """{key: identity} of the inputs noted while the data was opened in this run."""
+# A path-valued field (``Field.path``: data.train_dir, unlabelled.path, teacher.init_from,
+# ...) is compared by what it names, not by its string: a new value is no change when every
+# input the stage read through the field is in the record (entries keyed by the field's
+# name or ``<field>:...``) and can be found again under the new value; those entries are
+# then compared by identity (what the data opens now, or the recorded file looked up under
+# the new value: :func:`entry_path_now`). A path field with no such entry is compared as a
+# string (a change, the safe default).
+
+
+def _is_path_field(name: str) -> bool:
+  f = _schema().get(name)
+  return bool(f is not None and getattr(f, "path", False))
+
+
+def _field_of(key: str) -> str:
+  return key.split(":", 1)[0]
+
+
+def _rebase(path: str, old: str, new: str) -> str | None:
+  """``path`` (under ``old``) under ``new``; None when it is not under ``old``."""
+  o, n = (old.rstrip("/") or old), (new.rstrip("/") or new)
+  if path in (old, o):
+    return n
+  if path.startswith(o + "/"):
+    return n + path[len(o) :]
+  return None
+
+
+def _both_paths(old, new) -> bool:
+  return (
+      isinstance(old, str)
+      and isinstance(new, str)
+      and bool(old)
+      and bool(new)
+      and old not in ALL_STAGES
+      and new not in ALL_STAGES
+  )
+
+
+def path_moved(record: dict, name: str, old, new) -> bool:
+  """Whether path field ``name``'s change from ``old`` to ``new`` is left to the identity
+  of what it names (see above): True when every input of ``record`` read through the field
+  is compared by identity under the new value."""
+  if not (_is_path_field(name) and _both_paths(old, new)):
+    return False
+  entries = [e for k, e in (record.get("files") or {}).items() if k == name or _field_of(k) == name]
+  return bool(entries) and all(
+      e["kind"] == "data" or _rebase(str(e["path"]), old, new) is not None for e in entries
+  )
+
+
+def entry_path_now(record: dict, cfg, key: str, entry: dict) -> str:
+  """Where the input of ``entry`` (recorded under ``key``) is now: its recorded path, or,
+  when the path field it was read through names another place now (:func:`path_moved`),
+  the same path under the field's new value."""
+  name = _field_of(key)
+  old = (record.get("fields") or {}).get(name, ABSENT)
+  new = current_value(cfg, name)
+  if old != new and path_moved(record, name, old, new):
+    return _rebase(str(entry["path"]), old, new) or str(entry["path"])
+  return str(entry["path"])
+
+
+def field_changes(record: dict, cfg) -> list[str]:
+  """The recorded fields whose value differs now (``name: old -> new``), path fields whose
+  new value names the same inputs left out (:func:`path_moved`)."""
+  out = []
+  for name, old in sorted((record.get("fields") or {}).items()):
+    new = current_value(cfg, name)
+    if new != old and not path_moved(record, name, old, new):
+      out.append(f"{name}: {_fmt(old)} -> {_fmt(new)}")
+  return out
+
+
+def current_entries(data) -> dict[str, dict]:
+  """{key: {"kind", "path", "id"}} of the inputs noted while the data was opened in this
+  run: what the run opens now and where it found it (a folder's listing, the candidate
+  chosen among ``x.gz`` and ``x``, the TFDS build a name resolves to)."""
   out = {}
   for rec in (data.records() if data is not None and hasattr(data, "records") else ()):
     for k, e in rec.files.items():
-      out[k] = e["id"]
+      out[k] = e
   return out
+
+
+def current_files(data) -> dict[str, str]:
+  """{key: identity} of the inputs noted while the data was opened in this run."""
+  return {k: e["id"] for k, e in current_entries(data).items()}
 
 
 def check_record(
@@ -481,18 +590,28 @@ def check_record(
         f"version {(record or {}).get('version', 1)}, this bssl writes "
         f"{RECORD_VERSION})"
     ]
-  out = []
-  for name, old in sorted((record.get("fields") or {}).items()):
-    new = current_value(cfg, name)
-    if new != old:
-      out.append(f"{name}: {_fmt(old)} -> {_fmt(new)}")
-  now_data = current_files(data)
+  out = field_changes(record, cfg)  # (path fields by what they name)
+  # An input the data noted again now (every run opens the data afresh) is compared with
+  # what the run opens now, wherever it finds it: not re-identified at the recorded path,
+  # which a new candidate (x.gz beside x), a new file in a listed folder or a new TFDS
+  # build could shadow. Other inputs are identified again where they are now.
+  now_data = current_entries(data)
   for key, e in sorted((record.get("files") or {}).items()):
-    if e["kind"] == "data":
-      new = now_data.get(key, "(not read now)")
+    now = now_data.get(key)
+    if now is not None:
+      new = now["id"]
+    elif e["kind"] == "data":
+      new = "(not read now)"
     else:
-      new = identity(e["kind"], e["path"])
-    if new != e["id"]:
+      new = identity(e["kind"], entry_path_now(record, cfg, key, e))
+    if new == e["id"]:
+      continue
+    if now is not None and str(now["path"]) != str(e["path"]):
+      out.append(
+          f"{key}: the run opens {now['path']} now, {e['path']} when recorded "
+          f"(identity {e['id']} -> {new})"
+      )
+    else:
       out.append(
           f"{e['path']} ({key}): its contents changed since (identity {e['id']} -> " f"{new})"
       )

@@ -29,11 +29,15 @@ the processes' records), between barriers.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable
 
 import jax
+import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination service's client
+from jax.experimental import multihost_utils
 
 from bssl import backends, deps, parallel, stages, storage
 from bssl import config as config_lib
@@ -116,6 +120,30 @@ def stale_stages(
   return out
 
 
+def check_plan(
+    table: dict[str, Stage],
+    cfg,
+    wd: workdir_lib.Workdir,
+    backend: str,
+    requested: tuple[str, ...],
+    data=None,
+) -> tuple[set[str], dict[str, list[str]], list[str]]:
+  """The checks of :func:`plan`, without acting on them: (the stages the run needs, {stale
+  stage: what changed}, the stale stages whose folders exist, in deletion order)."""
+  needed = set(requested)
+  for name in reversed(list(table)):
+    if name in needed:
+      st = table[name]
+      needed |= set(st.reads(cfg))
+      needed |= {s for s in st.optional_reads if wd.done(s) is not None}
+  missing = {n for n in needed if table[n].fingerprinted and wd.done(n) is None and n in requested}
+  stale = stale_stages(table, cfg, wd, backend, data, missing)
+  folders = (
+      [n for n in reversed(_dependents(table, cfg, stale)) if wd.stage(n).exists()] if stale else []
+  )
+  return needed, stale, folders
+
+
 def plan(
     table: dict[str, Stage],
     cfg,
@@ -134,16 +162,8 @@ def plan(
   order; with ``recompute_stale`` they are deleted (printed) and rerun.
   """
   names = list(table)
-  needed = set(requested)
-  for name in reversed(names):
-    if name in needed:
-      st = table[name]
-      needed |= set(st.reads(cfg))
-      needed |= {s for s in st.optional_reads if wd.done(s) is not None}
-  missing = {n for n in needed if table[n].fingerprinted and wd.done(n) is None and n in requested}
-  stale = stale_stages(table, cfg, wd, backend, data, missing)
+  needed, stale, folders = check_plan(table, cfg, wd, backend, requested, data)
   if stale:
-    folders = [n for n in reversed(_dependents(table, cfg, stale)) if wd.stage(n).exists()]
     why = "; ".join(f"{n}: {', '.join(d)}" for n, d in stale.items())
     if not recompute_stale:
       raise RefusedError(
@@ -317,12 +337,16 @@ def run_recipe(
     backend_options: dict | None = None,
     share: ShareHook | None = None,
     recompute_stale: bool = False,
+    wait_for_lock: bool = False,
 ) -> dict:
   """The whole recipe (the configured stages) in ``workdir``, local or ``gs://``, on the
   backend called ``backend`` (:func:`bssl.backends.create`, given ``backend_options``).
 
   Checks the config (fields, batch sizes against the devices), the work directory and the
-  data before any work; returns {stage: info} of the stages run.
+  data before any work; returns {stage: info} of the stages run. The work directory is
+  locked meanwhile (:func:`lock_workdir`, after the config checks, before anything is
+  read or written there): a live command there refuses this one (WorkdirLockedError) or,
+  with ``wait_for_lock``, is waited for.
   """
   config_lib.validate(cfg)
   deps.forget_identities()  # inputs are identified afresh by every run
@@ -330,6 +354,73 @@ def run_recipe(
     config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
   wd = workdir_lib.Workdir(workdir)
   wd.check_usable()
+  lock = lock_workdir(wd, wait_for_lock, log=parallel.log)
+  try:
+    return _run_locked(cfg, wd, backend, backend_options, share, recompute_stale)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+class WorkdirLockedError(config_lib.ConfigError):
+  """Another live command holds the work directory's lock (:class:`bssl.workdir.WorkdirLock`)."""
+
+
+_LOCK_ROUNDS = itertools.count()  # one key of the processes' agreement per lock taken
+
+
+def lock_workdir(wd: workdir_lib.Workdir, wait: bool = False, log=print):
+  """Process 0 takes ``wd``'s lock (:class:`bssl.workdir.WorkdirLock`; the other processes
+  of the run do not); every process learns the outcome before any collective (through the
+  coordination service's key-value store), so all stop (WorkdirLockedError, exit 2) or all
+  go on. Returns the lock on process 0 (release it at the end), None on the others."""
+  key = f"bssl_workdir_lock_{next(_LOCK_ROUNDS)}"
+  lock, refusal, failed = None, None, True
+  if parallel.is_main_process():
+    lock = workdir_lib.WorkdirLock(wd.root, log=log)
+    try:
+      lock.acquire(wait)
+      failed = False
+    except workdir_lib.LockedError as e:
+      lock, refusal, failed = None, str(e), False
+    finally:  # (an error: the others must not wait for a word that never comes)
+      refusal = _from_main_process(key, refusal, failed)
+  else:
+    refusal = _from_main_process(key, None)
+  if refusal is not None:
+    raise WorkdirLockedError(refusal)
+  return lock
+
+
+def _from_main_process(key: str, refusal: str | None, failed: bool = False) -> str | None:
+  """Process 0's ``refusal`` (None: the lock is taken) on every process of the run."""
+  if jax.process_count() == 1:
+    return refusal
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is None:  # no coordination service (JAX's own cluster set-up): one collective
+    ok = multihost_utils.broadcast_one_to_all(np.int32(refusal is None and not failed))
+    if parallel.is_main_process() or bool(ok):
+      return refusal
+    return "process 0 of this run could not take the lock of the work directory (see its log)"
+  if parallel.is_main_process():
+    word = "failed" if failed else "ok" if refusal is None else "refused:" + refusal
+    client.key_value_set(key, word)
+    return refusal
+  while True:  # (process 0 may wait for the lock for long: --wait_for_lock)
+    try:
+      word = client.blocking_key_value_get(key, 60_000)
+      break
+    except Exception as e:  # the timeout of one wait: wait again
+      if "deadline" not in str(e).lower() and "timed out" not in str(e).lower():
+        raise
+  if word == "ok":
+    return None
+  if word == "failed":
+    return "process 0 of this run failed while taking the lock of the work directory"
+  return word.split(":", 1)[1]
+
+
+def _run_locked(cfg, wd, backend, backend_options, share, recompute_stale) -> dict:
   data = recipe.build_data(cfg)
   checks.check_num_classes(data, cfg)  # classes of the data = data.num_classes
   # built on a view of the config: what the backend reads while a stage runs is recorded too
@@ -357,3 +448,32 @@ def run_recipe(
     storage.write_json(wd.splits_path, data.splits)
 
   return run(table, cfg, wd, data, backend, requested, accepted, share, recompute_stale)
+
+
+def check_recipe(cfg, workdir, backend: str = "jax") -> dict:
+  """What :func:`run_recipe` would find in ``workdir`` for ``cfg``, without running or
+  writing anything (a sweep plans every point with it before any point runs):
+  ``{"stale": {stage: [what changed]}, "folders": [the stale folders, in deletion order],
+  "to_run": [recorded stages the run would compute]}``. Raises what ``run_recipe`` raises
+  for a bad config or data (the data is built only when a stage was started: else nothing
+  can be stale)."""
+  config_lib.validate(cfg)
+  if backend == "jax":
+    config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
+  wd = workdir_lib.Workdir(workdir)
+  wd.check_usable()
+  table = stages.table(cfg)
+  requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
+  requested = tuple(s for s in table if s in requested)
+  data = None
+  if any(wd.done(n) is not None or wd.started(n) is not None for n in table):
+    deps.forget_identities()  # inputs are identified afresh, as by a run
+    data = recipe.build_data(cfg)
+    checks.check_num_classes(data, cfg)
+  needed, stale, folders = check_plan(table, cfg, wd, backend, requested, data)
+  to_run = [
+      n
+      for n in table
+      if n in needed and table[n].fingerprinted and (n in stale or wd.done(n) is None)
+  ]
+  return {"stale": stale, "folders": [str(wd.stage(n)) for n in folders], "to_run": to_run}

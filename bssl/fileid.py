@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -60,6 +61,7 @@ class _Cache:
     self._db: sqlite3.Connection | None = None
     self._where: str | None = None
     self._memory: dict[str, tuple[str, str]] = {}
+    self._sets: dict[str, str] = {}
     self._warned = False
 
   def _conn(self) -> sqlite3.Connection | None:
@@ -76,6 +78,7 @@ class _Cache:
           "CREATE TABLE IF NOT EXISTS ids (key TEXT PRIMARY KEY, stamp TEXT NOT NULL, "
           "digest TEXT NOT NULL)"
       )
+      db.execute("CREATE TABLE IF NOT EXISTS sets (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
       self._db = db
     except (OSError, sqlite3.Error) as e:
       if not self._warned:
@@ -121,10 +124,32 @@ class _Cache:
         db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?)", list(rows))
         db.execute("COMMIT")
 
+  def get_set(self, key: str) -> str | None:
+    with self._lock:
+      if key in self._sets:
+        return self._sets[key]
+      db = self._conn()
+      if db is None:
+        return None
+      try:
+        row = db.execute("SELECT value FROM sets WHERE key = ?", (key,)).fetchone()
+      except sqlite3.Error:
+        return None
+      return row[0] if row else None
+
+  def put_set(self, key: str, value: str) -> None:
+    with self._lock:
+      self._sets[key] = value
+      db = self._conn()
+      if db is not None:
+        with contextlib.suppress(sqlite3.Error):
+          db.execute("INSERT OR REPLACE INTO sets VALUES (?, ?)", (key, value))
+
   def forget(self) -> None:
     """Drops this process's copy (tests that rewrite files within one tick)."""
     with self._lock:
       self._memory.clear()
+      self._sets.clear()
 
 
 _cache = _Cache()
@@ -222,6 +247,45 @@ def content_ids(
           rows = []
     _cache.put_many(rows)
   return [str(x) for x in out]
+
+
+def stamps_digest(paths: Sequence[str], salt: str = "") -> str | None:
+  """A digest of the versions of ``paths`` (each file's path, device, inode, size, mtime
+  and ctime; ``salt`` for whatever else a value derived from them depends on): the key
+  under which :func:`remember` keeps such a value. None when some path is remote, missing,
+  or was changed less than :data:`RACY_SECONDS` ago (a value derived from it is not kept).
+  Costs one ``stat`` per file: what lets a rerun that changed nothing skip the per-file
+  lookups of :func:`content_ids`."""
+  h = hashlib.blake2b(salt.encode("utf-8", "surrogateescape"), digest_size=20)
+  pack = struct.Struct("<5q").pack
+  newest = 0
+  stat = os.stat
+  try:
+    for p in paths:
+      p = os.fspath(p)
+      if "://" in p:
+        return None
+      st = stat(p)
+      newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+      h.update(p.encode("utf-8", "surrogateescape"))
+      h.update(pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+  except OSError:
+    return None
+  if time.time() - newest / 1e9 < RACY_SECONDS:
+    return None
+  return h.hexdigest()
+
+
+def recall(key: str | None) -> str | None:
+  """The value :func:`remember` kept under ``key`` (a :func:`stamps_digest`), or None."""
+  return None if key is None else _cache.get_set(key)
+
+
+def remember(key: str | None, value: str) -> None:
+  """Keeps ``value`` (derived from the contents of the files whose versions ``key``
+  digests) in the cache, for :func:`recall`."""
+  if key is not None:
+    _cache.put_set(key, value)
 
 
 def content_id(path: str) -> str:

@@ -10,10 +10,13 @@ share a local disk. What lives where in a work directory is :mod:`bssl.workdir`'
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -131,14 +134,19 @@ def write_bytes(p: PathLike, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, p)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS and not e.filename:
+      # a write() that failed names no file: say which (disk_full reads it)
+      raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(p)) from e
     raise
 
 
 def write_text(p: PathLike, text: str) -> None:
-  write_bytes(p, text.encode())
+  """Writes ``text`` as UTF-8; a file name that is not UTF-8 (held, as Python holds it, as
+  a surrogate-escaped str) is written as its own bytes, so it reads back the same."""
+  write_bytes(p, text.encode("utf-8", "surrogateescape"))
 
 
 # --------------------------------------------------------------------------- JSON
@@ -213,3 +221,62 @@ def read_npy(p: PathLike, mmap: bool = False) -> np.ndarray:
   if mmap and not is_remote(p):
     return np.load(os.fspath(p), mmap_mode="r", allow_pickle=False)
   return np.load(io.BytesIO(p.read_bytes()), allow_pickle=False)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# how libraries that do not raise OSError (tensorstore under orbax, pyarrow, grain) say it
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+_QUOTED_PATH = re.compile(r"""["'](/[^"']+)["']""")
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+  """When ``exc``, or an exception it wraps (``__cause__``, ``__context__``, an exception
+  group's members), says that a disk is full (ENOSPC, EDQUOT, or a library's message that
+  says so): the path it was writing ("" when none is named); otherwise None."""
+  todo, seen, found = [exc], set(), None
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+      if e.filename:
+        return os.fsdecode(e.filename)
+      found = found or ""
+    text = str(e)
+    if any(t in text for t in _FULL_TEXTS):
+      m = _QUOTED_PATH.search(text)
+      if m:
+        return m.group(1)
+      found = found or ""
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return found
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"
+
+
+def free_space(p: PathLike) -> str | None:
+  """"<free> free of <total>" on the disk that holds ``p`` (its nearest existing folder),
+  or None (object storage, or nothing of ``p`` exists)."""
+  s = os.fspath(p)
+  if is_remote(s):
+    return None
+  s = os.path.abspath(s)
+  while s and not os.path.exists(s):
+    parent = os.path.dirname(s)
+    if parent == s:
+      return None
+    s = parent
+  try:
+    u = shutil.disk_usage(s)
+  except OSError:
+    return None
+  return f"{_human(u.free)} free of {_human(u.total)}"

@@ -10,15 +10,47 @@ Layout (``<stage>`` is any stage of the engine's table)::
   <stage>/done.json           written last: the stage is complete (info + the record of
                               every config field and input it read, bssl.deps)
   <stage>/...                 the stage's own artifact (final/, checkpoints/, parts/, dhat/)
+  lock.json                   while a command runs here: who (WorkdirLock)
+
+One command per work directory: :class:`WorkdirLock` (``lock.json``: host, pid and the
+pid's start time, command, since when, a heartbeat), made by an atomic create (a local or
+network disk: a hard link of a whole file, which fails if one exists, ``O_CREAT|O_EXCL``
+where there are no hard links; ``gs://``: an upload with ``ifGenerationMatch=0``) and
+taken over, by a compare-and-swap (a rename checked by inode; ``ifGenerationMatch`` of the
+generation read), only from an owner that is gone: on this host, its pid no longer runs or
+is another process (another start time); on another host, its heartbeat (rewritten every
+``HEARTBEAT_S``) is older than ``STALE_S`` by this host's clock, or has not changed for
+``STALE_S`` while this command waited. Released on exit (normal, an error, SIGTERM).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
 
 from etils import epath
 
-from bssl import storage
+from bssl import procs, storage
+
+LOCK_FILE = "lock.json"
+HEARTBEAT_S = 30.0  # the owner rewrites the lock's heartbeat this often
+# an owner on another host whose heartbeat is older than this (or unchanged this long while
+# another command waits) is taken as gone, its lock taken over; hosts' clocks must agree
+# to well within it (NTP does)
+STALE_S = 300.0
+WAIT_POLL_S = 2.0  # --wait_for_lock: how often the lock is looked at
+WAIT_LOG_S = 60.0  # --wait_for_lock: a progress line this often
+# an unreadable lock file younger than this is being written (O_CREAT|O_EXCL, no hard
+# links); older, it is damaged and taken over
+UNREADABLE_GRACE_S = 60.0
 
 
 class Workdir:
@@ -63,3 +95,389 @@ class Workdir:
           f"--workdir={self.root} is an existing file, not a directory; "
           f"accepted: a new or existing folder, local or gs://"
       )
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+class LockedError(Exception):
+  """The work directory is in use by another live command (the message names it)."""
+
+
+class _LocalLockFile:
+  """``lock.json`` on a local (or network) disk. A version is the file's inode: every write
+  makes a new file, so an inode names one content."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def read(self):
+    """(content, version, age in s by the file's mtime), or None when there is none."""
+    try:
+      with open(self.path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        return fh.read(), st.st_ino, time.time() - st.st_mtime
+    except FileNotFoundError:
+      return None
+
+  def _whole(self, data: bytes) -> str:
+    tmp = f"{self.path}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(tmp, "wb") as fh:
+      fh.write(data)
+      fh.flush()
+      os.fsync(fh.fileno())
+    return tmp
+
+  def create(self, data: bytes):
+    """Makes the file unless one exists (then None); returns its version."""
+    tmp = self._whole(data)
+    try:
+      try:
+        os.link(tmp, self.path)  # atomic, and the file is whole from its first moment
+        return os.stat(tmp).st_ino
+      except FileExistsError:
+        return None
+      except OSError:  # a filesystem without hard links
+        pass
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return None
+      with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return os.fstat(fh.fileno()).st_ino
+    finally:
+      os.unlink(tmp)
+
+  def replace(self, data: bytes, version):
+    """Compare-and-swap: replaces the file if it is still ``version`` (a rename away, checked
+    by inode; put back if it was another), then creates it anew; None if another won."""
+    away = f"{self.path}.{uuid.uuid4().hex[:12]}.old"
+    try:
+      os.rename(self.path, away)
+    except FileNotFoundError:
+      return None
+    try:
+      if os.stat(away).st_ino != version:  # not the file we judged: put it back
+        try:
+          os.link(away, self.path)
+        except OSError:
+          pass
+        return None
+    finally:
+      os.unlink(away)
+    return self.create(data)
+
+  def refresh(self, data: bytes, version):
+    """The owner's rewrite (heartbeat): the new content if the file is still ``version``."""
+    cur = self.read()
+    if cur is None or cur[1] != version:
+      return None
+    tmp = self._whole(data)
+    ino = os.stat(tmp).st_ino
+    os.replace(tmp, self.path)
+    return ino
+
+  def delete(self, version) -> None:
+    cur = self.read()
+    if cur is not None and cur[1] == version:
+      os.unlink(self.path)
+
+
+class _GcsLockFile:
+  """``lock.json`` on ``gs://``: a version is the object's generation; creates, takeovers,
+  heartbeats and deletes carry the store's own precondition (``ifGenerationMatch``, 0 for
+  "must not exist"), so of two writers of one generation exactly one succeeds."""
+
+  def __init__(self, url: str):
+    import fsspec  # (as bssl.storage: only for gs://)
+
+    self.fs, rel = fsspec.core.url_to_fs(url)
+    self.bucket, self.key = rel.split("/", 1)
+
+  def read(self):
+    try:
+      headers, body = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
+    except FileNotFoundError:
+      return None
+    gen = headers.get("x-goog-generation")
+    if gen is None:  # (a store that does not send it: the metadata's, then that generation)
+      meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+      gen = meta["generation"]
+      try:
+        body = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=gen)[
+            1
+        ]
+      except FileNotFoundError:
+        return self.read()
+    return body, int(gen), None
+
+  def _upload(self, data: bytes, match: int):
+    meta = json.dumps({"name": self.key, "contentType": "application/json"})
+    body = (
+        (
+            f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{meta}\n--==0==\n"
+            f"Content-Type: application/json\n\n"
+        ).encode()
+        + data
+        + b"\n--==0==--"
+    )
+    try:
+      out = self.fs.call(
+          "POST",
+          f"{self.fs._location}/upload/storage/v1/b/{urllib.parse.quote(self.bucket)}/o",
+          uploadType="multipart",
+          ifGenerationMatch=str(match),
+          headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+          data=body,
+          json_out=True,
+      )
+    except FileExistsError:  # gcsfs's word for 412 Precondition Failed
+      return None
+    return int(out["generation"])
+
+  def create(self, data: bytes):
+    return self._upload(data, 0)
+
+  def replace(self, data: bytes, version):
+    return self._upload(data, version)
+
+  refresh = replace
+
+  def delete(self, version) -> None:
+    try:
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=str(version))
+    except (FileExistsError, FileNotFoundError):
+      pass  # taken over meanwhile, or gone
+
+
+def _when(t) -> str:
+  try:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(t)))
+  except (TypeError, ValueError, OverflowError):
+    return "an unknown time"
+
+
+def describe_owner(owner: dict) -> str:
+  """``pid P on host H since T (command)``."""
+  cmd = str(owner.get("command") or "?")
+  cmd = cmd if len(cmd) <= 300 else cmd[:297] + "..."
+  return (
+      f"pid {owner.get('pid')} on host {owner.get('host')} since "
+      f"{_when(owner.get('since'))} ({cmd})"
+  )
+
+
+class WorkdirLock:
+  """One command per work directory: ``<root>/lock.json`` (module doc). ``acquire(wait)``
+  takes it, taking over the lock of an owner that is gone (a line says so), or raises
+  :class:`LockedError` naming the live owner (``wait``: waits for it instead, a line now
+  and then); ``release()`` (also on SIGTERM while held: then the previous handler, or the
+  default action, follows) gives it back. While held, a thread rewrites the heartbeat
+  every ``HEARTBEAT_S``. A process holds it on behalf of its whole run: in a multi-process
+  run only process 0 takes it (``bssl.engine``)."""
+
+  def __init__(self, root: storage.PathLike, log=print, command: str | None = None):
+    self.root = storage.path(root)
+    self.path = self.root / LOCK_FILE
+    remote = storage.is_remote(self.root)
+    self.file = _GcsLockFile(str(self.path)) if remote else _LocalLockFile(os.fspath(self.path))
+    self.log = log
+    self.command = command if command is not None else shlex.join(sys.argv)
+    self.token = uuid.uuid4().hex
+    self._version = None
+    self._owner: dict = {}
+    self._made: list[str] = []  # local folders this lock created (removed again if empty)
+    self._mutex = threading.Lock()
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._previous = None
+
+  @property
+  def held(self) -> bool:
+    return self._version is not None
+
+  def _gone(self, owner: dict | None, version, age, first_seen: dict) -> str | None:
+    """Why the owner of the lock read is gone (its lock may be taken over), or None."""
+    if owner is None:  # unreadable: damaged, or being written (O_CREAT|O_EXCL)
+      if age is None or age > UNREADABLE_GRACE_S:
+        return "its lock file is unreadable"
+      return None
+    if owner.get("host") == socket.gethostname():
+      if procs.owner_alive(owner, host_checked=True):
+        return None
+      return f"pid {owner.get('pid')} no longer runs on this host"
+    now = time.time()
+    try:
+      beat = now - float(owner.get("heartbeat"))
+    except (TypeError, ValueError):
+      beat = float("inf")
+    if beat > STALE_S:
+      return f"its last heartbeat was {beat:.0f}s ago (more than {STALE_S:g}s)"
+    # by this host's clock only (immune to clock skew): unchanged while we waited
+    seen = first_seen.setdefault(version, now)
+    if now - seen > STALE_S:
+      return f"its heartbeat has not changed for {now - seen:.0f}s (more than {STALE_S:g}s)"
+    return None
+
+  def _refusal(self, owner: dict | None, age) -> str:
+    where = f"--workdir {self.root} is in use by another bssl command"
+    then = "wait for it to end, rerun with --wait_for_lock to wait for it, or stop it"
+    if owner is None:
+      return (
+          f"{where}: {self.path} is being written ({age:.0f}s ago); {then} and rerun (a "
+          f"damaged lock file is taken over once {UNREADABLE_GRACE_S:g}s old)"
+      )
+    if owner.get("host") == socket.gethostname():
+      return f"{where}: {describe_owner(owner)}; {then} (kill {owner.get('pid')}) and rerun"
+    try:
+      beat = f"{time.time() - float(owner.get('heartbeat')):.0f}s ago"
+    except (TypeError, ValueError):
+      beat = "never"
+    return (
+        f"{where}: {describe_owner(owner)}, last heartbeat {beat}; {then} and rerun (its "
+        f"lock, {self.path}, is taken over once its heartbeat is {STALE_S:g}s old)"
+    )
+
+  def acquire(self, wait: bool = False) -> None:
+    """Takes the lock (see the class doc); raises LockedError if a live owner holds it."""
+    if self.held:
+      return
+    if not storage.is_remote(self.root):
+      d = os.fspath(self.root)
+      while d and not os.path.exists(d):
+        self._made.append(d)
+        d = os.path.dirname(d)
+      os.makedirs(os.fspath(self.root), exist_ok=True)
+    t0 = time.time()
+    owner = dict(procs.owner(), command=self.command, since=t0, heartbeat=t0, token=self.token)
+    data = storage.to_json(owner).encode()
+    first_seen: dict = {}
+    told = None
+    try:
+      while True:
+        cur = self.file.read()
+        if cur is None:
+          version = self.file.create(data)
+          if version is not None:
+            break
+          continue  # another command made it meanwhile: read it
+        body, version, age = cur
+        try:
+          other = json.loads(body)
+          other = other if isinstance(other, dict) else None
+        except ValueError:
+          other = None
+        if other is not None and other.get("token") == self.token:
+          break  # ours (a create whose answer was lost and retried)
+        why = self._gone(other, version, age, first_seen)
+        if why is not None:
+          who = describe_owner(other) if other else f"an unreadable {self.path}"
+          self.log(f"bssl: taking over the lock of {self.root} from {who}: {why}")
+          version = self.file.replace(data, version)
+          if version is not None:
+            break
+          continue  # another command took it over first: read it
+        if not wait:
+          raise LockedError(self._refusal(other, age))
+        now = time.time()
+        if told is None or now - told >= WAIT_LOG_S:
+          who = describe_owner(other) if other else f"an unreadable {self.path}"
+          self.log(
+              f"bssl: --wait_for_lock: {self.root} is in use by {who}; waiting "
+              f"({now - t0:.0f}s so far)"
+          )
+          told = now
+        time.sleep(WAIT_POLL_S)
+    except BaseException:
+      self._remove_made()
+      raise
+    if told is not None:
+      self.log(f"bssl: took the lock of {self.root} after waiting {time.time() - t0:.0f}s")
+    self._version, self._owner = version, owner
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="bssl-workdir-lock", daemon=True)
+    self._thread.start()
+    self._catch_sigterm()
+
+  def _beat(self) -> None:
+    """Rewrites the heartbeat every HEARTBEAT_S while held."""
+    while not self._stop.wait(HEARTBEAT_S):
+      with self._mutex:
+        if self._version is None or self._stop.is_set():
+          return
+        owner = dict(self._owner, heartbeat=time.time())
+        try:
+          version = self.file.refresh(storage.to_json(owner).encode(), self._version)
+        except Exception as e:  # a network error: try again at the next beat
+          self.log(f"bssl: warning: could not refresh the heartbeat of {self.path}: {e}")
+          continue
+        if version is None:
+          self.log(
+              f"bssl: warning: the lock of {self.root} was taken over by another command "
+              f"(this one missed {STALE_S:g}s of heartbeats?); two commands may now write there"
+          )
+          self._version = None
+          return
+        self._version, self._owner = version, owner
+
+  def _catch_sigterm(self) -> None:
+    """Releases on SIGTERM too (outside a training loop, which has its own handler: there
+    it raises and the ``finally`` releases); then the previous handler or the default."""
+    if threading.current_thread() is not threading.main_thread():
+      return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+      return
+    self._previous = previous
+    signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    previous = self._previous
+    self.release()
+    if callable(previous):
+      previous(signum, frame)
+    else:  # the default action: end the process by the signal
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def release(self) -> None:
+    """Gives the lock back (if still held by this command), on every exit."""
+    self._stop.set()
+    if self._previous is not None:
+      try:
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+          signal.signal(signal.SIGTERM, self._previous)
+      except ValueError:  # not the main thread
+        pass
+      self._previous = None
+    got = self._mutex.acquire(timeout=10)  # (a SIGTERM may land while the heartbeat writes)
+    try:
+      version, self._version = self._version, None
+      if version is not None:
+        try:
+          self.file.delete(version)
+        except Exception as e:  # the next command takes it over (this pid is gone)
+          self.log(f"bssl: warning: could not remove {self.path}: {e}")
+    finally:
+      if got:
+        self._mutex.release()
+    self._remove_made()
+
+  def _remove_made(self) -> None:
+    """Folders the lock made for nothing (a run stopped before writing) are removed."""
+    for d in self._made:
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
+    self._made = []
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()

@@ -1,8 +1,16 @@
 """What every bssl command shares: --config/--workdir, one error path, exit codes.
 
 Exit codes: 0 done; 2 a user error (a bad flag, config, data or work directory), printed
-as ONE line ``<prog>: error: <message>`` on stderr with no traceback; 143 preempted by
-SIGTERM (a checkpoint was saved; rerun the same command to resume).
+as ONE line ``<prog>: error: <message>`` on stderr with no traceback, and a full disk
+(ENOSPC or a quota, wherever it is raised: orbax, a bssl write, Parquet): one line naming
+the path and the space left there (what was saved stays; rerun the same command once space
+is freed and it resumes); 143 preempted by SIGTERM (a checkpoint was saved; rerun the same
+command to resume).
+
+``--config.<field>=None`` (or ``none``, ``null``) sets a field that accepts None (an
+optional field of the schema, :mod:`bssl.config.fields`) to None, whatever its type; for
+other fields it stays the text it is. An override of a field the schema does not have is
+refused (one line, exit 2) with the nearest names, before the config is loaded.
 
 API (a program in bssl/cli/ defines its own flags at module top, then):
 
@@ -30,7 +38,10 @@ API (a program in bssl/cli/ defines its own flags at module top, then):
 
 from __future__ import annotations
 
+import difflib
+import logging as py_logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -156,14 +167,96 @@ def _print_help(argv: list[str], doc: str | None, module: str | None) -> NoRetur
   sys.exit(0)
 
 
+_NONE_WORDS = ("None", "none", "null")
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.S)
+
+
+def _overrides(args: list[str]) -> list[tuple[int, int, str, str | None]]:
+  """(first index, last index, field, value) of each ``--config.<field>[=| ]<value>``."""
+  out, i = [], 0
+  while i < len(args):
+    m = _OVERRIDE.match(args[i])
+    if m and args[i] != "--":
+      value, last = m.group(2), i
+      is_bool = args[i].startswith(("--noconfig.", "-noconfig."))
+      if value is None and not is_bool and i + 1 < len(args) and not args[i + 1].startswith("-"):
+        value, last = args[i + 1], i + 1  # "--config.x value"
+      out.append((i, last, m.group(1), value))
+      i = last
+    i += 1
+  return out
+
+
+def _unknown_field(name: str, schema: dict) -> str | None:
+  """The refusal of an override of a field the schema does not have (None: it has it)."""
+  sections = {n.rsplit(".", 1)[0] for n in schema if "." in n}
+  if name in schema or name in sections:
+    return None
+  head, _, _ = name.rpartition(".")
+  if head in schema and schema[head].type is dict:
+    return None  # an entry of a dict field (model_kwargs): the recipe's dict decides
+  near = difflib.get_close_matches(name, list(schema), n=3, cutoff=0.75)
+  if not near and head in sections:  # the leaf alone, within its section
+    leaves = [n[len(head) + 1 :] for n in schema if n.startswith(head + ".")]
+    near = [f"{head}.{m}" for m in difflib.get_close_matches(name[len(head) + 1 :], leaves, 3, 0.75)]
+  if near:
+    hint = f"did you mean {' or '.join(near)}? "
+  else:  # nothing close: the nearest names of its section (or of all) all the same
+    pool = [n for n in schema if n.startswith(head + ".")] if head in sections else list(schema)
+    hint = f"nearest names: {', '.join(difflib.get_close_matches(name, pool, 3, 0.0))}; "
+  return (
+      f"--config.{name}: no such config field; {hint}every field is listed in docs/config.md "
+      f"(or run `python -m bssl.config`)"
+  )
+
+
+def _check_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """``argv`` without the ``--config.<field>=None`` overrides of fields that accept None
+  (set to None after parsing: the field's own parser would take "None" as text, or fail
+  on it), and those fields; an override of an unknown field fails here (one line)."""
+  if "config" not in _SHARED:
+    return argv, []
+  schema = {f.name: f for f in config.all_fields()}
+  end = argv.index("--") if "--" in argv else len(argv)
+  found = _overrides(argv[1:end])
+  for _, _, name, _ in found:
+    msg = _unknown_field(name, schema)
+    if msg:
+      fail(msg)
+  last = {name: value for _, _, name, value in found}  # the last override of a field wins
+  to_none = [n for n, v in last.items() if v in _NONE_WORDS and n in schema and schema[n].optional]
+  drop = {j + 1 for i, k, n, _ in found if n in to_none for j in range(i, k + 1)}
+  return [a for j, a in enumerate(argv) if j not in drop], to_none
+
+
+def _set_none(names: list[str]) -> None:
+  if not names:
+    return
+  cfg = flags.FLAGS["config"].value
+  if cfg is None:
+    return
+  try:
+    for name in names:
+      *sections, leaf = name.split(".")
+      node = cfg
+      for part in sections:
+        node = node[part]
+      node[leaf] = None
+  except Exception:  # a config file that failed to load: config_and_workdir says why
+    return
+
+
 def parse_flags(argv: Sequence[str], doc: str | None = None, module: str | None = None):
   """absl's parser, with flag and config-file errors as one line and exit code 2."""
   argv = _resolve_config_flag(list(argv))
   args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
   if any(a in HELP_FLAGS for a in args):
     _print_help(args, doc, module)
+  argv, to_none = _check_overrides(argv)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    _set_none(to_none)
+    return rest
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     # a config file that raised: absl embeds its traceback; its last line is the error
@@ -173,7 +266,69 @@ def parse_flags(argv: Sequence[str], doc: str | None = None, module: str | None 
   except (FileNotFoundError, OSError) as e:
     fail(f"--config: {e}")
   except Exception as e:
+    if isinstance(e, (AttributeError, KeyError)):
+      _missing_entry(argv, e)
     fail(f"--config: {type(e).__name__}: {e}")
+
+
+def _missing_entry(argv: list[str], e: BaseException) -> None:
+  """An override of an entry a dict field (model_kwargs) of the recipe does not have: one
+  line saying so (ml_collections says only ``AttributeError: "'name'"``)."""
+  schema = {f.name: f for f in config.all_fields()}
+  for _, _, name, _ in _overrides(argv[1:]):
+    head, _, leaf = name.rpartition(".")
+    if head in schema and schema[head].type is dict and repr(leaf) in str(e):
+      fail(
+          f"--config.{name}: the recipe's {head} has no entry {leaf!r}, and entries cannot "
+          f"be added one by one; give the whole dict, e.g. --config.{head}=\"{{'{leaf}': "
+          f"...}}\" (its entries for each model: docs/config.md)"
+      )
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+  """The one line for an exception that is (or wraps) a full disk, else None: the path
+  being written, the space left on its disk, and that a rerun resumes."""
+  where = storage.disk_full(exc)
+  if where is None:
+    return None
+  workdir = _SHARED["workdir"].value if "workdir" in _SHARED else None
+  where = where or workdir or os.getcwd()
+  free = storage.free_space(where)
+  return (
+      f"no space left on device writing {where}"
+      + (f" ({free} on its disk)" if free else "")
+      + "; free space there (or raise the quota) and rerun the same command: it resumes "
+      "from what was saved"
+  )
+
+
+class _DiskFullLogs(py_logging.Filter):
+  """Drops the log records of a full disk (orbax logs each failed write with its
+  traceback, from every thread, before the error reaches bssl): the error is said once,
+  as one line, when it reaches the command."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and storage.disk_full(exc) is not None:
+      return False
+    try:
+      text = record.getMessage()
+    except Exception:
+      return True
+    return not any(t in text for t in storage._FULL_TEXTS)
+
+
+def _quiet_disk_full_logs() -> None:
+  handlers = list(py_logging.getLogger().handlers)
+  try:
+    from absl import logging as absl_logging
+
+    handlers.append(absl_logging.get_absl_handler())
+  except Exception:
+    pass
+  for h in handlers:
+    if not any(isinstance(f, _DiskFullLogs) for f in h.filters):
+      h.addFilter(_DiskFullLogs())
 
 
 def _guarded(main_fn: Callable, errors: tuple[type[BaseException], ...] | None):
@@ -182,13 +337,19 @@ def _guarded(main_fn: Callable, errors: tuple[type[BaseException], ...] | None):
   def wrapped(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {argv[1:]}")
+    _quiet_disk_full_logs()
     try:
       return main_fn(argv)
-    except caught as e:
-      fail(str(e))
     except train.Preempted as e:
       print(f"{_PROG[0]}: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
       sys.exit(143)
+    except Exception as e:
+      full = disk_full_message(e)
+      if full:
+        fail(full)
+      if isinstance(e, caught):
+        fail(str(e))
+      raise
 
   return wrapped
 

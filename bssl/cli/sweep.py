@@ -37,6 +37,7 @@ The library: :mod:`bssl.sweep` (grid, share, runner, workers, summary).
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 
@@ -44,7 +45,7 @@ from absl import flags, logging
 
 from bssl import parallel, storage, train
 from bssl.cli import common
-from bssl.sweep import grid, runner, summary, workers
+from bssl.sweep import grid, runner, workers
 
 CONFIG, WORKDIR = common.define_config_flags()
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "<field>=<v1>,<v2>,... (repeat for a grid)")
@@ -64,6 +65,14 @@ _SHARE_FROM = flags.DEFINE_string(
     "whose finished stages may be copied (e.g. one baseline for all axes).",
 )
 _POINT = flags.DEFINE_string("point", "", "Run one point of the grid (what --jobs runs).")
+_RECOMPUTE_STALE = flags.DEFINE_bool(
+    "recompute_stale",
+    False,
+    "Delete the stages of the grid's points that are stale (made with another config or "
+    "other inputs, or reading such a stage), printing each, and recompute them; without it "
+    "a sweep with such points is refused before any point runs, naming each and its stale "
+    "folders.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (also: BSSL_DISTRIBUTED=1)."
 )
@@ -83,6 +92,16 @@ def _point_argv(argv: list[str]) -> list[str]:
     elif not a.startswith(_NOT_FOR_POINTS):
       out.append(a)
   return out
+
+
+def _rerun_command(argv: list[str]) -> str:
+  """The command that reruns this sweep (the summary's advice): these arguments without
+  ``--collect`` and ``--recompute_stale``."""
+  drop = ("--collect", "--nocollect", "--recompute_stale", "--norecompute_stale")
+  return shlex.join(
+      ["python", "-m", "bssl.sweep"]
+      + [a for a in argv if a not in drop and not a.startswith(tuple(d + "=" for d in drop))]
+  )
 
 
 def main(argv):
@@ -125,10 +144,12 @@ def main(argv):
           pts[_POINT.value],
           share_from,
           guard=parallel.process_count() == 1,
+          recompute_stale=_RECOMPUTE_STALE.value,
       )
       return
+    rerun = _rerun_command(sys.argv[1:])
     if _COLLECT.value:
-      s = summary.collect(workdir, axes, grid.points(base, axes, seeds))
+      s = runner.collect(base, workdir, axes, seeds, rerun=rerun)
     else:
       parallel.maybe_initialize_distributed(force=_DISTRIBUTED.value)
       if jobs > 1 and parallel.process_count() > 1:
@@ -142,6 +163,8 @@ def main(argv):
           jobs=jobs,
           point_argv=point_argv,
           guard=parallel.process_count() == 1,
+          recompute_stale=_RECOMPUTE_STALE.value,
+          rerun=rerun,
       )
     print(json.dumps({k: s[k] for k in ("num_points", "num_done")}))
   except workers.PointsFailed as e:  # each failure was logged, with its point's log file

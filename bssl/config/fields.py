@@ -52,6 +52,9 @@ class Field:
   minimum: float | None = None  # inclusive
   optional: bool = False  # None is accepted (and is the default when default is None)
   cosmetic: bool = False  # does not change any stage's result
+  # names a file or folder: a stage's record compares it by what it names (bssl.deps:
+  # the same inputs moved, symlinked, listed or copied are no change), not as a string
+  path: bool = False
   check: Callable[[Any], str | None] | None = None  # returns an error text or None
 
 
@@ -151,6 +154,7 @@ TRAIN_FIELDS = (
         "start from a folder of variables (bssl.convert output, a "
         "stage's final/), any device count; teacher only: 'baseline'",
         optional=True,
+        path=True,
     ),
     Field("log_every", 100, int, "steps between progress lines", minimum=1, cosmetic=True),
     Field(
@@ -212,6 +216,7 @@ FIELDS = (
         "fashion_mnist: folder of the idx files (default: "
         "Debian's /usr/share/datasets/fashion-mnist)",
         optional=True,
+        path=True,
     ),
     Field(
         "data.train_dir",
@@ -221,6 +226,7 @@ FIELDS = (
         "class (sorted names = classes); D (and validation, and U with unlabelled.kind="
         "'rest_of_train') are taken from it as for fashion_mnist",
         optional=True,
+        path=True,
     ),
     Field(
         "data.val_dir",
@@ -229,6 +235,7 @@ FIELDS = (
         "image_folder: validation images, one subfolder per "
         "class (None: carve data.val_per_class from data.train_dir)",
         optional=True,
+        path=True,
     ),
     Field(
         "data.test_dir",
@@ -236,10 +243,16 @@ FIELDS = (
         str,
         "image_folder: test images, one subfolder per class",
         optional=True,
+        path=True,
     ),
     Field("data.tfds_name", "imagenet2012", str, "tfds: dataset name"),
     Field(
-        "data.tfds_data_dir", None, str, "tfds: data_dir of the ArrayRecord build", optional=True
+        "data.tfds_data_dir",
+        None,
+        str,
+        "tfds: data_dir of the ArrayRecord build",
+        optional=True,
+        path=True,
     ),
     Field("data.train_split", "train", str, "tfds: split used as D"),
     Field("data.test_split", "validation", str, "tfds: split used as test"),
@@ -320,6 +333,7 @@ FIELDS = (
         "video_folder: CSV of the training videos (columns "
         "path,label or Kinetics' label,youtube_id,time_start,time_end)",
         optional=True,
+        path=True,
     ),
     Field(
         "data.val_csv",
@@ -328,14 +342,18 @@ FIELDS = (
         "video_folder: CSV of validation videos (None: carve "
         "data.val_per_class from the training videos)",
         optional=True,
+        path=True,
     ),
-    Field("data.test_csv", None, str, "video_folder: CSV of the test videos", optional=True),
+    Field(
+        "data.test_csv", None, str, "video_folder: CSV of the test videos", optional=True, path=True
+    ),
     Field(
         "data.video_dir",
         None,
         str,
         "video_folder: root of the CSVs' paths (default: " "each CSV's folder)",
         optional=True,
+        path=True,
     ),
     Field(
         "data.max_frames",
@@ -354,9 +372,9 @@ FIELDS = (
         "data.identify_by_content",
         False,
         bool,
-        "identify image and video folders and "
-        "lists (D, validation, test, U) by a hash of every file's content instead of its "
-        "(path, size, mtime): slower, for files rewritten with their old mtime",
+        "no effect, kept so that older configs "
+        "load: image and video folders and lists are always identified by every file's "
+        "content (hashed once, then cached by device, inode, size, mtime and ctime)",
         cosmetic=True,
     ),
     # unlabelled: U
@@ -368,6 +386,7 @@ FIELDS = (
         "image_folder / video_list: folder (recursive) or "
         "file list; shards: the --out of `python -m bssl.ingest`",
         optional=True,
+        path=True,
     ),
     Field(
         "unlabelled.drop_duplicates",
@@ -382,6 +401,7 @@ FIELDS = (
         "shards on gs://: local folder for the shards " "this host reads (default: under TMPDIR)",
         optional=True,
         cosmetic=True,
+        path=True,
     ),
     Field(
         "unlabelled.limit", None, int, "use only the first N images of U", minimum=1, optional=True
@@ -389,7 +409,7 @@ FIELDS = (
     Field("unlabelled.size", 200, int, "fake: images in U", minimum=1),
     Field("unlabelled.tfds_name", None, str, "tfds: dataset used as U", optional=True),
     Field("unlabelled.split", None, str, "tfds: its split", optional=True),
-    Field("unlabelled.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
+    Field("unlabelled.tfds_data_dir", None, str, "tfds: its data_dir", optional=True, path=True),
     # weak: the weakly labelled images of weak_pretrain (bssl/data/weak.py)
     Field(
         "weak.kind",
@@ -425,6 +445,7 @@ FIELDS = (
         str,
         "tags_file: the images (an ingest's --out, or a folder / " "file list)",
         optional=True,
+        path=True,
     ),
     Field(
         "weak.tags_file",
@@ -432,6 +453,7 @@ FIELDS = (
         str,
         "tags_file: one line per image id of weak.path: its " "tag names, whitespace-separated",
         optional=True,
+        path=True,
     ),
     Field(
         "weak.vocab_file",
@@ -441,6 +463,7 @@ FIELDS = (
         "line (optionally '<TAB>class id'); default: the sorted tag names (tags_file), the "
         "weak.vocab_size most frequent caption tags (captions)",
         optional=True,
+        path=True,
     ),
     Field(
         "weak.caption_tags",
@@ -477,7 +500,7 @@ FIELDS = (
     Field("transfer.tfds_name", "caltech_birds2011", str, "tfds: the target (CUB-200-2011)"),
     Field("transfer.train_split", "train", str, "tfds: its train split"),
     Field("transfer.test_split", "test", str, "tfds: its test split"),
-    Field("transfer.tfds_data_dir", None, str, "tfds: its data_dir", optional=True),
+    Field("transfer.tfds_data_dir", None, str, "tfds: its data_dir", optional=True, path=True),
     Field(
         "transfer.num_classes",
         None,

@@ -4,8 +4,9 @@ shards (:class:`bssl.data.shards.ShardSource`) or image files, a folder or a fil
 position in :func:`bssl.data.listing.list_inputs`' order.
 
 Each source says what it is (``identity()``); that is what a stage's record stores for the
-path it read. The two kinds of a path that a rerun identifies again without opening the
-data through the recipe, ``shards`` and ``filelist``, are registered with the record here
+path it read. The kinds of a path that a rerun identifies again without opening the data
+through the recipe, ``shards`` and ``filelist``, and an ingest's metadata
+(``shards_captions``, ``shards_keys``), are registered with the record here
 (:func:`bssl.deps.register_identity`), so :mod:`bssl.deps` itself knows no data format.
 """
 
@@ -56,9 +57,16 @@ def record_kind(src) -> str:
 
 def note_images(key: str, path: str, src) -> None:
   """Notes the images ``src`` opened at ``path`` as input ``key`` of the running stage, by
-  the source's own identity (a rerun opens the path again, :func:`open_images`)."""
+  the source's own identity (a rerun opens the path again, :func:`open_images`). An
+  ingest's metadata is noted apart, by whoever reads it: ``<key>:captions`` and
+  ``<key>:keys`` when a stage reads its captions, or its keys, urls or paths
+  (:meth:`bssl.data.shards.ShardSource.fields`)."""
+  if isinstance(src, shards.ShardSource):
+    src.noted_as = (key, str(path))
   deps.note_input(key, record_kind(src), path, src.identity())
 
 
 deps.register_identity("shards", shards.identity_of)
+for _group in shards.METADATA:
+  deps.register_identity(f"shards_{_group}", lambda p, g=_group: shards.metadata_identity_of(p, g))
 deps.register_identity("filelist", lambda p: open_images(p, kind="files").identity())

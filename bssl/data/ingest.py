@@ -9,6 +9,21 @@ a ``gs://`` copy of it; stable across runs and hosts). Shard ``s`` holds ids
 complete when its ``.npz`` exists: it is written after the ``.array_record``, so a killed
 ingest leaves each shard complete or absent, and a rerun makes only the missing ones
 (byte-identical to what an uninterrupted run writes: encoding is deterministic).
+
+What an ``--out`` was made from, checked by every rerun into it:
+
+- ``ingest.json``: the parameters and the input's listing, as the input paths relative to
+  their common folder (``input_paths``): a folder, a file list of it, the folder moved or
+  reached through a symlink give the same listing; another list of files is refused.
+- each shard's ``input_md5``: the MD5 of every input file it was made from (of the bytes
+  read; a tar shard's: the tar's). A rerun (a resume after a kill, or the same command
+  again) compares the finished shards' with the files' content ids now
+  (:func:`bssl.fileid.content_ids`: cached under device, inode, size, mtime and ctime, so
+  unchanged files are not read again) and refuses a changed input (:class:`IngestError`
+  naming a changed file): an ``--out`` never mixes shards of two versions of a file.
+- ``manifest.json``'s ``input_content``: the digest of every input's MD5 in id order, so a
+  rerun of a complete ingest is "already complete" after one stat and cache lookup per
+  input file, and ``metadata_digests`` (:mod:`bssl.data.shards`: captions, keys).
 """
 
 from __future__ import annotations
@@ -25,14 +40,16 @@ import numpy as np
 from array_record.python import array_record_module as ar
 from PIL import Image
 
-from bssl import storage
+from bssl import fileid, storage
 from bssl.data import decode as decode_lib
 from bssl.data import webdataset
 from bssl.data.listing import IMAGE_EXTENSIONS, ListingError, fingerprint, list_inputs
 from bssl.data.shards import (
     FORMAT_CHANGE,
     FORMAT_VERSION,
+    METADATA,
     IngestError,
+    MetadataDigest,
     content_digest_of,
     shard_name,
     shard_offsets,
@@ -40,6 +57,10 @@ from bssl.data.shards import (
 from bssl.progress import eta
 
 EXTENSIONS = IMAGE_EXTENSIONS  # what an ingest of files takes (bssl-ingest --extensions)
+# ingest.json's ``input_ids``: each input file is identified by the MD5 of its bytes, kept
+# per shard (``input_md5``); an ``--out`` without it was made by an older bssl
+INPUT_IDS = "md5 per input file, in each shard's input_md5"
+_NO_MD5 = bytes(16)  # a file that could not be read (or is gone)
 _GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -138,6 +159,7 @@ def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: in
   orig = np.zeros((n, 2), np.int32)
   stored = np.zeros((n, 2), np.int32)
   hashes = np.zeros((n, 16), np.uint8)
+  md5 = np.zeros((n, 16), np.uint8)  # of the bytes read: what the shard was made from
   reasons = [""] * n
   with tempfile.TemporaryDirectory(prefix="bssl_ingest_") as tmp:
     local = os.path.join(tmp, "shard.array_record")
@@ -147,6 +169,7 @@ def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: in
         rec = b""
         try:
           data = decode_lib.read_bytes(f)
+          md5[j] = np.frombuffer(hashlib.md5(data).digest(), np.uint8)
           hashes[j] = np.frombuffer(content_hash(data), np.uint8)
           rec, orig[j], stored[j] = encode_one(data, params)
         except decode_lib.DecodeError as e:
@@ -164,6 +187,7 @@ def ingest_shard(files: Sequence[str], first_id: int, params: Params, out, s: in
       stored_hw=stored,
       hash=hashes,
       reason=np.asarray(reasons, dtype=str),
+      input_md5=md5,
   )
   return {"images": n, "bad": sum(1 for r in reasons if r)}
 
@@ -183,12 +207,42 @@ def _done_shards(out) -> set[int]:
   return done
 
 
+def relative_inputs(paths: Sequence[str]) -> list[str]:
+  """``paths`` (sorted) relative to their common folder (the common prefix of the first and
+  the last path, which a sorted list's every path shares, cut at its last ``/``): the
+  names an ingest's input listing is identified by, so that the folder moved, reached
+  through a symlink or given as a file list of its files is the same input."""
+  if not paths:
+    return []
+  prefix = os.path.commonprefix([paths[0], paths[-1]])
+  n = prefix.rfind("/") + 1
+  return [p[n:] for p in paths]
+
+
+def _md5_rows(ids: Sequence[str]) -> np.ndarray:
+  """[n, 16] uint8 of content ids ``md5:<hex>`` (:mod:`bssl.fileid`); zeros for a file that
+  is missing or cannot be read."""
+  raw = b"".join(bytes.fromhex(c[4:]) if c.startswith("md5:") else _NO_MD5 for c in ids)
+  return np.frombuffer(raw, np.uint8).reshape(-1, 16)
+
+
+def input_content_of(rows) -> str:
+  """The digest (blake2b-128, hex) of the inputs' MD5s [n, 16] in id order (given in any
+  number of pieces): ``manifest.json``'s ``input_content``."""
+  h = hashlib.blake2b(digest_size=16)
+  h.update(b"input-md5\n")
+  for a in rows:
+    h.update(np.ascontiguousarray(a, np.uint8).tobytes())
+  return h.hexdigest()
+
+
 def _header(files, params: Params) -> dict:
   n = len(files)
   return {
       "format_version": FORMAT_VERSION,
       "num_images": n,
-      "input_fingerprint": fingerprint(files),
+      "input_paths": fingerprint(relative_inputs(files)),
+      "input_ids": INPUT_IDS,
       "short_side": params.short_side,
       "quality": params.quality,
       "shard_size": params.shard_size,
@@ -209,6 +263,13 @@ def check_or_write_header(out, header: dict, write: bool) -> None:
           f"--out {out} holds an ingest of format {old.get('format_version')}, "
           f"this bssl writes format {header['format_version']} "
           f"({FORMAT_CHANGE}); use another --out, or delete it to ingest again"
+      )
+    if old.get("input_ids") != header["input_ids"]:
+      raise IngestError(
+          f"--out {out} holds an ingest made by an older bssl, which did not record what "
+          f"its input files contained, so a rerun cannot tell whether they changed since; "
+          f"use another --out, or delete it to ingest again (as it is, the ingest stays "
+          f"readable)"
       )
     diff = {k: (old.get(k), v) for k, v in header.items() if old.get(k) != v}
     if diff:
@@ -306,9 +367,17 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
   storage.write_npz(out / "placeholders.npz", **ph)
   ph_of = dict(zip(ph["ids"].tolist(), zip(ph["count"].tolist(), ph["first"].tolist())))
   bad, all_hashes, num_ok, skipped, tar_errors = [], [], 0, 0, []
+  input_md5: list | None = []
+  meta = {g: MetadataDigest(g) for g in METADATA}
   for s in range(int(header["num_shards"])):
     m = storage.read_npz(out / "shards" / f"{shard_name(s)}.npz")
     all_hashes.append(m["hash"])
+    if input_md5 is not None and "input_md5" in m:
+      input_md5.append(m["input_md5"])
+    else:
+      input_md5 = None  # (a shard of an older bssl: refused before this)
+    for d in meta.values():
+      d.update(m)
     ids = offsets[s] + np.arange(len(m["hash"]), dtype=np.int64)
     skipped += int(m["skipped"]) if "skipped" in m else 0
     if "tar_error" in m and str(m["tar_error"]):
@@ -344,6 +413,8 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
       tar_errors=tar_errors,
       shard_offsets=offsets.tolist(),
       content_digest=content_digest_of(header, all_hashes),
+      input_content=None if input_md5 is None else input_content_of(input_md5),
+      metadata_digests={g: d.hexdigest() for g, d in meta.items()},
   )
   storage.write_json(out / "manifest.json", manifest)
   log(
@@ -354,6 +425,76 @@ def finalize(out, header: dict, n_parts: int = 1, log: Callable[[str], None] = p
       + (f"; {len(tar_errors)} damaged tar shard(s): {tar_errors[0]}" if tar_errors else "")
   )
   return manifest
+
+
+def _current_ids(files: Sequence[str], log: Callable[[str], None]) -> list[str]:
+  """:func:`bssl.fileid.content_ids` of ``files``, with a progress line every minute while
+  files are read (files unchanged since they were hashed are not)."""
+  told = [time.time()]
+  t0 = told[0]
+
+  def progress(done: int, total: int):
+    if time.time() - told[0] > 60:
+      told[0] = time.time()
+      log(
+          f"ingest: reading {total} changed or new input files to check them: {done}/{total}, "
+          f"eta {eta(done, total, time.time() - t0)}"
+      )
+
+  return fileid.content_ids(files, progress=progress)
+
+
+def check_inputs(
+    out, inputs_of: Sequence[Sequence[str]], done: set[int], log: Callable[[str], None] = print
+) -> dict | None:
+  """Checks an ``--out`` against the input files now (its header already checked: the same
+  listing and parameters). A complete ingest whose inputs all have the content recorded
+  in ``manifest.json`` (``input_content``) is returned as it is ("already complete": one
+  stat and cache lookup per file, :func:`bssl.fileid.content_ids`); otherwise None, once
+  every finished shard's ``input_md5`` is found equal to its input files' MD5 now. A
+  changed (or vanished) input of a finished shard is an :class:`IngestError` naming one
+  and counting them, before any work: a rerun never mixes shards of two versions of a
+  file. ``inputs_of[s]``: the input files of shard ``s``."""
+  root = storage.path(out)
+  known: dict[str, str] = {}
+  mf = root / "manifest.json"
+  manifest = storage.read_json(mf) if mf.exists() else None
+  if manifest is not None and manifest.get("input_content"):
+    files = [f for fs in inputs_of for f in fs]
+    ids = _current_ids(files, log)
+    if input_content_of([_md5_rows(ids)]) == manifest["input_content"]:
+      log(
+          f"ingest: already complete: {manifest['num_images']} images in {out}, its "
+          f"{len(files)} input file(s) unchanged since they were ingested; nothing to do"
+      )
+      return manifest
+    known = dict(zip(files, ids))
+  shards = sorted(done)
+  if not shards:
+    return None
+  files = [f for s in shards for f in inputs_of[s]]
+  todo = [f for f in files if f not in known]
+  known.update(zip(todo, _current_ids(todo, log) if todo else []))
+  changed = []
+  for s in shards:
+    stored = storage.read_npz(root / "shards" / f"{shard_name(s)}.npz", keys=("input_md5",))
+    stored = stored.get("input_md5")
+    now = _md5_rows([known[f] for f in inputs_of[s]])
+    if stored is None or stored.shape != now.shape:
+      changed += list(inputs_of[s])
+    else:
+      changed += [inputs_of[s][j] for j in np.flatnonzero((stored != now).any(1))]
+  if changed:
+    whole = len(shards) == len(inputs_of)
+    raise IngestError(
+        f"--out {out} holds an ingest of other contents: {len(changed)} of the "
+        f"{len(files)} input files of its "
+        f"{'shards' if whole else '%d finished shard(s)' % len(shards)} changed since they "
+        f"were ingested (e.g. {changed[0]}"
+        f"{', now gone' if known.get(changed[0]) == 'missing' else ''}); use another --out, "
+        f"or delete {out} to ingest again"
+    )
+  return None
 
 
 def run_ingest(
@@ -386,9 +527,10 @@ def run_ingest(
     raise IngestError(str(e)) from None
   tar = tars is not None
   if tar:
-    stats = [webdataset.tar_stat(t) for t in tars]  # (size, mtime) of each, once
-    header = _tar_header(tars, stats, params)
+    stats = [webdataset.tar_stat(t) for t in tars]  # (sizes: the progress lines' work)
+    header = _tar_header(tars, params)
     units = tars
+    inputs_of = [[t] for t in tars]
   else:
     try:
       files = list_inputs(input_path, extensions)
@@ -397,6 +539,7 @@ def run_ingest(
     header = _header(files, params)
     size = params.shard_size
     units = [files[s * size : (s + 1) * size] for s in range(header["num_shards"])]
+    inputs_of = units
   check_or_write_header(out, header, write=(process_index == 0))
   if process_index != 0:  # wait for process 0's header, then check it
     for _ in range(600):
@@ -406,6 +549,9 @@ def run_ingest(
     check_or_write_header(out, header, write=False)
   ns = header["num_shards"]
   done = _done_shards(out)
+  complete = check_inputs(out, inputs_of, done, log)
+  if complete is not None:
+    return complete
   mine = [s for s in range(process_index, ns, process_count) if s not in done]
   if tar:
     work, unit = [stats[s][0] for s in mine], "bytes"
@@ -421,8 +567,11 @@ def run_ingest(
   for c, s in enumerate(mine):
     if stop_after_shards is not None and c >= stop_after_shards:
       return {"interrupted": True}
+    # the inputs' content ids, cached now (the shard stores the MD5 of the bytes it read):
+    # a rerun then checks them by stat alone
+    ids = fileid.content_ids(inputs_of[s])
     if tar:
-      got = ingest_tar_shard(tars[s], params, out, s)
+      got = ingest_tar_shard(tars[s], params, out, s, input_id=ids[0])
     else:
       got = ingest_shard(units[s], s * params.shard_size, params, out, s)
     made += got["images"]
@@ -463,16 +612,15 @@ def run_ingest(
   return finalize(out, header, n_parts, log)
 
 
-def _tar_header(tars, stats, params: Params) -> dict:
-  """ingest.json of tar input: the shards' paths, sizes and mtimes (``stats``) identify it."""
-  h = hashlib.sha256()
-  for t, (size, mtime) in zip(tars, stats):
-    h.update(f"{t}\0{size}\0{mtime}\0".encode("utf-8", "surrogateescape"))
+def _tar_header(tars, params: Params) -> dict:
+  """ingest.json of tar input: the shards' paths relative to their common folder (their
+  contents are in each output shard's ``input_md5``)."""
   return {
       "format_version": FORMAT_VERSION,
       "input_kind": "webdataset",
       "num_images": None,
-      "input_fingerprint": h.hexdigest()[:32],
+      "input_paths": fingerprint(relative_inputs(tars)),
+      "input_ids": INPUT_IDS,
       "short_side": params.short_side,
       "quality": params.quality,
       "shard_size": None,
@@ -483,11 +631,16 @@ def _tar_header(tars, stats, params: Params) -> dict:
   }
 
 
-def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
+def ingest_tar_shard(
+    tar_path: str, params: Params, out, s: int, input_id: str | None = None
+) -> dict:
   """Writes output shard ``s`` from input tar shard ``tar_path``: one record per sample
   (stream order) whose json status, if any, is ``success``; then its manifest npz (key,
-  url, caption, sizes, content hash, bad reason, the count of skipped samples and the
-  tar's damage, if any)."""
+  url, caption, sizes, content hash, bad reason, the count of skipped samples, the tar's
+  damage, if any, and ``input_md5``: the tar's content id ``input_id``, read before it, by
+  default :func:`bssl.fileid.content_id`)."""
+  if input_id is None:
+    input_id = fileid.content_id(tar_path)
   out = storage.path(out)
   keys, urls, captions, reasons, paths = [], [], [], [], []
   orig, stored, hashes = [], [], []
@@ -539,5 +692,6 @@ def ingest_tar_shard(tar_path: str, params: Params, out, s: int) -> dict:
       reason=np.asarray(reasons, dtype=str),
       skipped=np.int64(skipped),
       tar_error=np.asarray(errors[0] if errors else ""),
+      input_md5=_md5_rows([input_id]),
   )
   return {"images": n, "bad": sum(1 for r in reasons if r), "skipped": skipped}

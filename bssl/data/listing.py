@@ -23,12 +23,28 @@ class ListingError(ValueError):
   message names ``--input``; callers that read another field say theirs)."""
 
 
-def _walk_local(root: str, extensions) -> list[str]:
-  """Files under ``root`` (following symlinked folders, each real folder once), relative,
-  in walk order (:func:`list_inputs` sorts them)."""
-  out, seen = [], set()
+class LinkError(ListingError):
+  """A symlinked folder that would list files twice or under the wrong name: a link to the
+  folder being listed or to a folder holding it (``cat/up -> ..``), or, among class
+  folders, an image reached from two class folders (it would get two labels)."""
 
-  def walk(d: str, rel: str):
+
+def _holds(folder: str, path: str) -> bool:
+  """Whether real path ``path`` is ``folder`` or inside it."""
+  return path == folder or os.path.commonpath([folder, path]) == folder
+
+
+def _walk_local(root: str, extensions, linked: dict | None = None) -> list[str]:
+  """Files under ``root`` (following symlinked folders, each real folder once), relative,
+  in walk order (:func:`list_inputs` sorts them). A symlinked folder that resolves to
+  ``root`` or a folder holding it is a :class:`LinkError` (it would list ``root``'s
+  neighbours, or ``root`` again, as if they were in it). ``linked``, when given, gets
+  ``{relative path: (real path, the link)}`` of every file reached through a symlink (a
+  linked file, or a file under a linked folder: the first link on its way)."""
+  out, seen = [], set()
+  real_root = os.path.realpath(root)
+
+  def walk(d: str, rel: str, via: str | None):
     real = os.path.realpath(d)
     if real in seen:  # a symlink loop, or a folder linked twice
       return
@@ -39,14 +55,29 @@ def _walk_local(root: str, extensions) -> list[str]:
       return
     for e in entries:
       r = f"{rel}{e.name}"
+      link = e.is_symlink()
       if e.is_dir(follow_symlinks=True):
-        walk(e.path, r + "/")
+        if link and _holds(os.path.realpath(e.path), real_root):
+          to = os.path.realpath(e.path)
+          what = "the folder being listed" if to == real_root else f"a folder holding {root}"
+          raise LinkError(
+              f"--input: {e.path} is a symlink to {os.readlink(e.path)!r} ({to}), {what}: "
+              f"its files would be listed again, or other folders' files as if they were in "
+              f"{root}. Accepted: symlinked folders that point outside the folder listed and "
+              f"its parents; remove the link or point it elsewhere"
+          )
+        walk(e.path, r + "/", via or (e.path if link else None))
       elif _wanted(e.name, extensions) and (
           e.is_file(follow_symlinks=True) or not os.path.exists(e.path)
       ):
         out.append(r)  # (a dangling link is kept: listed as bad, with its reason)
+        if linked is not None and (via or link):
+          linked[r] = (
+              os.path.realpath(e.path) if link else os.path.join(real, e.name),
+              via or e.path,
+          )
 
-  walk(root, "")
+  walk(root, "", None)
   return out
 
 
@@ -54,7 +85,9 @@ def _wanted(name: str, extensions) -> bool:
   return extensions is None or name.lower().endswith(tuple(extensions))
 
 
-def list_inputs(input_path: str, extensions=IMAGE_EXTENSIONS) -> list[str]:
+def list_inputs(
+    input_path: str, extensions=IMAGE_EXTENSIONS, linked: dict | None = None
+) -> list[str]:
   """The image paths of ``input_path``: a folder (recursive, local or gs://) or a text file
   with one path per line (relative to the list's folder). ``extensions=None`` takes every
   file of a folder.
@@ -65,7 +98,12 @@ def list_inputs(input_path: str, extensions=IMAGE_EXTENSIONS) -> list[str]:
   walk's folder-by-folder order); a file list's lines are resolved (joined to the list's
   folder, local paths normalised: ``./x`` and ``d/../x`` are ``x``) and the resolved paths
   sorted. So a folder, a list of its files written relative to it (in any order) and a
-  ``gs://`` copy of it give the same ids; a tags file "in id order" is in this order."""
+  ``gs://`` copy of it give the same ids; a tags file "in id order" is in this order.
+
+  A local folder's symlinked folders are followed (each real folder once), except one that
+  points to the folder itself or a folder holding it (:class:`LinkError`). ``linked``, when
+  given, gets ``{path: (real path, the first symlink on its way)}`` of the listed files
+  reached through a symlink (local folders)."""
   p = storage.path(input_path)
   if not p.exists():
     raise ListingError(
@@ -84,7 +122,10 @@ def list_inputs(input_path: str, extensions=IMAGE_EXTENSIONS) -> list[str]:
       )
     else:
       root = str(p)
-      files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions))]
+      rel_linked: dict[str, tuple[str, str]] = {}
+      files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions, rel_linked))]
+      if linked is not None:
+        linked.update((os.path.join(root, r), v) for r, v in rel_linked.items())
   else:
     base = str(p.parent)
     remote_base = storage.is_remote(base)
@@ -115,6 +156,69 @@ def list_inputs(input_path: str, extensions=IMAGE_EXTENSIONS) -> list[str]:
         f"{', '.join(extensions or ['any'])})"
     )
   return files
+
+
+def list_class_folders(root: str, names: Sequence[str], extensions=IMAGE_EXTENSIONS) -> list:
+  """The files of each class folder ``root/<name>`` (:func:`list_inputs`; ``[]`` for one
+  with no image file), in ``names``' order. An image reached from two class folders would
+  get two labels: a class folder that is (or links into) another, a symlink in one class
+  folder to a file or folder of another, or two links to one file from two classes are a
+  :class:`LinkError` naming the link (as is a link to a class folder's parent, from
+  :func:`list_inputs`). Symlinks to folders or files outside the class folders are
+  followed."""
+  out, linked, reals = [], [], []
+  remote = storage.is_remote(root)
+  for name in names:
+    folder = os.path.join(str(root), name) if not remote else str(root).rstrip("/") + "/" + name
+    lk: dict[str, tuple[str, str]] = {}
+    try:
+      fs = list_inputs(folder, extensions, None if remote else lk)
+    except LinkError as e:
+      raise LinkError(
+          f"{e} (it is in class folder {name!r}: every image under it would be labelled "
+          f"{name!r})"
+      ) from None
+    except ListingError:
+      fs = []
+    out.append(fs)
+    linked.append(lk)
+    reals.append(None if remote else os.path.realpath(folder))
+  if remote:
+    return out
+  accepted = (
+      "Accepted: one folder of images per class; symlinks to folders or files outside the "
+      "class folders (each image reached from one class folder only)"
+  )
+  folders = [os.path.join(str(root), name) for name in names]
+  for a, ra in enumerate(reals):  # a class folder that is, or is inside, another one
+    for b, rb in enumerate(reals):
+      if a != b and _holds(rb, ra):
+        if ra == rb and not os.path.islink(folders[a]):
+          a, b = b, a  # (name the link)
+        what = (
+            f"a symlink to {os.readlink(folders[a])!r} ({reals[a]})"
+            if os.path.islink(folders[a])
+            else reals[a]
+        )
+        raise LinkError(
+            f"--input: class folder {folders[a]} is {what}, "
+            f"{'the same folder as' if ra == rb else 'inside'} class folder {folders[b]}: "
+            f"its images would get two labels. {accepted}; remove the link"
+        )
+  first: dict[str, int] = {}  # real path -> the class of the first link reaching it
+  for c, lk in enumerate(linked):
+    for path, (real, link) in lk.items():
+      other = next((b for b, rb in enumerate(reals) if b != c and _holds(rb, real)), None)
+      if other is None and first.setdefault(real, c) != c:
+        other = first[real]
+      if other is not None:
+        raise LinkError(
+            f"--input: {link} (in class folder {names[c]!r}) is a symlink to "
+            f"{os.readlink(link)!r}, by which {path} is {real}, an image reached from class "
+            f"folder {names[other]!r} too: it would get two labels. {accepted}; remove the "
+            f"link"
+        )
+  return out
 
 
 def fingerprint(files: Sequence[str]) -> str:

@@ -10,12 +10,20 @@ Layout of an ingest's output folder (local or ``gs://``)::
   bad.json                    [{"id", "path", "reason"}] for files that cannot be decoded
   duplicates.npz              ids whose content equals an earlier id's: (ids, first)
   placeholders.npz            ids of one content shared by many images (dead links)
-  manifest.json               counts and the content digest; written when every shard is
-                              complete
+  manifest.json               counts, the content digest, the digest of the input files'
+                              contents and of each metadata column group; written when
+                              every shard is complete
 
 Ids are positions in the input list sorted as whole path strings
 (:func:`bssl.data.listing.list_inputs`); for tar shards, the samples of shard 0 in stream
 order, then shard 1's, ... (:mod:`bssl.data.webdataset`).
+
+What an ingest is, for a stage that reads it, is three identities (each recorded only when
+a stage reads that part): its pixels (:func:`identity_of`: the images' content hashes in id
+order and the encoding parameters), its captions and its keys (:func:`metadata_identity_of`:
+digests of the metadata columns, :data:`METADATA`, written at ingest time). So an ingest
+re-made with other captions, keys or urls but the same images changes what a stage that
+read captions (weak labels) or keys (D-hat's table) recorded, and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import threading
 import numpy as np
 from array_record.python import array_record_module as ar
 
-from bssl import storage
+from bssl import deps, storage
 from bssl.data import decode, listing
 
 # 2: ids are positions in the whole-path-sorted list (1: a local folder's ids followed its
@@ -93,6 +101,66 @@ def shard_offsets(out, header: dict) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
+# The metadata a stage may read from an ingest, in groups recorded apart
+# (``<field>:captions``, ``<field>:keys``): each group by the digest of its columns.
+# ``keys``: the sample keys and urls of tar shards and every image's input path (an ingest
+# of files has its path as its key): what D-hat's table and the bad-image lists name.
+METADATA = {"captions": ("caption",), "keys": ("path", "key", "url")}
+
+
+class MetadataDigest:
+  """The digest of one :data:`METADATA` group over the shards' manifests, fed shard by
+  shard in shard order (:meth:`update`): blake2b-128 of each column's values in id order
+  (a column the ingest does not have adds nothing)."""
+
+  def __init__(self, group: str):
+    self.cols = METADATA[group]
+    self.h = hashlib.blake2b(digest_size=16)
+    self.h.update(f"{group}\n".encode())
+
+  def update(self, shard_manifest: dict) -> None:
+    for col in self.cols:
+      if col in shard_manifest:
+        a = np.asarray(shard_manifest[col]).reshape(-1).tolist()
+        self.h.update(f"{col}:{len(a)}\n".encode())
+        self.h.update("\0".join(str(x) for x in a).encode("utf-8", "surrogateescape") + b"\n")
+
+  def hexdigest(self) -> str:
+    return self.h.hexdigest()
+
+
+def metadata_digests(out, num_shards: int) -> dict[str, str]:
+  """{group: digest} of every :data:`METADATA` group, from the shards' manifests (what
+  ``manifest.json`` holds as ``metadata_digests``; computed here for an ingest made before
+  it did)."""
+  out = storage.path(out)
+  ds = {g: MetadataDigest(g) for g in METADATA}
+  cols = sorted({c for cs in METADATA.values() for c in cs})
+  for s in range(int(num_shards)):
+    m = storage.read_npz(out / "shards" / f"{shard_name(s)}.npz", keys=cols)
+    for d in ds.values():
+      d.update(m)
+  return {g: d.hexdigest() for g, d in ds.items()}
+
+
+def _metadata_identity(root, manifest: dict, group: str) -> str:
+  if group not in METADATA:
+    raise ValueError(f"metadata groups are {sorted(METADATA)}, got {group!r}")
+  d = (manifest.get("metadata_digests") or {}).get(group)
+  if d is None:
+    d = metadata_digests(root, int(manifest["num_shards"]))[group]
+  return f"ingest-{group}:{d}"
+
+
+def metadata_identity_of(path: str, group: str) -> str:
+  """One metadata group of the ingest at ``path`` (``captions`` or ``keys``), as the record
+  stores it (inputs ``<field>:captions`` and ``<field>:keys`` of kinds ``shards_captions``
+  and ``shards_keys``): the digest written in ``manifest.json`` at ingest time. Raises
+  FileNotFoundError when there is no manifest."""
+  root = storage.path(path)
+  return _metadata_identity(root, storage.read_json(root / "manifest.json"), group)
+
+
 def _identity(root, manifest: dict) -> str:
   if manifest.get("content_digest"):
     return f"ingest:{manifest['content_digest']}"
@@ -155,7 +223,7 @@ class ShardSource:
     # the host cache is keyed by what the shards hold (their content digest), never by
     # their path: an ingest redone behind the same path gets a cache of its own
     digest = self.manifest.get("content_digest") or listing.fingerprint(
-        [str(root), self.manifest["input_fingerprint"]]
+        [str(root), str(self.manifest.get("input_fingerprint"))]
     )
     self.cache_dir = os.path.join(
         cache_dir or os.path.join(tempfile.gettempdir(), "bssl_shards"), digest[:32]
@@ -176,6 +244,10 @@ class ShardSource:
     self._local = threading.local()
     self._lock = threading.Lock()
     self._manifests: dict[int, dict] = {}
+    self._meta_ids: dict[str, str] = {}
+    # (record key, path) the running stage noted these images under
+    # (:func:`bssl.data.images.note_images`): reading metadata notes it too (:meth:`_note`)
+    self.noted_as: tuple[str, str] | None = None
 
   def __len__(self) -> int:
     return self.n
@@ -183,6 +255,21 @@ class ShardSource:
   def identity(self) -> str:
     """What these shards hold, as the record stores it (:func:`identity_of`)."""
     return _identity(self.root, self.manifest)
+
+  def metadata_identity(self, group: str) -> str:
+    """One metadata group of these shards (:func:`metadata_identity_of`)."""
+    if group not in self._meta_ids:
+      self._meta_ids[group] = _metadata_identity(self.root, self.manifest, group)
+    return self._meta_ids[group]
+
+  def _note(self, group: str) -> None:
+    """Notes metadata ``group`` as an input of the running stage (``<key>:<group>``, kind
+    ``shards_<group>``), when these images were noted (:attr:`noted_as`): a stage that
+    reads captions or keys depends on them; one that reads only pixels does not."""
+    if self.noted_as is None or not deps.active():
+      return
+    key, path = self.noted_as
+    deps.note_input(f"{key}:{group}", f"shards_{group}", path, self.metadata_identity(group))
 
   def __getstate__(self):  # to decode worker processes: no open readers, no lock
     state = dict(self.__dict__)
@@ -251,6 +338,7 @@ class ShardSource:
 
   def name_of(self, i: int) -> str:
     s, j = self.locate(i)
+    self._note("keys")
     return str(self._shard_manifest(s)["path"][j])
 
   def field_of(self, i: int, field: str) -> str:
@@ -261,6 +349,9 @@ class ShardSource:
   def fields(self, ids, field: str) -> np.ndarray:
     """A manifest field of many ids (read shard by shard): ``key``, ``url``, ``caption`` of
     tar shards; an ingest of files has its path as ``key`` and "" for the others."""
+    for group, cols in METADATA.items():
+      if field in cols:
+        self._note(group)
     ids = np.asarray(ids, np.int64)
     out = np.empty(len(ids), object)
     shard = np.searchsorted(self.offsets, ids, side="right") - 1

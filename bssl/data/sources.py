@@ -19,7 +19,13 @@ import numpy as np
 
 from bssl import deps, storage
 from bssl.data import decode
-from bssl.data.listing import IMAGE_EXTENSIONS, ListingError, fingerprint, list_inputs
+from bssl.data.listing import (
+    IMAGE_EXTENSIONS,
+    LinkError,
+    ListingError,
+    list_class_folders,
+    list_inputs,
+)
 
 FASHION_MNIST_DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
@@ -40,9 +46,11 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-# The identity tag of sources read from image files; bumped when the id rule changes (v2:
-# whole-path order, see bssl.data.listing.list_inputs) so recorded identities go stale.
-FILES_IDENTITY = "files-v2"
+# The identity tag of sources read from image files; bumped when the id or identity rule
+# changes, so recorded identities go stale once (v2: whole-path order, see
+# bssl.data.listing.list_inputs; v3: files by content and relative path, bssl.deps.
+# files_identity, instead of absolute path, size and mtime).
+FILES_IDENTITY = "files-v3"
 
 
 class DataError(ValueError):
@@ -153,13 +161,17 @@ def find_fashion_mnist(folder: str | None) -> dict[str, str]:
 def load_fashion_mnist(folder: str | None = None) -> tuple[ArraySource, ArraySource]:
   """(train 60k, test 10k) Fashion-MNIST as ArraySources, images [N,28,28,1]."""
   p = find_fashion_mnist(folder)
-  train = ArraySource(
-      _read_idx(p["train_images"]), _read_idx(p["train_labels"]), class_names=FASHION_MNIST_CLASSES
+  return fashion_mnist_split(p, "train"), fashion_mnist_split(p, "test")
+
+
+def fashion_mnist_split(paths: dict[str, str], split: str) -> ArraySource:
+  """Split ``train`` or ``test`` of Fashion-MNIST from the idx files ``paths``
+  (:func:`find_fashion_mnist`'s)."""
+  return ArraySource(
+      _read_idx(paths[f"{split}_images"]),
+      _read_idx(paths[f"{split}_labels"]),
+      class_names=FASHION_MNIST_CLASSES,
   )
-  test = ArraySource(
-      _read_idx(p["test_images"]), _read_idx(p["test_labels"]), class_names=FASHION_MNIST_CLASSES
-  )
-  return train, test
 
 
 def fake_source(
@@ -237,17 +249,13 @@ class ImageFileSource:
     return self.files[i]
 
   def identity(self, content: bool = False) -> str:
-    """What these images are, as a stage's record stores it: the sorted file list's
-    fingerprint (files added, removed or renamed change it), then each file by (path
-    relative to the folder or the list's folder, size, mtime), or by its content hash
-    (``content``: ``data.identify_by_content``). ``files-v2``: ids by whole-path order;
-    identities recorded under the old rule (``files:``, a folder's walk order) never equal
-    a new one."""
-    p = storage.path(self.path)
-    root = str(p) if p.is_dir() else str(p.parent)
-    return f"{FILES_IDENTITY}:{fingerprint(self.files)}:n={len(self.files)}|" + deps.files_identity(
-        self.files, root, content=content
-    )
+    """What these images are, as a stage's record stores it: every file by (path relative
+    to the files' common folder, content: :func:`bssl.deps.files_identity`), in id order.
+    So files added, removed, renamed or rewritten (whatever their mtime) change it; the
+    same files as a folder, a list of them, through a symlink, moved or copied (``cp -a``,
+    ``gs://``) do not. ``content`` is ignored (files are always identified by content)."""
+    del content
+    return f"{FILES_IDENTITY}:" + deps.files_identity(self.files)
 
   def reason_of(self, i: int) -> str:
     """Why image ``i`` is not valid (decoded again: only asked for the bad ones)."""
@@ -306,13 +314,12 @@ class LabelledFolderSource:
         )
     self.class_names = tuple(classes)
     files, labels = [], []
-    for c, name in enumerate(self.class_names):
-      if name not in found:
-        continue
-      try:
-        fs = list_inputs(str(p / name), IMAGE_EXTENSIONS)
-      except ListingError:
-        fs = []
+    present = [(c, name) for c, name in enumerate(self.class_names) if name in found]
+    try:  # (an image reached from two class folders, by a symlink, is refused)
+      listed = list_class_folders(str(p), [name for _, name in present], IMAGE_EXTENSIONS)
+    except LinkError as e:
+      raise DataError(f"{field}: " + str(e).replace("--input: ", "")) from None
+    for (c, _), fs in zip(present, listed):
       files += fs
       labels += [c] * len(fs)
     if not files:
@@ -353,16 +360,14 @@ class LabelledFolderSource:
     return self.files[i]
 
   def identity(self, content: bool = False) -> str:
-    """What this labelled set is, as a stage's record stores it: the file list's
-    fingerprint with the labels (files added, removed, renamed or moved between class
-    folders change it), then each file by (path, size, mtime) or by content
-    (``content``)."""
-    root = str(storage.path(self.root)).rstrip("/") + "/"  # ./d and /abs/d: the same
-    rel = [f[len(root) :] if f.startswith(root) else f for f in self.files]
-    return (
-        f"{FILES_IDENTITY}:"
-        f"{fingerprint([f'{l}:{f}' for f, l in zip(rel, self.labels)])}"
-        f":n={len(self.files)}|" + deps.files_identity(self.files, self.root, content=content)
+    """What this labelled set is, as a stage's record stores it: every file by (path
+    relative to the folder, label, content: :func:`bssl.deps.files_identity`), in id
+    order. So class folders swapped or renamed, files added, removed, moved between classes
+    or rewritten (whatever their mtime) change it; the same folder moved, copied or reached
+    through a symlink does not. ``content`` is ignored (always by content)."""
+    del content
+    return f"{FILES_IDENTITY}:" + deps.files_identity(
+        self.files, str(storage.path(self.root)), labels=self.labels
     )
 
 

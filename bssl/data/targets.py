@@ -72,7 +72,7 @@ def build(cfg) -> Target:
   elif t.target == "tfds":
     train_all = sources.TFDSSource(t.tfds_name, t.train_split, t.get("tfds_data_dir"))
     test_src = sources.TFDSSource(t.tfds_name, t.test_split, t.get("tfds_data_dir"))
-    recipe.note_tfds("transfer.tfds", train_all)
+    recipe.note_tfds("transfer.tfds_data_dir:build", train_all)
     num_classes = len(train_all.class_names or ()) or int(t.num_classes or 0)
     if not num_classes:
       raise sources.DataError(

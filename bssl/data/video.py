@@ -34,7 +34,7 @@ from PIL import Image
 from bssl import deps, storage
 from bssl.data import batching, sources
 from bssl.data import clips as clips_lib
-from bssl.data.listing import ListingError, fingerprint, list_inputs
+from bssl.data.listing import ListingError, list_inputs
 from bssl.data.sources import ArraySource, BadImageError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -294,17 +294,17 @@ class _DecodingSource:
       self[i]
     return self._reasons.get(i, "cannot be made the model's input")
 
-  # the path a video's name in the record is taken relative to (set by each source)
+  # the folder a video's name in the record is taken relative to (None: the files' common
+  # folder, see bssl.deps.relative_names)
   _identity_root: str | None = None
 
   def identity(self, content: bool = False) -> str:
-    """What these videos are, as a stage's record stores it: the list of (label, path)'s
-    fingerprint, then each file by (path, size, mtime) or by content (``content``)."""
-    return (
-        f"videos:{fingerprint([f'{l}:{f}' for f, l in zip(self.files, self.labels)])}"
-        f":n={len(self.files)}|"
-        + deps.files_identity(self.files, self._identity_root, content=content)
-    )
+    """What these videos are, as a stage's record stores it: every file by (path relative
+    to the source's folder, label, content: :func:`bssl.deps.files_identity`), in id
+    order; ``videos-v3``: by content (before: absolute paths, size and mtime). ``content``
+    is ignored (always by content)."""
+    del content
+    return "videos-v3:" + deps.files_identity(self.files, self._identity_root, labels=self.labels)
 
 
 def _list_videos(path: str) -> list[str]:
@@ -337,8 +337,6 @@ class VideoListSource(_DecodingSource):
   def __init__(self, path: str, spec: VideoSpec, max_frames: int | None = None):
     self.root = path
     self.files = _list_videos(path)
-    p = storage.path(path)
-    self._identity_root = str(p) if p.is_dir() else str(p.parent)
     self.labels = np.full(len(self.files), -1, np.int32)
     self.class_names = None
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
@@ -441,7 +439,7 @@ class VideoFolderSource(_DecodingSource):
         else []
     )
     self.files, self.labels = files, np.asarray(labels, np.int32)
-    self._identity_root = csv_path  # (as recorded before: names taken whole)
+    self._identity_root = str(root)  # (video_dir, else the CSV's folder)
     self._init_decoding(spec.decode_short_side, spec.channels, max_frames)
 
   def subset(self, indices, hide_labels: bool = False) -> VideoFolderSource:
@@ -566,14 +564,20 @@ class MovingFashionSource:
 
 def moving_fashion_mnist(folder: str | None, *, frames: int, size: int, garment: int):
   """(train, test) of the synthetic video demo, from Fashion-MNIST's idx files."""
-  train, test = sources.load_fashion_mnist(folder)
-  return (
-      MovingFashionSource(
-          train.images, train.labels, frames=frames, size=size, garment=garment, seed=11
-      ),
-      MovingFashionSource(
-          test.images, test.labels, frames=frames, size=size, garment=garment, seed=12
-      ),
+  p = sources.find_fashion_mnist(folder)
+  kw = dict(frames=frames, size=size, garment=garment)
+  return moving_fashion_split(p, "train", **kw), moving_fashion_split(p, "test", **kw)
+
+
+def moving_fashion_split(
+    paths: dict[str, str], split: str, *, frames: int, size: int, garment: int
+) -> MovingFashionSource:
+  """Split ``train`` or ``test`` of the synthetic video demo, from the idx files ``paths``
+  (:func:`bssl.data.sources.find_fashion_mnist`'s)."""
+  src = sources.fashion_mnist_split(paths, split)
+  seed = {"train": 11, "test": 12}[split]
+  return MovingFashionSource(
+      src.images, src.labels, frames=frames, size=size, garment=garment, seed=seed
   )
 
 

@@ -2,7 +2,11 @@
 schema) times ``--seeds``, the points' folder names and each point's config.
 
 Every point is ``{"name", "overrides", "seed"}``; its name is its folder under
-``<sweep>/points/`` and never changes for the same values (a rerun finds its work again).
+``<sweep>/points/``. The name depends on the point's exact values alone (never on the
+grid's other values), and different values never share a name: each value is written
+as it is when its text names it exactly (numbers, booleans, None, plain words), else as
+a readable part plus a hash of its canonical JSON (``folder_label``). So a rerun, a grown
+grid or another grid in the same folder finds each point's own work again, and only its.
 Points are ordered so that the points sharing a teacher follow each other.
 """
 
@@ -55,6 +59,8 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
       raise SweepError(f"--sweep: {name} takes {f.type.__name__} values; got {values!r}")
     if f.type is tuple:
       out = [None if v is None else tuple(v) for v in out]
+    if f.type is float:  # 1 and 1.0: one value, one folder
+      out = [None if v is None else float(v) for v in out]
     if len({json.dumps(v, sort_keys=True) for v in out}) != len(out):
       raise SweepError(f"--sweep: repeated values for {name!r}: {out}")
     return name, out
@@ -88,42 +94,54 @@ def parse_axis(text: str, cfg) -> tuple[str, list]:
 
 
 def label(v) -> str:
-  """A value as a folder-name piece: ``{"widths": [8, 16]}`` -> ``widths-8-16``."""
+  """A value, readable (for figures): ``{"widths": [8, 16]}`` -> ``widths-8-16``. Not
+  injective (``{"x": -1}`` and ``{"x": 1}`` both read ``x-1``): folders use
+  :func:`folder_label`, tables :func:`value_text`."""
   if isinstance(v, (dict, list, tuple)):
     text = json.dumps(v, sort_keys=True)
     return "-".join(t for t in re.split(r"[^A-Za-z0-9._]+", text) if t) or "empty"
   return str(v).replace("/", "_")
 
 
-def _labels(values: list) -> dict:
-  """Folder-name labels of an axis's values; values whose labels collide (``{"x": -1}``
-  and ``{"x": 1}`` both read ``x-1``) get a short hash of the value appended."""
-  labels = [label(v) for v in values]
-  out = {}
-  for v, lab in zip(values, labels):
-    if labels.count(lab) > 1:
-      lab += "~" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
-    out[json.dumps(v, sort_keys=True)] = lab
-  return out
+def value_text(v) -> str:
+  """A value exactly, as a table shows it: compact JSON for dicts and lists."""
+  if isinstance(v, (dict, list, tuple)):
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+  return str(v)
 
 
-def _name(overrides: dict, seed: int, labels: dict | None = None) -> str:
-  parts = []
-  for k, v in overrides.items():
-    lab = (labels or {}).get(k, {}).get(json.dumps(v, sort_keys=True)) or label(v)
-    parts.append(f"{k}={lab}")
-  return ",".join(parts + [f"seed={seed}"])
+_PLAIN = re.compile(r"[A-Za-z0-9._+-]{1,64}\Z")  # no ",", "=", "/" or "~"; not too long
+
+
+def folder_label(v) -> str:
+  """A value as its piece of a point's folder name, a function of the value alone and
+  injective: numbers, booleans and None as Python writes them, a plain word (letters,
+  digits, ``._+-``) as it is; any other value (a path, a dict, a list, "None" as a
+  string) as a readable part, ``~`` and a hash of its canonical JSON
+  (``/data/u/v2`` -> ``data_u_v2~<hash>``, which ``/data/u_v2`` does not share). No
+  label contains ``,`` or ``=``, so a name splits back into its fields unambiguously."""
+  if v is None or isinstance(v, (bool, int, float)):
+    return str(v)
+  if isinstance(v, str) and _PLAIN.match(v) and v not in ("None", "True", "False"):
+    return v
+  text = json.dumps(v, sort_keys=True, separators=(",", ":"))
+  readable = "_".join(t for t in re.split(r"[^A-Za-z0-9.+-]+", label(v)) if t)[:40]
+  return f"{readable or 'value'}~{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def point_name(overrides: dict, seed: int) -> str:
+  """A point's folder name: ``<field>=<folder_label>`` for each axis, then the seed."""
+  return ",".join([f"{k}={folder_label(v)}" for k, v in overrides.items()] + [f"seed={seed}"])
 
 
 def points(cfg, axes: list[tuple[str, list]], seeds: list[int]) -> list[dict]:
   """The grid, in an order where points sharing a teacher follow each other."""
   out = []
-  labels = {name: _labels(vals) for name, vals in axes}
   for seed in seeds:
     for combo in itertools.product(*[vals for _, vals in axes]):
       overrides = {name: v for (name, _), v in zip(axes, combo)}
-      out.append({"name": _name(overrides, seed, labels), "overrides": overrides, "seed": seed})
-  if len({p["name"] for p in out}) != len(out):  # cannot happen after _labels; a guard
+      out.append({"name": point_name(overrides, seed), "overrides": overrides, "seed": seed})
+  if len({p["name"] for p in out}) != len(out):  # cannot happen (folder_label); a guard
     raise SweepError("--sweep: two points of the grid would share a folder name")
   return out
 

@@ -1,8 +1,11 @@
 """A sweep's summary, from the points' reports: ``<sweep>/sweep.json`` (every point: its
 overrides, seed, the top-1 of every model, D̂'s size and label precision), ``sweep.md`` (a
 table per axis: mean ± sd over seeds, :mod:`bssl.stats`) and ``<axis>.png`` (student and
-baseline top-1 against the axis; log x for sizes and counts). A number whose model (or D̂)
-has been replaced since the point's report is never shown: the point is listed as stale.
+baseline top-1 against the axis; log x for sizes and counts). Only the points of the
+grid are read (each folder's name is its values: :func:`bssl.sweep.grid.point_name`). A
+number whose model (or D̂) has been replaced since the point's report is never shown: the
+point is listed as stale; a point made with another config or other inputs than the
+sweep's (found by ``--collect``'s plan) is not shown at all: it is listed, with what changed.
 """
 
 from __future__ import annotations
@@ -75,13 +78,33 @@ def _current(point_dir, res: dict) -> tuple[dict, list[str]]:
   return out, gone
 
 
-def collect(root, axes, pts) -> dict:
-  """sweep.json, sweep.md and a figure per axis from the points' results. A number whose
-  model (or D̂) has been replaced since the point's report is never shown: it is left out
-  and the point is listed under ``stale`` (rerun the sweep to measure it again)."""
+def causes(stale: dict[str, list[str]]) -> str:
+  """What changed in a point's plan ({stage: what changed}), without the stages stale only
+  because a stage they read is recomputed."""
+  out = []
+  for stage, why in stale.items():
+    own = [w for w in why if not w.endswith("(recomputed in this run))")]
+    if own:
+      out.append(f"{stage}: {', '.join(own)}")
+  return "; ".join(out) or "; ".join(f"{s}: {', '.join(w)}" for s, w in stale.items())
+
+
+def collect(root, axes, pts, rerun: str = "", other_config: dict | None = None) -> dict:
+  """sweep.json, sweep.md and a figure per axis from the results of the points ``pts`` (the
+  grid's; no other folder is read). A number whose model (or D̂) has been replaced since
+  the point's report is never shown: it is left out and the point is listed under
+  ``stale`` (rerunning the sweep measures it again: every point goes through the engine).
+  ``other_config``: {point: {stage: what changed}} of the points whose work was made with
+  another config or other inputs than the sweep's: none of their numbers is shown; they
+  are listed under ``other_config`` (``--recompute_stale`` recomputes them). ``rerun``:
+  the command that reruns the sweep, named by that advice."""
   root = storage.path(root)
-  rows, stale = [], []
+  other_config = other_config or {}
+  rows, stale, other = [], [], []
   for p in pts:
+    if p["name"] in other_config:
+      other.append({"name": p["name"], "changed": other_config[p["name"]]})
+      continue
     f = root / "points" / p["name"] / "report" / "results.json"
     if f.exists():
       res, gone = _current(f.parent.parent, storage.read_json(f))
@@ -95,13 +118,25 @@ def collect(root, axes, pts) -> dict:
       "num_done": len(rows),
       "points": rows,
       "stale": stale,
+      "other_config": other,
   }
   storage.write_json(root / "sweep.json", summary)
+  cmd = f"`{rerun}`" if rerun else "the sweep's command (without --collect)"
+  recompute = f"`{rerun} --recompute_stale`" if rerun else f"{cmd} with --recompute_stale"
   md = [f"# Sweep ({len(rows)} of {len(pts)} points done)", ""]
+  if other:
+    md += [
+        "Not shown (made with another config or other inputs than this sweep's): "
+        + " | ".join(f"{e['name']}: {causes(e['changed'])}" for e in other)
+        + f". Rerun {recompute} to recompute their stale stages (each point's others are "
+        "kept).",
+        "",
+    ]
   if stale:
     md += [
-        "Not shown (replaced since the point's report; rerun the sweep to measure them "
-        "again): " + "; ".join(f"{e['name']}: {', '.join(e['replaced'])}" for e in stale),
+        "Not shown (replaced since the point's report): "
+        + "; ".join(f"{e['name']}: {', '.join(e['replaced'])}" for e in stale)
+        + f". Rerun {cmd} to measure them again.",
         "",
     ]
   evaluated = any(r["top1"] for r in rows)
@@ -134,8 +169,9 @@ def collect(root, axes, pts) -> dict:
       prec = [r["dhat_label_precision"] for r in group if r["dhat_label_precision"] is not None]
       size = [r["dhat_rows"] for r in group if r["dhat_rows"] is not None]
       gain = ms(_gains(group), "+")
+      cell = grid.value_text(v).replace("|", "\\|")
       md.append(
-          f"| {grid.label(v)} | {len(group)} | {model('baseline')} | {model('teacher')} | "
+          f"| {cell} | {len(group)} | {model('baseline')} | {model('teacher')} | "
           f"{model('student_pretrained')} | {model('student')} | {gain} | "
           f"{int(np.mean(size)) if size else '—'} | "
           f"{f'{100 * np.mean(prec):.2f}%' if prec else '—'} |"
@@ -204,7 +240,7 @@ def _figure(path, name, values, rows) -> None:
     if numeric and name in LOG_AXES and min(xs) > 0 and has_data[a]:  # (log of no data fails)
       a.set_xscale("log")
     if not numeric:
-      a.set_xticks(xs, [grid.label(v) for v in values], rotation=15, fontsize=7)
+      a.set_xticks(xs, [grid.value_text(v)[:40] for v in values], rotation=15, fontsize=7)
     a.set_xlabel(name)
     a.grid(alpha=0.3)
   ax.set_ylabel("test top-1 (%)")

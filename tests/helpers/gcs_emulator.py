@@ -57,8 +57,58 @@ def _download(request, response, storage, *args, **kwargs):
   response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
 
 
+def _generation_holds(request, storage, name):
+  """GCS's ``ifGenerationMatch`` precondition, which the emulator ignores: the object's
+  generation must be the given one (0: the object must not exist); else 412. The server
+  handles one request at a time, so the check and the write are one step."""
+  want = request.query.get("ifGenerationMatch")
+  if not want or name is None:
+    return True
+  try:
+    have = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+  except NotFound:
+    have = "0"
+  return have == str(want[0])
+
+
+def _refuse_precondition(response):
+  response.status = _objects.HTTPStatus.PRECONDITION_FAILED
+  response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+
+
+def _insert(request, response, storage, *args, **kwargs):
+  """Uploads with ``ifGenerationMatch`` (bssl's work directory lock on gs://)."""
+  kind = (request.query.get("uploadType") or [""])[0]
+  name = (request.query.get("name") or [None])[0]
+  if name is None and kind == "multipart":
+    name = (request.data.get("meta") or {}).get("name")
+  if kind in ("media", "multipart") and not _generation_holds(request, storage, name):
+    return _refuse_precondition(response)
+  return _original_insert(request, response, storage, *args, **kwargs)
+
+
+def _delete_object(request, response, storage, *args, **kwargs):
+  """Deletes with ``ifGenerationMatch``."""
+  if not _generation_holds(request, storage, request.params["object_id"]):
+    return _refuse_precondition(response)
+  return _original_delete(request, response, storage, *args, **kwargs)
+
+
 if not getattr(_srv, "_bssl_move_patched", False):
   _original_download = _objects.download
+  _original_insert, _original_delete = _objects.insert, _objects.delete
+  # (the router falls back to the module's `insert` for uploads without /upload/)
+  _objects.insert = _insert
+  _srv.HANDLERS = tuple(
+      (
+          pattern,
+          {
+              m: {_original_insert: _insert, _original_delete: _delete_object}.get(h, h)
+              for m, h in methods.items()
+          },
+      )
+      for pattern, methods in _srv.HANDLERS
+  )
   # `get` with ?alt=media (tensorstore's read URL) calls the module's `download` by name.
   _objects.download = _download
   _srv.HANDLERS = tuple(
