@@ -144,6 +144,28 @@ def check_plan(
   return needed, stale, folders
 
 
+def _damaged(table: dict[str, Stage], wd: workdir_lib.Workdir, recompute_stale: bool, log) -> None:
+  """A stage whose done.json, started.json or reads/ are damaged (truncated, not JSON, not
+  what bssl writes) is refused, naming the file (storage.CorruptArtifactError, exit 2);
+  with ``recompute_stale`` its folder is deleted (printed), so that the plan recomputes it
+  and, through their records, what read it."""
+  for name in table:
+    try:
+      wd.done(name)
+      partial_record(wd, name)
+    except storage.CorruptArtifactError as e:
+      msg = " ".join(str(e).split())
+      if not recompute_stale:
+        if "--recompute_stale" not in msg:
+          msg += f"; or delete {wd.stage(name)}, or rerun with --recompute_stale to recompute it"
+        raise storage.CorruptArtifactError(msg) from None
+      if parallel.is_main_process():
+        log(f"bssl: recomputing {name}: deleting {wd.stage(name)} ({msg.split(': delete')[0]})")
+        storage.rmtree(wd.stage(name))
+  if recompute_stale:
+    parallel.sync("bssl_recompute_damaged")
+
+
 def plan(
     table: dict[str, Stage],
     cfg,
@@ -162,6 +184,7 @@ def plan(
   order; with ``recompute_stale`` they are deleted (printed) and rerun.
   """
   names = list(table)
+  _damaged(table, wd, recompute_stale, log)
   needed, stale, folders = check_plan(table, cfg, wd, backend, requested, data)
   if stale:
     why = "; ".join(f"{n}: {', '.join(d)}" for n, d in stale.items())
@@ -349,6 +372,7 @@ def run_recipe(
   with ``wait_for_lock``, is waited for.
   """
   config_lib.validate(cfg)
+  config_lib.check_paths(cfg)  # every init_from / weak file the stages open exists
   deps.forget_identities()  # inputs are identified afresh by every run
   if backend == "jax":
     config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
@@ -458,6 +482,7 @@ def check_recipe(cfg, workdir, backend: str = "jax") -> dict:
   for a bad config or data (the data is built only when a stage was started: else nothing
   can be stale)."""
   config_lib.validate(cfg)
+  config_lib.check_paths(cfg)
   if backend == "jax":
     config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
   wd = workdir_lib.Workdir(workdir)

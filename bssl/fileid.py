@@ -195,6 +195,35 @@ def _one(path: str) -> tuple[str, str | None, str | None, str | None]:
   return "md5:" + d, (None if racy else key), stamp, d
 
 
+_LIST_FROM = 32  # remote files from which one listing is cheaper than one request each
+
+
+def _listed_md5s(paths: Sequence[str]) -> dict[str, str]:
+  """{path: identity} of the remote ``paths`` whose MD5 the store lists: one paginated
+  listing of their common folder (1,000 objects a request) instead of one request per
+  object; {} when it cannot be listed."""
+  prefix = os.path.commonprefix(list(paths))
+  prefix = prefix[: prefix.rfind("/") + 1]
+  if "://" not in prefix or prefix.index("://") + 3 >= len(prefix):
+    return {}
+  try:
+    import fsspec
+
+    proto = prefix.split("://", 1)[0]
+    fs, root = fsspec.core.url_to_fs(prefix)
+    infos = fs.find(root, detail=True)
+  except (OSError, ValueError):
+    return {}
+  want = set(paths)
+  out = {}
+  for name, info in infos.items():
+    p = f"{proto}://{name}"
+    md5 = info.get("md5Hash")
+    if md5 and p in want:
+      out[p] = "md5:" + base64.b64decode(md5).hex()
+  return out
+
+
 def content_ids(
     paths: Sequence[str],
     workers: int = 16,
@@ -208,9 +237,14 @@ def content_ids(
   out: list[str | None] = [None] * len(paths)
   todo: list[int] = []
   keys: dict[int, tuple[str, str]] = {}
+  remote = [i for i, p in enumerate(paths) if storage.is_remote(p)]
+  listed = _listed_md5s([paths[i] for i in remote]) if len(remote) >= _LIST_FROM else {}
   for i, p in enumerate(paths):
     if storage.is_remote(p):
-      todo.append(i)
+      if p in listed:
+        out[i] = listed[p]
+      else:
+        todo.append(i)
       continue
     try:
       keys[i] = _local_stamp(os.stat(p))

@@ -812,10 +812,15 @@ def image_keys(source, ids) -> tuple[np.ndarray, np.ndarray]:
   return keys, np.full(len(ids), "", dtype=object).astype(str)
 
 
+def _utf8(name: str) -> str:
+  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def write_table(path, sel: Selection, source, class_names=None):
   """D̂ as one Parquet table (``path``, local or gs://), one row per selection, in D̂'s
   order (class, then rank): ``id``, ``key`` and ``url`` of the image (see
-  :func:`image_keys`), ``class`` and ``class_name``, ``score`` (the teacher's probability),
+  :func:`image_keys`; a file name that is not UTF-8 has those bytes as ``\\xNN``),
+  ``class`` and ``class_name``, ``score`` (the teacher's probability),
   ``log_odds`` (what the rows were ranked by) and ``rank`` (0-based, within the class).
   Parquet: columnar and compressed, read by pandas, polars, DuckDB, Spark and the
   img2dataset family, so a selection can be published and joined back to its shards."""
@@ -823,7 +828,11 @@ def write_table(path, sel: Selection, source, class_names=None):
   import pyarrow.parquet as pq
 
   keys, urls = image_keys(source, sel.ids)
+  # Parquet text is UTF-8: a file name that is not (held surrogate-escaped, as Python holds
+  # it) has its other bytes written as \xNN, as `ls -b` shows them; ``id`` stays exact
+  keys = [_utf8(k) for k in keys]
   names = list(class_names) if class_names is not None else [str(c) for c in range(sel.num_classes)]
+  names = [_utf8(str(n)) for n in names]  # (class folders' names)
   t = pa.table(
       {
           "id": pa.array(sel.ids, pa.int64()),

@@ -244,7 +244,7 @@ def disk_full(exc: BaseException | None) -> str | None:
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
       if e.filename:
         return os.fsdecode(e.filename)
-      found = found or ""
+      found = found or _path_in_traceback(e)
     text = str(e)
     if any(t in text for t in _FULL_TEXTS):
       m = _QUOTED_PATH.search(text)
@@ -253,6 +253,26 @@ def disk_full(exc: BaseException | None) -> str | None:
       found = found or ""
     todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
   return found
+
+
+_PATH_LOCALS = ("path", "p", "filename", "fname", "file", "directory", "tmp")
+
+
+def _path_in_traceback(e: BaseException) -> str:
+  """The file an OSError that names none was writing: a path-like local variable of the
+  innermost frames (``f.write`` knows no name; its caller does), or ""."""
+  frames, tb = [], e.__traceback__
+  while tb is not None:
+    frames.append(tb.tb_frame)
+    tb = tb.tb_next
+  for frame in reversed(frames[-4:]):
+    for name in _PATH_LOCALS:
+      v = frame.f_locals.get(name)
+      if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes):
+        s = os.fspath(v)
+        if isinstance(s, str) and (s.startswith("/") or is_remote(s)):
+          return s
+  return ""
 
 
 def _human(n: float) -> str:
@@ -264,7 +284,7 @@ def _human(n: float) -> str:
 
 
 def free_space(p: PathLike) -> str | None:
-  """"<free> free of <total>" on the disk that holds ``p`` (its nearest existing folder),
+  """ "<free> free of <total>" on the disk that holds ``p`` (its nearest existing folder),
   or None (object storage, or nothing of ``p`` exists)."""
   s = os.fspath(p)
   if is_remote(s):

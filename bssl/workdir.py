@@ -72,13 +72,30 @@ class Workdir:
     return self.stage(name) / "started.json"
 
   def done(self, name: str) -> dict | None:
-    """The stage's done.json, or None when the stage is not complete."""
+    """The stage's done.json, or None when the stage is not complete. A damaged one (not
+    JSON, e.g. truncated, or not what bssl writes) raises storage.CorruptArtifactError
+    naming it and what to do (the engine's --recompute_stale deletes that stage)."""
     p = self.done_path(name)
-    return storage.read_json(p) if p.exists() else None
+    return self._stage_json(name, p, "finished") if p.exists() else None
 
   def started(self, name: str) -> dict | None:
     p = self.started_path(name)
-    return storage.read_json(p) if p.exists() else None
+    return self._stage_json(name, p, None) if p.exists() else None
+
+  def _stage_json(self, name: str, p: epath.Path, key: str | None) -> dict:
+    """A stage's JSON ``p``: an object (with ``key``, which every one bssl wrote has)."""
+    try:
+      d = json.loads(p.read_bytes())
+      bad = None if isinstance(d, dict) and (key is None or key in d) else "not a " + p.name
+    except (ValueError, UnicodeDecodeError) as e:  # (json.JSONDecodeError is a ValueError)
+      bad = f"not JSON: {e}"
+    if bad:
+      raise storage.CorruptArtifactError(
+          f"{p} is damaged ({bad}): delete the stage's "
+          f"folder {self.stage(name)} to recompute that stage, or rerun with "
+          f"--recompute_stale, which does that"
+      )
+    return d
 
   @property
   def config_path(self) -> epath.Path:

@@ -198,7 +198,9 @@ def _unknown_field(name: str, schema: dict) -> str | None:
   near = difflib.get_close_matches(name, list(schema), n=3, cutoff=0.75)
   if not near and head in sections:  # the leaf alone, within its section
     leaves = [n[len(head) + 1 :] for n in schema if n.startswith(head + ".")]
-    near = [f"{head}.{m}" for m in difflib.get_close_matches(name[len(head) + 1 :], leaves, 3, 0.75)]
+    near = [
+        f"{head}.{m}" for m in difflib.get_close_matches(name[len(head) + 1 :], leaves, 3, 0.75)
+    ]
   if near:
     hint = f"did you mean {' or '.join(near)}? "
   else:  # nothing close: the nearest names of its section (or of all) all the same
@@ -281,7 +283,7 @@ def _missing_entry(argv: list[str], e: BaseException) -> None:
       fail(
           f"--config.{name}: the recipe's {head} has no entry {leaf!r}, and entries cannot "
           f"be added one by one; give the whole dict, e.g. --config.{head}=\"{{'{leaf}': "
-          f"...}}\" (its entries for each model: docs/config.md)"
+          f'...}}" (its entries for each model: docs/config.md)'
       )
 
 
@@ -292,10 +294,10 @@ def disk_full_message(exc: BaseException) -> str | None:
   if where is None:
     return None
   workdir = _SHARED["workdir"].value if "workdir" in _SHARED else None
-  where = where or workdir or os.getcwd()
-  free = storage.free_space(where)
+  what = f"writing {where}" if where else f"in {workdir or os.getcwd()}"
+  free = storage.free_space(where or workdir or os.getcwd())
   return (
-      f"no space left on device writing {where}"
+      f"no space left on device {what}"
       + (f" ({free} on its disk)" if free else "")
       + "; free space there (or raise the quota) and rerun the same command: it resumes "
       "from what was saved"

@@ -9,7 +9,13 @@ made it, so one teacher is trained per
 seed and teacher setting, and one scoring pass serves a seed's every K and P (the sweep
 scores once with ``score.max_k`` / ``score.max_p`` = the largest of the grid: the exact
 D̂ of any smaller K and P is derived from it). Rerunning the command continues the grid:
-finished points are kept, an interrupted one resumes where it stopped.
+an interrupted point resumes where it stopped. Before any point runs, the engine plans
+every point with work in its folder under the config now: a rerun with another base
+config or other inputs, or a grid grown so that a finished stage no longer holds, is
+refused (exit 2, one line naming every stale point and its stale folders);
+``--recompute_stale`` deletes exactly those (printed) and recomputes them, keeping the
+rest. Point folders are named by their values alone (a path, dict or list: a readable
+part and a hash), so another grid in the same ``DIR`` never finds another value's work.
 
 ``--jobs=N`` runs N points at once, each in its own process (a point that needs a stage
 another point is computing waits for it, then copies it; SIGTERM is passed on to them).
@@ -21,7 +27,9 @@ point starts (run at once, a stage shared by points running on different machine
 be computed twice, never wrongly); ``--collect`` then writes the summary. The summary: ``DIR/sweep.json`` (every point: overrides, seed,
 top-1 of every model, D̂ size and label precision), ``DIR/sweep.md`` (a table per axis:
 mean ± std over seeds) and ``DIR/<axis>.png`` (student and baseline top-1 against the
-axis; log x for sizes and counts).
+axis; log x for sizes and counts); ``--collect`` shows no number of a point made with
+another config (listed, with the command that recomputes it) or of a model replaced since
+its point's report (listed, with the command that measures it again).
 
 SIGTERM exits 143 wherever it lands (a training loop saves a checkpoint first); the point
 workers of ``--jobs`` get SIGTERM when the sweep dies, even by SIGKILL. While a process works
@@ -115,7 +123,15 @@ def main(argv):
   try:
     axes, seeds = grid.parse_grid(base, _SWEEP.value, _SEEDS.value)
     point_argv = _point_argv(sys.argv[1:])
-    if _EMIT.value:
+    if _EMIT.value:  # the grid planned first: stale points refused here, not one by one
+      runner.plan_points(
+          base,
+          workdir,
+          axes,
+          grid.points(base, axes, seeds),
+          _RECOMPUTE_STALE.value,
+          log=lambda m: print(m, file=sys.stderr),
+      )
       print("\n".join(runner.emit(base, axes, seeds, point_argv)))
       return
     share_from = [r for r in _SHARE_FROM.value.split(",") if r.strip()]

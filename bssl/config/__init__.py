@@ -50,7 +50,7 @@ from bssl.config.names import (
     section_of,
 )
 from bssl.config.reference import reference_markdown
-from bssl.config.validate import check_batch_sizes, check_field, validate
+from bssl.config.validate import check_batch_sizes, check_field, check_paths, validate
 
 __all__ = [
     "ALL_STAGES",
@@ -82,6 +82,7 @@ __all__ = [
     "base",
     "check_batch_sizes",
     "check_field",
+    "check_paths",
     "get",
     "is_video",
     "override",

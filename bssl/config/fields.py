@@ -14,6 +14,7 @@ refusing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,9 +59,38 @@ class Field:
   check: Callable[[Any], str | None] | None = None  # returns an error text or None
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _fractions(v) -> str | None:
-  if not all(0 < float(x) < 1 for x in v) or list(v) != sorted(v):
-    return f"must be increasing fractions in (0, 1), got {tuple(v)}"
+  if not all(_is_number(x) and 0 < x < 1 for x in v) or list(v) != sorted(v):
+    return f"must be increasing fractions in (0, 1), e.g. '(0.5, 0.75)', got {tuple(v)!r}"
+  return None
+
+
+def _pixel_stats(positive: bool) -> Callable[[Any], str | None]:
+  """data.mean / data.std: numbers (std: positive), one per channel or one for all."""
+  what, e = (
+      ("positive numbers", "'(58.4, 57.1, 57.4)'")
+      if positive
+      else ("numbers", "'(123.7, 116.3, 103.5)'")
+  )
+
+  def check(v) -> str | None:
+    if not v or not all(_is_number(x) and (x > 0 or not positive) for x in v):
+      return (
+          f"must be {what} on the 0-255 pixel scale, one per channel or one for all, "
+          f"e.g. {e}, got {tuple(v)!r}"
+      )
+    return None
+
+  return check
+
+
+def _mesh(v) -> str | None:
+  if not all(isinstance(x, int) and not isinstance(x, bool) and (x > 0 or x == -1) for x in v):
+    return f"must be positive integers (one may be -1), e.g. '(4, 2)', got {tuple(v)!r}"
   return None
 
 
@@ -185,6 +215,7 @@ FIELDS = (
         tuple,
         "device mesh shape; () = one data axis over all devices",
         cosmetic=True,
+        check=_mesh,
     ),
     Field("num_threads", 1, int, "grain read threads per process", minimum=1, cosmetic=True),
     Field(
@@ -270,10 +301,18 @@ FIELDS = (
     ),
     Field("data.pad", 2, int, "pad_crop_flip: padding in pixels", minimum=0),
     Field(
-        "data.mean", (72.94,), tuple, "per-channel mean of uint8 pixels (1 or channels " "entries)"
+        "data.mean",
+        (72.94,),
+        tuple,
+        "per-channel mean of uint8 pixels (1 or channels entries)",
+        check=_pixel_stats(positive=False),
     ),
     Field(
-        "data.std", (90.02,), tuple, "per-channel std of uint8 pixels (1 or channels " "entries)"
+        "data.std",
+        (90.02,),
+        tuple,
+        "per-channel std of uint8 pixels (1 or channels entries)",
+        check=_pixel_stats(positive=True),
     ),
     Field(
         "data.labelled_per_class",

@@ -13,9 +13,13 @@ models (``bssl/data/``, ``bssl/deps.py``) import the submodule they need
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
+
 import ml_collections
 
-from bssl import models
+from bssl import models, storage
 from bssl.config.base import get, is_video, parse_stages, same_architecture
 from bssl.config.fields import ConfigError, Field, all_fields
 from bssl.config.names import (
@@ -25,6 +29,7 @@ from bssl.config.names import (
     VIDEO_AUGMENTATIONS,
     VIDEO_DATA_KINDS,
 )
+from bssl.models.video import SMALL_VIDEO_DEFAULTS
 
 
 def _leaf_names(cfg, prefix: str = "") -> list[str]:
@@ -47,9 +52,19 @@ def _has(cfg, name: str) -> bool:
   return True
 
 
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "True or False",
+    tuple: "a tuple, e.g. '(1, 2)'",
+    dict: "a dict, e.g. \"{'widths': (16, 32)}\"",
+}
+
+
 def check_field(f: Field, v) -> None:
-  """Raises ConfigError when ``v`` is not a value the field ``f`` accepts (type, choices,
-  minimum, its own check)."""
+  """Raises ConfigError when ``v`` is not a value the field ``f`` accepts (type, element
+  types, a finite number, choices, minimum, its own check)."""
   if v is None:
     if f.optional:
       return
@@ -57,12 +72,17 @@ def check_field(f: Field, v) -> None:
   ok_types = f.type if isinstance(f.type, tuple) else (f.type,)
   if f.type is float and isinstance(v, int) and not isinstance(v, bool):
     v = float(v)
-  if f.type in (tuple, dict) and isinstance(v, (list, tuple, dict, ml_collections.ConfigDict)):
+  want = _TYPE_WORDS.get(f.type, getattr(f.type, "__name__", str(f.type)))
+  if f.type is tuple and isinstance(v, (list, tuple)):
+    pass
+  elif f.type is dict and isinstance(v, (dict, ml_collections.ConfigDict)):
     pass
   elif isinstance(v, bool) and bool not in ok_types:
-    raise ConfigError(f"{f.name} must be {f.type.__name__}, got {v!r}")
+    raise ConfigError(f"{f.name} must be {want}, got {v!r}")
   elif not isinstance(v, ok_types):
-    raise ConfigError(f"{f.name} must be {getattr(f.type, '__name__', f.type)}, got {v!r}")
+    raise ConfigError(f"{f.name} must be {want}, got {v!r}")
+  if isinstance(v, float) and not math.isfinite(v):
+    raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
   if f.choices and v not in f.choices:
     shown = (
         " or ".join(repr(c) for c in f.choices)
@@ -74,7 +94,10 @@ def check_field(f: Field, v) -> None:
     what = "a positive integer" if f.type is int and f.minimum == 1 else f">= {f.minimum}"
     raise ConfigError(f"{f.name} must be {what}, got {v!r}")
   if f.check is not None:
-    msg = f.check(v)
+    try:
+      msg = f.check(v)
+    except (TypeError, ValueError, AttributeError) as e:  # a value the check cannot read
+      msg = f"has a value of the wrong kind: {v!r} ({e}); accepted: {f.doc}"
     if msg:
       raise ConfigError(f"{f.name} {msg}")
 
@@ -164,10 +187,13 @@ def validate(
     s = cfg[name]
     if name == "weak_pretrain" and "weak_pretrain" not in stages:
       continue
+    _check_model_kwargs(name, s.model, dict(s.model_kwargs or {}))
     try:
       models.arch_config(s.model, **dict(s.model_kwargs or {}))
     except (ValueError, TypeError) as e:
-      raise ConfigError(f"{name}.model: {e}") from None
+      raise ConfigError(
+          f"{name}.model={s.model!r} with {name}.model_kwargs={_plain(s.model_kwargs)}: {e}"
+      ) from None
     if s.init_from in TRAIN_SECTIONS or s.init_from in ALL_STAGES:
       if not (name == "teacher" and s.init_from in ("baseline", "weak_pretrain")):
         raise ConfigError(
@@ -239,6 +265,47 @@ def validate(
     )
   if num_devices is not None:
     check_batch_sizes(cfg, num_devices, num_processes)
+
+
+def _plain(v):
+  """A config value as plain Python (a ConfigDict as a dict), for messages."""
+  if isinstance(v, ml_collections.ConfigDict):
+    return {k: _plain(x) for k, x in v.items()}
+  return v
+
+
+def _kind(default) -> tuple[str, Callable[[object], bool]]:
+  """What an architecture argument like ``default`` must be: (words, test)."""
+
+  def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+  if isinstance(default, bool):
+    return "True or False", lambda x: isinstance(x, bool)
+  if isinstance(default, int):
+    return "an integer", is_int
+  if isinstance(default, str):
+    return "a string", lambda x: isinstance(x, str)
+  if isinstance(default, tuple):
+    return "a tuple of integers, e.g. '(16, 32, 64)'", lambda x: (
+        isinstance(x, (list, tuple)) and all(is_int(e) for e in x)
+    )
+  return type(default).__name__, lambda x: isinstance(x, type(default))
+
+
+def _check_model_kwargs(section: str, model: str, kwargs: dict) -> None:
+  """Each architecture argument has the type of its default (``widths``: integers, ...):
+  a value of another type is named here, not found by the model's int() when it builds."""
+  defaults = {"zero_init_residual": False}
+  if model == "resnet_small":
+    defaults.update(models.SMALL_DEFAULTS)
+  elif model == "r2plus1d_small":
+    defaults.update(SMALL_VIDEO_DEFAULTS)
+  for k, v in kwargs.items():
+    if k in defaults:
+      words, ok = _kind(defaults[k])
+      if not ok(_plain(v)):
+        raise ConfigError(f"{section}.model_kwargs.{k} must be {words}, got {_plain(v)!r}")
 
 
 def _check_video(cfg) -> None:
@@ -329,3 +396,45 @@ def check_batch_sizes(cfg, num_devices: int, num_processes: int) -> None:
           f"({num_devices} on {num_processes} process(es)); e.g. "
           f"{max(num_devices, b - b % num_devices)}"
       )
+
+
+def check_paths(cfg) -> None:
+  """Every file or folder that the configured stages open, beyond the data (whose folders
+  and lists bssl.data checks when it opens them, before any work), exists: the
+  ``init_from`` of each training stage that runs and weak_pretrain's tagged images, tags
+  and vocabulary. Raises ConfigError naming the field, the path and what is accepted, before
+  any work (a missing teacher.init_from was found only after the baseline trained).
+  Touches the file system (or the object store): one existence check per path."""
+  stages = set(parse_stages(cfg.stages))
+  for name in TRAIN_SECTIONS:
+    v = cfg[name].get("init_from")
+    if name not in stages or v is None or v in ("baseline", "weak_pretrain"):
+      continue
+    stage_names = " or 'baseline' / 'weak_pretrain' (the teacher)" if name == "teacher" else ""
+    accepted = (
+        f"a folder of variables (a stage's final/, or the --out of python -m bssl.convert)"
+        f"{stage_names}, or None to start from scratch (--config.{name}.init_from=None)"
+    )
+    p = storage.path(v)
+    if not p.exists():
+      raise ConfigError(
+          f"{name}.init_from={v!r}: no such file or folder; accepted: {accepted}; checked "
+          f"before any work"
+      )
+    if p.is_dir() and not (p / "_METADATA").exists() and (p / "final" / "_METADATA").exists():
+      raise ConfigError(
+          f"{name}.init_from={v!r} is a stage's folder, not its variables: give "
+          f"{os.fspath(p / 'final')!r}"
+      )
+  w = cfg.weak
+  if "weak_pretrain" in stages and w.kind in ("tags_file", "captions"):
+    fields = (
+        ("path", "tags_file", "vocab_file") if w.kind == "tags_file" else ("path", "vocab_file")
+    )
+    for f in fields:
+      v = w.get(f)
+      if v is not None and not storage.exists(v):
+        raise ConfigError(
+            f"weak.{f}={v!r}: no such file or folder (weak.kind={w.kind!r}; see "
+            f"docs/semiweak.md); checked before any work"
+        )

@@ -69,4 +69,14 @@ def note_images(key: str, path: str, src) -> None:
 deps.register_identity("shards", shards.identity_of)
 for _group in shards.METADATA:
   deps.register_identity(f"shards_{_group}", lambda p, g=_group: shards.metadata_identity_of(p, g))
-deps.register_identity("filelist", lambda p: open_images(p, kind="files").identity())
+
+
+def _filelist_identity(path: str) -> str:
+  """Image files at ``path`` again, as a path opened without a kind (:func:`kind_of`) would
+  be now: an ingest's output there now is another input, not the files."""
+  if kind_of(path) != "files":
+    return "an ingest's output (opened as shards now)"
+  return open_images(path, kind="files").identity()
+
+
+deps.register_identity("filelist", _filelist_identity)

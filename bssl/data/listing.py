@@ -34,17 +34,17 @@ def _holds(folder: str, path: str) -> bool:
   return path == folder or os.path.commonpath([folder, path]) == folder
 
 
-def _walk_local(root: str, extensions, linked: dict | None = None) -> list[str]:
+def _walk_local(root: str, extensions, links: list | None = None) -> list[str]:
   """Files under ``root`` (following symlinked folders, each real folder once), relative,
   in walk order (:func:`list_inputs` sorts them). A symlinked folder that resolves to
   ``root`` or a folder holding it is a :class:`LinkError` (it would list ``root``'s
-  neighbours, or ``root`` again, as if they were in it). ``linked``, when given, gets
-  ``{relative path: (real path, the link)}`` of every file reached through a symlink (a
-  linked file, or a file under a linked folder: the first link on its way)."""
+  neighbours, or ``root`` again, as if they were in it). ``links``, when given, gets
+  ``(link, real path, is a folder)`` of every symlink followed: to a folder, or to a listed
+  file."""
   out, seen = [], set()
   real_root = os.path.realpath(root)
 
-  def walk(d: str, rel: str, via: str | None):
+  def walk(d: str, rel: str):
     real = os.path.realpath(d)
     if real in seen:  # a symlink loop, or a folder linked twice
       return
@@ -57,28 +57,40 @@ def _walk_local(root: str, extensions, linked: dict | None = None) -> list[str]:
       r = f"{rel}{e.name}"
       link = e.is_symlink()
       if e.is_dir(follow_symlinks=True):
-        if link and _holds(os.path.realpath(e.path), real_root):
+        if link:
           to = os.path.realpath(e.path)
-          what = "the folder being listed" if to == real_root else f"a folder holding {root}"
-          raise LinkError(
-              f"--input: {e.path} is a symlink to {os.readlink(e.path)!r} ({to}), {what}: "
-              f"its files would be listed again, or other folders' files as if they were in "
-              f"{root}. Accepted: symlinked folders that point outside the folder listed and "
-              f"its parents; remove the link or point it elsewhere"
-          )
-        walk(e.path, r + "/", via or (e.path if link else None))
+          if _holds(to, real_root):
+            what = "the folder being listed" if to == real_root else f"a folder holding {root}"
+            raise LinkError(
+                f"--input: {e.path} is a symlink to {os.readlink(e.path)!r} ({to}), {what}: "
+                f"its files would be listed again, or other folders' files as if they were "
+                f"in {root}. Accepted: symlinked folders that point outside the folder listed "
+                f"and its parents; remove the link or point it elsewhere"
+            )
+          if links is not None:
+            links.append((e.path, to, True))
+        walk(e.path, r + "/")
       elif _wanted(e.name, extensions) and (
           e.is_file(follow_symlinks=True) or not os.path.exists(e.path)
       ):
         out.append(r)  # (a dangling link is kept: listed as bad, with its reason)
-        if linked is not None and (via or link):
-          linked[r] = (
-              os.path.realpath(e.path) if link else os.path.join(real, e.name),
-              via or e.path,
-          )
+        if link and links is not None:
+          links.append((e.path, os.path.realpath(e.path), False))
 
-  walk(root, "", None)
+  walk(root, "")
   return out
+
+
+def _owner(path: str, index: dict):
+  """``index[f]`` of the nearest of ``path`` and its parent folders ``f`` in ``index``
+  (real paths), else None."""
+  while True:
+    if path in index:
+      return index[path]
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
 
 
 def _wanted(name: str, extensions) -> bool:
@@ -86,7 +98,7 @@ def _wanted(name: str, extensions) -> bool:
 
 
 def list_inputs(
-    input_path: str, extensions=IMAGE_EXTENSIONS, linked: dict | None = None
+    input_path: str, extensions=IMAGE_EXTENSIONS, links: list | None = None
 ) -> list[str]:
   """The image paths of ``input_path``: a folder (recursive, local or gs://) or a text file
   with one path per line (relative to the list's folder). ``extensions=None`` takes every
@@ -101,9 +113,9 @@ def list_inputs(
   ``gs://`` copy of it give the same ids; a tags file "in id order" is in this order.
 
   A local folder's symlinked folders are followed (each real folder once), except one that
-  points to the folder itself or a folder holding it (:class:`LinkError`). ``linked``, when
-  given, gets ``{path: (real path, the first symlink on its way)}`` of the listed files
-  reached through a symlink (local folders)."""
+  points to the folder itself or a folder holding it (:class:`LinkError`). ``links``, when
+  given, gets ``(link, real path, is a folder)`` of every symlink followed (local
+  folders)."""
   p = storage.path(input_path)
   if not p.exists():
     raise ListingError(
@@ -122,10 +134,7 @@ def list_inputs(
       )
     else:
       root = str(p)
-      rel_linked: dict[str, tuple[str, str]] = {}
-      files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions, rel_linked))]
-      if linked is not None:
-        linked.update((os.path.join(root, r), v) for r, v in rel_linked.items())
+      files = [os.path.join(root, r) for r in sorted(_walk_local(root, extensions, links))]
   else:
     base = str(p.parent)
     remote_base = storage.is_remote(base)
@@ -161,16 +170,17 @@ def list_inputs(
 def list_class_folders(root: str, names: Sequence[str], extensions=IMAGE_EXTENSIONS) -> list:
   """The files of each class folder ``root/<name>`` (:func:`list_inputs`; ``[]`` for one
   with no image file), in ``names``' order. An image reached from two class folders would
-  get two labels: a class folder that is (or links into) another, a symlink in one class
-  folder to a file or folder of another, or two links to one file from two classes are a
-  :class:`LinkError` naming the link (as is a link to a class folder's parent, from
-  :func:`list_inputs`). Symlinks to folders or files outside the class folders are
-  followed."""
-  out, linked, reals = [], [], []
+  get two labels: a class folder that is (or is inside) another, a symlink in one class
+  folder to a file or folder of another (or to a folder holding one), or links from two
+  classes to one file or folder are a :class:`LinkError` naming the link (as is a link to
+  a class folder or its parent, from :func:`list_inputs`). Symlinks to folders or files
+  outside the class folders are followed. Cost: a few dictionary lookups per class folder
+  and per symlink (none per file)."""
+  out, links = [], []
   remote = storage.is_remote(root)
   for name in names:
-    folder = os.path.join(str(root), name) if not remote else str(root).rstrip("/") + "/" + name
-    lk: dict[str, tuple[str, str]] = {}
+    folder = str(root).rstrip("/") + "/" + name if remote else os.path.join(str(root), name)
+    lk: list = []
     try:
       fs = list_inputs(folder, extensions, None if remote else lk)
     except LinkError as e:
@@ -181,43 +191,71 @@ def list_class_folders(root: str, names: Sequence[str], extensions=IMAGE_EXTENSI
     except ListingError:
       fs = []
     out.append(fs)
-    linked.append(lk)
-    reals.append(None if remote else os.path.realpath(folder))
-  if remote:
+    links.append(lk)
+  if remote:  # (no symlinks)
     return out
   accepted = (
       "Accepted: one folder of images per class; symlinks to folders or files outside the "
       "class folders (each image reached from one class folder only)"
   )
   folders = [os.path.join(str(root), name) for name in names]
-  for a, ra in enumerate(reals):  # a class folder that is, or is inside, another one
-    for b, rb in enumerate(reals):
-      if a != b and _holds(rb, ra):
-        if ra == rb and not os.path.islink(folders[a]):
-          a, b = b, a  # (name the link)
-        what = (
-            f"a symlink to {os.readlink(folders[a])!r} ({reals[a]})"
-            if os.path.islink(folders[a])
-            else reals[a]
-        )
-        raise LinkError(
-            f"--input: class folder {folders[a]} is {what}, "
-            f"{'the same folder as' if ra == rb else 'inside'} class folder {folders[b]}: "
-            f"its images would get two labels. {accepted}; remove the link"
-        )
-  first: dict[str, int] = {}  # real path -> the class of the first link reaching it
-  for c, lk in enumerate(linked):
-    for path, (real, link) in lk.items():
-      other = next((b for b, rb in enumerate(reals) if b != c and _holds(rb, real)), None)
-      if other is None and first.setdefault(real, c) != c:
-        other = first[real]
-      if other is not None:
-        raise LinkError(
-            f"--input: {link} (in class folder {names[c]!r}) is a symlink to "
-            f"{os.readlink(link)!r}, by which {path} is {real}, an image reached from class "
-            f"folder {names[other]!r} too: it would get two labels. {accepted}; remove the "
-            f"link"
-        )
+  reals = [os.path.realpath(f) for f in folders]
+  classes: dict[str, int] = {}  # real class folder -> class
+  for c, (f, rf) in enumerate(zip(folders, reals)):
+    # a class folder that is, or is inside, another
+    if rf in classes:
+      a, b = (c, classes[rf]) if os.path.islink(f) else (classes[rf], c)
+      what = (
+          f"a symlink to {os.readlink(folders[a])!r} ({rf})" if os.path.islink(folders[a]) else rf
+      )
+      raise LinkError(
+          f"--input: class folder {folders[a]} is {what}, the same folder as class folder "
+          f"{folders[b]}: its images would get two labels. {accepted}; remove the link"
+      )
+    classes[rf] = c
+  held: dict[str, int] = {}  # each folder holding a class folder -> one such class
+  for c, rf in enumerate(reals):
+    parent = os.path.dirname(rf)
+    while parent not in held and parent != os.path.dirname(parent):
+      held[parent] = c
+      parent = os.path.dirname(parent)
+  for c, rf in enumerate(reals):
+    outer = _owner(os.path.dirname(rf), classes)
+    if outer is not None or rf in held:
+      a, b = (c, outer) if outer is not None else (held[rf], c)
+      raise LinkError(
+          f"--input: class folder {folders[a]} ({reals[a]}) is inside class folder "
+          f"{folders[b]} ({reals[b]}): its images would get two labels. {accepted}; "
+          f"remove the link"
+      )
+
+  def refuse(c, link, real, why):
+    raise LinkError(
+        f"--input: {link} (in class folder {names[c]!r}) is a symlink to "
+        f"{os.readlink(link)!r} ({real}), which {why}: its images would get two labels. "
+        f"{accepted}; remove the link"
+    )
+
+  every = []  # (real path + "/", class, link, is a folder) of every link followed
+  for c, lk in enumerate(links):
+    for link, real, is_dir in lk:
+      other = _owner(real, classes)  # a file or folder of another class folder
+      if other is not None and other != c:
+        refuse(c, link, real, f"is in class folder {names[other]!r}")
+      other = held.get(real) if is_dir else None  # a folder holding a class folder
+      if other is not None and other != c:
+        refuse(c, link, real, f"holds class folder {names[other]!r}")
+      every.append((real.rstrip("/") + "/", c, link, is_dir))
+  # links from two classes to one file or folder, or into a folder another class links to
+  every.sort()
+  stack: list = []
+  for key, c, link, is_dir in every:
+    while stack and not key.startswith(stack[-1][0]):
+      stack.pop()
+    other = next((x for x in stack if x[1] != c), None)
+    if other is not None:
+      refuse(c, link, key[:-1], f"class folder {names[other[1]]!r} reaches too (by {other[2]})")
+    stack.append((key, c, link, is_dir))
   return out
 
 

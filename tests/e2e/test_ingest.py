@@ -232,9 +232,9 @@ def test_ids_are_positions_in_the_whole_path_order_for_a_folder_and_its_file_lis
   assert list_inputs(str(lst)) == listed
   a, b = sources.ImageFileSource(str(root)), sources.ImageFileSource(str(lst))
   assert a.files == b.files and a.identity() == b.identity()
-  assert a.identity().startswith("files-v2:")  # never equal to an identity of the old rule
+  assert a.identity().startswith("files-v3:")  # never equal to an identity of an old rule
   lab = sources.LabelledFolderSource(str(tmp_path))
-  assert lab.identity().startswith("files-v2:")
+  assert lab.identity().startswith("files-v3:")
 
 
 def test_ingests_of_the_old_id_rule_are_refused_with_the_reason(tmp_path):

@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 import pytest
+import wds_fixture
 from PIL import Image
 
-import wds_fixture
 from bssl import deps, engine, fileid
 from bssl.data import ingest
 
@@ -90,8 +90,7 @@ def test_rewritten_images_into_a_complete_out_are_refused_not_already_complete(t
   images); the shards are untouched."""
   u, out = str(tmp_path / "u"), str(tmp_path / "out")
   names = _folder(u, 8)
-  r = _cli(f"--input={u}", f"--out={out}", "--shard_size=3")
-  assert r.returncode == 0, r.stdout + r.stderr
+  ingest.run_ingest(u, out, ingest.Params(shard_size=3), log=lambda m: None)
   before = _manifest(out)
   for i, name in enumerate(names):
     _rewrite_keeping_stat(os.path.join(u, name), 1000 + i)
@@ -109,8 +108,8 @@ def test_unchanged_input_is_already_complete_moved_or_listed_and_not_read_again(
   u, out = str(tmp_path / "u"), str(tmp_path / "out")
   names = _folder(u, 7)
   time.sleep(fileid.RACY_SECONDS + 0.1)  # (files hashed within 2 s of a write are not cached)
-  r = _cli(f"--input={u}", f"--out={out}", "--shard_size=3")
-  assert r.returncode == 0, r.stdout + r.stderr
+  params = ingest.Params(shard_size=3)
+  ingest.run_ingest(u, out, params, log=lambda m: None)
   before = _manifest(out)
   stamp = os.stat(os.path.join(out, "manifest.json")).st_mtime_ns
   r = _cli(f"--input={u}", f"--out={out}", "--shard_size=3")
@@ -120,18 +119,19 @@ def test_unchanged_input_is_already_complete_moved_or_listed_and_not_read_again(
   subprocess.run(["mv", u, moved], check=True)
   lst = tmp_path / "list.txt"
   lst.write_text("".join(f"elsewhere/u2/{n}\n" for n in reversed(names)))
-  for src in (moved, str(lst)):
-    r = _cli(f"--input={src}", f"--out={out}", "--shard_size=3")
-    assert r.returncode == 0 and "already complete" in r.stdout, (src, r.stdout + r.stderr)
-  assert _manifest(out) == before
-  assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == stamp
-  # in this process (a fresh file-identity cache copy): no image is read to check them
+  # (in this process, from now on with a fresh copy of the file-identity cache): the images
+  # are checked without reading any of them
   fileid.forget()
   read = []
   real = fileid._md5_file
   monkeypatch.setattr(fileid, "_md5_file", lambda p: read.append(p) or real(p))
-  m = ingest.run_ingest(moved, out, ingest.Params(shard_size=3), log=lambda m: None)
-  assert m == before and read == []
+  for src in (moved, str(lst)):
+    said = []
+    m = ingest.run_ingest(src, out, params, log=said.append)
+    assert m == before and "already complete" in said[-1], (src, said)
+  assert read == []
+  assert _manifest(out) == before
+  assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == stamp
   # one image rewritten (same size, same mtime): found, and only it is read
   _rewrite_keeping_stat(os.path.join(moved, names[4]), 77)
   with pytest.raises(ingest.IngestError, match=r"1 of the 7 input files.*" + names[4]):
@@ -168,8 +168,9 @@ def test_kill_9_then_changed_files_then_resume_is_refused_never_mixed(tmp_path):
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   os.remove(first)
   open(first, "wb").write(kept)  # the same bytes again: the same input
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0 and "complete: 240 images" in r.stdout, r.stdout + r.stderr
+  said = []
+  ingest.run_ingest(u, out, ingest.Params(shard_size=1), log=said.append)
+  assert said[-1].startswith("ingest: complete: 240 images"), said
   fresh = str(tmp_path / "fresh")
   ingest.run_ingest(u, fresh, ingest.Params(shard_size=1), log=lambda m: None)
   for key in ("content_digest", "input_content", "metadata_digests"):
@@ -202,9 +203,7 @@ def _make_tars(root, captions=wds_fixture.WORDS, url_host="example.com", key_pre
 
 
 def _ingest_tars(tars, out):
-  r = _cli(f"--input={tars}", f"--out={out}")
-  assert r.returncode == 0, r.stdout + r.stderr
-  return _manifest(out)
+  return ingest.run_ingest(tars, out, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +237,8 @@ def _remake(runs, **variant):
   old = runs["first"]
   shutil.rmtree(tars)
   _make_tars(tars, **variant)
-  r = _cli(f"--input={tars}", f"--out={out}")
-  _refused(r, os.path.join(tars, "00000.tar"), "2 of the 2 input files")
+  with pytest.raises(ingest.IngestError, match=r"2 of the 2 input files.*/00000\.tar"):
+    ingest.run_ingest(tars, out, log=lambda m: None)
   shutil.rmtree(out)
   new = _ingest_tars(tars, out)
   assert new["content_digest"] == old["content_digest"]  # the same pixels

@@ -146,7 +146,10 @@ def test_an_image_reached_from_two_class_folders_is_refused(tmp_path):
   os.remove(train / "red" / "greens")
   # a class folder that is another
   os.symlink("green", train / "lime")
-  with pytest.raises(sources.DataError, match=r"class folder .*lime is a symlink to .green.*the same folder as class folder .*green"):
+  with pytest.raises(
+      sources.DataError,
+      match=r"class folder .*lime is a symlink to .green.*the same folder as class folder .*green",
+  ):
     sources.LabelledFolderSource(str(train))
   os.remove(train / "lime")
   # two links to one outside file, from two classes
@@ -175,3 +178,17 @@ def test_unlabelled_folders_refuse_a_link_to_their_parent(tmp_path):
     listing.list_inputs(str(u))
   with pytest.raises(sources.DataError, match=r"^unlabelled.path: .*up is a symlink"):
     sources.ImageFileSource(str(u))
+
+
+def test_a_weak_image_folder_that_became_an_ingest_is_another_input(tmp_path):
+  """weak.path opened without a kind (files, or an ingest's shards when it holds one): a
+  rerun identifies it as it would open it now."""
+  from bssl import deps
+
+  folder = tmp_path / "imgs"
+  make_folder(str(folder), {"a": 1})
+  before = deps.identity("filelist", str(folder))
+  assert before.startswith(sources.FILES_IDENTITY)
+  (folder / "ingest.json").write_text("{}")  # an ingest started into it
+  deps.forget_identities()
+  assert deps.identity("filelist", str(folder)) != before

@@ -264,7 +264,8 @@ def test_two_grids_in_one_folder_keep_their_values_apart(made, recomputed, tmp_p
   Every stage is shared from the module's sweep (``name`` is read by the report only)."""
   src, _ = made
   wd = tmp_path / "names"
-  common = ["--config.finetune.steps=3", "--config.select.k=20", "--config.score.max_k=50"]
+  common = ["--config.finetune.steps=3", "--config.select.k=20"]
+  common += ["--config.score.max_k=50", "--config.score.max_p=2"]  # as the grid of `made`
   for value in ("a/b", "a_b"):
     r = _sweep(wd, *common, f"--sweep=name={value}", f"--share_from={src}")
     assert r.returncode == 0, r.stderr[-3000:]
