@@ -365,17 +365,15 @@ def files_identity(files, root: str | None = None, labels=None, progress=None) -
   nothing costs one ``stat`` per file and one lookup."""
   files = [str(f) for f in files]
   names = relative_names(files, root)
-  h = hashlib.blake2b(digest_size=16)
-  labs = [None] * len(files) if labels is None else [int(x) for x in labels]
-  for rel, lab in zip(names, labs):  # (the ids' order and meaning)
-    h.update(f"{rel}\0{'' if lab is None else lab}\n".encode("utf-8", "surrogateescape"))
-  listing = h.hexdigest()
-  key = fileid.stamps_digest(files, salt=f"{SET_IDENTITY}\0{listing}")
+  if labels is not None:
+    names = [f"{rel}\0{int(lab)}" for rel, lab in zip(names, labels)]
+  # the names (and labels) in id order: what the ids mean; then the content of each
+  h = hashlib.blake2b("\n".join(names).encode("utf-8", "surrogateescape"), digest_size=16)
+  key = fileid.stamps_digest(files, salt=f"{SET_IDENTITY}\0{h.hexdigest()}:{len(files)}")
   hit = fileid.recall(key)
   if hit is not None:
     return hit
-  for cid in fileid.content_ids(files, progress=progress):
-    h.update(f"{cid}\n".encode())
+  h.update(("\0" + "\n".join(fileid.content_ids(files, progress=progress))).encode())
   out = f"{SET_IDENTITY}:{h.hexdigest()}:n={len(files)}"
   fileid.remember(key, out)
   return out

@@ -490,6 +490,17 @@ def check_recipe(cfg, workdir, backend: str = "jax") -> dict:
   table = stages.table(cfg)
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   requested = tuple(s for s in table if s in requested)
+  damaged = {}  # what the run refuses, or deletes with recompute_stale (_damaged)
+  for n in table:
+    try:
+      wd.done(n)
+      partial_record(wd, n)
+    except storage.CorruptArtifactError as e:
+      damaged[n] = [" ".join(str(e).split())]
+  if damaged:  # the rest is planned once they are recomputed
+    folders = [n for n in reversed(_dependents(table, cfg, damaged)) if wd.stage(n).exists()]
+    to_run = [n for n in table if table[n].fingerprinted and (n in requested or n in folders)]
+    return {"stale": damaged, "folders": [str(wd.stage(n)) for n in folders], "to_run": to_run}
   data = None
   if any(wd.done(n) is not None or wd.started(n) is not None for n in table):
     deps.forget_identities()  # inputs are identified afresh, as by a run

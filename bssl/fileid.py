@@ -284,29 +284,29 @@ def content_ids(
 
 
 def stamps_digest(paths: Sequence[str], salt: str = "") -> str | None:
-  """A digest of the versions of ``paths`` (each file's path, device, inode, size, mtime
-  and ctime; ``salt`` for whatever else a value derived from them depends on): the key
-  under which :func:`remember` keeps such a value. None when some path is remote, missing,
-  or was changed less than :data:`RACY_SECONDS` ago (a value derived from it is not kept).
-  Costs one ``stat`` per file: what lets a rerun that changed nothing skip the per-file
-  lookups of :func:`content_ids`."""
-  h = hashlib.blake2b(salt.encode("utf-8", "surrogateescape"), digest_size=20)
-  pack = struct.Struct("<5q").pack
-  newest = 0
-  stat = os.stat
-  try:
-    for p in paths:
-      p = os.fspath(p)
-      if "://" in p:
-        return None
-      st = stat(p)
-      newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-      h.update(p.encode("utf-8", "surrogateescape"))
-      h.update(pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-  except OSError:
+  """A digest of the versions of the files ``paths`` (each one's device, inode, size, mtime
+  and ctime, in order; ``salt``: whatever else a value derived from them depends on, e.g.
+  the names the files are known by): the key under which :func:`remember` keeps such a
+  value. None when some path is remote, missing, or was changed less than
+  :data:`RACY_SECONDS` ago (a value derived from it is not kept). Costs one ``stat`` per
+  file: what lets a rerun that changed nothing skip the per-file lookups of
+  :func:`content_ids`."""
+  paths = [os.fspath(p) for p in paths]
+  if any("://" in p for p in paths):
     return None
+  stat, pack = os.stat, struct.Struct("<QQQqq").pack
+  try:
+    sts = [stat(p) for p in paths]
+    blob = b"".join(
+        [pack(s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in sts]
+    )
+  except (OSError, struct.error):
+    return None
+  newest = max((max(s.st_mtime_ns, s.st_ctime_ns) for s in sts), default=0)
   if time.time() - newest / 1e9 < RACY_SECONDS:
     return None
+  h = hashlib.blake2b(salt.encode("utf-8", "surrogateescape"), digest_size=20)
+  h.update(blob)
   return h.hexdigest()
 
 

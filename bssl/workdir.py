@@ -25,6 +25,7 @@ is another process (another start time); on another host, its heartbeat (rewritt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -122,20 +123,29 @@ class LockedError(Exception):
 
 
 class _LocalLockFile:
-  """``lock.json`` on a local (or network) disk. A version is the file's inode: every write
-  makes a new file, so an inode names one content."""
+  """``lock.json`` on a local (or network) disk. A version is (inode, digest of the
+  content): every write makes a new file, and the content (a fresh token, a new
+  heartbeat) tells a new file from an old one whose freed inode number it reuses."""
 
   def __init__(self, path: str):
     self.path = path
 
-  def read(self):
-    """(content, version, age in s by the file's mtime), or None when there is none."""
+  @staticmethod
+  def _version(ino: int, data: bytes):
+    return ino, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+  def _read(self, path: str):
     try:
-      with open(self.path, "rb") as fh:
+      with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        return fh.read(), st.st_ino, time.time() - st.st_mtime
+        data = fh.read()
+        return data, self._version(st.st_ino, data), time.time() - st.st_mtime
     except FileNotFoundError:
       return None
+
+  def read(self):
+    """(content, version, age in s by the file's mtime), or None when there is none."""
+    return self._read(self.path)
 
   def _whole(self, data: bytes) -> str:
     tmp = f"{self.path}.{uuid.uuid4().hex[:12]}.tmp"
@@ -151,7 +161,7 @@ class _LocalLockFile:
     try:
       try:
         os.link(tmp, self.path)  # atomic, and the file is whole from its first moment
-        return os.stat(tmp).st_ino
+        return self._version(os.stat(tmp).st_ino, data)
       except FileExistsError:
         return None
       except OSError:  # a filesystem without hard links
@@ -164,20 +174,21 @@ class _LocalLockFile:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-        return os.fstat(fh.fileno()).st_ino
+        return self._version(os.fstat(fh.fileno()).st_ino, data)
     finally:
       os.unlink(tmp)
 
   def replace(self, data: bytes, version):
-    """Compare-and-swap: replaces the file if it is still ``version`` (a rename away, checked
-    by inode; put back if it was another), then creates it anew; None if another won."""
+    """Compare-and-swap: replaces the file if it is still ``version`` (renamed away, then
+    checked; put back if it was another), then creates it anew; None if another won."""
     away = f"{self.path}.{uuid.uuid4().hex[:12]}.old"
     try:
       os.rename(self.path, away)
     except FileNotFoundError:
       return None
     try:
-      if os.stat(away).st_ino != version:  # not the file we judged: put it back
+      moved = self._read(away)
+      if moved is None or moved[1] != version:  # not the file we judged: put it back
         try:
           os.link(away, self.path)
         except OSError:
@@ -193,9 +204,9 @@ class _LocalLockFile:
     if cur is None or cur[1] != version:
       return None
     tmp = self._whole(data)
-    ino = os.stat(tmp).st_ino
+    new = self._version(os.stat(tmp).st_ino, data)
     os.replace(tmp, self.path)
-    return ino
+    return new
 
   def delete(self, version) -> None:
     cur = self.read()
@@ -369,18 +380,25 @@ class WorkdirLock:
         d = os.path.dirname(d)
       os.makedirs(os.fspath(self.root), exist_ok=True)
     t0 = time.time()
-    owner = dict(procs.owner(), command=self.command, since=t0, heartbeat=t0, token=self.token)
-    data = storage.to_json(owner).encode()
+    me = dict(procs.owner(), command=self.command, token=self.token)
+
+    def mine() -> bytes:  # (since: when it is taken, not when this command began to wait)
+      now = time.time()
+      owner.update(me, since=now, heartbeat=now)
+      return storage.to_json(owner).encode()
+
+    owner: dict = {}
     first_seen: dict = {}
     told = None
     try:
       while True:
         cur = self.file.read()
         if cur is None:
-          version = self.file.create(data)
+          version = self.file.create(mine())
           if version is not None:
             break
-          continue  # another command made it meanwhile: read it
+          time.sleep(0.05)  # another command made it meanwhile: read it
+          continue
         body, version, age = cur
         try:
           other = json.loads(body)
@@ -388,15 +406,17 @@ class WorkdirLock:
         except ValueError:
           other = None
         if other is not None and other.get("token") == self.token:
+          owner = other
           break  # ours (a create whose answer was lost and retried)
         why = self._gone(other, version, age, first_seen)
         if why is not None:
           who = describe_owner(other) if other else f"an unreadable {self.path}"
           self.log(f"bssl: taking over the lock of {self.root} from {who}: {why}")
-          version = self.file.replace(data, version)
+          version = self.file.replace(mine(), version)
           if version is not None:
             break
-          continue  # another command took it over first: read it
+          time.sleep(0.05)  # another command took it over first: read it
+          continue
         if not wait:
           raise LockedError(self._refusal(other, age))
         now = time.time()

@@ -50,12 +50,12 @@ def run_claimed_point(
 
 
 def check_point(base, root, axes, point: dict) -> dict | None:
-  """The engine's plan of a point (:func:`bssl.engine.check_recipe`), None for a point
-  with no folder yet (nothing made: nothing stale)."""
+  """The engine's plan of a point (:func:`bssl.engine.check_recipe`: its config, the files
+  it names, and the record of every stage in its folder), None for a point with no folder
+  yet (nothing made: nothing stale; its config is checked all the same)."""
   d = storage.path(root) / "points" / point["name"]
-  if not d.exists():
-    return None
-  return engine.check_recipe(grid.point_config(base, point, axes), str(d))
+  plan = engine.check_recipe(grid.point_config(base, point, axes), str(d))
+  return plan if d.exists() else None
 
 
 def plan_points(base, root, axes, pts, recompute_stale=False, log=print) -> dict:
@@ -79,8 +79,9 @@ def plan_points(base, root, axes, pts, recompute_stale=False, log=print) -> dict
   )
   if not recompute_stale:
     raise engine.RefusedError(
-        f"sweep {root}: {len(stale)} of its {len(pts)} points hold results made with a "
-        f"different config or inputs than this sweep's: {what}. Rerun this command with "
+        f"sweep {root}: {len(stale)} of its {len(pts)} points hold stale results (made "
+        f"with a different config or inputs than this sweep's, or damaged): {what}. "
+        f"Rerun this command with "
         f"--recompute_stale to delete exactly those folders (in the order given) and "
         f"recompute them, keeping the rest; or use a new --workdir."
     )

@@ -7,6 +7,7 @@ is taken over, a fresh one refused."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,12 +241,13 @@ def _fake_lock(wd, pid, start, host=None, heartbeat=None):
 
 
 @needs_fmnist
-def test_two_processes_of_one_run_refuse_wait_and_run_as_one(tmp_path):
+def test_two_processes_of_one_run_refuse_wait_and_run_as_one(contended, tmp_path):
   """A 2-process run (launch/local.sh): only process 0 takes the lock and both learn the
   outcome before any collective: refused, both exit 2 (no process waits forever in a
-  collective); with --wait_for_lock both wait while process 0 waits, then run."""
+  collective); with --wait_for_lock both wait while process 0 waits, then run (on a copy
+  of the contended run: its baseline is reused, by both processes, past their barriers)."""
   wd = tmp_path / "run"
-  wd.mkdir()
+  shutil.copytree(contended["wd"], wd)
   holder = subprocess.Popen(["sleep", "600"])
   _fake_lock(wd, holder.pid, procs.process_start(holder.pid))
 
@@ -292,7 +294,7 @@ def test_two_processes_of_one_run_refuse_wait_and_run_as_one(tmp_path):
     logs = [_read(tmp_path / "logs2" / f"process_{i}.log") for i in range(2)]
     assert waiting.returncode == 0, out[-2000:] + "".join(logs)[-4000:]
     assert f"taking over the lock of {wd} from pid {holder.pid}" in logs[0]
-    assert "[baseline] done" in logs[0]
+    assert "[baseline] complete in" in logs[0]  # (process 0 logs; process 1 went along)
     assert not (wd / "lock.json").exists()
   finally:
     if holder.poll() is None:
@@ -379,3 +381,36 @@ def test_a_stale_lock_of_another_host_is_taken_over_a_fresh_one_refused(root):
   assert any("taking over the lock" in l and "pid 4242 on host elsewhere" in l for l in lines)
   lock.release()
   assert f.read() is None
+
+
+def test_the_owner_beats_and_a_silent_owner_ahead_in_time_is_taken_over(root, monkeypatch):
+  """The heartbeat is rewritten while the lock is held; an owner on another host whose
+  clock is an hour ahead (its heartbeat looks fresh) but whose heartbeat does not change
+  while a command waits is taken over after STALE_S of the waiter's own clock."""
+  monkeypatch.setattr(W, "HEARTBEAT_S", 0.2)
+  monkeypatch.setattr(W, "STALE_S", 1.5)
+  monkeypatch.setattr(W, "WAIT_POLL_S", 0.1)
+  lock = W.WorkdirLock(root, log=lambda m: None)
+  lock.acquire()
+  first = json.loads(lock.file.read()[0])
+  deadline = time.time() + 60
+  while json.loads(lock.file.read()[0])["heartbeat"] == first["heartbeat"]:
+    assert time.time() < deadline, "no heartbeat"
+    time.sleep(0.1)
+  assert json.loads(lock.file.read()[0])["token"] == lock.token
+  lock.release()
+  assert lock.file.read() is None
+
+  if "://" not in root:
+    os.makedirs(root, exist_ok=True)  # (released, the lock removed the folder it made)
+  ahead = time.time() + 3600
+  owner = dict(host="elsewhere", pid=7, since=ahead, heartbeat=ahead, command="c", token="t")
+  lock.file.create(json.dumps(owner).encode())
+  with pytest.raises(W.LockedError, match="pid 7 on host elsewhere"):
+    W.WorkdirLock(root).acquire()
+  lines = []
+  waiter = W.WorkdirLock(root, log=lines.append)
+  waiter.acquire(wait=True)
+  assert any("has not changed for" in l for l in lines), lines
+  assert json.loads(waiter.file.read()[0])["token"] == waiter.token
+  waiter.release()

@@ -208,25 +208,23 @@ def _ingest_tars(tars, out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The tar ingest at one path, read by two finished runs: ``weak_pretrain`` on its
-  captions (semiweak:tiny) and baseline..select with it as U (resnext:tiny)."""
-  from bssl.configs import resnext, semiweak
+  """The tar ingest at one path, read by one finished run (semiweak:tiny): weak_pretrain on
+  its captions, and baseline, teacher (from scratch), score and select with it as U."""
+  from bssl.configs import semiweak
 
   base = tmp_path_factory.mktemp("meta")
   tars, out = str(base / "tars"), str(base / "ingest")
   _make_tars(tars)
   first = _ingest_tars(tars, out)
-  weak = semiweak.get_config("tiny")
-  weak.stages = "weak_pretrain"
-  weak.weak.kind, weak.weak.path, weak.weak.vocab_size = "captions", out, 6
-  weak.weak.min_tag_images = 1
-  u = resnext.get_config("tiny")
-  u.unlabelled.kind, u.unlabelled.path = "shards", out
-  u.stages = "baseline,teacher,score,select"
-  wd_weak, wd_u = str(base / "w_weak"), str(base / "w_u")
-  engine.run_recipe(weak, wd_weak)
-  engine.run_recipe(u, wd_u)
-  return {"tars": tars, "out": out, "weak": (weak, wd_weak), "u": (u, wd_u), "first": first}
+  cfg = semiweak.get_config("tiny")
+  cfg.stages = "weak_pretrain,baseline,teacher,score,select"
+  cfg.weak.kind, cfg.weak.path, cfg.weak.vocab_size = "captions", out, 6
+  cfg.weak.min_tag_images = 1
+  cfg.teacher.init_from = None  # (so that score and select do not read weak_pretrain)
+  cfg.unlabelled.kind, cfg.unlabelled.path = "shards", out
+  wd = str(base / "w")
+  engine.run_recipe(cfg, wd)
+  return {"tars": tars, "out": out, "cfg": cfg, "wd": wd, "first": first}
 
 
 def _remake(runs, **variant):
@@ -246,30 +244,31 @@ def _remake(runs, **variant):
   return old, new
 
 
-def _rerun(cfg, wd):
-  """The run again: {stage: info} of the stages it ran, or the refusal's message."""
+def _rerun(runs):
+  """The run again: {stage: info} of the stages it ran, or the stale stages' part of the
+  refusal's message."""
   try:
-    return engine.run_recipe(cfg, wd)
+    return engine.run_recipe(runs["cfg"], runs["wd"])
   except engine.RefusedError as e:
-    return str(e)
+    return str(e).split(" holds results made with a different config or inputs (", 1)[1]
 
 
 @pytest.mark.skipif(not FMNIST, reason="needs Debian's dataset-fashion-mnist")
 def test_other_captions_make_weak_pretrain_on_captions_stale_and_nothing_else(runs):
   """(d) The ingest re-made with other captions: the weak model trained on the old
   vocabulary is stale (refused, naming weak.path:captions); the stages that read U's
-  pixels (score) and keys (select) are reused. (Nothing is recomputed: each test compares
-  with the runs' ingest.)"""
+  pixels (score) and keys (select) are not. (Nothing is recomputed: each test compares
+  with the run's ingest.)"""
   old, new = _remake(runs, captions=WORDS_B)
   assert new["metadata_digests"]["captions"] != old["metadata_digests"]["captions"]
   assert new["metadata_digests"]["keys"] == old["metadata_digests"]["keys"]
-  rec = json.load(open(os.path.join(runs["weak"][1], "weak_pretrain", "done.json")))["record"]
+  rec = json.load(open(os.path.join(runs["wd"], "weak_pretrain", "done.json")))["record"]
   assert rec["files"]["weak.path:captions"]["kind"] == "shards_captions"
-  got = _rerun(*runs["weak"])
-  assert isinstance(got, str) and "weak_pretrain: " in got, got
-  assert "(weak.path:captions): its contents changed" in got, got
-  assert _rerun(*runs["u"]) == {}  # nothing stale, nothing run
-  rec = json.load(open(os.path.join(runs["u"][1], "score", "done.json")))["record"]
+  why = _rerun(runs)
+  assert isinstance(why, str) and why.startswith("weak_pretrain: "), why
+  assert "(weak.path:captions): its contents changed" in why, why
+  assert "score: " not in why and "select: " not in why, why
+  rec = json.load(open(os.path.join(runs["wd"], "score", "done.json")))["record"]
   assert "unlabelled.path" in rec["files"]
   assert not [k for k in rec["files"] if k.startswith("unlabelled.path:")]
 
@@ -278,17 +277,19 @@ def test_other_captions_make_weak_pretrain_on_captions_stale_and_nothing_else(ru
 def test_other_keys_and_urls_make_select_stale_and_nothing_else(runs):
   """(e) The ingest re-made with other keys and urls (the images and captions the same):
   select, whose dhat.parquet and bad-image list name them, is stale (refused, naming
-  unlabelled.path:keys); score (pixels) and weak_pretrain (captions) are not."""
+  unlabelled.path:keys); score (pixels) and weak_pretrain (captions) are not; the
+  ingest as the run read it is reused whole."""
   old, new = _remake(runs, url_host="cdn.example.org", key_prefix="k")
   assert new["metadata_digests"]["keys"] != old["metadata_digests"]["keys"]
   assert new["metadata_digests"]["captions"] == old["metadata_digests"]["captions"]
-  rec = json.load(open(os.path.join(runs["u"][1], "select", "done.json")))["record"]
+  rec = json.load(open(os.path.join(runs["wd"], "select", "done.json")))["record"]
   assert rec["files"]["unlabelled.path:keys"]["kind"] == "shards_keys"
-  got = _rerun(*runs["u"])
-  assert isinstance(got, str) and "(unlabelled.path:keys): its contents changed" in got, got
-  why = got.split(" holds results made with a different config or inputs (", 1)[1]
-  assert why.startswith("select: ") and "score: " not in why, got
-  assert _rerun(*runs["weak"]) == {}
+  why = _rerun(runs)
+  assert isinstance(why, str) and why.startswith("select: "), why
+  assert "(unlabelled.path:keys): its contents changed" in why, why
+  assert "score: " not in why and "weak_pretrain: " not in why, why
+  _remake(runs)  # the run's own ingest again: nothing stale, nothing run
+  assert _rerun(runs) == {}
 
 
 def test_ingest_metadata_digests_cover_each_column_group(tmp_path):

@@ -201,16 +201,16 @@ def test_dict_fields_are_swept_as_json_lists():
   )
   assert name == "teacher.model_kwargs" and vals[1]["depths"] == [2, 2, 2]
   pts = grid.points(cfg, [(name, vals)], [0])
-  assert [p["name"] for p in pts] == [
-      "teacher.model_kwargs=widths-8-16-32,seed=0",
-      "teacher.model_kwargs=depths-2-2-2-widths-32-64-128,seed=0",
+  assert [p["name"] for p in pts] == [  # a dict: readable part, "~", a hash of its JSON
+      "teacher.model_kwargs=widths-8-16-32~27db275342,seed=0",
+      "teacher.model_kwargs=depths-2-2-2-widths-32-64-128~9a61676453,seed=0",
   ]
   got = grid.point_config(cfg, pts[1], [(name, vals)]).teacher.model_kwargs
   assert dict(got) == {"widths": [32, 64, 128], "depths": [2, 2, 2]}  # replaced, not merged
   # values whose readable labels collide get distinct folders
   name, vals = grid.parse_axis('teacher.model_kwargs=[{"x": -1}, {"x": 1}, {"x": 2}]', cfg)
   names = [p["name"] for p in grid.points(cfg, [(name, vals)], [0])]
-  assert len(set(names)) == 3 and names[2] == "teacher.model_kwargs=x-2,seed=0", names
+  assert len(set(names)) == 3 and names[2] == "teacher.model_kwargs=x-2~5e2b030a4a,seed=0", names
   for bad, msg in (
       ("teacher.model_kwargs=[1, 2]", "takes dict values"),
       ("teacher.model_kwargs=[{]", "not a JSON list"),
