@@ -227,7 +227,7 @@ def read_npy(p: PathLike, mmap: bool = False) -> np.ndarray:
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # how libraries that do not raise OSError (tensorstore under orbax, pyarrow, grain) say it
-_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
 _QUOTED_PATH = re.compile(r"""["'](/[^"']+)["']""")
 
 
@@ -246,7 +246,7 @@ def disk_full(exc: BaseException | None) -> str | None:
         return os.fsdecode(e.filename)
       found = found or _path_in_traceback(e)
     text = str(e)
-    if any(t in text for t in _FULL_TEXTS):
+    if any(t in text for t in DISK_FULL_TEXTS):
       m = _QUOTED_PATH.search(text)
       if m:
         return m.group(1)

@@ -16,11 +16,16 @@ One command per work directory: :class:`WorkdirLock` (``lock.json``: host, pid a
 pid's start time, command, since when, a heartbeat), made by an atomic create (a local or
 network disk: a hard link of a whole file, which fails if one exists, ``O_CREAT|O_EXCL``
 where there are no hard links; ``gs://``: an upload with ``ifGenerationMatch=0``) and
-taken over, by a compare-and-swap (a rename checked by inode; ``ifGenerationMatch`` of the
-generation read), only from an owner that is gone: on this host, its pid no longer runs or
-is another process (another start time); on another host, its heartbeat (rewritten every
-``HEARTBEAT_S``) is older than ``STALE_S`` by this host's clock, or has not changed for
-``STALE_S`` while this command waited. Released on exit (normal, an error, SIGTERM).
+taken over, by a compare-and-swap (a rename away checked by inode and content;
+``ifGenerationMatch`` of the generation read), only from an owner that is gone: on this
+host, its pid no longer runs or is another process (another start time); on another host,
+its heartbeat (rewritten every ``HEARTBEAT_S``) is older than ``STALE_S`` by this host's
+clock, or has not changed for ``STALE_S`` while this command waited. Released on exit
+(normal, an error, SIGTERM). Limits: hosts' clocks must agree to well within ``STALE_S``
+(else a waiting command sees the heartbeat stop changing first); a host that stops
+beating for ``STALE_S`` while alive (suspended, cut off) loses its lock (it says so); two
+processes on one host in different pid namespaces (containers with one host name) cannot
+see each other's pids: give them different host names.
 """
 
 from __future__ import annotations

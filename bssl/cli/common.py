@@ -317,7 +317,7 @@ class _DiskFullLogs(py_logging.Filter):
       text = record.getMessage()
     except Exception:
       return True
-    return not any(t in text for t in storage._FULL_TEXTS)
+    return not any(t in text for t in storage.DISK_FULL_TEXTS)
 
 
 def _quiet_disk_full_logs() -> None:

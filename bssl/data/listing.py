@@ -139,13 +139,17 @@ def list_inputs(
     base = str(p.parent)
     remote_base = storage.is_remote(base)
     files = []
+    raw = p.read_bytes()
     try:
-      text = p.read_text()
+      text = raw.decode("utf-8")
     except UnicodeDecodeError:
-      raise ListingError(
-          f"--input: {input_path!r} is a file but not a text list of paths "
-          f"(one per line); give the folder that holds it, or a list"
-      ) from None
+      if b"\0" in raw:  # an image or other binary file, not a list
+        raise ListingError(
+            f"--input: {input_path!r} is a file but not a text list of paths "
+            f"(one per line); give the folder that holds it, or a list"
+        ) from None
+      # names that are not UTF-8 (as `find` lists them): kept as Python keeps file names
+      text = raw.decode("utf-8", "surrogateescape")
     for line in text.splitlines():
       line = line.strip()
       if not line or line.startswith("#"):

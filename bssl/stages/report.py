@@ -300,8 +300,7 @@ def write_report(cfg, data, wd) -> dict:
     names = data.class_names or tuple(str(c) for c in range(cfg.data.num_classes))
     # a class folder's name that is not UTF-8 (surrogate-escaped): its bytes as \xNN
     names = tuple(
-        str(n).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        for n in names
+        str(n).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names
     )
     if is_video(data.spec):  # videos: strips of frames
       _video_figure(

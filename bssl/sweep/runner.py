@@ -60,10 +60,10 @@ def check_point(base, root, axes, point: dict) -> dict | None:
 
 def plan_points(base, root, axes, pts, recompute_stale=False, log=print) -> dict:
   """Every point with work in its folder planned by the engine before any point runs:
-  {name: plan or None}. Stale points (work made with another config or other inputs) are
-  refused in ONE line (:class:`bssl.engine.RefusedError`, exit 2) naming each and its
-  stale folders, in deletion order; with ``recompute_stale`` they are listed (each
-  point's run deletes and recomputes them)."""
+  {name: plan or None}. Stale points (work made with another config or other inputs, or
+  damaged) are refused in ONE line (:class:`bssl.engine.RefusedError`, exit 2) naming
+  each and its stale folders, in deletion order; with ``recompute_stale`` they are listed
+  (each point's run deletes and recomputes them)."""
   root_p = storage.path(root)
   plans = {p["name"]: check_point(base, root, axes, p) for p in pts}
   stale = [(n, pl) for n, pl in plans.items() if pl and pl["stale"]]
@@ -74,16 +74,16 @@ def plan_points(base, root, axes, pts, recompute_stale=False, log=print) -> dict
     return str(storage.path(folder).relative_to(root_p))
 
   what = " | ".join(
-      f"point {n} ({summary.causes(pl['stale'])}): stale folders {', '.join(rel(f) for f in pl['folders'])}"
+      f"point {n} ({summary.causes(pl['stale'])}): stale folders "
+      + ", ".join(rel(f) for f in pl["folders"])
       for n, pl in stale
   )
   if not recompute_stale:
     raise engine.RefusedError(
         f"sweep {root}: {len(stale)} of its {len(pts)} points hold stale results (made "
-        f"with a different config or inputs than this sweep's, or damaged): {what}. "
-        f"Rerun this command with "
-        f"--recompute_stale to delete exactly those folders (in the order given) and "
-        f"recompute them, keeping the rest; or use a new --workdir."
+        f"with a different config or inputs than this sweep's, or damaged): {what}. Rerun "
+        f"this command with --recompute_stale to delete exactly those folders (in the "
+        f"order given) and recompute them, keeping the rest; or use a new --workdir."
     )
   log(f"sweep: --recompute_stale: {len(stale)} point(s) to recompute in part: {what}")
   return plans

@@ -120,6 +120,17 @@ def collect(root, axes, pts, rerun: str = "", other_config: dict | None = None) 
       "stale": stale,
       "other_config": other,
   }
+  # the figures of an earlier summary (another grid's axes, or numbers not shown now) go
+  drawn = {n for n, _ in axes} if any(r["top1"] for r in rows) else set()
+  earlier = set()
+  try:
+    if (root / "sweep.json").exists():
+      earlier = {a.get("field") for a in storage.read_json(root / "sweep.json").get("axes", [])}
+  except (ValueError, OSError, AttributeError, TypeError):  # damaged: rewritten below
+    pass
+  for name in (earlier | {n for n, _ in axes}) - drawn:
+    if isinstance(name, str) and "/" not in name and (root / f"{name}.png").exists():
+      (root / f"{name}.png").unlink()
   storage.write_json(root / "sweep.json", summary)
   cmd = f"`{rerun}`" if rerun else "the sweep's command (without --collect)"
   recompute = f"`{rerun} --recompute_stale`" if rerun else f"{cmd} with --recompute_stale"
