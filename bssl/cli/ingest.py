@@ -12,7 +12,12 @@ Then score from the shards with ``--config.unlabelled.kind=shards
 Several processes or hosts split the shards: ``--process_index``/``--process_count``
 (defaults from ``BSSL_PROCESS_ID``/``BSSL_NUM_PROCESSES``, which ``launch/local.sh
 --module bssl.ingest`` sets). Rerunning the same command after a kill writes only the
-missing shards. Exit codes: 0 done, 2 a user error (one line on stderr).
+missing shards; an input file changed since a finished shard was made from it is refused
+(exit 2, naming it: use another --out, or delete it), so an --out never mixes two versions
+of the input. The same command on a complete --out with unchanged input (the folder moved,
+or given as a file list, included) says "already complete" after one stat per file (the
+files' MD5s are cached, bssl/fileid.py). Exit codes: 0 done, 2 a user error (one line on
+stderr).
 """
 
 import os

@@ -69,6 +69,10 @@ def _fractions(v) -> str | None:
   return None
 
 
+def _at_most_1(v) -> str | None:
+  return None if v <= 1 else f"must be at most 1, got {v!r}"
+
+
 def _pixel_stats(positive: bool) -> Callable[[Any], str | None]:
   """data.mean / data.std: numbers (std: positive), one per channel or one for all."""
   what, e = (
@@ -148,7 +152,14 @@ TRAIN_FIELDS = (
         check=_fractions,
     ),
     Field("step_decay", 0.1, float, "schedule='step': factor at each boundary", minimum=0),
-    Field("warmup_fraction", 0.0, float, "linear warm-up as a fraction of the run", minimum=0),
+    Field(
+        "warmup_fraction",
+        0.0,
+        float,
+        "linear warm-up as a fraction of the run",
+        minimum=0,
+        check=_at_most_1,
+    ),
     Field(
         "warmup_steps",
         None,
@@ -467,6 +478,7 @@ FIELDS = (
         float,
         "synthetic: probability that an image carries a " "tag of its class",
         minimum=0.0,
+        check=_at_most_1,
     ),
     Field(
         "weak.max_noise_tags", 2, int, "synthetic: up to this many random tags per image", minimum=0
@@ -587,6 +599,7 @@ FIELDS = (
         "similarity (aligned grey-level correlation, "
         "-1..1) from which an image is a near-duplicate",
         minimum=0.0,
+        check=_at_most_1,
     ),
     Field(
         "score.batch_size",

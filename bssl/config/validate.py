@@ -191,8 +191,9 @@ def validate(
     try:
       models.arch_config(s.model, **dict(s.model_kwargs or {}))
     except (ValueError, TypeError) as e:
+      kw = _plain(s.model_kwargs)
       raise ConfigError(
-          f"{name}.model={s.model!r} with {name}.model_kwargs={_plain(s.model_kwargs)}: {e}"
+          f"{name}.model: {e}" + (f" ({name}.model_kwargs={kw})" if kw else "")
       ) from None
     if s.init_from in TRAIN_SECTIONS or s.init_from in ALL_STAGES:
       if not (name == "teacher" and s.init_from in ("baseline", "weak_pretrain")):

@@ -450,7 +450,8 @@ def check_inputs(
   """Checks an ``--out`` against the input files now (its header already checked: the same
   listing and parameters). A complete ingest whose inputs all have the content recorded
   in ``manifest.json`` (``input_content``) is returned as it is ("already complete": one
-  stat and cache lookup per file, :func:`bssl.fileid.content_ids`); otherwise None, once
+  stat per file when they were checked before, :func:`bssl.fileid.stamps_digest`, else
+  one cache lookup per file too, :func:`bssl.fileid.content_ids`); otherwise None, once
   every finished shard's ``input_md5`` is found equal to its input files' MD5 now. A
   changed (or vanished) input of a finished shard is an :class:`IngestError` naming one
   and counting them, before any work: a rerun never mixes shards of two versions of a
@@ -461,14 +462,21 @@ def check_inputs(
   manifest = storage.read_json(mf) if mf.exists() else None
   if manifest is not None and manifest.get("input_content"):
     files = [f for fs in inputs_of for f in fs]
-    ids = _current_ids(files, log)
-    if input_content_of([_md5_rows(ids)]) == manifest["input_content"]:
+    # the files' versions (inode, size, times) as last checked: one stat per file
+    stamps = fileid.stamps_digest(files, "bssl.ingest input_content")
+    same = fileid.recall(stamps) == manifest["input_content"]
+    if not same:
+      ids = _current_ids(files, log)
+      now = input_content_of([_md5_rows(ids)])
+      fileid.remember(stamps, now)
+      same = now == manifest["input_content"]
+      known = dict(zip(files, ids))
+    if same:
       log(
           f"ingest: already complete: {manifest['num_images']} images in {out}, its "
           f"{len(files)} input file(s) unchanged since they were ingested; nothing to do"
       )
       return manifest
-    known = dict(zip(files, ids))
   shards = sorted(done)
   if not shards:
     return None
@@ -521,8 +529,9 @@ def run_ingest(
   params.check()
   if not 0 <= process_index < process_count:
     raise IngestError(f"process index {process_index} is not in [0, {process_count})")
+  listed: dict = {}
   try:
-    tars = webdataset.tar_inputs(input_path)
+    tars = webdataset.tar_inputs(input_path, listed)
   except webdataset.TarInputError as e:
     raise IngestError(str(e)) from None
   tar = tars is not None
@@ -533,7 +542,10 @@ def run_ingest(
     inputs_of = [[t] for t in tars]
   else:
     try:
-      files = list_inputs(input_path, extensions)
+      if "images" in listed and tuple(extensions or ()) == IMAGE_EXTENSIONS:
+        files = listed["images"]  # (the folder as tar_inputs listed it: not listed twice)
+      else:
+        files = list_inputs(input_path, extensions)
     except ListingError as e:
       raise IngestError(str(e)) from None
     header = _header(files, params)

@@ -348,7 +348,8 @@ class ShardSource:
 
   def fields(self, ids, field: str) -> np.ndarray:
     """A manifest field of many ids (read shard by shard): ``key``, ``url``, ``caption`` of
-    tar shards; an ingest of files has its path as ``key`` and "" for the others."""
+    tar shards; an ingest of files has its path as ``key`` and "" for the others. Reading
+    one notes its :data:`METADATA` group as an input of the running stage (:meth:`_note`)."""
     for group, cols in METADATA.items():
       if field in cols:
         self._note(group)

@@ -91,12 +91,14 @@ def _is_tar(name: str) -> bool:
   return name.lower().endswith(".tar")
 
 
-def tar_inputs(input_path: str) -> list[str] | None:
+def tar_inputs(input_path: str, listed: dict | None = None) -> list[str] | None:
   """The tar shards ``--input`` names (a pattern, a .tar, a folder of them, a list of
   them), sorted as whole paths, every one existing; None when it names image files. A
   folder is listed once, with the listing of image inputs (:func:`bssl.data.listing.
   list_inputs`: symlinked folders once, gs:// in one paginated listing), and one holding
-  both shards and images is refused."""
+  both shards and images is refused. ``listed``, when given, gets ``{"images": [...]}``:
+  a folder's image files (:data:`bssl.data.listing.IMAGE_EXTENSIONS`) when it holds no
+  tar shard, as :func:`bssl.data.listing.list_inputs` lists them (not listed again)."""
   if _BRACE.search(input_path):
     tars = expand_braces(input_path)
   elif _is_tar(input_path) and not storage.path(input_path).is_dir():
@@ -114,6 +116,8 @@ def tar_inputs(input_path: str) -> list[str] | None:
       return None
     tars = [f for f in found if _is_tar(f)]
     if not tars or (not p.is_dir() and len(tars) < len(found)):
+      if listed is not None and p.is_dir() and not tars:
+        listed["images"] = found
       return None  # image files (a list of other files than tars: taken as images)
     if len(tars) < len(found):
       images = [f for f in found if not _is_tar(f)]
@@ -134,7 +138,8 @@ def tar_inputs(input_path: str) -> list[str] | None:
 
 
 def tar_stat(path: str) -> tuple[int, int]:
-  """(size, mtime or generation) of a shard: its identity in the ingest's header."""
+  """(size, mtime or generation) of a shard (the ingest's progress counts sizes; a shard is
+  identified by its content, :mod:`bssl.data.ingest`)."""
   return storage.stat(path)
 
 

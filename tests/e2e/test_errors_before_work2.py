@@ -133,13 +133,18 @@ def test_names_that_are_not_utf8_go_through_end_to_end(tmp_path):
   # is there, its name's byte that is not UTF-8 as \xe9 (as `ls -b` shows it)
   assert f"{shapes}/u/caf\\xe9.png" in keys, keys
   assert {row["class_name"] for row in rows} == {"a", "caf\\xe9"}
-  # and its ingest: the paths kept exactly (surrogate-escaped), reading back the same
-  out = tmp_path / "ingest"
-  r = _bssl(f"--input={shapes}/u", f"--out={out}", module="bssl.ingest")
-  assert r.returncode == 0, r.stderr[-3000:]
-  paths = np.load(out / "shards" / "u-00000.npz")["path"].tolist()
-  assert os.fsdecode(root + b"/u/" + CAFE + b".png") in paths
-  assert all(os.path.exists(os.fsencode(p)) for p in paths)
+  # and its ingest, of the folder or of a file list (as `find` writes it: the name's own
+  # bytes): the paths kept exactly (surrogate-escaped), naming the files they were read from
+  listed = tmp_path / "u.txt"
+  listed.write_bytes(b"\n".join(root + b"/u/" + n for n in (b"0.png", CAFE + b".png")) + b"\n")
+  for given, n in ((f"{shapes}/u", 4), (str(listed), 2)):
+    out = tmp_path / f"ingest{n}"
+    r = _bssl(f"--input={given}", f"--out={out}", module="bssl.ingest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (shard,) = (out / "shards").glob("*.npz")
+    paths = np.load(shard)["path"].tolist()
+    assert len(paths) == n and os.fsdecode(root + b"/u/" + CAFE + b".png") in paths
+    assert all(os.path.exists(os.fsencode(p)) for p in paths)
 
 
 # ----------------------------------------------------------------------------- 10: types
@@ -168,6 +173,8 @@ def test_a_field_of_the_wrong_type_is_refused_before_work(baseline_done):
         ("mesh_shape", ("(x,)",), "mesh_shape must be positive integers"),
         ("teacher.lr", float("nan"), "teacher.lr must be a finite number, got nan"),
         ("baseline.momentum", float("inf"), "baseline.momentum must be a finite number"),
+        ("baseline.warmup_fraction", 2.0, "baseline.warmup_fraction must be at most 1"),
+        ("score.copy_threshold", 1.5, "score.copy_threshold must be at most 1"),
         (
             "baseline.model_kwargs",
             {"widths": "abc"},

@@ -294,8 +294,8 @@ def test_other_keys_and_urls_make_select_stale_and_nothing_else(runs):
 
 def test_ingest_metadata_digests_cover_each_column_group(tmp_path):
   """manifest.json's metadata digests equal what the shards' columns give (recomputed for
-  an ingest made before they were written), and the reader notes each group only when
-  it is read."""
+  an ingest made before they were written); the reader notes each group only when it is
+  read; a moved ingest has the same three identities."""
   from bssl.data import images, shards
 
   tars, out = str(tmp_path / "t"), str(tmp_path / "o")
@@ -316,3 +316,9 @@ def test_ingest_metadata_digests_cover_each_column_group(tmp_path):
   del m["metadata_digests"]
   json.dump(m, open(os.path.join(out, "manifest.json"), "w"))
   assert shards.metadata_identity_of(out, "keys") == rec.files["unlabelled.path:keys"]["id"]
+  # the ingest moved: the same identities at its new path (no path is in them)
+  moved = str(tmp_path / "moved")
+  subprocess.run(["mv", out, moved], check=True)
+  deps.forget_identities()
+  for key, e in rec.files.items():
+    assert deps.identity(e["kind"], moved) == e["id"], key
