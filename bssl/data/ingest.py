@@ -22,8 +22,9 @@ What an ``--out`` was made from, checked by every rerun into it:
   unchanged files are not read again) and refuses a changed input (:class:`IngestError`
   naming a changed file): an ``--out`` never mixes shards of two versions of a file.
 - ``manifest.json``'s ``input_content``: the digest of every input's MD5 in id order, so a
-  rerun of a complete ingest is "already complete" after one stat and cache lookup per
-  input file, and ``metadata_digests`` (:mod:`bssl.data.shards`: captions, keys).
+  rerun of a complete ingest is "already complete" after one stat per input file (and,
+  the first time, one cache lookup per file: :func:`bssl.fileid.stamps_digest`), and
+  ``metadata_digests`` (:mod:`bssl.data.shards`: captions, keys).
 """
 
 from __future__ import annotations
@@ -460,7 +461,7 @@ def check_inputs(
   known: dict[str, str] = {}
   mf = root / "manifest.json"
   manifest = storage.read_json(mf) if mf.exists() else None
-  if manifest is not None and manifest.get("input_content"):
+  if manifest is not None and manifest.get("input_content") and len(done) == len(inputs_of):
     files = [f for fs in inputs_of for f in fs]
     # the files' versions (inode, size, times) as last checked: one stat per file
     stamps = fileid.stamps_digest(files, "bssl.ingest input_content")
