@@ -85,7 +85,9 @@ def test_class_per_subfolder_images_run_the_recipe_end_to_end(tmp_path):
 )
 def test_bad_folders_are_one_line_errors_before_any_work(tmp_path, case):
   data = tmp_path / "shapes"
-  make_folder(str(data), {"train": 8 if case == "undecodable" else 2, "test": 1})
+  make_folder(
+      str(data), {"train": 8 if case in ("undecodable", "unknown_test_class") else 2, "test": 1}
+  )
   extra, msg = {
       "num_classes": ({"num_classes": 4}, "has 3 class folders"),
       "unknown_test_class": ({}, "are not classes of data.train_dir"),
