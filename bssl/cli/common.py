@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from bssl import config, scoring, storage, train
@@ -321,13 +322,7 @@ class _DiskFullLogs(py_logging.Filter):
 
 
 def _quiet_disk_full_logs() -> None:
-  handlers = list(py_logging.getLogger().handlers)
-  try:
-    from absl import logging as absl_logging
-
-    handlers.append(absl_logging.get_absl_handler())
-  except Exception:
-    pass
+  handlers = [*py_logging.getLogger().handlers, absl_logging.get_absl_handler()]
   for h in handlers:
     if not any(isinstance(f, _DiskFullLogs) for f in h.filters):
       h.addFilter(_DiskFullLogs())
