@@ -92,6 +92,8 @@ def reference_markdown() -> str:
       doc += f"; at least {f.minimum:g}"
     if f.cosmetic:
       doc += " *(cosmetic)*"
+    if getattr(f, "path", False):
+      doc += " *(path: compared by what it names, docs/reuse.md)*"
     readers = _readers(name, read, f.cosmetic)
     return (
         f"| `{name}` | {t}{' or None' if f.optional else ''} | `{default}` | "

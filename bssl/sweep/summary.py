@@ -70,7 +70,10 @@ def _current(point_dir, res: dict) -> tuple[dict, list[str]]:
   out, gone = dict(res), []
   for key, stage in _RESULT_STAGES.items():
     if key in res:
-      done = wd.done(stage)
+      try:
+        done = wd.done(stage)
+      except storage.CorruptArtifactError:  # damaged: its number is not shown
+        done = None
       aid = res[key].get("artifact_id") if isinstance(res[key], dict) else None
       if aid is None or done is None or done.get("artifact_id") != aid:
         del out[key]

@@ -474,7 +474,7 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
       for key in models:
         storage.write_json(
             tmp_path / "points" / p["name"] / stage_of[key] / "done.json",
-            {"artifact_id": f"{key}-1"},
+            {"artifact_id": f"{key}-1", "finished": 1.0},
         )
       storage.write_json(
           tmp_path / "points" / p["name"] / "report" / "results.json",
@@ -492,7 +492,8 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
   # result naming no artifact (an older report): never shown, and the point is listed.
   for p in pts:
     storage.write_json(
-        tmp_path / "points" / p["name"] / "finetune" / "done.json", {"artifact_id": "student-1"}
+        tmp_path / "points" / p["name"] / "finetune" / "done.json",
+        {"artifact_id": "student-1", "finished": 1.0},
     )
     storage.write_json(
         tmp_path / "points" / p["name"] / "report" / "results.json",
@@ -505,7 +506,8 @@ def test_collect_with_no_point_done_or_no_evaluation_writes_an_empty_summary(tmp
     )
   first, second = pts[0]["name"], pts[1]["name"]
   storage.write_json(
-      tmp_path / "points" / first / "finetune" / "done.json", {"artifact_id": "student-2"}
+      tmp_path / "points" / first / "finetune" / "done.json",
+      {"artifact_id": "student-2", "finished": 1.0},
   )
   res = json.load(open(tmp_path / "points" / second / "report" / "results.json"))
   del res["baseline"]["artifact_id"]
