@@ -35,9 +35,6 @@ import uuid
 from collections.abc import Callable
 
 import jax
-import numpy as np
-from jax._src import distributed as jax_distributed  # the coordination service's client
-from jax.experimental import multihost_utils
 
 from bssl import backends, deps, parallel, stages, storage
 from bssl import config as config_lib
@@ -408,40 +405,12 @@ def lock_workdir(wd: workdir_lib.Workdir, wait: bool = False, log=print):
     except workdir_lib.LockedError as e:
       lock, refusal, failed = None, str(e), False
     finally:  # (an error: the others must not wait for a word that never comes)
-      refusal = _from_main_process(key, refusal, failed)
+      refusal = parallel.outcome_from_main(key, refusal, failed)
   else:
-    refusal = _from_main_process(key, None)
+    refusal = parallel.outcome_from_main(key, None)
   if refusal is not None:
     raise WorkdirLockedError(refusal)
   return lock
-
-
-def _from_main_process(key: str, refusal: str | None, failed: bool = False) -> str | None:
-  """Process 0's ``refusal`` (None: the lock is taken) on every process of the run."""
-  if jax.process_count() == 1:
-    return refusal
-  client = getattr(jax_distributed.global_state, "client", None)
-  if client is None:  # no coordination service (JAX's own cluster set-up): one collective
-    ok = multihost_utils.broadcast_one_to_all(np.int32(refusal is None and not failed))
-    if parallel.is_main_process() or bool(ok):
-      return refusal
-    return "process 0 of this run could not take the lock of the work directory (see its log)"
-  if parallel.is_main_process():
-    word = "failed" if failed else "ok" if refusal is None else "refused:" + refusal
-    client.key_value_set(key, word)
-    return refusal
-  while True:  # (process 0 may wait for the lock for long: --wait_for_lock)
-    try:
-      word = client.blocking_key_value_get(key, 60_000)
-      break
-    except Exception as e:  # the timeout of one wait: wait again
-      if "deadline" not in str(e).lower() and "timed out" not in str(e).lower():
-        raise
-  if word == "ok":
-    return None
-  if word == "failed":
-    return "process 0 of this run failed while taking the lock of the work directory"
-  return word.split(":", 1)[1]
 
 
 def _run_locked(cfg, wd, backend, backend_options, share, recompute_stale) -> dict:

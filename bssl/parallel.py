@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination service's client
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -175,3 +176,34 @@ def local_copy(tree, sharding):
       ),
       tree,
   )
+
+
+def outcome_from_main(key: str, refusal: str | None, failed: bool = False) -> str | None:
+  """Process 0's ``refusal`` (None: go on) on every process of the run, through the
+  coordination service's key-value store when there is one (the others may wait for long:
+  process 0 may be waiting for a work directory's lock, ``--wait_for_lock``), else one
+  collective. ``failed``: process 0 hit an error before deciding (the others stop too)."""
+  if jax.process_count() == 1:
+    return refusal
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is None:  # no coordination service (JAX's own cluster set-up): one collective
+    ok = multihost_utils.broadcast_one_to_all(np.int32(refusal is None and not failed))
+    if is_main_process() or bool(ok):
+      return refusal
+    return "process 0 of this run could not take the lock of the work directory (see its log)"
+  if is_main_process():
+    word = "failed" if failed else "ok" if refusal is None else "refused:" + refusal
+    client.key_value_set(key, word)
+    return refusal
+  while True:  # (process 0 may wait for the lock for long: --wait_for_lock)
+    try:
+      word = client.blocking_key_value_get(key, 60_000)
+      break
+    except Exception as e:  # the timeout of one wait: wait again
+      if "deadline" not in str(e).lower() and "timed out" not in str(e).lower():
+        raise
+  if word == "ok":
+    return None
+  if word == "failed":
+    return "process 0 of this run failed while taking the lock of the work directory"
+  return word.split(":", 1)[1]
