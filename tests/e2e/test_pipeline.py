@@ -266,7 +266,7 @@ def test_command_line_sets_optional_fields_and_resnext_says_what_is_missing(tmp_
           f"--config.unlabelled.path={tmp_path / 'u'}",
           f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
           "--config.pretrain.steps=10",
-          "--config.teacher.init_from=/nowhere",
+          "--config.teacher.init_from=None",
       ],
       cwd=repo,
       capture_output=True,
