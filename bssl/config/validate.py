@@ -427,6 +427,11 @@ def check_paths(cfg) -> None:
           f"{name}.init_from={v!r} is a stage's folder, not its variables: give "
           f"{os.fspath(p / 'final')!r}"
       )
+    if not p.is_dir() or not (p / "_METADATA").exists():
+      raise ConfigError(
+          f"{name}.init_from={v!r} is not a folder of variables (no orbax _METADATA in it); "
+          f"accepted: {accepted}; checked before any work"
+      )
   w = cfg.weak
   if "weak_pretrain" in stages and w.kind in ("tags_file", "captions"):
     fields = (

@@ -202,18 +202,23 @@ def test_hostile_values_name_the_field_and_value(field, value, want):
 
 
 @needs_fmnist
-def test_a_missing_init_from_is_refused_before_the_baseline_trains(tmp_path):
+@pytest.mark.parametrize("what", ["missing", "images", "file"])
+def test_a_missing_init_from_is_refused_before_the_baseline_trains(tmp_path, what):
   wd = tmp_path / "run"
   missing = tmp_path / "no_such_variables"
+  said = "no such file or folder"
+  if what != "missing":  # exists, but holds no variables (a folder of images, one file)
+    missing.mkdir()
+    (missing / "a.png").write_bytes(b"x")
+    missing = missing if what == "images" else missing / "a.png"
+    said = "is not a folder of variables"
   r = _bssl(
       *TINY,
       f"--workdir={wd}",
       "--config.stages=baseline,teacher",
       f"--config.teacher.init_from={missing}",
   )
-  _one_line_exit_2(
-      r, "teacher.init_from=", str(missing), "no such file or folder", "before any work"
-  )
+  _one_line_exit_2(r, "teacher.init_from=", str(missing), said, "before any work")
   assert "[baseline]" not in r.stdout + r.stderr  # the baseline did not train first
   assert not wd.exists()
 
