@@ -93,6 +93,7 @@ class Workdir:
     try:
       d = json.loads(p.read_bytes())
       bad = None if isinstance(d, dict) and (key is None or key in d) else "not a " + p.name
+      bad = bad or _shape_problem(d)
     except (ValueError, UnicodeDecodeError) as e:  # (json.JSONDecodeError is a ValueError)
       bad = f"not JSON: {e}"
     if bad:
@@ -118,6 +119,31 @@ class Workdir:
           f"--workdir={self.root} is an existing file, not a directory; "
           f"accepted: a new or existing folder, local or gs://"
       )
+
+
+def _shape_problem(d: dict) -> str | None:
+  """What in a stage's done.json / started.json is not as bssl writes it (a record whose
+  parts have other types would be compared wrongly, or not at all), or None."""
+  if "finished" in d and not (isinstance(d.get("artifact_id"), str) and d["artifact_id"]):
+    return "no artifact_id"
+  rec = d.get("record", d if "inputs" in d else None)
+  if rec is None:
+    return None  # a stage rerun every time (evaluate, report): no record
+  if not isinstance(rec, dict):
+    return "its record is not an object"
+  if "version" in rec and (not isinstance(rec["version"], int) or isinstance(rec["version"], bool)):
+    return f"record version {rec['version']!r} is not a number"
+  for part in ("fields", "files", "inputs"):
+    if part in rec and not isinstance(rec[part], dict):
+      return f"record.{part} is not an object"
+  if "record" in d and rec.get("version", 1) >= 2:  # (version 1: refused as older)
+    for part in ("fields", "files", "version"):
+      if part not in rec:
+        return f"record.{part} is missing"
+  for k, e in (rec.get("files") or {}).items():
+    if not (isinstance(e, dict) and all(isinstance(e.get(x), str) for x in ("kind", "path", "id"))):
+      return f"record.files[{k!r}] is not an input entry"
+  return None
 
 
 # --------------------------------------------------------------------------- the lock

@@ -367,14 +367,39 @@ def test_an_unknown_field_names_the_nearest_ones(tmp_path, override, want):
 # ----------------------------------------------------------------------------- 12c: damaged
 
 
+def _retyped(edit):
+  """A done.json edited into valid JSON of the wrong shape (``edit(d)`` changes ``d``)."""
+
+  def damage(text: bytes) -> bytes:
+    d = json.loads(text)
+    edit(d)
+    return json.dumps(d).encode()
+
+  return damage
+
+
 @needs_fmnist
-@pytest.mark.parametrize("damage", [b'{\n  "artifact_id": "920b', b"", b"[1, 2]"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b'{\n  "artifact_id": "920b',
+        b"",
+        b"[1, 2]",
+        # valid JSON, wrong shape: each was a traceback or a silent reuse
+        _retyped(lambda d: d["record"].update(files="x")),
+        _retyped(lambda d: d["record"].update(fields=[])),
+        _retyped(lambda d: d.pop("artifact_id")),
+        _retyped(lambda d: d["record"].update(version="2")),
+    ],
+)
 def test_a_damaged_done_json_is_called_damaged_and_recompute_stale_recomputes(
     baseline_done, tmp_path, damage
 ):
   wd = tmp_path / "run"
   shutil.copytree(baseline_done, wd)
   done = wd / "baseline" / "done.json"
+  if callable(damage):
+    damage = damage(done.read_bytes())
   done.write_bytes(damage)  # truncated by a copy, emptied, or not a done.json at all
   before = _snapshot(wd)
   r = _bssl(*TINY, f"--workdir={wd}", "--config.stages=baseline")
