@@ -216,7 +216,8 @@ def _unknown_field(name: str, schema: dict) -> str | None:
 def _check_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   """``argv`` without the ``--config.<field>=None`` overrides of fields that accept None
   (set to None after parsing: the field's own parser would take "None" as text, or fail
-  on it), and those fields; an override of an unknown field fails here (one line)."""
+  on it) and without all but the last override of a field given more than once, and the
+  fields set to None; an override of an unknown field fails here (one line)."""
   if "config" not in _SHARED:
     return argv, []
   schema = {f.name: f for f in config.all_fields()}
@@ -229,6 +230,10 @@ def _check_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   last = {name: value for _, _, name, value in found}  # the last override of a field wins
   to_none = [n for n, v in last.items() if v in _NONE_WORDS and n in schema and schema[n].optional]
   drop = {j + 1 for i, k, n, _ in found if n in to_none for j in range(i, k + 1)}
+  # an override given twice: only the last one is passed on (the parser of a tuple field
+  # would join the values, e.g. step_boundaries=0.3 then =0.5 gave (0.3, 0.5))
+  final = {n: i for i, _, n, _ in found}
+  drop |= {j + 1 for i, k, n, _ in found if final[n] != i for j in range(i, k + 1)}
   return [a for j, a in enumerate(argv) if j not in drop], to_none
 
 

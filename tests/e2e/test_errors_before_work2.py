@@ -232,7 +232,8 @@ def test_none_sets_a_field_that_accepts_none_and_stays_text_elsewhere():
       "common.parse_flags(sys.argv)\n"
       "c = C.value\n"
       "print(json.dumps([c.teacher.init_from, c.data.subset, c.baseline.lr, "
-      "c.unlabelled.path, c.data.tfds_name, c.pretrain.init_from]))\n"
+      "c.unlabelled.path, c.data.tfds_name, c.pretrain.init_from, "
+      "list(c.baseline.step_boundaries), list(c.data.mean)]))\n"
   )
   r = subprocess.run(
       [
@@ -247,6 +248,12 @@ def test_none_sets_a_field_that_accepts_none_and_stays_text_elsewhere():
           "--config.data.tfds_name=None",  # not optional: the text "None", as given
           "--config.pretrain.init_from=/x",  # the last override of a field wins
           "--config.pretrain.init_from=none",
+          # a tuple field given twice: the last, not the two joined
+          "--config.baseline.step_boundaries=0.3",
+          "--config.baseline.step_boundaries=0.5",
+          "--config.data.mean=1,2,3",
+          "--config.data.mean",
+          "7",
       ],
       cwd=ROOT,
       capture_output=True,
@@ -254,7 +261,16 @@ def test_none_sets_a_field_that_accepts_none_and_stays_text_elsewhere():
       timeout=300,
   )
   assert r.returncode == 0, r.stderr[-3000:]
-  assert json.loads(r.stdout.strip().splitlines()[-1]) == [None, None, None, None, "None", None]
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == [
+      None,
+      None,
+      None,
+      None,
+      "None",
+      None,
+      [0.5],
+      [7],
+  ]
 
 
 @needs_fmnist
