@@ -61,7 +61,7 @@ def note_images(key: str, path: str, src) -> None:
   ingest's metadata is noted apart, by whoever reads it: ``<key>:captions`` and
   ``<key>:keys`` when a stage reads its captions, or its keys, urls or paths
   (:meth:`bssl.data.shards.ShardSource.fields`)."""
-  if isinstance(src, shards.ShardSource):
+  if hasattr(src, "noted_as"):  # its metadata or file names, noted when a stage reads them
     src.noted_as = (key, str(path))
   deps.note_input(key, record_kind(src), path, src.identity())
 
@@ -80,3 +80,7 @@ def _filelist_identity(path: str) -> str:
 
 
 deps.register_identity("filelist", _filelist_identity)
+# the folder the names of image files are under (D̂'s keys of an image-file U, or of the
+# rest of a class-folder training set): a list is listed again, a folder is its path
+deps.register_identity("filelist_keys", lambda p: open_images(p, kind="files").keys_identity())
+deps.register_identity("folder_keys", lambda p: sources.names_under(str(storage.path(p))))

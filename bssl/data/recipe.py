@@ -48,6 +48,8 @@ def _note_files(field: str, src, path: str, content: bool) -> None:
   """Notes a set read from files by the source's identity (paths, labels, contents),
   checked against the data opened again."""
   deps.note_input(field, "data", str(path), src.identity(content))
+  if hasattr(src, "keys_identity"):  # a stage that reads its file names notes them too
+    src.noted_as = (field, str(path))
 
 
 def _note_resolved(key: str, folder: str, path: str) -> None:
@@ -276,7 +278,7 @@ def _unlabelled(cfg, spec, lab: dict, content: bool) -> dict:
     true_u = train_all.labels[rest]
   elif u.kind == "image_folder":
     unl = images.open_images(u.path, d.channels, kind="files")
-    deps.note_input("unlabelled.path", "data", u.path, unl.identity(content))
+    _note_files("unlabelled.path", unl, u.path, content)
   elif u.kind == "video_list":
     unl = video_lib.VideoListSource(u.path, spec, max_frames=d.get("max_frames"))
     deps.note_input("unlabelled.path", "data", u.path, unl.identity(content))

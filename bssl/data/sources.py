@@ -204,6 +204,24 @@ def decode_image(data_or_path, channels: int = 3) -> np.ndarray:
   return decode.decode(bytes(data), channels)
 
 
+def _note_names(src) -> None:
+  """Notes, once per running stage, that it read ``src``'s file names (they go into what it
+  writes: D̂'s keys, the list of bad images): input ``<field>:keys`` of kind
+  ``<src.KEYS_KIND>``, identified by the folder the names are under, so the same files
+  moved elsewhere (the same contents: no other stage goes stale) make the stages that
+  wrote their old names stale."""
+  noted = getattr(src, "noted_as", None)
+  if noted is None or not deps.active():
+    return
+  key, path = noted
+  deps.note_input(f"{key}:keys", src.KEYS_KIND, path, src.keys_identity())
+
+
+def names_under(folder: str) -> str:
+  """The identity of the names of files under ``folder`` (what ``<field>:keys`` records)."""
+  return "names-under:" + str(folder).rstrip("/")
+
+
 class ImageFileSource:
   """Unlabelled images from a folder (recursively, symlinked folders followed) or a file
   list (one path per line, relative paths resolved against the list's folder); local or
@@ -245,8 +263,19 @@ class ImageFileSource:
       valid = False
     return {"image": img, "label": np.int32(-1), "id": np.int64(i), "valid": valid}
 
+  KEYS_KIND = "filelist_keys"
+  noted_as: tuple[str, str] | None = None  # (input key, path) once noted by the recipe
+
   def name_of(self, i: int) -> str:
+    _note_names(self)
     return self.files[i]
+
+  def keys_identity(self) -> str:
+    """What the names of these files depend on beyond :meth:`identity`: the folder they
+    are under (:func:`bssl.deps.common_folder`)."""
+    if getattr(self, "_keys_id", None) is None:  # (asked for every name a stage reads)
+      self._keys_id = names_under(deps.common_folder(self.files))
+    return self._keys_id
 
   def identity(self, content: bool = False) -> str:
     """What these images are, as a stage's record stores it: every file by (path relative
@@ -354,10 +383,19 @@ class LabelledFolderSource:
         _labels=labels,
     )
     out.ids = self.ids[idx]
+    out.noted_as = self.noted_as
     return out
 
+  KEYS_KIND = "folder_keys"
+  noted_as: tuple[str, str] | None = None  # (input key, path) once noted by the recipe
+
   def name_of(self, i: int) -> str:
+    _note_names(self)
     return self.files[i]
+
+  def keys_identity(self) -> str:
+    """What the names of these files depend on beyond :meth:`identity`: their folder."""
+    return names_under(str(storage.path(self.root)))
 
   def identity(self, content: bool = False) -> str:
     """What this labelled set is, as a stage's record stores it: every file by (path

@@ -13,11 +13,13 @@ or moved with real ``tar``, ``mv``, ``cp -a`` and ``ln -s``.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -255,3 +257,42 @@ def test_a_path_field_is_compared_by_what_it_names(tmp_path):
   assert len(out) == 1 and "(teacher.init_from): its contents changed" in out[0]
   assert changes(teacher__init_from="baseline") == ["teacher.init_from: %r -> 'baseline'" % str(a)]
   assert changes(data__video_dir=str(b)) == [f"data.video_dir: None -> {str(b)!r}"]
+
+
+def test_moved_images_make_only_what_wrote_their_names_stale(run, tmp_path):
+  # select writes U's file names into dhat.parquet: the same images moved are the same
+  # input for every stage but select, whose table would name files that are gone
+  data, wd0 = run
+  wd = tmp_path / "run"
+  shutil.copytree(wd0, wd)
+  args = [f"--config.stages={STAGES},select"]
+  r = bssl_main_with(wd, data, args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  where = tmp_path / "elsewhere"
+  _sh(f"cp -a {data} {where}", tmp_path)
+  r = bssl_main_with(wd, where, args)
+  assert refused(r, "(unlabelled.path:keys)"), r.stderr[-2000:]
+  assert "select:" in r.stderr and "score:" not in r.stderr and "baseline:" not in r.stderr
+  r = bssl_main_with(wd, where, [*args, "--recompute_stale"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("skipping") == len(STAGES.split(","))  # only select recomputed
+  keys = pq.read_table(wd / "select" / "dhat.parquet").column("key").to_pylist()
+  assert keys and all(k.startswith(f"{where}/u/") and os.path.exists(k) for k in keys)
+
+
+def bssl_main_with(wd, data, extra, timeout=300):
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bssl.main",
+          "--config=configs/demo.py:tiny",
+          f"--workdir={wd}",
+          *flags(data),
+          *extra,
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
