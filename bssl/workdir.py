@@ -353,6 +353,8 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._previous = None
+    self._creating = False  # a create or takeover is in flight: a SIGTERM waits for it
+    self._term_pending: tuple | None = None
 
   @property
   def held(self) -> bool:
@@ -421,11 +423,15 @@ class WorkdirLock:
     owner: dict = {}
     first_seen: dict = {}
     told = None
+    # SIGTERM from now on releases what is held (nothing yet: then it ends the process as
+    # before); one that lands while the lock file is being made waits until its version is
+    # known, so the lock made is released, never left behind
+    self._catch_sigterm()
     try:
       while True:
         cur = self.file.read()
         if cur is None:
-          version = self.file.create(mine())
+          version = self._made_or_none(lambda: self.file.create(mine()), owner)
           if version is not None:
             break
           time.sleep(0.05)  # another command made it meanwhile: read it
@@ -443,7 +449,7 @@ class WorkdirLock:
         if why is not None:
           who = describe_owner(other) if other else f"an unreadable {self.path}"
           self.log(f"bssl: taking over the lock of {self.root} from {who}: {why}")
-          version = self.file.replace(mine(), version)
+          version = self._made_or_none(lambda v=version: self.file.replace(mine(), v), owner)
           if version is not None:
             break
           time.sleep(0.05)  # another command took it over first: read it
@@ -460,15 +466,28 @@ class WorkdirLock:
           told = now
         time.sleep(WAIT_POLL_S)
     except BaseException:
+      self._restore_sigterm()
       self._remove_made()
       raise
     if told is not None:
       self.log(f"bssl: took the lock of {self.root} after waiting {time.time() - t0:.0f}s")
-    self._version, self._owner = version, owner
     self._stop.clear()
     self._thread = threading.Thread(target=self._beat, name="bssl-workdir-lock", daemon=True)
     self._thread.start()
-    self._catch_sigterm()
+    if self._term_pending is not None:  # a SIGTERM landed while the lock was being made
+      self._on_sigterm(*self._term_pending)
+
+  def _made_or_none(self, make, owner: dict):
+    """``make()`` (a create or takeover: the new version, or None when another command
+    won), with the version recorded as held before a SIGTERM is let through."""
+    self._creating = True
+    try:
+      version = make()
+      if version is not None:
+        self._version, self._owner = version, owner
+      return version
+    finally:
+      self._creating = False
 
   def _beat(self) -> None:
     """Rewrites the heartbeat every HEARTBEAT_S while held."""
@@ -502,7 +521,19 @@ class WorkdirLock:
     self._previous = previous
     signal.signal(signal.SIGTERM, self._on_sigterm)
 
+  def _restore_sigterm(self) -> None:
+    if self._previous is not None:
+      try:
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+          signal.signal(signal.SIGTERM, self._previous)
+      except ValueError:  # not the main thread
+        pass
+      self._previous = None
+
   def _on_sigterm(self, signum, frame) -> None:
+    if self._creating:  # the lock file is being made: release it once its version is known
+      self._term_pending = (signum, frame)
+      return
     previous = self._previous
     self.release()
     if callable(previous):
@@ -514,13 +545,7 @@ class WorkdirLock:
   def release(self) -> None:
     """Gives the lock back (if still held by this command), on every exit."""
     self._stop.set()
-    if self._previous is not None:
-      try:
-        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-          signal.signal(signal.SIGTERM, self._previous)
-      except ValueError:  # not the main thread
-        pass
-      self._previous = None
+    self._restore_sigterm()
     got = self._mutex.acquire(timeout=10)  # (a SIGTERM may land while the heartbeat writes)
     try:
       version, self._version = self._version, None

@@ -43,6 +43,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -315,15 +316,39 @@ class _DiskFullLogs(py_logging.Filter):
   traceback, from every thread, before the error reaches bssl): the error is said once,
   as one line, when it reaches the command."""
 
+  seen = False  # a full disk was seen in this process
+
   def filter(self, record: py_logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    if exc is not None and storage.disk_full(exc) is not None:
+    if exc is not None and (storage.disk_full(exc) is not None or _aftermath(exc)):
+      _DiskFullLogs.seen = True
       return False
     try:
       text = record.getMessage()
     except Exception:
       return True
-    return not any(t in text for t in storage.DISK_FULL_TEXTS)
+    full = any(t in text for t in storage.DISK_FULL_TEXTS)
+    _DiskFullLogs.seen |= full
+    return not full and not (_DiskFullLogs.seen and "Event loop is closed" in text)
+
+
+def _aftermath(exc: BaseException) -> bool:
+  """An error of orbax's writer threads after a full disk stopped a save (their asyncio
+  loop was closed under them): said by the one line of the full disk, not again."""
+  return _DiskFullLogs.seen and isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _thread_errors(args) -> None:
+  """threading.excepthook: a full disk's errors in background threads (and their
+  aftermath) are left to the command's one line; any other error as Python prints it."""
+  exc = args.exc_value
+  if exc is not None and (storage.disk_full(exc) is not None or _aftermath(exc)):
+    _DiskFullLogs.seen = True
+    return
+  _default_thread_errors(args)
+
+
+_default_thread_errors = threading.excepthook
 
 
 def _quiet_disk_full_logs() -> None:
@@ -331,6 +356,7 @@ def _quiet_disk_full_logs() -> None:
   for h in handlers:
     if not any(isinstance(f, _DiskFullLogs) for f in h.filters):
       h.addFilter(_DiskFullLogs())
+  threading.excepthook = _thread_errors
 
 
 def _guarded(main_fn: Callable, errors: tuple[type[BaseException], ...] | None):
