@@ -75,7 +75,7 @@ def flags(data, u=None):
   ]
 
 
-def bssl_main(wd, data, u=None, timeout=300):
+def bssl_main(wd, data, u=None, timeout=300, extra=()):
   return subprocess.run(
       [
           sys.executable,
@@ -84,6 +84,7 @@ def bssl_main(wd, data, u=None, timeout=300):
           "--config=configs/demo.py:tiny",
           f"--workdir={wd}",
           *flags(data, u),
+          *extra,
       ],
       cwd=ROOT,
       capture_output=True,
@@ -266,33 +267,15 @@ def test_moved_images_make_only_what_wrote_their_names_stale(run, tmp_path):
   wd = tmp_path / "run"
   shutil.copytree(wd0, wd)
   args = [f"--config.stages={STAGES},select"]
-  r = bssl_main_with(wd, data, args)
+  r = bssl_main(wd, data, extra=args)
   assert r.returncode == 0, r.stderr[-3000:]
   where = tmp_path / "elsewhere"
   _sh(f"cp -a {data} {where}", tmp_path)
-  r = bssl_main_with(wd, where, args)
+  r = bssl_main(wd, where, extra=args)
   assert refused(r, "(unlabelled.path:keys)"), r.stderr[-2000:]
   assert "select:" in r.stderr and "score:" not in r.stderr and "baseline:" not in r.stderr
-  r = bssl_main_with(wd, where, [*args, "--recompute_stale"])
+  r = bssl_main(wd, where, extra=[*args, "--recompute_stale"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("skipping") == len(STAGES.split(","))  # only select recomputed
   keys = pq.read_table(wd / "select" / "dhat.parquet").column("key").to_pylist()
   assert keys and all(k.startswith(f"{where}/u/") and os.path.exists(k) for k in keys)
-
-
-def bssl_main_with(wd, data, extra, timeout=300):
-  return subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "bssl.main",
-          "--config=configs/demo.py:tiny",
-          f"--workdir={wd}",
-          *flags(data),
-          *extra,
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-  )
