@@ -33,32 +33,15 @@ The last line printed is one JSON object: ``{"images", "record_check_s",
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
-import struct
 import sys
 import time
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _png_template() -> tuple[bytes, bytes]:
-  """(bytes before, bytes after) the tEXt chunk of a 1x1 grey PNG."""
-  from PIL import Image
-
-  buf = io.BytesIO()
-  Image.new("L", (1, 1), 128).save(buf, format="PNG")
-  data = buf.getvalue()
-  cut = 8 + 25  # signature, IHDR chunk (length, type, 13 bytes, crc)
-  return data[:cut], data[cut:]
-
-
-def _chunk(i: int) -> bytes:
-  body = b"tEXt" + b"id\0" + b"%010d" % i
-  return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+# the same tiny PNGs as the folder benchmark (a script beside this one)
+from record_check import _chunk, _png_template  # noqa: E402
 
 
 def make_files(root: str, n: int) -> float:

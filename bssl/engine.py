@@ -141,24 +141,31 @@ def check_plan(
   return needed, stale, folders
 
 
-def _damaged(table: dict[str, Stage], wd: workdir_lib.Workdir, recompute_stale: bool, log) -> None:
-  """A stage whose done.json, started.json or reads/ are damaged (truncated, not JSON, not
-  what bssl writes) is refused, naming the file (storage.CorruptArtifactError, exit 2);
-  with ``recompute_stale`` its folder is deleted (printed), so that the plan recomputes it
-  and, through their records, what read it."""
+def damaged_stages(table: dict[str, Stage], wd: workdir_lib.Workdir) -> dict[str, str]:
+  """{stage: why} of the stages whose done.json, started.json or reads/ are damaged."""
+  out = {}
   for name in table:
     try:
       wd.done(name)
       partial_record(wd, name)
     except storage.CorruptArtifactError as e:
-      msg = " ".join(str(e).split())
-      if not recompute_stale:
-        if "--recompute_stale" not in msg:
-          msg += f"; or delete {wd.stage(name)}, or rerun with --recompute_stale to recompute it"
-        raise storage.CorruptArtifactError(msg) from None
-      if parallel.is_main_process():
-        log(f"bssl: recomputing {name}: deleting {wd.stage(name)} ({msg.split(': delete')[0]})")
-        storage.rmtree(wd.stage(name))
+      out[name] = " ".join(str(e).split())
+  return out
+
+
+def _damaged(table: dict[str, Stage], wd: workdir_lib.Workdir, recompute_stale: bool, log) -> None:
+  """A stage whose done.json, started.json or reads/ are damaged (truncated, not JSON, not
+  what bssl writes) is refused, naming the file (storage.CorruptArtifactError, exit 2);
+  with ``recompute_stale`` its folder is deleted (printed), so that the plan recomputes it
+  and, through their records, what read it."""
+  for name, msg in damaged_stages(table, wd).items():
+    if not recompute_stale:
+      if "--recompute_stale" not in msg:
+        msg += f"; or delete {wd.stage(name)}, or rerun with --recompute_stale to recompute it"
+      raise storage.CorruptArtifactError(msg)
+    if parallel.is_main_process():
+      log(f"bssl: recomputing {name}: deleting {wd.stage(name)} ({msg.split(': delete')[0]})")
+      storage.rmtree(wd.stage(name))
   if recompute_stale:
     parallel.sync("bssl_recompute_damaged")
 
@@ -368,19 +375,27 @@ def run_recipe(
   read or written there): a live command there refuses this one (WorkdirLockedError) or,
   with ``wait_for_lock``, is waited for.
   """
-  config_lib.validate(cfg)
-  config_lib.check_paths(cfg)  # every init_from / weak file the stages open exists
-  deps.forget_identities()  # inputs are identified afresh by every run
-  if backend == "jax":
-    config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
-  wd = workdir_lib.Workdir(workdir)
-  wd.check_usable()
+  wd = _checked(cfg, workdir, backend)
   lock = lock_workdir(wd, wait_for_lock, log=parallel.log)
   try:
     return _run_locked(cfg, wd, backend, backend_options, share, recompute_stale)
   finally:
     if lock is not None:
       lock.release()
+
+
+def _checked(cfg, workdir, backend: str) -> workdir_lib.Workdir:
+  """The checks of a run before it touches the work directory (the config's fields, the
+  paths its stages open, batch sizes against the devices, the work directory itself);
+  inputs are identified afresh from here on."""
+  config_lib.validate(cfg)
+  config_lib.check_paths(cfg)  # every init_from / weak file the stages open exists
+  deps.forget_identities()
+  if backend == "jax":
+    config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
+  wd = workdir_lib.Workdir(workdir)
+  wd.check_usable()
+  return wd
 
 
 class WorkdirLockedError(config_lib.ConfigError):
@@ -450,29 +465,18 @@ def check_recipe(cfg, workdir, backend: str = "jax") -> dict:
   "to_run": [recorded stages the run would compute]}``. Raises what ``run_recipe`` raises
   for a bad config or data (the data is built only when a stage was started: else nothing
   can be stale)."""
-  config_lib.validate(cfg)
-  config_lib.check_paths(cfg)
-  if backend == "jax":
-    config_lib.check_batch_sizes(cfg, jax.device_count(), jax.process_count())
-  wd = workdir_lib.Workdir(workdir)
-  wd.check_usable()
+  wd = _checked(cfg, workdir, backend)
   table = stages.table(cfg)
   requested = stages.expand(config_lib.parse_stages(cfg.stages), cfg)
   requested = tuple(s for s in table if s in requested)
-  damaged = {}  # what the run refuses, or deletes with recompute_stale (_damaged)
-  for n in table:
-    try:
-      wd.done(n)
-      partial_record(wd, n)
-    except storage.CorruptArtifactError as e:
-      damaged[n] = [" ".join(str(e).split())]
+  # what the run refuses, or deletes with recompute_stale (_damaged)
+  damaged = {n: [why] for n, why in damaged_stages(table, wd).items()}
   if damaged:  # the rest is planned once they are recomputed
     folders = [n for n in reversed(_dependents(table, cfg, damaged)) if wd.stage(n).exists()]
     to_run = [n for n in table if table[n].fingerprinted and (n in requested or n in folders)]
     return {"stale": damaged, "folders": [str(wd.stage(n)) for n in folders], "to_run": to_run}
   data = None
   if any(wd.done(n) is not None or wd.started(n) is not None for n in table):
-    deps.forget_identities()  # inputs are identified afresh, as by a run
     data = recipe.build_data(cfg)
     checks.check_num_classes(data, cfg)
   needed, stale, folders = check_plan(table, cfg, wd, backend, requested, data)
