@@ -117,8 +117,8 @@ class Match:
   index: np.ndarray  # [n] int64: position of that image in the index (-1: none)
 
 
-class Index:
-  """The evaluation images, ready to be matched against U (see the module doc). ``match``
+class ThumbIndex:
+  """The previous method (bssl <= 0.4: the stage of the candidates below): the evaluation images, ready to be matched against U (see the module doc). ``match``
   may be called from several threads at once (Pillow's resize and numpy's products
   release the GIL)."""
 
@@ -154,6 +154,9 @@ class Index:
     idx = np.full(len(images), -1, np.int64)
     if self.n == 0:
       return Match(sim, idx)
+
+
+Index = ThumbIndex  # (being replaced by the web-copy matcher: issue 30)
     nv = len(self.coarse) // self.n
     k = min(self.candidates, self.n)
     for a in range(0, len(images), block):
@@ -170,3 +173,6 @@ class Index:
             best, arg = v, int(e)
         sim[a + r], idx[a + r] = best, arg
     return Match(sim, idx)
+
+
+Index = ThumbIndex  # (being replaced by the web-copy matcher: issue 30)
