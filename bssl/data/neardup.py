@@ -154,9 +154,6 @@ class ThumbIndex:
     idx = np.full(len(images), -1, np.int64)
     if self.n == 0:
       return Match(sim, idx)
-
-
-Index = ThumbIndex  # (being replaced by the web-copy matcher: issue 30)
     nv = len(self.coarse) // self.n
     k = min(self.candidates, self.n)
     for a in range(0, len(images), block):
