@@ -173,3 +173,33 @@ class ThumbIndex:
 
 
 Index = ThumbIndex  # (being replaced by the web-copy matcher: issue 30)
+
+
+def near_duplicate_pairs(images, block: int = 4096) -> np.ndarray:
+  """The pairs ``(i, j)``, ``i < j``, of ``images`` that are near-duplicates of one another
+  (int64 [m, 2], sorted): each image matched against the index of all of them, itself left
+  out. (First version: the correlation method; the web-copy matcher replaces it.)"""
+  images = list(images)
+  if len(images) < 2:
+    return np.zeros((0, 2), np.int64)
+  index = Index(images, candidates=9)
+  out = []
+  for i, x in enumerate(images):
+    m = _match_excluding(index, x, i)
+    if m is not None:
+      out.append((min(i, m), max(i, m)))
+  return np.unique(np.asarray(out, np.int64).reshape(-1, 2), axis=0)
+
+
+def _match_excluding(index, x, self_pos):
+  q = _query(grey(x))
+  nv = len(index.coarse) // index.n
+  s = (q[0] @ index.coarse.T).reshape(2, index.n, nv).max(axis=(0, 2))
+  s[self_pos] = -2.0
+  k = min(index.candidates, index.n - 1)
+  best, arg = -1.0, None
+  for e in np.argpartition(-s, k - 1)[:k]:
+    v = float((q[1] @ index._fine_of(int(e)).T).max())
+    if v > best:
+      best, arg = v, int(e)
+  return arg if best >= DEFAULT_THRESHOLD else None
