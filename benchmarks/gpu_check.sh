@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (run from the repository root on a CUDA machine with JAX):
-# the demo end to end on the GPU, train-step and scoring throughput of resnet50, the
-# input pipelines side by side with torchvision and the scoring stage's ceiling
+# the demo end to end on the GPU, train-step and scoring throughput of resnet50 (with the
+# plain jitted step side by side, and MFU on the one- and two-axis meshes), the input
+# pipelines side by side with torchvision and the scoring stage's ceiling
 # (benchmarks/input.py), the JPEG decoders, ingest, and the R(2+1)D-18 video train step.
 # Writes logs and results.json to $OUT (default ./gpu_out). Each part has its own time
 # limit, all of them inside one deadline (DEADLINE_S, default 570 s: the whole script
@@ -37,6 +38,27 @@ echo "== train step (resnet50 fp32/bf16, demo model)"
 timeout $(lim ${TRAIN_LIMIT:-100}) python3 benchmarks/train_step.py --models resnet50,small \
   --impls xla --batch ${BATCH:-128} --steps 20 --peak_tflops ${PEAK:-989} > "$OUT/train_step.log" 2>&1
 echo "train_step rc $?"; grep -v '^{' "$OUT/train_step.log" | tail -8
+
+echo "== train step MFU on the one- and two-axis meshes (resnet50 bf16; data, then data x fsdp)"
+# the two-axis mesh shards the train state over fsdp (2 devices, or 1 on a one-GPU host:
+# the same step with the fsdp layout code in); each line also gives bssl's speed as a
+# fraction of the plain jitted step's (benchmarks/train_step.py)
+ndev=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
+fsdp=$(( ndev >= 2 ? 2 : 1 ))
+for mesh in "$ndev" "$(( ndev / fsdp )),$fsdp"; do
+  log="$OUT/train_step_mesh_${mesh/,/x}.log"
+  timeout $(lim ${MESH_LIMIT:-60}) python3 benchmarks/train_step.py --models resnet50 \
+    --dtypes bfloat16 --impls xla --batch ${BATCH:-128} --steps 10 --repeats 2 \
+    --peak_tflops ${PEAK:-989} --mesh_shape "$mesh" > "$log" 2>&1
+  echo "train_step mesh $mesh rc $?"
+  tail -1 "$log" | python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read()); c = next(iter(r['cases'].values()))
+mfu = 'n/a' if c['mfu'] is None else f\"{100 * c['mfu']:.1f}%\"
+print(f\"mesh {'x'.join(map(str, r['mesh_shape']))} ({', '.join(r['mesh_axes'])}): MFU {mfu}, \"
+      f\"{c['images_per_s']:.0f} img/s, bssl/plain speed {c['ratio']:.3f}\")" \
+    2>/dev/null || grep -v '^{' "$log" | tail -3
+done
 
 echo "== scoring from ingested shards (resnet50 bf16 batch 512, whole stage vs forward alone)"
 # in-memory U first (the device side alone: transfer + step + top-K overlap), then U from

@@ -39,6 +39,25 @@ import numpy as np
 from bssl.data import neardup, planted, sources
 
 
+def _decision(m) -> np.ndarray:
+  """A Match's copy decision: its ``copy`` where the matcher gives one, else similarity at
+  or above neardup.DEFAULT_THRESHOLD (the previous method's rule)."""
+  if getattr(m, "copy", None) is not None:
+    return np.asarray(m.copy, bool)
+  return np.asarray(m.similarity) >= neardup.DEFAULT_THRESHOLD
+
+
+def _index_bytes(index) -> int:
+  """The index's memory: its ``nbytes`` if it says, else its thumbnails and views (the
+  previous method's), else the arrays it holds."""
+  n = getattr(index, "nbytes", None)
+  if n is not None:
+    return int(n() if callable(n) else n)
+  if hasattr(index, "coarse") and hasattr(index, "thumbs"):
+    return index.coarse.nbytes + sum(np.asarray(t).nbytes for t in index.thumbs)
+  return sum(v.nbytes for v in vars(index).values() if isinstance(v, np.ndarray))
+
+
 def measure(name, ev, copies_of, clean, rng, out_size=None):
   t0 = time.perf_counter()
   index = neardup.Index(ev)
@@ -52,9 +71,9 @@ def measure(name, ev, copies_of, clean, rng, out_size=None):
   mc = index.match(clean)
   rate = (len(copies) + len(clean)) / (time.perf_counter() - t0)
   thr = neardup.DEFAULT_THRESHOLD
-  recall = float(np.mean((mp.similarity >= thr) & (mp.index == np.asarray(copies_of))))
-  fp = float(np.mean(mc.similarity >= thr))
-  mem = index.coarse.nbytes + sum(np.asarray(t).nbytes for t in index.thumbs)
+  recall = float(np.mean(_decision(mp) & (mp.index == np.asarray(copies_of))))
+  fp = float(np.mean(_decision(mc)))
+  mem = _index_bytes(index)
   print(
       f"{name}: {len(ev)} evaluation images, {len(copies)} planted copies, {len(clean)} "
       f"clean: recall {recall:.4f}, false positives {fp:.4f} (threshold {thr}); copies' "
@@ -133,7 +152,10 @@ def main():
   ap.add_argument("--eval", type=int, default=2000, help="photo-like evaluation scenes")
   ap.add_argument("--clean", type=int, default=2000, help="clean U images of each set")
   ap.add_argument(
-      "--scale", type=int, default=0, help="instead: the stage's search over this many U images"
+      "--scale",
+      type=int,
+      default=0,
+      help="instead: the stage's search over this many U images",
   )
   a = ap.parse_args()
   if a.scale:
@@ -144,7 +166,14 @@ def main():
   ev = [planted.scene(i, family=i % (a.eval // 5)) for i in range(a.eval)]
   clean = [planted.scene(1_000_000 + i, family=i % (a.eval // 5)) for i in range(a.clean)]
   out.update(
-      measure("photo", ev, rng.choice(a.eval, 500, replace=False), clean, rng, out_size=(64, 129))
+      measure(
+          "photo",
+          ev,
+          rng.choice(a.eval, 500, replace=False),
+          clean,
+          rng,
+          out_size=(64, 129),
+      )
   )
   if os.path.exists("/usr/share/datasets/fashion-mnist"):
     train, test = sources.load_fashion_mnist()

@@ -18,6 +18,21 @@ Cases (``--models``, comma-separated):
 
 Model FLOPs utilisation = 3 x XLA's forward-pass FLOPs per step / step time / peak;
 pass ``--peak_tflops`` for the device (on CPU it prints n/a: no agreed peak).
+``--mesh_shape`` is the config's field (``8``, or ``4,2`` for data x fsdp: the train state
+sharded over fsdp); the default is one data axis over every device.
+
+Side by side, each model case also times a *plain* step on the same model, batch (the
+same uint8 array on the device, normalised in the step) and dtype: a jitted data-parallel
+step as the flax ImageNet example writes one (:func:`plain_train_step`: flax's
+``TrainState`` with the BatchNorm ``batch_stats``, ``optax.sgd`` with Nesterov momentum,
+weight decay as an L2 term of the loss, the batch a ``NamedSharding`` over the mesh, the
+state replicated and donated), with none of bssl's extras (label smoothing, gradient and
+parameter norms, the fsdp layout). The plain and bssl runs alternate, and ``ratio`` is
+plain step time / bssl step time: bssl's speed as a fraction of the plain step's
+(1.0: no cost; the target is >= 0.95); ``cpu_ratio`` is the same in process CPU time,
+which other processes on a shared machine inflate less than wall time, and
+``--xla_cost`` adds XLA's own count (FLOPs, bytes accessed) of each compiled step, which
+no load changes.
 
 XLA:CPU allocates every executable's temporary buffer afresh for each call. With glibc's
 defaults (what bssl runs with today) each large allocation is a new mmap whose pages
@@ -30,8 +45,11 @@ starts (one malloc arena, no mmap, no trimming), so freed pages are reused, as
     python benchmarks/train_step.py --models small --steps 20         # the demo model
     python benchmarks/train_step.py --models small --malloc tuned     # page reuse
     python benchmarks/train_step.py --models resnet50 --steps 1 --repeats 3
+    python benchmarks/train_step.py --models resnet50 --dtypes bfloat16 --mesh_shape 4,2
 
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure; ``plain_step_s``,
+``bssl_step_s`` and ``ratio`` at its top are the first model case's (the demo model with
+the first ``--impls`` by default).
 """
 
 from __future__ import annotations
@@ -100,13 +118,101 @@ def parse_args(argv=None):
       help="device peak TFLOP/s for model FLOPs utilisation",
   )
   p.add_argument("--malloc", choices=("tuned", "default"), default="default")
+  p.add_argument(
+      "--xla_cost",
+      action="store_true",
+      help="also print XLA's FLOPs and bytes accessed of the bssl and plain steps "
+      "(compiles each again)",
+  )
+  p.add_argument(
+      "--mesh_shape",
+      default="",
+      help="the device mesh, as the config's mesh_shape: '8', or '4,2' for (data, fsdp); "
+      "default: one data axis over every device",
+  )
   a = p.parse_args(argv)
   if a.steps <= 0 or a.repeats <= 0:
     p.error(f"--steps and --repeats must be positive, got {a.steps} and {a.repeats}")
   bad = set(a.models.split(",")) - {"small", "small_deep", "resnet50", "data"}
   if bad:
     p.error(f"unknown --models {sorted(bad)}; accepted: small, small_deep, resnet50, data")
+  try:
+    a.mesh_shape = tuple(int(x) for x in a.mesh_shape.split(",") if x.strip())
+  except ValueError:
+    p.error(f"--mesh_shape must be integers separated by commas, got {a.mesh_shape!r}")
   return a
+
+
+def plain_train_step(model, mesh, *, num_classes, mean, std, lr, momentum, weight_decay):
+  """``(init(rng, image_shape) -> state, step(state, batch) -> (state, metrics))``: the
+  plain jitted data-parallel train step of the flax ImageNet example, written with jit
+  and a ``NamedSharding`` batch instead of pmap: flax's ``TrainState`` carrying the
+  BatchNorm statistics, SGD with Nesterov momentum, weight decay as ``wd/2 |w|^2`` over
+  the kernels in the loss, BatchNorm statistics of the global batch, the state replicated
+  and donated. ``batch``: ``image`` uint8 [B, ...] (normalised in the step, as bssl's
+  step does) and ``label`` int32 [B]."""
+  from typing import Any
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax.training import train_state
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  class State(train_state.TrainState):
+    batch_stats: Any
+
+  repl = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
+  schedule = optax.cosine_decay_schedule(lr, 10_000)
+  tx = optax.sgd(learning_rate=schedule, momentum=momentum, nesterov=True)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def init(rng, image_shape):
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return State.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+    )
+
+  def step(state, batch):
+    images = (batch["image"].astype(jnp.float32) - mean) / std
+
+    def loss_fn(params):
+      logits, new_model_state = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats},
+          images,
+          train=True,
+          mutable=["batch_stats"],
+      )
+      one_hot = jax.nn.one_hot(batch["label"], num_classes)
+      loss = jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
+      l2 = sum(jnp.sum(x**2) for x in jax.tree.leaves(params) if x.ndim > 1)
+      return loss + weight_decay * 0.5 * l2, (new_model_state, logits)
+
+    (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": schedule(state.step),
+    }
+    state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])
+    return state, metrics
+
+  init_jit = jax.jit(init, static_argnums=1, out_shardings=repl)
+  step_jit = jax.jit(
+      step,
+      in_shardings=(repl, batch_sharding),
+      out_shardings=(repl, repl),
+      donate_argnums=0,
+  )
+  return init_jit, step_jit
 
 
 def main(argv=None):
@@ -120,12 +226,14 @@ def main(argv=None):
 
   from bssl import models, parallel, train
 
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(args.mesh_shape or None)
   backend = jax.default_backend()
+  mesh_desc = " x ".join(f"{n} {a}" for a, n in mesh.shape.items())
   print(
       f"[train_step] jax {jax.__version__} on {backend} ({jax.device_count()} device(s), "
-      f"{os.cpu_count()} CPUs); malloc {'tuned' if malloc_tuned else 'glibc default'}; "
-      f"{args.repeats} runs x {args.steps} steps, median reported",
+      f"{os.cpu_count()} CPUs, mesh {mesh_desc}); malloc "
+      f"{'tuned' if malloc_tuned else 'glibc default'}; {args.repeats} runs x {args.steps} "
+      f"steps, median reported; the plain step's runs alternate with bssl's",
       flush=True,
   )
   results = {
@@ -133,6 +241,8 @@ def main(argv=None):
       "malloc_tuned": malloc_tuned,
       "steps": args.steps,
       "repeats": args.repeats,
+      "mesh_shape": [int(n) for n in mesh.shape.values()],
+      "mesh_axes": list(mesh.axis_names),
       "cases": {},
   }
 
@@ -168,20 +278,52 @@ def main(argv=None):
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    runs = []
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.repeats):
+
+    # The plain step (flax ImageNet example's way) on the same model, batch and dtype.
+    plain_init, plain_step = plain_train_step(
+        model,
+        mesh,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
+    plain_state = plain_init(jax.random.key(0), tuple(image_shape))
+    plain_state, plain_metrics = plain_step(plain_state, data)
+    jax.block_until_ready(plain_metrics)
+
+    def timed(fn, st):
       t0 = time.perf_counter()
       for _ in range(args.steps):
-        state, metrics = step(state, data)
-      jax.block_until_ready(metrics)
-      runs.append(args.steps * batch / (time.perf_counter() - t0))
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        st, m = fn(st, data)
+      jax.block_until_ready(m)
+      return st, m, (time.perf_counter() - t0) / args.steps
+
+    def cpu(ru):
+      return ru.ru_utime + ru.ru_stime
+
+    runs, plain_runs, cpu_s, sys_s, faults, plain_cpu_s = [], [], 0.0, 0.0, 0, 0.0
+    for _ in range(args.repeats):
+      ru0 = resource.getrusage(resource.RUSAGE_SELF)
+      state, metrics, dt = timed(step, state)
+      ru1 = resource.getrusage(resource.RUSAGE_SELF)
+      runs.append(batch / dt)
+      cpu_s += cpu(ru1) - cpu(ru0)
+      sys_s += ru1.ru_stime - ru0.ru_stime
+      faults += ru1.ru_minflt - ru0.ru_minflt
+      plain_state, plain_metrics, dt = timed(plain_step, plain_state)
+      plain_runs.append(dt)
+      plain_cpu_s += cpu(resource.getrusage(resource.RUSAGE_SELF)) - cpu(ru1)
     if not np.isfinite(float(metrics["loss"])):
       raise FloatingPointError(f"{key}: non-finite loss {float(metrics['loss'])}")
+    if not np.isfinite(float(plain_metrics["loss"])):
+      raise FloatingPointError(f"{key}: plain step's loss {float(plain_metrics['loss'])}")
     n_steps = args.repeats * args.steps
     ips = float(np.median(runs))
     step_s = batch / ips
+    plain_step_s = float(np.median(plain_runs))
     mfu = (model_flops / step_s / (args.peak_tflops * 1e12)) if args.peak_tflops else None
     rec = {
         "images_per_s": ips,
@@ -193,14 +335,27 @@ def main(argv=None):
         "compile_s": compile_s,
         "model_gflops_per_step": model_flops / 1e9,
         "mfu": mfu,
-        "cpu_ms_per_step": 1e3
-        * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
-        / n_steps,
-        "sys_ms_per_step": 1e3 * (ru1.ru_stime - ru0.ru_stime) / n_steps,
-        "page_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / n_steps,
-        "max_rss_mb": ru1.ru_maxrss / 1024,
+        "cpu_ms_per_step": 1e3 * cpu_s / n_steps,
+        "sys_ms_per_step": 1e3 * sys_s / n_steps,
+        "page_faults_per_step": faults / n_steps,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bssl_step_s": step_s,
+        "plain_step_s": plain_step_s,
+        "plain_runs_step_s": plain_runs,
+        "ratio": plain_step_s / step_s,
+        "plain_cpu_ms_per_step": 1e3 * plain_cpu_s / n_steps,
+        # the same on a shared machine: CPU time, which other processes inflate less
+        "cpu_ratio": plain_cpu_s / max(cpu_s, 1e-9),
     }
+    if args.xla_cost:  # load-independent: XLA's own count of what each step does
+      for name, fn, st in (("bssl", step, state), ("plain", plain_step, plain_state)):
+        cost = fn.lower(st, data).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        rec[f"{name}_xla_gflops"] = float(cost.get("flops", float("nan"))) / 1e9
+        rec[f"{name}_xla_mb_accessed"] = float(cost.get("bytes accessed", float("nan"))) / 1e6
     results["cases"][key] = rec
+    if "ratio" not in results:  # the first model case's, at the top
+      results.update(bssl_step_s=step_s, plain_step_s=plain_step_s, ratio=rec["ratio"])
     print(
         f"[train_step] {key:36s} {_fmt(ips):>8s} img/s  ({rec['step_ms']:.1f} ms/step; runs "
         f"{', '.join(_fmt(r) for r in runs)}; CPU {rec['cpu_ms_per_step']:.0f} ms/step of "
@@ -208,6 +363,20 @@ def main(argv=None):
         f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}; compile {compile_s:.1f} s)",
         flush=True,
     )
+    print(
+        f"[train_step] {key:36s} plain step {1e3 * plain_step_s:.1f} ms (runs "
+        f"{', '.join(f'{1e3 * r:.1f}' for r in plain_runs)}); bssl/plain speed "
+        f"{rec['ratio']:.3f} (plain step time / bssl step time; CPU time "
+        f"{rec['cpu_ratio']:.3f})",
+        flush=True,
+    )
+    if args.xla_cost:
+      print(
+          f"[train_step] {key:36s} XLA cost, bssl / plain: {rec['bssl_xla_gflops']:.3f} / "
+          f"{rec['plain_xla_gflops']:.3f} GFLOP, {rec['bssl_xla_mb_accessed']:.1f} / "
+          f"{rec['plain_xla_mb_accessed']:.1f} MB accessed per step",
+          flush=True,
+      )
     return rec
 
   impls = [s for s in args.impls.split(",") if s]

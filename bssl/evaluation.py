@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bssl import parallel, ranking, train
+from bssl import parallel, prefetch, ranking, train
 from bssl.data import pipelines
 from bssl.data.sources import DataError
 
@@ -26,12 +27,14 @@ def video_probs(model, variables, videos, mean, std) -> jax.Array:
 
 
 def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
-  """``eval(variables, batch) -> sums`` of correct top-1/top-5, loss and count over
-  the masked batch. A batch of videos (``image`` [B, N, T, H, W, C]: N clips each) is
-  measured at the video level: top-k and loss of the mean of its clips' softmax."""
+  """``eval_step(variables, batch, totals=None) -> sums`` of correct top-1/top-5, loss and
+  count over the masked batch; with ``totals`` (donated), ``totals`` plus those sums: the
+  evaluation's running sums stay on the device, one dispatch per batch. A batch of videos
+  (``image`` [B, N, T, H, W, C]: N clips each) is measured at the video level: top-k and
+  loss of the mean of its clips' softmax."""
   k5 = min(5, num_classes)
 
-  def step(variables, batch):
+  def eval_step(variables, batch, totals=None):
     if ranking.is_clip_batch(batch["image"]):  # videos: log of the clip-averaged softmax
       logits = jnp.log(jnp.maximum(video_probs(model, variables, batch["image"], mean, std), 1e-30))
     else:
@@ -42,14 +45,22 @@ def make_eval_step(model, mesh, *, num_classes: int, mean, std) -> Callable:
     correct5 = jnp.any(top5 == labels[:, None], axis=-1)
     correct1 = top5[:, 0] == labels
     loss = train.cross_entropy(logits, jnp.maximum(labels, 0), num_classes, 0.0)
-    return {
+    sums = {
         "top1": jnp.sum(correct1 * mask),
         "top5": jnp.sum(correct5 * mask),
         "loss": jnp.sum(loss * mask),
         "count": jnp.sum(mask),
     }
+    return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
-  return jax.jit(step, out_shardings=parallel.replicated(mesh))
+  return jax.jit(eval_step, out_shardings=parallel.replicated(mesh), donate_argnames=("totals",))
+
+
+def zero_totals(mesh) -> dict:
+  """The running sums of :func:`make_eval_step` before the first batch, on the device
+  (replicated on ``mesh``, as the step returns them)."""
+  zeros = {k: np.zeros((), np.float32) for k in ("top1", "top5", "loss", "count")}
+  return jax.device_put(zeros, parallel.replicated(mesh))
 
 
 def evaluate(
@@ -62,7 +73,9 @@ def evaluate(
     global_batch_size: int,
     num_threads: int = 1,
 ) -> dict:
-  """top1/top5/loss over every example of ``source`` exactly once."""
+  """top1/top5/loss over every example of ``source`` exactly once. Batches are put on the
+  device ahead of their step (:mod:`bssl.prefetch`); the sums stay on the device until
+  the end (one fetch); every batch is padded to the same shape (one compilation)."""
   lbs = parallel.local_batch_size(global_batch_size, mesh)
   ds = pipelines.eval_dataset(
       source,
@@ -72,14 +85,14 @@ def evaluate(
       process_count=jax.process_count(),
       num_threads=num_threads,
   )
-  totals = None
+  totals = zero_totals(mesh)
   bad: list[int] = []
-  for batch in ds:
-    bad += [int(i) for i in batch["id"][(batch["id"] >= 0) & ~batch["valid"]]]
-    batch = {k: batch[k] for k in ("image", "label", "mask")}
-    out = eval_step(variables, parallel.global_batch_from_local(mesh, batch))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  t = parallel.to_host(totals)
+  with prefetch.global_batches(ds, mesh, ("image", "label", "mask")) as batches:
+    for host, batch in batches:
+      bad += [int(i) for i in host["id"][(host["id"] >= 0) & ~host["valid"]]]
+      with prefetch.no_implicit_transfers():
+        totals = eval_step(variables, batch, totals)
+  t = jax.device_get(totals)  # replicated: every process holds the sums
   n = float(t["count"])
   if int(round(n)) != len(source):
     # video files: ids are positions, so they name files; other sources: record ids

@@ -10,6 +10,7 @@ metadata, SLURM environment).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,12 +19,25 @@ import jax
 import numpy as np
 from jax._src import distributed as jax_distributed  # the coordination service's client
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bssl.config.validate import mesh_dims
 from bssl.procs import owner, owner_alive, proc_stat, process_start  # noqa: F401
 
+# One random-number implementation everywhere: threefry (jax's default), whose bits are
+# a function of the key alone, the same on CPU, GPU and TPU. Partitionable: a sharded
+# random array (an fsdp-sharded initialisation) is generated shard by shard with the
+# bits the unsharded one has, so a seed gives the same initial model on any mesh. (The
+# default of jax 0.10; set here, where every module that initialises or shards imports.)
+jax.config.update("jax_threefry_partitionable", True)
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)  # mesh_shape (data,) or (data, fsdp)
+# Arrays of the train state with fewer elements stay replicated under fsdp (64 KiB in
+# float32: BatchNorm vectors, biases, a small classifier head), as big_vision's rule does.
+FSDP_MIN_SIZE = 2**14
 _initialized = False
 
 
@@ -68,40 +82,53 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_mesh(
-    mesh_shape: Sequence[int] | None = None, axis_names: Sequence[str] = (DATA_AXIS,)
-) -> Mesh:
-  """A mesh over all devices of all hosts; by default one data axis.
+def make_mesh(mesh_shape: Sequence[int] | None = None) -> Mesh:
+  """The mesh over all devices of all hosts, built by ``jax.make_mesh`` (device order
+  follows the topology): ``()`` or ``(n,)`` one ``data`` axis; ``(data, fsdp)`` two, the
+  train state sharded over ``fsdp`` (:func:`state_sharding`), the batch over both.
 
-  ``mesh_shape`` may contain one -1, which takes the remaining devices.
+  ``mesh_shape`` may contain one -1, which takes the remaining devices; a shape the
+  devices cannot form is a :class:`bssl.config.ConfigError` (checked before any work by
+  :func:`bssl.config.check_batch_sizes`).
   """
-  devices = jax.devices()
-  n = len(devices)
-  if not mesh_shape:
-    mesh_shape = (n,)
-  shape = list(mesh_shape)
-  if len(shape) != len(axis_names):
-    raise ValueError(
-        f"mesh_shape {tuple(mesh_shape)} must have one entry per axis " f"{tuple(axis_names)}"
-    )
-  if shape.count(-1) > 1:
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} may contain at most one -1")
-  if -1 in shape:
-    rest = int(np.prod([s for s in shape if s != -1]))
-    shape[shape.index(-1)] = n // max(rest, 1)
-  if int(np.prod(shape)) != n:
-    raise ValueError(
-        f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
-        f"but {n} are present"
-    )
-  arr = np.asarray(devices).reshape(shape)
-  return Mesh(arr, tuple(axis_names))
+  shape = mesh_dims(mesh_shape, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES[: len(shape)], axis_types=(AxisType.Auto,) * len(shape))
 
 
 def local_mesh() -> Mesh:
   """A one-axis (``"data"``) mesh over this process's own devices: for work that needs no
   collective (scoring, transfer features), so processes never wait for each other."""
-  return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+  local = jax.local_devices()
+  return jax.make_mesh((len(local),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=local)
+
+
+def fsdp_size(mesh: Mesh) -> int:
+  """Devices the train state is sharded over (1: replicated)."""
+  return int(dict(mesh.shape).get(FSDP_AXIS, 1))
+
+
+def fsdp_spec(shape: Sequence[int], size: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """How one array of the train state is laid out over an ``fsdp`` axis of ``size``
+  devices (big_vision's ``fsdp`` rule, ZeRO-3): split along its largest dimension that
+  ``size`` divides (the later one on a tie); replicated when it has fewer than
+  ``min_size`` elements (BatchNorm vectors, biases, a small head) or no dimension fits."""
+  if size <= 1 or math.prod(shape) < min_size:
+    return P()
+  for i in np.argsort(np.asarray(shape), kind="stable")[::-1]:
+    if shape[i] % size == 0:
+      spec: list[str | None] = [None] * len(shape)
+      spec[i] = FSDP_AXIS
+      return P(*spec)
+  return P()
+
+
+def state_sharding(mesh: Mesh, tree: Any) -> Any:
+  """A ``NamedSharding`` for every array (or ShapeDtypeStruct) of ``tree`` (parameters,
+  BatchNorm statistics, optimizer state, gradients): :func:`fsdp_spec` on ``mesh``'s
+  ``fsdp`` axis; replicated on a mesh without one. A leaf's layout depends only on its
+  shape, so a parameter, its gradient and its momentum are split alike."""
+  n = fsdp_size(mesh)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

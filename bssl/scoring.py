@@ -34,15 +34,13 @@ left are broken by a seeded hash of the id (:func:`bssl.selection.tie_hash`, the
 from __future__ import annotations
 
 import collections
-import queue
 import re
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from bssl import progress, storage
+from bssl import prefetch, progress, storage
 from bssl.data import pipelines
 from bssl.selection import GlobalTopK, RankedTopK, TopKPerClass
 
@@ -297,59 +295,21 @@ def score_process(
       )
 
   # A bounded queue of dispatched batches: the device works on the next ones while the
-  # host folds the oldest one's results; a feeder thread reads batches from grain and
-  # starts their host->device copies ahead of the steps.
+  # host folds the oldest one's results; the prefetch thread (bssl.prefetch, as training
+  # and evaluation) reads batches from grain and starts their host->device copies
+  # (the scorer's ``put``) ahead of the steps.
+  put = getattr(scorer, "put", None)
   pending = collections.deque()
-  for j, (batch, placed) in enumerate(_feed(ds, getattr(scorer, "put", None), in_flight)):
-    pending.append((j, batch, scorer.dispatch(placed)))
-    while len(pending) > max(1, in_flight):
-      consume(*pending.popleft())
+  with prefetch.Ahead(
+      ds, lambda b: put(b["image"]) if put else b["image"], in_flight, name="bssl-score-feed"
+  ) as fed:
+    for j, (batch, placed) in enumerate(fed):
+      pending.append((j, batch, scorer.dispatch(placed)))
+      while len(pending) > max(1, in_flight):
+        consume(*pending.popleft())
   while pending:
     consume(*pending.popleft())
   return {"num_scored": scored, "seconds": time.time() - t0}
-
-
-_END = object()
-
-
-def _feed(ds, put: Callable | None, depth: int):
-  """Yields ``(batch, put(batch['image']))`` from ``ds``, read and put (a host->device
-  copy) by a thread running up to ``depth`` batches ahead. Errors of the thread are raised
-  here; stopping early (an error of the caller) stops the thread."""
-  q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-  stop = threading.Event()
-
-  def offer(item) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def work():
-    try:
-      for batch in ds:
-        if not offer((batch, put(batch["image"]) if put else batch["image"])):
-          return
-      offer(_END)
-    except BaseException as e:
-      offer(e)
-
-  t = threading.Thread(target=work, name="bssl-score-feed", daemon=True)
-  t.start()
-  try:
-    while True:
-      item = q.get()
-      if item is _END:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-    t.join(timeout=10)
 
 
 def coverage(parts_dir, num_images: int, parts=None) -> dict:

@@ -88,6 +88,11 @@ __all__ = [
     "untie_hash",
     "with_probabilities",
     "MAX_ID",
+    "candidates_per_class",
+    "collapse_near_duplicates",
+    "Collapsed",
+    "family_roots",
+    "global_order",
 ]
 
 MAX_ID = (1 << 32) - 1  # largest accepted image id
@@ -997,7 +1002,7 @@ class GlobalTopK:
 
   def _order(self, ids, classes, scores):
     """Indices in selection order (score descending; tie hash, id, class ascending)."""
-    return np.lexsort((classes, ids, self._tie(ids), -scores.astype(np.float64)))
+    return global_order(ids, classes, scores, self.seed)
 
   def _compact(self, r: int) -> None:
     """Folds rank ``r``'s pending batches into its kept rows: the ``n`` best remain."""
@@ -1123,3 +1128,149 @@ class GlobalTopK:
       out._compact(r)  # sets the threshold
     out._seen = int(np.asarray(d["num_candidates_seen"]))
     return out
+
+
+# ----------------------------------------------------------------------------- near-duplicates
+# D̂ counts distinct images: of a family of near-duplicates within U (the same photograph
+# re-posted at other sizes, crops, overlays), at most one member per class is selected.
+# The score stage keeps more than K candidates per class for it (candidates_per_class).
+NEAR_DUPLICATE_MARGIN = 0.25  # candidates kept per class beyond K, as a fraction of K
+MIN_NEAR_DUPLICATE_MARGIN = 8  # and at least this many
+
+
+def candidates_per_class(k: int) -> int:
+  """K' = K + max(8, ceil(K / 4)): the candidates per class kept for a D̂ of K distinct
+  images per class when near-duplicates are collapsed (16,000 -> 20,000). Monotone in K, so
+  a score stage that keeps ``candidates_per_class(max_k)`` serves every ``k <= max_k``."""
+  k = int(k)
+  return k + max(MIN_NEAR_DUPLICATE_MARGIN, -(-k // 4))
+
+
+def global_order(ids, classes, scores, seed: int) -> np.ndarray:
+  """Indices of (id, class, score) rows in the unbalanced D̂'s order (:class:`GlobalTopK`):
+  score descending, then smaller ``tie_hash`` of the id's low 32 bits, id, class."""
+  ids = np.asarray(ids, np.int64)
+  tie = tie_hash(ids & np.int64(MAX_ID), seed)
+  return np.lexsort((classes, ids, tie, -np.asarray(scores).astype(np.float64)))
+
+
+def family_roots(n: int, pairs) -> np.ndarray:
+  """int64 ``[n]``: for each of ``n`` nodes, the smallest node of its connected component
+  in the undirected graph of ``pairs`` (int [m, 2]). Min-label propagation with pointer
+  jumping (pure numpy): labels only ever move to smaller nodes of the same component, and
+  at the fixed point every edge joins equal labels, so each component carries its minimum."""
+  lab = np.arange(int(n), dtype=np.int64)
+  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  if not len(pairs):
+    return lab
+  a, b = pairs[:, 0], pairs[:, 1]
+  while True:
+    m = np.minimum(lab[a], lab[b])
+    new = lab.copy()
+    np.minimum.at(new, a, m)
+    np.minimum.at(new, b, m)
+    while True:  # pointer jumping: every node to its label's label
+      jumped = new[new]
+      if np.array_equal(jumped, new):
+        break
+      new = jumped
+    if np.array_equal(new, lab):
+      return lab
+    lab = new
+
+
+@dataclasses.dataclass
+class Collapsed:
+  """D̂ with near-duplicate families collapsed (:func:`collapse_near_duplicates`).
+
+  ``selection``: D̂, rows sorted by class then rank (ranks renumbered 0.. within the class).
+  ``dropped``: rows of the candidates left out because a better-ranked member of their
+  family (same class) was selected, in candidate-row order; ``kept``: for each, the
+  candidate row of that selected member; ``matched``: for each, the best-ranked candidate
+  it was itself paired with (the evidence: equal to ``kept`` unless linked through a
+  chain); ``pair_index``: for each, the index in ``pairs`` of that pair.
+  ``classes_short``: classes with fewer than K rows in D̂ that lost candidates to the
+  collapse (their margin ran out)."""
+
+  selection: Selection
+  dropped: np.ndarray
+  kept: np.ndarray
+  matched: np.ndarray
+  pair_index: np.ndarray
+  classes_short: np.ndarray
+
+
+def collapse_near_duplicates(
+    cands: Selection, pairs, k: int, *, balanced: bool = True, seed: int = 0
+) -> Collapsed:
+  """The D̂ of ``k`` distinct images per class from candidates ``cands`` (rows sorted by
+  class, then by the class's exact rank order, as :meth:`TopKPerClass.result` gives them:
+  more than ``k`` per class, :func:`candidates_per_class`) and ``pairs`` (int [m, 2]: rows
+  of ``cands`` of one class that are near-duplicates of one another).
+
+  Families are the connected components of the near-duplicate graph among a class's
+  candidates; each family's best-ranked member is its only selectable one. Per class, D̂ is
+  the first ``k`` family-best members in rank order: the walk "take a candidate unless its
+  family already has a taken member, stop at ``k``" (a family's best-ranked member comes
+  first in the walk, so it is the one taken). The candidates walked over before the k-th
+  taken one are ``dropped``. Exact and deterministic: only the given rank order (ties
+  already broken by the seeded hash) and the components decide. Unbalanced
+  (``balanced=False``): the first ``k * num_classes`` family-best rows in the global order
+  (:func:`global_order` with ``seed``); families stay within a class. Nothing collapsed:
+  the rows are those of the top-``k`` selection itself."""
+  k = int(k)
+  n, C = len(cands), cands.num_classes
+  classes = np.asarray(cands.classes, np.int64)
+  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  if len(pairs):
+    if pairs.min() < 0 or pairs.max() >= n:
+      raise ValueError(f"near-duplicate pairs must be rows in 0..{n - 1}")
+    if np.any(classes[pairs[:, 0]] != classes[pairs[:, 1]]):
+      raise ValueError("near-duplicate pairs must join rows of the same class")
+  if n and np.any(classes[1:] < classes[:-1]):
+    raise ValueError("candidates must be sorted by class, then rank")
+  rows = np.arange(n, dtype=np.int64)
+  root = family_roots(n, pairs)
+  best = root == rows  # the family's best-ranked member (a singleton is its own family)
+  counts = np.bincount(classes, minlength=C)[:C]
+  starts = np.cumsum(counts) - counts
+  if balanced:
+    before = np.cumsum(best) - best  # family-best rows before this one, in its class
+    before -= np.repeat(before[starts[counts > 0]], counts[counts > 0])
+    walked = before < k
+  else:
+    order = global_order(cands.ids, classes, cands.rank_scores, seed)
+    b = best[order]
+    walked = np.empty(n, bool)
+    walked[order] = (np.cumsum(b) - b) < k * C
+  take = best & walked
+  drop = np.flatnonzero(~best & walked)
+  kept_rows = np.flatnonzero(take)
+  kc = np.bincount(classes[kept_rows], minlength=C)[:C]
+  ks = np.cumsum(kc) - kc
+  ranks = np.arange(len(kept_rows)) - np.repeat(ks, kc)
+  sel = Selection(
+      cands.ids[kept_rows],
+      cands.classes[kept_rows],
+      cands.scores[kept_rows],
+      ranks,
+      C,
+      k,
+      cands.rank_scores[kept_rows],
+  )
+  # the evidence: each dropped row's best-ranked direct partner (a dropped row is in some
+  # pair), and that pair's index
+  m = len(pairs)
+  u = np.concatenate([pairs[:, 0], pairs[:, 1]])
+  v = np.concatenate([pairs[:, 1], pairs[:, 0]])
+  by = np.lexsort((v, u))  # (row, partner) ascending
+  first = by[np.searchsorted(u[by], drop)] if len(drop) else np.zeros(0, np.int64)
+  lost = np.bincount(classes[drop], minlength=C)[:C]
+  return Collapsed(
+      selection=sel,
+      dropped=drop,
+      kept=root[drop],
+      matched=v[first],
+      pair_index=(first % max(m, 1)).astype(np.int64),
+      classes_short=np.flatnonzero((kc < k) & (lost > 0)) if balanced else np.zeros(0, np.int64),
+  )

@@ -7,6 +7,8 @@ Sections follow the order things happen in :func:`fit`.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import shutil
 import signal
@@ -24,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from bssl import parallel, progress, storage
+from bssl import parallel, prefetch, progress, storage
 from bssl.config.names import BN_MODES, SCHEDULES
 from bssl.data import pipelines
 from bssl.data import video as video_lib
@@ -107,48 +109,63 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def _adopt(tx):
+  """``variables -> TrainState`` with a fresh optimizer state."""
+
+  def adopt(variables):
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+  return adopt
+
+
+def _init(model, image_shape, rng) -> dict:
+  v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_on(model, image_shape, mesh, rng) -> dict:
+  """``model``'s variables, born in the train state's layout on ``mesh``; one compile per
+  (model, input, mesh) in a process (the stages of a recipe share it: threefry's
+  initialisers are slow to compile on XLA:CPU)."""
+  v = _init(model, image_shape, rng)
+  return jax.lax.with_sharding_constraint(v, parallel.state_sharding(mesh, v))
+
+
 def init_state(model, tx, seed: int, image_shape, mesh, variables=None) -> TrainState:
-  """Initialises (or adopts ``variables``) and places a replicated train state.
+  """The train state, made on the devices in its layout (:func:`bssl.parallel.state_sharding`:
+  replicated, or sharded over the mesh's ``fsdp`` axis): shapes from ``jax.eval_shape``,
+  jitted initialisations whose outputs are born sharded, nothing through the host.
 
-  Initialisation uses the ``rbg`` PRNG: on CPU, XLA compiles threefry-based
-  initialisers of a ResNet 3-4x slower (13 s vs 4 s for a tiny model on 8 devices).
+  ``variables`` (arrays on the devices: a restored checkpoint, :func:`bssl.backends.jax.new_head`)
+  are adopted as they are, re-laid out on the devices if needed. Initialisation uses jax's
+  threefry keys (partitionable, :mod:`bssl.parallel`): the same random bits from a seed
+  on any backend and any mesh, so the same initial parameters on any mesh.
   """
-  repl = parallel.replicated(mesh)
-  rng = jax.random.key(seed, impl="rbg")
-
-  def _init(rng):
-    v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return v["params"], v["batch_stats"]
-
+  image_shape = tuple(int(d) for d in image_shape)
   if variables is None:
-    params, batch_stats = jax.jit(_init, out_shardings=repl)(rng)
-  else:
-    params = jax.device_put(variables["params"], repl)
-    batch_stats = jax.device_put(variables["batch_stats"], repl)
-  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-  return TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), repl),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=opt_state,
-  )
+    variables = _init_on(model, image_shape, mesh, jax.random.key(seed))
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  adopt = _adopt(tx)
+  shardings = parallel.state_sharding(mesh, jax.eval_shape(adopt, variables))
+  return jax.jit(adopt, out_shardings=shardings)(variables)
 
 
 def abstract_state(model, tx, image_shape, mesh) -> TrainState:
   """Shapes and shardings of a train state, for restoring without allocating twice."""
-  repl = parallel.replicated(mesh)
-
-  def _make(rng):
-    v = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=v["params"],
-        batch_stats=v["batch_stats"],
-        opt_state=tx.init(v["params"]),
-    )
-
-  shapes = jax.eval_shape(_make, jax.random.key(0))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+  shapes = jax.eval_shape(
+      lambda r: _adopt(tx)(_init(model, tuple(image_shape), r)), jax.random.key(0)
+  )
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes,
+      parallel.state_sharding(mesh, shapes),
+  )
 
 
 # ----------------------------------------------------------------------------- steps
@@ -208,12 +225,21 @@ def make_train_step(
   bn_mode ``sync``: BatchNorm statistics over the global batch (plain jit).
   bn_mode ``per_device``: statistics over each device's shard (``jax.shard_map``), as
   in the paper; running statistics are averaged over devices after each step.
+
+  On a mesh with an ``fsdp`` axis the state is sharded over it
+  (:func:`bssl.parallel.state_sharding`, ZeRO-3): the step gathers the weights where the
+  model uses them (a sharding constraint to replicated, outside any shard_map), and the
+  gradients and the new state are constrained back to the sharded layout (XLA reduces
+  and scatters them). On a one-axis mesh every constraint is "replicated": the step of
+  before. Either way each device sees its own slice of the batch, so the two meshes
+  compute the same training.
   """
   if bn_mode not in BN_MODES:
     raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
   axes = tuple(mesh.axis_names)
   if bn_mode == "per_device" and getattr(model, "conv_impl", "xla") != "xla":
-    # The CPU conv's custom VJP does not carry shard_map's varying-axis types yet.
+    # bssl/models/conv.py's custom VJP does not carry shard_map's varying-axis types yet:
+    # per-device BatchNorm trains with XLA's convolutions (whatever the backend)
     model = model.clone(conv_impl="xla")
 
   def forward(params, batch_stats, images, labels):
@@ -249,10 +275,16 @@ def make_train_step(
         local, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)), out_specs=(P(), P(), P(), P())
     )
 
-  def step(state: TrainState, batch):
-    loss, top1, bs, grads = loss_grads(
-        state.params, state.batch_stats, batch["image"], batch["label"]
-    )
+  repl = parallel.replicated(mesh)
+
+  def laid_out(tree):
+    return jax.lax.with_sharding_constraint(tree, parallel.state_sharding(mesh, tree))
+
+  def train_step(state: TrainState, batch):
+    # the weights where they are used: gathered over fsdp (a no-op when replicated)
+    params, batch_stats = jax.lax.with_sharding_constraint((state.params, state.batch_stats), repl)
+    loss, top1, bs, grads = loss_grads(params, batch_stats, batch["image"], batch["label"])
+    grads = laid_out(grads)  # reduce-scattered over fsdp
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -262,13 +294,11 @@ def make_train_step(
         "param_norm": optax.tree.norm(params),
         "lr": schedule(state.step),
     }
-    return (
-        TrainState(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state),
-        metrics,
-    )
+    new = TrainState(step=state.step + 1, params=params, batch_stats=bs, opt_state=opt_state)
+    return laid_out(new), metrics
 
-  repl = parallel.replicated(mesh)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+  # the state keeps its layout from step to step (donated: updated in place)
+  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(None, repl))
 
 
 # ----------------------------------------------------------------------------- variables on disk
@@ -286,12 +316,14 @@ def save_variables(directory, variables) -> None:
   ckptr.wait_until_finished()
 
 
-def load_variables(directory, mesh=None, target=None) -> dict:
+def load_variables(directory, mesh=None, target=None, sharded: bool = False) -> dict:
   """Reads {'params','batch_stats'} written by :func:`save_variables` or bssl.convert.
 
   With ``target`` (shapes, e.g. ``jax.eval_shape`` of the model's init) the arrays are
-  placed replicated on ``mesh`` whatever the device count they were saved from; a shape
-  or structure that does not match the model is a clear error, not a late crash.
+  read once, straight into their place on ``mesh`` whatever the device count they were
+  saved from: replicated, or with ``sharded`` the train state's layout
+  (:func:`bssl.parallel.state_sharding`: each device reads its fsdp shard); a shape or
+  structure that does not match the model is a clear error, not a late crash.
   """
   directory = storage.path(directory)
   if not directory.exists():
@@ -299,11 +331,17 @@ def load_variables(directory, mesh=None, target=None) -> dict:
   ckptr = ocp.StandardCheckpointer()
   if target is None:
     return ckptr.restore(directory)
-  repl = parallel.replicated(mesh) if mesh is not None else None
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-      {"params": target["params"], "batch_stats": target["batch_stats"]},
-  )
+  target = {"params": target["params"], "batch_stats": target["batch_stats"]}
+  if mesh is None:
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
+  else:
+    repl = parallel.replicated(mesh)
+    shardings = (
+        parallel.state_sharding(mesh, target) if sharded else jax.tree.map(lambda _: repl, target)
+    )
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings
+    )
   try:
     return ckptr.restore(directory, abstract)
   except (ValueError, KeyError, TypeError) as e:
@@ -453,19 +491,18 @@ def fit(
     state = init_state(model, tx, seed, spec_shape(spec), mesh, init_variables)
   start = int(jax.device_get(state.step))
 
-  # Input, from the global batch of step `start` on.
-  it = iter(
-      pipelines.train_dataset(
-          source,
-          spec,
-          local_batch_size=lbs,
-          seed=seed,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
-          num_threads=num_threads,
-          start_batch=start,
-          num_workers=num_workers,
-      )
+  # Input, from the global batch of step `start` on (the stream is endless: the batches
+  # of the steps left are read, no more).
+  stream = pipelines.train_dataset(
+      source,
+      spec,
+      local_batch_size=lbs,
+      seed=seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_threads=num_threads,
+      start_batch=start,
+      num_workers=num_workers,
   )
 
   train_step = make_train_step(
@@ -526,15 +563,19 @@ def fit(
     last_metrics = mean_vals
     t_last, step_last = now, step
 
-  with _SigtermFlag() as sigterm:
+  # Each global batch is put on the devices by a thread while the step before it runs
+  # (bssl.prefetch); a step's inputs are all on the devices already: no implicit copy.
+  batches = prefetch.global_batches(
+      itertools.islice(stream, max(total - start, 0)), mesh, ("image", "label")
+  )
+  with _SigtermFlag() as sigterm, batches:
     step = start
     try:
       while step < total:
-        batch = next(it)
-        batch = parallel.global_batch_from_local(
-            mesh, {"image": batch["image"], "label": batch["label"]}
-        )
-        state, metrics = train_step(state, batch)
+        _, batch = next(batches)
+        with prefetch.no_implicit_transfers():
+          state, metrics = train_step(state, batch)
+        del batch
         pending.append(metrics)
         step += 1
         if stop_after_steps is not None and step - start >= stop_after_steps:

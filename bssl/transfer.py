@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bssl import parallel
+from bssl import parallel, prefetch
 from bssl.data import pipelines
 from bssl.train import normalize
 
@@ -43,11 +43,14 @@ def features(
   )
   feats, labels = [], []
   ds = pipelines.eval_dataset(source, spec, local_batch_size=bs)
-  for batch in ds:
-    out = np.asarray(f(v, jax.device_put(batch["image"], shard)))
-    m = batch["mask"].astype(bool)
-    feats.append(out[m])
-    labels.append(batch["label"][m])
+  # (bssl.prefetch, as training, evaluation and scoring: each batch put ahead of its step)
+  with prefetch.Ahead(ds, lambda b: jax.device_put(b["image"], shard)) as batches:
+    for batch, images in batches:
+      with prefetch.no_implicit_transfers():
+        out = f(v, images)
+      m = batch["mask"].astype(bool)
+      feats.append(np.asarray(jax.device_get(out))[m])
+      labels.append(batch["label"][m])
   return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bssl import config, deps, evaluation, models, parallel, ranking, train
+from bssl import config, deps, evaluation, models, parallel, prefetch, ranking, train
 from bssl import transfer as transfer_lib
 from bssl.backends import base
 from bssl.backends.base import stage_seed
@@ -32,27 +32,41 @@ def make_model(scfg, num_classes: int):
   )
 
 
-def new_head(variables, model, spec, *, seed: int, log=print, reset=()) -> dict:
+def new_head(variables, model, spec, *, seed: int, mesh=None, log=print, reset=()) -> dict:
   """``variables`` with every leaf whose shape differs from ``model``'s (the classifier
   head of another label space), and every leaf under the top-level params ``reset``
   (e.g. ``("fc",)``: a new head even for as many classes), taken from a fresh
-  initialisation of ``model``."""
-  fresh = jax.device_get(
-      model.init(jax.random.key(seed), jnp.zeros((1, *train.spec_shape(spec))), train=False)
-  )
-  old = jax.device_get(variables)
-  replaced = []
+  initialisation of ``model`` (the values its full initialisation from ``seed`` has).
+
+  On the devices: the shapes come from ``jax.eval_shape``; one jitted initialisation
+  returns only the replaced leaves (XLA drops the rest of the init), laid out as the
+  train state is on ``mesh`` (:func:`bssl.parallel.state_sharding`); the other leaves
+  are ``variables``' own arrays, untouched."""
+  shapes = variable_shapes(model, spec)
+  old = {k: variables[k] for k in shapes}
+  replaced: list[str] = []
 
   def pick(path, a, b):
     keys = [str(getattr(k, "key", k)) for k in path]
     if a.shape == b.shape and not (keys[0] == "params" and keys[1] in reset):
-      return a
-    replaced.append("/".join(str(getattr(k, "key", k)) for k in path))
-    return b
+      return False
+    replaced.append("/".join(keys))
+    return True
 
-  out = jax.tree_util.tree_map_with_path(pick, {k: old[k] for k in fresh}, dict(fresh))
+  fresh_mask = jax.tree_util.tree_map_with_path(pick, old, shapes)
+  mask = jax.tree.leaves(fresh_mask)
+
+  def init_replaced(rng):
+    x = jnp.zeros((1, *train.spec_shape(spec)))
+    fresh = jax.tree.leaves(model.init(rng, x, train=False))
+    return [f for f, m in zip(fresh, mask) if m]
+
+  wanted = [s for s, m in zip(jax.tree.leaves(shapes), mask) if m]
+  out_shardings = parallel.state_sharding(mesh, wanted) if mesh is not None else None
+  it = iter(jax.jit(init_replaced, out_shardings=out_shardings)(jax.random.key(seed)))
+  leaves = [next(it) if m else a for a, m in zip(jax.tree.leaves(old), mask)]
   log(f"new classifier head: {', '.join(replaced) or 'nothing to replace'} initialised afresh")
-  return out
+  return jax.tree.unflatten(jax.tree.structure(old), leaves)
 
 
 def variable_shapes(model, spec) -> dict:
@@ -78,17 +92,22 @@ class JaxBackend(base.Backend):
   def norm(self):
     return tuple(self.cfg.data.mean), tuple(self.cfg.data.std)
 
-  def load(self, ctx, stage: str, model):
-    """The variables of ``stage`` (following a teacher that is the baseline)."""
+  def load(self, ctx, stage: str, model, sharded: bool = False):
+    """The variables of ``stage`` (following a teacher that is the baseline), replicated
+    on the mesh or, ``sharded``, in the train state's layout (to train from them)."""
     return train.load_variables(
         ctx.wd.stage(ctx.variables_stage(stage)) / "final",
         self.mesh,
         variable_shapes(model, ctx.data.spec),
+        sharded=sharded,
     )
 
   def load_folder(self, ctx, folder: str, model):
+    """A folder of variables to train from: read once into the train state's layout."""
     deps.note_input(f"{config.section_of(ctx.stage)}.init_from", "checkpoint", folder)
-    return train.load_variables(folder, self.mesh, variable_shapes(model, ctx.data.spec))
+    return train.load_variables(
+        folder, self.mesh, variable_shapes(model, ctx.data.spec), sharded=True
+    )
 
   def train(self, ctx, source, init: tuple | None) -> dict:
     """Trains stage ``ctx.stage`` on ``source``; ``init`` is None, ('stage', name) or
@@ -106,16 +125,17 @@ class JaxBackend(base.Backend):
       if source_classes != num_classes:
         # another label space (weak tags -> classes): its body, a new classifier head
         variables = new_head(
-            self.load(ctx, where, make_model(scfg, source_classes)),
+            self.load(ctx, where, make_model(scfg, source_classes), sharded=True),
             model,
             ctx.data.spec,
             seed=seed,
+            mesh=self.mesh,
             log=ctx.log,
         )
+      elif kind == "stage":
+        variables = self.load(ctx, where, model, sharded=True)
       else:
-        variables = (
-            self.load(ctx, where, model) if kind == "stage" else self.load_folder(ctx, where, model)
-        )
+        variables = self.load_folder(ctx, where, model)
     mean, std = self.norm
     if scfg.steps == 0:  # variables used as they are
       out = {"steps": 0, "train_seconds": 0.0}
@@ -193,7 +213,9 @@ class JaxBackend(base.Backend):
     )
     tmodel = make_model(ft, target.num_classes)
     seed = cfg.seed * 100 + 50 + sorted(("baseline", "teacher", "student")).index(key)
-    init = new_head(variables, tmodel, ctx.data.spec, seed=seed, log=ctx.log, reset=("fc",))
+    init = new_head(
+        variables, tmodel, ctx.data.spec, seed=seed, mesh=self.mesh, log=ctx.log, reset=("fc",)
+    )
     out = train.fit(
         name=f"transfer/{key}",
         model=tmodel,
@@ -241,7 +263,7 @@ class JaxScorer:
     # restored replicated on the global mesh: take this process's copy
     self.variables = parallel.local_copy(variables, repl)
 
-    def step(variables, images):
+    def score_step(variables, images):
       def apply(x):
         return model.apply(variables, normalize(x, mean, std), train=False)
 
@@ -249,14 +271,22 @@ class JaxScorer:
         return ranking.video_top_log_odds(ranking.clip_logits(apply, images), top_p)
       return ranking.top_log_odds(apply(images), top_p)
 
-    self.step = jax.jit(step, out_shardings=(self.in_sharding,) * 3)
+    # (the uint8 batch is not donated: no output has its shape and dtype, so XLA could
+    # not reuse it; it is freed when the step is done, the prefetcher keeping no copy)
+    self.step = jax.jit(score_step, out_shardings=(self.in_sharding,) * 3)
 
   def put(self, images):
-    """Starts the host->device copy of a batch (from the scoring feeder thread)."""
+    """Starts the host->device copy of a batch (from the prefetch thread, bssl.prefetch)."""
     return jax.device_put(images, self.in_sharding)
 
   def dispatch(self, images):
-    return self.step(self.variables, jax.device_put(images, self.in_sharding))
+    """Starts the step on a batch: put by :meth:`put` already, or a host array (copied
+    here, explicitly); no other copy (bssl.prefetch.no_implicit_transfers)."""
+    if not isinstance(images, jax.Array):
+      images = self.put(images)
+    with prefetch.no_implicit_transfers():
+      return self.step(self.variables, images)
 
   def fetch(self, out):
-    return tuple(np.asarray(x) for x in out)
+    """The step's three outputs on the host: one wait for all of them."""
+    return tuple(np.asarray(x) for x in jax.device_get(out))

@@ -95,6 +95,8 @@ def _pixel_stats(positive: bool) -> Callable[[Any], str | None]:
 def _mesh(v) -> str | None:
   if not all(isinstance(x, int) and not isinstance(x, bool) and (x > 0 or x == -1) for x in v):
     return f"must be positive integers (one may be -1), e.g. '(4, 2)', got {tuple(v)!r}"
+  if len(v) > 2 or list(v).count(-1) > 1:
+    return f"must be (data,) or (data, fsdp), at most one -1, e.g. '(4, 2)', got {tuple(v)!r}"
   return None
 
 
@@ -224,7 +226,11 @@ FIELDS = (
         "mesh_shape",
         (),
         tuple,
-        "device mesh shape; () = one data axis over all devices",
+        "device mesh: () or (data,) = one data axis over all devices (the train state "
+        "replicated); (data, fsdp) = two axes (jax.make_mesh), parameters, gradients and "
+        "momentum sharded over fsdp (ZeRO-3; arrays under 2^14 elements replicated), the "
+        "batch over both; one entry may be -1 (the remaining devices); data x fsdp must be "
+        "the device count (docs/scale.md)",
         cosmetic=True,
         check=_mesh,
     ),
@@ -664,6 +670,17 @@ FIELDS = (
         "(image, class) pairs whatever their class (the paper's unbalanced ablation)",
     ),
     Field("select.p", 10, int, "classes kept per image (P), at most data.num_classes", minimum=1),
+    Field(
+        "select.near_duplicates",
+        "collapse",
+        str,
+        "collapse: D̂ counts distinct images: of a family of near-duplicates within U "
+        "(bssl/data/neardup.py) at most one member per class is selected, the best ranked; "
+        "the score stage keeps K + max(8, K/4) candidates per class for it, D̂ is the first K "
+        "distinct, the others are listed in select/near_duplicates.parquet (video: not "
+        "searched); off: the plain top-K",
+        choices=("collapse", "off"),
+    ),
     # report
     Field(
         "report.figure_classes",

@@ -376,9 +376,38 @@ def _check_video(cfg) -> None:
     )
 
 
+def mesh_dims(mesh_shape, num_devices: int) -> tuple[int, ...]:
+  """``mesh_shape`` (``()``, ``(data,)`` or ``(data, fsdp)``, one entry may be -1) as the
+  mesh's sizes on ``num_devices`` devices; ConfigError when they cannot form it."""
+  shape = [int(s) for s in tuple(mesh_shape or ())] or [num_devices]
+  given = tuple(mesh_shape or ())
+  if len(shape) > 2 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise ConfigError(
+        f"mesh_shape must be (data,) or (data, fsdp): one or two positive integers, one "
+        f"may be -1, got {given!r}"
+    )
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if num_devices % rest:
+      raise ConfigError(
+          f"mesh_shape {given!r}: {num_devices} devices do not split into groups of {rest}"
+      )
+    shape[shape.index(-1)] = num_devices // rest
+  if math.prod(shape) != num_devices:
+    raise ConfigError(
+        f"mesh_shape {given!r} needs {math.prod(shape)} devices, but {num_devices} are "
+        f"present; e.g. ({num_devices},)"
+        + (f" or ({num_devices // 2}, 2)" if num_devices % 2 == 0 and num_devices > 2 else "")
+    )
+  return tuple(shape)
+
+
 def check_batch_sizes(cfg, num_devices: int, num_processes: int) -> None:
-  """Every global batch of every stage splits evenly over processes and devices (scoring
-  runs on each process's own devices: a multiple of all devices suffices)."""
+  """The mesh (``mesh_shape``) can be formed from the devices, and every global batch of
+  every stage splits evenly over processes and devices (the batch is split over every
+  mesh axis; scoring runs on each process's own devices: a multiple of all devices
+  suffices)."""
+  mesh_dims(cfg.mesh_shape, num_devices)
   stages = set(parse_stages(cfg.stages))
   sizes = [
       (f"{s}.batch_size", cfg[s].batch_size)

@@ -112,7 +112,10 @@ def arch_config(name: str, **kwargs) -> dict[str, Any]:
   return cfg
 
 
-CONV_IMPLS = ("auto", "xla", "im2col_grad")
+# "xla" (the default, on every backend: the model computes the same thing everywhere) or
+# "im2col_grad", an explicit opt-in for benchmarks (bssl/models/conv.py: XLA's values up
+# to float32 summation order, other gradient kernels on XLA:CPU)
+CONV_IMPLS = ("xla", "im2col_grad")
 
 
 def create_model(
@@ -122,13 +125,15 @@ def create_model(
     dtype=jnp.float32,
     bn_axis_name=None,
     bn_momentum: float = 0.9,
-    conv_impl: str = "auto",
+    conv_impl: str | None = None,
     **kwargs,
 ) -> ResNet:
   """Builds a registered model. `dtype` is the compute dtype (float32 or bfloat16);
   params and BatchNorm statistics stay float32. `bn_axis_name=None` computes batch
   statistics over the batch each call sees (per device under shard_map); a mesh axis
-  name synchronises them over that axis. kwargs: `zero_init_residual` for all models;
+  name synchronises them over that axis. `conv_impl` None: the model's own convolutions,
+  the same on every backend (XLA's for images, ``factored`` for video models: see
+  :mod:`bssl.models.video`); `im2col_grad` (images) is an opt-in for benchmarks. kwargs: `zero_init_residual` for all models;
   `widths`, `depths`, `block`, `groups`, `width_per_group` for 'resnet_small'; video
   models (R(2+1)D, :mod:`bssl.models.video`) take theirs."""
   if is_video_model(name):
@@ -138,16 +143,15 @@ def create_model(
         dtype=dtype,
         bn_axis_name=bn_axis_name,
         bn_momentum=bn_momentum,
-        conv_impl="factored" if conv_impl == "im2col_grad" else conv_impl,
+        conv_impl="factored" if conv_impl in (None, "im2col_grad") else conv_impl,
         **kwargs,
     )
   cfg = arch_config(name, **kwargs)
   if int(num_classes) <= 0:
     raise ValueError(f"num_classes must be positive, got {num_classes}")
+  conv_impl = conv_impl or "xla"
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-  if conv_impl == "auto":  # XLA:CPU's own kernel gradient is slow; see models/conv.py
-    conv_impl = "im2col_grad" if jax.default_backend() == "cpu" else "xla"
   return ResNet(
       num_classes=int(num_classes),
       dtype=dtype,

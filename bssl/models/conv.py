@@ -29,8 +29,12 @@ shapes (batch 128), medians of interleaved runs on a shared machine (see
   and its kernel gradient is a [9, N*H*W] x [N*H*W, C] matmul (8.2 -> 2.9 ms).
 
 Forward convolutions and stride-1 input gradients stay XLA's. Results equal XLA's up
-to float32 summation order (``tests/unit/test_conv.py``). GPU and TPU keep XLA's own
-gradients (``create_model(conv_impl='auto')``).
+to float32 summation order (``tests/unit/test_conv.py``): not the same bits, so the
+choice is never made by the backend. Image models use XLA's convolutions on every
+backend (``create_model``'s default; on the demo's train step these gradients no longer
+pay on XLA:CPU: docs/performance.md); ``conv_impl='im2col_grad'`` is an explicit opt-in
+(``benchmarks/train_step.py``). Video models use them on every backend, through
+``Conv3D(impl='factored')`` (bssl/models/video.py).
 """
 
 from __future__ import annotations

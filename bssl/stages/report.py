@@ -56,6 +56,16 @@ def selection_table(sel: dict, unit: str = "images", num_bad: int = 0) -> str:
         f"{by.get('val', 0):,}); near-duplicates of D, left in U: "
         f"{ec['num_copies_of_labelled']:,}; listed in select/eval_copies.json"
     )
+  nd = sel.get("near_duplicates")
+  if nd is not None:
+    rows.append(
+        f"- near-duplicates within U collapsed in D̂: {nd['num_dropped']:,} {unit} left out "
+        f"(a better-ranked member of their family was selected in the class; "
+        f"{nd['num_families_collapsed']:,} families), from the top "
+        f"{nd['candidates_per_class']:,} candidates per class; listed in "
+        f"select/near_duplicates.parquet"
+        + (f"; classes short of K for it: {nd['classes_short']}" if nd.get("classes_short") else "")
+    )
   if "label_precision" in sel:
     rows.append(
         f"- label precision of D̂ (pseudo-label = hidden true label): "

@@ -9,7 +9,7 @@ import numpy as np
 from bssl import config as config_lib
 from bssl import parallel, scoring, selection, storage
 from bssl.data import sources
-from bssl.stages import eval_copies
+from bssl.stages import dhat_dedup, eval_copies
 
 
 def score(ctx, teacher: str = "teacher") -> dict:
@@ -17,7 +17,9 @@ def score(ctx, teacher: str = "teacher") -> dict:
   cfg, unl = ctx.cfg, ctx.data.unlabelled
   n, pi, pc = len(unl), parallel.process_index(), parallel.process_count()
   parts = ctx.dir / "parts"
-  k, p, ranked = config_lib.scoring_kp(cfg)
+  k_dhat, p, ranked = config_lib.scoring_kp(cfg)
+  # near-duplicates within U collapsed in D̂: a margin of candidates per class beyond K
+  k = dhat_dedup.scoring_k(cfg, k_dhat)
   nc = int(cfg.data.num_classes)
   balanced = bool(cfg.select.balanced)
   seed = int(cfg.seed)  # orders exact ties (bssl.selection.tie_hash)
@@ -33,8 +35,14 @@ def score(ctx, teacher: str = "teacher") -> dict:
       f"{len(chunks)} chunk(s) over {pc} process(es), batch {cfg.score.batch_size}, "
       f"top-{p} classes (generation {gen})"
       + (
-          f"; top-{k} kept per class and rank (any select.k <= {k}, select.p <= {p})"
+          f"; top-{k} kept per class and rank (any select.k <= {k_dhat}, select.p <= {p})"
           if ranked
+          else ""
+      )
+      + (
+          f"; {k} candidates kept per class for {k_dhat} distinct images (near-duplicates "
+          f"within U collapsed in select)"
+          if k != k_dhat
           else ""
       )
       + ("" if balanced else f"; unbalanced: the global top {k * nc} (image, class) " f"pairs kept")
@@ -129,7 +137,10 @@ def select(ctx, score: str = "score") -> dict:
         f"earlier image, placeholders, or copies of evaluation images); listed with "
         f"reasons in {ctx.dir / 'bad_images.json'}"
     )
-  if isinstance(acc, selection.GlobalTopK):  # unbalanced: K x C best pairs of any class
+  dedup_info = {}
+  if dhat_dedup.enabled(cfg):  # near-duplicates within U collapsed: D̂ of distinct images
+    sel, dedup_info = _collapsed(ctx, acc, int(cfg.select.k), int(cfg.select.p), unl)
+  elif isinstance(acc, selection.GlobalTopK):  # unbalanced: K x C best pairs of any class
     sel = acc.result(int(cfg.select.k), int(cfg.select.p))
     ctx.log(
         f"unbalanced D^: the global top {int(cfg.select.k) * acc.num_classes} pairs of "
@@ -161,6 +172,7 @@ def select(ctx, score: str = "score") -> dict:
       "min_per_class": int(counts.min()),
       "max_per_class": int(counts.max()),
       **copies_info,
+      **dedup_info,
   }
   truth = ctx.data.unlabelled_true_labels
   if truth is not None:
@@ -182,3 +194,37 @@ def select(ctx, score: str = "score") -> dict:
       + (f", label precision {info['label_precision']:.4f}" if "label_precision" in info else "")
   )
   return info
+
+
+def _collapsed(ctx, acc, k: int, p: int, unl) -> tuple[selection.Selection, dict]:
+  """D̂ of ``k`` distinct images per class (:mod:`bssl.stages.dhat_dedup`): the exact top
+  K' = ``candidates_per_class(k)`` candidates per class (ranks < ``p``), their
+  near-duplicate families found and collapsed to the best-ranked member, the first ``k``
+  kept; the dropped ones listed in ``near_duplicates.parquet``."""
+  kc = selection.candidates_per_class(k)
+  if acc.k < kc or (isinstance(acc, selection.TopKPerClass) and acc.k != kc):
+    raise scoring.IncompleteScoringError(
+        f"the score stage kept {acc.k} candidates per class, a D̂ of {k} distinct images "
+        f"needs {kc} (select.near_duplicates=collapse); delete {ctx.wd.stage('score')} to "
+        f"rescore"
+    )
+  balanced = not isinstance(acc, selection.GlobalTopK)
+  cands = acc.result() if isinstance(acc, selection.TopKPerClass) else acc.result(kc, p)
+  ctx.log(
+      f"near-duplicates within U: {len(cands)} candidates (the top {kc} per class"
+      + ("" if balanced else f", the global top {kc * acc.num_classes} pairs")
+      + f" of ranks < {p}) read back and matched, class by class, for a D^ of K={k} "
+      f"distinct images per class"
+  )
+  pairs, sims = dhat_dedup.find(ctx, cands, ctx.dir / "near_duplicates")
+  col = selection.collapse_near_duplicates(cands, pairs, k, balanced=balanced, seed=acc.seed)
+  table = dhat_dedup.write_table(
+      ctx.dir / "near_duplicates.parquet", col, cands, sims, unl, ctx.data.class_names
+  )
+  info = dhat_dedup.summary(col, cands, kc, len(pairs))
+  ctx.log(
+      f"near-duplicates within U collapsed in D^: {info['num_dropped']} candidates left out "
+      f"(a better-ranked member of their family selected; {info['num_families_collapsed']} "
+      f"families), {len(info['classes_short'])} classes short of K for it; listed in {table}"
+  )
+  return col.selection, {"near_duplicates": info}

@@ -320,4 +320,6 @@ def test_resume_in_a_process_with_another_device_count(tmp_path, uninterrupted):
     got = {k: z[k] for k in z.files}
   assert got.keys() == uninterrupted.keys()
   for k in uninterrupted:
-    np.testing.assert_allclose(got[k], uninterrupted[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # (2 vs 8 devices: a BatchNorm running mean of 0.022 drifts by 2.4e-5 from the
+    # threefry initialisation of issue 31)
+    np.testing.assert_allclose(got[k], uninterrupted[k], rtol=1e-4, atol=5e-5, err_msg=k)
