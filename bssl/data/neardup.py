@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import cv2
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -48,6 +50,18 @@ KEEP = 64  # side of the grey thumbnail kept per evaluation image
 SIDES = (1.0, 0.97, 0.94, 0.91, 0.88)
 STEPS = 5
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
+# the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
+SIDE = 256  # images described at this longer side
+CHECK_SIDE = 64  # and compared pixel by pixel at this one
+NFEATURES = 300  # ORB keypoints per image at most
+VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for its image
+MIN_VOTES = 6
+CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
+MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
+ALIGNED_THRESHOLD = 0.5  # median 8x8-cell correlation after alignment
+EXACT_CODES = 2_000_000  # above: inverted lists
+cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
+faiss.omp_set_num_threads(1)
 
 
 def grey(img: np.ndarray) -> Image.Image:
@@ -115,6 +129,8 @@ def _query(im: Image.Image):
 class Match:
   similarity: np.ndarray  # [n] float32: best similarity to any evaluation image
   index: np.ndarray  # [n] int64: position of that image in the index (-1: none)
+  copy: np.ndarray | None = None  # [n] bool: a copy (Index; ThumbIndex: similarity >= 0.95)
+  inliers: np.ndarray | None = None  # [n] int64: local path's geometric inliers (0: not used)
 
 
 class ThumbIndex:
@@ -171,35 +187,250 @@ class ThumbIndex:
         sim[a + r], idx[a + r] = best, arg
     return Match(sim, idx)
 
+  def copies_of(self, img, exclude: int = -1, threshold: float = DEFAULT_THRESHOLD) -> set[int]:
+    """Every candidate evaluation image (``exclude`` left out) whose aligned similarity to
+    ``img`` reaches ``threshold``."""
+    if self.n < 2:
+      return set()
+    q = _query(grey(img))
+    nv = len(self.coarse) // self.n
+    s = (q[0] @ self.coarse.T).reshape(2, self.n, nv).max(axis=(0, 2))
+    if exclude >= 0:
+      s[exclude] = -2.0
+    k = min(self.candidates, self.n - 1)
+    return {
+        int(e)
+        for e in np.argpartition(-s, k - 1)[:k]
+        if int(e) != exclude and float((q[1] @ self._fine_of(int(e)).T).max()) >= threshold
+    }
 
-Index = ThumbIndex  # (being replaced by the web-copy matcher: issue 30)
+
+def _grey_u8(img) -> np.ndarray:
+  a = np.asarray(img)
+  if a.ndim == 3 and a.shape[2] == 3:
+    return cv2.cvtColor(np.ascontiguousarray(a, np.uint8), cv2.COLOR_RGB2GRAY)
+  return np.ascontiguousarray(a.reshape(a.shape[0], a.shape[1]), np.uint8)
 
 
-def near_duplicate_pairs(images, block: int = 4096) -> np.ndarray:
+def trim_borders(g: np.ndarray, tol: int = 12, frac: float = 0.6, most: float = 0.45):
+  """``g`` (grey uint8) without its borders: leading / trailing rows and columns of which
+  ``frac`` of the pixels are within ``tol`` of the edge line's median or black or white
+  (letterbox bars, padding to a square, a caption band with its text), at most ``most`` of each side; the
+  image itself when nothing (or too much) would go."""
+  h, w = g.shape
+
+  def lead(a, n):
+    ref, k, lim = int(np.median(a[0])), 0, int(most * n)
+    while k < lim:
+      row = a[k].astype(np.int16)  # the edge's colour, or a caption's black / white text
+      if ((np.abs(row - ref) <= tol) | (row <= 25) | (row >= 230)).mean() < frac:
+        break
+      k += 1
+    return k
+
+  t, b, left, r = lead(g, h), lead(g[::-1], h), lead(g.T, w), lead(g.T[::-1], w)
+  if (t, b, left, r) == (0, 0, 0, 0) or h - t - b < 0.3 * h or w - left - r < 0.3 * w:
+    return g
+  return g[t : h - b, left : w - r]
+
+
+def _to_side(g: np.ndarray, side: int) -> np.ndarray:
+  h, w = g.shape
+  s = side / max(h, w)
+  size = (max(1, round(w * s)), max(1, round(h * s)))
+  return cv2.resize(g, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+
+
+_tls = threading.local()
+
+
+def _orb():
+  o = getattr(_tls, "orb", None)
+  if o is None:
+    o = _tls.orb = cv2.ORB_create(
+        nfeatures=NFEATURES, fastThreshold=7, edgeThreshold=15, patchSize=15
+    )
+    _tls.bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+  return o
+
+
+def _features(g: np.ndarray):
+  kp, d = _orb().detectAndCompute(g, None)
+  if d is None:
+    return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+  return np.float32([k.pt for k in kp]), d
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+  a = a - a.mean()
+  b = b - b.mean()
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-6))
+
+
+def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> float:
+  """How alike ``query`` mapped onto ``target`` by the homography ``h`` is (grey uint8
+  images): over the part of ``target`` the query covers (at least 30%), both at 32x32, the
+  median of the correlations of its 8x8 cells (at least 4 cells) — an overlay, a band or a
+  sticker spoils a few cells, not the median; -1 where too little is covered."""
+  th, tw = target.shape
+  warped = cv2.warpPerspective(query, h, (tw, th), flags=cv2.INTER_LINEAR)
+  ones = np.full(query.shape, 255, np.uint8)
+  valid = cv2.warpPerspective(ones, h, (tw, th), flags=cv2.INTER_NEAREST) > 0
+  if valid.mean() < 0.3:
+    return -1.0
+  ys, xs = np.nonzero(valid)
+  y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+  def small(a):
+    return cv2.resize(a[y0:y1, x0:x1], (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+  a, b = small(warped), small(target)
+  v = small(valid.astype(np.uint8) * 255) > 254
+  cells = [
+      _corr(a[y : y + 8, x : x + 8][m], b[y : y + 8, x : x + 8][m])
+      for y in range(0, 32, 8)
+      for x in range(0, 32, 8)
+      if (m := v[y : y + 8, x : x + 8]).mean() > 0.8
+  ]
+  return float(np.median(cells)) if len(cells) >= 4 else -1.0
+
+
+@dataclasses.dataclass
+class Verdict:
+  similarity: float = -1.0
+  index: int = -1
+  inliers: int = 0
+
+
+class Index:
+  """The evaluation images, ready to be matched against U by the two paths of the module
+  doc: the aligned thumbnails (:class:`ThumbIndex`, on the image and on it with its borders
+  trimmed) and, for what they do not find, local features verified by geometry and pixels.
+  ``match`` may be called from several threads at once."""
+
+  def __init__(self, images, candidates: int = 8, threshold: float = DEFAULT_THRESHOLD):
+    images = list(images)
+    self.threshold = float(threshold)
+    self.thumb = ThumbIndex(images, candidates)
+    self.n = len(images)
+    # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1)
+    self.small, self.points, self.descs = [], [], []
+    for img in images:
+      g = _to_side(_grey_u8(img), SIDE)
+      for v in (g, np.ascontiguousarray(g[:, ::-1])):
+        p, d = _features(v)
+        self.small.append(_to_side(v, CHECK_SIDE))  # (the pixel check's copy)
+        self.points.append(p)
+        self.descs.append(d)
+    counts = [len(d) for d in self.descs]
+    self.owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    codes = np.concatenate(self.descs) if counts else np.zeros((0, 32), np.uint8)
+    self.codes = _binary_index(codes)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held (the thumbnails' index, the views cache's bound excluded; features)."""
+    thumbs = self.thumb.coarse.nbytes + sum(t.size[0] * t.size[1] for t in self.thumb.thumbs)
+    local = sum(
+        s.nbytes + p.nbytes + d.nbytes for s, p, d in zip(self.small, self.points, self.descs)
+    )
+    return int(thumbs + local + self.owner.nbytes + self.codes.ntotal * 32 * 2)
+
+  def _local(self, img, exclude: int = -1) -> list[Verdict]:
+    """The verdicts of the local path on the candidate views of ``img`` (evaluation image
+    ``exclude`` left out), best first."""
+    g = _to_side(_grey_u8(img), SIDE)
+    p, d = _features(g)
+    gs = _to_side(g, CHECK_SIDE)
+    to_small = np.diag([gs.shape[1] / g.shape[1], gs.shape[0] / g.shape[0], 1.0])
+    found = []
+    if len(d) < MIN_INLIERS or self.codes.ntotal == 0:
+      return found
+    dist, ids = self.codes.search(d, 4)
+    ok = (dist <= VOTE_DISTANCE) & (ids >= 0)
+    votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
+    if exclude >= 0:
+      votes[2 * exclude : 2 * exclude + 2] = 0
+    bf = _tls.bf
+    for view in np.argsort(-votes, kind="stable")[:CANDIDATE_VIEWS]:
+      if votes[view] < MIN_VOTES:
+        break
+      pairs = bf.knnMatch(d, self.descs[view], k=2)
+      good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < 0.85 * m[1].distance]
+      if len(good) < MIN_INLIERS:
+        continue
+      src = p[[m.queryIdx for m in good]]
+      dst = self.points[view][[m.trainIdx for m in good]]
+      h, mask = cv2.findHomography(src, dst, cv2.RANSAC, 5.0, maxIters=300, confidence=0.99)
+      if h is None or int(mask.sum()) < MIN_INLIERS:
+        continue
+      f = CHECK_SIDE / SIDE  # h maps SIDE-sized images: now CHECK_SIDE-sized ones
+      h = np.diag([f, f, 1.0]) @ h @ np.linalg.inv(to_small)
+      s = aligned_similarity(gs, self.small[view], h)
+      if s >= ALIGNED_THRESHOLD:
+        found.append(Verdict(s, int(view) // 2, int(mask.sum())))
+    return sorted(found, key=lambda v: -v.similarity)
+
+  def match(self, images) -> Match:
+    """Each of ``images`` against the evaluation images: the best similarity, the matched
+    image, the decision (``copy``) and, where the local path decided, its inliers."""
+    images = list(images)
+    m = self.thumb.match(images)
+    sim, idx = m.similarity.copy(), m.index.copy()
+    copy = sim >= self.threshold
+    inliers = np.zeros(len(images), np.int64)
+    trimmed = {}
+    for i in np.flatnonzero(~copy):
+      g = _grey_u8(images[i])
+      t = trim_borders(g)
+      if t is not g:
+        trimmed[int(i)] = t
+    if trimmed:
+      mt = self.thumb.match(list(trimmed.values()))
+      for j, i in enumerate(trimmed):
+        if mt.similarity[j] >= self.threshold:
+          sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
+    for i in np.flatnonzero(~copy):
+      found = self._local(images[i])
+      if found:
+        v = found[0]
+        sim[i], idx[i], copy[i], inliers[i] = v.similarity, v.index, True, v.inliers
+    return Match(sim, idx, copy, inliers)
+
+  def copies_within(self, i: int, img) -> set[int]:
+    """The evaluation images other than ``i`` of which ``img`` (evaluation image ``i``) is
+    a near-duplicate, by either path."""
+    out = set()
+    g = _grey_u8(img)
+    for view in (g, trim_borders(g)):
+      out |= self.thumb.copies_of(view, exclude=i, threshold=self.threshold)
+    out |= {v.index for v in self._local(img, exclude=i)}
+    return out
+
+
+def _binary_index(codes: np.ndarray):
+  """An index of ORB codes (256 bits): exact below 2M codes, else inverted lists (faiss
+  IndexBinaryIVF, 4 lists probed)."""
+  if len(codes) <= EXACT_CODES:
+    index = faiss.IndexBinaryFlat(256)
+  else:
+    nlist = int(min(65536, max(1024, len(codes) // 256)))
+    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
+    rng = np.random.default_rng(0)
+    index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 40), replace=False)])
+    index.nprobe = 4
+  if len(codes):
+    index.add(codes)
+  return index
+
+
+def near_duplicate_pairs(images) -> np.ndarray:
   """The pairs ``(i, j)``, ``i < j``, of ``images`` that are near-duplicates of one another
-  (int64 [m, 2], sorted): each image matched against the index of all of them, itself left
-  out. (First version: the correlation method; the web-copy matcher replaces it.)"""
+  by either path of :class:`Index` (int64 [m, 2], sorted, unique): each image against the
+  index of all of them, itself left out. Cost: an index of the images plus one match each."""
   images = list(images)
   if len(images) < 2:
     return np.zeros((0, 2), np.int64)
-  index = Index(images, candidates=9)
-  out = []
-  for i, x in enumerate(images):
-    m = _match_excluding(index, x, i)
-    if m is not None:
-      out.append((min(i, m), max(i, m)))
+  index = Index(images)
+  out = [(min(i, j), max(i, j)) for i, x in enumerate(images) for j in index.copies_within(i, x)]
   return np.unique(np.asarray(out, np.int64).reshape(-1, 2), axis=0)
-
-
-def _match_excluding(index, x, self_pos):
-  q = _query(grey(x))
-  nv = len(index.coarse) // index.n
-  s = (q[0] @ index.coarse.T).reshape(2, index.n, nv).max(axis=(0, 2))
-  s[self_pos] = -2.0
-  k = min(index.candidates, index.n - 1)
-  best, arg = -1.0, None
-  for e in np.argpartition(-s, k - 1)[:k]:
-    v = float((q[1] @ index._fine_of(int(e)).T).max())
-    if v > best:
-      best, arg = v, int(e)
-  return arg if best >= DEFAULT_THRESHOLD else None

@@ -76,7 +76,7 @@ def find(ctx, folder) -> dict:
         )
         continue
       eids, eimgs = zip(*_images(src, range(len(src))))
-      indexes.append((split, np.asarray(eids), neardup.Index(eimgs)))
+      indexes.append((split, np.asarray(eids), neardup.Index(eimgs, threshold=thr)))
     against = ", ".join(f"{len(e)} {SPLITS[s]}" for s, e, _ in indexes)
     total = sum(min(BLOCK, len(unl) - b) for c in todo for b in chunks[c])
     ctx.log(
@@ -96,9 +96,10 @@ def find(ctx, folder) -> dict:
         parts = list(pool.map(index.match, subs))
         sim = np.empty(len(imgs_u), np.float32)
         idx = np.empty(len(imgs_u), np.int64)
+        copy = np.empty(len(imgs_u), bool)
         for j, m in enumerate(parts):
-          sim[j::THREADS], idx[j::THREADS] = m.similarity, m.index
-        hit = np.flatnonzero(sim >= thr)
+          sim[j::THREADS], idx[j::THREADS], copy[j::THREADS] = m.similarity, m.index, m.copy
+        hit = np.flatnonzero(copy)
         out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(), sim[hit].tolist()))
       return min(BLOCK, len(unl) - a), out
 

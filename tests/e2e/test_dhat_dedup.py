@@ -265,6 +265,7 @@ def planted_runs(tmp_path_factory, demo_tiny_run):
       family[pos] = int(name[1 : name.index("_")])
   cfg = demo.get_config("tiny")
   cfg.unlabelled.kind, cfg.unlabelled.path = "image_folder", str(folder)
+  cfg.select.near_duplicates = "collapse"  # (the default; the demo itself may run without)
   cfg.stages = "baseline,teacher,score,select,report"
   on = str(tmp / "on")
   for stage in ("baseline", "teacher"):

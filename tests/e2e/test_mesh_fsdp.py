@@ -4,8 +4,9 @@ On 8 fake CPU devices (tests/conftest.py): the initial parameters from a seed ar
 bits on one device, on an 8-device one-axis mesh and on a 4 x 2 mesh (threefry,
 partitionable: an fsdp-sharded init is generated shard by shard with the unsharded bits);
 a few train steps on the 4 x 2 mesh give the one-axis mesh's losses, accuracies and
-parameters (float tolerance) with the state sharded over fsdp all along; a mesh_shape the
-devices cannot form is one line, exit 2, before any work.
+parameters (float tolerance) with the state sharded over fsdp all along; a checkpoint is
+read straight into that layout; a new head replaces only the head, on the devices; a
+mesh_shape the devices cannot form is one line, exit 2, before any work.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import pytest
 
 from bssl import config, models, parallel, train
+from bssl.backends import jax as jax_backend
 from bssl.configs import demo
+from bssl.data import pipelines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (28, 28, 1)
@@ -99,6 +102,45 @@ def test_same_initial_parameters_on_1_device_8_devices_and_4x2(states, model):
   for path, want in GOLDEN.items():
     got = functools.reduce(lambda d, k: d[k], path.split("/"), ref.params).ravel()[:4]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8, err_msg=path)
+
+
+def test_a_new_head_replaces_only_the_head_on_the_devices(meshes, states):
+  """Another label space (weak tags -> classes, transfer): the fresh head comes from a
+  jitted init on the devices, every other array is the input's own object (the old
+  version device_get-ed both sets of weights: numpy copies; on a GPU or TPU the guard
+  below refuses that fetch too, XLA:CPU's arrays are host memory already)."""
+  mesh, st = meshes["4x2"], states["4x2"]
+  variables = {"params": st.params, "batch_stats": st.batch_stats}
+  model5 = models.create_model("resnet_small", 5, **SMALL)
+  spec = pipelines.ImageSpec(size=SHAPE[0], channels=SHAPE[2])
+  with jax.transfer_guard_device_to_host("disallow_explicit"):
+    out = jax_backend.new_head(variables, model5, spec, seed=1, mesh=mesh, log=lambda m: None)
+  assert out["params"]["fc"]["kernel"].shape == (64, 5)
+  assert out["params"]["fc"]["kernel"].sharding == parallel.replicated(mesh)  # (small)
+  kept = 0
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(variables), strict=True
+  ):
+    if "fc" not in jax.tree_util.keystr(path):
+      assert a is b, jax.tree_util.keystr(path)
+      kept += 1
+  assert kept == len(jax.tree.leaves(variables)) - 2
+
+
+def test_a_checkpoint_is_read_straight_into_its_sharded_layout(meshes, states, tmp_path):
+  """``init_from`` / a stage's variables to train from: restored once onto the 4x2 mesh,
+  each array in the train state's layout (the fsdp shards), values unchanged."""
+  st = states["8"]
+  variables = {"params": st.params, "batch_stats": st.batch_stats}
+  train.save_variables(tmp_path / "v", variables)
+  mesh = meshes["4x2"]
+  target = jax.eval_shape(lambda: variables)
+  got = train.load_variables(tmp_path / "v", mesh, target, sharded=True)
+  want = parallel.state_sharding(mesh, target)
+  assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, got)) == jax.tree.leaves(want)
+  assert _sharded_leaves(got["params"])
+  for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(variables))):
+    np.testing.assert_array_equal(a, b)
 
 
 def _run(model, mesh, state, bn_mode):
