@@ -60,6 +60,8 @@ CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified 
 MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
 ALIGNED_THRESHOLD = 0.5  # median 8x8-cell correlation after alignment
 EXACT_CODES = 2_000_000  # above: inverted lists
+BYTES_PER_IMAGE = 72 * 1024  # an evaluation image in Index (measured: docs/webdataset.md)
+VIEWS_CACHE_BYTES = 4096 * 65 * FINE * FINE * 4  # ThumbIndex's cache of rendered views
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
 

@@ -13,9 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 
 from bssl import parallel, procs, progress, storage
-from bssl.data import neardup
+from bssl.data import neardup, sources
 
 SPLITS = ("test", "val", "labelled")
 MAX_D = 200_000  # D bigger than this (ImageNet's 1.28M) is not searched for copies
@@ -35,6 +36,22 @@ THREADS = procs.num_cores()  # matching threads per process: the cores it may us
 
 def _part(folder, pi: int, pc: int, chunk: int):
   return folder / f"p{pi:05d}-of-{pc:05d}-c{chunk:06d}.npz"
+
+
+def check_memory(num_images: int, available: int | None = None) -> None:
+  """Refuses (DataError, with the figures) evaluation sets whose index would not fit in
+  half of this host's available memory: about :data:`neardup.BYTES_PER_IMAGE` per image
+  plus the views cache (:data:`neardup.VIEWS_CACHE_BYTES`)."""
+  need = num_images * neardup.BYTES_PER_IMAGE + neardup.VIEWS_CACHE_BYTES
+  if available is None:
+    available = psutil.virtual_memory().available
+  if need > available // 2:
+    raise sources.DataError(
+        f"eval copies: {num_images:,} evaluation images need about {need / 2**30:.1f} GiB "
+        f"for their index ({neardup.BYTES_PER_IMAGE // 1024} KiB each + the views cache), "
+        f"more than half of this host's {available / 2**30:.1f} GiB available; set "
+        f"score.eval_copies=off or use hosts with more memory"
+    )
 
 
 def find(ctx, folder) -> dict:
@@ -65,8 +82,18 @@ def find(ctx, folder) -> dict:
     thr = float(cfg.score.copy_threshold)
     t0 = time.time()
     indexes = []
+    sizes = {
+        name: len(src)
+        for name in SPLITS
+        if (src := getattr(ctx.data, name)) is not None
+        and not (name == "labelled" and len(src) > MAX_D)
+    }
+    check_memory(sum(sizes.values()))
     for split, name in enumerate(SPLITS):
       src = getattr(ctx.data, name)
+      if name != "labelled" and (src is None or len(src) == 0):
+        ctx.log(f"eval copies: the {name} split is empty: no copies of it to search for")
+        continue
       if src is None or len(src) == 0:
         continue
       if name == "labelled" and len(src) > MAX_D:
@@ -75,7 +102,11 @@ def find(ctx, folder) -> dict:
             f"searched"
         )
         continue
-      eids, eimgs = zip(*_images(src, range(len(src))))
+      got = list(_images(src, range(len(src))))
+      if not got:
+        ctx.log(f"eval copies: no {name} image could be read: none to search for")
+        continue
+      eids, eimgs = zip(*got)
       indexes.append((split, np.asarray(eids), neardup.Index(eimgs, threshold=thr)))
     against = ", ".join(f"{len(e)} {SPLITS[s]}" for s, e, _ in indexes)
     total = sum(min(BLOCK, len(unl) - b) for c in todo for b in chunks[c])
