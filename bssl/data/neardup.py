@@ -59,7 +59,10 @@ MIN_VOTES = 6
 CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
 MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
 ALIGNED_THRESHOLD = 0.5  # median 8x8-cell correlation after alignment
-EXACT_CODES = 2_000_000  # above: inverted lists
+EXACT_CODES = 20_000  # above: inverted lists
+EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
+COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
+PROBES = 4
 BYTES_PER_IMAGE = 72 * 1024  # an evaluation image in Index (measured: docs/webdataset.md)
 VIEWS_CACHE_BYTES = 4096 * 65 * FINE * FINE * 4  # ThumbIndex's cache of rendered views
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
@@ -151,6 +154,11 @@ class ThumbIndex:
     self.thumbs = thumbs
     self.n = len(thumbs)
     self.coarse = np.concatenate(coarse) if coarse else np.zeros((0, COARSE * COARSE), np.float32)
+    self._graph = None
+    if len(self.coarse) > EXACT_VIEWS:
+      self._graph = faiss.IndexHNSWFlat(COARSE * COARSE, 32, faiss.METRIC_INNER_PRODUCT)
+      self._graph.hnsw.efSearch = 128
+      self._graph.add(self.coarse)
     self._fine: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -165,29 +173,53 @@ class ThumbIndex:
         self._fine[e] = f
     return f
 
-  def match(self, images, block: int = 256) -> Match:
-    """The best similarity of each of ``images`` to the evaluation images."""
+  def match(self, images, block: int = 256, gate: float = -2.0) -> Match:
+    """The best similarity of each of ``images`` to the evaluation images (candidates of
+    coarse similarity below ``gate`` not verified)."""
     images = list(images)
     sim = np.full(len(images), -1.0, np.float32)
     idx = np.full(len(images), -1, np.int64)
     if self.n == 0:
       return Match(sim, idx)
-    nv = len(self.coarse) // self.n
-    k = min(self.candidates, self.n)
     for a in range(0, len(images), block):
       qs = [_query(grey(x)) for x in images[a : a + block]]
-      c = np.stack([q[0] for q in qs])  # [b, 2, 256]
-      s = (c.reshape(-1, c.shape[-1]) @ self.coarse.T).reshape(len(qs), 2, self.n, nv)
-      s = s.max(axis=(1, 3))  # [b, n]
-      cand = np.argpartition(-s, k - 1, axis=1)[:, :k]
-      for r, (q, cs) in enumerate(zip(qs, cand)):
+      cand, score = self._candidates(np.stack([q[0] for q in qs]))
+      for r, (q, cs, ss) in enumerate(zip(qs, cand, score)):
         best, arg = -1.0, -1
-        for e in cs:
+        for e, c in zip(cs, ss):
+          if c < gate or e < 0:
+            continue
           v = float((q[1] @ self._fine_of(int(e)).T).max())
           if v > best:
             best, arg = v, int(e)
         sim[a + r], idx[a + r] = best, arg
     return Match(sim, idx)
+
+  def _candidates(self, c: np.ndarray):
+    """The ``candidates`` evaluation images of highest coarse similarity to each query
+    ([b, 2, 256]: an image and its mirror image) and those similarities: an exact product
+    up to :data:`EXACT_VIEWS` views, else faiss's HNSW graph of the views."""
+    b, nv = len(c), len(self.coarse) // self.n
+    k = min(self.candidates, self.n)
+    if self._graph is None:
+      s = (c.reshape(-1, c.shape[-1]) @ self.coarse.T).reshape(b, 2, self.n, nv)
+      s = s.max(axis=(1, 3))  # [b, n]
+      cand = np.argpartition(-s, k - 1, axis=1)[:, :k]
+      return cand, np.take_along_axis(s, cand, axis=1)
+    dist, ids = self._graph.search(np.ascontiguousarray(c.reshape(-1, c.shape[-1])), k * nv)
+    cand = np.full((b, k), -1, np.int64)
+    score = np.full((b, k), -2.0, np.float32)
+    for r in range(b):
+      owner, sims = ids[2 * r : 2 * r + 2].ravel() // nv, dist[2 * r : 2 * r + 2].ravel()
+      ok = owner >= 0
+      best: dict[int, float] = {}
+      for o, v in zip(owner[ok].tolist(), sims[ok].tolist()):
+        if v > best.get(o, -2.0):
+          best[o] = v
+      top = sorted(best.items(), key=lambda t: -t[1])[:k]
+      cand[r, : len(top)] = [t[0] for t in top]
+      score[r, : len(top)] = [t[1] for t in top]
+    return cand, score
 
   def copies_of(self, img, exclude: int = -1, threshold: float = DEFAULT_THRESHOLD) -> set[int]:
     """Every candidate evaluation image (``exclude`` left out) whose aligned similarity to
@@ -363,7 +395,12 @@ class Index:
         continue
       src = p[[m.queryIdx for m in good]]
       dst = self.points[view][[m.trainIdx for m in good]]
-      h, mask = cv2.findHomography(src, dst, cv2.RANSAC, 5.0, maxIters=300, confidence=0.99)
+      # a cheap affine gate (0.1 ms), then the homography (USAC, 0.5 ms; RANSAC's 300
+      # iterations took 7 ms, most of the time of a U image)
+      a, amask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=8.0)
+      if a is None or int(amask.sum()) < MIN_INLIERS - 2:
+        continue
+      h, mask = cv2.findHomography(src, dst, cv2.USAC_FAST, 5.0)
       if h is None or int(mask.sum()) < MIN_INLIERS:
         continue
       f = CHECK_SIDE / SIDE  # h maps SIDE-sized images: now CHECK_SIDE-sized ones
@@ -377,7 +414,7 @@ class Index:
     """Each of ``images`` against the evaluation images: the best similarity, the matched
     image, the decision (``copy``) and, where the local path decided, its inliers."""
     images = list(images)
-    m = self.thumb.match(images)
+    m = self.thumb.match(images, gate=COARSE_GATE)
     sim, idx = m.similarity.copy(), m.index.copy()
     copy = sim >= self.threshold
     inliers = np.zeros(len(images), np.int64)
@@ -388,7 +425,7 @@ class Index:
       if t is not g:
         trimmed[int(i)] = t
     if trimmed:
-      mt = self.thumb.match(list(trimmed.values()))
+      mt = self.thumb.match(list(trimmed.values()), gate=COARSE_GATE)
       for j, i in enumerate(trimmed):
         if mt.similarity[j] >= self.threshold:
           sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
@@ -411,16 +448,20 @@ class Index:
 
 
 def _binary_index(codes: np.ndarray):
-  """An index of ORB codes (256 bits): exact below 2M codes, else inverted lists (faiss
-  IndexBinaryIVF, 4 lists probed)."""
+  """An index of ORB codes (256 bits): exact for up to :data:`EXACT_CODES` codes, else
+  inverted lists (faiss IndexBinaryIVF: one list per ~256 codes, found by an HNSW graph of
+  their centroids, :data:`PROBES` lists searched)."""
   if len(codes) <= EXACT_CODES:
     index = faiss.IndexBinaryFlat(256)
   else:
-    nlist = int(min(65536, max(1024, len(codes) // 256)))
-    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
+    nlist = int(min(1 << 17, max(256, len(codes) // 256)))
+    quantizer = faiss.IndexBinaryHNSW(256, 16)
+    index = faiss.IndexBinaryIVF(quantizer, 256, nlist)
+    index.cp.min_points_per_centroid = 5
     rng = np.random.default_rng(0)
-    index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 40), replace=False)])
-    index.nprobe = 4
+    index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 32), replace=False)])
+    index.nprobe = PROBES
+    index._quantizer = quantizer  # (keep it alive: faiss does not own it)
   if len(codes):
     index.add(codes)
   return index
