@@ -1,37 +1,44 @@
-"""Near-duplicates of evaluation images in U: transformed copies (resized, cropped by up to
-about 20% of the area, JPEG re-encoded down to quality ~30, flipped, colour-shifted) of
-test / validation images, which a teacher labels right and a student then memorises, so
-that the test accuracy is inflated.
+"""Near-duplicates of evaluation images in U: copies of test / validation images as the web
+makes them (resized, cropped to 60% of the area, JPEG at quality 10, re-coloured, mirrored,
+blurred, a caption band on top, text or a sticker over it, letterboxed or padded to a square,
+rotated by 10 degrees, in perspective, and pairs of these), which a teacher labels right and a
+student then memorises, so that the test accuracy is inflated. No model weights.
 
-Method: pixel correlation after alignment, in two steps.
+:class:`Index` decides by two paths; a U image is a copy when either says so.
 
-1. **Candidates.** Every evaluation image is described by a few views (the whole image,
-   the centre 90% and the four corner 90% crops), each a 16x16 grey thumbnail (box
-   filter) with its mean removed and unit norm; a U image (and its mirror image) by its
-   own thumbnail. The ``candidates`` evaluation images of highest cosine similarity (exact
-   search: blocked matrix products) go on to step 2.
-2. **Verification.** A candidate is rendered at 32x32 over a grid of crops (side 100% to
-   88% of the image in 3% steps, 5x5 positions each) and compared with the U image and its
-   mirror image at 32x32, both with the mean removed and unit norm; the best correlation
-   over views is the pair's *similarity*. A U image whose best similarity reaches
-   ``threshold`` is a near-duplicate of that evaluation image.
+1. **Aligned thumbnails** (:class:`ThumbIndex`, the method of bssl <= 0.4). Every evaluation
+   image is described by six coarse views (the whole image, the centre 90%, the four corner
+   90% crops: 16x16 grey, mean removed, unit norm); the ``candidates`` of highest cosine
+   similarity to a U image or its mirror image (exact products, or faiss's HNSW graph of the
+   views beyond :data:`EXACT_VIEWS`), of coarse similarity at least :data:`COARSE_GATE`, are
+   rendered at 32x32 over a grid of crops (side 100% to 88%, 5x5 positions) and correlated
+   with the U image; the best correlation is the *similarity*, a copy from ``threshold``
+   (``score.copy_threshold``, 0.95). The same on the U image with its borders trimmed
+   (:func:`trim_borders`: letterbox bars, padding, a caption band). Finds resizing, aspect,
+   JPEG, colour, grey, mirror, blur, sharpening; trimmed, letterbox, padding, caption bands.
+2. **Local features** for what the first path does not find. ORB keypoints (at most
+   :data:`NFEATURES`, image brought to :data:`SIDE` px) of every evaluation image and of its
+   mirror image in a faiss index of binary codes (exact, or inverted lists beyond
+   :data:`EXACT_CODES` codes); the U image's codes vote for the images they are near; the
+   :data:`CANDIDATE_VIEWS` most voted are verified: ratio-tested matches, an affine RANSAC
+   gate, a homography (USAC) with at least :data:`MIN_INLIERS` inliers, then the U image
+   mapped onto the evaluation image and compared pixel by pixel (:func:`aligned_similarity`:
+   the median correlation of 8x8 cells at 32x32, at least :data:`ALIGNED_THRESHOLD`, so an
+   overlay spoils a few cells, not the verdict). Finds crops, rotations, perspective,
+   overlays, bands, padding — geometry a global descriptor cannot undo — and rejects
+   look-alikes, whose matches have no common geometry or whose pixels differ once aligned.
 
-Why this and not a perceptual hash: a 64-bit hash of the whole image changes under a 20%
-crop (its DCT coefficients move), and a learned feature (the teacher's pooled features)
-is trained to map *different* images of one class together, which is the opposite of
-telling a copy from a look-alike; aligning the crop explicitly makes crops, resizing and
-flips exact up to interpolation, mean/norm removal makes brightness and contrast changes
-exact, and JPEG at quality 30 moves a 32x32 thumbnail little. No model weights are
-needed. Grey level correlation ignores hue shifts by design (a mild colour change).
+Why not a perceptual hash: a 64-bit hash of the whole image changes under a crop, a band or
+padding (measured beside this method in benchmarks/webcopies.py); and a learned class
+feature maps different images of one class together, the opposite of telling a copy from a
+look-alike.
 
-Cost (|E| evaluation images, N images of U on a host, c candidates): index memory
-``|E| x 6 x 256 x 4`` bytes (ImageNet val, 50k: 300 MB) plus the evaluation images as
-64x64 grey thumbnails (``|E| x 4 kB``: 200 MB), plus a cache of rendered views (at most
-4,096 evaluation images x 266 kB: 1.1 GB); time per U image ``2 x 6|E| x 256``
-multiply-adds for step 1 (ImageNet val: 1.5e8, ~3 ms on one core) plus ``c x 2 x 65`` 32x32
-correlations and ``c x 65`` renderings for step 2 (~0.4 ms per candidate). At 10^9 images
-over H hosts: ``10^9 / H x (3 ms + c x 0.4 ms)`` of one core; step 1 is the part to move
-to an IVF index (faiss) or the accelerator at that scale. Measured figures: docs/webdataset.md.
+Cost (docs/webdataset.md has the measured figures): per evaluation image about
+:data:`BYTES_PER_IMAGE` (thumbnail, coarse views, the ORB points and codes of it and its
+mirror image, a 64-px copy for the pixel check) plus a bounded cache of rendered views
+(:data:`VIEWS_CACHE_BYTES`); per U image one ORB extraction, one search of ~300 codes, up to
+8 rendered candidates and up to 3 geometric verifications. :func:`near_duplicate_pairs`
+finds the pairs of copies within one set (near-duplicates within U, for D̂).
 """
 
 from __future__ import annotations
