@@ -54,6 +54,44 @@ def check_memory(num_images: int, available: int | None = None) -> None:
     )
 
 
+def search_block(indexes, images, map_=map) -> dict:
+  """The copies among one block of U: ``images`` ((id, uint8 image) pairs) against
+  ``indexes`` ((split, evaluation ids, neardup.Index) triples); returns the arrays ``id``,
+  ``split``, ``match`` and ``similarity`` of every copy found. A pure function of its
+  inputs (no files, no processes): any executor may run blocks in any order and merge what
+  they return (:func:`merge`); ``map_`` spreads the block over threads (``pool.map``)."""
+  got = list(images)
+  out = {k: [] for k in ("id", "split", "match", "similarity")}
+  if got:
+    ids_u, imgs_u = zip(*got)
+    n = max(1, min(THREADS, len(imgs_u)))
+    for split, eids, index in indexes:
+      parts = list(map_(index.match, [imgs_u[j::n] for j in range(n)]))
+      sim = np.empty(len(imgs_u), np.float32)
+      idx = np.empty(len(imgs_u), np.int64)
+      copy = np.empty(len(imgs_u), bool)
+      for j, m in enumerate(parts):
+        sim[j::n], idx[j::n], copy[j::n] = m.similarity, m.index, m.copy
+      hit = np.flatnonzero(copy)
+      out["id"] += [ids_u[h] for h in hit]
+      out["split"] += [split] * len(hit)
+      out["match"] += np.asarray(eids)[idx[hit]].tolist()
+      out["similarity"] += sim[hit].tolist()
+  return {k: np.asarray(v, np.float32 if k == "similarity" else np.int64) for k, v in out.items()}
+
+
+def merge(parts) -> dict:
+  """The blocks' results (:func:`search_block`) as one, ordered by U id then split: the
+  same whatever order or grouping the blocks ran in."""
+  keys = ("id", "split", "match", "similarity")
+  parts = list(parts)
+  if not parts:
+    return {k: np.zeros(0, np.float32 if k == "similarity" else np.int64) for k in keys}
+  out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+  o = np.lexsort((out["split"], out["id"]))
+  return {k: v[o] for k, v in out.items()}
+
+
 def find(ctx, folder) -> dict:
   """Each process matches its share of U (blocks of 4,096 ids, every process-count-th)
   against indexes of the test, validation and D images, into part files of 16 blocks
@@ -116,36 +154,15 @@ def find(ctx, folder) -> dict:
         f"{against} images (index {time.time() - t0:.0f} s)"
     )
 
-    def one_block(a):  # (this process's threads: decoding, resizing and products)
-      got = list(_images(unl, range(a, min(a + BLOCK, len(unl)))))
-      if not got:  # no decodable image in this block: counted all the same
-        return min(BLOCK, len(unl) - a), []
-      ids_u, imgs_u = zip(*got)
-      subs = [imgs_u[j::THREADS] for j in range(THREADS)]
-      out = []
-      for split, eids, index in indexes:
-        parts = list(pool.map(index.match, subs))
-        sim = np.empty(len(imgs_u), np.float32)
-        idx = np.empty(len(imgs_u), np.int64)
-        copy = np.empty(len(imgs_u), bool)
-        for j, m in enumerate(parts):
-          sim[j::THREADS], idx[j::THREADS], copy[j::THREADS] = m.similarity, m.index, m.copy
-        hit = np.flatnonzero(copy)
-        out.append((split, [ids_u[h] for h in hit], eids[idx[hit]].tolist(), sim[hit].tolist()))
-      return min(BLOCK, len(unl) - a), out
-
     done, t1, t_log = 0, time.time(), time.time()
     with ThreadPoolExecutor(THREADS) as pool:
       for c in todo:
         found = {"id": [], "split": [], "match": [], "similarity": []}
         for a in chunks[c]:
-          n, out = one_block(a)
-          for split, hid, hmatch, hsim in out:
-            found["id"] += hid
-            found["split"] += [split] * len(hid)
-            found["match"] += hmatch
-            found["similarity"] += hsim
-          done += n
+          ids = range(a, min(a + BLOCK, len(unl)))
+          for k, v in search_block(indexes, _images(unl, ids), pool.map).items():
+            found[k] += v.tolist()
+          done += len(ids)
           now = time.time()
           if now - t_log >= 30 or done == total:
             t_log, rate = now, done / max(now - t1, 1e-9)
@@ -168,13 +185,7 @@ def find(ctx, folder) -> dict:
 def read(folder, pc: int) -> dict:
   """Every part of a run by ``pc`` processes (one per process, or per 16 blocks)."""
   names = sorted(n for n in storage.listdir(folder) if n.endswith(".npz") and f"-of-{pc:05d}" in n)
-  parts = [storage.read_npz(folder / n) for n in names]
-  keys = ("id", "split", "match", "similarity")
-  if not parts:
-    return {k: np.zeros(0, np.float32 if k == "similarity" else np.int64) for k in keys}
-  out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-  o = np.lexsort((out["split"], out["id"]))
-  return {k: v[o] for k, v in out.items()}
+  return merge(storage.read_npz(folder / n) for n in names)
 
 
 def read_done(folder, num_processes: int) -> dict | None:

@@ -67,3 +67,24 @@ def test_pairs_within_a_set(data):
   got = {tuple(p) for p in pairs.tolist()}
   assert (2, 10) in got and (5, 11) in got, got
   assert all(j >= 10 for _, j in got), got  # the distinct tiles are not paired
+
+
+def test_blocks_searched_in_any_order_merge_to_the_same(data):
+  """The stage's search is a function of one block plus a merge (any executor)."""
+  from bssl.stages import eval_copies
+
+  ev = data["ev"][:12]
+  indexes = [(0, np.arange(100, 112), neardup.Index(ev))]
+  rng = np.random.default_rng(1)
+  u = [
+      (i, webcopy.web_copy(ev[i % 12], "crop", rng) if i % 3 == 0 else data["clean"][i])
+      for i in range(30)
+  ]
+  blocks = [u[a : a + 7] for a in range(0, 30, 7)]
+  one = eval_copies.merge(eval_copies.search_block(indexes, b) for b in blocks)
+  other = eval_copies.merge(eval_copies.search_block(indexes, b) for b in blocks[::-1])
+  for k in one:
+    np.testing.assert_array_equal(one[k], other[k])
+  copies = set(range(0, 30, 3))
+  assert set(one["id"].tolist()) <= copies and len(one["id"]) >= 8, one["id"]
+  assert (one["match"] == 100 + one["id"] % 12).all()
