@@ -380,6 +380,7 @@ class Index:
   def _local(self, img, exclude: int = -1) -> list[Verdict]:
     """The verdicts of the local path on the candidate views of ``img`` (evaluation image
     ``exclude`` left out), best first."""
+    cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
     g = _to_side(_grey_u8(img), SIDE)
     p, d = _features(g)
     gs = _to_side(g, CHECK_SIDE)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from bssl.data import neardup, webcopy
+from bssl.data import neardup, planted, webcopy
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 webcopies = pytest.importorskip("webcopies")  # (scikit-image: a dev requirement)
@@ -77,7 +77,7 @@ def test_blocks_searched_in_any_order_merge_to_the_same(data):
   indexes = [(0, np.arange(100, 112), neardup.Index(ev))]
   rng = np.random.default_rng(1)
   u = [
-      (i, webcopy.web_copy(ev[i % 12], "crop", rng) if i % 3 == 0 else data["clean"][i])
+      (i, webcopy.web_copy(ev[i % 12], "crop", rng) if i % 3 == 0 else planted.scene(i, 128))
       for i in range(30)
   ]
   blocks = [u[a : a + 7] for a in range(0, 30, 7)]
