@@ -1,0 +1,192 @@
+"""The recipe on img2dataset-style WebDataset tars with web copies planted (issue 30,
+"Acceptance"), as a new user would check it: labelled and test images are tiles of real
+photographs (benchmarks/webcopies.py: scikit-image, scikit-learn, matplotlib) in a
+class-per-subfolder folder; U is tar shards (``<key>.jpg``, ``.json`` with status and url,
+``.txt``) made with ``tarfile`` and read through ``bssl.data.ingest.run_ingest``. Planted in
+U: web copies of test images (bssl/data/webcopy.py: caption band, crop to 60%, rotation,
+padding to a square, text) and families of near-duplicates (a clean U image and 1-3 web
+copies of it). One tiny run (demo:tiny, K = 50, P = 2, every U image a candidate of each
+class) shared by the tests: the copies of test images are named in select/eval_copies.json
+with their source and none is in D̂; each family has at most one member per class in D̂ and
+the others are listed in select/near_duplicates.parquet; the clean images are kept."""
+
+import io
+import json
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bssl.data import webcopy
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+webcopies = pytest.importorskip("webcopies")  # (scikit-image: a dev requirement)
+
+TEST_COPY_FAMILIES = ("caption", "crop", "rotate", "pad_square", "text")
+NEAR_DUP_FAMILIES = ("crop", "caption", "jpeg", "pad_square", "color", "text", "rotate")
+CLASSES = ("left", "right")
+NUM_TEST, NUM_TRAIN, NUM_CLEAN, NUM_FAMILIES = 15, 40, 30, 6
+
+
+def _add(tf, name, data):
+  info = tarfile.TarInfo(name)
+  info.size, info.mtime, info.mode = len(data), 1700000000, 0o644
+  tf.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(img):
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, "JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _make_data(root):
+  """Writes ``root/train/<class>/*.png``, ``root/test/<class>/*.png`` (evaluation tiles of
+  the photographs) and ``root/tars/0000{0,1}.tar`` (U: the clean look-alike tiles of the
+  same photographs, the planted copies of test images and the near-duplicate families, in
+  a shuffled order). Returns what each U key is: ``("clean",)``, ``("test_copy", family,
+  test file name)`` or ``("family", f)``."""
+  rng = np.random.default_rng(0)
+  ev, _, clean, _ = webcopies.tiles(webcopies.photos(), seed=0)
+  order = rng.permutation(len(ev))
+  test_ix, train_ix = order[:NUM_TEST], order[NUM_TEST : NUM_TEST + NUM_TRAIN]
+  for split, ix in (("test", test_ix), ("train", train_ix)):
+    for j, i in enumerate(ix):
+      folder = os.path.join(root, split, CLASSES[j % 2])
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(ev[i]).save(os.path.join(folder, f"{split}{j:03d}.png"))
+  u = []  # (image, role)
+  corder = rng.permutation(len(clean))
+  for i in corder[:NUM_CLEAN]:
+    u.append((clean[i], ("clean",)))
+  for j, i in enumerate(test_ix):
+    fam = TEST_COPY_FAMILIES[j % len(TEST_COPY_FAMILIES)]
+    u.append((webcopy.web_copy(ev[i], fam, rng), ("test_copy", fam, f"test{j:03d}.png")))
+  for f, i in enumerate(corder[NUM_CLEAN : NUM_CLEAN + NUM_FAMILIES]):
+    u.append((clean[i], ("family", f)))
+    for c in range(1 + f % 3):  # families of 2, 3 and 4 images
+      fam = NEAR_DUP_FAMILIES[(f + c) % len(NEAR_DUP_FAMILIES)]
+      u.append((webcopy.web_copy(clean[i], fam, rng), ("family", f)))
+  roles = {}
+  os.makedirs(os.path.join(root, "tars"))
+  perm = rng.permutation(len(u))
+  for s, part in enumerate(np.array_split(perm, 2)):
+    with tarfile.open(os.path.join(root, "tars", f"{s:05d}.tar"), "w") as tf:
+      for j, i in enumerate(part):
+        img, role = u[i]
+        key = f"{s:05d}{j:04d}"
+        roles[key] = role
+        meta = {"url": f"https://example.com/{key}.jpg", "caption": key, "key": key}
+        meta.update(status="success", width=img.shape[1], height=img.shape[0])
+        _add(tf, f"{key}.jpg", _jpeg(img))
+        _add(tf, f"{key}.json", json.dumps(meta).encode())
+        _add(tf, f"{key}.txt", key.encode())
+  return roles
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """One recipe run (baseline, teacher, score, select, report) on the data above."""
+  from bssl import engine
+  from bssl.configs import demo
+  from bssl.data import ingest, recipe
+
+  tmp = tmp_path_factory.mktemp("webcopies_recipe")
+  roles = _make_data(str(tmp))
+  out = str(tmp / "u")
+  ingest.run_ingest(str(tmp / "tars"), out, log=lambda m: None)
+  cfg = demo.get_config("tiny")
+  d = cfg.data
+  d.kind, d.train_dir, d.test_dir = "image_folder", str(tmp / "train"), str(tmp / "test")
+  d.num_classes, d.channels, d.image_size = len(CLASSES), 3, 32
+  d.mean, d.std = (128.0,), (64.0,)
+  d.augment, d.eval_transform = "random_resized_crop_flip", "resize_center_crop"
+  d.labelled_per_class, d.val_per_class = 12, 4
+  cfg.unlabelled.kind, cfg.unlabelled.path = "shards", out
+  cfg.score.eval_copies = "exclude"
+  cfg.select.near_duplicates = "collapse"  # (the default)
+  cfg.select.k, cfg.select.p = 50, 2  # K' = 63 >= |U|: every U image a candidate of each class
+  cfg.stages = "baseline,teacher,score,select,report"
+  wd = str(tmp / "w")
+  engine.run_recipe(cfg, wd)
+  test = recipe.build_data(cfg).test  # the run's test split: matched ids are its positions
+  test_id = {os.path.basename(f): i for i, f in enumerate(test.files)}
+  return roles, test_id, wd
+
+
+def _dhat_rows(wd):
+  import pyarrow.parquet as pq
+
+  t = pq.read_table(os.path.join(wd, "select", "dhat.parquet")).to_pydict()
+  return list(zip(t["key"], t["class"]))
+
+
+def _near_dups(wd):
+  import pyarrow.parquet as pq
+
+  return pq.read_table(os.path.join(wd, "select", "near_duplicates.parquet")).to_pydict()
+
+
+def test_copies_of_test_images_named_and_kept_out_of_dhat(run):
+  """Every planted copy of a test image (caption band, 60% crop, rotation, padding to a
+  square, text) is in select/eval_copies.json, removed, with split "test" and the id of
+  its own source in the test split; none is in D̂; no clean image is removed."""
+  roles, test_id, wd = run
+  copies = json.load(open(os.path.join(wd, "select", "eval_copies.json")))
+  removed = {c["key"]: c for c in copies if c["removed"]}
+  planted = {k: r for k, r in roles.items() if r[0] == "test_copy"}
+  missed = {
+      k: r[1]
+      for k, r in planted.items()
+      if k not in removed
+      or removed[k]["split"] != "test"
+      or removed[k]["matched_id"] != test_id[r[2]]
+  }
+  assert not missed, missed
+  assert set(removed) <= set(planted), set(removed) - set(planted)  # no clean image removed
+  assert not set(planted) & {k for k, _ in _dhat_rows(wd)}
+  res = json.load(open(os.path.join(wd, "report", "results.json")))
+  assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
+
+
+def test_at_most_one_member_per_family_per_class_in_dhat(run):
+  """Of each planted family of near-duplicates (a U image and 1-3 web copies of it), at
+  most one member per class is in D̂; every other U image is (K' covers all of U)."""
+  roles, _, wd = run
+  rows = _dhat_rows(wd)
+  per = {}
+  for key, c in rows:
+    if roles[key][0] == "family":
+      per.setdefault((roles[key][1], c), []).append(key)
+  assert all(len(v) == 1 for v in per.values()), per
+  assert len(per) == NUM_FAMILIES * len(CLASSES)  # each family still has its best member
+  for c in range(len(CLASSES)):
+    keys = {k for k, cc in rows if cc == c}
+    clean = {k for k, r in roles.items() if r[0] == "clean"}
+    assert clean <= keys, sorted(clean - keys)  # no clean image collapsed away
+
+
+def test_near_duplicate_list_names_the_collapsed_members(run):
+  """select/near_duplicates.parquet lists each family member left out, in each class, with
+  the selected member of its own family; nothing else; counted in done.json."""
+  roles, _, wd = run
+  t = _near_dups(wd)
+  chosen = set(_dhat_rows(wd))
+  for c, kept, dropped in zip(t["class"], t["kept_key"], t["dropped_key"]):
+    assert roles[dropped][0] == "family" and roles[kept] == roles[dropped], (kept, dropped)
+    assert (kept, c) in chosen and (dropped, c) not in chosen
+  want = {
+      (k, c)
+      for k, r in roles.items()
+      if r[0] == "family"
+      for c in range(len(CLASSES))
+      if (k, c) not in chosen
+  }
+  assert set(zip(t["dropped_key"], t["class"])) == want
+  # families of 2, 3, 4 members, twice each: 12 left out per class
+  assert len(want) == 2 * len(CLASSES) * (1 + 2 + 3)
+  done = json.load(open(os.path.join(wd, "select", "done.json")))
+  assert done["near_duplicates"]["num_dropped"] == len(t["dropped_key"])
