@@ -254,20 +254,25 @@ def _grey_u8(img) -> np.ndarray:
 
 
 def trim_borders(g: np.ndarray, tol: int = 12, frac: float = 0.6, most: float = 0.45):
-  """``g`` (grey uint8) without its borders: leading / trailing rows and columns of which
-  ``frac`` of the pixels are within ``tol`` of the edge line's median or black or white
-  (letterbox bars, padding to a square, a caption band with its text), at most ``most`` of each side; the
-  image itself when nothing (or too much) would go."""
+  """``g`` (grey uint8) without its borders: on each side, the longest run of edge lines
+  of which at least 70% are *border-like* (``frac`` of their pixels within ``tol`` of the
+  edge line's median, or black, or white: letterbox bars, padding to a square, a caption
+  band with lines of text in it) and whose last line is; a side whose run would pass
+  ``most`` of the image is left whole (a photograph's own sky or shadow); the image itself
+  when nothing would go."""
   h, w = g.shape
 
   def lead(a, n):
-    ref, k, lim = int(np.median(a[0])), 0, int(most * n)
-    while k < lim:
-      row = a[k].astype(np.int16)  # the edge's colour, or a caption's black / white text
-      if ((np.abs(row - ref) <= tol) | (row <= 25) | (row >= 230)).mean() < frac:
-        break
-      k += 1
-    return k
+    lim = int(most * n)
+    rows = a[: lim + 1].astype(np.int16)
+    ref = int(np.median(rows[0]))
+    like = ((np.abs(rows - ref) <= tol) | (rows <= 25) | (rows >= 230)).mean(axis=1) >= frac
+    if not like[0]:
+      return 0
+    share = np.cumsum(like) / np.arange(1, len(like) + 1)
+    ok = np.flatnonzero(like & (share >= 0.7))
+    k = int(ok[-1]) + 1
+    return 0 if k > lim else k
 
   t, b, left, r = lead(g, h), lead(g[::-1], h), lead(g.T, w), lead(g.T[::-1], w)
   if (t, b, left, r) == (0, 0, 0, 0) or h - t - b < 0.3 * h or w - left - r < 0.3 * w:
