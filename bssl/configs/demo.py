@@ -77,7 +77,8 @@ def get_config(arg: str | None = None):
   # and its garments are too alike for copy detection by pixels (half of the training
   # images correlate >= 0.95 with some test image: docs/webdataset.md), so not searched
   config.override(c.score, batch_size=1000, checkpoint_every=20, eval_copies="off")
-  config.override(c.select, k=5000, p=2)
+  # and, for the same reason, no near-duplicate families within U collapsed (docs/webdataset.md)
+  config.override(c.select, k=5000, p=2, near_duplicates="off")
   train_stage(c.pretrain, small, steps=1000, lr=0.2, batch_size=64)
   train_stage(c.finetune, small, steps=100, lr=0.001, batch_size=64, warmup_fraction=0.0)
   config.override(c.report, figure_classes=3, figure_images=8)

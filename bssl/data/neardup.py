@@ -59,6 +59,8 @@ STEPS = 5
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
 # the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
 SIDE = 256  # images described at this longer side
+MIN_LOCAL_SIDE = 48  # smaller images (a side in px) have no local features: the thumbnails
+# path alone (ORB on a 28-px image brought to 256 px pairs unrelated blobs)
 CHECK_SIDE = 64  # and compared pixel by pixel at this one
 NFEATURES = 300  # ORB keypoints per image at most
 VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for its image
@@ -362,9 +364,10 @@ class Index:
     # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1)
     self.small, self.points, self.descs = [], [], []
     for img in images:
-      g = _to_side(_grey_u8(img), SIDE)
+      g0 = _grey_u8(img)
+      g = _to_side(g0, SIDE)
       for v in (g, np.ascontiguousarray(g[:, ::-1])):
-        p, d = _features(v)
+        p, d = _features(v) if min(g0.shape) >= MIN_LOCAL_SIDE else _features(v[:0, :0])
         self.small.append(_to_side(v, CHECK_SIDE))  # (the pixel check's copy)
         self.points.append(p)
         self.descs.append(d)
@@ -386,7 +389,10 @@ class Index:
     """The verdicts of the local path on the candidate views of ``img`` (evaluation image
     ``exclude`` left out), best first."""
     cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
-    g = _to_side(_grey_u8(img), SIDE)
+    g0 = _grey_u8(img)
+    if min(g0.shape) < MIN_LOCAL_SIDE:
+      return []
+    g = _to_side(g0, SIDE)
     p, d = _features(g)
     gs = _to_side(g, CHECK_SIDE)
     to_small = np.diag([gs.shape[1] / g.shape[1], gs.shape[0] / g.shape[0], 1.0])
