@@ -67,7 +67,7 @@ VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for i
 MIN_VOTES = 6
 CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
 MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
-ALIGNED_THRESHOLD = 0.5  # median 8x8-cell correlation after alignment
+ALIGNED_THRESHOLD = 0.7  # median 8x8-cell correlation after alignment
 EXACT_CODES = 20_000  # above: inverted lists
 EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
@@ -309,6 +309,16 @@ def _features(g: np.ndarray):
   return np.float32([k.pt for k in kp]), d
 
 
+def _plausible(h: np.ndarray) -> bool:
+  """Whether a homography is one a re-posted copy could have: its linear part stretches one
+  direction at most 2.5 times the other (stretches up to 1.5, perspective, rotation) and
+  keeps some size; a degenerate fit to a few points on one shape does not."""
+  if abs(h[2, 2]) < 1e-9:
+    return False
+  sv = np.linalg.svd(h[:2, :2] / h[2, 2], compute_uv=False)
+  return bool(sv[1] > 1e-3 and sv[0] / sv[1] <= 2.5 and 0.05 <= sv[0] * sv[1] <= 50)
+
+
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
   a = a - a.mean()
   b = b - b.mean()
@@ -318,7 +328,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> float:
   """How alike ``query`` mapped onto ``target`` by the homography ``h`` is (grey uint8
   images): over the part of ``target`` the query covers (at least 30%), both at 32x32, the
-  median of the correlations of its 8x8 cells (at least 4 cells) — an overlay, a band or a
+  median of the correlations of its textured 8x8 cells (std >= 4; at least 4 cells) — an overlay, a band or a
   sticker spoils a few cells, not the median; -1 where too little is covered."""
   th, tw = target.shape
   warped = cv2.warpPerspective(query, h, (tw, th), flags=cv2.INTER_LINEAR)
@@ -338,8 +348,8 @@ def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> 
       _corr(a[y : y + 8, x : x + 8][m], b[y : y + 8, x : x + 8][m])
       for y in range(0, 32, 8)
       for x in range(0, 32, 8)
-      if (m := v[y : y + 8, x : x + 8]).mean() > 0.8
-  ]
+      if (m := v[y : y + 8, x : x + 8]).mean() > 0.8 and b[y : y + 8, x : x + 8][m].std() >= 4
+  ]  # (a flat cell, a sky or a painted shape, is no evidence either way)
   return float(np.median(cells)) if len(cells) >= 4 else -1.0
 
 
@@ -420,7 +430,7 @@ class Index:
       if a is None or int(amask.sum()) < MIN_INLIERS - 2:
         continue
       h, mask = cv2.findHomography(src, dst, cv2.USAC_FAST, 5.0)
-      if h is None or int(mask.sum()) < MIN_INLIERS:
+      if h is None or int(mask.sum()) < MIN_INLIERS or not _plausible(h):
         continue
       f = CHECK_SIDE / SIDE  # h maps SIDE-sized images: now CHECK_SIDE-sized ones
       h = np.diag([f, f, 1.0]) @ h @ np.linalg.inv(to_small)
