@@ -320,6 +320,8 @@ def test_resume_in_a_process_with_another_device_count(tmp_path, uninterrupted):
     got = {k: z[k] for k in z.files}
   assert got.keys() == uninterrupted.keys()
   for k in uninterrupted:
-    # (2 vs 8 devices: a BatchNorm running mean of 0.022 drifts by 2.4e-5 from the
-    # threefry initialisation of issue 31)
-    np.testing.assert_allclose(got[k], uninterrupted[k], rtol=1e-4, atol=5e-5, err_msg=k)
+    # (2 vs 4 devices: other per-device batches, so XLA's convolutions and BatchNorm sums
+    # add in another order; with issue 31's threefry init and XLA convolutions on CPU a
+    # BatchNorm variance of 0.693 differs by 1.8e-4, a kernel weight of 0.097 by 1.4e-4 after
+    # the resumed steps; the run's own state is what is checked, not float order)
+    np.testing.assert_allclose(got[k], uninterrupted[k], rtol=2e-3, atol=5e-4, err_msg=k)
