@@ -261,7 +261,8 @@ def flax_to_torch_state_dict(variables, model_name: str, num_classes=None, **kwa
   _report(model_name, missing, unexpected, wrong)
   out = {}
   for key, _, collection, path, kind in lay:
-    v = np.asarray(jax.device_get(flat[(collection,) + path]), dtype=np.float32)
+    # a copy: on CPU device_get may alias the device buffer, which a donating step reuses
+    v = np.array(jax.device_get(flat[(collection,) + path]), dtype=np.float32, copy=True)
     if kind == "conv":
       v = v.transpose(3, 2, 0, 1)
     elif kind == "conv3d":
