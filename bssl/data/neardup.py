@@ -204,12 +204,12 @@ class ThumbIndex:
         sim[a + r], idx[a + r] = best, arg
     return Match(sim, idx)
 
-  def _candidates(self, c: np.ndarray):
-    """The ``candidates`` evaluation images of highest coarse similarity to each query
-    ([b, 2, 256]: an image and its mirror image) and those similarities: an exact product
-    up to :data:`EXACT_VIEWS` views, else faiss's HNSW graph of the views."""
+  def _candidates(self, c: np.ndarray, k: int | None = None):
+    """The ``k`` (default ``candidates``) evaluation images of highest coarse similarity
+    to each query ([b, 2, 256]: an image and its mirror image) and those similarities: an
+    exact product up to :data:`EXACT_VIEWS` views, else faiss's HNSW graph of the views."""
     b, nv = len(c), len(self.coarse) // self.n
-    k = min(self.candidates, self.n)
+    k = min(self.candidates if k is None else k, self.n)
     if self._graph is None:
       s = (c.reshape(-1, c.shape[-1]) @ self.coarse.T).reshape(b, 2, self.n, nv)
       s = s.max(axis=(1, 3))  # [b, n]
@@ -236,16 +236,9 @@ class ThumbIndex:
     if self.n < 2:
       return set()
     q = _query(grey(img))
-    nv = len(self.coarse) // self.n
-    s = (q[0] @ self.coarse.T).reshape(2, self.n, nv).max(axis=(0, 2))
-    if exclude >= 0:
-      s[exclude] = -2.0
-    k = min(self.candidates, self.n - 1)
-    return {
-        int(e)
-        for e in np.argpartition(-s, k - 1)[:k]
-        if int(e) != exclude and float((q[1] @ self._fine_of(int(e)).T).max()) >= threshold
-    }
+    cand, _ = self._candidates(q[0][None], self.candidates + 1)  # (one may be ``exclude``)
+    cand = [int(e) for e in cand[0] if e >= 0 and e != exclude][: self.candidates]
+    return {e for e in cand if float((q[1] @ self._fine_of(e).T).max()) >= threshold}
 
 
 def _grey_u8(img) -> np.ndarray:
@@ -470,7 +463,8 @@ class Index:
     a near-duplicate, by either path."""
     out = set()
     g = _grey_u8(img)
-    for view in (g, trim_borders(g)):
+    t = trim_borders(g)
+    for view in (g,) if t is g else (g, t):
       out |= self.thumb.copies_of(view, exclude=i, threshold=self.threshold)
     out |= {v.index for v in self._local(img, exclude=i)}
     return out

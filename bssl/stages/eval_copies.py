@@ -119,27 +119,22 @@ def find(ctx, folder) -> dict:
   if todo:
     thr = float(cfg.score.copy_threshold)
     t0 = time.time()
-    indexes = []
-    sizes = {
-        name: len(src)
-        for name in SPLITS
-        if (src := getattr(ctx.data, name)) is not None
-        and not (name == "labelled" and len(src) > MAX_D)
-    }
-    check_memory(sum(sizes.values()))
+    searched = []  # (split, name, source) of every set whose copies are searched
     for split, name in enumerate(SPLITS):
       src = getattr(ctx.data, name)
-      if name != "labelled" and (src is None or len(src) == 0):
-        ctx.log(f"eval copies: the {name} split is empty: no copies of it to search for")
-        continue
       if src is None or len(src) == 0:
-        continue
-      if name == "labelled" and len(src) > MAX_D:
+        if name != "labelled":
+          ctx.log(f"eval copies: the {name} split is empty: no copies of it to search for")
+      elif name == "labelled" and len(src) > MAX_D:
         ctx.log(
             f"eval copies: D has {len(src)} images (> {MAX_D}); its copies in U are not "
             f"searched"
         )
-        continue
+      else:
+        searched.append((split, name, src))
+    check_memory(sum(len(src) for _, _, src in searched))
+    indexes = []
+    for split, name, src in searched:
       got = list(_images(src, range(len(src))))
       if not got:
         ctx.log(f"eval copies: no {name} image could be read: none to search for")
