@@ -43,7 +43,9 @@ finds the pairs of copies within one set (near-duplicates within U, for D̂).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import threading
 
 import cv2
@@ -56,6 +58,10 @@ FINE = 32
 KEEP = 64  # side of the grey thumbnail kept per evaluation image
 SIDES = (1.0, 0.97, 0.94, 0.91, 0.88)
 STEPS = 5
+VIEWS = 1 + (len(SIDES) - 1) * STEPS * STEPS  # fine views (crops) rendered per evaluation image
+CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (cell_median)
+CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
+MIN_CELLS = 6  # textured 8x8 cells (of 16) a cell median needs
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
 # the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
 SIDE = 256  # images described at this longer side
@@ -63,12 +69,15 @@ MIN_LOCAL_SIDE = 48  # smaller images (a side in px) have no local features: the
 # path alone (ORB on a 28-px image brought to 256 px pairs unrelated blobs)
 CHECK_SIDE = 64  # and compared pixel by pixel at this one
 NFEATURES = 300  # ORB keypoints per image at most
+QUERY_CODES = 300  # a U image's strongest codes (by ORB response) that vote
 VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for its image
 MIN_VOTES = 6
 CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
 MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
 ALIGNED_THRESHOLD = 0.7  # median 8x8-cell correlation after alignment
 EXACT_CODES = 20_000  # above: inverted lists
+CODES_PER_LIST = 256  # inverted lists: about this many codes each (at most MAX_LISTS lists)
+MAX_LISTS = 1 << 16
 EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
 PROBES = 4
@@ -127,6 +136,30 @@ def _fine_views(im: Image.Image) -> np.ndarray:
   return _unit(np.stack(out))
 
 
+def _plane_residual() -> np.ndarray:
+  yy, xx = np.mgrid[0:8, 0:8]
+  x = np.stack([np.ones(64), xx.ravel(), yy.ravel()], 1)
+  return (np.eye(64) - x @ np.linalg.pinv(x)).astype(np.float32)
+
+
+_PLANE = _plane_residual()  # an 8x8 cell less its best-fitting plane (a symmetric projection)
+
+
+def cell_median(q: np.ndarray, f: np.ndarray) -> float:
+  """The median correlation of the 16 8x8 cells of two 32x32 views (flattened, as
+  ``_fine_views`` and ``_query`` make them), each cell less its best-fitting plane (a smooth
+  ramp, the whole of a cell of a smooth photograph, correlates with any other ramp of its
+  direction), over the cells of ``f`` whose residual has texture (a norm at least a quarter
+  of the view's mean cell's); -1 with fewer than :data:`MIN_CELLS` such cells."""
+  a = q.reshape(4, 8, 4, 8).transpose(0, 2, 1, 3).reshape(16, 64) @ _PLANE
+  b = f.reshape(4, 8, 4, 8).transpose(0, 2, 1, 3).reshape(16, 64) @ _PLANE
+  na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+  ok = (nb >= 0.25 * np.linalg.norm(f - f.mean()) / 4) & (na > 1e-9)
+  if ok.sum() < MIN_CELLS:
+    return -1.0
+  return float(np.median((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok])))
+
+
 def _query(im: Image.Image):
   """(coarse [2, 256], fine [2, 1024]) of an image and its mirror image."""
   flip = im.transpose(Image.FLIP_LEFT_RIGHT)
@@ -145,6 +178,7 @@ class Match:
   index: np.ndarray  # [n] int64: position of that image in the index (-1: none)
   copy: np.ndarray | None = None  # [n] bool: a copy (Index; ThumbIndex: similarity >= 0.95)
   inliers: np.ndarray | None = None  # [n] int64: local path's geometric inliers (0: not used)
+  view: np.ndarray | None = None  # [n] int64: ThumbIndex: the best pair of views (see match)
 
 
 class ThumbIndex:
@@ -188,21 +222,32 @@ class ThumbIndex:
     images = list(images)
     sim = np.full(len(images), -1.0, np.float32)
     idx = np.full(len(images), -1, np.int64)
+    view = np.full(len(images), -1, np.int64)
     if self.n == 0:
-      return Match(sim, idx)
+      return Match(sim, idx, view=view)
     for a in range(0, len(images), block):
       qs = [_query(grey(x)) for x in images[a : a + block]]
       cand, score = self._candidates(np.stack([q[0] for q in qs]))
       for r, (q, cs, ss) in enumerate(zip(qs, cand, score)):
-        best, arg = -1.0, -1
+        best, arg, at = -1.0, -1, -1
         for e, c in zip(cs, ss):
           if c < gate or e < 0:
             continue
-          v = float((q[1] @ self._fine_of(int(e)).T).max())
-          if v > best:
-            best, arg = v, int(e)
-        sim[a + r], idx[a + r] = best, arg
-    return Match(sim, idx)
+          s = q[1] @ self._fine_of(int(e)).T  # [2 (the image, its mirror), views]
+          j = int(s.argmax())
+          if s.flat[j] > best:
+            best, arg, at = float(s.flat[j]), int(e), j
+        sim[a + r], idx[a + r], view[a + r] = best, arg, at
+    return Match(sim, idx, view=view)
+
+  def cell_similarity(self, img, e: int, at: int) -> float:
+    """How alike ``img`` and evaluation image ``e`` are where they are alike: at the pair of
+    views ``at`` (``Match.view``: the U image or its mirror image, and a crop of ``e``),
+    the median correlation of their 8x8 cells at 32x32 of textured cells of ``e`` (at least
+    :data:`MIN_CELLS`); -1 where too few. A caption, a text or a sticker over the picture
+    spoils the cells it covers and the correlation of the whole, not the median."""
+    q = _query(grey(img))[1][at // VIEWS]
+    return cell_median(q, self._fine_of(int(e))[at % VIEWS])
 
   def _candidates(self, c: np.ndarray, k: int | None = None):
     """The ``k`` (default ``candidates``) evaluation images of highest coarse similarity
@@ -248,26 +293,32 @@ def _grey_u8(img) -> np.ndarray:
   return np.ascontiguousarray(a.reshape(a.shape[0], a.shape[1]), np.uint8)
 
 
-def trim_borders(g: np.ndarray, tol: int = 12, frac: float = 0.6, most: float = 0.45):
-  """``g`` (grey uint8) without its borders: on each side, the longest run of edge lines
-  of which at least 70% are *border-like* (``frac`` of their pixels within ``tol`` of the
-  edge line's median, or black, or white: letterbox bars, padding to a square, a caption
-  band with lines of text in it) and whose last line is; a side whose run would pass
-  ``most`` of the image is left whole (a photograph's own sky or shadow); the image itself
-  when nothing would go."""
+def trim_borders(g: np.ndarray, tol: int = 16, most: float = 0.45):
+  """``g`` (grey uint8) without its borders: letterbox bars, padding to a square, a caption
+  band with lines of text in it. On each side, a border is a run of edge lines that starts
+  and ends with a *pure* line (95% of its pixels within ``tol`` of the first line's median),
+  whose lines are on average 70% of that colour or of its opposite extreme (a caption's
+  black-on-white or white-on-black text), and after which the picture begins (a line less
+  than 90% so); the longest such run of at most ``most`` of the image goes. A photograph
+  whose own sky or shadow runs on (no edge where the border would end) is left whole, as is
+  the image when nothing would go."""
   h, w = g.shape
 
   def lead(a, n):
     lim = int(most * n)
-    rows = a[: lim + 1].astype(np.int16)
+    rows = a[: lim + 2].astype(np.int16)
     ref = int(np.median(rows[0]))
-    like = ((np.abs(rows - ref) <= tol) | (rows <= 25) | (rows >= 230)).mean(axis=1) >= frac
-    if not like[0]:
+    ink = 255 - ref if ref < 64 or ref > 191 else -1000
+    same = np.abs(rows - ref) <= tol
+    near = (same | (np.abs(rows - ink) <= tol)).mean(axis=1)
+    pure = same.mean(axis=1) >= 0.95
+    if not pure[0]:
       return 0
-    share = np.cumsum(like) / np.arange(1, len(like) + 1)
-    ok = np.flatnonzero(like & (share >= 0.7))
-    k = int(ok[-1]) + 1
-    return 0 if k > lim else k
+    mean = np.cumsum(near) / np.arange(1, len(near) + 1)
+    after = np.append(near[1:], 1.0)
+    ends = np.flatnonzero(pure & (mean >= 0.7) & (after < 0.9)) + 1
+    ends = ends[ends <= lim]
+    return int(ends[-1]) if len(ends) else 0
 
   t, b, left, r = lead(g, h), lead(g[::-1], h), lead(g.T, w), lead(g.T[::-1], w)
   if (t, b, left, r) == (0, 0, 0, 0) or h - t - b < 0.3 * h or w - left - r < 0.3 * w:
@@ -296,10 +347,24 @@ def _orb():
 
 
 def _features(g: np.ndarray):
+  """ORB keypoints (positions [n, 2]) and codes ([n, 32] uint8) of ``g``, strongest first."""
   kp, d = _orb().detectAndCompute(g, None)
   if d is None:
     return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
-  return np.float32([k.pt for k in kp]), d
+  order = np.argsort([-k.response for k in kp], kind="stable")
+  return np.float32([k.pt for k in kp])[order], np.ascontiguousarray(d[order])
+
+
+def _describe(img):
+  """The local path's description of an evaluation image: for it and its mirror image, the
+  pixel check's copy, the ORB points and the ORB codes."""
+  g0 = _grey_u8(img)
+  g = _to_side(g0, SIDE)
+  out = []
+  for v in (g, np.ascontiguousarray(g[:, ::-1])):
+    p, d = _features(v) if min(g0.shape) >= MIN_LOCAL_SIDE else _features(v[:0, :0])
+    out.append((_to_side(v, CHECK_SIDE), p, d))
+  return out
 
 
 def _plausible(h: np.ndarray) -> bool:
@@ -364,19 +429,18 @@ class Index:
     self.threshold = float(threshold)
     self.thumb = ThumbIndex(images, candidates)
     self.n = len(images)
-    # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1)
-    self.small, self.points, self.descs = [], [], []
-    for img in images:
-      g0 = _grey_u8(img)
-      g = _to_side(g0, SIDE)
-      for v in (g, np.ascontiguousarray(g[:, ::-1])):
-        p, d = _features(v) if min(g0.shape) >= MIN_LOCAL_SIDE else _features(v[:0, :0])
-        self.small.append(_to_side(v, CHECK_SIDE))  # (the pixel check's copy)
-        self.points.append(p)
-        self.descs.append(d)
-    counts = [len(d) for d in self.descs]
-    self.owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    codes = np.concatenate(self.descs) if counts else np.zeros((0, 32), np.uint8)
+    # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1),
+    # described on every core (OpenCV releases the GIL)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      views = [v for vs in pool.map(_describe, images, chunksize=64) for v in vs]
+    self.small = [v[0] for v in views]
+    self.points = [v[1] for v in views]
+    counts = np.array([len(v[2]) for v in views], np.int64)
+    codes = np.concatenate([v[2] for v in views]) if views else np.zeros((0, 32), np.uint8)
+    del views
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    self.descs = [codes[a:b] for a, b in zip(starts[:-1], starts[1:])]  # (views of one array)
+    self.owner = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     self.codes = _binary_index(codes)
 
   @property
@@ -386,11 +450,13 @@ class Index:
     local = sum(
         s.nbytes + p.nbytes + d.nbytes for s, p, d in zip(self.small, self.points, self.descs)
     )
-    return int(thumbs + local + self.owner.nbytes + self.codes.ntotal * 32 * 2)
+    # (the codes are held twice: in ``descs`` and in the faiss index, with its 8-byte ids)
+    return int(thumbs + local + self.owner.nbytes + self.codes.ntotal * (32 + 8))
 
-  def _local(self, img, exclude: int = -1) -> list[Verdict]:
+  def _local(self, img, exclude: int = -1, first: bool = False) -> list[Verdict]:
     """The verdicts of the local path on the candidate views of ``img`` (evaluation image
-    ``exclude`` left out), best first."""
+    ``exclude`` left out), best first; with ``first``, the first copy found (the most voted
+    view that verifies) alone."""
     cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
     g0 = _grey_u8(img)
     if min(g0.shape) < MIN_LOCAL_SIDE:
@@ -402,7 +468,7 @@ class Index:
     found = []
     if len(d) < MIN_INLIERS or self.codes.ntotal == 0:
       return found
-    dist, ids = self.codes.search(d, 4)
+    dist, ids = self.codes.search(d[:QUERY_CODES], 4)
     ok = (dist <= VOTE_DISTANCE) & (ids >= 0)
     votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
     if exclude >= 0:
@@ -430,6 +496,8 @@ class Index:
       s = aligned_similarity(gs, self.small[view], h)
       if s >= ALIGNED_THRESHOLD:
         found.append(Verdict(s, int(view) // 2, int(mask.sum())))
+        if first:
+          break
     return sorted(found, key=lambda v: -v.similarity)
 
   def match(self, images) -> Match:
@@ -451,8 +519,19 @@ class Index:
       for j, i in enumerate(trimmed):
         if mt.similarity[j] >= self.threshold:
           sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
+    # an overlay spoils the whole thumbnail's correlation, not the cells it does not cover
     for i in np.flatnonzero(~copy):
-      found = self._local(images[i])
+      tries = [(images[i], m, i)] + (
+          [(trimmed[i], mt, list(trimmed).index(i))] if i in trimmed else []
+      )
+      for img, mm, j in tries:
+        if mm.similarity[j] >= CELL_GATE and (
+            self.thumb.cell_similarity(img, mm.index[j], mm.view[j]) >= CELL_THRESHOLD
+        ):
+          sim[i], idx[i], copy[i] = mm.similarity[j], mm.index[j], True
+          break
+    for i in np.flatnonzero(~copy):
+      found = self._local(images[i], first=True)
       if found:
         v = found[0]
         sim[i], idx[i], copy[i], inliers[i] = v.similarity, v.index, True, v.inliers
@@ -472,21 +551,27 @@ class Index:
 
 def _binary_index(codes: np.ndarray):
   """An index of ORB codes (256 bits): exact for up to :data:`EXACT_CODES` codes, else
-  inverted lists (faiss IndexBinaryIVF: one list per ~256 codes, found by an HNSW graph of
-  their centroids, :data:`PROBES` lists searched)."""
+  inverted lists (faiss IndexBinaryIVF) of about :data:`CODES_PER_LIST` codes each, whose
+  centroids are codes drawn at random (no k-means: at ImageNet val's 30M codes, training
+  65,536 centroids would take longer than everything else; a vote needs a near code in one
+  of :data:`PROBES` lists, not balanced lists), found by an HNSW graph. Built on every core."""
   if len(codes) <= EXACT_CODES:
     index = faiss.IndexBinaryFlat(256)
-  else:
-    nlist = int(min(1 << 17, max(256, len(codes) // 256)))
-    quantizer = faiss.IndexBinaryHNSW(256, 16)
-    index = faiss.IndexBinaryIVF(quantizer, 256, nlist)
-    index.cp.min_points_per_centroid = 5
-    rng = np.random.default_rng(0)
-    index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 32), replace=False)])
-    index.nprobe = PROBES
-    index._quantizer = quantizer  # (keep it alive: faiss does not own it)
-  if len(codes):
     index.add(codes)
+    return index
+  nlist = int(min(MAX_LISTS, max(256, len(codes) // CODES_PER_LIST)))
+  quantizer = faiss.IndexBinaryHNSW(256, 16)
+  rng = np.random.default_rng(0)
+  quantizer.add(codes[np.sort(rng.choice(len(codes), nlist, replace=False))])
+  index = faiss.IndexBinaryIVF(quantizer, 256, nlist)
+  assert index.is_trained  # (a quantizer holding nlist codes is the trained state)
+  index.nprobe = PROBES
+  index._quantizer = quantizer  # (keep it alive: faiss does not own it)
+  faiss.omp_set_num_threads(os.cpu_count() or 1)
+  try:
+    index.add(codes)
+  finally:
+    faiss.omp_set_num_threads(1)
   return index
 
 
