@@ -35,9 +35,9 @@ look-alike.
 
 Cost (docs/webdataset.md has the measured figures): per evaluation image about
 :data:`BYTES_PER_IMAGE` (thumbnail, coarse views, the ORB points and codes of it and its
-mirror image, a 64-px copy for the pixel check) plus a bounded cache of rendered views
-(:data:`VIEWS_CACHE_BYTES`); per U image one ORB extraction, one search of ~300 codes, up to
-8 rendered candidates and up to 3 geometric verifications. :func:`near_duplicate_pairs`
+mirror image, a 64-px copy for the pixel check, the 101 fine views rendered once); per U
+image one ORB extraction, one search of ~300 codes, up to 8 candidates' fine views compared
+and up to 3 geometric verifications. :func:`near_duplicate_pairs`
 finds the pairs of copies within one set (near-duplicates within U, for D̂).
 """
 
@@ -59,7 +59,8 @@ KEEP = 64  # side of the grey thumbnail kept per evaluation image
 SIDES = (1.0, 0.97, 0.94, 0.91, 0.88)
 STEPS = 5
 VIEWS = 1 + (len(SIDES) - 1) * STEPS * STEPS  # fine views (crops) rendered per evaluation image
-CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (cell_median)
+CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (cell_similarity)
+CELL_QUANTILE = 30  # ... this percentile of the cells' correlations (70% of cells alike)
 CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
 MIN_CELLS = 6  # textured 8x8 cells (of 16) a cell median needs
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
@@ -69,20 +70,20 @@ MIN_LOCAL_SIDE = 48  # smaller images (a side in px) have no local features: the
 # path alone (ORB on a 28-px image brought to 256 px pairs unrelated blobs)
 CHECK_SIDE = 64  # and compared pixel by pixel at this one
 NFEATURES = 300  # ORB keypoints per image at most
-QUERY_CODES = 300  # a U image's strongest codes (by ORB response) that vote
 VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for its image
 MIN_VOTES = 6
 CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
 MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
 ALIGNED_THRESHOLD = 0.7  # median 8x8-cell correlation after alignment
+ALIGNED_QUANTILE = 50  # (the median)
 EXACT_CODES = 20_000  # above: inverted lists
 CODES_PER_LIST = 256  # inverted lists: about this many codes each (at most MAX_LISTS lists)
 MAX_LISTS = 1 << 16
 EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
-PROBES = 4
+PROBES = 2  # inverted lists searched per code (measured: 4 found 0.2% more copies, 20% slower)
+QUANTIZER_EF = 8  # HNSW breadth of the lists' graph (its search is most of a U image's search)
 BYTES_PER_IMAGE = 72 * 1024  # an evaluation image in Index (measured: docs/webdataset.md)
-VIEWS_CACHE_BYTES = 4096 * 65 * FINE * FINE * 4  # ThumbIndex's cache of rendered views
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
 
@@ -119,7 +120,9 @@ def _coarse_views(im: Image.Image) -> np.ndarray:
   )
 
 
-def _fine_views(im: Image.Image) -> np.ndarray:
+def _fine_renders(im: Image.Image) -> np.ndarray:
+  """The :data:`VIEWS` fine views of a thumbnail as Pillow renders them: uint8 [VIEWS, 1024]
+  (crops of side 100% to 88%, 5x5 positions, at 32x32)."""
   w, h = im.size
   out = []
   for s in SIDES:
@@ -128,12 +131,17 @@ def _fine_views(im: Image.Image) -> np.ndarray:
     for oy in offs:
       for ox in offs:
         x0, y0 = ox * (w - cw), oy * (h - ch)
-        out.append(
-            np.asarray(
-                im.resize((FINE, FINE), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)), np.float32
-            )
-        )
-  return _unit(np.stack(out))
+        r = im.resize((FINE, FINE), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+        out.append(np.asarray(r, np.uint8).reshape(-1))
+  return np.stack(out)
+
+
+def _inverse_norms(r: np.ndarray) -> np.ndarray:
+  """1 / the norm of each render less its mean (float32 [VIEWS]): a unit query (mean removed)
+  times a render, times this, is their correlation."""
+  a = r.astype(np.float32)
+  a -= a.mean(1, keepdims=True)
+  return (1.0 / (np.linalg.norm(a, axis=1) + 1e-6)).astype(np.float32)
 
 
 def _plane_residual() -> np.ndarray:
@@ -145,9 +153,10 @@ def _plane_residual() -> np.ndarray:
 _PLANE = _plane_residual()  # an 8x8 cell less its best-fitting plane (a symmetric projection)
 
 
-def cell_median(q: np.ndarray, f: np.ndarray) -> float:
-  """The median correlation of the 16 8x8 cells of two 32x32 views (flattened, as
-  ``_fine_views`` and ``_query`` make them), each cell less its best-fitting plane (a smooth
+def cell_agreement(q: np.ndarray, f: np.ndarray) -> float:
+  """The :data:`CELL_QUANTILE` percentile of the correlations of the 16 8x8 cells of two
+  32x32 views (flattened, as
+  ``_fine_of`` and ``_query`` make them), each cell less its best-fitting plane (a smooth
   ramp, the whole of a cell of a smooth photograph, correlates with any other ramp of its
   direction), over the cells of ``f`` whose residual has texture (a norm at least a quarter
   of the view's mean cell's); -1 with fewer than :data:`MIN_CELLS` such cells."""
@@ -157,7 +166,7 @@ def cell_median(q: np.ndarray, f: np.ndarray) -> float:
   ok = (nb >= 0.25 * np.linalg.norm(f - f.mean()) / 4) & (na > 1e-9)
   if ok.sum() < MIN_CELLS:
     return -1.0
-  return float(np.median((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok])))
+  return float(np.percentile((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok]), CELL_QUANTILE))
 
 
 def _query(im: Image.Image):
@@ -170,6 +179,15 @@ def _query(im: Image.Image):
       np.stack([np.asarray(x.resize((FINE, FINE), Image.BILINEAR), np.float32) for x in (im, flip)])
   )
   return c, f
+
+
+def _thumb_parts(img):
+  """An evaluation image's part of :class:`ThumbIndex`: its thumbnail (at most
+  :data:`KEEP` px), coarse views, fine renders and their inverse norms."""
+  im = grey(img)
+  im = im.resize((KEEP, KEEP), Image.BOX) if max(im.size) > KEEP else im
+  r = _fine_renders(im)
+  return im, _coarse_views(im), r, _inverse_norms(r)
 
 
 @dataclasses.dataclass
@@ -188,33 +206,42 @@ class ThumbIndex:
 
   def __init__(self, images, candidates: int = 8):
     self.candidates = int(candidates)
-    thumbs, coarse = [], []
-    for img in images:
-      im = grey(img)
-      im = im.resize((KEEP, KEEP), Image.BOX) if max(im.size) > KEEP else im
-      thumbs.append(im)
-      coarse.append(_coarse_views(im))
-    self.thumbs = thumbs
-    self.n = len(thumbs)
-    self.coarse = np.concatenate(coarse) if coarse else np.zeros((0, COARSE * COARSE), np.float32)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      parts = list(pool.map(_thumb_parts, images, chunksize=64))
+    self.thumbs = [p[0] for p in parts]
+    self.n = len(parts)
+    self.coarse = (
+        np.concatenate([p[1] for p in parts])
+        if parts
+        else np.zeros((0, COARSE * COARSE), np.float32)
+    )
+    # every fine view rendered once, here (uint8, ~101 KiB an image): rendering them for each
+    # candidate of each U image cost 8 ms a candidate, most of a U image's time at |E| = 50,000
+    self.renders = (
+        np.stack([p[2] for p in parts]) if parts else np.zeros((0, VIEWS, FINE * FINE), np.uint8)
+    )
+    self.inverse_norms = (
+        np.stack([p[3] for p in parts]) if parts else np.zeros((0, VIEWS), np.float32)
+    )
+    del parts
     self._graph = None
     if len(self.coarse) > EXACT_VIEWS:
       self._graph = faiss.IndexHNSWFlat(COARSE * COARSE, 32, faiss.METRIC_INNER_PRODUCT)
       self._graph.hnsw.efSearch = 128
-      self._graph.add(self.coarse)
-    self._fine: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
+      faiss.omp_set_num_threads(os.cpu_count() or 1)
+      try:
+        self._graph.add(self.coarse)
+      finally:
+        faiss.omp_set_num_threads(1)
 
-  def _fine_of(self, e: int) -> np.ndarray:
-    with self._lock:
-      f = self._fine.get(e)
-    if f is None:
-      f = _fine_views(self.thumbs[e])
-      with self._lock:  # a bounded cache of rendered views, shared by threads
-        if len(self._fine) > 4096:
-          self._fine.pop(next(iter(self._fine)))
-        self._fine[e] = f
-    return f
+  def _scores(self, q: np.ndarray, e: int) -> np.ndarray:
+    """Correlations of unit queries ``q`` [k, 1024] with the fine views of image ``e``."""
+    return (q @ self.renders[e].T.astype(np.float32)) * self.inverse_norms[e]
+
+  def _fine_of(self, e: int, view: int) -> np.ndarray:
+    """One fine view of image ``e``, mean removed, unit norm (float32 [1024])."""
+    a = self.renders[e, view].astype(np.float32)
+    return (a - a.mean()) * self.inverse_norms[e, view]
 
   def match(self, images, block: int = 256, gate: float = -2.0) -> Match:
     """The best similarity of each of ``images`` to the evaluation images (candidates of
@@ -233,7 +260,7 @@ class ThumbIndex:
         for e, c in zip(cs, ss):
           if c < gate or e < 0:
             continue
-          s = q[1] @ self._fine_of(int(e)).T  # [2 (the image, its mirror), views]
+          s = self._scores(q[1], int(e))  # [2 (the image, its mirror), views]
           j = int(s.argmax())
           if s.flat[j] > best:
             best, arg, at = float(s.flat[j]), int(e), j
@@ -243,11 +270,11 @@ class ThumbIndex:
   def cell_similarity(self, img, e: int, at: int) -> float:
     """How alike ``img`` and evaluation image ``e`` are where they are alike: at the pair of
     views ``at`` (``Match.view``: the U image or its mirror image, and a crop of ``e``),
-    the median correlation of their 8x8 cells at 32x32 of textured cells of ``e`` (at least
-    :data:`MIN_CELLS`); -1 where too few. A caption, a text or a sticker over the picture
-    spoils the cells it covers and the correlation of the whole, not the median."""
+    :func:`cell_agreement` of the two (-1: too few textured cells). A text or a sticker over
+    the picture spoils the cells it covers and the correlation of the whole, not 70% of the
+    cells; a look-alike sharing some shapes with ``e`` agrees in fewer."""
     q = _query(grey(img))[1][at // VIEWS]
-    return cell_median(q, self._fine_of(int(e))[at % VIEWS])
+    return cell_agreement(q, self._fine_of(int(e), at % VIEWS))
 
   def _candidates(self, c: np.ndarray, k: int | None = None):
     """The ``k`` (default ``candidates``) evaluation images of highest coarse similarity
@@ -283,7 +310,7 @@ class ThumbIndex:
     q = _query(grey(img))
     cand, _ = self._candidates(q[0][None], self.candidates + 1)  # (one may be ``exclude``)
     cand = [int(e) for e in cand[0] if e >= 0 and e != exclude][: self.candidates]
-    return {e for e in cand if float((q[1] @ self._fine_of(e).T).max()) >= threshold}
+    return {e for e in cand if float(self._scores(q[1], e).max()) >= threshold}
 
 
 def _grey_u8(img) -> np.ndarray:
@@ -408,7 +435,7 @@ def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> 
       for x in range(0, 32, 8)
       if (m := v[y : y + 8, x : x + 8]).mean() > 0.8 and b[y : y + 8, x : x + 8][m].std() >= 4
   ]  # (a flat cell, a sky or a painted shape, is no evidence either way)
-  return float(np.median(cells)) if len(cells) >= 4 else -1.0
+  return float(np.percentile(cells, ALIGNED_QUANTILE)) if len(cells) >= 4 else -1.0
 
 
 @dataclasses.dataclass
@@ -445,8 +472,10 @@ class Index:
 
   @property
   def nbytes(self) -> int:
-    """Bytes held (the thumbnails' index, the views cache's bound excluded; features)."""
-    thumbs = self.thumb.coarse.nbytes + sum(t.size[0] * t.size[1] for t in self.thumb.thumbs)
+    """Bytes held (the thumbnails, their views, the features; not faiss's graphs)."""
+    t = self.thumb
+    thumbs = t.coarse.nbytes + t.renders.nbytes + t.inverse_norms.nbytes
+    thumbs += sum(x.size[0] * x.size[1] for x in t.thumbs)
     local = sum(
         s.nbytes + p.nbytes + d.nbytes for s, p, d in zip(self.small, self.points, self.descs)
     )
@@ -468,7 +497,7 @@ class Index:
     found = []
     if len(d) < MIN_INLIERS or self.codes.ntotal == 0:
       return found
-    dist, ids = self.codes.search(d[:QUERY_CODES], 4)
+    dist, ids = self.codes.search(d, 4)
     ok = (dist <= VOTE_DISTANCE) & (ids >= 0)
     votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
     if exclude >= 0:
@@ -566,6 +595,7 @@ def _binary_index(codes: np.ndarray):
   index = faiss.IndexBinaryIVF(quantizer, 256, nlist)
   assert index.is_trained  # (a quantizer holding nlist codes is the trained state)
   index.nprobe = PROBES
+  quantizer.hnsw.efSearch = QUANTIZER_EF
   index._quantizer = quantizer  # (keep it alive: faiss does not own it)
   faiss.omp_set_num_threads(os.cpu_count() or 1)
   try:

@@ -40,15 +40,14 @@ def _part(folder, pi: int, pc: int, chunk: int):
 
 def check_memory(num_images: int, available: int | None = None) -> None:
   """Refuses (DataError, with the figures) evaluation sets whose index would not fit in
-  half of this host's available memory: about :data:`neardup.BYTES_PER_IMAGE` per image
-  plus the views cache (:data:`neardup.VIEWS_CACHE_BYTES`)."""
-  need = num_images * neardup.BYTES_PER_IMAGE + neardup.VIEWS_CACHE_BYTES
+  half of this host's available memory: about :data:`neardup.BYTES_PER_IMAGE` per image."""
+  need = num_images * neardup.BYTES_PER_IMAGE
   if available is None:
     available = psutil.virtual_memory().available
   if need > available // 2:
     raise sources.DataError(
         f"eval copies: {num_images:,} evaluation images need about {need / 2**30:.1f} GiB "
-        f"for their index ({neardup.BYTES_PER_IMAGE // 1024} KiB each + the views cache), "
+        f"for their index ({neardup.BYTES_PER_IMAGE // 1024} KiB each), "
         f"more than half of this host's {available / 2**30:.1f} GiB available; set "
         f"score.eval_copies=off or use hosts with more memory"
     )
