@@ -8,18 +8,24 @@ student then memorises, so that the test accuracy is inflated. No model weights.
 
 1. **Aligned thumbnails** (:class:`ThumbIndex`, the method of bssl <= 0.4). Every evaluation
    image is described by six coarse views (the whole image, the centre 90%, the four corner
-   90% crops: 16x16 grey, mean removed, unit norm); the ``candidates`` of highest cosine
-   similarity to a U image or its mirror image (exact products, or faiss's HNSW graph of the
-   views beyond :data:`EXACT_VIEWS`), of coarse similarity at least :data:`COARSE_GATE`, are
-   rendered at 32x32 over a grid of crops (side 100% to 88%, 5x5 positions) and correlated
-   with the U image; the best correlation is the *similarity*, a copy from ``threshold``
-   (``score.copy_threshold``, 0.95). The same on the U image with its borders trimmed
-   (:func:`trim_borders`: letterbox bars, padding, a caption band). Finds resizing, aspect,
-   JPEG, colour, grey, mirror, blur, sharpening; trimmed, letterbox, padding, caption bands.
+   90% crops: 16x16 grey, mean removed, unit norm) and :data:`VIEWS` fine views (32x32
+   renders of a grid of crops, side 100% to 88%, 5x5 positions: rendered once, when the
+   index is built); the ``candidates`` of highest cosine similarity to a U image or its
+   mirror image (exact products, or faiss's HNSW graph of the views beyond
+   :data:`EXACT_VIEWS`), of coarse similarity at least :data:`COARSE_GATE`, have their fine
+   views correlated with the U image; the best correlation is the *similarity*, a copy from
+   ``threshold`` (``score.copy_threshold``, 0.95). The same on the U image with its borders
+   trimmed (:func:`trim_borders`: letterbox bars, padding, a caption band). Where the
+   similarity is at least :data:`CELL_GATE` but below the threshold, the best pair of views
+   is compared cell by cell (:func:`cell_agreement`: 70% of the textured 8x8 cells,
+   each less its plane, correlate at least :data:`CELL_THRESHOLD`): a text, a sticker or
+   a band over the picture spoils the cells it covers, not the others. Finds resizing,
+   aspect, JPEG, colour, grey, mirror, blur, sharpening; overlays; trimmed, letterbox,
+   padding, caption bands.
 2. **Local features** for what the first path does not find. ORB keypoints (at most
    :data:`NFEATURES`, image brought to :data:`SIDE` px) of every evaluation image and of its
    mirror image in a faiss index of binary codes (exact, or inverted lists beyond
-   :data:`EXACT_CODES` codes); the U image's codes vote for the images they are near; the
+   :data:`EXACT_CODES` codes, :func:`_binary_index`); the U image's codes vote for the images they are near; the
    :data:`CANDIDATE_VIEWS` most voted are verified: ratio-tested matches, an affine RANSAC
    gate, a homography (USAC) with at least :data:`MIN_INLIERS` inliers, then the U image
    mapped onto the evaluation image and compared pixel by pixel (:func:`aligned_similarity`:
@@ -206,24 +212,17 @@ class ThumbIndex:
 
   def __init__(self, images, candidates: int = 8):
     self.candidates = int(candidates)
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      parts = list(pool.map(_thumb_parts, images, chunksize=64))
-    self.thumbs = [p[0] for p in parts]
-    self.n = len(parts)
-    self.coarse = (
-        np.concatenate([p[1] for p in parts])
-        if parts
-        else np.zeros((0, COARSE * COARSE), np.float32)
-    )
+    self.n = len(images)
+    self.thumbs = []
+    self.coarse = np.zeros((self.n * 6, COARSE * COARSE), np.float32)
     # every fine view rendered once, here (uint8, ~101 KiB an image): rendering them for each
     # candidate of each U image cost 8 ms a candidate, most of a U image's time at |E| = 50,000
-    self.renders = (
-        np.stack([p[2] for p in parts]) if parts else np.zeros((0, VIEWS, FINE * FINE), np.uint8)
-    )
-    self.inverse_norms = (
-        np.stack([p[3] for p in parts]) if parts else np.zeros((0, VIEWS), np.float32)
-    )
-    del parts
+    self.renders = np.zeros((self.n, VIEWS, FINE * FINE), np.uint8)
+    self.inverse_norms = np.zeros((self.n, VIEWS), np.float32)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      for e, (im, c, r, inv) in enumerate(pool.map(_thumb_parts, images, chunksize=64)):
+        self.thumbs.append(im)
+        self.coarse[6 * e : 6 * e + 6], self.renders[e], self.inverse_norms[e] = c, r, inv
     self._graph = None
     if len(self.coarse) > EXACT_VIEWS:
       self._graph = faiss.IndexHNSWFlat(COARSE * COARSE, 32, faiss.METRIC_INNER_PRODUCT)

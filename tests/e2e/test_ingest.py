@@ -504,6 +504,15 @@ def test_recipe_scores_u_from_shards(tmp_path):
   cfg = resnext.get_config("tiny")
   cfg.unlabelled.kind, cfg.unlabelled.path = "shards", out
   cfg.stages = "baseline,teacher,score,select"  # (resnext:tiny runs every stage elsewhere)
+  # the teacher is the baseline itself (as the demo's): what is checked here is how U is
+  # read, not which model scores it; resnext:tiny's own teacher trains in test_pipeline.py
+  # (test_resnext_tiny_runs_every_stage_on_gcs) and test_recorded_deps.py
+  cfg.teacher.update(
+      model=cfg.baseline.model,
+      model_kwargs=dict(cfg.baseline.model_kwargs),
+      init_from="baseline",
+      steps=0,
+  )
   wd = str(tmp_path / "w")
   engine.run_recipe(cfg, wd)
   assert json.load(open(os.path.join(wd, "score", "done.json")))["num_scored"] == 30

@@ -287,8 +287,17 @@ def test_video_files_end_to_end_bad_ones_listed_in_scoring_and_fatal_in_training
     video_files, tmp_path
 ):
   wd = tmp_path / "run"
+  # the teacher is the baseline itself (as the demo's): what is checked is how video files
+  # are read, scored and reported, not which model scores them; the tiny preset's own
+  # teacher trains in test_recorded_deps.py (its video run) and in
+  # test_a_weakly_supervised_video_teacher below
+  teacher = [
+      "--config.teacher.init_from=baseline",
+      "--config.teacher.steps=0",
+      "--config.teacher.model_kwargs.depths=1,1",
+  ]
   r = subprocess.run(
-      _video_folder_args(video_files, wd),
+      _video_folder_args(video_files, wd, teacher),
       env=_env(),
       capture_output=True,
       text=True,

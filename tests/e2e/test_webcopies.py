@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bssl.data import neardup, planted, webcopy
 
@@ -88,3 +89,83 @@ def test_blocks_searched_in_any_order_merge_to_the_same(data):
   copies = set(range(0, 30, 3))
   assert set(one["id"].tolist()) <= copies and len(one["id"]) >= 8, one["id"]
   assert (one["match"] == 100 + one["id"] % 12).all()
+
+
+def test_fine_views_rendered_once_score_as_rendered_per_candidate(data):
+  """ThumbIndex keeps each evaluation image's fine views as uint8 renders and their inverse
+  norms; a query's scores against them are the correlations with the unit views rendered
+  on demand as the method did before (Pillow's renders, mean removed, unit norm)."""
+  index = neardup.ThumbIndex(data["ev"][:6])
+  q = neardup._query(neardup.grey(data["copies"][0]))[1]
+  for e in range(6):
+    views = index.renders[e].astype(np.float32)
+    ref = neardup._unit(views)
+    np.testing.assert_allclose(index._scores(q, e), q @ ref.T, atol=2e-6)
+    np.testing.assert_allclose(index._fine_of(e, 7), ref[7], atol=2e-6)
+    # and the renders are Pillow's own at the crops of the module doc
+    im = index.thumbs[e]
+    w, h = im.size
+    cw, ch = neardup.SIDES[1] * w, neardup.SIDES[1] * h
+    own = im.resize((neardup.FINE,) * 2, Image.BILINEAR, box=(0, 0, cw, ch))
+    assert (index.renders[e, 1] == np.asarray(own).reshape(-1)).all()
+
+
+def test_trim_borders_cuts_caption_bands_bars_and_padding_exactly(data):
+  """A caption band (text in it), letterbox bars and padding to a square go, to 2 px, on
+  most tiles; a tile with nothing added mostly keeps its size."""
+  exact = {"caption": 0, "letterbox": 0, "pad_square": 0}
+  for i, img in enumerate(data["ev"]):
+    for f in exact:
+      c = webcopy.web_copy(img, f, np.random.default_rng(100 + i))
+      g = neardup._grey_u8(c)
+      t = neardup.trim_borders(g)
+      if f == "caption":
+        band = c.shape[0] - img.shape[0]
+        exact[f] += abs(g.shape[0] - t.shape[0] - band) <= 2 and t.shape[1] == g.shape[1]
+      else:  # (padding may follow a stretch: the trimmed aspect is the source's or stretched)
+        exact[f] += t is not g
+  n = len(data["ev"])
+  assert all(v >= 0.75 * n for v in exact.values()), (exact, n)
+  kept = [neardup.trim_borders(neardup._grey_u8(x)).shape == x.shape[:2] for x in data["ev"]]
+  assert np.mean(kept) >= 0.7, np.mean(kept)
+
+
+def test_an_overlay_is_found_by_the_cells_the_whole_thumbnail_misses(data):
+  """Text or a sticker over a textured tile lowers the whole thumbnail's correlation below
+  the threshold; 70% of its cells still agree (cell_agreement): a copy. The other tiles of
+  the same photographs, matched to their best evaluation tile, do not agree so."""
+  index = neardup.ThumbIndex(data["ev"])
+  rng = np.random.default_rng(5)
+  saved = 0
+  for i, img in enumerate(data["ev"]):
+    for f in ("text", "sticker"):
+      c = webcopy.web_copy(img, f, rng)
+      m = index.match([c], gate=neardup.COARSE_GATE)
+      if m.index[0] == i and neardup.CELL_GATE <= m.similarity[0] < neardup.DEFAULT_THRESHOLD:
+        saved += index.cell_similarity(c, i, m.view[0]) >= neardup.CELL_THRESHOLD
+  assert saved >= 10, saved
+  clean = data["clean"][:120]
+  m = index.match(clean, gate=neardup.COARSE_GATE)
+  agree = [
+      index.cell_similarity(x, m.index[k], m.view[k]) >= neardup.CELL_THRESHOLD
+      for k, x in enumerate(clean)
+      if m.similarity[k] >= neardup.CELL_GATE
+  ]
+  assert np.mean(agree) <= 0.01, np.sum(agree)
+
+
+def test_inverted_lists_beyond_the_exact_size_still_find_copies(data, monkeypatch):
+  """Beyond EXACT_CODES the ORB codes go into inverted lists whose centroids are codes drawn
+  at random (no training): the local path still finds crops and rotations through them."""
+  monkeypatch.setattr(neardup, "EXACT_CODES", 1000)
+  monkeypatch.setattr(neardup, "CODES_PER_LIST", 64)
+  ev = data["ev"][:16]
+  index = neardup.Index(ev)
+  assert index.codes.ntotal > 1000 and hasattr(index.codes, "nprobe")
+  rng = np.random.default_rng(2)
+  found = 0
+  for i, img in enumerate(ev):
+    for f in ("crop", "rotate"):
+      v = index._local(webcopy.web_copy(img, f, rng), first=True)
+      found += bool(v) and v[0].index == i
+  assert found >= 0.75 * 2 * len(ev), found

@@ -265,6 +265,12 @@ RECIPE = [
     "--config=configs/resnext.py:tiny",
     "--config.stages=baseline,teacher,score,select",
     "--config.unlabelled.kind=shards",
+    # the teacher is the baseline itself (as the demo's): these runs check how U is read
+    # and scored, not which model scores it; resnext:tiny's own teacher trains in
+    # test_pipeline.py (test_resnext_tiny_runs_every_stage_on_gcs) and test_recorded_deps.py
+    "--config.teacher.init_from=baseline",
+    "--config.teacher.steps=0",
+    "--config.teacher.model_kwargs.depths=1,1",
 ]
 
 
