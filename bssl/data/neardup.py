@@ -89,7 +89,9 @@ EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
 PROBES = 2  # inverted lists searched per code (measured: 4 found 0.2% more copies, 20% slower)
 QUANTIZER_EF = 8  # HNSW breadth of the lists' graph (its search is most of a U image's search)
-BYTES_PER_IMAGE = 72 * 1024  # an evaluation image in Index (measured: docs/webdataset.md)
+BYTES_PER_IMAGE = (
+    172 * 1024
+)  # an evaluation image in Index (measured 165 KB at 50k: docs/webdataset.md)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
 
