@@ -169,3 +169,15 @@ def test_inverted_lists_beyond_the_exact_size_still_find_copies(data, monkeypatc
       v = index._local(webcopy.web_copy(img, f, rng), first=True)
       found += bool(v) and v[0].index == i
   assert found >= 0.75 * 2 * len(ev), found
+
+
+def test_an_evaluation_set_beyond_half_the_memory_is_refused_with_its_figures():
+  from bssl.data import sources
+  from bssl.stages import eval_copies
+
+  eval_copies.check_memory(2_000, available=4 << 30)  # 0.3 GiB of 4: fine
+  with pytest.raises(sources.DataError) as e:
+    eval_copies.check_memory(50_000, available=8 << 30)  # ImageNet val: ~8.2 GiB of 8
+  msg = str(e.value)
+  assert "50,000 evaluation images" in msg and "8.2 GiB" in msg and "8.0 GiB" in msg, msg
+  assert "score.eval_copies=off" in msg
