@@ -69,6 +69,7 @@ CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (ce
 CELL_QUANTILE = 30  # ... this percentile of the cells' correlations (70% of cells alike)
 CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
 MIN_CELLS = 6  # textured 8x8 cells (of 16) a cell median needs
+AFTER = 0.9  # trim_borders: the first picture line is less than this share of the border colour
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
 # the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
 SIDE = 256  # images described at this longer side
@@ -344,7 +345,7 @@ def trim_borders(g: np.ndarray, tol: int = 16, most: float = 0.45):
       return 0
     mean = np.cumsum(near) / np.arange(1, len(near) + 1)
     after = np.append(near[1:], 1.0)
-    ends = np.flatnonzero(pure & (mean >= 0.7) & (after < 0.9)) + 1
+    ends = np.flatnonzero(pure & (mean >= 0.7) & (after < AFTER)) + 1
     ends = ends[ends <= lim]
     return int(ends[-1]) if len(ends) else 0
 
