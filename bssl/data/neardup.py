@@ -69,6 +69,7 @@ CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (ce
 CELL_QUANTILE = 30  # ... this percentile of the cells' correlations (70% of cells alike)
 CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
 MIN_CELLS = 6  # textured 8x8 cells (of 16) a cell median needs
+SMOOTH_AGREEMENT = 0.3  # a smooth thumbnail match (too few textured cells) at 64 px
 AFTER = 0.9  # trim_borders: the first picture line is less than this share of the border colour
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
 # the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
@@ -143,6 +144,18 @@ def _fine_renders(im: Image.Image) -> np.ndarray:
         r = im.resize((FINE, FINE), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
         out.append(np.asarray(r, np.uint8).reshape(-1))
   return np.stack(out)
+
+
+def _view_box(w: float, h: float, view: int) -> tuple[float, float, float, float]:
+  """The crop of a ``w`` x ``h`` thumbnail that fine view ``view`` renders."""
+  if view == 0:
+    return (0.0, 0.0, float(w), float(h))
+  s = SIDES[1 + (view - 1) // (STEPS * STEPS)]
+  k = (view - 1) % (STEPS * STEPS)
+  oy, ox = np.linspace(0.0, 1.0, STEPS)[k // STEPS], np.linspace(0.0, 1.0, STEPS)[k % STEPS]
+  cw, ch = s * w, s * h
+  x0, y0 = ox * (w - cw), oy * (h - ch)
+  return (x0, y0, x0 + cw, y0 + ch)
 
 
 def _inverse_norms(r: np.ndarray) -> np.ndarray:
@@ -268,6 +281,34 @@ class ThumbIndex:
             best, arg, at = float(s.flat[j]), int(e), j
         sim[a + r], idx[a + r], view[a + r] = best, arg, at
     return Match(sim, idx, view=view)
+
+  def detail_agreement(self, img, e: int, at: int) -> float | None:
+    """At 64 px (or the smaller side of either), how alike ``img`` and the crop of evaluation
+    image ``e``'s thumbnail that view ``at`` renders are, cell by cell (8x8 cells less their
+    planes, the median correlation of those with texture in ``e``: a residual of at least
+    one grey level); None where fewer than 4 cells have texture."""
+    im = grey(img)
+    if at // VIEWS:
+      im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    t = self.thumbs[e]
+    side = min(KEEP, *im.size, *t.size) // 8 * 8
+    if side < 16:
+      return None
+    q = np.asarray(im.resize((side, side), Image.BOX), np.float32)
+    f = np.asarray(
+        t.resize((side, side), Image.BILINEAR, box=_view_box(*t.size, at % VIEWS)), np.float32
+    )
+    n = side // 8
+
+    def cells(a):
+      return a.reshape(n, 8, n, 8).transpose(0, 2, 1, 3).reshape(n * n, 64) @ _PLANE
+
+    a, b = cells(q), cells(f)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    ok = (nb >= 8.0) & (na > 1e-6)
+    if ok.sum() < 4:
+      return None
+    return float(np.median((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok])))
 
   def cell_similarity(self, img, e: int, at: int) -> float:
     """How alike ``img`` and evaluation image ``e`` are where they are alike: at the pair of
@@ -537,26 +578,34 @@ class Index:
     images = list(images)
     m = self.thumb.match(images, gate=COARSE_GATE)
     sim, idx = m.similarity.copy(), m.index.copy()
-    copy = sim >= self.threshold
     inliers = np.zeros(len(images), np.int64)
+
+    def holds(img, mm, j) -> bool:  # a thumbnail match, checked in detail where smooth
+      if mm.similarity[j] < self.threshold:
+        return False
+      if SMOOTH_AGREEMENT is None or self.thumb.cell_similarity(img, mm.index[j], mm.view[j]) != -1:
+        return True
+      d = self.thumb.detail_agreement(img, int(mm.index[j]), int(mm.view[j]))
+      return d is None or d >= SMOOTH_AGREEMENT
+
+    copy = np.array([holds(x, m, i) for i, x in enumerate(images)], bool)
     trimmed = {}
     for i in np.flatnonzero(~copy):
       g = _grey_u8(images[i])
       t = trim_borders(g)
       if t is not g:
         trimmed[int(i)] = t
+    at = {i: j for j, i in enumerate(trimmed)}
     if trimmed:
       mt = self.thumb.match(list(trimmed.values()), gate=COARSE_GATE)
       for j, i in enumerate(trimmed):
-        if mt.similarity[j] >= self.threshold:
+        if holds(trimmed[i], mt, j):
           sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
     # an overlay spoils the whole thumbnail's correlation, not the cells it does not cover
     for i in np.flatnonzero(~copy):
-      tries = [(images[i], m, i)] + (
-          [(trimmed[i], mt, list(trimmed).index(i))] if i in trimmed else []
-      )
+      tries = [(images[i], m, i)] + ([(trimmed[i], mt, at[i])] if i in trimmed else [])
       for img, mm, j in tries:
-        if mm.similarity[j] >= CELL_GATE and (
+        if CELL_GATE <= mm.similarity[j] < self.threshold and (
             self.thumb.cell_similarity(img, mm.index[j], mm.view[j]) >= CELL_THRESHOLD
         ):
           sim[i], idx[i], copy[i] = mm.similarity[j], mm.index[j], True
