@@ -19,7 +19,10 @@ student then memorises, so that the test accuracy is inflated. No model weights.
    similarity is at least :data:`CELL_GATE` but below the threshold, the best pair of views
    is compared cell by cell (:func:`cell_agreement`: 70% of the textured 8x8 cells,
    each less its plane, correlate at least :data:`CELL_THRESHOLD`): a text, a sticker or
-   a band over the picture spoils the cells it covers, not the others. Finds resizing,
+   a band over the picture spoils the cells it covers, not the others. A match of a smooth
+   picture (too few textured cells) must also agree at 64 px
+   (:meth:`ThumbIndex.detail_agreement` at least :data:`SMOOTH_AGREEMENT`): smooth
+   look-alikes (other tiles of a retina) correlate at 32x32. Finds resizing,
    aspect, JPEG, colour, grey, mirror, blur, sharpening; overlays; trimmed, letterbox,
    padding, caption bands.
 2. **Local features** for what the first path does not find. ORB keypoints (at most

@@ -181,3 +181,23 @@ def test_an_evaluation_set_beyond_half_the_memory_is_refused_with_its_figures():
   msg = str(e.value)
   assert "50,000 evaluation images" in msg and "8.2 GiB" in msg and "8.0 GiB" in msg, msg
   assert "score.eval_copies=off" in msg
+
+
+def test_smooth_look_alikes_are_checked_in_detail():
+  """Retina's tiles are smooth (too few textured cells at 32x32) and look alike: transformed
+  other tiles pass the whole thumbnail's threshold; checked at 64 px (detail_agreement)
+  almost none is a copy, while copies of the tiles themselves are still found."""
+  ev, names, clean, clean_names = webcopies.tiles(webcopies.photos(), 0)
+  ev = [e for e, n in zip(ev, names) if n.startswith("retina")]
+  clean = [c for c, n in zip(clean, clean_names) if n.startswith("retina")]
+  index = neardup.Index(ev)
+  rng = np.random.default_rng(0)
+  families = ("jpeg", "blur", "color", "downscale", "letterbox", "aspect")
+  look = [webcopy.web_copy(c, f, rng) for c in clean for f in families]
+  passing = index.thumb.match(look).similarity >= neardup.DEFAULT_THRESHOLD
+  assert passing.sum() >= 6, passing.sum()  # (what the check is for)
+  assert index.match(look).copy.sum() <= 2
+  copies = [webcopy.web_copy(e, f, rng) for e in ev for f in families]
+  m = index.match(copies)
+  found = m.copy & (m.index == np.repeat(np.arange(len(ev)), len(families)))
+  assert found.mean() >= 0.9, found.mean()
