@@ -98,8 +98,8 @@ def find(ctx, folder) -> dict:
   only the missing parts), with progress lines (rate, ETA); then every process reads them
   all. Returns, for each image of U that matched, its ``id``, the ``split`` of the
   evaluation image (0 test, 1 validation, 2 D), that image's id in its split (``match``)
-  and the ``similarity``. Memory: the indexes, their cache of rendered views (at most
-  4,096 evaluation images x 65 x 32 x 32 float32: 1.1 GB) and one block of U."""
+  and the ``similarity``. Memory: the indexes (about :data:`neardup.BYTES_PER_IMAGE` an
+  evaluation image, its fine views rendered once among them) and one block of U."""
   cfg = ctx.cfg
   pi, pc = parallel.process_index(), parallel.process_count()
   if pi == 0:  # parts of a run with another process count (resumed on other hosts)
