@@ -584,12 +584,9 @@ class Index:
     inliers = np.zeros(len(images), np.int64)
 
     def holds(img, mm, j) -> bool:  # a thumbnail match, checked in detail where smooth
-      if mm.similarity[j] < self.threshold:
-        return False
-      if SMOOTH_AGREEMENT is None or self.thumb.cell_similarity(img, mm.index[j], mm.view[j]) != -1:
-        return True
-      d = self.thumb.detail_agreement(img, int(mm.index[j]), int(mm.view[j]))
-      return d is None or d >= SMOOTH_AGREEMENT
+      return mm.similarity[j] >= self.threshold and self._detail_holds(
+          img, int(mm.index[j]), int(mm.view[j])
+      )
 
     copy = np.array([holds(x, m, i) for i, x in enumerate(images)], bool)
     trimmed = {}
@@ -620,14 +617,27 @@ class Index:
         sim[i], idx[i], copy[i], inliers[i] = v.similarity, v.index, True, v.inliers
     return Match(sim, idx, copy, inliers)
 
+  def _detail_holds(self, img, e: int, at: int) -> bool:
+    """Whether a thumbnail match of ``img`` with evaluation image ``e`` at views ``at``
+    stands: always where the picture has texture at 32x32; where it is smooth (too few
+    textured cells), if it also agrees at 64 px (:data:`SMOOTH_AGREEMENT`)."""
+    if SMOOTH_AGREEMENT is None or self.thumb.cell_similarity(img, e, at) != -1:
+      return True
+    d = self.thumb.detail_agreement(img, e, at)
+    return d is None or d >= SMOOTH_AGREEMENT
+
   def copies_within(self, i: int, img) -> set[int]:
     """The evaluation images other than ``i`` of which ``img`` (evaluation image ``i``) is
-    a near-duplicate, by either path."""
+    a near-duplicate, by either path (thumbnail matches of smooth pictures checked in
+    detail, as in :meth:`match`)."""
     out = set()
     g = _grey_u8(img)
     t = trim_borders(g)
     for view in (g,) if t is g else (g, t):
-      out |= self.thumb.copies_of(view, exclude=i, threshold=self.threshold)
+      q = _query(grey(view))[1]
+      for e in self.thumb.copies_of(view, exclude=i, threshold=self.threshold):
+        if self._detail_holds(view, e, int(self.thumb._scores(q, e).argmax())):
+          out.add(e)
     out |= {v.index for v in self._local(img, exclude=i)}
     return out
 

@@ -201,3 +201,21 @@ def test_smooth_look_alikes_are_checked_in_detail():
   m = index.match(copies)
   found = m.copy & (m.index == np.repeat(np.arange(len(ev)), len(families)))
   assert found.mean() >= 0.9, found.mean()
+
+
+def test_smooth_look_alikes_are_not_paired_within_a_set():
+  """The same detail check within one set (near-duplicates within U, for D̂): retina tiles
+  and transformed other tiles of it are mostly not paired (12 such pairs without the
+  check), while the copies of one tile pair with each other."""
+  ev, names, clean, clean_names = webcopies.tiles(webcopies.photos(), 0)
+  ev = [e for e, n in zip(ev, names) if n.startswith("retina")]
+  clean = [c for c, n in zip(clean, clean_names) if n.startswith("retina")]
+  rng = np.random.default_rng(0)
+  families = ("jpeg", "blur", "color", "downscale", "letterbox", "aspect")
+  look = [webcopy.web_copy(c, f, rng) for c in clean for f in families]
+  pairs = neardup.near_duplicate_pairs(ev + look).tolist()
+  n, k = len(ev), len(families)
+  across = [(a, b) for a, b in pairs if a < n <= b]
+  assert len(across) <= 6, across
+  same_tile = [(a, b) for a, b in pairs if a >= n and (a - n) // k == (b - n) // k]
+  assert len(same_tile) >= 0.8 * len(clean) * k * (k - 1) / 2, len(same_tile)
