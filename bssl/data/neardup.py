@@ -71,7 +71,7 @@ VIEWS = 1 + (len(SIDES) - 1) * STEPS * STEPS  # fine views (crops) rendered per 
 CELL_THRESHOLD = 0.85  # Index: a copy by its best-aligned thumbnail's cells (cell_similarity)
 CELL_QUANTILE = 30  # ... this percentile of the cells' correlations (70% of cells alike)
 CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
-MIN_CELLS = 6  # textured 8x8 cells (of 16) a cell median needs
+MIN_CELLS = 6  # textured 8x8 cells (of 16) cell_agreement needs
 SMOOTH_AGREEMENT = 0.3  # a smooth thumbnail match (too few textured cells) at 64 px
 AFTER = 0.9  # trim_borders: the first picture line is less than this share of the border colour
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
@@ -94,9 +94,8 @@ EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
 PROBES = 2  # inverted lists searched per code (measured: 4 found 0.2% more copies, 20% slower)
 QUANTIZER_EF = 8  # HNSW breadth of the lists' graph (its search is most of a U image's search)
-BYTES_PER_IMAGE = (
-    172 * 1024
-)  # an evaluation image in Index (measured 165 KB at 50k: docs/webdataset.md)
+# an evaluation image in Index (measured 165 KB at |E| = 50,089: docs/webdataset.md)
+BYTES_PER_IMAGE = 172 * 1024
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
 
@@ -135,22 +134,19 @@ def _coarse_views(im: Image.Image) -> np.ndarray:
 
 def _fine_renders(im: Image.Image) -> np.ndarray:
   """The :data:`VIEWS` fine views of a thumbnail as Pillow renders them: uint8 [VIEWS, 1024]
-  (crops of side 100% to 88%, 5x5 positions, at 32x32)."""
+  (the crops of :func:`_view_box`, at 32x32)."""
   w, h = im.size
-  out = []
-  for s in SIDES:
-    cw, ch = s * w, s * h
-    offs = [0.0] if s == 1.0 else np.linspace(0.0, 1.0, STEPS)
-    for oy in offs:
-      for ox in offs:
-        x0, y0 = ox * (w - cw), oy * (h - ch)
-        r = im.resize((FINE, FINE), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-        out.append(np.asarray(r, np.uint8).reshape(-1))
-  return np.stack(out)
+  return np.stack(
+      [
+          np.asarray(im.resize((FINE, FINE), Image.BILINEAR, box=_view_box(w, h, v))).reshape(-1)
+          for v in range(VIEWS)
+      ]
+  ).astype(np.uint8)
 
 
 def _view_box(w: float, h: float, view: int) -> tuple[float, float, float, float]:
-  """The crop of a ``w`` x ``h`` thumbnail that fine view ``view`` renders."""
+  """The crop of a ``w`` x ``h`` thumbnail that fine view ``view`` renders: the whole, then
+  crops of side :data:`SIDES` [1:] at 5x5 positions each, rows of positions top to bottom."""
   if view == 0:
     return (0.0, 0.0, float(w), float(h))
   s = SIDES[1 + (view - 1) // (STEPS * STEPS)]
@@ -222,6 +218,7 @@ class Match:
   copy: np.ndarray | None = None  # [n] bool: a copy (Index; ThumbIndex: similarity >= 0.95)
   inliers: np.ndarray | None = None  # [n] int64: local path's geometric inliers (0: not used)
   view: np.ndarray | None = None  # [n] int64: ThumbIndex: the best pair of views (see match)
+  query: np.ndarray | None = None  # [n, 2, 1024] ThumbIndex: the queries' fine rows (_query)
 
 
 class ThumbIndex:
@@ -268,10 +265,12 @@ class ThumbIndex:
     sim = np.full(len(images), -1.0, np.float32)
     idx = np.full(len(images), -1, np.int64)
     view = np.full(len(images), -1, np.int64)
+    query = np.zeros((len(images), 2, FINE * FINE), np.float32)
     if self.n == 0:
-      return Match(sim, idx, view=view)
+      return Match(sim, idx, view=view, query=query)
     for a in range(0, len(images), block):
       qs = [_query(grey(x)) for x in images[a : a + block]]
+      query[a : a + len(qs)] = [q[1] for q in qs]
       cand, score = self._candidates(np.stack([q[0] for q in qs]))
       for r, (q, cs, ss) in enumerate(zip(qs, cand, score)):
         best, arg, at = -1.0, -1, -1
@@ -283,7 +282,7 @@ class ThumbIndex:
           if s.flat[j] > best:
             best, arg, at = float(s.flat[j]), int(e), j
         sim[a + r], idx[a + r], view[a + r] = best, arg, at
-    return Match(sim, idx, view=view)
+    return Match(sim, idx, view=view, query=query)
 
   def detail_agreement(self, img, e: int, at: int) -> float | None:
     """At 64 px (or the smaller side of either), how alike ``img`` and the crop of evaluation
@@ -313,14 +312,14 @@ class ThumbIndex:
       return None
     return float(np.median((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok])))
 
-  def cell_similarity(self, img, e: int, at: int) -> float:
-    """How alike ``img`` and evaluation image ``e`` are where they are alike: at the pair of
-    views ``at`` (``Match.view``: the U image or its mirror image, and a crop of ``e``),
+  def cell_similarity(self, q: np.ndarray, e: int, at: int) -> float:
+    """How alike a query (``q``: its fine rows, ``Match.query``) and evaluation image ``e``
+    are where they are alike: at the pair of views ``at`` (``Match.view``: the U image or
+    its mirror image, and a crop of ``e``),
     :func:`cell_agreement` of the two (-1: too few textured cells). A text or a sticker over
     the picture spoils the cells it covers and the correlation of the whole, not 70% of the
     cells; a look-alike sharing some shapes with ``e`` agrees in fewer."""
-    q = _query(grey(img))[1][at // VIEWS]
-    return cell_agreement(q, self._fine_of(int(e), at % VIEWS))
+    return cell_agreement(q[at // VIEWS], self._fine_of(int(e), at % VIEWS))
 
   def _candidates(self, c: np.ndarray, k: int | None = None):
     """The ``k`` (default ``candidates``) evaluation images of highest coarse similarity
@@ -348,15 +347,16 @@ class ThumbIndex:
       score[r, : len(top)] = [t[1] for t in top]
     return cand, score
 
-  def copies_of(self, img, exclude: int = -1, threshold: float = DEFAULT_THRESHOLD) -> set[int]:
+  def copies_of(self, query, exclude: int = -1, threshold: float = DEFAULT_THRESHOLD):
     """Every candidate evaluation image (``exclude`` left out) whose aligned similarity to
-    ``img`` reaches ``threshold``."""
+    the image of ``query`` (its :func:`_query`) reaches ``threshold``, with its best pair
+    of views (as ``Match.view``): a dict."""
     if self.n < 2:
-      return set()
-    q = _query(grey(img))
-    cand, _ = self._candidates(q[0][None], self.candidates + 1)  # (one may be ``exclude``)
+      return {}
+    cand, _ = self._candidates(query[0][None], self.candidates + 1)  # (one may be ``exclude``)
     cand = [int(e) for e in cand[0] if e >= 0 and e != exclude][: self.candidates]
-    return {e for e in cand if float(self._scores(q[1], e).max()) >= threshold}
+    scores = {e: self._scores(query[1], e) for e in cand}
+    return {e: int(s.argmax()) for e, s in scores.items() if float(s.max()) >= threshold}
 
 
 def _grey_u8(img) -> np.ndarray:
@@ -585,7 +585,7 @@ class Index:
 
     def holds(img, mm, j) -> bool:  # a thumbnail match, checked in detail where smooth
       return mm.similarity[j] >= self.threshold and self._detail_holds(
-          img, int(mm.index[j]), int(mm.view[j])
+          img, mm.query[j], int(mm.index[j]), int(mm.view[j])
       )
 
     copy = np.array([holds(x, m, i) for i, x in enumerate(images)], bool)
@@ -603,10 +603,10 @@ class Index:
           sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
     # an overlay spoils the whole thumbnail's correlation, not the cells it does not cover
     for i in np.flatnonzero(~copy):
-      tries = [(images[i], m, i)] + ([(trimmed[i], mt, at[i])] if i in trimmed else [])
-      for img, mm, j in tries:
+      tries = [(m, i)] + ([(mt, at[i])] if i in trimmed else [])
+      for mm, j in tries:
         if CELL_GATE <= mm.similarity[j] < self.threshold and (
-            self.thumb.cell_similarity(img, mm.index[j], mm.view[j]) >= CELL_THRESHOLD
+            self.thumb.cell_similarity(mm.query[j], mm.index[j], mm.view[j]) >= CELL_THRESHOLD
         ):
           sim[i], idx[i], copy[i] = mm.similarity[j], mm.index[j], True
           break
@@ -617,11 +617,11 @@ class Index:
         sim[i], idx[i], copy[i], inliers[i] = v.similarity, v.index, True, v.inliers
     return Match(sim, idx, copy, inliers)
 
-  def _detail_holds(self, img, e: int, at: int) -> bool:
-    """Whether a thumbnail match of ``img`` with evaluation image ``e`` at views ``at``
-    stands: always where the picture has texture at 32x32; where it is smooth (too few
-    textured cells), if it also agrees at 64 px (:data:`SMOOTH_AGREEMENT`)."""
-    if SMOOTH_AGREEMENT is None or self.thumb.cell_similarity(img, e, at) != -1:
+  def _detail_holds(self, img, q: np.ndarray, e: int, at: int) -> bool:
+    """Whether a thumbnail match of ``img`` (its fine rows ``q``) with evaluation image ``e``
+    at views ``at`` stands: always where the picture has texture at 32x32; where it is
+    smooth (too few textured cells), if it also agrees at 64 px (:data:`SMOOTH_AGREEMENT`)."""
+    if self.thumb.cell_similarity(q, e, at) != -1:
       return True
     d = self.thumb.detail_agreement(img, e, at)
     return d is None or d >= SMOOTH_AGREEMENT
@@ -634,9 +634,9 @@ class Index:
     g = _grey_u8(img)
     t = trim_borders(g)
     for view in (g,) if t is g else (g, t):
-      q = _query(grey(view))[1]
-      for e in self.thumb.copies_of(view, exclude=i, threshold=self.threshold):
-        if self._detail_holds(view, e, int(self.thumb._scores(q, e).argmax())):
+      q = _query(grey(view))
+      for e, at in self.thumb.copies_of(q, exclude=i, threshold=self.threshold).items():
+        if self._detail_holds(view, q[1], e, at):
           out.add(e)
     out |= {v.index for v in self._local(img, exclude=i)}
     return out
