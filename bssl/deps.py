@@ -410,6 +410,32 @@ IDENTITY: dict[str, Callable[[str], str]] = {
 }
 
 
+# Methods whose answers a stage keeps (the copy matcher: which images of U are copies):
+# {name: version}, the version changed whenever the answers do; see note_method.
+METHODS: dict[str, str] = {}
+
+
+def register_method(name: str, version: str) -> None:
+  """Declares method ``name`` (a module whose answers a stage keeps) at ``version``: a stage
+  that noted another version (:func:`note_method`) no longer holds, whatever its fields."""
+  METHODS[name] = str(version)
+
+
+def note_method(name: str) -> str:
+  """Notes that the running stage's output is made by method ``name`` as registered now
+  (:func:`register_method`): a rerun after the method changed finds the stage stale and says
+  so, instead of keeping answers the method would no longer give or mixing the two in a
+  resumed stage's parts."""
+  return note_input(f"method.{name}", "method", name, ident=METHODS[name])
+
+
+def _method_identity(name: str) -> str:
+  return METHODS.get(name, "(not loaded)")
+
+
+IDENTITY["method"] = _method_identity
+
+
 def register_identity(kind: str, fn: Callable[[str], str]) -> None:
   """Teaches the record to identify inputs of ``kind`` (a data format: ``shards``,
   ``filelist``) again from their path: ``fn(path)`` is what the source at ``path`` says it
@@ -604,7 +630,9 @@ def check_record(
       new = identity(e["kind"], entry_path_now(record, cfg, key, e))
     if new == e["id"]:
       continue
-    if now is not None and str(now["path"]) != str(e["path"]):
+    if e["kind"] == "method":
+      out.append(f"{key}: this bssl's method is {new}, the stage's output was made by {e['id']}")
+    elif now is not None and str(now["path"]) != str(e["path"]):
       out.append(
           f"{key}: the run opens {now['path']} now, {e['path']} when recorded "
           f"(identity {e['id']} -> {new})"

@@ -17,8 +17,8 @@ from bssl.data import neardup, planted
 def test_planted_copies_found_and_look_alikes_not_on_photo_like_scenes():
   """500 evaluation scenes in 100 families (look-alikes share background and two shapes);
   U1 = transformed copies of all 500, resized to 64..128 px; U2 = 1,000 other scenes of
-  the same families. Targets of the issue: recall >= 0.98, false positives <= 0.5% (both
-  missed: see below)."""
+  the same families. Targets of the issue: recall >= 0.98 (met), false positives <= 0.5%
+  (missed: see below)."""
   rng = np.random.default_rng(0)
   ev = [planted.scene(i, family=i % 100) for i in range(500)]
   index = neardup.Index(ev)
@@ -28,18 +28,17 @@ def test_planted_copies_found_and_look_alikes_not_on_photo_like_scenes():
   hit = m.copy & (m.index == np.arange(500))
   recall = hit.mean()
   fp = index.match(clean).copy.mean()
-  # the issue's target is 0.98; measured 0.976 since smooth thumbnail matches are checked
-  # at 64 px (bssl/data/neardup.py, SMOOTH_AGREEMENT: real photographs' look-alikes 1.99% ->
-  # 0.32% false positives; these scenes' smooth copies lose 2.2%): a known gap, said in
-  # docs/webdataset.md, bounded here so that it cannot grow unseen
-  assert recall >= 0.97, recall
+  # the issue's target is 0.98: measured 0.982 (2026-12-08; 0.976 before keypoints were
+  # spread over the image)
+  assert recall >= 0.98, recall
   # the aligned-thumbnail path alone keeps its 0.5%; the local-feature path (web copies:
-  # overlays, crops, geometry) also pairs these scenes' look-alikes, which share two shapes
-  # and the background pixel for pixel (partial copies by construction): a documented
-  # limit (docs/webdataset.md, measured 3.1% here), bounded so that it cannot grow unseen
+  # overlays, crops, geometry) and the cells also pair some of these scenes' look-alikes,
+  # which share two shapes and the background pixel for pixel (partial copies by
+  # construction): a documented limit (docs/webdataset.md, measured 1.7% here, 3.1% before
+  # the pixel check at 64 px), bounded so that it cannot grow unseen
   thumb = index.thumb.match(clean)
   assert (thumb.similarity >= neardup.DEFAULT_THRESHOLD).mean() <= 0.005
-  assert fp <= 0.06, fp
+  assert fp <= 0.025, fp
 
 
 def test_each_transform_alone_is_found():
@@ -63,10 +62,12 @@ def test_each_transform_alone_is_found():
     not os.path.exists("/usr/share/datasets/fashion-mnist"),
     reason="needs Debian's dataset-fashion-mnist",
 )
-def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
+def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path, monkeypatch):
   """demo:tiny with copies of 40 test images planted into U (an image folder): none of
   them is scored or selected; each is listed with the test image it copies; the report
-  counts them by split."""
+  counts them by split. The stages that keep the matcher's answers (score's eval copies,
+  select's near-duplicates) are stale once the matcher's method changes: a rerun refuses,
+  naming it, instead of keeping or mixing answers of two methods."""
   from PIL import Image
 
   from bssl import engine
@@ -88,6 +89,7 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
     )
   cfg.unlabelled.kind, cfg.unlabelled.path = "image_folder", str(folder)
   cfg.score.eval_copies = "exclude"
+  cfg.select.near_duplicates = "collapse"
   cfg.stages = "baseline,teacher,score,select,report"
   wd = str(tmp_path / "w")
   engine.run_recipe(cfg, wd)
@@ -121,6 +123,20 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path):
   assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
   md = open(os.path.join(wd, "report", "results.md")).read()
   assert f"near-duplicates of evaluation images kept out of D̂: {len(removed):,}" in md
+
+  from bssl import deps, stages, workdir
+
+  w, data = workdir.Workdir(wd), recipe.build_data(cfg)
+  assert engine.stale_stages(stages.table(cfg), cfg, w, "jax", data) == {}  # as it ran
+  monkeypatch.setitem(deps.METHODS, "neardup", "another")
+  deps.forget_identities()
+  stale = engine.stale_stages(stages.table(cfg), cfg, w, "jax", data)
+  assert {"score", "select"} <= set(stale) <= {"score", "select", "evaluate", "report"}, stale
+  for name in ("score", "select"):  # the two that matched, by the method's name
+    assert any(x.startswith("method.neardup: ") and "another" in x for x in stale[name])
+  with pytest.raises(engine.RefusedError, match="method.neardup"):
+    engine.run_recipe(cfg, wd)
+  deps.forget_identities()
 
 
 def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, monkeypatch):

@@ -8,9 +8,10 @@ padding to a square, text) and families of near-duplicates (a clean U image and 
 copies of it). One tiny run (demo:tiny, K = 50, P = 2, every U image a candidate of each
 class) shared by the tests: the copies of test images are named in select/eval_copies.json
 with their source and none is in D̂; each family has at most one member per class in D̂ and
-the others are listed in select/near_duplicates.parquet; the clean images are kept. The
-acceptance as written (every copy out, no family twice) is two strict xfails: three copies
-of low-texture tiles are missed today (their reasons); remove the marks once they pass."""
+the others are listed in select/near_duplicates.parquet; the clean images are kept; and
+the acceptance as written: every copy out, no family twice. (Until 2026-12-08 these last
+two were strict xfails: a caption band and a text over low-texture tiles were missed at
+the recipe's 32-px input, below the local path's 48 px then.)"""
 
 import io
 import json
@@ -176,12 +177,6 @@ def test_copies_of_test_images_named_and_kept_out_of_dhat(run):
   assert res["selection"]["eval_copies"]["num_removed"] == len(removed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 30 not met here: a caption band over a moon tile and over the China sky is "
-    "not found: the recipe matches at its 32-px input size, where there are no local "
-    "features (< 48 px) and the band spoils the thumbnail correlation: both copies reach D̂",
-)
 def test_every_copy_of_a_test_image_is_kept_out_of_dhat(run):
   """The acceptance as written: every planted copy of a test image is named and none is in
   D̂."""
@@ -212,12 +207,6 @@ def test_near_duplicate_families_collapsed_in_dhat(run):
   assert done["num_candidates"] == len(CLASSES) * (len(roles) - len(removed))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 30 not met here: green text over a moon tile (low texture: ORB finds too "
-    "few matches, the text spoils the thumbnail correlation, 0.88) is not paired with its "
-    "original: that family has two members in D̂ of each class",
-)
 def test_at_most_one_member_per_family_per_class_in_dhat(run):
   """The acceptance as written: no family has two members in D̂ of a class."""
   twice, _ = _family_repeats(run)
