@@ -429,6 +429,19 @@ def note_method(name: str) -> str:
   return note_input(f"method.{name}", "method", name, ident=METHODS[name])
 
 
+def unnoted_methods(record: dict, names) -> list[str]:
+  """Lines naming each method of ``names`` that ``record`` (of a stage that uses them with
+  the config now) did not note: the stage was made by a bssl that did not record them, so
+  by which version is unknown."""
+  files = (record or {}).get("files") or {}
+  return [
+      f"method.{m}: this bssl's method is {METHODS[m]}; the stage's output was made by a "
+      f"bssl that did not record its method (before 2026-12-08)"
+      for m in names
+      if f"method.{m}" not in files
+  ]
+
+
 def _method_identity(name: str) -> str:
   return METHODS.get(name, "(not loaded)")
 

@@ -112,6 +112,8 @@ def stale_stages(
       continue
     redo = set(out) | set(run)
     diff = check_record(rec, cfg, data, _input_ids(table, cfg, wd, name, redo), backend)
+    if not diff:
+      diff = deps.unnoted_methods(rec, st.methods(cfg))
     if diff:
       out[name] = diff
   return out
@@ -309,6 +311,8 @@ def run(
     t0 = time.time()
     ctx.log("starting")
     with deps.recording(rec):
+      for m in st.methods(cfg):  # first: a record without them was made before they were
+        deps.note_method(m)
       rec.flush(rec.to_dict())
       info = st.run(ctx) or {}
     _check_reads(st, cfg, ctx)

@@ -21,6 +21,10 @@ class Stage:
   reads: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # stages it needs, complete
   optional_reads: tuple[str, ...] = ()  # stages it uses when present (evaluate, report)
   fingerprinted: bool = True  # False: cheap, rerun every time (evaluate, report)
+  # methods whose answers the stage keeps, with this config (bssl.deps.register_method):
+  # noted in its record when it starts; a record made by another version, or by a bssl that
+  # did not note them, no longer holds
+  methods: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
 
 
 @dataclasses.dataclass

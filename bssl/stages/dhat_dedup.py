@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bssl import config as config_lib
-from bssl import deps, procs, progress, selection, storage
+from bssl import procs, progress, selection, storage
 from bssl.data import neardup
 
 BLOCK_ROWS = 8192  # candidate rows per block (whole classes): the images of a block are held
@@ -146,7 +146,6 @@ def find(ctx, cands: selection.Selection, folder) -> tuple[np.ndarray, np.ndarra
   """The near-duplicate pairs among each class's candidates of ``cands`` (rows sorted by
   class then rank), as rows of ``cands`` [m, 2] and their similarity [m]. Blocks are kept
   in ``folder`` (resumable); progress lines with a rate and an ETA."""
-  deps.note_method("neardup")  # (blocks of another matcher are not kept: the record says)
   unl = ctx.data.unlabelled
   counts = cands.counts()
   starts = np.cumsum(counts) - counts

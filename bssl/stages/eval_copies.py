@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 
-from bssl import deps, parallel, procs, progress, storage
+from bssl import parallel, procs, progress, storage
 from bssl.data import neardup, sources
 
 SPLITS = ("test", "val", "labelled")
@@ -101,7 +101,6 @@ def find(ctx, folder) -> dict:
   and the ``similarity``. Memory: the indexes (about :data:`neardup.BYTES_PER_IMAGE` an
   evaluation image, its fine views rendered once among them) and one block of U."""
   cfg = ctx.cfg
-  deps.note_method("neardup")  # (parts of another matcher are not kept: the record says)
   pi, pc = parallel.process_index(), parallel.process_count()
   if pi == 0:  # parts of a run with another process count (resumed on other hosts)
     for name in storage.listdir(folder):

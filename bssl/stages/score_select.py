@@ -12,6 +12,21 @@ from bssl.data import sources
 from bssl.stages import dhat_dedup, eval_copies
 
 
+def _searches_copies(cfg) -> bool:
+  """The score stage keeps copies of evaluation images out of U (image configs)."""
+  return cfg.score.eval_copies == "exclude" and not config_lib.is_video(cfg)
+
+
+def score_methods(cfg) -> tuple[str, ...]:
+  """The methods whose answers the score stage keeps (the stage table's ``methods``)."""
+  return ("neardup",) if _searches_copies(cfg) else ()
+
+
+def select_methods(cfg) -> tuple[str, ...]:
+  """The methods whose answers the select stage keeps (the stage table's ``methods``)."""
+  return ("neardup",) if dhat_dedup.enabled(cfg) else ()
+
+
 def score(ctx, teacher: str = "teacher") -> dict:
   """Scores U with ``teacher``'s model (a later round: the previous round's student)."""
   cfg, unl = ctx.cfg, ctx.data.unlabelled
@@ -48,7 +63,7 @@ def score(ctx, teacher: str = "teacher") -> dict:
       + ("" if balanced else f"; unbalanced: the global top {k * nc} (image, class) " f"pairs kept")
   )
   source = unl
-  if cfg.score.eval_copies == "exclude" and not config_lib.is_video(cfg):
+  if _searches_copies(cfg):
     # copies of test / validation images never scored: they cannot enter D̂
     found = eval_copies.find(ctx, ctx.dir / "eval_copies")
     reasons = eval_copies.excluded(found)

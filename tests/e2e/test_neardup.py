@@ -136,7 +136,16 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path, monkeypatch):
     assert any(x.startswith("method.neardup: ") and "another" in x for x in stale[name])
   with pytest.raises(engine.RefusedError, match="method.neardup"):
     engine.run_recipe(cfg, wd)
+  monkeypatch.undo()
   deps.forget_identities()
+  # a score stage made by a bssl that did not note the method (before 2026-12-08): stale too
+  done = os.path.join(wd, "score", "done.json")
+  info = json.load(open(done))
+  del info["record"]["files"]["method.neardup"]
+  json.dump(info, open(done, "w"))
+  stale = engine.stale_stages(stages.table(cfg), cfg, w, "jax", data)
+  assert any("did not record its method" in x for x in stale["score"]), stale
+  assert "select" in stale  # (it reads the score stage)
 
 
 def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, monkeypatch):
