@@ -102,7 +102,7 @@ EXACT_VIEWS = 60_000  # coarse views; above: an HNSW graph
 COARSE_GATE = 0.5  # Index: candidates of lower coarse similarity are not verified
 PROBES = 2  # inverted lists searched per code (measured: 4 found 0.2% more copies, 20% slower)
 QUANTIZER_EF = 8  # HNSW breadth of the lists' graph (its search is most of a U image's search)
-# an evaluation image in Index (measured 165 KB at |E| = 50,089: docs/webdataset.md)
+# an evaluation image in Index (measured 173 KB at |E| = 50,060 on 2026-12-08: docs/webdataset.md)
 BYTES_PER_IMAGE = 172 * 1024
 # The matcher's version, noted in the record of every stage that keeps its answers
 # (bssl/deps.py, note_method): changed with any change of which images it calls copies, so
