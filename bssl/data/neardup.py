@@ -88,6 +88,10 @@ NFEATURES = 300  # ORB keypoints per image at most: of DETECTED times as many fo
 DETECTED = 4  # STRONGEST share by strength, the rest spread over a GRID x GRID partition
 STRONGEST = 1 / 3  # (measured: all by strength, an overlay's text took the budget: text and
 GRID = 6  # sticker copies 0.85 found; all spread, the photo-like scenes lost 1%)
+FEW = 100  # fewer keypoints than this (a smooth picture: retina, a clock face) and ORB looks
+FAINT = 2  # again at this FAST threshold (7 otherwise); a match where either side is so
+FAINT_ALIGNED = 0.9  # faint must agree this well once aligned (brick and clock tiles passed
+# at 0.75: faint corners of structured look-alikes line up)
 VOTE_DISTANCE = 64  # Hamming distance (of 256 bits) at which a code votes for its image
 MIN_VOTES = 6
 CANDIDATE_VIEWS = 3  # views (an evaluation image or its mirror image) verified per U image
@@ -430,6 +434,9 @@ def _orb():
     o = _tls.orb = cv2.ORB_create(
         nfeatures=NFEATURES * DETECTED, fastThreshold=7, edgeThreshold=15, patchSize=15
     )
+    _tls.faint = cv2.ORB_create(
+        nfeatures=NFEATURES * DETECTED, fastThreshold=FAINT, edgeThreshold=15, patchSize=15
+    )
     _tls.bf = cv2.BFMatcher(cv2.NORM_HAMMING)
   return o
 
@@ -461,7 +468,11 @@ def _features(g: np.ndarray):
   """ORB keypoints (positions [n, 2]) and codes ([n, 32] uint8) of ``g`` (at most
   :data:`NFEATURES`, chosen by :func:`_spread`), strongest first."""
   o = _orb()
-  kp = _spread(o.detect(g, None), g.shape)
+  kp = o.detect(g, None) if g.size else ()
+  _tls.was_faint = bool(g.size) and len(kp) < FEW
+  if _tls.was_faint:  # a smooth picture: its faint corners too
+    kp = _tls.faint.detect(g, None)
+  kp = _spread(kp, g.shape)
   kp, d = o.compute(g, kp) if kp else ((), None)
   if d is None or not len(kp):
     return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
@@ -477,7 +488,7 @@ def _describe(img):
   out = []
   for v in (g, np.ascontiguousarray(g[:, ::-1])):
     p, d = _features(v) if min(g0.shape) >= MIN_LOCAL_SIDE else _features(v[:0, :0])
-    out.append((_to_side(v, CHECK_SIDE), p, d))
+    out.append((_to_side(v, CHECK_SIDE), p, d, bool(_tls.was_faint)))
   return out
 
 
@@ -552,6 +563,7 @@ class Index:
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
       views = [v for vs in pool.map(_describe, images, chunksize=64) for v in vs]
     self.small = [v[0] for v in views]
+    self.faint = np.array([v[3] for v in views], bool)
     self.points = [v[1] for v in views]
     counts = np.array([len(v[2]) for v in views], np.int64)
     codes = np.concatenate([v[2] for v in views]) if views else np.zeros((0, 32), np.uint8)
@@ -583,6 +595,7 @@ class Index:
       return []
     g = _to_side(g0, SIDE)
     p, d = _features(g)
+    u_faint = bool(_tls.was_faint)
     gs = _to_side(g, CHECK_SIDE)
     to_small = np.diag([gs.shape[1] / g.shape[1], gs.shape[0] / g.shape[0], 1.0])
     found = []
@@ -614,7 +627,7 @@ class Index:
       f = CHECK_SIDE / SIDE  # h maps SIDE-sized images: now CHECK_SIDE-sized ones
       h = np.diag([f, f, 1.0]) @ h @ np.linalg.inv(to_small)
       s = aligned_similarity(gs, self.small[view], h)
-      if s >= ALIGNED_THRESHOLD:
+      if s >= (FAINT_ALIGNED if u_faint or self.faint[view] else ALIGNED_THRESHOLD):
         found.append(Verdict(s, int(view) // 2, int(mask.sum())))
         if first:
           break
