@@ -28,13 +28,15 @@ student then memorises, so that the test accuracy is inflated. No model weights.
 2. **Local features** for what the first path does not find. ORB keypoints (at most
    :data:`NFEATURES`, image brought to :data:`SIDE` px; a third the strongest, the rest
    spread over the image, :func:`_spread`, so that an overlay's text does not take them
-   all) of every evaluation image and of its mirror image in a faiss index of binary
+   all; a smooth picture's faint corners where it has fewer than :data:`FEW`) of every
+   evaluation image and of its mirror image in a faiss index of binary
    codes (exact, or inverted lists beyond :data:`EXACT_CODES` codes,
    :func:`_binary_index`); the U image's codes vote for the images they are near; the
    :data:`CANDIDATE_VIEWS` most voted are verified: ratio-tested matches, an affine RANSAC
    gate, a homography (USAC) with at least :data:`MIN_INLIERS` inliers, then the U image
    mapped onto the evaluation image and compared pixel by pixel (:func:`aligned_similarity`:
-   the median correlation of 8x8 cells at 64x64, at least :data:`ALIGNED_THRESHOLD`, so an
+   the median correlation of 8x8 cells at 64x64, at least :data:`ALIGNED_THRESHOLD` —
+   :data:`FAINT_ALIGNED` for faint keypoints, :data:`SMALL_ALIGNED` under 48 px — so an
    overlay spoils a few cells, not the verdict). Finds crops, rotations, perspective,
    overlays, bands, padding — geometry a global descriptor cannot undo — and rejects
    look-alikes, whose matches have no common geometry or whose pixels differ once aligned.
@@ -83,6 +85,8 @@ DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/web
 SIDE = 256  # images described at this longer side
 MIN_LOCAL_SIDE = 32  # smaller images (a side in px) have no local features: the thumbnails
 # path alone (ORB on a 28-px image brought to 256 px pairs unrelated blobs)
+SMALL_SIDE = 48  # smaller ones (brought up 5x or more) must agree at SMALL_ALIGNED once
+SMALL_ALIGNED = 0.85  # aligned: 32-px random noise (resnext:tiny's fake data) paired at 0.76
 CHECK_SIDE = 64  # and compared pixel by pixel at this one
 NFEATURES = 300  # ORB keypoints per image at most: of DETECTED times as many found, the
 DETECTED = 4  # STRONGEST share by strength, the rest spread over a GRID x GRID partition
@@ -111,9 +115,9 @@ BYTES_PER_IMAGE = 172 * 1024
 # The matcher's version, noted in the record of every stage that keeps its answers
 # (bssl/deps.py, note_method): changed with any change of which images it calls copies, so
 # that a workdir matched by an earlier one is found stale, not silently kept or mixed.
-# 2026-12-08: keypoints spread over the image, the pixel check at 64 px, local features
-# from 32 px
-METHOD = "2026-12-08"
+# 2026-12-08.2: keypoints spread over the image, faint ones for smooth pictures, the pixel
+# check at 64 px, local features from 32 px
+METHOD = "2026-12-08.2"
 deps.register_method("neardup", METHOD)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
@@ -466,18 +470,19 @@ def _spread(kp, shape: tuple[int, int], n: int = NFEATURES) -> list:
 
 def _features(g: np.ndarray):
   """ORB keypoints (positions [n, 2]) and codes ([n, 32] uint8) of ``g`` (at most
-  :data:`NFEATURES`, chosen by :func:`_spread`), strongest first."""
+  :data:`NFEATURES`, chosen by :func:`_spread`), strongest first, and whether they are
+  faint ones (fewer than :data:`FEW` at the usual threshold: a smooth picture's)."""
   o = _orb()
   kp = o.detect(g, None) if g.size else ()
-  _tls.was_faint = bool(g.size) and len(kp) < FEW
-  if _tls.was_faint:  # a smooth picture: its faint corners too
+  faint = bool(g.size) and len(kp) < FEW
+  if faint:  # a smooth picture: its faint corners too
     kp = _tls.faint.detect(g, None)
   kp = _spread(kp, g.shape)
   kp, d = o.compute(g, kp) if kp else ((), None)
   if d is None or not len(kp):
-    return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+    return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), faint
   order = np.argsort([-k.response for k in kp], kind="stable")
-  return np.float32([k.pt for k in kp])[order], np.ascontiguousarray(d[order])
+  return np.float32([k.pt for k in kp])[order], np.ascontiguousarray(d[order]), faint
 
 
 def _describe(img):
@@ -487,9 +492,19 @@ def _describe(img):
   g = _to_side(g0, SIDE)
   out = []
   for v in (g, np.ascontiguousarray(g[:, ::-1])):
-    p, d = _features(v) if min(g0.shape) >= MIN_LOCAL_SIDE else _features(v[:0, :0])
-    out.append((_to_side(v, CHECK_SIDE), p, d, bool(_tls.was_faint)))
+    p, d, faint = _features(v if min(g0.shape) >= MIN_LOCAL_SIDE else v[:0, :0])
+    out.append((_to_side(v, CHECK_SIDE), p, d, _needed(g0.shape, faint)))
   return out
+
+
+def _needed(shape: tuple[int, int], faint: bool) -> float:
+  """The aligned similarity a local match needs on the side of an image of ``shape``:
+  :data:`FAINT_ALIGNED` where its keypoints are ``faint`` ones (:func:`_features`),
+  :data:`SMALL_ALIGNED` where it is under :data:`SMALL_SIDE` px, else
+  :data:`ALIGNED_THRESHOLD`; a match needs the larger of its two sides'."""
+  if faint:
+    return FAINT_ALIGNED
+  return SMALL_ALIGNED if min(shape) < SMALL_SIDE else ALIGNED_THRESHOLD
 
 
 def _plausible(h: np.ndarray) -> bool:
@@ -563,7 +578,7 @@ class Index:
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
       views = [v for vs in pool.map(_describe, images, chunksize=64) for v in vs]
     self.small = [v[0] for v in views]
-    self.faint = np.array([v[3] for v in views], bool)
+    self.needed = np.array([v[3] for v in views], np.float32)  # (see _needed)
     self.points = [v[1] for v in views]
     counts = np.array([len(v[2]) for v in views], np.int64)
     codes = np.concatenate([v[2] for v in views]) if views else np.zeros((0, 32), np.uint8)
@@ -594,8 +609,8 @@ class Index:
     if min(g0.shape) < MIN_LOCAL_SIDE:
       return []
     g = _to_side(g0, SIDE)
-    p, d = _features(g)
-    u_faint = bool(_tls.was_faint)
+    p, d, faint = _features(g)
+    needed = _needed(g0.shape, faint)
     gs = _to_side(g, CHECK_SIDE)
     to_small = np.diag([gs.shape[1] / g.shape[1], gs.shape[0] / g.shape[0], 1.0])
     found = []
@@ -627,7 +642,7 @@ class Index:
       f = CHECK_SIDE / SIDE  # h maps SIDE-sized images: now CHECK_SIDE-sized ones
       h = np.diag([f, f, 1.0]) @ h @ np.linalg.inv(to_small)
       s = aligned_similarity(gs, self.small[view], h)
-      if s >= (FAINT_ALIGNED if u_faint or self.faint[view] else ALIGNED_THRESHOLD):
+      if s >= max(needed, self.needed[view]):
         found.append(Verdict(s, int(view) // 2, int(mask.sum())))
         if first:
           break
