@@ -429,7 +429,7 @@ def note_method(name: str) -> str:
   return note_input(f"method.{name}", "method", name, ident=METHODS[name])
 
 
-def unnoted_methods(record: dict, names) -> list[str]:
+def _unnoted_methods(record: dict, names) -> list[str]:
   """Lines naming each method of ``names`` that ``record`` (of a stage that uses them with
   the config now) did not note: the stage was made by a bssl that did not record them, so
   by which version is unknown."""
@@ -616,11 +616,18 @@ def current_files(data) -> dict[str, str]:
 
 
 def check_record(
-    record: dict, cfg, data=None, input_ids: dict | None = None, backend: str | None = None
+    record: dict,
+    cfg,
+    data=None,
+    input_ids: dict | None = None,
+    backend: str | None = None,
+    methods=(),
 ) -> list[str]:
   """What differs between ``record`` (of a finished or started stage) and now, as lines
   naming each field, input file or input stage: empty when the record still holds.
-  ``input_ids``: {stage: artifact id now} (None for a stage being recomputed)."""
+  ``input_ids``: {stage: artifact id now} (None for a stage being recomputed); ``methods``:
+  those the stage uses with ``cfg`` (``Stage.methods``), each of which the record must have
+  noted (:func:`note_method`; a changed version is a changed input like any other)."""
   if not record or record.get("version") != RECORD_VERSION:
     return [
         "made by an older bssl, which recorded its dependencies differently (record "
@@ -666,4 +673,4 @@ def check_record(
       )
   if backend is not None and record.get("backend") != backend:
     out.append(f"backend: {record.get('backend')!r} -> {backend!r}")
-  return out
+  return out + _unnoted_methods(record, methods)

@@ -111,9 +111,8 @@ def stale_stages(
     if rec is None and done is None:
       continue
     redo = set(out) | set(run)
-    diff = check_record(rec, cfg, data, _input_ids(table, cfg, wd, name, redo), backend)
-    if not diff:
-      diff = deps.unnoted_methods(rec, st.methods(cfg))
+    ids = _input_ids(table, cfg, wd, name, redo)
+    diff = check_record(rec, cfg, data, ids, backend, methods=st.methods(cfg))
     if diff:
       out[name] = diff
   return out
@@ -281,9 +280,10 @@ def run(
       results[name] = _run_unrecorded(st, ctx, wd, name)
       continue
     inputs = {up: (wd.done(up) or {}).get("artifact_id") for up in st.reads(cfg)}
+    methods = st.methods(cfg)
 
-    def check(record, inputs=inputs):
-      return check_record(record, cfg, data, inputs, backend.name)
+    def check(record, inputs=inputs, methods=methods):
+      return check_record(record, cfg, data, inputs, backend.name, methods=methods)
 
     if share is not None and wd.started(name) is None:
       shared = share(name, check)

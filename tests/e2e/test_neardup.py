@@ -146,6 +146,12 @@ def test_recipe_keeps_copies_of_test_images_out_of_dhat(tmp_path, monkeypatch):
   stale = engine.stale_stages(stages.table(cfg), cfg, w, "jax", data)
   assert any("did not record its method" in x for x in stale["score"]), stale
   assert "select" in stale  # (it reads the score stage)
+  # the same check decides whether a sweep may share the stage from another point
+  methods = stages.table(cfg)["score"].methods(cfg)
+  assert methods == ("neardup",)
+  inputs = {"teacher": w.done("teacher")["artifact_id"]}
+  assert deps.check_record(info["record"], cfg, data, inputs, "jax", methods=methods)
+  assert not deps.check_record(info["record"], cfg, data, inputs, "jax")  # (the control)
 
 
 def test_matching_is_resumable_in_parts_and_reads_the_old_single_part(tmp_path, monkeypatch):
