@@ -19,10 +19,12 @@ student then memorises, so that the test accuracy is inflated. No model weights.
    similarity is at least :data:`CELL_GATE` but below the threshold, the best pair of views
    is compared cell by cell (:func:`cell_agreement`: 70% of the textured 8x8 cells,
    each less its plane, correlate at least :data:`CELL_THRESHOLD`): a text, a sticker or
-   a band over the picture spoils the cells it covers, not the others. A match of a smooth
-   picture (too few textured cells) must also agree at 64 px
-   (:meth:`ThumbIndex.detail_agreement` at least :data:`SMOOTH_AGREEMENT`): smooth
-   look-alikes (other tiles of a retina) correlate at 32x32. Finds resizing,
+   a band over the picture spoils the cells it covers, not the others. Every match must
+   also agree at 64 px (:meth:`ThumbIndex.detail_agreement`, cell by cell):
+   :data:`DETAIL_AGREEMENT` (:data:`CELLS_DETAIL` for a match by the cells,
+   :data:`SMOOTH_AGREEMENT` where too few cells have texture at 32x32): look-alikes that
+   share the large shapes only (a retina's edge tile and the mirror image of another,
+   photo-like scenes sharing two shapes and the background) correlate at 32x32, not at 64. Finds resizing,
    aspect, JPEG, colour, grey, mirror, blur, sharpening; overlays; trimmed, letterbox,
    padding, caption bands.
 2. **Local features** for what the first path does not find. ORB keypoints (at most
@@ -36,8 +38,9 @@ student then memorises, so that the test accuracy is inflated. No model weights.
    gate, a homography (USAC) with at least :data:`MIN_INLIERS` inliers, then the U image
    mapped onto the evaluation image and compared pixel by pixel (:func:`aligned_similarity`:
    the median correlation of 8x8 cells at 64x64, at least :data:`ALIGNED_THRESHOLD` —
-   :data:`FAINT_ALIGNED` for faint keypoints, :data:`SMALL_ALIGNED` under 48 px — so an
-   overlay spoils a few cells, not the verdict). Finds crops, rotations, perspective,
+   :data:`FAINT_ALIGNED` for faint keypoints, :data:`SMALL_ALIGNED` under 48 px — and
+   its 30th percentile at least :data:`LOW_ALIGNED`, so an overlay spoils a few cells, not
+   the verdict). Finds crops, rotations, perspective,
    overlays, bands, padding — geometry a global descriptor cannot undo — and rejects
    look-alikes, whose matches have no common geometry or whose pixels differ once aligned.
 
@@ -79,6 +82,8 @@ CELL_QUANTILE = 30  # ... this percentile of the cells' correlations (70% of cel
 CELL_GATE = 0.5  # ... tried where the whole thumbnail correlates at least this much
 MIN_CELLS = 6  # textured 8x8 cells (of 16) cell_agreement needs
 SMOOTH_AGREEMENT = 0.3  # a smooth thumbnail match (too few textured cells) at 64 px
+DETAIL_AGREEMENT = 0.12  # a textured thumbnail match at 64 px too (see Index._detail_holds)
+CELLS_DETAIL = 0.2  # ... and a match by the cells
 AFTER = 0.9  # trim_borders: the first picture line is less than this share of the border colour
 DEFAULT_THRESHOLD = 0.95  # = score.copy_threshold's default; measured: docs/webdataset.md
 # the local path (measured: benchmarks/webcopies.py, docs/webdataset.md)
@@ -103,6 +108,8 @@ MIN_INLIERS = 10  # homography inliers (RANSAC, 5 px at SIDE)
 ALIGNED_THRESHOLD = 0.75  # median 8x8-cell correlation after alignment (at CHECK_SIDE; at 0.7
 # another tile of a brick wall passed: its mortar lines line up under a shift)
 ALIGNED_QUANTILE = 50  # (the median)
+LOW_QUANTILE = 30  # and 70% of those cells at least LOW_ALIGNED: photo-like look-alikes
+LOW_ALIGNED = 0.35  # sharing two shapes and the background agreed in the median only
 EXACT_CODES = 20_000  # above: inverted lists
 CODES_PER_LIST = 256  # inverted lists: about this many codes each (at most MAX_LISTS lists)
 MAX_LISTS = 1 << 16
@@ -112,12 +119,15 @@ PROBES = 2  # inverted lists searched per code (measured: 4 found 0.2% more copi
 QUANTIZER_EF = 8  # HNSW breadth of the lists' graph (its search is most of a U image's search)
 # an evaluation image in Index (measured 173 KB at |E| = 50,060 on 2026-12-08: docs/webdataset.md)
 BYTES_PER_IMAGE = 172 * 1024
+PATHS = ("thumb", "trimmed", "cells", "local")  # Match.path: the thumbnails, on the image or
+# with its borders trimmed; their cells; the local features
 # The matcher's version, noted in the record of every stage that keeps its answers
 # (bssl/deps.py, note_method): changed with any change of which images it calls copies, so
 # that a workdir matched by an earlier one is found stale, not silently kept or mixed.
 # 2026-12-08.2: keypoints spread over the image, faint ones for smooth pictures, the pixel
 # check at 64 px, local features from 32 px
-METHOD = "2026-12-08.2"
+# 2026-12-08.3: every thumbnail match checked at 64 px; the local path's 30th percentile
+METHOD = "2026-12-08.3"
 deps.register_method("neardup", METHOD)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
@@ -242,6 +252,7 @@ class Match:
   inliers: np.ndarray | None = None  # [n] int64: local path's geometric inliers (0: not used)
   view: np.ndarray | None = None  # [n] int64: ThumbIndex: the best pair of views (see match)
   query: np.ndarray | None = None  # [n, 2, 1024] ThumbIndex: the queries' fine rows (_query)
+  path: np.ndarray | None = None  # [n] str: Index: which path decided a copy (PATHS; "": none)
 
 
 class ThumbIndex:
@@ -528,7 +539,9 @@ def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> 
   images): over the part of ``target`` the query covers (at least 30%), its bounding box
   brought to :data:`CHECK_SIDE` px, the median of the correlations of its textured 8x8
   cells (std >= 4; at least 4 cells, fully covered) — an overlay, a band or a sticker
-  spoils a few cells, not the median; -1 where too little is covered. (At 32 px, a copy
+  spoils a few cells, not the median; -1 where too little is covered or where the
+  :data:`LOW_QUANTILE` percentile is under :data:`LOW_ALIGNED` (more than 30% of the
+  cells unlike: a look-alike sharing some shapes, not an overlaid copy). (At 32 px, a copy
   turned by 10 degrees left no 4 whole textured cells in its tilted frame: 26 of the
   benchmark's copies with 50-120 inliers were missed so.)"""
   th, tw = target.shape
@@ -552,7 +565,10 @@ def aligned_similarity(query: np.ndarray, target: np.ndarray, h: np.ndarray) -> 
       for x in range(0, n, 8)
       if (m := v[y : y + 8, x : x + 8]).mean() > 0.8 and b[y : y + 8, x : x + 8][m].std() >= 4
   ]  # (a flat cell, a sky or a painted shape, is no evidence either way)
-  return float(np.percentile(cells, ALIGNED_QUANTILE)) if len(cells) >= 4 else -1.0
+  if len(cells) < 4:
+    return -1.0
+  mid, low = np.percentile(cells, [ALIGNED_QUANTILE, LOW_QUANTILE])
+  return float(mid) if low >= LOW_ALIGNED else -1.0
 
 
 @dataclasses.dataclass
@@ -662,6 +678,7 @@ class Index:
       )
 
     copy = np.array([holds(x, m, i) for i, x in enumerate(images)], bool)
+    path = np.where(copy, "thumb", "").astype("<U7")
     trimmed = {}
     for i in np.flatnonzero(~copy):
       g = _grey_u8(images[i])
@@ -674,30 +691,46 @@ class Index:
       for j, i in enumerate(trimmed):
         if holds(trimmed[i], mt, j):
           sim[i], idx[i], copy[i] = mt.similarity[j], mt.index[j], True
+          path[i] = "trimmed"
     # an overlay spoils the whole thumbnail's correlation, not the cells it does not cover
     for i in np.flatnonzero(~copy):
       tries = [(m, i)] + ([(mt, at[i])] if i in trimmed else [])
       for mm, j in tries:
-        if CELL_GATE <= mm.similarity[j] < self.threshold and (
-            self.thumb.cell_similarity(mm.query[j], mm.index[j], mm.view[j]) >= CELL_THRESHOLD
+        if (
+            CELL_GATE <= mm.similarity[j] < self.threshold
+            and (self.thumb.cell_similarity(mm.query[j], mm.index[j], mm.view[j]) >= CELL_THRESHOLD)
+            and self._detail_holds(
+                images[i] if mm is m else trimmed[i],
+                mm.query[j],
+                int(mm.index[j]),
+                int(mm.view[j]),
+                CELLS_DETAIL,
+            )
         ):
           sim[i], idx[i], copy[i] = mm.similarity[j], mm.index[j], True
+          path[i] = "cells"
           break
     for i in np.flatnonzero(~copy):
       found = self._local(images[i], first=True)
       if found:
         v = found[0]
         sim[i], idx[i], copy[i], inliers[i] = v.similarity, v.index, True, v.inliers
-    return Match(sim, idx, copy, inliers)
+        path[i] = "local"
+    return Match(sim, idx, copy, inliers, path=path)
 
-  def _detail_holds(self, img, q: np.ndarray, e: int, at: int) -> bool:
+  def _detail_holds(self, img, q: np.ndarray, e: int, at: int, need: float | None = None) -> bool:
     """Whether a thumbnail match of ``img`` (its fine rows ``q``) with evaluation image ``e``
-    at views ``at`` stands: always where the picture has texture at 32x32; where it is
-    smooth (too few textured cells), if it also agrees at 64 px (:data:`SMOOTH_AGREEMENT`)."""
-    if self.thumb.cell_similarity(q, e, at) != -1:
-      return True
+    at views ``at`` stands at 64 px too (:meth:`ThumbIndex.detail_agreement`, where it can
+    be measured): at least ``need`` (default :data:`DETAIL_AGREEMENT`) where the picture has
+    texture at 32x32, :data:`SMOOTH_AGREEMENT` where it is smooth. Measured
+    (benchmarks/webcopies.py seed 2, the photo-like scenes): look-alikes at 0.07-0.12
+    (thumbnails) and 0.01-0.1 (cells), 1% of the copies under 0.15 and 0.49."""
     d = self.thumb.detail_agreement(img, e, at)
-    return d is None or d >= SMOOTH_AGREEMENT
+    if d is None:
+      return True
+    if self.thumb.cell_similarity(q, e, at) != -1:
+      return d >= (DETAIL_AGREEMENT if need is None else need)
+    return d >= SMOOTH_AGREEMENT
 
   def copies_within(self, i: int, img) -> set[int]:
     """The evaluation images other than ``i`` of which ``img`` (evaluation image ``i``) is
