@@ -60,13 +60,16 @@ finds the pairs of copies within one set (near-duplicates within U, for D̂).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import os
 import threading
 
 import cv2
 import faiss
 import numpy as np
+import threadpoolctl
 from PIL import Image
 
 from bssl import deps
@@ -131,6 +134,43 @@ METHOD = "2026-12-08.3"
 deps.register_method("neardup", METHOD)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """numpy's BLAS on one thread while any thread of the process matches (the matching runs
+  one thread per core itself; OpenBLAS's own threads spun on its small products: measured
+  on 2 cores, a within-set search took 15.7 ms of CPU an image with them, 9.1 without).
+  Counted, so that threads entering and leaving in any order restore the limits once."""
+  global _blas_users, _blas_saved
+  with _blas_lock:
+    if _blas_users == 0:
+      _blas_saved = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    _blas_users += 1
+  try:
+    yield
+  finally:
+    with _blas_lock:
+      _blas_users -= 1
+      if _blas_users == 0:
+        _blas_saved.restore_original_limits()
+        _blas_saved = None
+
+
+def _threads(threads: int | None) -> int:
+  return max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
+
+
+def _single_blas(fn):
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with _one_blas_thread():
+      return fn(*args, **kwargs)
+
+  return run
 
 
 def grey(img: np.ndarray) -> Image.Image:
@@ -260,7 +300,8 @@ class ThumbIndex:
   may be called from several threads at once (Pillow's resize and numpy's products
   release the GIL)."""
 
-  def __init__(self, images, candidates: int = 8):
+  @_single_blas
+  def __init__(self, images, candidates: int = 8, threads: int | None = None):
     self.candidates = int(candidates)
     self.n = len(images)
     self.thumbs = []
@@ -269,15 +310,16 @@ class ThumbIndex:
     # candidate of each U image cost 8 ms a candidate, most of a U image's time at |E| = 50,000
     self.renders = np.zeros((self.n, VIEWS, FINE * FINE), np.uint8)
     self.inverse_norms = np.zeros((self.n, VIEWS), np.float32)
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      for e, (im, c, r, inv) in enumerate(pool.map(_thumb_parts, images, chunksize=64)):
+    threads = _threads(threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for e, (im, c, r, inv) in enumerate(pool.map(_thumb_parts, images)):
         self.thumbs.append(im)
         self.coarse[6 * e : 6 * e + 6], self.renders[e], self.inverse_norms[e] = c, r, inv
     self._graph = None
     if len(self.coarse) > EXACT_VIEWS:
       self._graph = faiss.IndexHNSWFlat(COARSE * COARSE, 32, faiss.METRIC_INNER_PRODUCT)
       self._graph.hnsw.efSearch = 128
-      faiss.omp_set_num_threads(os.cpu_count() or 1)
+      faiss.omp_set_num_threads(threads)
       try:
         self._graph.add(self.coarse)
       finally:
@@ -292,6 +334,7 @@ class ThumbIndex:
     a = self.renders[e, view].astype(np.float32)
     return (a - a.mean()) * self.inverse_norms[e, view]
 
+  @_single_blas
   def match(self, images, block: int = 256, gate: float = -2.0) -> Match:
     """The best similarity of each of ``images`` to the evaluation images (candidates of
     coarse similarity below ``gate`` not verified)."""
@@ -433,11 +476,18 @@ def trim_borders(g: np.ndarray, tol: int = 16, most: float = 0.45):
   return g[t : h - b, left : w - r]
 
 
-def _to_side(g: np.ndarray, side: int) -> np.ndarray:
-  h, w = g.shape
+def _side_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
+  """The (height, width) of an image of ``shape`` brought to ``side`` px (its longer side)."""
+  h, w = shape
   s = side / max(h, w)
-  size = (max(1, round(w * s)), max(1, round(h * s)))
-  return cv2.resize(g, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+  return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _to_side(g: np.ndarray, side: int) -> np.ndarray:
+  h, w = _side_shape(g.shape, side)
+  return cv2.resize(
+      g, (w, h), interpolation=cv2.INTER_AREA if side < max(g.shape) else cv2.INTER_LINEAR
+  )
 
 
 _tls = threading.local()
@@ -584,15 +634,23 @@ class Index:
   trimmed) and, for what they do not find, local features verified by geometry and pixels.
   ``match`` may be called from several threads at once."""
 
-  def __init__(self, images, candidates: int = 8, threshold: float = DEFAULT_THRESHOLD):
+  @_single_blas
+  def __init__(
+      self,
+      images,
+      candidates: int = 8,
+      threshold: float = DEFAULT_THRESHOLD,
+      threads: int | None = None,
+  ):
     images = list(images)
     self.threshold = float(threshold)
-    self.thumb = ThumbIndex(images, candidates)
+    threads = _threads(threads)
+    self.thumb = ThumbIndex(images, candidates, threads)
     self.n = len(images)
     # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1),
     # described on every core (OpenCV releases the GIL)
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      views = [v for vs in pool.map(_describe, images, chunksize=64) for v in vs]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      views = [v for vs in pool.map(_describe, images) for v in vs]
     self.small = [v[0] for v in views]
     self.needed = np.array([v[3] for v in views], np.float32)  # (see _needed)
     self.points = [v[1] for v in views]
@@ -602,7 +660,7 @@ class Index:
     starts = np.concatenate([[0], np.cumsum(counts)])
     self.descs = [codes[a:b] for a, b in zip(starts[:-1], starts[1:])]  # (views of one array)
     self.owner = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    self.codes = _binary_index(codes)
+    self.codes = _binary_index(codes, threads)
 
   @property
   def nbytes(self) -> int:
@@ -616,19 +674,29 @@ class Index:
     # (the codes are held twice: in ``descs`` and in the faiss index, with its 8-byte ids)
     return int(thumbs + local + self.owner.nbytes + self.codes.ntotal * (32 + 8))
 
-  def _local(self, img, exclude: int = -1, first: bool = False) -> list[Verdict]:
+  def _local(self, img, exclude: int = -1, first: bool = False, own: bool = False) -> list[Verdict]:
     """The verdicts of the local path on the candidate views of ``img`` (evaluation image
     ``exclude`` left out), best first; with ``first``, the first copy found (the most voted
-    view that verifies) alone."""
+    view that verifies) alone. ``own``: ``img`` is evaluation image ``exclude`` itself, whose
+    description is the index's (not made again)."""
     cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
     g0 = _grey_u8(img)
     if min(g0.shape) < MIN_LOCAL_SIDE:
       return []
-    g = _to_side(g0, SIDE)
-    p, d, faint = _features(g)
-    needed = _needed(g0.shape, faint)
-    gs = _to_side(g, CHECK_SIDE)
-    to_small = np.diag([gs.shape[1] / g.shape[1], gs.shape[0] / g.shape[0], 1.0])
+    shape = _side_shape(g0.shape, SIDE)
+    if own:  # (as _describe made them: the view of the image, not its mirror)
+      gs, p, d, needed = (
+          self.small[2 * exclude],
+          self.points[2 * exclude],
+          self.descs[2 * exclude],
+          float(self.needed[2 * exclude]),
+      )
+    else:
+      g = _to_side(g0, SIDE)
+      p, d, faint = _features(g)
+      needed = _needed(g0.shape, faint)
+      gs = _to_side(g, CHECK_SIDE)
+    to_small = np.diag([gs.shape[1] / shape[1], gs.shape[0] / shape[0], 1.0])
     found = []
     if len(d) < MIN_INLIERS or self.codes.ntotal == 0:
       return found
@@ -637,6 +705,7 @@ class Index:
     votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
     if exclude >= 0:
       votes[2 * exclude : 2 * exclude + 2] = 0
+    _orb()  # (this thread's ORB and matcher, made once)
     bf = _tls.bf
     for view in np.argsort(-votes, kind="stable")[:CANDIDATE_VIEWS]:
       if votes[view] < MIN_VOTES:
@@ -664,6 +733,7 @@ class Index:
           break
     return sorted(found, key=lambda v: -v.similarity)
 
+  @_single_blas
   def match(self, images) -> Match:
     """Each of ``images`` against the evaluation images: the best similarity, the matched
     image, the decision (``copy``) and, where the local path decided, its inliers."""
@@ -744,11 +814,11 @@ class Index:
       for e, at in self.thumb.copies_of(q, exclude=i, threshold=self.threshold).items():
         if self._detail_holds(view, q[1], e, at):
           out.add(e)
-    out |= {v.index for v in self._local(img, exclude=i)}
+    out |= {v.index for v in self._local(img, exclude=i, own=True)}
     return out
 
 
-def _binary_index(codes: np.ndarray):
+def _binary_index(codes: np.ndarray, threads: int | None = None):
   """An index of ORB codes (256 bits): exact for up to :data:`EXACT_CODES` codes, else
   inverted lists (faiss IndexBinaryIVF) of about :data:`CODES_PER_LIST` codes each, whose
   centroids are codes drawn at random (no k-means: at ImageNet val's 30M codes, training
@@ -767,7 +837,7 @@ def _binary_index(codes: np.ndarray):
   index.nprobe = PROBES
   quantizer.hnsw.efSearch = QUANTIZER_EF
   index._quantizer = quantizer  # (keep it alive: faiss does not own it)
-  faiss.omp_set_num_threads(os.cpu_count() or 1)
+  faiss.omp_set_num_threads(_threads(threads))
   try:
     index.add(codes)
   finally:
@@ -775,13 +845,18 @@ def _binary_index(codes: np.ndarray):
   return index
 
 
-def near_duplicate_pairs(images) -> np.ndarray:
+@_single_blas
+def near_duplicate_pairs(images, threads: int = 1) -> np.ndarray:
   """The pairs ``(i, j)``, ``i < j``, of ``images`` that are near-duplicates of one another
   by either path of :class:`Index` (int64 [m, 2], sorted, unique): each image against the
-  index of all of them, itself left out. Cost: an index of the images plus one match each."""
+  index of all of them, itself left out, on ``threads`` threads (the select stage runs
+  classes side by side, and a class alone on all its threads: bssl/stages/dhat_dedup.py).
+  Cost: an index of the images plus one match each."""
   images = list(images)
   if len(images) < 2:
     return np.zeros((0, 2), np.int64)
-  index = Index(images)
-  out = [(min(i, j), max(i, j)) for i, x in enumerate(images) for j in index.copies_within(i, x)]
+  index = Index(images, threads=threads)
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+    found = list(pool.map(index.copies_within, range(len(images)), images))
+  out = [(min(i, j), max(i, j)) for i, js in enumerate(found) for j in js]
   return np.unique(np.asarray(out, np.int64).reshape(-1, 2), axis=0)

@@ -29,6 +29,7 @@ stage keeps K and the select stage is today's, byte for byte.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable
@@ -78,9 +79,14 @@ def block_pairs(
   """One block: for each class's candidate ids (in rank order), the near-duplicate pairs of
   positions ``(i, j)``, ``i < j``, in that list and their similarity (NaN when the matcher
   gives none). ``read(id)``: the image (uint8), or None when it cannot be read (it is then
-  nobody's near-duplicate). Each distinct image of the block is read once."""
-  matcher = neardup.near_duplicate_pairs if matcher is None else matcher
+  nobody's near-duplicate). Each distinct image of the block is read once. ``threads``:
+  classes matched side by side; the default matcher gets what is left over per class."""
   ids_by_class = [np.asarray(c, np.int64) for c in ids_by_class]
+  if matcher is None:
+    # classes side by side, and the threads left over within each (a block of one class,
+    # as at the paper's K' = 20,000, is matched on all of them)
+    inner = max(1, int(threads) // max(1, len(ids_by_class)))
+    matcher = functools.partial(neardup.near_duplicate_pairs, threads=inner)
   uniq = np.unique(np.concatenate(ids_by_class)) if ids_by_class else np.zeros(0, np.int64)
   with ThreadPoolExecutor(max(1, int(threads))) as pool:
     images = dict(zip(uniq.tolist(), pool.map(read, uniq.tolist())))

@@ -362,7 +362,7 @@ def test_search_is_resumable_in_blocks(tmp_path, monkeypatch):
   unl = [{"image": base[i % 12]} for i in range(30)]  # i and i + 12 are the same image
   calls = []
 
-  def matcher(images):
+  def matcher(images, threads=1):  # (near_duplicate_pairs's signature)
     calls.append(len(images))
     keys = [x.tobytes() for x in images]
     return np.asarray(

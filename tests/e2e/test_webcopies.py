@@ -271,3 +271,26 @@ def test_look_alikes_sharing_only_the_large_shapes_are_checked_at_64_px():
   copies = [webcopy.web_copy(ev[target], f, rng) for f in families for _ in range(4)]
   m = index.match(copies)
   assert (m.copy & (m.index == target)).sum() >= len(copies) - 1, (m.copy, m.index)
+
+
+def test_pairs_within_a_set_are_the_same_on_any_number_of_threads():
+  """near_duplicate_pairs on 3 threads equals 1 thread, and an image's search against its
+  own set with the index's description of it (own=True) equals describing it again."""
+  rng = np.random.default_rng(4)
+  imgs = []
+  for f in range(12):
+    base = planted.scene(f, size=96)
+    imgs += [base] + [
+        webcopy.web_copy(base, webcopy.FAMILIES[int(rng.integers(len(webcopy.FAMILIES)))], rng)
+        for _ in range(2)
+    ]
+  one = neardup.near_duplicate_pairs(imgs, threads=1)
+  assert len(one) >= 12, one  # (most families paired)
+  assert np.array_equal(one, neardup.near_duplicate_pairs(imgs, threads=3))
+  index = neardup.Index(imgs, threads=1)
+  for i in range(0, len(imgs), 4):
+    a = index._local(imgs[i], exclude=i, own=True)
+    b = index._local(imgs[i], exclude=i)
+    assert [(v.index, v.inliers, v.similarity) for v in a] == [
+        (v.index, v.inliers, v.similarity) for v in b
+    ], i
