@@ -133,10 +133,11 @@ PATHS = ("thumb", "trimmed", "cells", "local")  # Match.path: the thumbnails, on
 METHOD = "2026-12-08.3"
 deps.register_method("neardup", METHOD)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
-faiss.omp_set_num_threads(1)
+faiss.omp_set_num_threads(1)  # (this thread's: OpenMP's count is per thread, see _this_thread)
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_saved = None
+_numpy_blas = None
 
 
 @contextlib.contextmanager
@@ -144,11 +145,17 @@ def _one_blas_thread():
   """numpy's BLAS on one thread while any thread of the process matches (the matching runs
   one thread per core itself; OpenBLAS's own threads spun on its small products: measured
   on 2 cores, a within-set search took 15.7 ms of CPU an image with them, 9.1 without).
-  Counted, so that threads entering and leaving in any order restore the limits once."""
-  global _blas_users, _blas_saved
+  Counted, so that threads entering and leaving in any order restore the limits once. Only
+  a BLAS with threads of its own (pthreads): an OpenMP one (faiss's) takes its count per
+  calling thread, which _this_thread sets."""
+  global _blas_users, _blas_saved, _numpy_blas
   with _blas_lock:
     if _blas_users == 0:
-      _blas_saved = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+      if _numpy_blas is None:
+        _numpy_blas = threadpoolctl.ThreadpoolController().select(
+            user_api="blas", threading_layer=["pthreads", "tbb", "intel"]
+        )
+      _blas_saved = _numpy_blas.limit(limits=1)
     _blas_users += 1
   try:
     yield
@@ -409,6 +416,7 @@ class ThumbIndex:
       s = s.max(axis=(1, 3))  # [b, n]
       cand = np.argpartition(-s, k - 1, axis=1)[:, :k]
       return cand, np.take_along_axis(s, cand, axis=1)
+    _this_thread()
     dist, ids = self._graph.search(np.ascontiguousarray(c.reshape(-1, c.shape[-1])), k * nv)
     cand = np.full((b, k), -1, np.int64)
     score = np.full((b, k), -2.0, np.float32)
@@ -491,6 +499,15 @@ def _to_side(g: np.ndarray, side: int) -> np.ndarray:
 
 
 _tls = threading.local()
+
+
+def _this_thread():
+  """This thread made ready to match, once: faiss's searches on it alone (OpenMP's thread
+  count is the calling thread's: a pool's threads start at every core's), its ORB
+  detectors and matcher."""
+  if getattr(_tls, "orb", None) is None:
+    faiss.omp_set_num_threads(1)
+    _orb()
 
 
 def _orb():
@@ -648,11 +665,11 @@ class Index:
     self.thumb = ThumbIndex(images, candidates, threads)
     self.n = len(images)
     # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1),
-    # described on every core (OpenCV releases the GIL)
+    # described on ``threads`` threads (default: one per core; OpenCV releases the GIL)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       views = [v for vs in pool.map(_describe, images) for v in vs]
     self.small = [v[0] for v in views]
-    self.needed = np.array([v[3] for v in views], np.float32)  # (see _needed)
+    self.needed = np.array([v[3] for v in views], np.float64)  # (see _needed)
     self.points = [v[1] for v in views]
     counts = np.array([len(v[2]) for v in views], np.int64)
     codes = np.concatenate([v[2] for v in views]) if views else np.zeros((0, 32), np.uint8)
@@ -679,12 +696,14 @@ class Index:
     ``exclude`` left out), best first; with ``first``, the first copy found (the most voted
     view that verifies) alone. ``own``: ``img`` is evaluation image ``exclude`` itself, whose
     description is the index's (not made again)."""
+    _this_thread()
     cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
     g0 = _grey_u8(img)
     if min(g0.shape) < MIN_LOCAL_SIDE:
       return []
     shape = _side_shape(g0.shape, SIDE)
     if own:  # (as _describe made them: the view of the image, not its mirror)
+      assert exclude >= 0, "own: img is evaluation image exclude"
       gs, p, d, needed = (
           self.small[2 * exclude],
           self.points[2 * exclude],
@@ -705,7 +724,6 @@ class Index:
     votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
     if exclude >= 0:
       votes[2 * exclude : 2 * exclude + 2] = 0
-    _orb()  # (this thread's ORB and matcher, made once)
     bf = _tls.bf
     for view in np.argsort(-votes, kind="stable")[:CANDIDATE_VIEWS]:
       if votes[view] < MIN_VOTES:
@@ -742,7 +760,7 @@ class Index:
     sim, idx = m.similarity.copy(), m.index.copy()
     inliers = np.zeros(len(images), np.int64)
 
-    def holds(img, mm, j) -> bool:  # a thumbnail match, checked in detail where smooth
+    def holds(img, mm, j) -> bool:  # a thumbnail match, checked at 64 px (_detail_holds)
       return mm.similarity[j] >= self.threshold and self._detail_holds(
           img, mm.query[j], int(mm.index[j]), int(mm.view[j])
       )
@@ -804,8 +822,8 @@ class Index:
 
   def copies_within(self, i: int, img) -> set[int]:
     """The evaluation images other than ``i`` of which ``img`` (evaluation image ``i``) is
-    a near-duplicate, by either path (thumbnail matches of smooth pictures checked in
-    detail, as in :meth:`match`)."""
+    a near-duplicate, by either path (thumbnail matches checked at 64 px, as in
+    :meth:`match`)."""
     out = set()
     g = _grey_u8(img)
     t = trim_borders(g)
@@ -823,7 +841,8 @@ def _binary_index(codes: np.ndarray, threads: int | None = None):
   inverted lists (faiss IndexBinaryIVF) of about :data:`CODES_PER_LIST` codes each, whose
   centroids are codes drawn at random (no k-means: at ImageNet val's 30M codes, training
   65,536 centroids would take longer than everything else; a vote needs a near code in one
-  of :data:`PROBES` lists, not balanced lists), found by an HNSW graph. Built on every core."""
+  of :data:`PROBES` lists, not balanced lists), found by an HNSW graph. Built on ``threads`` threads (default: one per core).
+  """
   if len(codes) <= EXACT_CODES:
     index = faiss.IndexBinaryFlat(256)
     index.add(codes)
@@ -846,17 +865,19 @@ def _binary_index(codes: np.ndarray, threads: int | None = None):
 
 
 @_single_blas
-def near_duplicate_pairs(images, threads: int = 1) -> np.ndarray:
+def near_duplicate_pairs(images, threads: int | None = None) -> np.ndarray:
   """The pairs ``(i, j)``, ``i < j``, of ``images`` that are near-duplicates of one another
   by either path of :class:`Index` (int64 [m, 2], sorted, unique): each image against the
-  index of all of them, itself left out, on ``threads`` threads (the select stage runs
-  classes side by side, and a class alone on all its threads: bssl/stages/dhat_dedup.py).
+  index of all of them, itself left out, on ``threads`` threads (default: one per core; the
+  select stage runs classes side by side, and a class alone on all its threads:
+  bssl/stages/dhat_dedup.py).
   Cost: an index of the images plus one match each."""
   images = list(images)
   if len(images) < 2:
     return np.zeros((0, 2), np.int64)
+  threads = _threads(threads)
   index = Index(images, threads=threads)
-  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     found = list(pool.map(index.copies_within, range(len(images)), images))
   out = [(min(i, j), max(i, j)) for i, js in enumerate(found) for j in js]
   return np.unique(np.asarray(out, np.int64).reshape(-1, 2), axis=0)

@@ -17,8 +17,8 @@ from bssl.data import neardup, planted
 def test_planted_copies_found_and_look_alikes_not_on_photo_like_scenes():
   """500 evaluation scenes in 100 families (look-alikes share background and two shapes);
   U1 = transformed copies of all 500, resized to 64..128 px; U2 = 1,000 other scenes of
-  the same families. Targets of the issue: recall >= 0.98, false positives <= 0.5% (both
-  met, at the bounds: see below)."""
+  the same families. Targets of the issue: recall >= 0.98, false positives <= 0.5%
+  (measured at them; the bounds below have slack for float rounding)."""
   rng = np.random.default_rng(0)
   ev = [planted.scene(i, family=i % 100) for i in range(500)]
   index = neardup.Index(ev)

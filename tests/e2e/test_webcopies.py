@@ -250,8 +250,8 @@ def test_look_alikes_sharing_only_the_large_shapes_are_checked_at_64_px():
   of another (retina[3,3]: the orange disc's rim over the black surround) with other vessels:
   their thumbnails correlate 0.99 and the textured cells agree at 32x32 (the rim). Checked
   at 64 px (DETAIL_AGREEMENT), where the vessels differ, they are not copies (measured
-  2026-12-08: 1 of these 20 look-alikes, 17 without the check); the 20 copies of
-  retina[3,3] itself are all still found. (Blurred or brought to 0.3x, the look-alike has no vessels left:
+  2026-12-08: 1 of these 20 look-alikes, 17 without the check); copies of retina[3,3]
+  itself are still found (measured 20 of 20). Bounds with one image of slack. (Blurred or brought to 0.3x, the look-alike has no vessels left:
   it is then the rim alone, like a blurred copy, and is still paired: docs/webdataset.md.)"""
   ev, names, clean, clean_names = webcopies.tiles(webcopies.photos(), 2)
   ev = [e for e, n in zip(ev, names) if n.startswith("retina")]
@@ -262,7 +262,7 @@ def test_look_alikes_sharing_only_the_large_shapes_are_checked_at_64_px():
   families = ("aspect", "sharpen", "grey_mirror", "caption", "letterbox")
   look = [webcopy.web_copy(edge, f, rng) for f in families for _ in range(4)]
   m = index.match(look)
-  assert m.copy.sum() <= 1, (m.copy, m.path)
+  assert m.copy.sum() <= 2, (m.copy, m.path)
   # what the check is for: without it, 17 of the 20 were called copies of retina[3,3]
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(neardup, "DETAIL_AGREEMENT", -2.0)
@@ -288,9 +288,12 @@ def test_pairs_within_a_set_are_the_same_on_any_number_of_threads():
   assert len(one) >= 12, one  # (most families paired)
   assert np.array_equal(one, neardup.near_duplicate_pairs(imgs, threads=3))
   index = neardup.Index(imgs, threads=1)
-  for i in range(0, len(imgs), 4):
+  verdicts = 0
+  for i in range(len(imgs)):
     a = index._local(imgs[i], exclude=i, own=True)
     b = index._local(imgs[i], exclude=i)
     assert [(v.index, v.inliers, v.similarity) for v in a] == [
         (v.index, v.inliers, v.similarity) for v in b
     ], i
+    verdicts += len(a)
+  assert verdicts >= 6, verdicts  # (the local path did decide some)
