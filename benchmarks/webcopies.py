@@ -13,12 +13,12 @@ gravel, hubble_deep_field, immunohistochemistry, moon, motorcycle_left, retina;
 scikit-learn's china and flower (tiled), and chelsea, coffee, rocket (scikit-image) and
 grace_hopper (matplotlib) (held whole). Not used: drawings and synthetic images (horse, logo,
 text, colorwheel, ...), motorcycle_right (the other half of a stereo pair: a near-copy of
-motorcycle_left). Grass is left out unless ``--grass``: it was, from 2026-12-07, as a
-texture that repeats itself ("a 96-px tile correlates 0.86 with another place"), but
-re-measured on 2026-12-08 its tiles correlate with other places no more than other
-photographs' do (median 0.13 by template matching at 96 px; brick 0.60, astronaut 0.66),
-and with it the false positives are 1.16% (seed 0; 15 of them grass tiles): a documented
-limit of the matcher on repeating textures (docs/webdataset.md), not a copy by construction.
+motorcycle_left), grass unless ``--grass``: its texture holds copied patches (checked
+2026-12-08: 60-70% of seed 0's 159-px tile grass[2,1] is grass[0,0]'s content shifted by (29, 22) px,
+16-px blocks correlating 0.8-0.9; template matching of whole tiles inside the image misses
+it, the copy running off the image's edge), so its "other tiles" include partial copies,
+not look-alikes: with ``--grass`` every grass "false positive" of seeds 0 and 2 is
+grass[2,1] matched to grass[0,0].
 
 **The evaluation set E**: each tiled photograph is cut into square tiles of one side drawn
 in 96..160 px, laid as a checkerboard; the tiles of one colour are evaluation images, those
