@@ -130,7 +130,8 @@ PATHS = ("thumb", "trimmed", "cells", "local")  # Match.path: the thumbnails, on
 # 2026-12-08.2: keypoints spread over the image, faint ones for smooth pictures, the pixel
 # check at 64 px, local features from 32 px
 # 2026-12-08.3: every thumbnail match checked at 64 px; the local path's 30th percentile
-METHOD = "2026-12-08.3"
+# 2026-12-08.4: the check at 64 px counts the cells with texture on both sides
+METHOD = "2026-12-08.4"
 deps.register_method("neardup", METHOD)
 cv2.setNumThreads(1)  # the stage runs one matching thread per core itself
 faiss.omp_set_num_threads(1)  # (this thread's: OpenMP's count is per thread, see _this_thread)
@@ -371,8 +372,10 @@ class ThumbIndex:
   def detail_agreement(self, img, e: int, at: int) -> float | None:
     """At 64 px (or the smaller side of either), how alike ``img`` and the crop of evaluation
     image ``e``'s thumbnail that view ``at`` renders are, cell by cell (8x8 cells less their
-    planes, the median correlation of those with texture in ``e``: a residual of at least
-    one grey level); None where fewer than 4 cells have texture."""
+    planes, the median correlation of those with texture in both: a residual of at least
+    one grey level — a cell the copy's JPEG or blur flattened is no evidence either way);
+    None where fewer than 4 cells have texture. (Counting the flattened cells, JPEG'd
+    copies of smooth photo-like scenes failed the smooth check: 1% of their recall.)"""
     im = grey(img)
     if at // VIEWS:
       im = im.transpose(Image.FLIP_LEFT_RIGHT)
@@ -391,7 +394,7 @@ class ThumbIndex:
 
     a, b = cells(q), cells(f)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    ok = (nb >= 8.0) & (na > 1e-6)
+    ok = (nb >= 8.0) & (na >= 8.0)
     if ok.sum() < 4:
       return None
     return float(np.median((a[ok] * b[ok]).sum(1) / (na[ok] * nb[ok])))
