@@ -97,10 +97,11 @@ def _load(name: str) -> np.ndarray:
   return getattr(skimage.data, name)()
 
 
-def photos() -> dict[str, np.ndarray]:
-  """The offline photographs (see the module doc) as RGB uint8, longer side <= 640 px."""
+def photos(tiled: tuple[str, ...] = TILED) -> dict[str, np.ndarray]:
+  """The offline photographs (``tiled`` and :data:`WHOLE`: see the module doc) as RGB uint8,
+  longer side <= 640 px."""
   out = {}
-  for name in TILED + WHOLE:
+  for name in tiled + WHOLE:
     a = np.asarray(_load(name))
     if a.ndim == 2:
       a = np.repeat(a[..., None], 3, axis=2)
@@ -116,12 +117,12 @@ def photos() -> dict[str, np.ndarray]:
   return out
 
 
-def tiles(pics: dict[str, np.ndarray], seed: int = 0):
+def tiles(pics: dict[str, np.ndarray], seed: int = 0, tiled: tuple[str, ...] = TILED):
   """(evaluation images, their names, clean look-alike tiles, their names): the checkerboard
-  of the module doc."""
+  of the module doc, of the photographs ``tiled``."""
   rng = np.random.default_rng(seed)
   ev, ev_names, clean, clean_names = [], [], [], []
-  for name in TILED:
+  for name in tiled:
     a = pics[name]
     h, w = a.shape[:2]
     t = int(rng.integers(96, 161))
@@ -151,15 +152,16 @@ def make_set(
     clean_per_tile: int,
     seed: int = 0,
     per_family: int = 1,
+    tiled: tuple[str, ...] = TILED,
 ):
   """The benchmark's data: a dict with ``ev`` (evaluation images), ``ev_names``,
   ``copies`` (U images), ``source`` (the evaluation image each copies), ``family``
   (of each copy: a family or "combo"), ``pair`` (the families of a combo), ``clean``
   (clean look-alikes, transformed), ``clean_family`` and ``clean_names`` (their tiles).
   ``n_eval`` / ``n_clean``: keep a random subset of that many evaluation images / clean
-  images (None: all)."""
+  images (None: all). ``tiled``: the photographs cut into tiles."""
   rng = np.random.default_rng(seed)
-  ev, ev_names, cl, cl_names = tiles(photos(), seed)
+  ev, ev_names, cl, cl_names = tiles(photos(tiled), seed, tiled)
   if n_eval is not None and n_eval < len(ev):
     keep = np.sort(rng.choice(len(ev), n_eval, replace=False))
     ev, ev_names = [ev[i] for i in keep], [ev_names[i] for i in keep]
@@ -344,14 +346,12 @@ def main(argv=None):
   )
   ap.add_argument("--speed_u", type=int, default=1000, help="U images timed for --speed_eval")
   a = ap.parse_args(argv)
-  global TILED
-  if a.grass:
-    TILED = TILED + ("grass",)
+  tiled = TILED + ("grass",) if a.grass else TILED
   t_start = time.perf_counter()
   if a.quick:
     a.per_family, a.combos = 1, 3
   n_eval, n_clean = (60, 300) if a.quick else (None, None)
-  data = make_set(n_eval, n_clean, a.combos, a.clean_per_tile, a.seed, a.per_family)
+  data = make_set(n_eval, n_clean, a.combos, a.clean_per_tile, a.seed, a.per_family, tiled)
   fam = data["family"]
   print(
       f"{len(data['ev'])} evaluation images ({sum('[' not in x for x in data['ev_names'])} "

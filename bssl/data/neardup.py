@@ -505,25 +505,20 @@ _tls = threading.local()
 
 
 def _this_thread():
-  """This thread made ready to match, once: faiss's searches on it alone (OpenMP's thread
-  count is the calling thread's: a pool's threads start at every core's), its ORB
-  detectors and matcher."""
-  if getattr(_tls, "orb", None) is None:
+  """This thread's matching state, made once: faiss's searches on it alone (OpenMP's thread
+  count is the calling thread's: a pool's threads start at every core's), its ORB detectors
+  (usual and faint) and matcher."""
+  t = _tls
+  if getattr(t, "orb", None) is None:
     faiss.omp_set_num_threads(1)
-    _orb()
-
-
-def _orb():
-  o = getattr(_tls, "orb", None)
-  if o is None:
-    o = _tls.orb = cv2.ORB_create(
+    t.orb = cv2.ORB_create(
         nfeatures=NFEATURES * DETECTED, fastThreshold=7, edgeThreshold=15, patchSize=15
     )
-    _tls.faint = cv2.ORB_create(
+    t.faint = cv2.ORB_create(
         nfeatures=NFEATURES * DETECTED, fastThreshold=FAINT, edgeThreshold=15, patchSize=15
     )
-    _tls.bf = cv2.BFMatcher(cv2.NORM_HAMMING)
-  return o
+    t.bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+  return t
 
 
 def _spread(kp, shape: tuple[int, int], n: int = NFEATURES) -> list:
@@ -553,11 +548,12 @@ def _features(g: np.ndarray):
   """ORB keypoints (positions [n, 2]) and codes ([n, 32] uint8) of ``g`` (at most
   :data:`NFEATURES`, chosen by :func:`_spread`), strongest first, and whether they are
   faint ones (fewer than :data:`FEW` at the usual threshold: a smooth picture's)."""
-  o = _orb()
+  t = _this_thread()
+  o = t.orb
   kp = o.detect(g, None) if g.size else ()
   faint = bool(g.size) and len(kp) < FEW
   if faint:  # a smooth picture: its faint corners too
-    kp = _tls.faint.detect(g, None)
+    kp = t.faint.detect(g, None)
   kp = _spread(kp, g.shape)
   kp, d = o.compute(g, kp) if kp else ((), None)
   if d is None or not len(kp):
@@ -699,7 +695,7 @@ class Index:
     ``exclude`` left out), best first; with ``first``, the first copy found (the most voted
     view that verifies) alone. ``own``: ``img`` is evaluation image ``exclude`` itself, whose
     description is the index's (not made again)."""
-    _this_thread()
+    bf = _this_thread().bf
     cv2.setRNGSeed(0)  # RANSAC's draws (this thread's RNG): the same verdict in any order
     g0 = _grey_u8(img)
     if min(g0.shape) < MIN_LOCAL_SIDE:
@@ -727,7 +723,6 @@ class Index:
     votes = np.bincount(self.owner[ids[ok]], minlength=len(self.descs))
     if exclude >= 0:
       votes[2 * exclude : 2 * exclude + 2] = 0
-    bf = _tls.bf
     for view in np.argsort(-votes, kind="stable")[:CANDIDATE_VIEWS]:
       if votes[view] < MIN_VOTES:
         break
@@ -790,9 +785,8 @@ class Index:
         if (
             CELL_GATE <= mm.similarity[j] < self.threshold
             and (self.thumb.cell_similarity(mm.query[j], mm.index[j], mm.view[j]) >= CELL_THRESHOLD)
-            and self._detail_holds(
+            and self._detail_at_least(
                 images[i] if mm is m else trimmed[i],
-                mm.query[j],
                 int(mm.index[j]),
                 int(mm.view[j]),
                 CELLS_DETAIL,
@@ -809,19 +803,20 @@ class Index:
         path[i] = "local"
     return Match(sim, idx, copy, inliers, path=path)
 
-  def _detail_holds(self, img, q: np.ndarray, e: int, at: int, need: float | None = None) -> bool:
+  def _detail_holds(self, img, q: np.ndarray, e: int, at: int) -> bool:
     """Whether a thumbnail match of ``img`` (its fine rows ``q``) with evaluation image ``e``
-    at views ``at`` stands at 64 px too (:meth:`ThumbIndex.detail_agreement`, where it can
-    be measured): at least ``need`` (default :data:`DETAIL_AGREEMENT`) where the picture has
-    texture at 32x32, :data:`SMOOTH_AGREEMENT` where it is smooth. Measured
-    (benchmarks/webcopies.py seed 2, the photo-like scenes): look-alikes at 0.07-0.12
-    (thumbnails) and 0.01-0.1 (cells), 1% of the copies under 0.15 and 0.49."""
+    at views ``at`` stands at 64 px too (:meth:`_detail_at_least`): :data:`DETAIL_AGREEMENT`
+    where the picture has texture at 32x32, :data:`SMOOTH_AGREEMENT` where it is smooth.
+    Measured (benchmarks/webcopies.py seed 2, the photo-like scenes): look-alikes at
+    0.07-0.12 (thumbnails) and 0.01-0.1 (cells), 1% of the copies under 0.15 and 0.49."""
+    textured = self.thumb.cell_similarity(q, e, at) != -1
+    return self._detail_at_least(img, e, at, DETAIL_AGREEMENT if textured else SMOOTH_AGREEMENT)
+
+  def _detail_at_least(self, img, e: int, at: int, need: float) -> bool:
+    """:meth:`ThumbIndex.detail_agreement` at least ``need``, or not measurable (too few
+    textured cells: no evidence either way)."""
     d = self.thumb.detail_agreement(img, e, at)
-    if d is None:
-      return True
-    if self.thumb.cell_similarity(q, e, at) != -1:
-      return d >= (DETAIL_AGREEMENT if need is None else need)
-    return d >= SMOOTH_AGREEMENT
+    return d is None or d >= need
 
   def copies_within(self, i: int, img) -> set[int]:
     """The evaluation images other than ``i`` of which ``img`` (evaluation image ``i``) is
