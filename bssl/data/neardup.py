@@ -24,9 +24,9 @@ student then memorises, so that the test accuracy is inflated. No model weights.
    :data:`DETAIL_AGREEMENT` (:data:`CELLS_DETAIL` for a match by the cells,
    :data:`SMOOTH_AGREEMENT` where too few cells have texture at 32x32): look-alikes that
    share the large shapes only (a retina's edge tile and the mirror image of another,
-   photo-like scenes sharing two shapes and the background) correlate at 32x32, not at 64. Finds resizing,
-   aspect, JPEG, colour, grey, mirror, blur, sharpening; overlays; trimmed, letterbox,
-   padding, caption bands.
+   photo-like scenes sharing two shapes and the background) correlate at 32x32, not at 64.
+   Finds resizing, aspect, JPEG, colour, grey, mirror, blur, sharpening; overlays;
+   trimmed, letterbox, padding, caption bands.
 2. **Local features** for what the first path does not find. ORB keypoints (at most
    :data:`NFEATURES`, image brought to :data:`SIDE` px; a third the strongest, the rest
    spread over the image, :func:`_spread`, so that an overlay's text does not take them
@@ -63,7 +63,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import os
 import threading
 
 import cv2
@@ -72,7 +71,7 @@ import numpy as np
 import threadpoolctl
 from PIL import Image
 
-from bssl import deps
+from bssl import deps, procs
 
 COARSE = 16
 FINE = 32
@@ -169,7 +168,9 @@ def _one_blas_thread():
 
 
 def _threads(threads: int | None) -> int:
-  return max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
+  """``threads``, or by default the cores this process may use (:func:`bssl.procs.num_cores`:
+  a Slurm task's CPUs, not the host's)."""
+  return max(1, int(threads if threads is not None else procs.num_cores()))
 
 
 def _single_blas(fn):
@@ -664,7 +665,8 @@ class Index:
     self.thumb = ThumbIndex(images, candidates, threads)
     self.n = len(images)
     # local features of each evaluation image and of its mirror image ("views" 2e, 2e+1),
-    # described on ``threads`` threads (default: one per core; OpenCV releases the GIL)
+    # described on ``threads`` threads (default: a core each, _threads; OpenCV releases
+    # the GIL)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       views = [v for vs in pool.map(_describe, images) for v in vs]
     self.small = [v[0] for v in views]
@@ -839,8 +841,8 @@ def _binary_index(codes: np.ndarray, threads: int | None = None):
   inverted lists (faiss IndexBinaryIVF) of about :data:`CODES_PER_LIST` codes each, whose
   centroids are codes drawn at random (no k-means: at ImageNet val's 30M codes, training
   65,536 centroids would take longer than everything else; a vote needs a near code in one
-  of :data:`PROBES` lists, not balanced lists), found by an HNSW graph. Built on ``threads`` threads (default: one per core).
-  """
+  of :data:`PROBES` lists, not balanced lists), found by an HNSW graph. Built on
+  ``threads`` threads (default: a core each, :func:`_threads`)."""
   if len(codes) <= EXACT_CODES:
     index = faiss.IndexBinaryFlat(256)
     index.add(codes)
@@ -866,10 +868,9 @@ def _binary_index(codes: np.ndarray, threads: int | None = None):
 def near_duplicate_pairs(images, threads: int | None = None) -> np.ndarray:
   """The pairs ``(i, j)``, ``i < j``, of ``images`` that are near-duplicates of one another
   by either path of :class:`Index` (int64 [m, 2], sorted, unique): each image against the
-  index of all of them, itself left out, on ``threads`` threads (default: one per core; the
-  select stage runs classes side by side, and a class alone on all its threads:
-  bssl/stages/dhat_dedup.py).
-  Cost: an index of the images plus one match each."""
+  index of all of them, itself left out, on ``threads`` threads (default: a core each,
+  :func:`_threads`; the select stage runs classes side by side, and a class alone on all its
+  threads: bssl/stages/dhat_dedup.py). Cost: an index of the images plus one match each."""
   images = list(images)
   if len(images) < 2:
     return np.zeros((0, 2), np.int64)
